@@ -1,0 +1,112 @@
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, `.stream`, `.chat`."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.engine.engine import Engine
+from ktjax.engine.programs import enable_persistent_cache
+from ktjax.errors import RequestError
+from ktjax.gguf.chat import render_chat
+from ktjax.gguf.reader import GGUFFile
+from ktjax.gguf.tokenizer import Tokenizer
+from ktjax.kernels.backends import get_backend
+from ktjax.models import loader
+from ktjax.models.catalog import resolve_model
+from ktjax.outputs import RequestOutput
+from ktjax.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """A loaded model with its engine.
+
+    model: a GGUF path, a catalog name ('smollm2-135m', 'gemma3-270m') or None for the default.
+    max_model_len: context per sequence (default: the model's, capped at 4096).
+    kv_cache_tokens: size of the shared KV page pool in tokens (default: 4 x max_model_len).
+    dtype: weight dtype, 'float32' (default on CPU) or 'bfloat16' (default on GPU).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, max_model_len: int | None = None,
+                 kv_cache_tokens: int | None = None, page_size: int = 16,
+                 dtype: str | None = None, attention: str = "reference",
+                 device: jax.Device | None = None):
+        enable_persistent_cache()
+        self.model_path = resolve_model(model)
+        gguf_file = GGUFFile(self.model_path)
+        self.spec = loader.inspect(gguf_file)
+        self.config = self.spec.config
+        self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+        device = device or jax.devices()[0]
+        if dtype is None:
+            dtype = "float32" if device.platform == "cpu" else "bfloat16"
+        np_dtype = jnp.dtype(dtype)
+        params = loader.load_params(gguf_file, self.spec, np_dtype, device)
+        max_model_len = min(max_model_len or 4096, self.config.context_length)
+        forward = self.spec.family.make_forward(self.config, get_backend(attention), page_size)
+        self.engine = Engine(
+            forward, params, n_layers=self.config.n_layers, n_kv_heads=self.config.n_kv_heads,
+            head_dim=self.config.head_dim, tokenizer=self.tokenizer,
+            max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens or 4 * max_model_len,
+            page_size=page_size, kv_dtype=np_dtype, device=device)
+
+    # ---- generation -------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for all prompts together (one batch); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if not prompts:
+            raise RequestError("no prompts given")
+        params = list(params) if isinstance(params, (list, tuple)) else \
+            [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        encoded = [self._encode(p) for p in prompts]
+        for ids, p in zip(encoded, params):
+            self.engine.validate(ids, p)  # reject bad requests before any work starts
+        seqs = [self.engine.add_request(ids, p, prompt if isinstance(prompt, str) else None)
+                for prompt, ids, p in zip(prompts, encoded, params)]
+        for _ in self.engine.run_until_done():
+            pass
+        return [s.output() for s in seqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens are sampled."""
+        seq = self.engine.add_request(self._encode(prompt), params or SamplingParams(),
+                                      prompt if isinstance(prompt, str) else None)
+        while not seq.finished:
+            self.engine.step()
+            piece = seq.take_new_text()
+            if piece:
+                yield piece
+        rest = seq.take_new_text()
+        if rest:
+            yield rest
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template."""
+        tok = self.tokenizer
+        text = render_chat(tok.chat_template, messages,
+                           bos_token=tok.token_to_piece(tok.bos_id) if tok.bos_id is not None
+                           else "",
+                           eos_token=tok.token_to_piece(tok.eos_id) if tok.eos_id is not None
+                           else "")
+        # Templates write BOS themselves where the model wants it (as HF's apply_chat_template).
+        return tok.encode(text, add_bos=False, parse_special=True)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        return self.generate([self.chat_prompt(messages)], params)[0]

@@ -1,0 +1,42 @@
+"""Shape buckets: every step is padded up to one of a few shapes, each compiled once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)   # new tokens per row in a prefill step
+PREFILL_ROWS = (1, 2, 4, 8)
+MAX_PREFILL_BATCH_TOKENS = 2048                 # rows * tokens of one prefill step
+DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """rows B x tokens T new tokens, P pages of context per row, R logit rows per row."""
+
+    rows: int
+    tokens: int
+    pages: int
+    logit_rows: int = 1
+
+    @property
+    def kind(self) -> str:
+        return "decode" if self.tokens == 1 else "prefill"
+
+    def __str__(self) -> str:
+        return f"{self.kind} B={self.rows} T={self.tokens} P={self.pages} R={self.logit_rows}"
+
+
+def round_up(choices: tuple[int, ...], n: int) -> int:
+    """Smallest choice >= n (the largest if none is)."""
+    for c in choices:
+        if c >= n:
+            return c
+    return choices[-1]
+
+
+def page_bucket(n_pages: int, max_pages: int) -> int:
+    """Context pages rounded up to a power of two, capped at the per-sequence maximum."""
+    p = 1
+    while p < n_pages:
+        p *= 2
+    return min(p, max_pages)

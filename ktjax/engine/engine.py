@@ -1,0 +1,180 @@
+"""The engine: admits requests, builds bucketed prefill/decode steps, runs the compiled
+programs and samples. Prefill goes first (in chunks for long prompts); otherwise every running
+sequence decodes one token per step."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.engine import buckets as bk
+from ktjax.engine.kv_cache import SCRATCH_PAGE, PagePool, make_kv_cache
+from ktjax.engine.programs import ProgramCache
+from ktjax.engine.sampler import SamplingBatch, split_seed
+from ktjax.engine.sequence import Sequence
+from ktjax.errors import RequestError
+from ktjax.models.base import Batch
+from ktjax.sampling_params import SamplingParams
+
+PENALTY_WINDOW = 64
+
+
+class Engine:
+    """Owns the KV cache, the page pool, the compiled programs and the request queues."""
+
+    def __init__(self, forward, params: dict, *, n_layers: int, n_kv_heads: int, head_dim: int,
+                 tokenizer, max_model_len: int, kv_cache_tokens: int, page_size: int = 16,
+                 kv_dtype=jnp.float32, device: jax.Device | None = None):
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.page_size = page_size
+        self.max_pages = -(-max_model_len // page_size)
+        n_pages = -(-kv_cache_tokens // page_size) + 1  # + the scratch page
+        self.pool = PagePool(n_pages, page_size)
+        self.kv = make_kv_cache(n_layers, n_pages, page_size, n_kv_heads, head_dim, kv_dtype,
+                                device)
+        self.programs = ProgramCache(forward, params, self.kv)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._next_id = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError/OutOfMemoryError for a request that can never run."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty (no tokens)")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
+                               f"{self.max_model_len} (max_model_len), leaving no room to generate")
+        bad = [t for t in prompt_ids if not 0 <= t < self.programs.vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                               f"(0..{self.programs.vocab - 1})")
+        self.pool.check_fits(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Sequence:
+        self.validate(prompt_ids, params)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        seq = Sequence(self._next_id, prompt, prompt_ids, params, self.pool,
+                       self.tokenizer.incremental_decoder(), self.tokenizer.stop_ids,
+                       self.max_model_len, seed)
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one step; returns the sequences that received a token."""
+        self._admit()
+        prefill = [s for s in self.running if s.in_prefill]
+        if prefill:
+            return self._prefill_step(prefill)
+        return self._decode_step(self.running[: bk.DECODE_ROWS[-1]])
+
+    def _admit(self) -> None:
+        while self.waiting and self.pool.try_reserve(self.waiting[0].max_len):
+            self.running.append(self.waiting.pop(0))
+        if not self.running and self.waiting:  # cannot happen unless the pool is too small
+            raise RuntimeError("no sequence could be admitted")
+
+    def _prefill_step(self, seqs: list[Sequence]) -> list[Sequence]:
+        chunks = []
+        for s in seqs[: bk.PREFILL_ROWS[-1]]:
+            n = min(len(s.prompt_ids) - s.n_cached, bk.PREFILL_TOKENS[-1])
+            chunks.append((s, n))
+        tokens = bk.round_up(bk.PREFILL_TOKENS, max(n for _, n in chunks))
+        rows = max(1, min(len(chunks), bk.MAX_PREFILL_BATCH_TOKENS // tokens))
+        chunks = chunks[:rows]
+        new = [(s, s.prompt_ids[s.n_cached:s.n_cached + n]) for s, n in chunks]
+        return self._run(new, tokens, bk.round_up(bk.PREFILL_ROWS, len(new)))
+
+    def _decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
+        new = [(s, [s.output_ids[-1]]) for s in seqs]
+        return self._run(new, 1, bk.round_up(bk.DECODE_ROWS, len(new)))
+
+    def _run(self, new: list[tuple[Sequence, list[int]]], tokens: int, rows: int
+             ) -> list[Sequence]:
+        """Write `new` tokens of each sequence, then sample rows whose prompt is complete."""
+        for s, toks in new:
+            s.table.ensure(s.n_cached + len(toks))
+        pages = bk.page_bucket(max(len(s.table.pages) for s, _ in new), self.max_pages)
+        batch = self._batch(new, rows, tokens, pages)
+        program = self.programs.step(bk.Bucket(rows, tokens, pages))
+        logits, self.kv = program(self.params, self.kv, batch)
+        for s, toks in new:
+            s.n_cached += len(toks)
+        to_sample = [s for s, _ in new if not s.in_prefill]
+        if to_sample:
+            self._sample(logits[:, 0], [s if not s.in_prefill else None for s, _ in new], rows)
+        self.running = [s for s in self.running if not s.finished]
+        return to_sample
+
+    def _batch(self, new, rows: int, tokens: int, pages: int) -> Batch:
+        tok = np.zeros((rows, tokens), np.int32)
+        pos = np.full((rows, tokens), -1, np.int32)
+        slots = np.full((rows, tokens), SCRATCH_PAGE, np.int32)
+        tables = np.full((rows, pages), SCRATCH_PAGE, np.int32)
+        lens = np.zeros(rows, np.int32)
+        last = np.zeros((rows, 1), np.int32)
+        for r, (s, toks) in enumerate(new):
+            n, start = len(toks), s.n_cached
+            tok[r, :n] = toks
+            pos[r, :n] = np.arange(start, start + n)
+            slots[r, :n] = [s.table.slot(p) for p in range(start, start + n)]
+            tables[r, :len(s.table.pages)] = s.table.pages
+            lens[r] = start + n
+            last[r, 0] = n - 1
+        return Batch(tokens=jnp.asarray(tok), positions=jnp.asarray(pos),
+                     slots=jnp.asarray(slots), block_tables=jnp.asarray(tables),
+                     seq_lens=jnp.asarray(lens), logits_index=jnp.asarray(last))
+
+    def _sample(self, logits: jax.Array, seqs: list[Sequence | None], rows: int) -> None:
+        window = PENALTY_WINDOW
+        for s in seqs:
+            if s is not None and (s.params.penalty_last_n == -1 or
+                                  s.params.penalty_last_n > window):
+                n = len(s.all_ids) if s.params.penalty_last_n == -1 else s.params.penalty_last_n
+                window = max(window, bk.page_bucket(n, 1 << 30))
+        cols = {k: np.zeros(rows, np.float32) for k in
+                ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")}
+        cols["repetition_penalty"] = np.ones(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        step = np.zeros(rows, np.int32)
+        seed = np.zeros((rows, 2), np.uint32)
+        recent = np.full((rows, window), -1, np.int32)
+        for r, s in enumerate(seqs):
+            if s is None:
+                continue
+            p = s.params
+            for k in cols:
+                cols[k][r] = getattr(p, k)
+            top_k[r], step[r], seed[r] = p.top_k, len(s.output_ids), split_seed(s.seed)
+            n = len(s.all_ids) if p.penalty_last_n == -1 else min(p.penalty_last_n,
+                                                                   len(s.all_ids))
+            if n:
+                recent[r, :n] = s.all_ids[-n:]
+        sb = SamplingBatch(top_k=jnp.asarray(top_k), seed=jnp.asarray(seed),
+                           step=jnp.asarray(step), recent=jnp.asarray(recent),
+                           **{k: jnp.asarray(v) for k, v in cols.items()})
+        tokens, logprobs = self.programs.sampler(rows, window)(logits, sb)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        for r, s in enumerate(seqs):
+            if s is None:
+                continue
+            s.append(int(tokens[r]), float(logprobs[r]))
+            if s.finished:
+                s.table.release()
+                self.pool.release_reservation(s.max_len)
+
+    # ---- driving --------------------------------------------------------------------------
+    def run_until_done(self) -> Iterator[list[Sequence]]:
+        while self.has_work():
+            yield self.step()

@@ -1,0 +1,96 @@
+"""KV page pool and per-sequence block tables. Paging lives here, outside the model."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import jax
+import jax.numpy as jnp
+
+from ktjax.errors import OutOfMemoryError
+from ktjax.models.base import KVCache
+
+SCRATCH_PAGE = 0  # padding tokens write here; never part of a sequence's context
+
+
+class PagePool:
+    """Free list of KV pages. Page 0 is reserved as scratch for padding writes.
+
+    Capacity is also *reserved* per request at admission (prompt + max new tokens), so a
+    running sequence never runs out of pages halfway through generating.
+    """
+
+    def __init__(self, n_pages: int, page_size: int):
+        if n_pages < 2:
+            raise OutOfMemoryError(f"a KV pool needs at least 2 pages, got {n_pages}")
+        self.n_pages = n_pages
+        self.page_size = page_size
+        self._free = list(range(n_pages - 1, SCRATCH_PAGE, -1))
+        self._reserved = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.n_pages - 1) * self.page_size
+
+    def pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def check_fits(self, n_tokens: int) -> None:
+        """A sequence that could never fit, even alone, is an error rather than a wait."""
+        need = self.pages_for(n_tokens)
+        if need > self.n_pages - 1:
+            raise OutOfMemoryError(
+                f"a sequence of {n_tokens} tokens needs {need} KV pages but the pool has "
+                f"{self.n_pages - 1} ({self.capacity_tokens} tokens); raise kv_cache_tokens")
+
+    def try_reserve(self, n_tokens: int) -> bool:
+        """Reserve room for a sequence of up to n_tokens; False if it must wait."""
+        self.check_fits(n_tokens)
+        need = self.pages_for(n_tokens)
+        if self._reserved + need > self.n_pages - 1:
+            return False
+        self._reserved += need
+        return True
+
+    def release_reservation(self, n_tokens: int) -> None:
+        self._reserved -= self.pages_for(n_tokens)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfMemoryError(f"KV pool exhausted: {n} pages wanted, {len(self._free)} free")
+        pages, self._free = self._free[-n:], self._free[:-n]
+        return pages[::-1]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+class BlockTable:
+    """The pages of one sequence, grown on demand as tokens are written."""
+
+    def __init__(self, pool: PagePool):
+        self.pool = pool
+        self.pages: list[int] = []
+
+    def ensure(self, n_tokens: int) -> None:
+        missing = self.pool.pages_for(n_tokens) - len(self.pages)
+        if missing > 0:
+            self.pages += self.pool.allocate(missing)
+
+    def slot(self, position: int) -> int:
+        page, offset = divmod(position, self.pool.page_size)
+        return self.pages[page] * self.pool.page_size + offset
+
+    def release(self) -> None:
+        self.pool.free(self.pages)
+        self.pages = []
+
+
+def make_kv_cache(n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int,
+                  dtype, device: jax.Device | None = None) -> KVCache:
+    shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
+    with jax.default_device(device) if device is not None else nullcontext():
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype) -> int:
+    return 2 * n_layers * n_kv_heads * head_dim * jnp.dtype(dtype).itemsize

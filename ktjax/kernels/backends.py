@@ -1,0 +1,30 @@
+"""Attention backends: one interface, chosen per run (reference jnp everywhere, Pallas on GPU later)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ktjax.errors import KtjaxError
+from ktjax.kernels import paged_attention_ref
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """`write(k_cache, v_cache, layer, slots, k, v)` and `attend(q, k_cache, v_cache, layer,
+    block_tables, seq_lens, q_positions, *, page_size, scale, sliding_window)`; see
+    paged_attention_ref for the contract."""
+
+    name: str
+    write: Callable
+    attend: Callable
+
+
+REFERENCE = AttentionBackend("reference", paged_attention_ref.write_kv,
+                             paged_attention_ref.paged_attention)
+_BACKENDS = {REFERENCE.name: REFERENCE}
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise KtjaxError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]

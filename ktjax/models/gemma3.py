@@ -1,0 +1,136 @@
+"""Gemma 3: interleaved sliding-window (local) and global layers with their own rope bases,
+q/k RMSNorm, GeGLU, pre- and post-norms around attention and MLP, sqrt(hidden) embedding scale.
+GGUF stores Gemma's (1 + w) norm weights with the 1 already added, so plain RMSNorm applies."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from ktjax.gguf.reader import GGUFFile
+from ktjax.kernels.backends import AttentionBackend
+from ktjax.models import layers
+from ktjax.models.base import AttentionContext, Batch, KVCache, TensorSpec, decoder_forward
+
+ARCHITECTURES = ("gemma3",)
+
+# llama.cpp's constants for Gemma 3: every 6th layer is global; local layers use base 10000.
+SLIDING_WINDOW_PATTERN = 6
+LOCAL_ROPE_BASE = 10000.0
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float
+    rope_global_base: float
+    rope_global_linear_factor: float
+    sliding_window: int
+    context_length: int
+
+    @property
+    def query_scale(self) -> float:
+        # Gemma 3 27B scales by hidden/heads; the other sizes by head_dim (query_pre_attn_scalar).
+        if self.n_layers == 62:
+            return (self.hidden_size / self.n_heads) ** -0.5
+        return self.head_dim ** -0.5
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "Gemma3Config":
+        a = f.architecture
+        n_heads = int(f.get(f"{a}.attention.head_count"))
+        hidden = int(f.get(f"{a}.embedding_length"))
+        vocab = f.get(f"{a}.vocab_size", None) or len(f.get("tokenizer.ggml.tokens", [])) \
+            or f.tensors["token_embd.weight"].shape[0]
+        return cls(
+            architecture=a,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            n_layers=int(f.get(f"{a}.block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(f.get(f"{a}.attention.head_count_kv", n_heads)),
+            head_dim=int(f.get(f"{a}.attention.key_length", hidden // n_heads)),
+            intermediate_size=int(f.get(f"{a}.feed_forward_length")),
+            rms_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon")),
+            rope_global_base=float(f.get(f"{a}.rope.freq_base", 1_000_000.0)),
+            rope_global_linear_factor=float(f.get(f"{a}.rope.scaling.factor", 1.0)),
+            sliding_window=int(f.get(f"{a}.attention.sliding_window")),
+            context_length=int(f.get(f"{a}.context_length")),
+        )
+
+
+CONFIG = Gemma3Config
+
+
+def tensor_table(cfg: Gemma3Config) -> dict[str, TensorSpec]:
+    """The family's one GGUF-name table: parameter path -> tensor name and shape."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv, ff = cfg.n_heads * d, cfg.n_kv_heads * d, cfg.intermediate_size
+    return {
+        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h)),
+        "output_norm": TensorSpec("output_norm.weight", (h,)),
+        "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
+        "layers.attn_norm": TensorSpec("blk.{}.attn_norm.weight", (h,)),
+        "layers.attn_q": TensorSpec("blk.{}.attn_q.weight", (hq, h)),
+        "layers.attn_k": TensorSpec("blk.{}.attn_k.weight", (hkv, h)),
+        "layers.attn_v": TensorSpec("blk.{}.attn_v.weight", (hkv, h)),
+        "layers.attn_q_norm": TensorSpec("blk.{}.attn_q_norm.weight", (d,)),
+        "layers.attn_k_norm": TensorSpec("blk.{}.attn_k_norm.weight", (d,)),
+        "layers.attn_output": TensorSpec("blk.{}.attn_output.weight", (h, hq)),
+        "layers.post_attention_norm": TensorSpec("blk.{}.post_attention_norm.weight", (h,)),
+        "layers.ffn_norm": TensorSpec("blk.{}.ffn_norm.weight", (h,)),
+        "layers.ffn_gate": TensorSpec("blk.{}.ffn_gate.weight", (ff, h)),
+        "layers.ffn_up": TensorSpec("blk.{}.ffn_up.weight", (ff, h)),
+        "layers.ffn_down": TensorSpec("blk.{}.ffn_down.weight", (h, ff)),
+        "layers.post_ffw_norm": TensorSpec("blk.{}.post_ffw_norm.weight", (h,)),
+    }
+
+
+def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: dict,
+           x: jax.Array, layer: jax.Array, ctx: AttentionContext, k_cache: jax.Array,
+           v_cache: jax.Array):
+    b, t, _ = x.shape
+    is_global = layer % SLIDING_WINDOW_PATTERN == SLIDING_WINDOW_PATTERN - 1
+    inv_freq = jnp.where(is_global, inv_global, inv_local)
+    window = jnp.where(is_global, 0, cfg.sliding_window)
+
+    h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    q = layers.linear(h, lp["attn_q"]).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = layers.linear(h, lp["attn_k"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = layers.linear(h, lp["attn_v"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q = layers.apply_rope(layers.rms_norm(q, lp["attn_q_norm"], cfg.rms_eps),
+                          ctx.batch.positions, inv_freq, neox=True)
+    k = layers.apply_rope(layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps),
+                          ctx.batch.positions, inv_freq, neox=True)
+    a, k_cache, v_cache = ctx.attend(q, k, v, k_cache, v_cache, scale=cfg.query_scale,
+                                     sliding_window=window)
+    a = layers.linear(a.reshape(b, t, -1), lp["attn_output"])
+    x = x + layers.rms_norm(a, lp["post_attention_norm"], cfg.rms_eps)
+
+    h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
+    g = layers.gelu_tanh(layers.linear(h, lp["ffn_gate"])) * layers.linear(h, lp["ffn_up"])
+    m = layers.linear(g, lp["ffn_down"])
+    return x + layers.rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps), k_cache, v_cache
+
+
+def make_forward(cfg: Gemma3Config, backend: AttentionBackend, page_size: int):
+    """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
+    inv_local = jnp.asarray(layers.rope_inv_freq(cfg.head_dim, LOCAL_ROPE_BASE))
+    inv_global = jnp.asarray(layers.rope_inv_freq(cfg.head_dim, cfg.rope_global_base,
+                                                  cfg.rope_global_linear_factor))
+
+    def forward(params: dict, kv: KVCache, batch: Batch):
+        return decoder_forward(params, kv, batch,
+                               block=partial(_block, cfg, inv_local, inv_global),
+                               backend=backend, page_size=page_size, rms_eps=cfg.rms_eps,
+                               embed_scale=cfg.hidden_size ** 0.5)
+    return forward

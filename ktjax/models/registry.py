@@ -1,0 +1,22 @@
+"""GGUF `general.architecture` -> model family (config class, tensor table, forward)."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from ktjax.errors import UnsupportedModelError
+from ktjax.models import gemma3, llama
+
+_FAMILIES: dict[str, ModuleType] = {arch: m for m in (llama, gemma3) for arch in m.ARCHITECTURES}
+
+
+def family_for(architecture: str) -> ModuleType:
+    """The module implementing `architecture`: it has CONFIG (a dataclass with `from_gguf`),
+    `tensor_table(cfg)` and `make_forward(cfg, backend, page_size)`."""
+    if architecture not in _FAMILIES:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} (general.architecture) is not supported; "
+            f"supported: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[architecture]
+
+
+SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))

@@ -1,0 +1,19 @@
+"""What generation returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestOutput:
+    """One finished request. finish_reason: 'stop' (EOS, stop token or stop string) or
+    'length' (max_tokens or the context limit). logprobs: the model's log-probability of each
+    generated token, when SamplingParams.logprobs was set."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None

@@ -1,0 +1,136 @@
+"""Tiny random GGUF models written with gguf.GGUFWriter, for tests of every family and quant type.
+
+Weights are random; K-quant tensors are random raw blocks (the gguf package cannot quantize to
+them) with finite, small scale fields, which is a valid K-quant tensor all the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+T = gguf.GGMLQuantizationType
+
+# Byte offsets and value of the f16 scale fields (d, dmin) in each K-quant block.
+_KQUANT_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2),
+                  T.Q6_K: (208,)}
+
+
+def byte_level_vocab() -> tuple[list[str], list[int]]:
+    """GPT-2 byte-level vocabulary (256 byte tokens) + chat specials, no merges."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    tokens = [chr(c) for _, c in sorted(zip(bs, cs))]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return specials + tokens, [3] * len(specials) + [1] * len(tokens)
+
+
+def _random_weight(rng: np.random.Generator, shape: tuple[int, ...], qtype: T) -> np.ndarray:
+    """Random tensor stored as `qtype` (raw bytes for quantized types)."""
+    x = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    if qtype in _KQUANT_SCALES:
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        n_blocks = x.size // block_elems
+        raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+        for off in _KQUANT_SCALES[qtype]:
+            raw[:, off:off + 2] = np.full(n_blocks, 2e-3, np.float16).view(np.uint8).reshape(-1, 2)
+        return raw.reshape(*shape[:-1], -1)
+    return gguf.quants.quantize(x, qtype)
+
+
+def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
+                    n_layers: int = 2, hidden: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                    head_dim: int = 16, ffn: int = 128, tied: bool = True,
+                    rope_freqs: bool = False, seed: int = 0, context_length: int = 512,
+                    skip: tuple[str, ...] = (), extra: dict | None = None) -> Path:
+    """Write a random model of `arch` ('llama', 'qwen2', 'qwen3', 'gemma3').
+
+    2-D weights use `qtype`; norms/biases are F32. `skip` leaves tensors out and `extra`
+    adds tensors {name: array}, for bad-input tests.
+    """
+    rng = np.random.default_rng(seed)
+    tokens, types = byte_level_vocab()
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0 if arch != "gemma3" else 1_000_000.0)
+    w.add_vocab_size(vocab)
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    if arch == "gemma3":
+        w.add_sliding_window(8)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+    hq, hkv = n_heads * head_dim, n_kv_heads * head_dim
+    tensors: dict[str, tuple[np.ndarray, T | None]] = {}
+
+    def mat(name, shape, qt=qtype):
+        tensors[name] = (_random_weight(rng, shape, qt), qt)
+
+    def vec(name, n, center=1.0):
+        tensors[name] = ((center + 0.1 * rng.standard_normal(n)).astype(np.float32), None)
+
+    mat("token_embd.weight", (vocab, hidden), T.F32 if qtype in _KQUANT_SCALES and
+        hidden % 256 else qtype)
+    vec("output_norm.weight", hidden)
+    if not tied:
+        mat("output.weight", (vocab, hidden))
+    if rope_freqs:
+        tensors["rope_freqs.weight"] = (np.linspace(1.0, 8.0, head_dim // 2, dtype=np.float32),
+                                        None)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        vec(p + "attn_norm.weight", hidden)
+        mat(p + "attn_q.weight", (hq, hidden))
+        mat(p + "attn_k.weight", (hkv, hidden))
+        mat(p + "attn_v.weight", (hkv, hidden))
+        mat(p + "attn_output.weight", (hidden, hq))
+        vec(p + "ffn_norm.weight", hidden)
+        mat(p + "ffn_gate.weight", (ffn, hidden))
+        mat(p + "ffn_up.weight", (ffn, hidden))
+        mat(p + "ffn_down.weight", (hidden, ffn))
+        if arch == "qwen2":
+            for n, size in (("q", hq), ("k", hkv), ("v", hkv)):
+                vec(p + f"attn_{n}.bias", size, center=0.0)
+        if arch in ("qwen3", "gemma3"):
+            vec(p + "attn_q_norm.weight", head_dim)
+            vec(p + "attn_k_norm.weight", head_dim)
+        if arch == "gemma3":
+            vec(p + "post_attention_norm.weight", hidden)
+            vec(p + "post_ffw_norm.weight", hidden)
+    for name, array in (extra or {}).items():
+        tensors[name] = (array, None)
+    for name, (data, qt) in tensors.items():
+        if name in skip:
+            continue
+        if qt is None or qt == T.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
