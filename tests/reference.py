@@ -33,7 +33,7 @@ def ktjax_logits(path, ids: np.ndarray) -> np.ndarray:
     batch = Batch(tokens=jnp.asarray(ids[None], jnp.int32),
                   positions=jnp.arange(t, dtype=jnp.int32)[None],
                   slots=jnp.asarray(slots[None]), block_tables=jnp.asarray(pages[None]),
-                  seq_lens=jnp.array([t], jnp.int32),
+                  cache_lens=jnp.array([0], jnp.int32),
                   logits_index=jnp.arange(t, dtype=jnp.int32)[None])
     logits, _ = jax.jit(forward)(params, kv, batch)
     return np.asarray(logits[0])

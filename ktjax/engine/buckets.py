@@ -7,6 +7,7 @@ PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)   # new tokens per row in a prefill
 PREFILL_ROWS = (1, 2, 4, 8)
 MAX_PREFILL_BATCH_TOKENS = 2048                 # rows * tokens of one prefill step
 DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)
+MIN_CONTEXT_PAGES = 32                          # smallest context bucket, in pages
 
 
 @dataclass(frozen=True, order=True)
@@ -35,8 +36,9 @@ def round_up(choices: tuple[int, ...], n: int) -> int:
 
 
 def page_bucket(n_pages: int, max_pages: int) -> int:
-    """Context pages rounded up to a power of two, capped at the per-sequence maximum."""
-    p = 1
+    """Context pages rounded up to a power of two (at least MIN_CONTEXT_PAGES, so short
+    generations share one program), capped at the per-sequence maximum."""
+    p = MIN_CONTEXT_PAGES
     while p < n_pages:
         p *= 2
     return min(p, max_pages)

@@ -130,11 +130,11 @@ class Engine:
             pos[r, :n] = np.arange(start, start + n)
             slots[r, :n] = [s.table.slot(p) for p in range(start, start + n)]
             tables[r, :len(s.table.pages)] = s.table.pages
-            lens[r] = start + n
+            lens[r] = start
             last[r, 0] = n - 1
         return Batch(tokens=jnp.asarray(tok), positions=jnp.asarray(pos),
                      slots=jnp.asarray(slots), block_tables=jnp.asarray(tables),
-                     seq_lens=jnp.asarray(lens), logits_index=jnp.asarray(last))
+                     cache_lens=jnp.asarray(lens), logits_index=jnp.asarray(last))
 
     def _sample(self, logits: jax.Array, seqs: list[Sequence | None], rows: int) -> None:
         window = PENALTY_WINDOW
@@ -142,7 +142,7 @@ class Engine:
             if s is not None and (s.params.penalty_last_n == -1 or
                                   s.params.penalty_last_n > window):
                 n = len(s.all_ids) if s.params.penalty_last_n == -1 else s.params.penalty_last_n
-                window = max(window, bk.page_bucket(n, 1 << 30))
+                window = max(window, 1 << (n - 1).bit_length())
         cols = {k: np.zeros(rows, np.float32) for k in
                 ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")}
         cols["repetition_penalty"] = np.ones(rows, np.float32)

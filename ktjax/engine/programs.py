@@ -30,7 +30,7 @@ def batch_spec(b: Bucket) -> Batch:
                  positions=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
                  slots=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
                  block_tables=jax.ShapeDtypeStruct((b.rows, b.pages), i32),
-                 seq_lens=jax.ShapeDtypeStruct((b.rows,), i32),
+                 cache_lens=jax.ShapeDtypeStruct((b.rows,), i32),
                  logits_index=jax.ShapeDtypeStruct((b.rows, b.logit_rows), i32))
 
 

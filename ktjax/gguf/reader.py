@@ -1,36 +1,89 @@
 """GGUF file access: metadata as plain Python values, tensors as memory-mapped views.
 
-Nothing is copied here: tensor data stays in the OS page cache until the loader converts it.
-Every structural problem (bad magic, truncation, duplicate or overlapping tensors) becomes a
-GGUFError naming the file and the offending key or tensor.
+The layout constants (value types, quant block sizes) come from the `gguf` package; the parse
+is our own because gguf.GGUFReader builds one numpy object per vocabulary string, which takes
+tens of seconds on a 262k-token vocabulary. Nothing is copied: tensor bytes stay in the page
+cache until the loader converts them. Every structural problem (bad magic, truncation,
+duplicate tensors, unknown types) is a GGUFError naming the file and the key or tensor.
 """
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
-import gguf
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ktjax.errors import GGUFError
+from ktjax.errors import GGUFError, UnsupportedModelError
 
 _MISSING = object()
+_SCALARS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
 
 
 @dataclass(frozen=True)
 class TensorView:
-    """One tensor of a GGUF file. `shape` is the numpy (row-major) shape: GGUF's ne reversed."""
+    """One tensor of a GGUF file. `shape` is the numpy (row-major) shape: GGUF's ne reversed.
+    `data` is the tensor's raw bytes (uint8), memory-mapped."""
 
     name: str
     shape: tuple[int, ...]
-    qtype: gguf.GGMLQuantizationType
-    data: np.ndarray  # raw memory-mapped bytes/elements, as gguf.GGUFReader exposes them
-    n_bytes: int
+    qtype: GGMLQuantizationType
+    data: np.ndarray
 
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped file."""
+
+    def __init__(self, buf: np.ndarray, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+        self.what = "the header"
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise GGUFError(f"{self.path}: truncated or corrupt while reading {self.what} "
+                            f"(needs bytes {self.pos}..{self.pos + n}, file has {len(self.buf)})")
+        out = memoryview(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        raw = self.take(self.scalar("<Q"))
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"{self.path}: invalid UTF-8 in {self.what}") from e
+
+    def value(self, vtype: int) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype in _SCALARS:   # numeric arrays in one read
+                dtype = np.dtype(_SCALARS[etype].replace("?", "u1"))
+                arr = np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
+                return arr.astype(bool).tolist() if etype == GGUFValueType.BOOL else arr.tolist()
+            return [self.value(etype) for _ in range(count)]
+        if vtype not in _SCALARS:
+            raise GGUFError(f"{self.path}: unknown value type {vtype} in {self.what}")
+        return self.scalar(_SCALARS[vtype])
 
 
 class GGUFFile:
@@ -40,33 +93,57 @@ class GGUFFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise GGUFError(f"{self.path}: no such GGUF file")
-        try:
-            reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the gguf package raises ValueError/struct/IndexError/OSError
-            raise GGUFError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        if os.path.getsize(self.path) == 0:
+            raise GGUFError(f"{self.path}: empty file, not GGUF")
+        buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        cur = _Cursor(buf, self.path)
+        if bytes(cur.take(4)) != b"GGUF":
+            raise GGUFError(f"{self.path}: not a GGUF file (bad magic)")
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise GGUFError(f"{self.path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+
         self.metadata: dict[str, Any] = {}
-        for name, field in reader.fields.items():
-            try:
-                self.metadata[name] = field.contents()
-            except Exception as e:
-                raise GGUFError(f"{self.path}: metadata key {name!r} is corrupt ({e})") from e
+        for i in range(n_kv):
+            cur.what = f"metadata entry {i}"
+            key = cur.string()
+            cur.what = f"metadata key {key!r}"
+            self.metadata[key] = cur.value(cur.scalar("<I"))
+
+        infos = []
+        for i in range(n_tensors):
+            cur.what = f"tensor info {i}"
+            name = cur.string()
+            cur.what = f"tensor info of {name!r}"
+            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, TensorView] = {}
-        file_size = os.path.getsize(self.path)
-        for t in reader.tensors:
-            if t.name in self.tensors:
-                raise GGUFError(f"{self.path}: tensor {t.name!r} appears twice")
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > file_size:
-                raise GGUFError(
-                    f"{self.path}: truncated: tensor {t.name!r} ends at byte {end} "
-                    f"but the file has {file_size} bytes")
-            self.tensors[t.name] = TensorView(
-                name=t.name,
-                shape=tuple(int(d) for d in reversed(t.shape.tolist())),
-                qtype=gguf.GGMLQuantizationType(int(t.tensor_type)),
-                data=t.data,
-                n_bytes=int(t.n_bytes),
-            )
+        for name, dims, type_id, offset in infos:
+            if name in self.tensors:
+                raise GGUFError(f"{self.path}: tensor {name!r} appears twice")
+            self.tensors[name] = self._view(buf, name, dims, type_id, data_start + offset)
+
+    def _view(self, buf: np.ndarray, name: str, dims: list[int], type_id: int,
+              start: int) -> TensorView:
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor {name!r} has unknown quant type id {type_id}") from None
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(dims, dtype=np.int64))
+        if dims and dims[0] % block:
+            raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} elements is not a "
+                            f"multiple of the {qtype.name} block size {block}")
+        end = start + n // block * block_bytes
+        if end > len(buf):
+            raise GGUFError(f"{self.path}: truncated: tensor {name!r} ends at byte {end} "
+                            f"but the file has {len(buf)} bytes")
+        return TensorView(name, tuple(reversed(dims)), qtype, buf[start:end])
 
     @property
     def architecture(self) -> str:
@@ -79,11 +156,3 @@ class GGUFFile:
         if default is _MISSING:
             raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
         return default
-
-    def file_type_name(self) -> str:
-        """Most common quant type among 2-D tensors (what `ktjax info` calls the quant mix head)."""
-        counts: dict[str, int] = {}
-        for t in self.tensors.values():
-            if len(t.shape) >= 2:
-                counts[t.qtype.name] = counts.get(t.qtype.name, 0) + t.n_elements
-        return max(counts, key=counts.get) if counts else "none"

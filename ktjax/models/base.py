@@ -18,7 +18,7 @@ class Batch:
     """One engine step, padded to its bucket: B rows of T new tokens each.
 
     tokens/positions/slots [B, T] (position -1 and slot 0 for padding), block_tables [B, P]
-    (page ids; unused entries 0), seq_lens [B] (context length after this step),
+    (page ids; unused entries 0), cache_lens [B] (tokens already cached before this step),
     logits_index [B, R] (the row's tokens whose logits are wanted: R = 1 when sampling, all
     positions when scoring).
     """
@@ -27,7 +27,7 @@ class Batch:
     positions: jax.Array
     slots: jax.Array
     block_tables: jax.Array
-    seq_lens: jax.Array
+    cache_lens: jax.Array
     logits_index: jax.Array
 
 
@@ -54,24 +54,24 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class AttentionContext:
-    """What a block needs to reach the paged KV cache of its layer."""
+    """What a block needs to attend over the paged KV cache of its layer (read-only here)."""
 
     backend: AttentionBackend
     batch: Batch
+    kv: KVCache
     layer: jax.Array
     page_size: int
 
-    def attend(self, q, k, v, k_cache, v_cache, *, scale: float, sliding_window=None):
-        k_cache, v_cache = self.backend.write(k_cache, v_cache, self.layer, self.batch.slots, k, v)
-        out = self.backend.attend(q, k_cache, v_cache, self.layer, self.batch.block_tables,
-                                  self.batch.seq_lens, self.batch.positions,
-                                  page_size=self.page_size, scale=scale,
-                                  sliding_window=sliding_window)
-        return out, k_cache, v_cache
+    def attend(self, q, k, v, *, scale: float, sliding_window=None) -> jax.Array:
+        return self.backend.attend(q, k, v, self.kv.k, self.kv.v, self.layer,
+                                   self.batch.block_tables, self.batch.cache_lens,
+                                   self.batch.positions, page_size=self.page_size, scale=scale,
+                                   sliding_window=sliding_window)
 
 
-BlockFn = Callable[[Any, jax.Array, jax.Array, AttentionContext, jax.Array, jax.Array],
-                   tuple[jax.Array, jax.Array, jax.Array]]
+# block(layer_params, x, layer, ctx) -> (x, (k_new, v_new)) for one layer.
+BlockFn = Callable[[Any, jax.Array, jax.Array, AttentionContext],
+                   tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
 def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn,
@@ -88,15 +88,14 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn,
         x = x * embed_scale
     n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
 
-    def step(carry, inputs):
-        x, k_cache, v_cache = carry
+    def step(x, inputs):
         layer_params, layer = inputs
-        ctx = AttentionContext(backend, batch, layer, page_size)
-        x, k_cache, v_cache = block(layer_params, x, layer, ctx, k_cache, v_cache)
-        return (x, k_cache, v_cache), None
+        return block(layer_params, x, layer, AttentionContext(backend, batch, kv, layer,
+                                                              page_size))
 
-    (x, k, v), _ = jax.lax.scan(step, (x, kv.k, kv.v),
-                                (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
+    x, (k_new, v_new) = jax.lax.scan(step, x, (params["layers"],
+                                               jnp.arange(n_layers, dtype=jnp.int32)))
+    k, v = backend.write(kv.k, kv.v, batch.slots, k_new, v_new)
     rows = jnp.take_along_axis(x, batch.logits_index[:, :, None], axis=1)           # [B, R, H]
     rows = layers.rms_norm(rows, params["output_norm"], rms_eps)
     head = params.get("output")

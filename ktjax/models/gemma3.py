@@ -96,8 +96,7 @@ def tensor_table(cfg: Gemma3Config) -> dict[str, TensorSpec]:
 
 
 def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: dict,
-           x: jax.Array, layer: jax.Array, ctx: AttentionContext, k_cache: jax.Array,
-           v_cache: jax.Array):
+           x: jax.Array, layer: jax.Array, ctx: AttentionContext):
     b, t, _ = x.shape
     is_global = layer % SLIDING_WINDOW_PATTERN == SLIDING_WINDOW_PATTERN - 1
     inv_freq = jnp.where(is_global, inv_global, inv_local)
@@ -111,15 +110,14 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
                           ctx.batch.positions, inv_freq, neox=True)
     k = layers.apply_rope(layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps),
                           ctx.batch.positions, inv_freq, neox=True)
-    a, k_cache, v_cache = ctx.attend(q, k, v, k_cache, v_cache, scale=cfg.query_scale,
-                                     sliding_window=window)
+    a = ctx.attend(q, k, v, scale=cfg.query_scale, sliding_window=window)
     a = layers.linear(a.reshape(b, t, -1), lp["attn_output"])
     x = x + layers.rms_norm(a, lp["post_attention_norm"], cfg.rms_eps)
 
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
     g = layers.gelu_tanh(layers.linear(h, lp["ffn_gate"])) * layers.linear(h, lp["ffn_up"])
     m = layers.linear(g, lp["ffn_down"])
-    return x + layers.rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps), k_cache, v_cache
+    return x + layers.rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps), (k, v)
 
 
 def make_forward(cfg: Gemma3Config, backend: AttentionBackend, page_size: int):

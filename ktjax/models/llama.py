@@ -113,7 +113,7 @@ def tensor_table(cfg: LlamaConfig) -> dict[str, TensorSpec]:
 
 
 def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer: jax.Array,
-           ctx: AttentionContext, k_cache: jax.Array, v_cache: jax.Array):
+           ctx: AttentionContext):
     b, t, _ = x.shape
     pos = ctx.batch.positions
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
@@ -125,11 +125,11 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
         k = layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps)
     q = layers.apply_rope(q, pos, inv_freq, cfg.rope_neox)
     k = layers.apply_rope(k, pos, inv_freq, cfg.rope_neox)
-    a, k_cache, v_cache = ctx.attend(q, k, v, k_cache, v_cache, scale=cfg.head_dim ** -0.5)
+    a = ctx.attend(q, k, v, scale=cfg.head_dim ** -0.5)
     x = x + layers.linear(a.reshape(b, t, -1), lp["attn_output"])
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
     g = jax.nn.silu(layers.linear(h, lp["ffn_gate"])) * layers.linear(h, lp["ffn_up"])
-    return x + layers.linear(g, lp["ffn_down"]), k_cache, v_cache
+    return x + layers.linear(g, lp["ffn_down"]), (k, v)
 
 
 def make_forward(cfg: LlamaConfig, backend: AttentionBackend, page_size: int):
