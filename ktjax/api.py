@@ -97,6 +97,10 @@ class LLM:
         if rest:
             yield rest
 
+    def score(self, prompt: Prompt) -> np.ndarray:
+        """Log-probability of each token of `prompt` given the ones before it ([n - 1])."""
+        return self.engine.score(self._encode(prompt))
+
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template."""
         tok = self.tokenizer

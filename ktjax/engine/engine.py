@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.engine import buckets as bk
-from ktjax.engine.kv_cache import SCRATCH_PAGE, PagePool, make_kv_cache
+from ktjax.engine.kv_cache import SCRATCH_PAGE, BlockTable, PagePool, make_kv_cache
 from ktjax.engine.programs import ProgramCache
 from ktjax.engine.sampler import SamplingBatch, split_seed
 from ktjax.engine.sequence import Sequence
@@ -106,7 +106,8 @@ class Engine:
         for s, toks in new:
             s.table.ensure(s.n_cached + len(toks))
         pages = bk.page_bucket(max(len(s.table.pages) for s, _ in new), self.max_pages)
-        batch = self._batch(new, rows, tokens, pages)
+        batch = self._batch([(s.table, s.n_cached, toks) for s, toks in new], rows, tokens,
+                            pages)
         program = self.programs.step(bk.Bucket(rows, tokens, pages))
         logits, self.kv = program(self.params, self.kv, batch)
         for s, toks in new:
@@ -117,21 +118,26 @@ class Engine:
         self.running = [s for s in self.running if not s.finished]
         return to_sample
 
-    def _batch(self, new, rows: int, tokens: int, pages: int) -> Batch:
+    @staticmethod
+    def _batch(new: list[tuple[BlockTable, int, list[int]]], rows: int, tokens: int,
+               pages: int, all_logits: bool = False) -> Batch:
+        """Pad (block table, tokens already cached, new tokens) rows to the bucket's arrays."""
         tok = np.zeros((rows, tokens), np.int32)
         pos = np.full((rows, tokens), -1, np.int32)
         slots = np.full((rows, tokens), SCRATCH_PAGE, np.int32)
         tables = np.full((rows, pages), SCRATCH_PAGE, np.int32)
         lens = np.zeros(rows, np.int32)
         last = np.zeros((rows, 1), np.int32)
-        for r, (s, toks) in enumerate(new):
-            n, start = len(toks), s.n_cached
+        for r, (table, start, toks) in enumerate(new):
+            n = len(toks)
             tok[r, :n] = toks
             pos[r, :n] = np.arange(start, start + n)
-            slots[r, :n] = [s.table.slot(p) for p in range(start, start + n)]
-            tables[r, :len(s.table.pages)] = s.table.pages
+            slots[r, :n] = [table.slot(p) for p in range(start, start + n)]
+            tables[r, :len(table.pages)] = table.pages
             lens[r] = start
             last[r, 0] = n - 1
+        if all_logits:
+            last = np.broadcast_to(np.arange(tokens, dtype=np.int32), (rows, tokens))
         return Batch(tokens=jnp.asarray(tok), positions=jnp.asarray(pos),
                      slots=jnp.asarray(slots), block_tables=jnp.asarray(tables),
                      cache_lens=jnp.asarray(lens), logits_index=jnp.asarray(last))
@@ -173,6 +179,31 @@ class Engine:
             if s.finished:
                 s.table.release()
                 self.pool.release_reservation(s.max_len)
+
+    # ---- scoring --------------------------------------------------------------------------
+    def score(self, ids: list[int]) -> np.ndarray:
+        """log p(ids[i + 1] | ids[:i + 1]) for every i, in prefill chunks (for perplexity)."""
+        self.validate(ids, SamplingParams(max_tokens=1))
+        if self.running or self.waiting:
+            raise RequestError("score() needs an idle engine")
+        table = BlockTable(self.pool)
+        out = []
+        try:
+            for start in range(0, len(ids), bk.PREFILL_TOKENS[-1]):
+                chunk = ids[start:start + bk.PREFILL_TOKENS[-1]]
+                tokens = bk.round_up(bk.PREFILL_TOKENS, len(chunk))
+                table.ensure(start + len(chunk))
+                pages = bk.page_bucket(len(table.pages), self.max_pages)
+                batch = self._batch([(table, start, chunk)], 1, tokens, pages, all_logits=True)
+                targets = np.zeros((1, tokens), np.int32)
+                nxt = ids[start + 1:start + len(chunk) + 1]
+                targets[0, :len(nxt)] = nxt
+                program = self.programs.scorer(bk.Bucket(1, tokens, pages, tokens))
+                logprobs, self.kv = program(self.params, self.kv, batch, jnp.asarray(targets))
+                out.append(np.asarray(logprobs[0, :len(nxt)]))
+        finally:
+            table.release()
+        return np.concatenate(out)
 
     # ---- driving --------------------------------------------------------------------------
     def run_until_done(self) -> Iterator[list[Sequence]]:

@@ -48,16 +48,27 @@ def _spec_of(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
+def _scorer(forward: Callable) -> Callable:
+    """forward, then the log-probability of each target token: [B, R] instead of [B, R, V]."""
+    def score(params, kv, batch, targets):
+        logits, kv = forward(params, kv, batch)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
+    return score
+
+
 class ProgramCache:
-    """Compiled executables keyed by bucket: step programs (forward + KV update, KV donated) and
-    sampler programs (rows, penalty window)."""
+    """Compiled executables keyed by bucket: step programs (forward + KV update, KV donated),
+    scoring programs (forward + target log-probs) and samplers (rows, penalty window)."""
 
     def __init__(self, forward: Callable, params: dict, kv: KVCache):
         self._forward = jax.jit(forward, donate_argnums=(1,))
+        self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._sample = jax.jit(sample)
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
         self._steps: dict[Bucket, jax.stages.Compiled] = {}
+        self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self._samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
 
@@ -65,6 +76,14 @@ class ProgramCache:
         if bucket not in self._steps:
             self.compile([bucket])
         return self._steps[bucket]
+
+    def scorer(self, bucket: Bucket):
+        if bucket not in self._scorers:
+            targets = jax.ShapeDtypeStruct((bucket.rows, bucket.logit_rows), jnp.int32)
+            self._scorers[bucket] = self._timed(
+                lambda: self._score.lower(self._params_spec, self._kv_spec, batch_spec(bucket),
+                                          targets).compile())
+        return self._scorers[bucket]
 
     def sampler(self, rows: int, window: int):
         key = (rows, window)
