@@ -18,7 +18,7 @@ _KQUANT_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 
 
 
 def byte_level_vocab() -> tuple[list[str], list[int]]:
-    """GPT-2 byte-level vocabulary (256 byte tokens) + chat specials, no merges."""
+    """GPT-2 byte-level vocabulary (256 byte tokens), chat specials and two merged tokens."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -29,7 +29,11 @@ def byte_level_vocab() -> tuple[list[str], list[int]]:
             n += 1
     tokens = [chr(c) for _, c in sorted(zip(bs, cs))]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return specials + tokens, [3] * len(specials) + [1] * len(tokens)
+    return specials + tokens + MERGED, [3] * len(specials) + [1] * (len(tokens) + len(MERGED))
+
+
+MERGES = ["Ġ t", "h e"]
+MERGED = ["Ġt", "he"]
 
 
 def _random_weight(rng: np.random.Generator, shape: tuple[int, ...], qtype: T) -> np.ndarray:
@@ -49,11 +53,12 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
                     n_layers: int = 2, hidden: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
                     head_dim: int = 16, ffn: int = 128, tied: bool = True,
                     rope_freqs: bool = False, seed: int = 0, context_length: int = 512,
-                    skip: tuple[str, ...] = (), extra: dict | None = None) -> Path:
+                    skip: tuple[str, ...] = (), extra: dict | None = None,
+                    extra_kv: dict[str, int] | None = None) -> Path:
     """Write a random model of `arch` ('llama', 'qwen2', 'qwen3', 'gemma3').
 
     2-D weights use `qtype`; norms/biases are F32. `skip` leaves tensors out and `extra`
-    adds tensors {name: array}, for bad-input tests.
+    adds tensors {name: array} and `extra_kv` uint32 metadata, for bad-input tests.
     """
     rng = np.random.default_rng(seed)
     tokens, types = byte_level_vocab()
@@ -78,10 +83,12 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([])
+    w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
+    for key, value in (extra_kv or {}).items():
+        w.add_uint32(key, value)
 
     hq, hkv = n_heads * head_dim, n_kv_heads * head_dim
     tensors: dict[str, tuple[np.ndarray, T | None]] = {}

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+os.environ.setdefault("KTJAX_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    from tiny_models import write_tiny_gguf
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", "llama",
+                           context_length=2048)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_path):
+    from ktjax import LLM
+    return LLM(str(tiny_llama_path), max_model_len=1024, kv_cache_tokens=4096)

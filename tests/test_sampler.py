@@ -1,0 +1,73 @@
+"""The on-device sampler against numpy statements of each rule."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax import SamplingParams
+from ktjax.engine.sampler import SamplingBatch, apply_penalties, sample, split_seed
+from ktjax.errors import RequestError
+
+V = 50
+
+
+def _batch(n, **kw):
+    d = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+             presence_penalty=0.0, frequency_penalty=0.0)
+    d.update(kw)
+    recent = kw.pop("recent", None)
+    d.pop("recent", None)
+    cols = {k: jnp.full((n,), v, jnp.int32 if k == "top_k" else jnp.float32)
+            for k, v in d.items()}
+    return SamplingBatch(seed=jnp.asarray(np.stack([split_seed(s) for s in range(n)])),
+                         step=jnp.zeros(n, jnp.int32),
+                         recent=jnp.asarray(recent if recent is not None
+                                            else np.full((n, 4), -1, np.int32)), **cols)
+
+
+def _draws(probs, n=400, **kw):
+    logits = jnp.asarray(np.log(np.tile(probs, (n, 1))), jnp.float32)
+    return set(np.asarray(sample(logits, _batch(n, **kw))[0]).tolist())
+
+
+PROBS = np.array([0.4, 0.3, 0.2, 0.1])
+
+
+def test_filters():
+    assert _draws(PROBS) == {0, 1, 2, 3}
+    assert _draws(PROBS, top_k=2) == {0, 1}
+    assert _draws(PROBS, top_p=0.5) == {0, 1}       # 0.4 < 0.5 keeps token 1, 0.7 stops
+    assert _draws(PROBS, min_p=0.6) == {0, 1}       # keeps p >= 0.24
+    assert _draws(PROBS, temperature=0.0) == {0}
+
+
+def test_penalties_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, V)).astype(np.float32)
+    recent = np.array([[3, 3, 7, -1], [1, -1, -1, -1]], np.int32)
+    out = np.asarray(apply_penalties(jnp.asarray(logits), _batch(
+        2, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25,
+        recent=recent)))
+    ref = logits.copy()
+    for r in range(2):
+        ids, counts = np.unique(recent[r][recent[r] >= 0], return_counts=True)
+        for t, c in zip(ids, counts):
+            x = ref[r, t]
+            x = x / 1.3 if x > 0 else x * 1.3
+            ref[r, t] = x - 0.5 - 0.25 * c
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+def test_logprob_is_models():
+    logits = jnp.asarray(np.log(np.tile(PROBS, (2, 1))), jnp.float32)
+    tokens, logprobs = sample(logits, _batch(2, temperature=0.0))
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(0.4), rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 2.0),
+    ("max_tokens", 0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0),
+    ("temperature", float("nan")), ("seed", -4),
+])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(RequestError, match=field):
+        SamplingParams(**{field: value})
