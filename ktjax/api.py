@@ -48,7 +48,7 @@ class LLM:
         np_dtype = jnp.dtype(dtype)
         params = loader.load_params(gguf_file, self.spec, np_dtype, device)
         max_model_len = min(max_model_len or 4096, self.config.context_length)
-        forward = self.spec.family.make_forward(self.config, get_backend(attention), page_size)
+        forward = self.spec.family.make_forward(self.config, get_backend(attention))
         self.engine = Engine(
             forward, params, n_layers=self.config.n_layers, n_kv_heads=self.config.n_kv_heads,
             head_dim=self.config.head_dim, tokenizer=self.tokenizer,

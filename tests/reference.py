@@ -22,7 +22,7 @@ def ktjax_logits(path, ids: np.ndarray) -> np.ndarray:
     spec = loader.inspect(f)
     cfg = spec.config
     params = loader.load_params(f, spec)
-    forward = spec.family.make_forward(cfg, REFERENCE, PAGE)
+    forward = spec.family.make_forward(cfg, REFERENCE)
     t = len(ids)
     n_pages = -(-t // PAGE)
     # Deliberately scattered, non-contiguous pages: the block table must be honoured.

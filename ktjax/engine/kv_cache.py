@@ -87,7 +87,7 @@ class BlockTable:
 
 def make_kv_cache(n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int,
                   dtype, device: jax.Device | None = None) -> KVCache:
-    shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
+    shape = (n_layers, n_pages, page_size, n_kv_heads, head_dim)
     with jax.default_device(device) if device is not None else nullcontext():
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 

@@ -12,7 +12,7 @@ from ktjax.kernels import paged_attention_ref
 class AttentionBackend:
     """`write(k_cache, v_cache, slots, k, v)` stores all layers' new keys/values after the
     layer loop; `attend(q, k_new, v_new, k_cache, v_cache, layer, block_tables, cache_lens,
-    q_positions, *, page_size, scale, sliding_window)` attends over cache + new keys. See
+    q_positions, *, scale, sliding_window)` attends over cache + new keys. See
     paged_attention_ref for the contract."""
 
     name: str

@@ -1,8 +1,9 @@
 """Reference paged attention in plain jnp: runs on any device, and is the oracle for kernels.
 
-Layout: one KV buffer per model, `k_cache`/`v_cache` of shape [L, n_slots, n_kv, head_dim]
-where slot = page * page_size + offset. Slot 0 is the scratch slot of the reserved page 0:
-padding tokens write there and nothing ever reads it as valid context.
+Layout: one KV buffer per model, `k_cache`/`v_cache` of shape
+[L, n_pages, page_size, n_kv, head_dim]; a token's slot is page * page_size + offset. Page 0
+is scratch: padding tokens write there and nothing ever reads it as valid context. Reads
+gather whole pages (contiguous blocks), not single slots.
 
 A step's own keys/values are attended from registers (`k_new`, `v_new`) and written to the
 cache once, after all layers, for every layer at a time: inside the layer loop the cache is
@@ -17,23 +18,23 @@ import jax.numpy as jnp
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, k: jax.Array,
              v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Store every layer's new keys/values k, v [L, B, T, n_kv, hd] at `slots` [B, T]."""
-    flat = slots.reshape(-1)
+    page_size = k_cache.shape[2]
+    pages, offsets = slots.reshape(-1) // page_size, slots.reshape(-1) % page_size
     n_layers = k.shape[0]
-    k_cache = k_cache.at[:, flat].set(k.reshape(n_layers, -1, *k.shape[3:]).astype(k_cache.dtype))
-    v_cache = v_cache.at[:, flat].set(v.reshape(n_layers, -1, *v.shape[3:]).astype(v_cache.dtype))
-    return k_cache, v_cache
+    k = k.reshape(n_layers, -1, *k.shape[3:]).astype(k_cache.dtype)
+    v = v.reshape(n_layers, -1, *v.shape[3:]).astype(v_cache.dtype)
+    return k_cache.at[:, pages, offsets].set(k), v_cache.at[:, pages, offsets].set(v)
 
 
-def context_slots(block_tables: jax.Array, page_size: int) -> jax.Array:
-    """[B, P] page ids -> [B, P * page_size] slot ids, in context order."""
-    offsets = jnp.arange(page_size, dtype=block_tables.dtype)
-    return (block_tables[:, :, None] * page_size + offsets).reshape(block_tables.shape[0], -1)
+def gather_context(cache: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """[B, P] page ids -> the layer's cached rows [B, P * page_size, n_kv, hd], in order."""
+    pages = cache[layer, block_tables]                                # [B, P, ps, n_kv, hd]
+    return pages.reshape(pages.shape[0], -1, *pages.shape[3:])
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
                     v_cache: jax.Array, layer: jax.Array, block_tables: jax.Array,
-                    cache_lens: jax.Array, q_positions: jax.Array, *, page_size: int,
-                    scale: float, sliding_window: jax.Array | int | None = None) -> jax.Array:
+                    cache_lens: jax.Array, q_positions: jax.Array, *, scale: float, sliding_window: jax.Array | int | None = None) -> jax.Array:
     """Causal attention of a step's queries over the cached context plus the step's own keys.
 
     q [B, T, H, hd]; k_new/v_new [B, T, n_kv, hd]; q_positions [B, T] (-1 for padding);
@@ -43,14 +44,13 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     """
     b, t, h, hd = q.shape
     n_kv = k_new.shape[2]
-    slots = context_slots(block_tables, page_size)                    # [B, S]
-    k = jnp.concatenate([k_cache[layer, slots].astype(jnp.float32),
+    k = jnp.concatenate([gather_context(k_cache, layer, block_tables).astype(jnp.float32),
                          k_new.astype(jnp.float32)], axis=1)         # [B, S + T, n_kv, hd]
-    v = jnp.concatenate([v_cache[layer, slots].astype(jnp.float32),
+    v = jnp.concatenate([gather_context(v_cache, layer, block_tables).astype(jnp.float32),
                          v_new.astype(jnp.float32)], axis=1)
+    context = jnp.arange(k.shape[1] - t)[None]                        # [1, S]
     key_pos = jnp.concatenate([
-        jnp.where(jnp.arange(slots.shape[1])[None] < cache_lens[:, None],
-                  jnp.arange(slots.shape[1])[None], -1),             # unwritten slots: invalid
+        jnp.where(context < cache_lens[:, None], context, -1),       # unwritten slots: invalid
         q_positions], axis=1)                                         # [B, S + T]
 
     qg = q.astype(jnp.float32).reshape(b, t, n_kv, h // n_kv, hd)

@@ -33,7 +33,7 @@ class Batch:
 
 @struct.dataclass
 class KVCache:
-    """Paged keys and values, [L, n_slots, n_kv, head_dim] each (slot = page * page_size + i)."""
+    """Paged keys and values, [L, n_pages, page_size, n_kv, head_dim] each."""
 
     k: jax.Array
     v: jax.Array
@@ -60,12 +60,11 @@ class AttentionContext:
     batch: Batch
     kv: KVCache
     layer: jax.Array
-    page_size: int
 
     def attend(self, q, k, v, *, scale: float, sliding_window=None) -> jax.Array:
         return self.backend.attend(q, k, v, self.kv.k, self.kv.v, self.layer,
                                    self.batch.block_tables, self.batch.cache_lens,
-                                   self.batch.positions, page_size=self.page_size, scale=scale,
+                                   self.batch.positions, scale=scale,
                                    sliding_window=sliding_window)
 
 
@@ -75,7 +74,7 @@ BlockFn = Callable[[Any, jax.Array, jax.Array, AttentionContext],
 
 
 def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn,
-                    backend: AttentionBackend, page_size: int, rms_eps: float,
+                    backend: AttentionBackend, rms_eps: float,
                     embed_scale: float | None = None) -> tuple[jax.Array, KVCache]:
     """embed -> lax.scan over stacked layer params -> final norm -> logits [B, R, V] (float32).
 
@@ -90,8 +89,7 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn,
 
     def step(x, inputs):
         layer_params, layer = inputs
-        return block(layer_params, x, layer, AttentionContext(backend, batch, kv, layer,
-                                                              page_size))
+        return block(layer_params, x, layer, AttentionContext(backend, batch, kv, layer))
 
     x, (k_new, v_new) = jax.lax.scan(step, x, (params["layers"],
                                                jnp.arange(n_layers, dtype=jnp.int32)))

@@ -120,7 +120,7 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
     return x + layers.rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps), (k, v)
 
 
-def make_forward(cfg: Gemma3Config, backend: AttentionBackend, page_size: int):
+def make_forward(cfg: Gemma3Config, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
     inv_local = jnp.asarray(layers.rope_inv_freq(cfg.head_dim, LOCAL_ROPE_BASE))
     inv_global = jnp.asarray(layers.rope_inv_freq(cfg.head_dim, cfg.rope_global_base,
@@ -129,6 +129,6 @@ def make_forward(cfg: Gemma3Config, backend: AttentionBackend, page_size: int):
     def forward(params: dict, kv: KVCache, batch: Batch):
         return decoder_forward(params, kv, batch,
                                block=partial(_block, cfg, inv_local, inv_global),
-                               backend=backend, page_size=page_size, rms_eps=cfg.rms_eps,
+                               backend=backend, rms_eps=cfg.rms_eps,
                                embed_scale=cfg.hidden_size ** 0.5)
     return forward

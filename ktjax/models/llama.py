@@ -132,7 +132,7 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     return x + layers.linear(g, lp["ffn_down"]), (k, v)
 
 
-def make_forward(cfg: LlamaConfig, backend: AttentionBackend, page_size: int):
+def make_forward(cfg: LlamaConfig, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
     base_inv_freq = layers.rope_inv_freq(cfg.rope_dim, cfg.rope_base, cfg.rope_linear_factor)
 
@@ -141,5 +141,5 @@ def make_forward(cfg: LlamaConfig, backend: AttentionBackend, page_size: int):
         if "rope_freqs" in params:  # llama3-style scaling: per-frequency divisors
             inv_freq = inv_freq / params["rope_freqs"].astype(jnp.float32)
         return decoder_forward(params, kv, batch, block=partial(_block, cfg, inv_freq),
-                               backend=backend, page_size=page_size, rms_eps=cfg.rms_eps)
+                               backend=backend, rms_eps=cfg.rms_eps)
     return forward

@@ -11,7 +11,7 @@ _FAMILIES: dict[str, ModuleType] = {arch: m for m in (llama, gemma3) for arch in
 
 def family_for(architecture: str) -> ModuleType:
     """The module implementing `architecture`: it has CONFIG (a dataclass with `from_gguf`),
-    `tensor_table(cfg)` and `make_forward(cfg, backend, page_size)`."""
+    `tensor_table(cfg)` and `make_forward(cfg, backend)`."""
     if architecture not in _FAMILIES:
         raise UnsupportedModelError(
             f"architecture {architecture!r} (general.architecture) is not supported; "
