@@ -22,6 +22,10 @@ from ktjax.sampling_params import SamplingParams
 PENALTY_WINDOW = 64
 
 
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
 class Engine:
     """Owns the KV cache, the page pool, the compiled programs and the request queues."""
 
@@ -143,6 +147,21 @@ class Engine:
                      cache_lens=jnp.asarray(lens), logits_index=jnp.asarray(last))
 
     def _sample(self, logits: jax.Array, seqs: list[Sequence | None], rows: int) -> None:
+        active = [s for s in seqs if s is not None]
+        if all(s.params.temperature == 0 and not _has_penalty(s.params) for s in active):
+            tokens, logprobs = self.programs.greedy_sampler(rows)(logits)
+        else:
+            tokens, logprobs = self._sample_full(logits, seqs, rows)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        for r, s in enumerate(seqs):
+            if s is None:
+                continue
+            s.append(int(tokens[r]), float(logprobs[r]))
+            if s.finished:
+                s.table.release()
+                self.pool.release_reservation(s.max_len)
+
+    def _sample_full(self, logits: jax.Array, seqs: list[Sequence | None], rows: int):
         window = PENALTY_WINDOW
         for s in seqs:
             if s is not None and (s.params.penalty_last_n == -1 or
@@ -170,15 +189,7 @@ class Engine:
         sb = SamplingBatch(top_k=jnp.asarray(top_k), seed=jnp.asarray(seed),
                            step=jnp.asarray(step), recent=jnp.asarray(recent),
                            **{k: jnp.asarray(v) for k, v in cols.items()})
-        tokens, logprobs = self.programs.sampler(rows, window)(logits, sb)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        for r, s in enumerate(seqs):
-            if s is None:
-                continue
-            s.append(int(tokens[r]), float(logprobs[r]))
-            if s.finished:
-                s.table.release()
-                self.pool.release_reservation(s.max_len)
+        return self.programs.sampler(rows, window)(logits, sb)
 
     # ---- scoring --------------------------------------------------------------------------
     def score(self, ids: list[int]) -> np.ndarray:

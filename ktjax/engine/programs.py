@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from ktjax.engine.buckets import Bucket
-from ktjax.engine.sampler import SamplingBatch, sample
+from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy
 from ktjax.models.base import Batch, KVCache
 
 _CACHE_DIR = os.environ.get("KTJAX_CACHE_DIR",
@@ -65,11 +65,13 @@ class ProgramCache:
         self._forward = jax.jit(forward, donate_argnums=(1,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._sample = jax.jit(sample)
+        self._sample_greedy = jax.jit(sample_greedy)
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
         self._steps: dict[Bucket, jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self._samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._greedy: dict[int, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
 
     def step(self, bucket: Bucket):
@@ -84,6 +86,12 @@ class ProgramCache:
                 lambda: self._score.lower(self._params_spec, self._kv_spec, batch_spec(bucket),
                                           targets).compile())
         return self._scorers[bucket]
+
+    def greedy_sampler(self, rows: int):
+        if rows not in self._greedy:
+            self._greedy[rows] = self._timed(lambda: self._sample_greedy.lower(
+                jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32)).compile())
+        return self._greedy[rows]
 
     def sampler(self, rows: int, window: int):
         key = (rows, window)

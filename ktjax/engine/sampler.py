@@ -79,5 +79,12 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     return tokens, jnp.take_along_axis(model_logprobs, tokens[:, None], 1)[:, 0]
 
 
+def sample_greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The common all-greedy, no-penalty step: argmax without the random and sorting work."""
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], 1)[:, 0]
+
+
 def split_seed(seed: int) -> np.ndarray:
     return np.array([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], np.uint32)
