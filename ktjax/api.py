@@ -11,7 +11,7 @@ import numpy as np
 from ktjax.engine.engine import Engine
 from ktjax.engine.programs import enable_persistent_cache
 from ktjax.errors import RequestError
-from ktjax.gguf.chat import render_chat
+from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
 from ktjax.gguf.tokenizer import Tokenizer
 from ktjax.kernels.backends import get_backend
@@ -51,7 +51,8 @@ class LLM:
         forward = self.spec.family.make_forward(self.config, get_backend(attention))
         self.engine = Engine(
             forward, params, n_layers=self.config.n_layers, n_kv_heads=self.config.n_kv_heads,
-            head_dim=self.config.head_dim, tokenizer=self.tokenizer,
+            head_dim=self.config.head_dim, vocab_size=self.config.vocab_size,
+            tokenizer=self.tokenizer,
             max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens or 4 * max_model_len,
             page_size=page_size, kv_dtype=np_dtype, device=device)
 
@@ -104,7 +105,8 @@ class LLM:
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template."""
         tok = self.tokenizer
-        text = render_chat(tok.chat_template, messages,
+        template = tok.chat_template or default_template(self.config.architecture)
+        text = render_chat(template, messages,
                            bos_token=tok.token_to_piece(tok.bos_id) if tok.bos_id is not None
                            else "",
                            eos_token=tok.token_to_piece(tok.eos_id) if tok.eos_id is not None
