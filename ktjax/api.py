@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Iterator, Sequence
 
 import jax
@@ -30,12 +31,14 @@ class LLM:
     max_model_len: context per sequence (default: the model's, capped at 4096).
     kv_cache_tokens: size of the shared KV page pool in tokens (default: 4 x max_model_len).
     dtype: weight dtype, 'float32' (default on CPU) or 'bfloat16' (default on GPU).
+    host_linears: run matmul weights in the native host kernels, kept in their GGUF
+      quantization (default: on for CPU runs); False computes them densely in XLA.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, page_size: int = 16,
                  dtype: str | None = None, attention: str = "reference",
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None, host_linears: bool | None = None):
         enable_persistent_cache()
         self.model_path = resolve_model(model)
         gguf_file = GGUFFile(self.model_path)
@@ -46,7 +49,10 @@ class LLM:
         if dtype is None:
             dtype = "float32" if device.platform == "cpu" else "bfloat16"
         np_dtype = jnp.dtype(dtype)
-        params = loader.load_params(gguf_file, self.spec, np_dtype, device)
+        if host_linears is None:
+            host_linears = device.platform == "cpu"
+        params = loader.load_params(gguf_file, self.spec, np_dtype, device, host_linears)
+        weakref.finalize(self, loader.release_host_weights, params)
         max_model_len = min(max_model_len or 4096, self.config.context_length)
         forward = self.spec.family.make_forward(self.config, get_backend(attention))
         self.engine = Engine(

@@ -100,3 +100,17 @@ def test_prompt_errors(tiny_llm):
         tiny_llm.generate([[5] * 1024])
     with pytest.raises(RequestError, match="vocabulary"):
         tiny_llm.generate([[5, 10**6]])
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K"])
+def test_host_linears_match_dense(tmp_path, qtype):
+    """CPU runs keep matmul weights quantized in the host kernels (int8 activations):
+    scores stay within quantization noise of the dense float32 path."""
+    import gguf
+    from tiny_models import write_tiny_gguf
+    path = str(write_tiny_gguf(tmp_path / "m.gguf", "llama", gguf.GGMLQuantizationType[qtype],
+                               hidden=256, head_dim=64, n_heads=4, n_kv_heads=2, ffn=256))
+    ids = np.random.default_rng(2).integers(3, 259, 40).tolist()
+    dense = LLM(path, max_model_len=128, host_linears=False).score(ids)
+    host = LLM(path, max_model_len=128, host_linears=True).score(ids)
+    assert np.abs(dense - host).max() < 0.05 * np.abs(dense).max()

@@ -30,7 +30,8 @@ class Engine:
     """Owns the KV cache, the page pool, the compiled programs and the request queues."""
 
     def __init__(self, forward, params: dict, *, n_layers: int, n_kv_heads: int, head_dim: int,
-                 tokenizer, max_model_len: int, kv_cache_tokens: int, page_size: int = 16,
+                 vocab_size: int, tokenizer, max_model_len: int, kv_cache_tokens: int,
+                 page_size: int = 16,
                  kv_dtype=jnp.float32, device: jax.Device | None = None):
         self.params = params
         self.tokenizer = tokenizer
@@ -41,7 +42,7 @@ class Engine:
         self.pool = PagePool(n_pages, page_size)
         self.kv = make_kv_cache(n_layers, n_pages, page_size, n_kv_heads, head_dim, kv_dtype,
                                 device)
-        self.programs = ProgramCache(forward, params, self.kv)
+        self.programs = ProgramCache(forward, params, self.kv, vocab_size)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._next_id = 0

@@ -61,7 +61,8 @@ class ProgramCache:
     """Compiled executables keyed by bucket: step programs (forward + KV update, KV donated),
     scoring programs (forward + target log-probs) and samplers (rows, penalty window)."""
 
-    def __init__(self, forward: Callable, params: dict, kv: KVCache):
+    def __init__(self, forward: Callable, params: dict, kv: KVCache, vocab: int):
+        self.vocab = vocab
         self._forward = jax.jit(forward, donate_argnums=(1,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._sample = jax.jit(sample)
@@ -100,11 +101,6 @@ class ProgramCache:
                 lambda: self._sample.lower(jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32),
                                            sampling_spec(rows, window)).compile())
         return self._samplers[key]
-
-    @property
-    def vocab(self) -> int:
-        embed = self._params_spec.get("output") or self._params_spec["token_embd"]
-        return embed.shape[0]
 
     def compile(self, buckets: Iterable[Bucket]) -> None:
         """Compile the missing buckets ahead of time, with a progress bar."""

@@ -85,11 +85,12 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn,
     x = embed[batch.tokens].astype(jnp.float32)
     if embed_scale is not None:
         x = x * embed_scale
-    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    n_layers = params["layers"]["attn_norm"].shape[0]
 
     def step(x, inputs):
         layer_params, layer = inputs
-        return block(layer_params, x, layer, AttentionContext(backend, batch, kv, layer))
+        return block(layers.bind_layer(layer_params, layer), x, layer,
+                     AttentionContext(backend, batch, kv, layer))
 
     x, (k_new, v_new) = jax.lax.scan(step, x, (params["layers"],
                                                jnp.arange(n_layers, dtype=jnp.int32)))

@@ -4,6 +4,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class HostWeight:
+    """A linear weight that lives in the native host store (CPU kernels through XLA FFI).
+
+    `handles` has one store handle per layer (one for a non-layer weight). The node has no
+    array leaves, so it rides through `lax.scan` unchanged; `at_layer` binds the traced layer
+    index, which the FFI call receives as an operand to pick the handle.
+    """
+
+    handles: tuple[int, ...] = struct.field(pytree_node=False)
+    out_features: int = struct.field(pytree_node=False)
+    layer: jax.Array | None = None
+
+    def at_layer(self, layer: jax.Array) -> "HostWeight":
+        return self.replace(layer=layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from ktjax.host.linear import linear_layered
+        layer = jnp.zeros((), jnp.int32) if self.layer is None else self.layer
+        return linear_layered(x.astype(jnp.float32), layer, self.handles, self.out_features)
+
+
+def bind_layer(tree, layer: jax.Array):
+    """Bind the scanned layer index into every HostWeight of a layer's params."""
+    return jax.tree.map(lambda w: w.at_layer(layer) if isinstance(w, HostWeight) else w, tree,
+                        is_leaf=lambda n: isinstance(n, HostWeight))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -13,10 +42,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | HostWeight, bias: jax.Array | None = None) -> jax.Array:
     """y = x @ w.T for a GGUF-oriented weight w [out, in]; accumulates in float32."""
-    y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+    if isinstance(w, HostWeight):
+        y = w(x)
+    else:
+        y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)

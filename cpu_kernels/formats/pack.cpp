@@ -1,0 +1,502 @@
+// Packing of GGUF blocks and float matrices into PackedWeight (see packed.h).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu_kernels/formats/packed.h"
+#include "cpu_kernels/quants/blocks.h"
+#include "cpu_kernels/quants/float_bits.h"
+#include "cpu_kernels/quants/ggml_types.h"
+#include "cpu_kernels/thread_pool.h"
+
+namespace ktjax {
+
+void AlignedFree::operator()(void* p) const { std::free(p); }
+
+int PackedWeight::scale_bytes() const {
+  switch (scale_enc) {
+    case ScaleEnc::F16: return 2;
+    case ScaleEnc::F32: return 4;
+    case ScaleEnc::I8: return 1;
+    case ScaleEnc::None: return 0;
+  }
+  return 0;
+}
+
+std::string PackedWeight::describe() const {
+  static const char* kinds[] = {"int8", "int4", "bf16"};
+  static const char* encs[] = {"", "f16", "f32", "i8xf32"};
+  std::string s = kinds[static_cast<int>(kind)];
+  if (kind != WeightKind::BF16) {
+    s += "/g" + std::to_string(group) + "/" + encs[static_cast<int>(scale_enc)];
+    if (has_min) s += "+min";
+  }
+  return s;
+}
+
+namespace {
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// f32 -> f16 bits, round to nearest even; overflow gives inf.
+uint16_t f32_to_f16(float f) {
+  uint32_t x = f32_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  if (x >= 0x477ff000u) return sign | 0x7c00u;
+  if (x < 0x38800000u)  // below the smallest normal half: multiples of 2^-24
+    return sign | static_cast<uint16_t>(std::nearbyint(bits_f32(x) * 16777216.0f));
+  x += 0xfffu + ((x >> 13) & 1u);
+  return static_cast<uint16_t>(sign | ((x - 0x38000000u) >> 13));
+}
+
+bool f16_exact(float f) { return f16_to_f32(f32_to_f16(f)) == f; }
+
+// Byte offset of element (r in block, k) inside a row-block region.
+inline int64_t data_offset(const PackedWeight& w, int r, int64_t k) {
+  if (w.kind == WeightKind::BF16) return (k / 2) * 64 + r * 4 + (k % 2) * 2;
+  const int64_t g = k / w.group, kk = k % w.group, quad = kk / 4, j = kk % 4;
+  const int64_t chunk = w.kind == WeightKind::Int8 ? quad : quad / 2;
+  return w.group_off(g) + chunk * 64 + r * 4 + j;
+}
+
+// Stores q (int8: -128..127; int4: 0..15) at (n, k).
+inline void set_q(PackedWeight& w, int64_t n, int64_t k, int q) {
+  uint8_t* p = w.block(n / kRowBlock) + data_offset(w, static_cast<int>(n % kRowBlock), k);
+  if (w.kind == WeightKind::Int8) {
+    *p = static_cast<uint8_t>(q + 128);
+  } else {
+    const bool hi = ((k % w.group) / 4) % 2;
+    *p = hi ? static_cast<uint8_t>((*p & 0x0f) | (q << 4)) : static_cast<uint8_t>((*p & 0xf0) | q);
+  }
+}
+
+inline int get_q(const PackedWeight& w, int64_t n, int64_t k) {
+  const uint8_t v = *(w.block(n / kRowBlock) + data_offset(w, static_cast<int>(n % kRowBlock), k));
+  if (w.kind == WeightKind::Int8) return static_cast<int>(v) - 128;
+  return ((k % w.group) / 4) % 2 ? v >> 4 : v & 0x0f;
+}
+
+// Scale or min slot (which = 0 / 1) of (n, group g), as raw bytes of the encoding.
+inline uint8_t* scale_slot(PackedWeight& w, int which, int64_t n, int64_t g) {
+  return w.block(n / kRowBlock) + w.group_off(g) + w.group_bytes + which * w.coef_bytes +
+         (n % kRowBlock) * w.scale_bytes();
+}
+
+// f32 super scale or min (which = 0 / 1) of row n for the super-block holding value k.
+inline float* super_slot(PackedWeight& w, int which, int64_t n, int64_t k) {
+  return reinterpret_cast<float*>(w.block(n / kRowBlock) + w.super_off(k / w.group) + which * 64) +
+         n % kRowBlock;
+}
+
+// Direct (F16/F32) scale or min.
+void set_direct(PackedWeight& w, int which, int64_t n, int64_t g, float v) {
+  uint8_t* p = scale_slot(w, which, n, g);
+  if (w.scale_enc == ScaleEnc::F16) {
+    const uint16_t h = f32_to_f16(v);
+    std::memcpy(p, &h, 2);
+  } else {
+    std::memcpy(p, &v, 4);
+  }
+}
+
+float group_coef(const PackedWeight& w, int which, int64_t n, int64_t k) {
+  PackedWeight& mw = const_cast<PackedWeight&>(w);
+  const uint8_t* p = scale_slot(mw, which, n, k / w.group);
+  switch (w.scale_enc) {
+    case ScaleEnc::F16: { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+    case ScaleEnc::F32: { float f; std::memcpy(&f, p, 4); return f; }
+    case ScaleEnc::I8: return *super_slot(mw, which, n, k) * static_cast<float>(static_cast<int8_t>(*p));
+    case ScaleEnc::None: break;
+  }
+  return 0.f;
+}
+
+template <class Block>
+const Block* row_blocks(const uint8_t* raw, int64_t n, int64_t blocks_per_row) {
+  return reinterpret_cast<const Block*>(raw) + n * blocks_per_row;
+}
+
+// 6-bit scale and min j of a Q4_K / Q5_K block (ggml get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Fills w row n from GGUF blocks; types that use the I8 (K-quant) encoding.
+void pack_kquant_row(PackedWeight& w, int type, const uint8_t* raw, int64_t n) {
+  const int64_t nb = w.k / QK_K;
+  auto put_scales = [&](int64_t s, int sub, int sc, int m) {
+    const int64_t g = s * (QK_K / w.group) + sub;
+    *reinterpret_cast<int8_t*>(scale_slot(w, 0, n, g)) = static_cast<int8_t>(sc);
+    if (w.has_min) *reinterpret_cast<int8_t*>(scale_slot(w, 1, n, g)) = static_cast<int8_t>(m);
+  };
+  for (int64_t s = 0; s < nb; ++s) {
+    const int64_t k0 = s * QK_K;
+    switch (static_cast<GgmlType>(type)) {
+      case GgmlType::Q4_K: {
+        const BlockQ4_K& b = row_blocks<BlockQ4_K>(raw, n, nb)[s];
+        *super_slot(w, 0, n, k0) = f16_to_f32(b.d);
+        *super_slot(w, 1, n, k0) = -f16_to_f32(b.dmin);
+        for (int j = 0; j < 8; ++j) {
+          int sc, m;
+          scale_min_k4(j, b.scales, &sc, &m);
+          put_scales(s, j, sc, m);
+          for (int l = 0; l < 32; ++l)
+            set_q(w, n, k0 + 32 * j + l, (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xf);
+        }
+        break;
+      }
+      case GgmlType::Q5_K: {
+        const BlockQ5_K& b = row_blocks<BlockQ5_K>(raw, n, nb)[s];
+        *super_slot(w, 0, n, k0) = f16_to_f32(b.d);
+        *super_slot(w, 1, n, k0) = -f16_to_f32(b.dmin);
+        for (int j = 0; j < 8; ++j) {
+          int sc, m;
+          scale_min_k4(j, b.scales, &sc, &m);
+          put_scales(s, j, sc, m);
+          for (int l = 0; l < 32; ++l) {
+            const int lo = (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xf;
+            const int hi = (b.qh[l] >> j) & 1;
+            // int8 storage is signed: 0..31 fits as is.
+            set_q(w, n, k0 + 32 * j + l, lo | (hi << 4));
+          }
+        }
+        break;
+      }
+      case GgmlType::Q6_K: {
+        const BlockQ6_K& b = row_blocks<BlockQ6_K>(raw, n, nb)[s];
+        *super_slot(w, 0, n, k0) = f16_to_f32(b.d);
+        for (int j = 0; j < 16; ++j) put_scales(s, j, b.scales[j], 0);
+        for (int half = 0; half < 2; ++half) {
+          const uint8_t* ql = b.ql + 64 * half;
+          const uint8_t* qh = b.qh + 32 * half;
+          const int64_t e = k0 + 128 * half;
+          for (int l = 0; l < 32; ++l) {
+            set_q(w, n, e + l, ((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4)) - 32);
+            set_q(w, n, e + l + 32, ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            set_q(w, n, e + l + 64, ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            set_q(w, n, e + l + 96, ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+          }
+        }
+        break;
+      }
+      case GgmlType::Q3_K: {
+        // q in -4..3 stored as q + 4 with min = -4 * scale: super min -4d, same int8 factor.
+        const BlockQ3_K& b = row_blocks<BlockQ3_K>(raw, n, nb)[s];
+        const float d = f16_to_f32(b.d);
+        *super_slot(w, 0, n, k0) = d;
+        *super_slot(w, 1, n, k0) = -4.0f * d;
+        for (int i = 0; i < 16; ++i) {
+          const int lo = (b.scales[i % 8] >> (4 * (i / 8))) & 0xf;
+          const int hi = (b.scales[8 + i % 4] >> (2 * (i / 4))) & 3;
+          const int sc = (lo | (hi << 4)) - 32;
+          put_scales(s, i, sc, sc);
+        }
+        for (int e = 0; e < QK_K; ++e) {
+          const int ql = (b.qs[(e / 128) * 32 + e % 32] >> (2 * ((e / 32) % 4))) & 3;
+          const int h = (b.hmask[e % 32] >> (e / 32)) & 1;
+          set_q(w, n, k0 + e, ql - 4 * (1 - h) + 4);
+        }
+        break;
+      }
+      case GgmlType::Q2_K: {
+        const BlockQ2_K& b = row_blocks<BlockQ2_K>(raw, n, nb)[s];
+        *super_slot(w, 0, n, k0) = f16_to_f32(b.d);
+        *super_slot(w, 1, n, k0) = -f16_to_f32(b.dmin);
+        for (int i = 0; i < 16; ++i) put_scales(s, i, b.scales[i] & 0xf, b.scales[i] >> 4);
+        for (int e = 0; e < QK_K; ++e)
+          set_q(w, n, k0 + e, (b.qs[(e / 128) * 32 + e % 32] >> (2 * ((e / 32) % 4))) & 3);
+        break;
+      }
+      default:
+        throw std::logic_error("pack_kquant_row: not a K-quant type");
+    }
+  }
+}
+
+// Types with one 32-value block per group and f16 d (and m).
+void pack_legacy_row(PackedWeight& w, int type, const uint8_t* raw, int64_t n) {
+  const int64_t nb = w.k / 32;
+  for (int64_t g = 0; g < nb; ++g) {
+    const int64_t k0 = g * 32;
+    switch (static_cast<GgmlType>(type)) {
+      case GgmlType::Q8_0: {
+        const BlockQ8_0& b = row_blocks<BlockQ8_0>(raw, n, nb)[g];
+        set_direct(w, 0, n, g, f16_to_f32(b.d));
+        for (int l = 0; l < 32; ++l) set_q(w, n, k0 + l, b.qs[l]);
+        break;
+      }
+      case GgmlType::Q4_0: {
+        const BlockQ4_0& b = row_blocks<BlockQ4_0>(raw, n, nb)[g];
+        const float d = f16_to_f32(b.d);
+        set_direct(w, 0, n, g, d);
+        set_direct(w, 1, n, g, -8.0f * d);
+        for (int l = 0; l < 16; ++l) {
+          set_q(w, n, k0 + l, b.qs[l] & 0xf);
+          set_q(w, n, k0 + l + 16, b.qs[l] >> 4);
+        }
+        break;
+      }
+      case GgmlType::Q4_1: {
+        const BlockQ4_1& b = row_blocks<BlockQ4_1>(raw, n, nb)[g];
+        set_direct(w, 0, n, g, f16_to_f32(b.d));
+        set_direct(w, 1, n, g, f16_to_f32(b.m));
+        for (int l = 0; l < 16; ++l) {
+          set_q(w, n, k0 + l, b.qs[l] & 0xf);
+          set_q(w, n, k0 + l + 16, b.qs[l] >> 4);
+        }
+        break;
+      }
+      case GgmlType::Q5_0:
+      case GgmlType::Q5_1: {
+        const bool q51 = static_cast<GgmlType>(type) == GgmlType::Q5_1;
+        const uint8_t* qs;
+        uint32_t qh;
+        if (q51) {
+          const BlockQ5_1& b = row_blocks<BlockQ5_1>(raw, n, nb)[g];
+          set_direct(w, 0, n, g, f16_to_f32(b.d));
+          set_direct(w, 1, n, g, f16_to_f32(b.m));
+          std::memcpy(&qh, b.qh, 4);
+          qs = b.qs;
+        } else {
+          const BlockQ5_0& b = row_blocks<BlockQ5_0>(raw, n, nb)[g];
+          set_direct(w, 0, n, g, f16_to_f32(b.d));
+          std::memcpy(&qh, b.qh, 4);
+          qs = b.qs;
+        }
+        const int off = q51 ? 0 : 16;
+        for (int l = 0; l < 16; ++l) {
+          set_q(w, n, k0 + l, ((qs[l] & 0xf) | (((qh >> l) & 1) << 4)) - off);
+          set_q(w, n, k0 + l + 16, ((qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4)) - off);
+        }
+        break;
+      }
+      default:
+        throw std::logic_error("pack_legacy_row: unsupported type");
+    }
+  }
+}
+
+struct TypeInfo {
+  GgmlType type;
+  int block, bytes;
+  WeightKind kind;
+  int group;
+  bool kquant, has_min;
+};
+
+const TypeInfo kTypes[] = {
+    {GgmlType::Q8_0, 32, 34, WeightKind::Int8, 32, false, false},
+    {GgmlType::Q4_0, 32, 18, WeightKind::Int4, 32, false, true},
+    {GgmlType::Q4_1, 32, 20, WeightKind::Int4, 32, false, true},
+    {GgmlType::Q5_0, 32, 22, WeightKind::Int8, 32, false, false},
+    {GgmlType::Q5_1, 32, 24, WeightKind::Int8, 32, false, true},
+    {GgmlType::Q2_K, 256, 84, WeightKind::Int4, 16, true, true},
+    {GgmlType::Q3_K, 256, 110, WeightKind::Int4, 16, true, true},
+    {GgmlType::Q4_K, 256, 144, WeightKind::Int4, 32, true, true},
+    {GgmlType::Q5_K, 256, 176, WeightKind::Int8, 32, true, true},
+    {GgmlType::Q6_K, 256, 210, WeightKind::Int8, 16, true, false},
+};
+
+void check_shape(int64_t n, int64_t k) {
+  if (n <= 0 || k <= 0)
+    throw std::invalid_argument("weight shape must be positive, got (" + std::to_string(n) +
+                                ", " + std::to_string(k) + ")");
+}
+
+}  // namespace
+
+std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
+                                          int group, int64_t n, int64_t k) {
+  check_shape(n, k);
+  auto w = std::make_unique<PackedWeight>();
+  w->kind = kind;
+  w->scale_enc = kind == WeightKind::BF16 ? ScaleEnc::None : enc;
+  w->has_min = kind != WeightKind::BF16 && has_min;
+  w->group = kind == WeightKind::BF16 ? 32 : group;
+  w->n = n;
+  w->k = k;
+  w->np = round_up(n, kRowBlock);
+  w->kp = round_up(k, w->scale_enc == ScaleEnc::I8 ? kSuperBlock : w->group);
+  w->group_bytes = kind == WeightKind::Int4 ? w->group * 8 : kind == WeightKind::Int8 ? w->group * 16
+                                                                                       : 32 * 2 * 16;
+  w->coef_bytes = w->scale_bytes() * kRowBlock;
+  w->rec_bytes = w->group_bytes + w->coef_bytes * (w->has_min ? 2 : 1);
+  const bool i8 = w->scale_enc == ScaleEnc::I8;
+  w->super_hdr = i8 ? 64 * (w->has_min ? 2 : 1) : 0;
+  w->gps_shift = i8 ? (w->group == 16 ? 4 : 3) : 0;
+  w->super_bytes = w->super_hdr + (int64_t{1} << w->gps_shift) * w->rec_bytes;
+  w->block_stride = round_up((w->groups() >> w->gps_shift) * w->super_bytes, 64);
+  const size_t total = static_cast<size_t>(w->bytes());
+  void* p = std::aligned_alloc(64, total);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, total);
+  w->data.reset(static_cast<uint8_t*>(p));
+  // Biased int8: padding must decode to q = 0, i.e. byte 128.
+  if (kind == WeightKind::Int8)
+    for (int64_t rb = 0; rb < w->row_blocks(); ++rb)
+      for (int64_t g = 0; g < w->groups(); ++g) std::memset(w->block(rb) + w->group_off(g), 0x80, w->group_bytes);
+  return w;
+}
+
+float packed_value(const PackedWeight& w, int64_t n, int64_t k) {
+  if (n < 0 || n >= w.n || k < 0 || k >= w.k) throw std::out_of_range("packed_value index");
+  if (w.kind == WeightKind::BF16) {
+    uint16_t b;
+    std::memcpy(&b, w.block(n / kRowBlock) + data_offset(w, static_cast<int>(n % kRowBlock), k), 2);
+    return bf16_to_f32(b);
+  }
+  const float q = static_cast<float>(get_q(w, n, k));
+  const float s = group_coef(w, 0, n, k);
+  return w.has_min ? s * q + group_coef(w, 1, n, k) : s * q;
+}
+
+std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, int ggml_type,
+                                        int64_t n, int64_t k, const std::string& float_fmt) {
+  check_shape(n, k);
+  const auto t = static_cast<GgmlType>(ggml_type);
+  if (t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16) {
+    const int64_t esize = t == GgmlType::F32 ? 4 : 2;
+    if (raw_bytes != static_cast<size_t>(n * k * esize))
+      throw std::invalid_argument("GGUF " + std::string(ggml_type_name(ggml_type)) +
+                                  " tensor of shape (" + std::to_string(n) + ", " +
+                                  std::to_string(k) + ") needs " + std::to_string(n * k * esize) +
+                                  " bytes, got " + std::to_string(raw_bytes));
+    std::vector<float> f(static_cast<size_t>(n * k));
+    for (int64_t i = 0; i < n * k; ++i) {
+      if (t == GgmlType::F32) {
+        std::memcpy(&f[i], raw + 4 * i, 4);
+      } else {
+        uint16_t h;
+        std::memcpy(&h, raw + 2 * i, 2);
+        f[i] = t == GgmlType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+      }
+    }
+    auto w = pack_float(f.data(), n, k, float_fmt);
+    w->source_type = ggml_type;
+    return w;
+  }
+  const TypeInfo* info = nullptr;
+  for (const TypeInfo& ti : kTypes)
+    if (ti.type == t) info = &ti;
+  if (!info)
+    throw std::invalid_argument(std::string("GGUF type ") + ggml_type_name(ggml_type) +
+                                " cannot be packed for the host linear kernels");
+  if (k % info->block != 0)
+    throw std::invalid_argument(std::string(ggml_type_name(ggml_type)) + " rows need K % " +
+                                std::to_string(info->block) + " == 0, got K=" + std::to_string(k));
+  const int64_t need = n * (k / info->block) * info->bytes;
+  if (raw_bytes != static_cast<size_t>(need))
+    throw std::invalid_argument(std::string("GGUF ") + ggml_type_name(ggml_type) +
+                                " tensor of shape (" + std::to_string(n) + ", " +
+                                std::to_string(k) + ") needs " + std::to_string(need) +
+                                " bytes, got " + std::to_string(raw_bytes));
+  ScaleEnc enc = ScaleEnc::I8;
+  if (!info->kquant) {
+    enc = ScaleEnc::F16;  // d and m are f16 already; only Q4_0's -8d may not be
+    if (t == GgmlType::Q4_0) {
+      for (int64_t i = 0; i < n * (k / 32) && enc == ScaleEnc::F16; ++i)
+        if (!f16_exact(-8.0f * f16_to_f32(reinterpret_cast<const BlockQ4_0*>(raw)[i].d)))
+          enc = ScaleEnc::F32;
+    }
+  }
+  auto w = make_packed(info->kind, enc, info->has_min, info->group, n, k);
+  w->source_type = ggml_type;
+  PackedWeight& ref = *w;
+  parallel_for(n, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (info->kquant)
+        pack_kquant_row(ref, ggml_type, raw, r);
+      else
+        pack_legacy_row(ref, ggml_type, raw, r);
+    }
+  });
+  return w;
+}
+
+std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
+                                         const std::string& fmt) {
+  check_shape(n, k);
+  const bool int4 = fmt == "int4";
+  if (!int4 && fmt != "int8" && fmt != "bf16")
+    throw std::invalid_argument("unknown weight format '" + fmt + "' (int8, int4, bf16)");
+  for (int64_t i = 0; i < n * k; ++i)
+    if (!std::isfinite(src[i]))
+      throw std::invalid_argument("weight has a non-finite value at row " +
+                                  std::to_string(i / k) + ", column " + std::to_string(i % k));
+  // Rows are independent; a row block is written by one task.
+  auto by_row_blocks = [&](const std::function<void(int64_t)>& row) {
+    parallel_for((n + kRowBlock - 1) / kRowBlock, [&](int64_t b, int64_t e) {
+      for (int64_t r = b * kRowBlock; r < std::min(n, e * kRowBlock); ++r) row(r);
+    });
+  };
+  if (fmt == "bf16") {
+    auto w = make_packed(WeightKind::BF16, ScaleEnc::None, false, 32, n, k);
+    PackedWeight& ref = *w;
+    by_row_blocks([&](int64_t r) {
+      for (int64_t c = 0; c < k; ++c) {
+        const uint16_t b = f32_to_bf16(src[r * k + c]);
+        std::memcpy(ref.block(r / kRowBlock) + data_offset(ref, static_cast<int>(r % kRowBlock), c), &b, 2);
+      }
+    });
+    return w;
+  }
+  constexpr int G = 32;
+  const int64_t groups = (k + G - 1) / G;
+  // Per (row, group): scale and min before storage rounding.
+  std::vector<float> sc(static_cast<size_t>(n * groups)), mn(sc.size());
+  std::vector<char> row_fits(static_cast<size_t>(n));
+  auto f16_ok = [](float v) { return v == 0.f || (std::fabs(v) >= 6.103515625e-05f && std::fabs(v) <= 65504.f); };
+  by_row_blocks([&](int64_t r) {
+    bool fits = true;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = src + r * k + g * G;
+      const int64_t len = std::min<int64_t>(G, k - g * G);
+      float lo = x[0], hi = x[0], amax = 0.f;
+      for (int64_t i = 0; i < len; ++i) {
+        lo = std::min(lo, x[i]);
+        hi = std::max(hi, x[i]);
+        amax = std::max(amax, std::fabs(x[i]));
+      }
+      const float s = int4 ? (hi - lo) / 15.f : amax / 127.f;
+      const float m = int4 ? lo : 0.f;
+      sc[r * groups + g] = s;
+      mn[r * groups + g] = m;
+      fits = fits && f16_ok(s) && f16_ok(m);
+    }
+    row_fits[r] = fits;
+  });
+  bool fits_f16 = true;
+  for (char f : row_fits) fits_f16 = fits_f16 && f;
+  const ScaleEnc enc = fits_f16 ? ScaleEnc::F16 : ScaleEnc::F32;
+  auto w = make_packed(int4 ? WeightKind::Int4 : WeightKind::Int8, enc, int4, G, n, k);
+  PackedWeight& ref = *w;
+  auto stored = [&](float v) { return enc == ScaleEnc::F16 ? f16_to_f32(f32_to_f16(v)) : v; };
+  by_row_blocks([&](int64_t r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = stored(sc[r * groups + g]), m = stored(mn[r * groups + g]);
+      set_direct(ref, 0, r, g, s);
+      if (int4) set_direct(ref, 1, r, g, m);
+      const float inv = s == 0.f ? 0.f : 1.f / s;
+      for (int64_t c = g * G; c < std::min<int64_t>(k, (g + 1) * G); ++c) {
+        int q = static_cast<int>(std::nearbyint((src[r * k + c] - m) * inv));
+        q = int4 ? std::min(15, std::max(0, q)) : std::min(127, std::max(-127, q));
+        set_q(ref, r, c, q);
+      }
+    }
+  });
+  return w;
+}
+
+}  // namespace ktjax

@@ -1,0 +1,103 @@
+// Packed weight matrices W[N, K] for the host linear / MoE kernels.
+//
+// Rows are packed in blocks of kRowBlock = 16 output rows (one AVX-512 vector of int32 or
+// float lanes; also the N width of an AMX B tile). Inside a row block, K is split into
+// groups of `group` values that share a scale (and optionally a min):
+//   w[n, k] = scale[n, g] * q[n, k] + min[n, g]                 (q: int8 or uint4)
+// and group data is VNNI-ordered: for each run of 4 consecutive k ("quad"), the 16 rows'
+// 4 bytes sit next to each other (64 bytes), so one broadcast of 4 activation bytes and
+// one vpdpbusd cover 16 rows x 4 k. int4 stores quads 2p and 2p+1 of a group in one
+// 64-byte chunk, low and high nibble. int8 values are stored biased (q + 128, uint8) so
+// that vpdpbusd's unsigned operand is the weight; kernels subtract 128 * sum(x).
+// bf16 has no groups: pairs of k per row, 16 rows x 2 values per 64 bytes (vdpbf16ps).
+//
+// Scales come in three encodings, chosen at pack time to keep GGUF data exact and small:
+//   F16 / F32: one value per (row, group);
+//   I8: an int8 per (row, group) times an f32 per (row, 256-value super-block) -- the
+//       K-quant layout (Q2_K..Q6_K), whose sub-block scales are small integers.
+// Mins use the same encoding as scales.
+//
+// One row block is a contiguous region that a kernel streams front to back (one stream
+// per row block keeps the hardware prefetchers on track). It is a sequence of group
+// records, each followed by the coefficients that group needs:
+//   record = data [group_bytes] | scales [16] | mins [16]   (mins only if has_min)
+// With the I8 encoding, each 256-value super-block starts with its f32 factors:
+//   super = super_scales [16] f32 | super_mins [16] f32 | records of its groups
+// K is padded with zero weights to a multiple of the group (bf16: of 32) and N to a
+// multiple of 16 (zero rows); kernels never write rows >= N.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace ktjax {
+
+constexpr int kRowBlock = 16;
+constexpr int kSuperBlock = 256;
+
+enum class WeightKind : int { Int8 = 0, Int4 = 1, BF16 = 2 };
+enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3 };
+
+struct AlignedFree {
+  void operator()(void* p) const;
+};
+
+struct PackedWeight {
+  WeightKind kind = WeightKind::Int8;
+  ScaleEnc scale_enc = ScaleEnc::None;
+  bool has_min = false;
+  int group = 32;        // values per scale group (16 or 32); 32 for bf16 padding
+  int source_type = -1;  // ggml type id it came from, or -1 for float input
+  int64_t n = 0, k = 0;  // logical shape
+  int64_t np = 0, kp = 0;  // padded shape
+
+  // Layout of a row-block region (see above). Without the I8 encoding a "super" is one
+  // group record with no header, so the same address arithmetic serves every format.
+  int64_t group_bytes = 0;  // weight data of one group
+  int64_t coef_bytes = 0;   // one coefficient vector (16 scales or 16 mins)
+  int64_t rec_bytes = 0;    // group record: data, scales, mins
+  int64_t super_hdr = 0;    // f32 super scales (+ mins) heading a super-block
+  int64_t super_bytes = 0;  // header + records of one super-block
+  int gps_shift = 0;        // log2(groups per super-block)
+  int64_t block_stride = 0;
+
+  std::unique_ptr<uint8_t, AlignedFree> data;
+
+  int64_t groups() const { return kp / group; }
+  int64_t supers() const { return kp / kSuperBlock; }
+  int64_t row_blocks() const { return np / kRowBlock; }
+  int64_t bytes() const { return row_blocks() * block_stride; }
+  const uint8_t* block(int64_t rb) const { return data.get() + rb * block_stride; }
+  uint8_t* block(int64_t rb) { return data.get() + rb * block_stride; }
+  int scale_bytes() const;  // per value of the encoding
+  // Offset of group g's record (its data; scales follow at +group_bytes, then mins).
+  int64_t group_off(int64_t g) const {
+    return (g >> gps_shift) * super_bytes + super_hdr + (g & ((int64_t{1} << gps_shift) - 1)) * rec_bytes;
+  }
+  // Offset of the f32 super scales covering group g (super mins follow at +64).
+  int64_t super_off(int64_t g) const { return (g >> gps_shift) * super_bytes; }
+  std::string describe() const;
+};
+
+// Lays out an empty (zeroed) PackedWeight of the given shape and encoding.
+std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
+                                          int group, int64_t n, int64_t k);
+
+// Value of element (n, k) as float: the exact decoding of the packed format.
+float packed_value(const PackedWeight& w, int64_t n, int64_t k);
+
+// Builds a packed weight from GGUF tensor bytes (raw holds n rows of k values of type
+// `ggml_type`). Quantized types are repacked exactly; F32/F16/BF16 are converted with
+// pack_float to `float_fmt` (default int8). Throws std::invalid_argument on unsupported
+// types or sizes.
+std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, int ggml_type,
+                                        int64_t n, int64_t k, const std::string& float_fmt = "int8");
+
+// Builds a packed weight from float32 rows w[n, k] (row stride k): "int8" (groups of 32,
+// symmetric), "int4" (groups of 32, scale + min) or "bf16".
+std::unique_ptr<PackedWeight> pack_float(const float* w, int64_t n, int64_t k,
+                                         const std::string& fmt);
+
+}  // namespace ktjax

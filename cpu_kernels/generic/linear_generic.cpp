@@ -1,0 +1,100 @@
+// Scalar reference of the linear kernels: the formula of linear.h, element by element,
+// reading the packed layout through packed_value-style addressing. Baseline x86-64.
+#include <cmath>
+#include <cstring>
+
+#include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/quants/float_bits.h"
+
+namespace ktjax {
+namespace {
+
+int stored_q(const PackedWeight& w, const uint8_t* blk, int r, int64_t k) {
+  const int64_t g = k / w.group, kk = k % w.group, quad = kk / 4, j = kk % 4;
+  if (w.kind == WeightKind::Int8) return static_cast<int>(blk[w.group_off(g) + quad * 64 + r * 4 + j]) - 128;
+  const uint8_t v = blk[w.group_off(g) + (quad / 2) * 64 + r * 4 + j];
+  return quad % 2 ? v >> 4 : v & 0x0f;
+}
+
+float coef(const PackedWeight& w, const uint8_t* blk, int r, int64_t g, bool min) {
+  const uint8_t* p = blk + w.group_off(g) + w.group_bytes + (min ? w.coef_bytes : 0) + r * w.scale_bytes();
+  switch (w.scale_enc) {
+    case ScaleEnc::F16: { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+    case ScaleEnc::F32: { float f; std::memcpy(&f, p, 4); return f; }
+    case ScaleEnc::I8: {
+      float sup;
+      std::memcpy(&sup, blk + w.super_off(g) + (min ? 64 : 0) + r * 4, 4);
+      return sup * static_cast<float>(static_cast<int8_t>(*p));
+    }
+    case ScaleEnc::None: break;
+  }
+  return 0.f;
+}
+
+bool prepare(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, QuantActs* out) {
+  const int64_t kp = w.kp, G = w.group, groups = kp / G;
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+      float v[32] = {};
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t k = g * G + j;
+        v[j] = k < w.k ? x[i * ldx + k] : 0.f;
+        if (!std::isfinite(v[j])) return false;  // before any float -> int conversion
+      }
+      if (w.kind == WeightKind::BF16) {
+        for (int64_t j = 0; j < G; ++j) out->bf[i * kp + g * G + j] = f32_to_bf16(v[j]);
+        continue;
+      }
+      float amax = 0.f;
+      for (int64_t j = 0; j < G; ++j) amax = std::fmax(amax, std::fabs(v[j]));
+      const float d = amax / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int64_t j = 0; j < G; ++j) {
+        const int q = static_cast<int>(std::nearbyint(v[j] * id));
+        out->q[i * kp + g * G + j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      out->scale[i * groups + g] = d;
+      out->bsum[i * groups + g] = d * static_cast<float>(sum);
+    }
+  return true;
+}
+
+void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
+          int64_t ldy) {
+  const int64_t groups = w.kp / w.group;
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* blk = w.block(rb);
+    for (int r = 0; r < kRowBlock && rb * kRowBlock + r < w.n; ++r)
+      for (int64_t t = 0; t < a.t; ++t) {
+        float acc = 0.f;
+        if (w.kind == WeightKind::BF16) {
+          for (int64_t k = 0; k < w.kp; ++k) {
+            uint16_t b;
+            std::memcpy(&b, blk + (k / 2) * 64 + r * 4 + (k % 2) * 2, 2);
+            acc += bf16_to_f32(b) * bf16_to_f32(a.bf[t * a.kp + k]);
+          }
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            int dot = 0;
+            for (int64_t j = 0; j < w.group; ++j)
+              dot += stored_q(w, blk, r, g * w.group + j) * a.q[t * a.kp + g * w.group + j];
+            const float m = w.has_min ? coef(w, blk, r, g, true) : 0.f;
+            acc += static_cast<float>(dot) * (coef(w, blk, r, g, false) * a.scale[t * groups + g]) +
+                   m * a.bsum[t * groups + g];
+          }
+        }
+        y[t * ldy + rb * kRowBlock + r] = acc;
+      }
+  }
+}
+
+}  // namespace
+
+const LinearKernels& kernels_generic() {
+  static const LinearKernels k{&prepare, &gemm};
+  return k;
+}
+
+}  // namespace ktjax

@@ -1,0 +1,237 @@
+// Linear-kernel bodies shared by the SIMD levels, written once against a vector type V of
+// 16 lanes (one row block): V::I holds 16 int32 (or 64 bytes), V::F 16 floats.
+// Include only from an ISA translation unit that defines its V inside an anonymous
+// namespace: the templates then get internal linkage, so code compiled with one ISA's
+// flags can never be picked by the linker for another ISA's caller. For the same reason
+// these bodies call no out-of-line library code.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_kernels/linear/linear.h"
+
+namespace ktjax {
+namespace body {
+
+// Scale (which = 0) or min (which = 1) vector of the group whose record starts at rec.
+template <class V>
+inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const uint8_t* rec,
+                               int64_t g, int which) {
+  const uint8_t* p = rec + w.group_bytes + which * w.coef_bytes;
+  switch (w.scale_enc) {
+    case ScaleEnc::F16: return V::load_f16(p);
+    case ScaleEnc::F32: return V::load_f32(reinterpret_cast<const float*>(p));
+    case ScaleEnc::I8:
+      return V::mul(V::load_i8(p), V::load_f32(reinterpret_cast<const float*>(blk + w.super_off(g) + which * 64)));
+    case ScaleEnc::None: break;
+  }
+  return V::zero_f();
+}
+
+#ifndef KTJAX_PREFETCH_GROUPS
+#define KTJAX_PREFETCH_GROUPS 4
+#endif
+constexpr int kPrefetchGroups = KTJAX_PREFETCH_GROUPS;
+
+// RB row blocks x TT tokens; G values per group; Int4 or (biased) Int8 weights.
+template <class V, int RB, int TT, bool kInt4, int G>
+void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
+              int64_t ldy) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int QG = G / 4;
+  const int64_t groups = w.kp / G;
+  const int8_t* xq[TT];
+  for (int t = 0; t < TT; ++t) xq[t] = a.q.data() + (t0 + t) * a.kp;
+  const float* xs = a.scale.data() + t0 * groups;
+  const float* xb = a.bsum.data() + t0 * groups;
+  const uint8_t* blk[RB];
+  for (int r = 0; r < RB; ++r) blk[r] = w.data.get() + (rb0 + r) * w.block_stride;
+  F acc[RB][TT];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
+
+  for (int64_t g = 0; g < groups; ++g) {
+    I iacc[RB][TT];
+    const uint8_t* rec[RB];
+    for (int r = 0; r < RB; ++r) {
+      rec[r] = blk[r] + w.group_off(g);
+      for (int t = 0; t < TT; ++t) iacc[r][t] = V::zero_i();
+      if (kPrefetchGroups > 0 && g + kPrefetchGroups < groups) {
+        const uint8_t* ahead = blk[r] + w.group_off(g + kPrefetchGroups);
+        for (int64_t off = 0; off < w.rec_bytes; off += 64) V::prefetch(ahead + off);
+      }
+    }
+    if (kInt4) {
+      for (int p = 0; p < QG / 2; ++p) {
+        I lo[RB], hi[RB];
+        for (int r = 0; r < RB; ++r) {
+          const I v = V::load_i(rec[r] + p * 64);
+          lo[r] = V::nib_lo(v);
+          hi[r] = V::nib_hi(v);
+        }
+        for (int t = 0; t < TT; ++t) {
+          const I x0 = V::bcast4(xq[t] + g * G + p * 8);
+          const I x1 = V::bcast4(xq[t] + g * G + p * 8 + 4);
+          for (int r = 0; r < RB; ++r) {
+            iacc[r][t] = V::dot_u4(iacc[r][t], lo[r], x0);
+            iacc[r][t] = V::dot_u4(iacc[r][t], hi[r], x1);
+          }
+        }
+      }
+    } else {
+      for (int q = 0; q < QG; ++q) {
+        I wv[RB];
+        for (int r = 0; r < RB; ++r) wv[r] = V::load_i(rec[r] + q * 64);
+        for (int t = 0; t < TT; ++t) {
+          const I x0 = V::bcast4(xq[t] + g * G + q * 4);
+          for (int r = 0; r < RB; ++r) iacc[r][t] = V::dot_i8(iacc[r][t], wv[r], x0);
+        }
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      const F s = load_coef<V>(w, blk[r], rec[r], g, 0);
+      F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
+      // Biased int8 dot products carry 128 * sum(q_x): fold -128 * scale into the min.
+      if (!kInt4 && V::kInt8DotBiased) m = V::fmadd(s, V::set1(-128.f), m);
+      for (int t = 0; t < TT; ++t) {
+        acc[r][t] = V::fmadd(V::cvt(iacc[r][t]), V::mul(s, V::set1(xs[t * groups + g])), acc[r][t]);
+        acc[r][t] = V::fmadd(m, V::set1(xb[t * groups + g]), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const int64_t row0 = (rb0 + r) * kRowBlock;
+    const int valid = static_cast<int>(w.n - row0 < kRowBlock ? w.n - row0 : kRowBlock);
+    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + row0, acc[r][t], valid);
+  }
+}
+
+template <class V, int RB, int TT>
+void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
+               int64_t ldy) {
+  using I = typename V::I;
+  using F = typename V::F;
+  const int64_t pairs = w.kp / 2;
+  const uint16_t* xp[TT];
+  for (int t = 0; t < TT; ++t) xp[t] = a.bf.data() + (t0 + t) * a.kp;
+  const uint8_t* blk[RB];
+  for (int r = 0; r < RB; ++r) blk[r] = w.data.get() + (rb0 + r) * w.block_stride;
+  F acc[RB][TT];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
+  // Records of 32 k (16 pairs, 1 KiB per row block), prefetched like the int formats.
+  for (int64_t g = 0; g < pairs / 16; ++g) {
+    if (kPrefetchGroups > 0 && g + kPrefetchGroups < pairs / 16)
+      for (int r = 0; r < RB; ++r)
+        for (int off = 0; off < 1024; off += 64) V::prefetch(blk[r] + (g + kPrefetchGroups) * 1024 + off);
+    for (int64_t p = 16 * g; p < 16 * g + 16; ++p) {
+      I wv[RB];
+      for (int r = 0; r < RB; ++r) wv[r] = V::load_i(blk[r] + p * 64);
+      for (int t = 0; t < TT; ++t) {
+        const I x0 = V::bcast4(xp[t] + 2 * p);
+        for (int r = 0; r < RB; ++r) acc[r][t] = V::dot_bf16(acc[r][t], wv[r], x0);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const int64_t row0 = (rb0 + r) * kRowBlock;
+    const int valid = static_cast<int>(w.n - row0 < kRowBlock ? w.n - row0 : kRowBlock);
+    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + row0, acc[r][t], valid);
+  }
+}
+
+template <class V, int RB, int TT>
+void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
+              int64_t ldy) {
+  if (w.kind == WeightKind::BF16) return tile_bf16<V, RB, TT>(w, a, rb0, t0, y, ldy);
+  const bool int4 = w.kind == WeightKind::Int4;
+  if (w.group == 16)
+    return int4 ? tile_int<V, RB, TT, true, 16>(w, a, rb0, t0, y, ldy)
+                : tile_int<V, RB, TT, false, 16>(w, a, rb0, t0, y, ldy);
+  return int4 ? tile_int<V, RB, TT, true, 32>(w, a, rb0, t0, y, ldy)
+              : tile_int<V, RB, TT, false, 32>(w, a, rb0, t0, y, ldy);
+}
+
+// Tokens [t0, t1) over row blocks [rb0, rb0 + RB): token tiles of V::kTT, then the tail.
+template <class V, int RB>
+void run_tokens(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, int64_t t1,
+                float* y, int64_t ldy) {
+  constexpr int TT = V::kTT;
+  int64_t t = t0;
+  for (; t + TT <= t1; t += TT) run_tile<V, RB, TT>(w, a, rb0, t, y, ldy);
+  switch (t1 - t) {
+    case 1: run_tile<V, RB, 1>(w, a, rb0, t, y, ldy); break;
+    case 2: if constexpr (TT > 2) run_tile<V, RB, 2>(w, a, rb0, t, y, ldy); break;
+    case 3: if constexpr (TT > 3) run_tile<V, RB, 3>(w, a, rb0, t, y, ldy); break;
+    default: break;
+  }
+}
+
+template <class V>
+void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
+          int64_t ldy) {
+  if (a.t == 1) {  // decode: wide row tiles for independent accumulation chains
+    int64_t rb = rb0;
+    constexpr int RB = V::kRBDecode;
+    for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y, ldy);
+    for (; rb < rb1; ++rb) run_tile<V, 1, 1>(w, a, rb, 0, y, ldy);
+    return;
+  }
+  // Token blocks whose int8 activations stay in L2 while the row blocks stream past.
+  const int64_t tb = a.kp * a.t <= (512 << 10) ? a.t : ((512 << 10) / a.kp + 3) / 4 * 4;
+  for (int64_t t0 = 0; t0 < a.t; t0 += tb) {
+    const int64_t t1 = t0 + tb < a.t ? t0 + tb : a.t;
+    int64_t rb = rb0;
+    for (; rb + V::kRB <= rb1; rb += V::kRB) run_tokens<V, V::kRB>(w, a, rb, t0, t1, y, ldy);
+    for (; rb < rb1; ++rb) run_tokens<V, 1>(w, a, rb, t0, t1, y, ldy);
+  }
+}
+
+// Quantizes x[t, 0:k] per group of w.group (int formats) or rounds to bf16. Returns false
+// at the first group holding NaN or Inf, before converting it (float -> int of a
+// non-finite value is undefined).
+template <class V>
+bool prepare(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, QuantActs* out) {
+  const int64_t kp = w.kp, k = w.k;
+  const int G = w.group;  // 16 or 32; bf16 uses 32 as its padding unit
+  const int64_t groups = kp / G;
+  for (int64_t i = 0; i < t; ++i) {
+    const float* xr = x + i * ldx;
+    for (int64_t g = 0; g < groups; ++g) {
+      alignas(64) float buf[32];
+      const float* src = xr + g * G;
+      if ((g + 1) * G > k) {  // partial last group: zero-padded copy
+        const int64_t len = k - g * G > 0 ? k - g * G : 0;
+        for (int j = 0; j < 32; ++j) buf[j] = j < len ? src[j] : 0.f;
+        src = buf;
+      }
+      typename V::F bad = V::zero_f();  // x - x is NaN iff x is NaN or Inf
+      for (int h = 0; h < G; h += 16) {
+        const typename V::F v = V::load_f32(src + h);
+        bad = V::add(bad, V::sub(v, v));
+      }
+      if (!V::all_finite(bad)) return false;
+      if (w.kind == WeightKind::BF16) {
+        for (int h = 0; h < G; h += 16) V::to_bf16(src + h, out->bf.data() + i * kp + g * G + h);
+        continue;
+      }
+      float amax = 0.f;
+      for (int h = 0; h < G; h += 16) {
+        const float m = V::abs_max(V::load_f32(src + h));
+        amax = m > amax ? m : amax;
+      }
+      const float d = amax / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int h = 0; h < G; h += 16) sum += V::quant16(src + h, id, out->q.data() + i * kp + g * G + h);
+      out->scale[i * groups + g] = d;
+      out->bsum[i * groups + g] = d * static_cast<float>(sum);
+    }
+  }
+  return true;
+}
+
+}  // namespace body
+}  // namespace ktjax

@@ -1,0 +1,87 @@
+#include "cpu_kernels/linear/linear.h"
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cpu_kernels/thread_pool.h"
+
+namespace ktjax {
+
+const LinearKernels& kernels_for(Isa isa) {
+  switch (clamp_isa(isa)) {
+    case Isa::Amx: return kernels_amx();
+    case Isa::Avx512: return kernels_avx512();
+    case Isa::Avx2: return kernels_avx2();
+    case Isa::Generic: break;
+  }
+  return kernels_generic();
+}
+
+void size_acts(const PackedWeight& w, int64_t t, QuantActs* a) {
+  a->t = t;
+  a->kp = w.kp;
+  a->group = w.group;
+  a->bf16 = w.kind == WeightKind::BF16;
+  const int64_t rows = (t + 15) / 16 * 16;
+  if (a->bf16) {
+    a->bf.resize(static_cast<size_t>(rows * w.kp));
+  } else {
+    a->q.resize(static_cast<size_t>(rows * w.kp));
+    a->scale.resize(static_cast<size_t>(rows * w.groups()));
+    a->bsum.resize(a->scale.size());
+  }
+}
+
+void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa) {
+  if (t <= 0) return;
+  const LinearKernels& kern = kernels_for(isa);
+  // Reused across calls (no allocation in steady state). Bound to a plain reference: a
+  // lambda naming the thread_local itself would see each worker's own copy.
+  thread_local QuantActs tls_acts;
+  QuantActs& acts = tls_acts;
+  size_acts(w, t, &acts);
+  if (!kern.prepare(w, x, t, w.k, &acts))
+    throw std::invalid_argument("linear: input x holds NaN or Inf");
+  const int64_t rbs = w.row_blocks();
+  parallel_for(rbs, [&](int64_t b, int64_t e) { kern.gemm(w, acts, b, e, y, w.n); });
+}
+
+double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,
+                   float* y, Isa isa, int iters) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) linear_forward(*mats[i % mats.size()], x, t, y, isa);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+}
+
+double read_bandwidth_gbps(int64_t bytes, int reps) {
+  const int64_t words = bytes / 8;
+  std::unique_ptr<uint64_t, AlignedFree> buf(static_cast<uint64_t*>(std::aligned_alloc(64, words * 8)));
+  if (!buf) throw std::bad_alloc();
+  std::memset(buf.get(), 1, words * 8);
+  const uint64_t* p = buf.get();
+  std::vector<uint64_t> sink(64);
+  double best = 0;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    parallel_for(words / 1024, [&](int64_t b, int64_t e) {
+      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (int64_t i = b * 1024; i < e * 1024; i += 4) {
+        s0 += p[i];
+        s1 += p[i + 1];
+        s2 += p[i + 2];
+        s3 += p[i + 3];
+      }
+      sink[b % 64] += s0 + s1 + s2 + s3;
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, static_cast<double>(words / 1024 * 1024 * 8) / s / 1e9);
+  }
+  return best;
+}
+
+}  // namespace ktjax

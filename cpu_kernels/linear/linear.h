@@ -1,0 +1,65 @@
+// Quantized linear y[T, N] = x[T, K] @ W[N, K]^T on packed weights (formats/packed.h).
+//
+// Integer formats quantize activations per token and per weight group to int8 with an f32
+// scale (as llama.cpp's Q8 activations), then use integer dot products (vpdpbusd):
+//   y[t, n] = sum_g (scale_w[n,g] * scale_x[t,g]) * sum_{k in g} q_w * q_x
+//                  + min_w[n,g] * scale_x[t,g] * sum_{k in g} q_x
+// bf16 weights round activations to bf16 (vdpbf16ps). Every ISA computes this same
+// formula; results differ only in float summation order.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernels/formats/packed.h"
+#include "cpu_kernels/isa.h"
+
+namespace ktjax {
+
+// Activations of T tokens prepared for one weight layout (group size and kind).
+// Buffers hold rows for t rounded up to 16 tokens (AMX tiles load whole 16-row blocks);
+// rows past t are never written to outputs.
+struct QuantActs {
+  int64_t t = 0, kp = 0;
+  int group = 32;
+  bool bf16 = false;
+  std::vector<int8_t> q;       // [t, kp], zero-padded
+  std::vector<float> scale;    // [t, kp / group]
+  std::vector<float> bsum;     // [t, kp / group]: scale * sum(q) of the group
+  std::vector<uint16_t> bf;    // [t, kp] bf16 bits, zero-padded (bf16 weights)
+};
+
+struct LinearKernels {
+  // Quantizes rows x[t, 0:k] (row stride ldx) for weight w. Returns false if any value
+  // is NaN or infinite (outputs are then partly written).
+  bool (*prepare)(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, QuantActs* out);
+  // y[t, n] for row blocks [rb0, rb1) of w and all tokens of a; row stride ldy. Never
+  // writes rows >= w.n.
+  void (*gemm)(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
+               int64_t ldy);
+};
+
+const LinearKernels& kernels_generic();
+const LinearKernels& kernels_avx2();
+const LinearKernels& kernels_avx512();
+// AMX tiles when a call has at least 16 tokens, else the AVX-512 kernels. Never call it
+// unless detected_isa() is Amx.
+const LinearKernels& kernels_amx();
+// Kernels of the given level, clamped to the machine's.
+const LinearKernels& kernels_for(Isa isa);
+
+// Sizes a's buffers for t tokens of weight w (prepare expects this).
+void size_acts(const PackedWeight& w, int64_t t, QuantActs* a);
+
+// y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks. Throws std::invalid_argument
+// when x holds NaN/Inf.
+void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa);
+
+// Benchmark support: seconds per call of linear_forward over `mats` in turn (rotating so
+// weights come from memory), and the machine's read bandwidth in GB/s (all pool threads
+// summing a buffer of `bytes`, best of `reps`).
+double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,
+                   float* y, Isa isa, int iters);
+double read_bandwidth_gbps(int64_t bytes, int reps);
+
+}  // namespace ktjax

@@ -1,0 +1,306 @@
+#include "cpu_kernels/moe/moe.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/thread_pool.h"
+
+namespace ktjax {
+namespace {
+
+std::string shape_str(const PackedWeight& w) {
+  return "[" + std::to_string(w.n) + ", " + std::to_string(w.k) + "]";
+}
+
+// One (expert, matrix) gemm of the current call: y[rows, n] = acts @ w^T.
+struct Seg {
+  const PackedWeight* w;
+  const QuantActs* acts;
+  float* y;
+  int64_t cost_per_rb;  // tokens + weight streaming, in token units
+};
+
+// Runs every segment's row blocks on the pool, split so each thread gets an equal share
+// of the total estimated cost (experts with many tokens cost more per row block).
+void run_segments(const LinearKernels& kern, const std::vector<Seg>& segs) {
+  int64_t total = 0;
+  for (const Seg& s : segs) total += s.cost_per_rb * s.w->row_blocks();
+  const int64_t parts = num_threads();
+  parallel_for(parts, [&](int64_t pb, int64_t pe) {
+    const int64_t lo = total * pb / parts, hi = total * pe / parts;
+    int64_t start = 0;
+    for (const Seg& s : segs) {
+      const int64_t c = s.cost_per_rb, nrb = s.w->row_blocks();
+      const int64_t end = start + c * nrb;
+      if (end > lo && start < hi) {
+        // Row block r belongs to the part holding its starting cost start + r * c.
+        auto first_at = [&](int64_t v) { return v <= start ? 0 : std::min(nrb, (v - start + c - 1) / c); };
+        const int64_t r0 = first_at(lo), r1 = first_at(hi);
+        if (r0 < r1) kern.gemm(*s.w, *s.acts, r0, r1, s.y, s.w->n);
+      }
+      start = end;
+    }
+  });
+}
+
+// exp(x), relative error ~2e-7 (Cephes expf polynomial); branch-free and library-free,
+// so the activation loops vectorise.
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// h = act(g) * u over n values, in place in g.
+void activate(Activation act, float* g, const float* u, int64_t n) {
+  if (act == Activation::Silu) {
+    for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + fast_exp(-g[i])) * u[i];
+    return;
+  }
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi); tanh(y) = 1 - 2 / (exp(2y) + 1)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = g[i], y = c * (v + 0.044715f * v * v * v);
+    g[i] = 0.5f * v * (2.f - 2.f / (fast_exp(2.f * y) + 1.f)) * u[i];
+  }
+}
+
+// Copies rows `rows` of prepared activations src into dst (sized for rows.size()).
+void gather_acts(const QuantActs& src, const std::vector<int64_t>& rows, QuantActs* dst) {
+  const int64_t groups = src.bf16 ? 0 : src.kp / src.group;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t r = rows[i];
+    if (src.bf16) {
+      std::memcpy(&dst->bf[i * src.kp], &src.bf[r * src.kp], src.kp * 2);
+    } else {
+      std::memcpy(&dst->q[i * src.kp], &src.q[r * src.kp], src.kp);
+      std::memcpy(&dst->scale[i * groups], &src.scale[r * groups], groups * 4);
+      std::memcpy(&dst->bsum[i * groups], &src.bsum[r * groups], groups * 4);
+    }
+  }
+}
+
+bool same_layout(const PackedWeight& a, const PackedWeight& b) {
+  return a.kind == b.kind && a.group == b.group && a.kp == b.kp && a.k == b.k;
+}
+
+// Per-call scratch, reused across calls on the same thread.
+struct Scratch {
+  std::vector<std::vector<int64_t>> rows;  // tokens of each active expert slot
+  std::vector<int64_t> slot_of;            // expert -> slot, or -1
+  std::vector<int64_t> pos;                // (t, j) -> row in its expert's list
+  std::vector<QuantActs> acts_in, acts_up, acts_h;
+  std::vector<std::vector<float>> yg, yu, yd;
+  QuantActs all_x, all_x_shared;
+};
+
+}  // namespace
+
+ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
+  const size_t m = w.mats.size();
+  if (m == 0 || m % 3 != 0)
+    throw std::invalid_argument("weight handle " + std::to_string(handle) +
+                                " is not an expert set (gate, up, down per expert)");
+  const PackedWeight& g = *w.mats[0];
+  ExpertSet s{&w, static_cast<int64_t>(m / 3), g.k, g.n};
+  for (size_t e = 0; e < m / 3; ++e) {
+    const PackedWeight &ge = *w.mats[3 * e], &ue = *w.mats[3 * e + 1], &de = *w.mats[3 * e + 2];
+    if (ge.n != s.inter || ge.k != s.hidden || ue.n != s.inter || ue.k != s.hidden ||
+        de.n != s.hidden || de.k != s.inter)
+      throw std::invalid_argument("expert " + std::to_string(e) + " of handle " + std::to_string(handle) +
+                                  " has shapes gate " + shape_str(ge) + ", up " + shape_str(ue) +
+                                  ", down " + shape_str(de));
+  }
+  return s;
+}
+
+void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a, Activation act,
+                 Isa isa) {
+  const int64_t T = a.t, K = a.k, H = ex.hidden;
+  if (shared && shared->hidden != H)
+    throw std::invalid_argument("shared experts have hidden size " + std::to_string(shared->hidden) +
+                                ", routed experts " + std::to_string(H));
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = a.ids[i];
+    if (e < 0 || e >= ex.experts)
+      throw std::invalid_argument("expert id " + std::to_string(e) + " at token " + std::to_string(i / K) +
+                                  ", slot " + std::to_string(i % K) + " is out of range [0, " +
+                                  std::to_string(ex.experts) + ")");
+    if (!std::isfinite(a.weights[i]))
+      throw std::invalid_argument("routing weight at token " + std::to_string(i / K) + ", slot " +
+                                  std::to_string(i % K) + " is NaN or Inf");
+  }
+  if (T == 0) return;
+  const LinearKernels& kern = kernels_for(isa);
+  thread_local Scratch tls;
+  Scratch& s = tls;  // a plain reference: lambdas must not name the thread_local
+
+  // Group tokens per expert; slots [0, routed) are routed experts, then shared ones.
+  s.slot_of.assign(ex.experts, -1);
+  s.pos.resize(T * K);
+  std::vector<int64_t> slot_expert;  // slot -> index into its set
+  int64_t routed = 0;
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = a.ids[i];
+    if (s.slot_of[e] < 0) {
+      s.slot_of[e] = routed++;
+      slot_expert.push_back(e);
+      if (static_cast<int64_t>(s.rows.size()) < routed) s.rows.emplace_back();
+      s.rows[routed - 1].clear();
+    }
+    std::vector<int64_t>& rows = s.rows[s.slot_of[e]];
+    // A token routed twice to one expert (not expected) just appears twice.
+    s.pos[i] = static_cast<int64_t>(rows.size());
+    rows.push_back(i / K);
+  }
+  const int64_t nshared = shared ? shared->experts : 0;
+  const int64_t slots = routed + nshared;
+  auto set_of = [&](int64_t slot) { return slot < routed ? ex : *shared; };
+  auto mat = [&](int64_t slot, int which) -> const PackedWeight& {
+    const int64_t e = slot < routed ? slot_expert[slot] : slot - routed;
+    return *set_of(slot).w->mats[3 * e + which];
+  };
+  auto ntok = [&](int64_t slot) { return slot < routed ? static_cast<int64_t>(s.rows[slot].size()) : T; };
+
+  // Quantize x once per distinct input layout, then gather each expert's rows.
+  const PackedWeight& g0 = mat(0, 0);
+  size_acts(g0, T, &s.all_x);
+  if (!kern.prepare(g0, a.x, T, H, &s.all_x)) throw std::invalid_argument("moe: input x holds NaN or Inf");
+  const bool shared_same = !shared || same_layout(*shared->w->mats[0], g0);
+  if (!shared_same) {
+    size_acts(*shared->w->mats[0], T, &s.all_x_shared);
+    kern.prepare(*shared->w->mats[0], a.x, T, H, &s.all_x_shared);
+  }
+  if (static_cast<int64_t>(s.acts_in.size()) < slots) {
+    s.acts_in.resize(slots);
+    s.acts_up.resize(slots);
+    s.acts_h.resize(slots);
+    s.yg.resize(slots);
+    s.yu.resize(slots);
+    s.yd.resize(slots);
+  }
+  std::vector<const QuantActs*> in(slots), in_up(slots);
+  for (int64_t sl = 0; sl < slots; ++sl) {
+    const PackedWeight &gw = mat(sl, 0), &uw = mat(sl, 1);
+    const QuantActs& src = (sl >= routed && !shared_same) ? s.all_x_shared : s.all_x;
+    const bool in_order = sl >= routed || (ntok(sl) == T && [&] {
+                            for (int64_t i = 0; i < T; ++i)
+                              if (s.rows[sl][i] != i) return false;
+                            return true;
+                          }());
+    if (in_order) {
+      in[sl] = &src;  // every token in order: no copy
+    } else {
+      size_acts(gw, ntok(sl), &s.acts_in[sl]);
+      gather_acts(src, s.rows[sl], &s.acts_in[sl]);
+      in[sl] = &s.acts_in[sl];
+    }
+    in_up[sl] = in[sl];
+    if (!same_layout(gw, uw)) {  // up packed differently from gate: quantize for it
+      std::vector<float> xr(ntok(sl) * H);
+      for (int64_t i = 0; i < ntok(sl); ++i)
+        std::memcpy(&xr[i * H], a.x + (sl < routed ? s.rows[sl][i] : i) * H, H * 4);
+      size_acts(uw, ntok(sl), &s.acts_up[sl]);
+      kern.prepare(uw, xr.data(), ntok(sl), H, &s.acts_up[sl]);
+      in_up[sl] = &s.acts_up[sl];
+    }
+    s.yg[sl].resize(ntok(sl) * gw.n);
+    s.yu[sl].resize(ntok(sl) * uw.n);
+  }
+
+  // gate and up projections of every active expert in one pass over the pool.
+  std::vector<Seg> segs;
+  for (int64_t sl = 0; sl < slots; ++sl) {
+    segs.push_back({&mat(sl, 0), in[sl], s.yg[sl].data(), ntok(sl) + 2});
+    segs.push_back({&mat(sl, 1), in_up[sl], s.yu[sl].data(), ntok(sl) + 2});
+  }
+  run_segments(kern, segs);
+
+  // h = act(gate) * up, quantized for the down projection, one expert per task.
+  for (int64_t sl = 0; sl < slots; ++sl) {
+    size_acts(mat(sl, 2), ntok(sl), &s.acts_h[sl]);
+    s.yd[sl].resize(ntok(sl) * H);
+  }
+  parallel_for(slots, [&](int64_t b, int64_t e) {
+    for (int64_t sl = b; sl < e; ++sl) {
+      float* g = s.yg[sl].data();
+      activate(act, g, s.yu[sl].data(), ntok(sl) * mat(sl, 0).n);
+      if (!kern.prepare(mat(sl, 2), g, ntok(sl), mat(sl, 0).n, &s.acts_h[sl]))
+        throw std::invalid_argument("moe: expert activations overflowed to NaN or Inf");
+    }
+  });
+
+  segs.clear();
+  for (int64_t sl = 0; sl < slots; ++sl)
+    segs.push_back({&mat(sl, 2), &s.acts_h[sl], s.yd[sl].data(), ntok(sl) + 2});
+  run_segments(kern, segs);
+
+  // Weighted sum per token, slots in routing order: deterministic for any thread count.
+  parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* o = a.out + t * H;
+      for (int64_t h = 0; h < H; ++h) o[h] = 0.f;
+      for (int64_t j = 0; j < K; ++j) {
+        const float wgt = a.weights[t * K + j];
+        const float* y = s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += wgt * y[h];
+      }
+      for (int64_t sl = routed; sl < slots; ++sl) {
+        const float* y = s.yd[sl].data() + t * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += y[h];
+      }
+    }
+  });
+}
+
+std::shared_ptr<StoredWeight> pack_experts_gguf(const uint8_t* gate, size_t gate_bytes, int gate_type,
+                                                const uint8_t* up, size_t up_bytes, int up_type,
+                                                const uint8_t* down, size_t down_bytes, int down_type,
+                                                int64_t experts, int64_t hidden, int64_t inter,
+                                                const std::string& float_fmt) {
+  if (experts <= 0) throw std::invalid_argument("need at least one expert");
+  for (size_t b : {gate_bytes, up_bytes, down_bytes})
+    if (b % experts != 0)
+      throw std::invalid_argument("expert tensor of " + std::to_string(b) + " bytes does not split into " +
+                                  std::to_string(experts) + " experts");
+  auto sw = std::make_shared<StoredWeight>();
+  const size_t gb = gate_bytes / experts, ub = up_bytes / experts, db = down_bytes / experts;
+  for (int64_t e = 0; e < experts; ++e) {
+    sw->mats.push_back(pack_gguf(gate + e * gb, gb, gate_type, inter, hidden, float_fmt));
+    sw->mats.push_back(pack_gguf(up + e * ub, ub, up_type, inter, hidden, float_fmt));
+    sw->mats.push_back(pack_gguf(down + e * db, db, down_type, hidden, inter, float_fmt));
+  }
+  return sw;
+}
+
+std::shared_ptr<StoredWeight> pack_experts_float(const float* gate, const float* up, const float* down,
+                                                 int64_t experts, int64_t hidden, int64_t inter,
+                                                 const std::string& fmt) {
+  if (experts <= 0) throw std::invalid_argument("need at least one expert");
+  auto sw = std::make_shared<StoredWeight>();
+  const int64_t m = hidden * inter;
+  for (int64_t e = 0; e < experts; ++e) {
+    sw->mats.push_back(pack_float(gate + e * m, inter, hidden, fmt));
+    sw->mats.push_back(pack_float(up + e * m, inter, hidden, fmt));
+    sw->mats.push_back(pack_float(down + e * m, hidden, inter, fmt));
+  }
+  return sw;
+}
+
+}  // namespace ktjax

@@ -1,0 +1,50 @@
+// Fused mixture-of-experts forward on the host:
+//   out[t] = sum_j w[t, j] * down_e( act(gate_e(x[t])) * up_e(x[t]) ),  e = ids[t, j]
+//          + sum_s down_s( act(gate_s(x[t])) * up_s(x[t]) )   (shared experts, weight 1)
+// Tokens are grouped per expert; every matrix is a PackedWeight run by the linear
+// kernels (linear.h), work split across the pool by estimated cost.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_kernels/isa.h"
+#include "cpu_kernels/store/store.h"
+
+namespace ktjax {
+
+enum class Activation : int { Silu = 0, GeluTanh = 1 };
+
+// An expert set as stored: mats = [gate_0, up_0, down_0, gate_1, ...]; gate/up [I, H],
+// down [H, I]. Throws std::invalid_argument if the set is malformed.
+struct ExpertSet {
+  const StoredWeight* w;
+  int64_t experts, hidden, inter;
+};
+ExpertSet expert_set(const StoredWeight& w, int64_t handle);
+
+struct MoeArgs {
+  const float* x;        // [t, hidden]
+  const int32_t* ids;    // [t, k]
+  const float* weights;  // [t, k]
+  int64_t t, k;
+  float* out;            // [t, hidden]
+};
+
+// Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights.
+// `shared` may be null.
+void moe_forward(const ExpertSet& experts, const ExpertSet* shared, const MoeArgs& a,
+                 Activation act, Isa isa);
+
+// Builds an expert set: per expert, gate and up [inter, hidden] and down [hidden, inter]
+// from GGUF data (3-D expert tensors, expert-major; float types become float_fmt) or
+// float32.
+std::shared_ptr<StoredWeight> pack_experts_gguf(const uint8_t* gate, size_t gate_bytes, int gate_type,
+                                                const uint8_t* up, size_t up_bytes, int up_type,
+                                                const uint8_t* down, size_t down_bytes, int down_type,
+                                                int64_t experts, int64_t hidden, int64_t inter,
+                                                const std::string& float_fmt = "int8");
+std::shared_ptr<StoredWeight> pack_experts_float(const float* gate, const float* up, const float* down,
+                                                 int64_t experts, int64_t hidden, int64_t inter,
+                                                 const std::string& fmt);
+
+}  // namespace ktjax

@@ -1,0 +1,23 @@
+// Process-wide worker pool: the only global mutable state in the native module.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace ktjax {
+
+// Splits [0, n) into at most num_threads() contiguous chunks and runs fn(begin, end) on
+// each, using the pool's workers and the calling thread; returns when all chunks are done.
+// The first exception thrown by fn is rethrown here. A call made from inside fn, or while
+// another thread's parallel_for is running, runs fn(0, n) on the calling thread instead.
+void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
+
+// Threads taking part in parallel_for, the caller included. Defaults to the environment
+// variable KTJAX_NUM_THREADS, else the hardware concurrency.
+int num_threads();
+
+// Resizes the pool (n >= 1; throws std::invalid_argument otherwise). Waits for a
+// parallel_for in flight to finish.
+void set_num_threads(int n);
+
+}  // namespace ktjax

@@ -1,0 +1,1 @@
+"""Glue between JAX programs and host (CPU) kernels: XLA FFI targets."""

@@ -1,0 +1,35 @@
+"""Registers the native CPU XLA FFI targets and wraps them as jnp-facing functions."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+
+from ktjax import _native
+
+_lock = threading.Lock()
+_registered = False
+
+
+def register_cpu_targets() -> None:
+    """Registers every handler from ``_native.ffi_targets()`` for the CPU platform, once."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        for name, capsule in _native.ffi_targets().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        _registered = True
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis on the host CPU: ``x / sqrt(mean(x**2) + eps) * w``.
+
+    x: f32[..., H], w: f32[H]. Shapes and dtypes are checked by the native handler, which
+    raises (as XlaRuntimeError / JaxRuntimeError) a message naming the bad argument.
+    """
+    register_cpu_targets()
+    call = jax.ffi.ffi_call("ktjax_rms_norm_f32", jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return call(x, w, eps=np.float32(eps))  # a numpy scalar: attributes must be static

@@ -1,0 +1,97 @@
+"""Quantized linear layers on the host CPU: weights live in the native store (by handle).
+
+``linear`` is an XLA FFI call usable under ``jax.jit`` on the CPU backend; the kernel
+computes ``y = x @ W.T`` in float32 from packed int8 / int4 / bf16 weights, quantizing each
+token's activations to int8 per weight group (bf16 weights: rounding them to bf16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ktjax import _native
+from ktjax.errors import KernelError
+from ktjax.host.ffi import register_cpu_targets
+
+FLOAT_FORMATS = ("int8", "int4", "bf16")
+
+
+def _native_call(fn, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ValueError as e:  # the native layer raises std::invalid_argument
+        raise KernelError(str(e)) from e
+
+
+def pack_gguf_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, int],
+                     float_format: str = "int8") -> int:
+    """Repacks a GGUF tensor's bytes (numpy shape ``shape`` = (N out, K in)) into the store.
+
+    Quantized types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) are repacked exactly; F32,
+    F16 and BF16 are converted once to ``float_format`` (int8 in groups of 32 by default;
+    int4 or bf16). Returns the weight's handle.
+    """
+    n, k = (int(s) for s in shape)
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    return _native_call(_native.pack_gguf_weight, data, int(ggml_type), n, k, float_format)
+
+
+def pack_float_weight(w: np.ndarray, fmt: str = "int8") -> int:
+    """Quantizes a float weight [N, K] to ``fmt`` (int8: groups of 32, symmetric; int4:
+    groups of 32 with scale and min; bf16) into the store. Returns the handle."""
+    if fmt not in FLOAT_FORMATS:
+        raise KernelError(f"unknown weight format {fmt!r}; expected one of {FLOAT_FORMATS}")
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise KernelError(f"weight must be 2-D [N, K], got shape {w.shape}")
+    return _native_call(_native.pack_float_weight, np.ascontiguousarray(w, dtype=np.float32), fmt)
+
+
+def release(handle: int) -> None:
+    """Frees a stored weight; using its handle afterwards is an error."""
+    _native_call(_native.release_weight, int(handle))
+
+
+def weight_info(handle: int) -> dict[str, Any]:
+    """Shape (n, k), format string, byte size and source GGUF type of a stored weight."""
+    return _native_call(_native.weight_info, int(handle))
+
+
+def unpack_weight(handle: int) -> np.ndarray:
+    """The stored weight decoded to float32 [N, K] (exactly what the kernels multiply by)."""
+    return _native_call(_native.unpack_weight, int(handle), 0)
+
+
+def linear(x: jax.Array, handle: int, out_features: int) -> jax.Array:
+    """``x[..., K] @ W.T -> [..., N]`` in float32 through the ``ktjax_linear`` FFI target.
+
+    Usable under ``jax.jit`` on the CPU backend. A wrong dtype or K, an unknown handle or
+    NaN/Inf in ``x`` raise an XLA runtime error naming the problem.
+    """
+    register_cpu_targets()
+    out = jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (int(out_features),), np.float32)
+    return jax.ffi.ffi_call("ktjax_linear", out)(x, handle=np.int64(handle))
+
+
+def linear_layered(x: jax.Array, layer: jax.Array, handles: tuple[int, ...],
+                   out_features: int) -> jax.Array:
+    """``linear`` with one weight per layer: ``handles[layer]``, the layer a traced s32 scalar
+    (the index of a lax.scan over layers). A layer outside ``handles`` is an XLA error."""
+    register_cpu_targets()
+    out = jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (int(out_features),), np.float32)
+    return jax.ffi.ffi_call("ktjax_linear_layered", out)(
+        x, layer.astype(np.int32), handles=np.asarray(handles, np.int64))
+
+
+def linear_forward(x: np.ndarray, handle: int, isa: str = "") -> np.ndarray:
+    """Direct (non-XLA) call on numpy ``x[T, K]`` with a given ISA level ('' = active)."""
+    return _native_call(_native.linear_forward, np.ascontiguousarray(x, dtype=np.float32),
+                        int(handle), isa)
+
+
+def linear_reference(x: np.ndarray, handle: int) -> np.ndarray:
+    """The scalar reference kernel on numpy ``x[T, K]``."""
+    return linear_forward(x, handle, "generic")

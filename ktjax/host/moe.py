@@ -1,0 +1,70 @@
+"""Fused mixture-of-experts on the host CPU, with expert weights in the native store.
+
+``moe`` is the ``ktjax_moe`` XLA FFI call (CPU backend, usable under ``jax.jit``):
+``out[t] = sum_j w[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with ``e = ids[t, j]``,
+plus the shared experts of ``shared_handle`` (weight 1). Matrices use the host linear
+kernels' formats (see ``ktjax.host.linear``).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ktjax import _native
+from ktjax.errors import KernelError
+from ktjax.host.ffi import register_cpu_targets
+from ktjax.host.linear import FLOAT_FORMATS, _native_call
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+
+
+def pack_experts_gguf(gate: tuple[np.ndarray, int], up: tuple[np.ndarray, int],
+                      down: tuple[np.ndarray, int], experts: int, hidden: int, inter: int,
+                      float_format: str = "int8") -> int:
+    """Repacks GGUF expert tensors, each given as (raw bytes, ggml type): gate and up of
+    numpy shape [E, I, H], down [E, H, I] (``ffn_*_exps``); F32/F16/BF16 tensors become
+    ``float_format``. Returns the handle."""
+    return _native_call(_native.pack_experts_gguf, _raw(gate[0]), int(gate[1]), _raw(up[0]), int(up[1]),
+                        _raw(down[0]), int(down[1]), int(experts), int(hidden), int(inter), float_format)
+
+
+def pack_experts_float(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: str = "int8") -> int:
+    """Quantizes float experts (gate/up [E, I, H], down [E, H, I]) to ``fmt``."""
+    if fmt not in FLOAT_FORMATS:
+        raise KernelError(f"unknown weight format {fmt!r}; expected one of {FLOAT_FORMATS}")
+    f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (gate, up, down)]
+    return _native_call(_native.pack_experts_float, *f32, fmt)
+
+
+def moe(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, handle: int, *,
+        shared_handle: int = 0, activation: str = "silu") -> jax.Array:
+    """Fused MoE through the ``ktjax_moe`` FFI target: x f32[T, H], expert_ids int32[T, k],
+    expert_weights f32[T, k] -> f32[T, H]. An expert id out of range, NaN/Inf or a shape
+    mismatch raise an XLA runtime error naming the problem."""
+    if activation not in ACTIVATIONS:
+        raise KernelError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    register_cpu_targets()
+    call = jax.ffi.ffi_call("ktjax_moe", jax.ShapeDtypeStruct(x.shape, np.float32))
+    return call(x, expert_ids, expert_weights, handle=np.int64(handle),
+                shared_handle=np.int64(shared_handle), activation=np.int32(ACTIVATIONS[activation]))
+
+
+def moe_forward(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, handle: int, *,
+                shared_handle: int = 0, activation: str = "silu", isa: str = "") -> np.ndarray:
+    """Direct (non-XLA) call on numpy arrays with a given ISA level ('' = active)."""
+    return _native_call(_native.moe_forward, np.ascontiguousarray(x, dtype=np.float32),
+                        np.ascontiguousarray(expert_ids, dtype=np.int32),
+                        np.ascontiguousarray(expert_weights, dtype=np.float32),
+                        int(handle), int(shared_handle), activation, isa)
+
+
+def moe_reference(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, handle: int, *,
+                  shared_handle: int = 0, activation: str = "silu") -> np.ndarray:
+    """The scalar reference kernels on numpy arrays."""
+    return moe_forward(x, expert_ids, expert_weights, handle, shared_handle=shared_handle,
+                       activation=activation, isa="generic")

@@ -1,0 +1,134 @@
+"""Fused host MoE benchmark: µs per layer call, weight GB/s, TFLOPS, fraction of the read
+bandwidth measured in the same run.
+
+    python scripts/bench_moe.py --shape deepseek-v3 --qlen 1,32 --format int8 --threads N --json
+
+Each layer holds `--experts` experts (fewer than the model where memory is short; the
+weights still far exceed the caches) and calls rotate over `--layers` layers. Tokens are
+routed uniformly at random (top-k distinct experts each). Weight GB/s counts the unique
+experts a call touches times their packed bytes. With --json, one JSON line per
+measurement goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import gguf
+import numpy as np
+
+from ktjax import _native
+
+SHAPES = {  # hidden, intermediate, experts in the model, top-k
+    "deepseek-v3": (7168, 2048, 256, 8),
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+}
+T = gguf.GGMLQuantizationType
+# Random GGUF data of these types packs to the format: int8/g32, int4/g32+min, bf16.
+RAW_TYPES = {"int8": T.Q8_0, "int4": T.Q4_0, "bf16": T.BF16}
+
+
+def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    if qtype == T.BF16:  # sign, exponent 2^-7..2^0, random mantissa
+        bits = (rng.integers(0, 2, rows * cols, dtype=np.uint16) << 15) | \
+               ((120 + rng.integers(0, 8, rows * cols, dtype=np.uint16)) << 7) | \
+               rng.integers(0, 128, rows * cols, dtype=np.uint16)
+        return bits.view(np.uint8)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    raw[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d: a finite scale
+    return raw
+
+
+def make_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.Generator) -> int:
+    qt = RAW_TYPES[fmt]
+    mats = [random_raw(qt, experts * inter, hidden, rng), random_raw(qt, experts * inter, hidden, rng),
+            random_raw(qt, experts * hidden, inter, rng)]
+    return _native.pack_experts_gguf(mats[0].reshape(-1), int(qt), mats[1].reshape(-1), int(qt),
+                                     mats[2].reshape(-1), int(qt), experts, hidden, inter, fmt)
+
+
+def report_overhead(top_k: int, bw: float, as_json: bool) -> None:
+    """Fixed cost of a call: pool wake-up (empty parallel_for) and a MoE with tiny experts."""
+    _native.time_parallel_for(1000)
+    pool_us = min(_native.time_parallel_for(20000) for _ in range(3)) * 1e6
+    rng = np.random.default_rng(1)
+    e, h, i = 2 * top_k, 64, 32
+    layer = _native.pack_experts_float(rng.standard_normal((e, i, h), dtype=np.float32),
+                                       rng.standard_normal((e, i, h), dtype=np.float32),
+                                       rng.standard_normal((e, h, i), dtype=np.float32), "int8")
+    ids = rng.choice(e, top_k, replace=False).astype(np.int32)[None]
+    wts = np.full((1, top_k), 1.0 / top_k, np.float32)
+    x = rng.standard_normal((1, h), dtype=np.float32)
+    _native.time_moe(x, ids, wts, [layer], 1000)
+    moe_us = min(_native.time_moe(x, ids, wts, [layer], 5000) for _ in range(3)) * 1e6
+    _native.release_weight(layer)
+    row = {"measure": "overhead", "threads": _native.num_threads(), "parallel_for_us": pool_us,
+           "tiny_moe_us": moe_us, "top_k": top_k, "read_bw_gbps": bw}
+    if as_json:
+        print(json.dumps(row), flush=True)
+    else:
+        print(f"overhead: empty parallel_for {pool_us:.2f} us, tiny MoE call (top-{top_k}) {moe_us:.2f} us")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES))
+    ap.add_argument("--qlen", default="1,32")
+    ap.add_argument("--format", default="int8", help="comma list of int8, int4, bf16")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--experts", type=int, default=0, help="experts per layer (default: min(model, 2*top_k))")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    ap.add_argument("--overhead", action="store_true",
+                    help="also measure the per-call overhead: an empty parallel_for and a tiny MoE call")
+    args = ap.parse_args(argv)
+    if args.threads:
+        _native.set_num_threads(args.threads)
+    hidden, inter, model_experts, top_k = SHAPES[args.shape]
+    experts = args.experts or min(model_experts, 2 * top_k)
+    bw = max(_native.read_bandwidth_gbps(512 << 20, 5) for _ in range(2))
+    if not args.json:
+        print(f"{args.shape}: hidden {hidden}, inter {inter}, {experts}/{model_experts} experts, top-{top_k}; "
+              f"read bandwidth {bw:.1f} GB/s, threads {_native.num_threads()}, isa {_native.active_isa()}")
+    rng = np.random.default_rng(0)
+    if args.overhead:
+        report_overhead(top_k, bw, args.json)
+    for fmt in args.format.split(","):
+        layers = [make_layer(fmt, experts, hidden, inter, rng) for _ in range(args.layers)]
+        expert_bytes = _native.weight_info(layers[0])["bytes"] / experts
+        for qlen in (int(q) for q in args.qlen.split(",")):
+            ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(qlen)]).astype(np.int32)
+            wts = np.full((qlen, top_k), 1.0 / top_k, np.float32)
+            x = rng.standard_normal((qlen, hidden), dtype=np.float32)
+            _native.time_moe(x, ids, wts, layers, len(layers))  # warm-up
+            iters = len(layers)
+            while True:
+                sec = _native.time_moe(x, ids, wts, layers, iters)
+                if sec * iters >= args.min_time or iters >= 1 << 16:
+                    break
+                iters *= 2
+            touched = len(np.unique(ids))
+            row = {"shape": args.shape, "format": fmt, "qlen": qlen, "threads": _native.num_threads(),
+                   "isa": _native.active_isa(), "experts_per_layer": experts, "layers": len(layers),
+                   "us_per_call": sec * 1e6, "weight_gbps": touched * expert_bytes / sec / 1e9,
+                   "tflops": 2.0 * qlen * top_k * 3 * hidden * inter / sec / 1e12,
+                   "read_bw_gbps": bw}
+            row["bw_fraction"] = row["weight_gbps"] / bw
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{fmt:5} qlen {qlen:5}: {row['us_per_call']:10.1f} us/call  {row['weight_gbps']:6.1f} GB/s "
+                      f"({100 * row['bw_fraction']:.0f}% of read bw)  {row['tflops']:.3f} TFLOPS", flush=True)
+        for h in layers:
+            _native.release_weight(h)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

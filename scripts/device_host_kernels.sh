@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One batch for the accelerator machine's host CPU (16 cores with AMX): build the native
+# module, run the host-kernel tests (AMX paths included), the MoE / linear benchmarks, and
+# kt-kernel side by side when its modules were carried.
+#   carry: .whl (the gguf wheel), optionally .peers/ktk-dev (kt-kernel's _amx module, its
+#   kt_kernel.libs and kt_moe_bench.py). Results go to $OUT (default /tmp/out).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+{ nproc; lscpu | grep -E "Model name|^CPU\(s\)|NUMA|L3"; grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; free -g | head -2; } > "$OUT/cpu.txt" 2>&1
+t0=$(date +%s)
+cmake -S . -B /tmp/kb -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
+  -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/tmp/configure.log 2>&1 || { tail -20 /tmp/configure.log; exit 1; }
+timeout 200 cmake --build /tmp/kb -j"$(nproc)" > /tmp/build.log 2>&1 || { grep -E "error" -A5 /tmp/build.log | head -40; exit 1; }
+cp /tmp/kb/_native*.so ktjax/
+echo "build $(( $(date +%s) - t0 )) s" | tee -a "$OUT/cpu.txt"
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 -c "from ktjax import _native as n; print('isa', n.detected_isa(), 'threads', n.num_threads())" | tee -a "$OUT/cpu.txt"
+
+timeout 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_host_amx.py tests/test_host_moe.py \
+  tests/test_host_linear.py -k "amx or moe or 257 or ffi" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+
+B="$OUT/bench_moe.jsonl"
+timeout 30 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8 --threads 16 \
+  --experts 8 --layers 2 --min-time 0.3 --json --overhead | tee -a "$B"
+timeout 150 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1,32,1024 --format int8,int4,bf16 \
+  --threads 16 --experts 64 --layers 2 --min-time 0.3 --json | tee -a "$B"
+
+KT=$(ls .peers/ktk-dev/kt_kernel/_kt_kernel_ext_amx*.so 2>/dev/null | head -1)
+if [ -n "$KT" ]; then
+  LD_LIBRARY_PATH=$PWD/.peers/ktk-dev/kt_kernel.libs:${LD_LIBRARY_PATH:-} QLENS=1,32,1024 \
+    METHODS=AMXInt8_MOE,AMXBF16_MOE,AMXInt4_MOE BATCHED=1 \
+    timeout 110 python3 .peers/ktk-dev/kt_moe_bench.py "$KT" 16 dsv3 2>&1 | grep -v "^\s*$" | tail -12 | tee "$OUT/ktkernel.txt"
+fi
+timeout 40 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 1,32 --format int8,int4 --threads 16 \
+  --experts 128 --layers 2 --min-time 0.3 --json | tee -a "$B"
+echo "total $(( $(date +%s) - t0 )) s"

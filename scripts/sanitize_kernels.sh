@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the native module with AddressSanitizer + UndefinedBehaviorSanitizer and runs the
+# host-kernel tests against that build (not the installed one).
+#   scripts/sanitize_kernels.sh [pytest args...]      e.g.  -k "Q4_K or moe"
+# The sanitized module is loaded into a python started without site hooks (-S), so the
+# editable install's import hook cannot substitute the normal build.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${KTJAX_SANITIZE_DIR:-/tmp/ktjax-sanitize}
+PY=${PYTHON:-python3}
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+mkdir -p "$WORK/build" "$WORK/pkg"
+cmake -S "$ROOT" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+  -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" \
+  -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+  >"$WORK/configure.log"
+cmake --build "$WORK/build" -j"$(nproc)"
+rm -rf "$WORK/pkg/ktjax"
+cp -r "$ROOT/ktjax" "$WORK/pkg/ktjax"
+cp "$WORK"/build/_native*.so "$WORK/pkg/ktjax/"
+# Python itself is not instrumented: preload the runtimes; jaxlib's own allocations make
+# leak and ODR reports noise, so only memory errors and UB in our code fail the run.
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0:alloc_dealloc_mismatch=0
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export PYTHONPATH="$WORK/pkg:$ROOT/tests:$SITE"
+cd "$WORK"  # not the repo root: python puts the working directory first on sys.path
+"$PY" -S -c "import ktjax._native as n; assert n.__file__.startswith('$WORK'), n.__file__"
+"$PY" -S -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
+  "$ROOT/tests/test_host_linear.py" "$ROOT/tests/test_host_moe.py" "$@"

@@ -1,0 +1,25 @@
+#include <pybind11/pybind11.h>
+
+#include "cpu_kernels/bindings.h"
+#include "xla_ffi/cpu/ffi_targets.h"
+
+namespace py = pybind11;
+
+namespace ktjax {
+
+void bind_ffi_targets(py::module_& m) {
+  m.def(
+      "ffi_targets",
+      [] {
+        py::dict targets;
+        targets["ktjax_rms_norm_f32"] = py::capsule(reinterpret_cast<void*>(&KtjaxRmsNormF32));
+        targets["ktjax_linear"] = py::capsule(reinterpret_cast<void*>(&KtjaxLinear));
+        targets["ktjax_linear_layered"] =
+            py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayered));
+        targets["ktjax_moe"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoe));
+        return targets;
+      },
+      "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");
+}
+
+}  // namespace ktjax

@@ -1,0 +1,17 @@
+// CPU FFI handlers exported by this module; bind_ffi_targets.cpp lists them for Python.
+#pragma once
+
+#include "xla/ffi/api/c_api.h"
+
+namespace ktjax {
+
+// ktjax_rms_norm_f32: x f32[..., H], w f32[H], attr eps: f32 -> f32 like x.
+extern "C" XLA_FFI_Error* KtjaxRmsNormF32(XLA_FFI_CallFrame* call_frame);
+// ktjax_linear: x f32[..., K], attr handle: int64 -> f32[..., N] (xla_ffi/linear_ffi.cpp).
+extern "C" XLA_FFI_Error* KtjaxLinear(XLA_FFI_CallFrame* call_frame);
+// ktjax_linear_layered: x f32[..., K], layer s32[], attr handles: int64[L] -> f32[..., N].
+extern "C" XLA_FFI_Error* KtjaxLinearLayered(XLA_FFI_CallFrame* call_frame);
+// ktjax_moe: x f32[T, H], ids s32[T, k], weights f32[T, k] -> f32[T, H] (xla_ffi/moe_ffi.cpp).
+extern "C" XLA_FFI_Error* KtjaxMoe(XLA_FFI_CallFrame* call_frame);
+
+}  // namespace ktjax
