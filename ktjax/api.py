@@ -11,7 +11,7 @@ import numpy as np
 
 from ktjax.engine.engine import Engine
 from ktjax.engine.programs import enable_persistent_cache
-from ktjax.errors import RequestError
+from ktjax.errors import KtjaxError, RequestError
 from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
 from ktjax.gguf.tokenizer import Tokenizer
@@ -51,6 +51,8 @@ class LLM:
         np_dtype = jnp.dtype(dtype)
         if host_linears is None:
             host_linears = device.platform == "cpu"
+        elif host_linears and device.platform != "cpu":
+            raise KtjaxError(f"host_linears runs on the CPU backend, not on {device.platform}")
         params = loader.load_params(gguf_file, self.spec, np_dtype, device, host_linears)
         weakref.finalize(self, loader.release_host_weights, params)
         max_model_len = min(max_model_len or 4096, self.config.context_length)
@@ -87,6 +89,7 @@ class LLM:
             self.engine.validate(ids, p)  # reject bad requests before any work starts
         seqs = [self.engine.add_request(ids, p, prompt if isinstance(prompt, str) else None)
                 for prompt, ids, p in zip(prompts, encoded, params)]
+        self.engine.precompile()
         for _ in self.engine.run_until_done():
             pass
         return [s.output() for s in seqs]
@@ -95,6 +98,7 @@ class LLM:
         """Yield the generated text piece by piece as tokens are sampled."""
         seq = self.engine.add_request(self._encode(prompt), params or SamplingParams(),
                                       prompt if isinstance(prompt, str) else None)
+        self.engine.precompile()
         while not seq.finished:
             self.engine.step()
             piece = seq.take_new_text()

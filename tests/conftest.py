@@ -16,4 +16,4 @@ def tiny_llama_path(tmp_path_factory):
 def tiny_llm(tiny_llama_path):
     from ktjax import LLM
     return LLM(str(tiny_llama_path), max_model_len=1024, kv_cache_tokens=4096,
-               host_linears=False)  # dense XLA: exact against the reference forward
+               host_linears=False, dtype="float32")  # dense XLA: exact against the reference forward

@@ -72,6 +72,22 @@ class Engine:
         self.waiting.append(seq)
         return seq
 
+    def precompile(self) -> None:
+        """Compile, under one progress bar, the buckets the queued requests will start with:
+        their first prefill chunk and the first decode step."""
+        seqs = self.waiting + self.running
+        if not seqs:
+            return
+        chunk = min(max(len(s.prompt_ids) for s in seqs), bk.PREFILL_TOKENS[-1])
+        tokens = bk.round_up(bk.PREFILL_TOKENS, chunk)
+        prefill_rows = min(len(seqs), bk.PREFILL_ROWS[-1], bk.MAX_PREFILL_BATCH_TOKENS // tokens)
+        pages = bk.page_bucket(self.pool.pages_for(max(len(s.prompt_ids) for s in seqs) + 1),
+                               self.max_pages)
+        self.programs.compile([
+            bk.Bucket(bk.round_up(bk.PREFILL_ROWS, prefill_rows), tokens, pages),
+            bk.Bucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])), 1, pages),
+        ])
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
