@@ -1,8 +1,11 @@
 import os
 
+import jax
 import pytest
 
 os.environ.setdefault("KTJAX_NO_PROGRESS", "1")
+# float32 comparisons against references mean full-precision matmuls (GPUs default to TF32).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

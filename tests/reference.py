@@ -35,7 +35,9 @@ def ktjax_logits(path, ids: np.ndarray) -> np.ndarray:
                   slots=jnp.asarray(slots[None]), block_tables=jnp.asarray(pages[None]),
                   cache_lens=jnp.array([0], jnp.int32),
                   logits_index=jnp.arange(t, dtype=jnp.int32)[None])
-    logits, _ = jax.jit(forward)(params, kv, batch)
+    # float32 matmuls in full precision on every backend (GPUs default to TF32)
+    with jax.default_matmul_precision("highest"):
+        logits, _ = jax.jit(forward)(params, kv, batch)
     return np.asarray(logits[0])
 
 
