@@ -5,9 +5,10 @@ import sys
 
 
 def _ktjax(args, env=None, stdin=None):
+    # cwd outside the checkout: `python -m` must import the installed ktjax, not the sources
     return subprocess.run([sys.executable, "-m", "ktjax.cli", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, input=stdin,
-                          timeout=600)
+                          timeout=600, cwd=os.path.expanduser("~"))
 
 
 def test_generate_streams_and_second_process_reuses_compiled_programs(tiny_llama_path,

@@ -207,14 +207,17 @@ def test_store_handles_and_bad_input():
         hl.release(h)
 
 
-def test_isa_env_override():
+def _active_isa_with(isa: str) -> subprocess.CompletedProcess:
     code = "from ktjax import _native as n; print(n.active_isa())"
-    env = dict(os.environ, KTJAX_ISA="generic")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    # cwd outside the checkout: `python -c` must import the installed ktjax, not the sources
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, KTJAX_ISA=isa),
+                          capture_output=True, text=True, cwd=os.path.expanduser("~"))
+
+
+def test_isa_env_override():
+    out = _active_isa_with("generic")
     assert out.stdout.strip() == "generic", out.stderr
-    env["KTJAX_ISA"] = "amx"  # above the machine's level: clamped to it
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = _active_isa_with("amx")  # above the machine's level: clamped to it
     assert out.stdout.strip() == _native.detected_isa(), out.stderr
-    env["KTJAX_ISA"] = "sse9"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = _active_isa_with("sse9")
     assert out.returncode != 0 and "KTJAX_ISA accepts" in out.stderr
