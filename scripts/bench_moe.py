@@ -28,8 +28,9 @@ SHAPES = {  # hidden, intermediate, experts in the model, top-k
     "mixtral-8x7b": (4096, 14336, 8, 2),
 }
 T = gguf.GGMLQuantizationType
-# Random GGUF data of these types packs to the format: int8/g32, int4/g32+min, bf16.
-RAW_TYPES = {"int8": T.Q8_0, "int4": T.Q4_0, "bf16": T.BF16}
+# Random GGUF data of these types packs to the format: int8/g32 (Q8_0 as is), int8/row (bf16
+# converted at load, as kt-kernel's int8), int4/g32+min, bf16.
+RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16}
 
 
 def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -64,8 +65,8 @@ def report_overhead(top_k: int, bw: float, as_json: bool) -> None:
     ids = rng.choice(e, top_k, replace=False).astype(np.int32)[None]
     wts = np.full((1, top_k), 1.0 / top_k, np.float32)
     x = rng.standard_normal((1, h), dtype=np.float32)
-    _native.time_moe(x, ids, wts, [layer], 1000)
-    moe_us = min(_native.time_moe(x, ids, wts, [layer], 5000) for _ in range(3)) * 1e6
+    _native.time_moe(x, [ids], wts, [layer], 1000)
+    moe_us = min(_native.time_moe(x, [ids], wts, [layer], 5000) for _ in range(3)) * 1e6
     _native.release_weight(layer)
     row = {"measure": "overhead", "threads": _native.num_threads(), "parallel_for_us": pool_us,
            "tiny_moe_us": moe_us, "top_k": top_k, "read_bw_gbps": bw}
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES))
     ap.add_argument("--qlen", default="1,32")
-    ap.add_argument("--format", default="int8", help="comma list of int8, int4, bf16")
+    ap.add_argument("--format", default="int8", help="comma list of int8, int8_row, int4, bf16")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experts", type=int, default=0, help="experts per layer (default: min(model, 2*top_k))")
     ap.add_argument("--layers", type=int, default=2)
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         layers = [make_layer(fmt, experts, hidden, inter, rng) for _ in range(args.layers)]
         expert_bytes = _native.weight_info(layers[0])["bytes"] / experts
         for qlen in (int(q) for q in args.qlen.split(",")):
-            ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(qlen)]).astype(np.int32)
+            # Each layer routes differently, so a rotation touches distinct experts.
+            ids = [np.stack([rng.choice(experts, top_k, replace=False) for _ in range(qlen)]).astype(np.int32)
+                   for _ in layers]
             wts = np.full((qlen, top_k), 1.0 / top_k, np.float32)
             x = rng.standard_normal((qlen, hidden), dtype=np.float32)
             _native.time_moe(x, ids, wts, layers, len(layers))  # warm-up
@@ -113,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 if sec * iters >= args.min_time or iters >= 1 << 16:
                     break
                 iters *= 2
-            touched = len(np.unique(ids))
+            touched = float(np.mean([len(np.unique(i)) for i in ids]))
             row = {"shape": args.shape, "format": fmt, "qlen": qlen, "threads": _native.num_threads(),
                    "isa": _native.active_isa(), "experts_per_layer": experts, "layers": len(layers),
+                   "touched_bytes_per_rotation": touched * expert_bytes * len(layers),
                    "us_per_call": sec * 1e6, "weight_gbps": touched * expert_bytes / sec / 1e9,
                    "tflops": 2.0 * qlen * top_k * 3 * hidden * inter / sec / 1e12,
                    "read_bw_gbps": bw}

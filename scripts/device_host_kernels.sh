@@ -26,17 +26,19 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_host_amx.py t
   tests/test_host_linear.py -k "amx or moe or 257 or ffi" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 
 B="$OUT/bench_moe.jsonl"
-timeout 30 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8 --threads 16 \
-  --experts 8 --layers 2 --min-time 0.3 --json --overhead | tee -a "$B"
-timeout 150 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1,32,1024 --format int8,int4,bf16 \
+# qlen 1: 4 layers x 8 touched experts (1.5 GB per rotation, 5x the L3) for bandwidth;
+# qlen 32 / 1024: 64 experts per layer, as kt_moe_bench's dsv3 shape, for TFLOPS.
+timeout 90 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8,int8_row,int4,bf16 --threads 16 \
+  --experts 16 --layers 4 --min-time 0.3 --json --overhead | tee -a "$B"
+timeout 200 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16 \
   --threads 16 --experts 64 --layers 2 --min-time 0.3 --json | tee -a "$B"
 
 KT=$(ls .peers/ktk-dev/kt_kernel/_kt_kernel_ext_amx*.so 2>/dev/null | head -1)
 if [ -n "$KT" ]; then
   LD_LIBRARY_PATH=$PWD/.peers/ktk-dev/kt_kernel.libs:${LD_LIBRARY_PATH:-} QLENS=1,32,1024 \
     METHODS=AMXInt8_MOE,AMXBF16_MOE,AMXInt4_MOE BATCHED=1 \
-    timeout 110 python3 .peers/ktk-dev/kt_moe_bench.py "$KT" 16 dsv3 2>&1 | grep -v "^\s*$" | tail -12 | tee "$OUT/ktkernel.txt"
+    timeout 120 python3 .peers/ktk-dev/kt_moe_bench.py "$KT" 16 dsv3 2>&1 | grep "^kt " | tee "$OUT/ktkernel.txt"
 fi
-timeout 40 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 1,32 --format int8,int4 --threads 16 \
-  --experts 128 --layers 2 --min-time 0.3 --json | tee -a "$B"
+timeout 60 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 1,32,1024 --format int8,int8_row,int4 --threads 16 \
+  --experts 32 --layers 16 --min-time 0.3 --json | tee -a "$B"
 echo "total $(( $(date +%s) - t0 )) s"

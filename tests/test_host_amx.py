@@ -22,11 +22,11 @@ pytestmark = [pytest.mark.amx,
 T = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("source", ["int8", "int4", "bf16", T.Q4_K, T.Q6_K, T.Q3_K, T.Q5_1],
+@pytest.mark.parametrize("source", ["int8", "int8_row", "int4", "bf16", T.Q4_K, T.Q6_K, T.Q3_K, T.Q5_1],
                          ids=lambda s: s if isinstance(s, str) else s.name)
-@pytest.mark.parametrize("tokens", [15, 16, 33, 257])
+@pytest.mark.parametrize("tokens", [15, 16, 33, 64, 257])
 def test_amx_linear_matches_avx512(source, tokens):
-    n, k = 45, 512
+    n, k = 45, 512 if source != "int8_row" else 1000  # int8_row: K chunks and a padded step
     rng = np.random.default_rng(tokens)
     if isinstance(source, str):
         h = hl.pack_float_weight(rng.standard_normal((n, k), dtype=np.float32), source)
@@ -39,12 +39,13 @@ def test_amx_linear_matches_avx512(source, tokens):
         y = hl.linear_forward(x, h, "amx")
         b = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
         assert np.all(np.abs(y - base) <= 1e-4 * b + 1e-30)
-        check_close(y, x, w, 16 if source in (T.Q6_K, T.Q3_K) else 32, bf16=source == "bf16")
+        group = k if source == "int8_row" else 16 if source in (T.Q6_K, T.Q3_K) else 32
+        check_close(y, x, w, group, bf16=source == "bf16")
     finally:
         hl.release(h)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4", "bf16"])
 def test_amx_moe_matches_avx512(fmt):
     rng = np.random.default_rng(7)
     E, H, I, k, tokens = 4, 256, 160, 2, 70

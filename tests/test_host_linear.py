@@ -117,27 +117,41 @@ def test_gguf_linear_all_isas(qtype, tokens, store):
         check_close(y, x, w, GROUP.get(qtype, 32))
 
 
+# Long prefill (257 tokens) only on the smaller shapes: the scalar reference is slow.
+FLOAT_CASES = [(shape, tokens) for shape in [(1, 32), (37, 75), (96, 576), (129, 1000)]
+               for tokens in [1, 3, 32, 257] if tokens < 257 or shape[0] * shape[1] <= 40_000]
+
+
 @pytest.mark.parametrize("fmt", hl.FLOAT_FORMATS)
-@pytest.mark.parametrize("shape", [(1, 32), (37, 75), (96, 576), (129, 1000)])
-@pytest.mark.parametrize("tokens", [1, 3, 32, 257])
+@pytest.mark.parametrize("shape,tokens", FLOAT_CASES)
 def test_float_linear_all_isas(fmt, shape, tokens, store):
     n, k = shape
-    if tokens == 257 and n * k > 40_000:
-        pytest.skip("long prefill covered on the smaller shapes (scalar reference is slow)")
     rng = np.random.default_rng(n + k + tokens)
     w32 = rng.standard_normal((n, k)).astype(np.float32)
     h = hl.pack_float_weight(w32, fmt)
     store.append(h)
     w = hl.unpack_weight(h)
-    if fmt == "int8":
-        # Symmetric int8 in groups of 32: |w - q| <= scale / 2 (scale stored as f16).
+    if fmt in ("int8", "int8_row"):
+        # Symmetric int8 in groups of 32 (scale stored as f16) or per row (f32): |w - q| <= scale / 2.
         assert np.abs(w - w32).max() <= np.abs(w32).max() / 127 * 0.51
     x = rng.standard_normal((tokens, k)).astype(np.float32)
     ref = hl.linear_reference(x, h)
-    check_close(ref, x, w, 32, bf16=fmt == "bf16")
+    group = k if fmt == "int8_row" else 32  # int8_row: one activation scale per token
+    check_close(ref, x, w, group, bf16=fmt == "bf16")
     for isa in SIMD_ISAS:
         y = hl.linear_forward(x, h, isa)
-        check_close(y, x, w, 32, base=ref.astype(np.float64))
+        check_close(y, x, w, group, base=ref.astype(np.float64))
+
+
+def test_int8_row_format(store):
+    w32 = np.arange(3 * 70, dtype=np.float32).reshape(3, 70) - 100
+    h = hl.pack_float_weight(w32, "int8_row")
+    store.append(h)
+    assert hl.weight_info(h)["format"] == "int8/g32/row"
+    # One scale per row: the row's largest value is exact.
+    assert np.array_equal(np.abs(hl.unpack_weight(h)).max(axis=1), np.abs(w32).max(axis=1))
+    with pytest.raises(KernelError, match="K < 65536"):
+        hl.pack_float_weight(np.ones((1, 65536), np.float32), "int8_row")
 
 
 @pytest.mark.parametrize("gtype", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)

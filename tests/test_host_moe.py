@@ -75,7 +75,7 @@ def handles():
         hl.release(h)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 4, 33])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_moe_float_formats(fmt, tokens, activation, handles):

@@ -17,6 +17,7 @@ void bind_ffi_targets(py::module_& m) {
         targets["ktjax_linear_layered"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayered));
         targets["ktjax_moe"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoe));
+        targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayered));
         return targets;
       },
       "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");

@@ -53,14 +53,9 @@ ffi::Error linear_ffi(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t h
 
 ffi::Error linear_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer layer,
                               ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> handles) {
-  KT_FFI_CHECK(expect_dtype("layer", layer, ffi::DataType::S32));
-  if (layer.element_count() != 1)
-    return invalid("layer", "expected a scalar, got shape " + shape_str(layer.dimensions()));
-  const int64_t l = *layer.typed_data<int32_t>();
-  if (l < 0 || l >= static_cast<int64_t>(handles.size()))
-    return invalid("layer", "index " + std::to_string(l) + " outside the " +
-                                std::to_string(handles.size()) + " handles");
-  return linear_ffi(x, y, handles[l]);
+  int64_t handle = 0;
+  KT_FFI_CHECK(layer_handle(layer, handles, &handle));
+  return linear_ffi(x, y, handle);
 }
 
 }  // namespace

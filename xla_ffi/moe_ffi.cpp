@@ -1,6 +1,9 @@
 // ktjax_moe: out f32[T, H] = fused MoE of x f32[T, H] routed by ids s32[T, k] with
 // weights f32[T, k]; attrs: handle (expert set), shared_handle (0: none), activation
 // (0 SiLU, 1 GELU-tanh).
+// ktjax_moe_layered: the same with one expert set per layer, for a call inside a lax.scan
+// over layers: attrs handles int64[L] (routed experts) and shared_handles int64[L] or []
+// (shared experts, weight 1; empty: none); the layer is an s32 operand.
 #include <exception>
 #include <string>
 
@@ -49,7 +52,32 @@ ffi::Error moe_ffi(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
   return ffi::Error::Success();
 }
 
+ffi::Error moe_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
+                           ffi::AnyBuffer layer, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Span<const int64_t> handles,
+                           ffi::Span<const int64_t> shared_handles, int32_t activation) {
+  if (shared_handles.size() != 0 && shared_handles.size() != handles.size())
+    return invalid("shared_handles", "expected " + std::to_string(handles.size()) +
+                                         " handles (one per layer) or none, got " +
+                                         std::to_string(shared_handles.size()));
+  int64_t handle = 0, shared_handle = 0;
+  KT_FFI_CHECK(layer_handle(layer, handles, &handle));
+  if (shared_handles.size() != 0) KT_FFI_CHECK(layer_handle(layer, shared_handles, &shared_handle));
+  return moe_ffi(x, ids, weights, out, handle, shared_handle, activation);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeLayered, moe_layered_ffi,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // expert_ids
+                                  .Arg<ffi::AnyBuffer>()  // expert_weights
+                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<ffi::Span<const int64_t>>("handles")
+                                  .Attr<ffi::Span<const int64_t>>("shared_handles")
+                                  .Attr<int32_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoe, moe_ffi,
                               ffi::Ffi::Bind()

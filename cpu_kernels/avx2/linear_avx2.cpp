@@ -123,4 +123,22 @@ const LinearKernels& kernels_avx2() {
   return k;
 }
 
+uint64_t sum_words_avx2(const uint64_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i* q = reinterpret_cast<const __m256i*>(p + i);
+    a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(q));
+    a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(q + 1));
+    a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(q + 2));
+    a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(q + 3));
+  }
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+  uint64_t s = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
 }  // namespace ktjax

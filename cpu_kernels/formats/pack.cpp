@@ -22,6 +22,7 @@ int PackedWeight::scale_bytes() const {
     case ScaleEnc::F16: return 2;
     case ScaleEnc::F32: return 4;
     case ScaleEnc::I8: return 1;
+    case ScaleEnc::Row:  // no per-group coefficients
     case ScaleEnc::None: return 0;
   }
   return 0;
@@ -29,7 +30,7 @@ int PackedWeight::scale_bytes() const {
 
 std::string PackedWeight::describe() const {
   static const char* kinds[] = {"int8", "int4", "bf16"};
-  static const char* encs[] = {"", "f16", "f32", "i8xf32"};
+  static const char* encs[] = {"", "f16", "f32", "i8xf32", "row"};
   std::string s = kinds[static_cast<int>(kind)];
   if (kind != WeightKind::BF16) {
     s += "/g" + std::to_string(group) + "/" + encs[static_cast<int>(scale_enc)];
@@ -112,6 +113,7 @@ float group_coef(const PackedWeight& w, int which, int64_t n, int64_t k) {
     case ScaleEnc::F16: { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
     case ScaleEnc::F32: { float f; std::memcpy(&f, p, 4); return f; }
     case ScaleEnc::I8: return *super_slot(mw, which, n, k) * static_cast<float>(static_cast<int8_t>(*p));
+    case ScaleEnc::Row: return *super_slot(mw, which, n, k);
     case ScaleEnc::None: break;
   }
   return 0.f;
@@ -328,16 +330,22 @@ std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool ha
   w->n = n;
   w->k = k;
   w->np = round_up(n, kRowBlock);
-  w->kp = round_up(k, w->scale_enc == ScaleEnc::I8 ? kSuperBlock : w->group);
+  const bool i8 = w->scale_enc == ScaleEnc::I8, row = w->scale_enc == ScaleEnc::Row;
+  w->kp = round_up(k, i8 ? kSuperBlock : row ? 64 : w->group);
   w->group_bytes = kind == WeightKind::Int4 ? w->group * 8 : kind == WeightKind::Int8 ? w->group * 16
                                                                                        : 32 * 2 * 16;
   w->coef_bytes = w->scale_bytes() * kRowBlock;
   w->rec_bytes = w->group_bytes + w->coef_bytes * (w->has_min ? 2 : 1);
-  const bool i8 = w->scale_enc == ScaleEnc::I8;
-  w->super_hdr = i8 ? 64 * (w->has_min ? 2 : 1) : 0;
-  w->gps_shift = i8 ? (w->group == 16 ? 4 : 3) : 0;
-  w->super_bytes = w->super_hdr + (int64_t{1} << w->gps_shift) * w->rec_bytes;
-  w->block_stride = round_up((w->groups() >> w->gps_shift) * w->super_bytes, 64);
+  w->super_hdr = i8 || row ? 64 * (w->has_min ? 2 : 1) : 0;
+  if (row) {  // one super-block: g >> gps_shift is 0 for every group
+    w->gps_shift = 62;
+    w->super_bytes = w->super_hdr + w->groups() * w->rec_bytes;
+    w->block_stride = round_up(w->super_bytes, 64);
+  } else {
+    w->gps_shift = i8 ? (w->group == 16 ? 4 : 3) : 0;
+    w->super_bytes = w->super_hdr + (int64_t{1} << w->gps_shift) * w->rec_bytes;
+    w->block_stride = round_up((w->groups() >> w->gps_shift) * w->super_bytes, 64);
+  }
   const size_t total = static_cast<size_t>(w->bytes());
   void* p = std::aligned_alloc(64, total);
   if (!p) throw std::bad_alloc();
@@ -428,9 +436,11 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
 std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
                                          const std::string& fmt) {
   check_shape(n, k);
-  const bool int4 = fmt == "int4";
-  if (!int4 && fmt != "int8" && fmt != "bf16")
-    throw std::invalid_argument("unknown weight format '" + fmt + "' (int8, int4, bf16)");
+  const bool int4 = fmt == "int4", per_row = fmt == "int8_row";
+  if (!int4 && !per_row && fmt != "int8" && fmt != "bf16")
+    throw std::invalid_argument("unknown weight format '" + fmt + "' (int8, int8_row, int4, bf16)");
+  if (per_row && k >= 65536)
+    throw std::invalid_argument("int8_row needs K < 65536 (int32 dot products), got K=" + std::to_string(k));
   for (int64_t i = 0; i < n * k; ++i)
     if (!std::isfinite(src[i]))
       throw std::invalid_argument("weight has a non-finite value at row " +
@@ -449,6 +459,19 @@ std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
         const uint16_t b = f32_to_bf16(src[r * k + c]);
         std::memcpy(ref.block(r / kRowBlock) + data_offset(ref, static_cast<int>(r % kRowBlock), c), &b, 2);
       }
+    });
+    return w;
+  }
+  if (per_row) {
+    auto w = make_packed(WeightKind::Int8, ScaleEnc::Row, false, 32, n, k);
+    PackedWeight& ref = *w;
+    by_row_blocks([&](int64_t r) {
+      float amax = 0.f;
+      for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(src[r * k + c]));
+      const float s = amax / 127.f, inv = s == 0.f ? 0.f : 1.f / s;
+      *super_slot(ref, 0, r, 0) = s;
+      for (int64_t c = 0; c < k; ++c)
+        set_q(ref, r, c, std::min(127, std::max(-127, static_cast<int>(std::nearbyint(src[r * k + c] * inv)))));
     });
     return w;
   }

@@ -16,6 +16,11 @@
 //   I8: an int8 per (row, group) times an f32 per (row, 256-value super-block) -- the
 //       K-quant layout (Q2_K..Q6_K), whose sub-block scales are small integers.
 // Mins use the same encoding as scales.
+//   Row (int8 only, "int8_row", from float weights): one f32 scale per row, as the 16-float
+//       header of the row block; records hold data only, so a row block is one contiguous
+//       VNNI array and K is padded to 64 (one AMX int8 tile step). Activations for such a
+//       weight get one scale per token (every group slot holds it), so the AMX kernel can
+//       accumulate all of K in int32 tiles and scale once.
 //
 // One row block is a contiguous region that a kernel streams front to back (one stream
 // per row block keeps the hardware prefetchers on track). It is a sequence of group
@@ -38,7 +43,7 @@ constexpr int kRowBlock = 16;
 constexpr int kSuperBlock = 256;
 
 enum class WeightKind : int { Int8 = 0, Int4 = 1, BF16 = 2 };
-enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3 };
+enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3, Row = 4 };
 
 struct AlignedFree {
   void operator()(void* p) const;
@@ -54,7 +59,8 @@ struct PackedWeight {
   int64_t np = 0, kp = 0;  // padded shape
 
   // Layout of a row-block region (see above). Without the I8 encoding a "super" is one
-  // group record with no header, so the same address arithmetic serves every format.
+  // group record with no header, and with Row one super spanning the whole row block
+  // (gps_shift past any group index), so the same address arithmetic serves every format.
   int64_t group_bytes = 0;  // weight data of one group
   int64_t coef_bytes = 0;   // one coefficient vector (16 scales or 16 mins)
   int64_t rec_bytes = 0;    // group record: data, scales, mins
@@ -96,7 +102,8 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
                                         int64_t n, int64_t k, const std::string& float_fmt = "int8");
 
 // Builds a packed weight from float32 rows w[n, k] (row stride k): "int8" (groups of 32,
-// symmetric), "int4" (groups of 32, scale + min) or "bf16".
+// symmetric), "int8_row" (one scale per row, K < 65536 so int32 sums cannot overflow),
+// "int4" (groups of 32, scale + min) or "bf16".
 std::unique_ptr<PackedWeight> pack_float(const float* w, int64_t n, int64_t k,
                                          const std::string& fmt);
 

@@ -26,14 +26,26 @@ float coef(const PackedWeight& w, const uint8_t* blk, int r, int64_t g, bool min
       std::memcpy(&sup, blk + w.super_off(g) + (min ? 64 : 0) + r * 4, 4);
       return sup * static_cast<float>(static_cast<int8_t>(*p));
     }
+    case ScaleEnc::Row: {
+      float f;
+      std::memcpy(&f, blk + (min ? 64 : 0) + r * 4, 4);
+      return f;
+    }
     case ScaleEnc::None: break;
   }
   return 0.f;
 }
 
-bool prepare(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, QuantActs* out) {
+bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int64_t ldx, QuantActs* out) {
   const int64_t kp = w.kp, G = w.group, groups = kp / G;
-  for (int64_t i = 0; i < t; ++i)
+  const bool per_token = w.scale_enc == ScaleEnc::Row;  // one activation scale per token
+  for (int64_t i = t0; i < t1; ++i) {
+    float row_amax = 0.f;
+    if (per_token)
+      for (int64_t k = 0; k < w.k; ++k) {
+        if (!std::isfinite(x[i * ldx + k])) return false;
+        row_amax = std::fmax(row_amax, std::fabs(x[i * ldx + k]));
+      }
     for (int64_t g = 0; g < groups; ++g) {
       float v[32] = {};
       for (int64_t j = 0; j < G; ++j) {
@@ -45,8 +57,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, Quan
         for (int64_t j = 0; j < G; ++j) out->bf[i * kp + g * G + j] = f32_to_bf16(v[j]);
         continue;
       }
-      float amax = 0.f;
-      for (int64_t j = 0; j < G; ++j) amax = std::fmax(amax, std::fabs(v[j]));
+      float amax = row_amax;
+      if (!per_token)
+        for (int64_t j = 0; j < G; ++j) amax = std::fmax(amax, std::fabs(v[j]));
       const float d = amax / 127.f;
       const float id = d != 0.f ? 1.f / d : 0.f;
       int sum = 0;
@@ -58,6 +71,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, Quan
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
     }
+  }
   return true;
 }
 

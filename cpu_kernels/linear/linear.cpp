@@ -1,6 +1,7 @@
 #include "cpu_kernels/linear/linear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <cstdlib>
@@ -37,6 +38,17 @@ void size_acts(const PackedWeight& w, int64_t t, QuantActs* a) {
   }
 }
 
+bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,
+                 int64_t ldx, QuantActs* out) {
+  size_acts(w, t, out);
+  if (t * w.k < (int64_t{1} << 16)) return kern.prepare(w, x, 0, t, ldx, out);
+  std::atomic<bool> ok{true};
+  parallel_for(t, [&](int64_t b, int64_t e) {
+    if (!kern.prepare(w, x, b, e, ldx, out)) ok = false;
+  });
+  return ok;
+}
+
 void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa) {
   if (t <= 0) return;
   const LinearKernels& kern = kernels_for(isa);
@@ -44,10 +56,11 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
   // lambda naming the thread_local itself would see each worker's own copy.
   thread_local QuantActs tls_acts;
   QuantActs& acts = tls_acts;
-  size_acts(w, t, &acts);
-  if (!kern.prepare(w, x, t, w.k, &acts))
+  if (!prepare_all(kern, w, x, t, w.k, &acts))
     throw std::invalid_argument("linear: input x holds NaN or Inf");
   const int64_t rbs = w.row_blocks();
+  // Below ~64K multiply-adds a pool wake-up costs more than it saves.
+  if (w.np * w.kp * t < (int64_t{1} << 16)) return kern.gemm(w, acts, 0, rbs, y, w.n);
   parallel_for(rbs, [&](int64_t b, int64_t e) { kern.gemm(w, acts, b, e, y, w.n); });
 }
 
@@ -65,18 +78,18 @@ double read_bandwidth_gbps(int64_t bytes, int reps) {
   std::memset(buf.get(), 1, words * 8);
   const uint64_t* p = buf.get();
   std::vector<uint64_t> sink(64);
+  const bool vector = detected_isa() >= Isa::Avx2;
   double best = 0;
   for (int r = 0; r < reps; ++r) {
     const auto start = std::chrono::steady_clock::now();
     parallel_for(words / 1024, [&](int64_t b, int64_t e) {
-      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      for (int64_t i = b * 1024; i < e * 1024; i += 4) {
-        s0 += p[i];
-        s1 += p[i + 1];
-        s2 += p[i + 2];
-        s3 += p[i + 3];
+      uint64_t s = 0;
+      if (vector) {
+        s = sum_words_avx2(p + b * 1024, (e - b) * 1024);
+      } else {
+        for (int64_t i = b * 1024; i < e * 1024; ++i) s += p[i];
       }
-      sink[b % 64] += s0 + s1 + s2 + s3;
+      sink[b % 64] += s;
     });
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     best = std::max(best, static_cast<double>(words / 1024 * 1024 * 8) / s / 1e9);

@@ -30,9 +30,11 @@ struct QuantActs {
 };
 
 struct LinearKernels {
-  // Quantizes rows x[t, 0:k] (row stride ldx) for weight w. Returns false if any value
-  // is NaN or infinite (outputs are then partly written).
-  bool (*prepare)(const PackedWeight& w, const float* x, int64_t t, int64_t ldx, QuantActs* out);
+  // Quantizes rows [t0, t1) of x (row i at x + i * ldx, k values) for weight w into the
+  // same rows of out. Returns false if any value is NaN or infinite (outputs are then
+  // partly written).
+  bool (*prepare)(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int64_t ldx,
+                  QuantActs* out);
   // y[t, n] for row blocks [rb0, rb1) of w and all tokens of a; row stride ldy. Never
   // writes rows >= w.n.
   void (*gemm)(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
@@ -51,6 +53,11 @@ const LinearKernels& kernels_for(Isa isa);
 // Sizes a's buffers for t tokens of weight w (prepare expects this).
 void size_acts(const PackedWeight& w, int64_t t, QuantActs* a);
 
+// Sizes out for t tokens and prepares all of them, threaded over tokens when the call is
+// large. Returns false on NaN/Inf in x.
+bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,
+                 int64_t ldx, QuantActs* out);
+
 // y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks. Throws std::invalid_argument
 // when x holds NaN/Inf.
 void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa);
@@ -61,5 +68,7 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
 double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,
                    float* y, Isa isa, int iters);
 double read_bandwidth_gbps(int64_t bytes, int reps);
+// Sum of n 64-bit words with 256-bit loads (the bandwidth probe's reader; AVX2 only).
+uint64_t sum_words_avx2(const uint64_t* p, int64_t n);
 
 }  // namespace ktjax

@@ -108,10 +108,12 @@ void bind_moe(py::module_& m) {
       "Fused MoE on numpy arrays: out[T, H].");
   m.def(
       "time_moe",
-      [](Arr<float> x, Arr<int32_t> ids, Arr<float> wts, const std::vector<int64_t>& handles,
-         int iters) {
+      [](Arr<float> x, const std::vector<Arr<int32_t>>& ids, Arr<float> wts,
+         const std::vector<int64_t>& handles, int iters) {
+        if (ids.size() != handles.size() || handles.empty())
+          throw std::invalid_argument("time_moe: one expert_ids array per layer handle");
         std::vector<Call> calls;
-        for (int64_t h : handles) calls.push_back(make_call(x, ids, wts, h, 0));
+        for (size_t i = 0; i < handles.size(); ++i) calls.push_back(make_call(x, ids[i], wts, handles[i], 0));
         std::vector<float> out(static_cast<size_t>(calls[0].args.t * calls[0].ex.hidden));
         const Isa level = active_isa();
         py::gil_scoped_release nogil;
@@ -124,7 +126,7 @@ void bind_moe(py::module_& m) {
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
       },
       py::arg("x"), py::arg("expert_ids"), py::arg("expert_weights"), py::arg("handles"), py::arg("iters"),
-      "Seconds per MoE call, rotating over layers (benchmarks).");
+      "Seconds per MoE call, rotating over layers, each with its own routing (benchmarks).");
   m.def(
       "time_parallel_for",
       [](int iters) {

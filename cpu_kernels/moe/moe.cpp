@@ -180,13 +180,9 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
 
   // Quantize x once per distinct input layout, then gather each expert's rows.
   const PackedWeight& g0 = mat(0, 0);
-  size_acts(g0, T, &s.all_x);
-  if (!kern.prepare(g0, a.x, T, H, &s.all_x)) throw std::invalid_argument("moe: input x holds NaN or Inf");
+  if (!prepare_all(kern, g0, a.x, T, H, &s.all_x)) throw std::invalid_argument("moe: input x holds NaN or Inf");
   const bool shared_same = !shared || same_layout(*shared->w->mats[0], g0);
-  if (!shared_same) {
-    size_acts(*shared->w->mats[0], T, &s.all_x_shared);
-    kern.prepare(*shared->w->mats[0], a.x, T, H, &s.all_x_shared);
-  }
+  if (!shared_same) prepare_all(kern, *shared->w->mats[0], a.x, T, H, &s.all_x_shared);
   if (static_cast<int64_t>(s.acts_in.size()) < slots) {
     s.acts_in.resize(slots);
     s.acts_up.resize(slots);
@@ -196,6 +192,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     s.yd.resize(slots);
   }
   std::vector<const QuantActs*> in(slots), in_up(slots);
+  std::vector<int64_t> to_gather;  // slots whose token rows are copied out of all_x
   for (int64_t sl = 0; sl < slots; ++sl) {
     const PackedWeight &gw = mat(sl, 0), &uw = mat(sl, 1);
     const QuantActs& src = (sl >= routed && !shared_same) ? s.all_x_shared : s.all_x;
@@ -208,7 +205,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
       in[sl] = &src;  // every token in order: no copy
     } else {
       size_acts(gw, ntok(sl), &s.acts_in[sl]);
-      gather_acts(src, s.rows[sl], &s.acts_in[sl]);
+      to_gather.push_back(sl);
       in[sl] = &s.acts_in[sl];
     }
     in_up[sl] = in[sl];
@@ -216,13 +213,16 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
       std::vector<float> xr(ntok(sl) * H);
       for (int64_t i = 0; i < ntok(sl); ++i)
         std::memcpy(&xr[i * H], a.x + (sl < routed ? s.rows[sl][i] : i) * H, H * 4);
-      size_acts(uw, ntok(sl), &s.acts_up[sl]);
-      kern.prepare(uw, xr.data(), ntok(sl), H, &s.acts_up[sl]);
+      prepare_all(kern, uw, xr.data(), ntok(sl), H, &s.acts_up[sl]);
       in_up[sl] = &s.acts_up[sl];
     }
     s.yg[sl].resize(ntok(sl) * gw.n);
     s.yu[sl].resize(ntok(sl) * uw.n);
   }
+  // Routed slots only (shared ones take all_x as is), so the source is always all_x.
+  parallel_for(static_cast<int64_t>(to_gather.size()), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) gather_acts(s.all_x, s.rows[to_gather[i]], &s.acts_in[to_gather[i]]);
+  });
 
   // gate and up projections of every active expert in one pass over the pool.
   std::vector<Seg> segs;
@@ -241,7 +241,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     for (int64_t sl = b; sl < e; ++sl) {
       float* g = s.yg[sl].data();
       activate(act, g, s.yu[sl].data(), ntok(sl) * mat(sl, 0).n);
-      if (!kern.prepare(mat(sl, 2), g, ntok(sl), mat(sl, 0).n, &s.acts_h[sl]))
+      if (!kern.prepare(mat(sl, 2), g, 0, ntok(sl), mat(sl, 0).n, &s.acts_h[sl]))
         throw std::invalid_argument("moe: expert activations overflowed to NaN or Inf");
     }
   });

@@ -16,7 +16,7 @@ from ktjax import _native
 from ktjax.errors import KernelError
 from ktjax.host.ffi import register_cpu_targets
 
-FLOAT_FORMATS = ("int8", "int4", "bf16")
+FLOAT_FORMATS = ("int8", "int8_row", "int4", "bf16")
 
 
 def _native_call(fn, *args: Any) -> Any:
@@ -40,8 +40,10 @@ def pack_gguf_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, int],
 
 
 def pack_float_weight(w: np.ndarray, fmt: str = "int8") -> int:
-    """Quantizes a float weight [N, K] to ``fmt`` (int8: groups of 32, symmetric; int4:
-    groups of 32 with scale and min; bf16) into the store. Returns the handle."""
+    """Quantizes a float weight [N, K] to ``fmt`` (int8: groups of 32, symmetric; int8_row:
+    one scale per row, activations then quantized with one scale per token, which lets the
+    AMX kernel sum all of K in int32; int4: groups of 32 with scale and min; bf16) into the
+    store. Returns the handle."""
     if fmt not in FLOAT_FORMATS:
         raise KernelError(f"unknown weight format {fmt!r}; expected one of {FLOAT_FORMATS}")
     w = np.asarray(w)

@@ -68,3 +68,19 @@ def moe_reference(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndar
     """The scalar reference kernels on numpy arrays."""
     return moe_forward(x, expert_ids, expert_weights, handle, shared_handle=shared_handle,
                        activation=activation, isa="generic")
+
+
+def moe_layered(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, layer: jax.Array,
+                handles: tuple[int, ...], *, shared_handles: tuple[int, ...] = (),
+                activation: str = "silu") -> jax.Array:
+    """``moe`` with one expert set per layer (``handles[layer]``, the layer a traced s32 scalar,
+    the index of a lax.scan over layers) through ``ktjax_moe_layered``; ``shared_handles`` is
+    empty or one shared-expert set per layer."""
+    if activation not in ACTIVATIONS:
+        raise KernelError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    register_cpu_targets()
+    call = jax.ffi.ffi_call("ktjax_moe_layered", jax.ShapeDtypeStruct(x.shape, np.float32))
+    return call(x, expert_ids, expert_weights, layer.astype(np.int32),
+                handles=np.asarray(handles, np.int64),
+                shared_handles=np.asarray(shared_handles, np.int64),
+                activation=np.int32(ACTIVATIONS[activation]))

@@ -13,5 +13,7 @@ extern "C" XLA_FFI_Error* KtjaxLinear(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxLinearLayered(XLA_FFI_CallFrame* call_frame);
 // ktjax_moe: x f32[T, H], ids s32[T, k], weights f32[T, k] -> f32[T, H] (xla_ffi/moe_ffi.cpp).
 extern "C" XLA_FFI_Error* KtjaxMoe(XLA_FFI_CallFrame* call_frame);
+// ktjax_moe_layered: ktjax_moe + layer s32[], attrs handles/shared_handles int64[L] (moe_layered_ffi.cpp).
+extern "C" XLA_FFI_Error* KtjaxMoeLayered(XLA_FFI_CallFrame* call_frame);
 
 }  // namespace ktjax
