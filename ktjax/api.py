@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax import rules as placement_rules
 from ktjax.engine.engine import Engine
 from ktjax.engine.programs import enable_persistent_cache
 from ktjax.errors import KtjaxError, RequestError
@@ -17,6 +18,7 @@ from ktjax.gguf.reader import GGUFFile
 from ktjax.gguf.tokenizer import Tokenizer
 from ktjax.kernels.backends import get_backend
 from ktjax.models import loader
+from ktjax.models.base import cache_value_dim
 from ktjax.models.catalog import resolve_model
 from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams
@@ -33,12 +35,15 @@ class LLM:
     dtype: weight dtype, 'float32' (default on CPU) or 'bfloat16' (default on GPU).
     host_linears: run matmul weights in the native host kernels, kept in their GGUF
       quantization (default: on for CPU runs); False computes them densely in XLA.
+    rules: a placement rules file or profile name (see ktjax.rules; default: the CPU-only
+      profile on CPU, the family's default file elsewhere); excludes host_linears.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, page_size: int = 16,
                  dtype: str | None = None, attention: str = "reference",
-                 device: jax.Device | None = None, host_linears: bool | None = None):
+                 device: jax.Device | None = None, host_linears: bool | None = None,
+                 rules: str | os.PathLike | None = None):
         enable_persistent_cache()
         self.model_path = resolve_model(model)
         gguf_file = GGUFFile(self.model_path)
@@ -49,11 +54,16 @@ class LLM:
         if dtype is None:
             dtype = "float32" if device.platform == "cpu" else "bfloat16"
         np_dtype = jnp.dtype(dtype)
-        if host_linears is None:
-            host_linears = device.platform == "cpu"
-        elif host_linears and device.platform != "cpu":
+        if host_linears and device.platform != "cpu":
             raise KtjaxError(f"host_linears runs on the CPU backend, not on {device.platform}")
-        params = loader.load_params(gguf_file, self.spec, np_dtype, device, host_linears)
+        if rules is not None and host_linears is not None:
+            raise KtjaxError("pass either rules or host_linears, not both")
+        if rules is None:
+            rules = placement_rules.default_rules(self.config.architecture, device.platform) \
+                if host_linears is None else ("cpu" if host_linears else "device")
+        self.placement = loader.placement_for(gguf_file, self.spec, rules, device.platform)
+        params = loader.load_params(gguf_file, self.spec, np_dtype, device,
+                                    placement=self.placement)
         weakref.finalize(self, loader.release_host_weights, params)
         max_model_len = min(max_model_len or 4096, self.config.context_length)
         forward = self.spec.family.make_forward(self.config, get_backend(attention))
@@ -62,7 +72,8 @@ class LLM:
             head_dim=self.config.head_dim, vocab_size=self.config.vocab_size,
             tokenizer=self.tokenizer,
             max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens or 4 * max_model_len,
-            page_size=page_size, kv_dtype=np_dtype, device=device)
+            page_size=page_size, kv_dtype=np_dtype, device=device,
+            kv_value_dim=cache_value_dim(self.config))
 
     # ---- generation -------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:

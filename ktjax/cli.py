@@ -23,6 +23,8 @@ def _sampling_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", "-m", default=None,
                     help="GGUF path or catalog name (default: smollm2-135m)")
     ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--rules", default=None,
+                    help="placement rules file or profile (default: by device and family)")
 
 
 def _params(a: argparse.Namespace) -> SamplingParams:
@@ -34,7 +36,7 @@ def _params(a: argparse.Namespace) -> SamplingParams:
 
 def _llm(a: argparse.Namespace):
     from ktjax.api import LLM
-    return LLM(a.model, max_model_len=a.max_model_len)
+    return LLM(a.model, max_model_len=a.max_model_len, rules=a.rules)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -73,7 +75,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 def cmd_info(a: argparse.Namespace) -> None:
     from ktjax.models.info import describe
-    print(describe(a.model_path))
+    print(describe(a.model_path, a.rules))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=cmd_chat)
     i = sub.add_parser("info", help="architecture, parameters, quant mix, memory estimate")
     i.add_argument("model_path", metavar="MODEL", help="GGUF path or catalog name")
+    i.add_argument("--rules", default=None,
+                   help="placement rules file or profile: print each group's placement")
     i.set_defaults(fn=cmd_info)
     a = ap.parse_args(argv)
     try:

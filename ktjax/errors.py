@@ -25,5 +25,9 @@ class OutOfMemoryError(KtjaxError):
     """The KV page pool cannot hold the requested sequences."""
 
 
+class RulesError(KtjaxError):
+    """A placement rules file is invalid or does not fit the model (names the rule)."""
+
+
 class KernelError(KtjaxError):
     """A native kernel rejected its inputs (shape, dtype, handle, values)."""

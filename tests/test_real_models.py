@@ -28,31 +28,52 @@ def test_logits_match_transformers(name, tol):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return LLM(max_model_len=512, kv_cache_tokens=2048)   # the default model
+    return LLM(max_model_len=512, kv_cache_tokens=2048)   # the default model, default path
 
 
-def test_default_model_greedy_matches_transformers(smollm2):
-    import torch
-    from transformers import AutoModelForCausalLM
+def test_default_model_greedy_matches_transformers():
+    """Dense float32 path: token for token what transformers generates. (The CPU default
+    quantizes activations to int8 in the host kernels, as llama.cpp does, so its greedy text
+    may part ways at a near tie; test_perplexity_matches_llama_cpp bounds that path.)"""
     import os
 
-    path = smollm2.model_path
-    out = smollm2.generate([TEXT], SamplingParams(temperature=0, max_tokens=24,
-                                                  ignore_eos=True))[0]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(max_model_len=512, kv_cache_tokens=2048, host_linears=False)
+    path = llm.model_path
+    out = llm.generate([TEXT], SamplingParams(temperature=0, max_tokens=24,
+                                              ignore_eos=True))[0]
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
                                                  gguf_file=os.path.basename(path),
                                                  dtype=torch.float32)
     ids = torch.tensor([out.prompt_token_ids])
     ref = model.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
     assert out.token_ids == ref[0, ids.shape[1]:].tolist()
-    assert out.text == smollm2.tokenizer.decode(out.token_ids)
+    assert out.text == llm.tokenizer.decode(out.token_ids)
 
 
-def test_chat_uses_template_and_stops(smollm2):
-    prompt = smollm2.chat_prompt([{"role": "user", "content": "What is 2 + 2?"}])
-    text = smollm2.tokenizer.decode(prompt)
-    assert "<|im_start|>user\nWhat is 2 + 2?<|im_end|>" in text
-    assert text.endswith("<|im_start|>assistant\n")
-    out = smollm2.chat([{"role": "user", "content": "What is 2 + 2?"}],
-                       SamplingParams(temperature=0, max_tokens=64))
-    assert out.finish_reason == "stop" and "4" in out.text
+# llama-perplexity (llama.cpp 0c1e570, -c 256) on this file, recorded in issue 2.
+LLAMA_CPP_PPL = {"smollm2-135m": 17.7438, "gemma3-270m": 8.5524}
+APACHE = "/usr/share/common-licenses/Apache-2.0"
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_CPP_PPL))
+@pytest.mark.parametrize("host_linears,tol", [
+    (False, 0.01),    # dense float32: the protocol alone
+    # CPU default: int8 activations in the host kernels (as llama.cpp's own); which values
+    # round which way moves this ~1000-token score by up to ~1%, so allow 1.5%.
+    (True, 0.015),
+])
+def test_perplexity_matches_llama_cpp(name, host_linears, tol):
+    import importlib.util
+    import pathlib
+    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "perplexity.py"
+    spec = importlib.util.spec_from_file_location("perplexity", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    llm = LLM(name, max_model_len=257, kv_cache_tokens=272, host_linears=host_linears)
+    ppl, _ = module.perplexity(llm, pathlib.Path(APACHE).read_text(), 256)
+    print(f"{name} host_linears={host_linears}: PPL {ppl:.4f} vs llama.cpp "
+          f"{LLAMA_CPP_PPL[name]}")
+    assert abs(ppl / LLAMA_CPP_PPL[name] - 1) < tol

@@ -54,8 +54,12 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
                     head_dim: int = 16, ffn: int = 128, tied: bool = True,
                     rope_freqs: bool = False, seed: int = 0, context_length: int = 512,
                     skip: tuple[str, ...] = (), extra: dict | None = None,
-                    extra_kv: dict[str, int] | None = None) -> Path:
-    """Write a random model of `arch` ('llama', 'qwen2', 'qwen3', 'gemma3').
+                    extra_kv: dict[str, int] | None = None, n_experts: int = 0,
+                    n_used: int = 2, expert_ffn: int = 32, shared_ffn: int = 0,
+                    expert_qtype: T | None = None) -> Path:
+    """Write a random model of `arch` ('llama', 'qwen2', 'qwen3', 'qwen2moe', 'qwen3moe',
+    'gemma3'); n_experts > 0 replaces the FFN by routed experts (`llama`: Mixtral) in
+    `expert_qtype` (default `qtype`), shared_ffn > 0 adds qwen2moe's gated shared expert.
 
     2-D weights use `qtype`; norms/biases are F32. `skip` leaves tensors out and `extra`
     adds tensors {name: array} and `extra_kv` uint32 metadata, for bad-input tests.
@@ -79,6 +83,13 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
         w.add_rope_dimension_count(head_dim)
     if arch == "gemma3":
         w.add_sliding_window(8)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(n_used)
+        if arch != "llama":  # Mixtral's experts use feed_forward_length
+            w.add_expert_feed_forward_length(expert_ffn)
+        if shared_ffn:
+            w.add_expert_shared_feed_forward_length(shared_ffn)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -115,13 +126,25 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
         mat(p + "attn_v.weight", (hkv, hidden))
         mat(p + "attn_output.weight", (hidden, hq))
         vec(p + "ffn_norm.weight", hidden)
-        mat(p + "ffn_gate.weight", (ffn, hidden))
-        mat(p + "ffn_up.weight", (ffn, hidden))
-        mat(p + "ffn_down.weight", (hidden, ffn))
-        if arch == "qwen2":
+        if n_experts:
+            eff, eq = ffn if arch == "llama" else expert_ffn, expert_qtype or qtype
+            mat(p + "ffn_gate_inp.weight", (n_experts, hidden), T.F32)
+            mat(p + "ffn_gate_exps.weight", (n_experts, eff, hidden), eq)
+            mat(p + "ffn_up_exps.weight", (n_experts, eff, hidden), eq)
+            mat(p + "ffn_down_exps.weight", (n_experts, hidden, eff), eq)
+        else:
+            mat(p + "ffn_gate.weight", (ffn, hidden))
+            mat(p + "ffn_up.weight", (ffn, hidden))
+            mat(p + "ffn_down.weight", (hidden, ffn))
+        if shared_ffn:
+            mat(p + "ffn_gate_shexp.weight", (shared_ffn, hidden))
+            mat(p + "ffn_up_shexp.weight", (shared_ffn, hidden))
+            mat(p + "ffn_down_shexp.weight", (hidden, shared_ffn))
+            vec(p + "ffn_gate_inp_shexp.weight", hidden, center=0.0)
+        if arch in ("qwen2", "qwen2moe"):
             for n, size in (("q", hq), ("k", hkv), ("v", hkv)):
                 vec(p + f"attn_{n}.bias", size, center=0.0)
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "qwen3moe", "gemma3"):
             vec(p + "attn_q_norm.weight", head_dim)
             vec(p + "attn_k_norm.weight", head_dim)
         if arch == "gemma3":

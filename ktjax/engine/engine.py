@@ -32,7 +32,8 @@ class Engine:
     def __init__(self, forward, params: dict, *, n_layers: int, n_kv_heads: int, head_dim: int,
                  vocab_size: int, tokenizer, max_model_len: int, kv_cache_tokens: int,
                  page_size: int = 16,
-                 kv_dtype=jnp.float32, device: jax.Device | None = None):
+                 kv_dtype=jnp.float32, device: jax.Device | None = None,
+                 kv_value_dim: int | None = None):
         self.params = params
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -41,7 +42,7 @@ class Engine:
         n_pages = -(-kv_cache_tokens // page_size) + 1  # + the scratch page
         self.pool = PagePool(n_pages, page_size)
         self.kv = make_kv_cache(n_layers, n_pages, page_size, n_kv_heads, head_dim, kv_dtype,
-                                device)
+                                device, kv_value_dim)
         self.programs = ProgramCache(forward, params, self.kv, vocab_size)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -166,7 +167,8 @@ class Engine:
     def _sample(self, logits: jax.Array, seqs: list[Sequence | None], rows: int) -> None:
         active = [s for s in seqs if s is not None]
         if all(s.params.temperature == 0 and not _has_penalty(s.params) for s in active):
-            tokens, logprobs = self.programs.greedy_sampler(rows)(logits)
+            want = any(s.params.logprobs for s in active)
+            tokens, logprobs = self.programs.greedy_sampler(rows, want)(logits)
         else:
             tokens, logprobs = self._sample_full(logits, seqs, rows)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)

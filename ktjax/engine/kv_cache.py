@@ -86,11 +86,16 @@ class BlockTable:
 
 
 def make_kv_cache(n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int,
-                  dtype, device: jax.Device | None = None) -> KVCache:
-    shape = (n_layers, n_pages, page_size, n_kv_heads, head_dim)
+                  dtype, device: jax.Device | None = None,
+                  value_dim: int | None = None) -> KVCache:
+    """value_dim (default head_dim) is the values' width; 0 for a latent (MLA) cache."""
+    shape = (n_layers, n_pages, page_size, n_kv_heads)
     with jax.default_device(device) if device is not None else nullcontext():
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return KVCache(k=jnp.zeros((*shape, head_dim), dtype),
+                       v=jnp.zeros((*shape, head_dim if value_dim is None else value_dim), dtype))
 
 
-def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype) -> int:
-    return 2 * n_layers * n_kv_heads * head_dim * jnp.dtype(dtype).itemsize
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype,
+                       value_dim: int | None = None) -> int:
+    values = head_dim if value_dim is None else value_dim
+    return n_layers * n_kv_heads * (head_dim + values) * jnp.dtype(dtype).itemsize

@@ -66,13 +66,13 @@ class ProgramCache:
         self._forward = jax.jit(forward, donate_argnums=(1,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._sample = jax.jit(sample)
-        self._sample_greedy = jax.jit(sample_greedy)
+        self._sample_greedy = jax.jit(sample_greedy, static_argnums=(1,))
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
         self._steps: dict[Bucket, jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self._samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
-        self._greedy: dict[int, jax.stages.Compiled] = {}
+        self._greedy: dict[tuple[int, bool], jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
 
     def step(self, bucket: Bucket):
@@ -88,11 +88,12 @@ class ProgramCache:
                                           targets).compile())
         return self._scorers[bucket]
 
-    def greedy_sampler(self, rows: int):
-        if rows not in self._greedy:
-            self._greedy[rows] = self._timed(lambda: self._sample_greedy.lower(
-                jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32)).compile())
-        return self._greedy[rows]
+    def greedy_sampler(self, rows: int, with_logprobs: bool):
+        key = (rows, with_logprobs)
+        if key not in self._greedy:
+            self._greedy[key] = self._timed(lambda: self._sample_greedy.lower(
+                jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32), with_logprobs).compile())
+        return self._greedy[key]
 
     def sampler(self, rows: int, window: int):
         key = (rows, window)

@@ -79,11 +79,14 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     return tokens, jnp.take_along_axis(model_logprobs, tokens[:, None], 1)[:, 0]
 
 
-def sample_greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The common all-greedy, no-penalty step: argmax without the random and sorting work."""
+def sample_greedy(logits: jax.Array, with_logprobs: bool) -> tuple[jax.Array, jax.Array]:
+    """The common all-greedy, no-penalty step: argmax without the random and sorting work,
+    and without the softmax pass over the vocabulary unless a row asked for log-probs."""
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], 1)[:, 0]
+    if not with_logprobs:
+        return tokens, jnp.zeros(tokens.shape, jnp.float32)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], 1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
 def split_seed(seed: int) -> np.ndarray:

@@ -12,7 +12,8 @@ from ktjax.kernels import paged_attention_ref
 class AttentionBackend:
     """`write(k_cache, v_cache, slots, k, v)` stores all layers' new keys/values after the
     layer loop; `attend(q, k_new, v_new, k_cache, v_cache, layer, block_tables, cache_lens,
-    q_positions, *, scale, sliding_window)` attends over cache + new keys. See
+    q_positions, *, scale, sliding_window[, values_in_keys])` attends over cache + new keys;
+    `values_in_keys` (MLA) is passed only by families with a latent cache. See
     paged_attention_ref for the contract."""
 
     name: str

@@ -21,8 +21,9 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, k: jax.Ar
     page_size = k_cache.shape[2]
     pages, offsets = slots.reshape(-1) // page_size, slots.reshape(-1) % page_size
     n_layers = k.shape[0]
-    k = k.reshape(n_layers, -1, *k.shape[3:]).astype(k_cache.dtype)
-    v = v.reshape(n_layers, -1, *v.shape[3:]).astype(v_cache.dtype)
+    n = pages.shape[0]  # explicit: a width-0 value cache (MLA) cannot infer -1
+    k = k.reshape(n_layers, n, *k.shape[3:]).astype(k_cache.dtype)
+    v = v.reshape(n_layers, n, *v.shape[3:]).astype(v_cache.dtype)
     return k_cache.at[:, pages, offsets].set(k), v_cache.at[:, pages, offsets].set(v)
 
 
@@ -34,20 +35,27 @@ def gather_context(cache: jax.Array, layer: jax.Array, block_tables: jax.Array) 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
                     v_cache: jax.Array, layer: jax.Array, block_tables: jax.Array,
-                    cache_lens: jax.Array, q_positions: jax.Array, *, scale: float, sliding_window: jax.Array | int | None = None) -> jax.Array:
+                    cache_lens: jax.Array, q_positions: jax.Array, *, scale: float,
+                    sliding_window: jax.Array | int | None = None,
+                    values_in_keys: int | None = None) -> jax.Array:
     """Causal attention of a step's queries over the cached context plus the step's own keys.
 
     q [B, T, H, hd]; k_new/v_new [B, T, n_kv, hd]; q_positions [B, T] (-1 for padding);
     cache_lens [B] tokens already cached (context positions 0..cache_len-1); block_tables
     [B, P]. `sliding_window` (0 or None = unlimited) limits each query to the last
-    `sliding_window` positions, as Gemma's local layers do. Returns [B, T, H, hd].
+    `sliding_window` positions, as Gemma's local layers do. `values_in_keys` = d (MLA's
+    latent cache): the values are the first d dims of the keys and v_new/v_cache (width 0)
+    are not read. Returns [B, T, H, value dim].
     """
     b, t, h, hd = q.shape
     n_kv = k_new.shape[2]
     k = jnp.concatenate([gather_context(k_cache, layer, block_tables).astype(jnp.float32),
                          k_new.astype(jnp.float32)], axis=1)         # [B, S + T, n_kv, hd]
-    v = jnp.concatenate([gather_context(v_cache, layer, block_tables).astype(jnp.float32),
-                         v_new.astype(jnp.float32)], axis=1)
+    if values_in_keys is None:
+        v = jnp.concatenate([gather_context(v_cache, layer, block_tables).astype(jnp.float32),
+                             v_new.astype(jnp.float32)], axis=1)
+    else:
+        v = k[..., :values_in_keys]
     context = jnp.arange(k.shape[1] - t)[None]                        # [1, S]
     key_pos = jnp.concatenate([
         jnp.where(context < cache_lens[:, None], context, -1),       # unwritten slots: invalid
@@ -67,4 +75,4 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     probs = jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1)
     probs = jnp.where(any_visible, probs, 0.0)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
-    return out.reshape(b, t, h, hd).astype(q.dtype)
+    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)

@@ -103,9 +103,10 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
     window = jnp.where(is_global, 0, cfg.sliding_window)
 
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q = layers.linear(h, lp["attn_q"]).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = layers.linear(h, lp["attn_k"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = layers.linear(h, lp["attn_v"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k, v = layers.project(h, lp, ("attn_q", "attn_k", "attn_v"))
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     q = layers.apply_rope(layers.rms_norm(q, lp["attn_q_norm"], cfg.rms_eps),
                           ctx.batch.positions, inv_freq, neox=True)
     k = layers.apply_rope(layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps),
@@ -115,7 +116,8 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
     x = x + layers.rms_norm(a, lp["post_attention_norm"], cfg.rms_eps)
 
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
-    g = layers.gelu_tanh(layers.linear(h, lp["ffn_gate"])) * layers.linear(h, lp["ffn_up"])
+    gate, up = layers.project(h, lp, ("ffn_gate", "ffn_up"))
+    g = layers.gelu_tanh(gate) * up
     m = layers.linear(g, lp["ffn_down"])
     return x + layers.rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps), (k, v)
 

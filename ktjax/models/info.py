@@ -4,12 +4,48 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
+import jax
+
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
+from ktjax.models.base import cache_value_dim
 from ktjax.models.catalog import resolve_model
 
 
-def describe(model: str) -> str:
+# Approximate bytes per element of the host kernels' packed formats (values + group scales).
+_HOST_BYTES = {"int8": 1.125, "int4": 0.625, "bf16": 2.0}
+
+
+def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
+                    device_bytes: int) -> list[str]:
+    """One line per rule: placement, format, kernel, tensors and their memory per device."""
+    placement = loader.placement_for(f, spec, rules, platform)
+    groups: dict = {}
+    for path, d in placement.items():
+        tspec = spec.table[path]
+        names = tspec.names(spec.config.n_layers)
+        tensors = [f.tensors.get(n) or f.tensors["token_embd.weight"] for n in names
+                   if n in f.tensors or path == "output"]
+        g = groups.setdefault(d.rule, [d, 0, 0.0])
+        g[1] += len(tensors)
+        for t in tensors:
+            if d.placement == "host":
+                g[2] += t.data.nbytes if d.format == "keep" and t.qtype.name not in \
+                    ("F32", "F16", "BF16") else t.n_elements * _HOST_BYTES.get(d.format, 1.125)
+            else:
+                g[2] += t.n_elements * (4 if len(tspec.shape) == 1 else
+                                        {"bf16": 2, "f32": 4}.get(d.format, device_bytes))
+    lines = [f"placement     {rules} ({platform})"]
+    total = defaultdict(float)
+    for rule, (d, n, size) in groups.items():
+        total[d.placement] += size
+        lines.append(f"  {rule.name:<28} {d.placement:<6} {d.format:<4} {d.kernel:<10} "
+                     f"{n:>5} tensors {size / 2 ** 20:10.2f} MiB")
+    lines.append("  memory: " + ", ".join(f"{p} {v / 2 ** 20:.2f} MiB" for p, v in total.items()))
+    return lines
+
+
+def describe(model: str, rules: str | None = None) -> str:
     path = resolve_model(model)
     f = GGUFFile(path)
     spec = loader.inspect(f)
@@ -19,7 +55,7 @@ def describe(model: str) -> str:
         mix[t.qtype.name][0] += 1
         mix[t.qtype.name][1] += t.n_elements
     n_params = sum(t.n_elements for t in f.tensors.values())
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    kv_per_token = cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cache_value_dim(cfg))
     ctx = min(cfg.context_length, 4096)
     gib = 1024 ** 3
     lines = [
@@ -38,4 +74,11 @@ def describe(model: str) -> str:
             n_params * 4 / gib, n_params * 2 / gib, kv_per_token * 4 / 1024,
             4 * ctx * kv_per_token * 4 / gib, ctx),
     ]
+    if cfg.moe:
+        lines.insert(4, f"experts       {cfg.moe.n_experts} routed ({cfg.moe.n_used} per token) "
+                        f"x ffn {cfg.moe.expert_ffn}"
+                        + (f", shared ffn {cfg.moe.shared_ffn}" if cfg.moe.shared_ffn else ""))
+    if rules is not None:
+        platform = jax.default_backend()
+        lines += placement_table(f, spec, rules, platform, 4 if platform == "cpu" else 2)
     return "\n".join(lines)

@@ -19,6 +19,7 @@ class HostWeight:
     handles: tuple[int, ...] = struct.field(pytree_node=False)
     out_features: int = struct.field(pytree_node=False)
     layer: jax.Array | None = None
+    splits: tuple[int, ...] = struct.field(pytree_node=False, default=())  # fused: rows each
 
     def at_layer(self, layer: jax.Array) -> "HostWeight":
         return self.replace(layer=layer)
@@ -29,10 +30,30 @@ class HostWeight:
         return linear_layered(x.astype(jnp.float32), layer, self.handles, self.out_features)
 
 
+@struct.dataclass
+class HostExperts:
+    """A layer's routed experts in the native host store (one expert set per layer), run by
+    the fused MoE kernel through XLA FFI; a leafless scan passenger like HostWeight."""
+
+    handles: tuple[int, ...] = struct.field(pytree_node=False)
+    layer: jax.Array | None = None
+
+    def at_layer(self, layer: jax.Array) -> "HostExperts":
+        return self.replace(layer=layer)
+
+    def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+        from ktjax.host.moe import moe_layered
+        layer = jnp.zeros((), jnp.int32) if self.layer is None else self.layer
+        return moe_layered(x, ids, weights, layer, self.handles)
+
+
+HOST_NODES = (HostWeight, HostExperts)
+
+
 def bind_layer(tree, layer: jax.Array):
-    """Bind the scanned layer index into every HostWeight of a layer's params."""
-    return jax.tree.map(lambda w: w.at_layer(layer) if isinstance(w, HostWeight) else w, tree,
-                        is_leaf=lambda n: isinstance(n, HostWeight))
+    """Bind the scanned layer index into every host weight of a layer's params."""
+    return jax.tree.map(lambda w: w.at_layer(layer) if isinstance(w, HOST_NODES) else w, tree,
+                        is_leaf=lambda n: isinstance(n, HOST_NODES))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -40,6 +61,26 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+# Projections of one input that the loader may fuse into one host weight (one kernel call,
+# one pass over x) when their GGUF tensors share a quant type.
+FUSIBLE_PROJECTIONS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def fused_name(names: tuple[str, ...]) -> str:
+    return "+".join(names)
+
+
+def project(x: jax.Array, lp: dict, names: tuple[str, ...]) -> list[jax.Array]:
+    """[x @ W.T (+ bias) for each named weight], from the fused weight when there is one."""
+    fused = lp.get(fused_name(names))
+    if fused is not None:
+        ys = jnp.split(linear(x, fused), np.cumsum(fused.splits)[:-1].tolist(), axis=-1)
+    else:
+        ys = [linear(x, lp[n]) for n in names]
+    return [y if lp.get(f"{n}_bias") is None else y + lp[f"{n}_bias"].astype(y.dtype)
+            for n, y in zip(names, ys)]
 
 
 def linear(x: jax.Array, w: jax.Array | HostWeight, bias: jax.Array | None = None) -> jax.Array:

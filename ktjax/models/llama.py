@@ -1,6 +1,7 @@
-"""The llama family: `llama` (Llama 2/3, SmolLM2, Mistral), `qwen2` (q/k/v bias), `qwen3`
-(q/k RMSNorm). GQA, RoPE with llama3-style frequency factors (GGUF tensor rope_freqs) or
-linear scaling, tied or separate output head."""
+"""The llama family: `llama` (Llama 2/3, SmolLM2, Mistral; Mixtral when it has `ffn_*_exps`),
+`qwen2` (q/k/v bias), `qwen3` (q/k RMSNorm) and their mixture-of-experts variants `qwen2moe`
+(shared expert with a sigmoid gate) and `qwen3moe`. GQA, RoPE with llama3-style frequency
+factors (GGUF tensor rope_freqs) or linear scaling, tied or separate output head."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,13 @@ import jax.numpy as jnp
 from ktjax.errors import UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
-from ktjax.models import layers
+from ktjax.models import layers, moe
 from ktjax.models.base import AttentionContext, Batch, KVCache, TensorSpec, decoder_forward
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+
+# MoE routing per architecture: (renormalize top-k weights, shared expert), as llama.cpp.
+_MOE = {"llama": (True, False), "qwen2moe": (False, True), "qwen3moe": (True, False)}
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class LlamaConfig:
     rope_dim: int
     rope_linear_factor: float
     context_length: int
+    moe: moe.MoeConfig | None = None   # every layer's FFN is a mixture of experts
 
     @property
     def rope_neox(self) -> bool:
@@ -41,19 +46,20 @@ class LlamaConfig:
 
     @property
     def attn_bias(self) -> bool:
-        return self.architecture == "qwen2"
+        return self.architecture in ("qwen2", "qwen2moe")
 
     @property
     def qk_norm(self) -> bool:
-        return self.architecture == "qwen3"
+        return self.architecture in ("qwen3", "qwen3moe")
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "LlamaConfig":
         a = f.architecture
-        if int(f.get(f"{a}.expert_count", 0)) > 0:
-            raise UnsupportedModelError(
-                f"{a} with {f.get(f'{a}.expert_count')} experts (mixture-of-experts) is not "
-                "supported yet")
+        n_experts = int(f.get(f"{a}.expert_count", 0))
+        if a.endswith("moe") and n_experts <= 0:
+            raise UnsupportedModelError(f"{f.path}: {a} needs {a}.expert_count > 0")
+        if n_experts and a not in _MOE:
+            raise UnsupportedModelError(f"{a} with {n_experts} experts is not supported")
         hidden = int(f.get(f"{a}.embedding_length"))
         n_heads = int(f.get(f"{a}.attention.head_count"))
         head_dim = int(f.get(f"{a}.attention.key_length", hidden // n_heads))
@@ -77,6 +83,9 @@ class LlamaConfig:
             rope_linear_factor=float(f.get(f"{a}.rope.scaling.factor", 1.0))
             if scaling == "linear" else 1.0,
             context_length=int(f.get(f"{a}.context_length")),
+            moe=moe.MoeConfig.from_gguf(f, default_ffn=int(f.get(f"{a}.feed_forward_length")),
+                                        norm_topk=_MOE[a][0], shared=_MOE[a][1])
+            if n_experts else None,
         )
 
 
@@ -98,10 +107,14 @@ def tensor_table(cfg: LlamaConfig) -> dict[str, TensorSpec]:
         "layers.attn_v": TensorSpec("blk.{}.attn_v.weight", (hkv, h)),
         "layers.attn_output": TensorSpec("blk.{}.attn_output.weight", (h, hq)),
         "layers.ffn_norm": TensorSpec("blk.{}.ffn_norm.weight", (h,)),
-        "layers.ffn_gate": TensorSpec("blk.{}.ffn_gate.weight", (cfg.intermediate_size, h)),
-        "layers.ffn_up": TensorSpec("blk.{}.ffn_up.weight", (cfg.intermediate_size, h)),
-        "layers.ffn_down": TensorSpec("blk.{}.ffn_down.weight", (h, cfg.intermediate_size)),
     }
+    if cfg.moe:
+        t.update(moe.tensor_table(cfg.moe, h))
+    else:
+        ff = cfg.intermediate_size
+        t["layers.ffn_gate"] = TensorSpec("blk.{}.ffn_gate.weight", (ff, h))
+        t["layers.ffn_up"] = TensorSpec("blk.{}.ffn_up.weight", (ff, h))
+        t["layers.ffn_down"] = TensorSpec("blk.{}.ffn_down.weight", (h, ff))
     if cfg.attn_bias:
         t["layers.attn_q_bias"] = TensorSpec("blk.{}.attn_q.bias", (hq,))
         t["layers.attn_k_bias"] = TensorSpec("blk.{}.attn_k.bias", (hkv,))
@@ -117,9 +130,10 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     b, t, _ = x.shape
     pos = ctx.batch.positions
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q = layers.linear(h, lp["attn_q"], lp.get("attn_q_bias")).reshape(b, t, cfg.n_heads, -1)
-    k = layers.linear(h, lp["attn_k"], lp.get("attn_k_bias")).reshape(b, t, cfg.n_kv_heads, -1)
-    v = layers.linear(h, lp["attn_v"], lp.get("attn_v_bias")).reshape(b, t, cfg.n_kv_heads, -1)
+    q, k, v = layers.project(h, lp, ("attn_q", "attn_k", "attn_v"))
+    q = q.reshape(b, t, cfg.n_heads, -1)
+    k = k.reshape(b, t, cfg.n_kv_heads, -1)
+    v = v.reshape(b, t, cfg.n_kv_heads, -1)
     if cfg.qk_norm:
         q = layers.rms_norm(q, lp["attn_q_norm"], cfg.rms_eps)
         k = layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps)
@@ -128,7 +142,10 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     a = ctx.attend(q, k, v, scale=cfg.head_dim ** -0.5)
     x = x + layers.linear(a.reshape(b, t, -1), lp["attn_output"])
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
-    g = jax.nn.silu(layers.linear(h, lp["ffn_gate"])) * layers.linear(h, lp["ffn_up"])
+    if cfg.moe:
+        return x + moe.moe_ffn(cfg.moe, lp, h), (k, v)
+    gate, up = layers.project(h, lp, ("ffn_gate", "ffn_up"))
+    g = jax.nn.silu(gate) * up
     return x + layers.linear(g, lp["ffn_down"]), (k, v)
 
 

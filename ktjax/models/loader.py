@@ -2,19 +2,25 @@
 family's table: missing, unexpected or mis-shaped tensors are load errors naming the tensor."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from ktjax import rules as placement_rules
 from ktjax.errors import TensorError
 from ktjax.gguf import quants
 from ktjax.gguf.reader import GGUFFile, TensorView
 from ktjax.host import linear as host_linear
+from ktjax.host import moe as host_moe
 from ktjax.models.base import TensorSpec
-from ktjax.models.layers import HostWeight
+from ktjax.models.layers import (FUSIBLE_PROJECTIONS, HOST_NODES, HostExperts, HostWeight,
+                                 fused_name)
+from ktjax.models.moe import EXPERT_KEYS, HOST_EXPERTS
 from ktjax.models.registry import family_for
 
 
@@ -35,16 +41,10 @@ def inspect(f: GGUFFile) -> ModelSpec:
     return ModelSpec(family, config, table)
 
 
-def _names(spec: TensorSpec, n_layers: int) -> list[str]:
-    if spec.per_layer:
-        return [spec.gguf_name.format(i) for i in range(n_layers)]
-    return [spec.gguf_name]
-
-
 def _check_tensors(f: GGUFFile, table: dict[str, TensorSpec], n_layers: int) -> None:
     expected: set[str] = set()
     for spec in table.values():
-        for name in _names(spec, n_layers):
+        for name in spec.names(n_layers):
             expected.add(name)
             t = f.tensors.get(name)
             if t is None:
@@ -67,46 +67,128 @@ def _dequantize(t: TensorView, dtype) -> np.ndarray:
     return quants.dequantize(t.data, t.qtype, t.shape, dtype=dtype)
 
 
-def _pack_host(f: GGUFFile, names: list[str]) -> HostWeight:
-    """Repack GGUF blocks into the native store (losslessly for quantized types)."""
-    handles = tuple(host_linear.pack_gguf_weight(f.tensors[n].data, f.tensors[n].qtype,
-                                                 f.tensors[n].shape) for n in names)
-    return HostWeight(handles=handles, out_features=f.tensors[names[0]].shape[0])
+_FLOAT_QTYPES = ("F32", "F16", "BF16")
+_DEVICE_DTYPES = {"bf16": jnp.bfloat16, "f32": np.float32}
+
+
+def _pack_host(f: GGUFFile, names: list[str], fmt: str = "keep") -> HostWeight:
+    """Repack GGUF blocks into the native store: `keep` losslessly (float types as int8),
+    else converted to `fmt`."""
+    def pack(t: TensorView) -> int:
+        if fmt == "keep" or t.qtype.name in _FLOAT_QTYPES:
+            return host_linear.pack_gguf_weight(t.data, t.qtype, t.shape,
+                                                "int8" if fmt == "keep" else fmt)
+        return host_linear.pack_float_weight(_dequantize(t, np.float32), fmt)
+    return HostWeight(handles=tuple(pack(f.tensors[n]) for n in names),
+                      out_features=f.tensors[names[0]].shape[0])
+
+
+def _pack_experts(f: GGUFFile, spec: "ModelSpec", stack: str, fmt: str) -> HostExperts:
+    """One native expert set per layer of `stack` from the layer's ffn_{gate,up,down}_exps."""
+    handles = []
+    per_kind = [spec.table[f"{stack}.{k}"].names(spec.config.n_layers) for k in EXPERT_KEYS]
+    for names in zip(*per_kind):
+        ts = [f.tensors[n] for n in names]
+        e, inter, hidden = ts[0].shape
+        if fmt == "keep" or all(t.qtype.name in _FLOAT_QTYPES for t in ts):
+            handles.append(host_moe.pack_experts_gguf(
+                *((t.data, int(t.qtype)) for t in ts), e, hidden, inter,
+                "int8" if fmt == "keep" else fmt))
+        else:
+            handles.append(host_moe.pack_experts_float(
+                *(_dequantize(t, np.float32) for t in ts), fmt))
+    return HostExperts(handles=tuple(handles))
+
+
+def placement_for(f: GGUFFile, spec: "ModelSpec", rules: str | os.PathLike,
+                  platform: str) -> dict[str, placement_rules.Decision]:
+    """Table path -> placement decision from a rules file or profile name (ktjax.rules)."""
+    return placement_rules.resolve(placement_rules.load_rules(rules), f, spec.table,
+                                   spec.config.n_layers, platform)
+
+
+def _pack_host_fused(f: GGUFFile, per_layer: list[list[str]]) -> HostWeight:
+    """Several projections of one input as one weight: their GGUF rows concatenated (same
+    quant type, so the blocks concatenate byte for byte)."""
+    handles = []
+    for names in per_layer:
+        ts = [f.tensors[n] for n in names]
+        raw = np.concatenate([t.data.reshape(t.shape[0], -1) for t in ts])
+        handles.append(host_linear.pack_gguf_weight(raw, ts[0].qtype,
+                                                    (raw.shape[0], ts[0].shape[1])))
+    splits = tuple(f.tensors[n].shape[0] for n in per_layer[0])
+    return HostWeight(handles=tuple(handles), out_features=sum(splits), splits=splits)
+
+
+def _fusible_groups(f: GGUFFile, spec: ModelSpec, host_keep: set[str]
+                    ) -> dict[str, list[list[str]]]:
+    """Fused param name -> per-layer GGUF names, for groups whose members share a quant type
+    in every layer."""
+    groups = {}
+    for members in FUSIBLE_PROJECTIONS:
+        tspecs = [spec.table.get(f"layers.{m}") for m in members]
+        if any(t is None for t in tspecs) or \
+                any(f"layers.{m}" not in host_keep for m in members):
+            continue
+        per_layer = [list(names) for names in
+                     zip(*(t.names(spec.config.n_layers) for t in tspecs))]
+        if all(len({f.tensors[n].qtype for n in names}) == 1 for names in per_layer):
+            groups[fused_name(members)] = per_layer
+    return groups
 
 
 def load_params(f: GGUFFile, spec: ModelSpec, dtype=np.float32,
-                device: jax.Device | None = None, host_linears: bool = False) -> dict:
-    """Dequantize every tensor of the table to `dtype` (norms and biases stay float32) and
-    place it on `device`. Per-layer tensors are stacked into [n_layers, ...].
+                device: jax.Device | None = None, host_linears: bool = False,
+                placement: dict[str, placement_rules.Decision] | None = None) -> dict:
+    """Place every tensor of the table as `placement` (from `placement_for`) says: device
+    tensors dequantized to `dtype` (format keep) or the rule's bf16/f32 (vectors stay
+    float32) on `device`, stacked per layer into [n_layers, ...]; host tensors repacked into
+    the native store (HostWeight, HostExperts), run by the host kernels through FFI.
 
-    host_linears=True (CPU runs) keeps every matmul weight in the native store instead, run by
-    the host kernels; the embedding table stays dense for the lookup and, when tied, is also
-    packed as the output head. Release the handles with `release_host_weights(params)`.
+    Without `placement`, host_linears=True (CPU runs) is the CPU-only profile (every matrix on
+    the host; the embedding stays dense for the lookup and, when tied, is also packed as the
+    output head) and False all-device. Release the handles with `release_host_weights`.
     """
+    if placement is None:
+        placement = placement_for(f, spec, "cpu" if host_linears else "device",
+                                  "cpu" if host_linears else "any")
     params: dict = {"layers": {}}
+    fused = _fusible_groups(f, spec, {p for p, d in placement.items()
+                                      if d.placement == "host" and d.format == "keep"})
+    for name, per_layer in fused.items():
+        params["layers"][name] = _pack_host_fused(f, per_layer)
+    members = {m for name in fused for m in name.split("+")}
     for path, tspec in spec.table.items():
-        names = [n for n in _names(tspec, spec.config.n_layers) if n in f.tensors]
+        expected = tspec.names(spec.config.n_layers)
+        names = [n for n in expected if n in f.tensors]
         if not names:
             continue  # optional and absent
-        target = params["layers"] if path.startswith("layers.") else params
-        key = path.split(".", 1)[-1]
-        if host_linears and len(tspec.shape) == 2 and key != "token_embd":
-            target[key] = _pack_host(f, names)
+        stack, _, key = path.rpartition(".")  # per-layer paths are "<stack>.<param>"
+        target = params.setdefault(stack, {}) if stack else params
+        if key in members and target is params["layers"]:
             continue
-        want = dtype if len(tspec.shape) >= 2 else np.float32
+        d = placement[path]
+        if d.placement == "host":
+            if key not in EXPERT_KEYS:
+                target[key] = _pack_host(f, names, d.format)
+            elif key == EXPERT_KEYS[0]:
+                target[HOST_EXPERTS] = _pack_experts(f, spec, stack, d.format)
+            continue
+        want = np.float32 if len(tspec.shape) == 1 else _DEVICE_DTYPES.get(d.format, dtype)
         arrays = [_dequantize(f.tensors[n], want) for n in names]
         value = np.stack(arrays) if tspec.per_layer else arrays[0]
-        if tspec.per_layer and len(arrays) != spec.config.n_layers:
+        if len(arrays) != len(expected):
             raise TensorError(f"{f.path}: {tspec.gguf_name} exists for only "
-                              f"{len(arrays)} of {spec.config.n_layers} layers")
+                              f"{len(arrays)} of {len(expected)} layers")
         target[key] = jax.device_put(value, device)
-    if host_linears and "output" not in params:
-        params["output"] = _pack_host(f, [spec.table["token_embd"].gguf_name])
+    head = placement.get("output")
+    if "output" not in params and head is not None and head.placement == "host":
+        params["output"] = _pack_host(f, [spec.table["token_embd"].gguf_name], head.format)
     return params
 
 
 def release_host_weights(params: dict) -> None:
-    for w in jax.tree.leaves(params, is_leaf=lambda n: isinstance(n, HostWeight)):
-        if isinstance(w, HostWeight):
+    for w in jax.tree.leaves(params, is_leaf=lambda n: isinstance(n, HOST_NODES)):
+        if isinstance(w, HOST_NODES):
             for h in w.handles:
                 host_linear.release(h)

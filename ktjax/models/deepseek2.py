@@ -1,0 +1,306 @@
+"""DeepSeek-V2, V2-Lite and V3 (GGUF `deepseek2`): multi-head latent attention (MLA) with an
+optional q LoRA, decoupled RoPE dims and YaRN scaling; leading dense layers, then MoE layers
+with shared experts and softmax (V2) or sigmoid + score-correction bias (V3) routing, grouped
+top-k and a routed scaling factor.
+
+The paged cache holds one latent per token and layer: the normed kv LoRA output and the
+rotated RoPE key, kv_lora_rank + rope dims, as a single KV "head" whose first kv_lora_rank
+dims double as the values (`cache_value_dim = 0`). Attention runs absorbed: W_UK is folded
+into the query and W_UV into the output, so no per-token key or value is ever expanded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.errors import UnsupportedModelError
+from ktjax.gguf.reader import GGUFFile
+from ktjax.kernels.backends import AttentionBackend
+from ktjax.models import layers, moe
+from ktjax.models.base import AttentionContext, Batch, KVCache, TensorSpec, decoder_forward
+
+ARCHITECTURES = ("deepseek2",)
+
+# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values; files from before the key are softmax (V2).
+_GATING = {1: "softmax", 2: "sigmoid"}
+# YaRN's ramp bounds (rotations), llama.cpp's and transformers' defaults.
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+
+
+@dataclass(frozen=True)
+class Yarn:
+    factor: float
+    original_context: int
+    log_multiplier: float   # 0.1 * mscale_all_dim: the softmax scale grows by (1 + m ln f)^2
+    attn_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Deepseek2Config:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    q_lora_rank: int          # 0: a plain q projection (V2-Lite)
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_head_dim: int
+    intermediate_size: int    # the leading dense layers' FFN
+    n_dense_layers: int
+    rms_eps: float
+    rope_base: float
+    yarn: Yarn | None
+    context_length: int
+    split_kv_b: bool          # attn_k_b / attn_v_b (llama.cpp's MLA files) instead of attn_kv_b
+    moe: moe.MoeConfig
+
+    # The cache as the engine sees it: one latent "head" per token; values inside the keys.
+    n_kv_heads = 1
+    cache_value_dim = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_dim
+
+    @property
+    def query_scale(self) -> float:
+        scale = (self.qk_nope_dim + self.qk_rope_dim) ** -0.5
+        if self.yarn is not None:  # as llama.cpp: mscale^2 on the logits, RoPE left unscaled
+            m = self.yarn.attn_factor * (1 + self.yarn.log_multiplier * math.log(self.yarn.factor))
+            scale *= m * m
+        return scale
+
+    def cache_bytes_per_token(self, itemsize: int) -> tuple[int, int]:
+        """(latent cache, expanded per-head keys and values) bytes per token, all layers."""
+        latent = self.n_layers * self.head_dim
+        expanded = self.n_layers * self.n_heads * (self.qk_nope_dim + self.qk_rope_dim +
+                                                   self.v_head_dim)
+        return latent * itemsize, expanded * itemsize
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "Deepseek2Config":
+        a = f.architecture
+        get = lambda key, *default: f.get(f"{a}.{key}", *default)
+        n_layers = int(get("block_count"))
+        rope_dim = int(get("rope.dimension_count"))
+        # llama.cpp's MLA files describe the latent MQA view in key/value_length and keep the
+        # per-head sizes in key/value_length_mla; older files have only the per-head sizes.
+        qk_dim = int(get("attention.key_length_mla", None) or get("attention.key_length"))
+        v_dim = int(get("attention.value_length_mla", None) or get("attention.value_length"))
+        n_dense = int(get("leading_dense_block_count", 0))
+        if not 0 <= n_dense < n_layers:
+            raise UnsupportedModelError(f"{f.path}: {a}.leading_dense_block_count = {n_dense} "
+                                        f"with {n_layers} layers (expected 0..{n_layers - 1})")
+        vocab = get("vocab_size", None) or len(f.get("tokenizer.ggml.tokens", [])) \
+            or f.tensors["token_embd.weight"].shape[0]
+        return cls(
+            architecture=a, vocab_size=int(vocab), hidden_size=int(get("embedding_length")),
+            n_layers=n_layers, n_heads=int(get("attention.head_count")),
+            q_lora_rank=int(get("attention.q_lora_rank", 0)),
+            kv_lora_rank=int(get("attention.kv_lora_rank")),
+            qk_nope_dim=qk_dim - rope_dim, qk_rope_dim=rope_dim, v_head_dim=v_dim,
+            intermediate_size=int(get("feed_forward_length")), n_dense_layers=n_dense,
+            rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_base=float(get("rope.freq_base", 10000.0)), yarn=_yarn(f),
+            context_length=int(get("context_length")),
+            split_kv_b=f"blk.{n_layers - 1}.attn_k_b.weight" in f.tensors,
+            moe=_moe_config(f, n_dense))
+
+
+def _yarn(f: GGUFFile) -> Yarn | None:
+    a = f.architecture
+    kind = f.get(f"{a}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "yarn":
+        raise UnsupportedModelError(f"{f.path}: {a}.rope.scaling.type = {kind!r} is not "
+                                    "supported for deepseek2 (none or yarn)")
+    return Yarn(factor=float(f.get(f"{a}.rope.scaling.factor")),
+                original_context=int(f.get(f"{a}.rope.scaling.original_context_length")),
+                log_multiplier=float(f.get(f"{a}.rope.scaling.yarn_log_multiplier", 0.0)),
+                attn_factor=float(f.get(f"{a}.rope.scaling.attn_factor", 1.0)))
+
+
+def _moe_config(f: GGUFFile, n_dense: int) -> moe.MoeConfig:
+    """DeepSeek routing from `deepseek2.expert_*`; configs this code cannot run are refused
+    with the key that makes them so."""
+    a = f.architecture
+    get = lambda key, default=None: f.get(f"{a}.{key}", default)
+
+    def refuse(key: str, why: str):
+        raise UnsupportedModelError(f"{f.path}: {a}.{key} = {get(key)!r}: {why}")
+
+    n_experts, n_used = int(get("expert_count", 0)), int(get("expert_used_count", 0))
+    if n_experts <= 0:
+        refuse("expert_count", "deepseek2 needs routed experts")
+    if not 0 < n_used <= n_experts:
+        refuse("expert_used_count", f"expected 1..{n_experts} (expert_count)")
+    gating = _GATING.get(int(get("expert_gating_func", 1)))
+    if gating is None:
+        refuse("expert_gating_func", "only 1 (softmax) and 2 (sigmoid) are supported")
+    n_groups, n_groups_used = int(get("expert_group_count", 1) or 1), \
+        int(get("expert_group_used_count", 1) or 1)
+    if n_experts % n_groups:
+        refuse("expert_group_count", f"does not divide the {n_experts} experts")
+    if not 0 < n_groups_used <= n_groups:
+        refuse("expert_group_used_count", f"expected 1..{n_groups} (expert_group_count)")
+    if n_groups > 1 and n_groups_used * (n_experts // n_groups) < n_used:
+        refuse("expert_group_used_count", f"its groups hold fewer than {n_used} experts")
+    if gating == "sigmoid" and n_groups > 1 and n_experts // n_groups < 2:
+        refuse("expert_group_count", "sigmoid routing scores a group by its top 2 experts")
+    expert_ffn = int(get("expert_feed_forward_length"))
+    n_shared = int(get("expert_shared_count", 0))
+    return moe.MoeConfig(
+        n_experts=n_experts, n_used=n_used, expert_ffn=expert_ffn,
+        norm_topk=bool(get("expert_weights_norm", False)),
+        shared_ffn=n_shared * expert_ffn, gating=gating,
+        score_bias=f"blk.{n_dense}.exp_probs_b.bias" in f.tensors,
+        n_groups=n_groups, n_groups_used=n_groups_used,
+        # DeepSeek-V2's group_limited_greedy ranks groups by their best expert, V3's noaux_tc
+        # by the sum of their two best (llama.cpp uses the latter for both).
+        group_score="max" if gating == "softmax" else "top2",
+        weights_scale=float(get("expert_weights_scale", 1.0) or 1.0))
+
+
+CONFIG = Deepseek2Config
+
+
+def tensor_table(cfg: Deepseek2Config) -> dict[str, TensorSpec]:
+    """The family's one GGUF-name table. Layers 0..n_dense-1 form the stack "dense" (dense
+    FFN), the rest the stack "layers" (MoE); both have the attention tensors."""
+    h, n_heads, r = cfg.hidden_size, cfg.n_heads, cfg.kv_lora_rank
+    qk = cfg.qk_nope_dim + cfg.qk_rope_dim
+    attn = {
+        "attn_norm": TensorSpec("blk.{}.attn_norm.weight", (h,)),
+        "attn_kv_a_mqa": TensorSpec("blk.{}.attn_kv_a_mqa.weight", (r + cfg.qk_rope_dim, h)),
+        "attn_kv_a_norm": TensorSpec("blk.{}.attn_kv_a_norm.weight", (r,)),
+        "attn_output": TensorSpec("blk.{}.attn_output.weight", (h, n_heads * cfg.v_head_dim)),
+        "ffn_norm": TensorSpec("blk.{}.ffn_norm.weight", (h,)),
+    }
+    if cfg.q_lora_rank:
+        q = cfg.q_lora_rank
+        attn["attn_q_a"] = TensorSpec("blk.{}.attn_q_a.weight", (q, h))
+        attn["attn_q_a_norm"] = TensorSpec("blk.{}.attn_q_a_norm.weight", (q,))
+        attn["attn_q_b"] = TensorSpec("blk.{}.attn_q_b.weight", (n_heads * qk, q))
+    else:
+        attn["attn_q"] = TensorSpec("blk.{}.attn_q.weight", (n_heads * qk, h))
+    if cfg.split_kv_b:
+        attn["attn_k_b"] = TensorSpec("blk.{}.attn_k_b.weight", (n_heads, r, cfg.qk_nope_dim))
+        attn["attn_v_b"] = TensorSpec("blk.{}.attn_v_b.weight", (n_heads, cfg.v_head_dim, r))
+    else:
+        attn["attn_kv_b"] = TensorSpec("blk.{}.attn_kv_b.weight",
+                                       (n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), r))
+    ff = cfg.intermediate_size
+    dense = dict(attn, ffn_gate=TensorSpec("blk.{}.ffn_gate.weight", (ff, h)),
+                 ffn_up=TensorSpec("blk.{}.ffn_up.weight", (ff, h)),
+                 ffn_down=TensorSpec("blk.{}.ffn_down.weight", (h, ff)))
+    routed = dict(attn, **{k.split(".", 1)[1]: v for k, v in moe.tensor_table(cfg.moe, h).items()})
+    t = {
+        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h)),
+        "output_norm": TensorSpec("output_norm.weight", (h,)),
+        "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
+    }
+    for stack, specs, span in (("dense", dense, (0, cfg.n_dense_layers)),
+                               ("layers", routed, (cfg.n_dense_layers, cfg.n_layers))):
+        if span[0] < span[1]:
+            t.update({f"{stack}.{k}": dataclasses.replace(v, layer_range=span)
+                      for k, v in specs.items()})
+    return t
+
+
+def yarn_inv_freq(dim: int, base: float, yarn: Yarn | None) -> np.ndarray:
+    """RoPE inverse frequencies [dim // 2]; YaRN blends interpolated (divided by the factor)
+    and original frequencies over a ramp of dimensions, as ggml's rope_yarn and transformers'
+    `_compute_yarn_parameters` (truncated correction range)."""
+    extrapolated = layers.rope_inv_freq(dim, base).astype(np.float64)
+    if yarn is None:
+        return extrapolated.astype(np.float32)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_context / (rotations * 2 * math.pi)) / \
+            (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(YARN_BETA_FAST)), 0)
+    high = min(math.ceil(correction_dim(YARN_BETA_SLOW)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0.0, 1.0)
+    keep = 1.0 - ramp   # 1: original frequency (fast dims), 0: interpolated (slow dims)
+    return (extrapolated / yarn.factor * (1 - keep) + extrapolated * keep).astype(np.float32)
+
+
+def _up_projections(cfg: Deepseek2Config, lp: dict) -> tuple[jax.Array, jax.Array]:
+    """W_UK [H, nope, r] and W_UV [H, v, r] from attn_kv_b or llama.cpp's split k_b/v_b."""
+    for name in ("attn_kv_b", "attn_k_b", "attn_v_b"):
+        if isinstance(lp.get(name), layers.HOST_NODES):
+            raise UnsupportedModelError(
+                f"{name} is placed on the host, but MLA absorbs it into the queries and "
+                "outputs in XLA: place blk.N.{attn_kv_b,attn_k_b,attn_v_b} on the device")
+    if cfg.split_kv_b:
+        return jnp.swapaxes(lp["attn_k_b"], 1, 2), lp["attn_v_b"]
+    kv_b = lp["attn_kv_b"].reshape(cfg.n_heads, cfg.qk_nope_dim + cfg.v_head_dim, -1)
+    return kv_b[:, :cfg.qk_nope_dim], kv_b[:, cfg.qk_nope_dim:]
+
+
+def _attention(cfg: Deepseek2Config, inv_freq: jax.Array, lp: dict, x: jax.Array,
+               ctx: AttentionContext) -> tuple[jax.Array, jax.Array]:
+    """Absorbed MLA: (attention output [B, T, H], this step's latents [B, T, 1, r + rope])."""
+    b, t, _ = x.shape
+    r, pos = cfg.kv_lora_rank, ctx.batch.positions
+    h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    if cfg.q_lora_rank:
+        q = layers.linear(layers.rms_norm(layers.linear(h, lp["attn_q_a"]), lp["attn_q_a_norm"],
+                                          cfg.rms_eps), lp["attn_q_b"])
+    else:
+        q = layers.linear(h, lp["attn_q"])
+    q = q.reshape(b, t, cfg.n_heads, -1)
+    q_nope, q_pe = q[..., :cfg.qk_nope_dim], q[..., cfg.qk_nope_dim:]
+    kv = layers.linear(h, lp["attn_kv_a_mqa"])
+    latent = layers.rms_norm(kv[..., :r], lp["attn_kv_a_norm"], cfg.rms_eps)
+    # DeepSeek rotates adjacent pairs (llama.cpp's rope type NORM); the converter keeps them.
+    q_pe = layers.apply_rope(q_pe, pos, inv_freq, neox=False)
+    k_pe = layers.apply_rope(kv[:, :, None, r:], pos, inv_freq, neox=False)
+    w_uk, w_uv = _up_projections(cfg, lp)
+    q_latent = jnp.einsum("bthn,hnr->bthr", q_nope.astype(w_uk.dtype), w_uk,
+                          preferred_element_type=jnp.float32).astype(x.dtype)
+    k_latent = jnp.concatenate([latent[:, :, None], k_pe], axis=-1)      # [B, T, 1, r + rope]
+    o = ctx.attend(jnp.concatenate([q_latent, q_pe], axis=-1), k_latent, None,
+                   scale=cfg.query_scale, values_in_keys=r)                # [B, T, H, r]
+    o = jnp.einsum("bthr,hvr->bthv", o.astype(w_uv.dtype), w_uv,
+                   preferred_element_type=jnp.float32).astype(x.dtype)
+    return layers.linear(o.reshape(b, t, -1), lp["attn_output"]), k_latent
+
+
+def _block(cfg: Deepseek2Config, inv_freq: jax.Array, routed: bool, lp: dict, x: jax.Array,
+           layer: jax.Array, ctx: AttentionContext):
+    a, k_latent = _attention(cfg, inv_freq, lp, x, ctx)
+    x = x + a
+    h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
+    if routed:
+        y = moe.moe_ffn(cfg.moe, lp, h)
+    else:
+        gate, up = layers.project(h, lp, ("ffn_gate", "ffn_up"))
+        y = layers.linear(jax.nn.silu(gate) * up, lp["ffn_down"])
+    no_values = jnp.zeros((*k_latent.shape[:-1], 0), k_latent.dtype)
+    return x + y, (k_latent, no_values)
+
+
+def make_forward(cfg: Deepseek2Config, backend: AttentionBackend):
+    """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
+    inv_freq = yarn_inv_freq(cfg.qk_rope_dim, cfg.rope_base, cfg.yarn)
+    stacks = [("layers", True)] if cfg.n_dense_layers == 0 else \
+        [("dense", False), ("layers", True)]
+
+    def forward(params: dict, kv: KVCache, batch: Batch):
+        freq = jnp.asarray(inv_freq)
+        return decoder_forward(params, kv, batch, block=None, backend=backend,
+                               rms_eps=cfg.rms_eps,
+                               stacks=[(key, partial(_block, cfg, freq, routed))
+                                       for key, routed in stacks])
+    return forward

@@ -1,0 +1,198 @@
+"""Placement rules: which tensors live on the device (XLA) and which on the host (native
+kernels through FFI), and in which format.
+
+A rules file (YAML) is a list under `rules:`; each rule matches GGUF tensor names by regular
+expression (`match`, full match), optionally only for some architectures (`architecture`: a
+name or a list), and sets `placement` (device | host), `format` (keep | bf16 | f32 | int8 |
+int4) and optionally `kernel` (device: xla | ragged_dot; host: linear | moe). First match wins.
+`optional: true` lets a rule match nothing (profiles shared by several families).
+
+Formats: `keep` = the GGUF blocks as they are (host: repacked losslessly; device: dequantized to
+the engine's dtype); bf16 / f32 = dense; int8 / int4 = the host kernels' packed formats
+(quantized GGUF tensors are dequantized and requantized). Vectors (norms, biases) are always
+float32 on the device. A tied output head is placed by the rule matching `output.weight`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ktjax.errors import RulesError
+from ktjax.gguf.reader import GGUFFile
+from ktjax.models.base import TensorSpec
+
+PLACEMENTS = ("device", "host")
+FORMATS = ("keep", "bf16", "f32", "int8", "int4")
+# What each kind of tensor may run on: placement -> allowed kernels (first = default).
+_KERNELS = {
+    "matrix": {"device": ("xla",), "host": ("linear",)},
+    "experts": {"device": ("ragged_dot",), "host": ("moe",)},
+    "vector": {"device": ("xla",)},
+    "embedding": {"device": ("xla",)},
+}
+_RULE_KEYS = {"name", "match", "architecture", "placement", "format", "kernel", "optional"}
+_DIR_CANDIDATES = (Path(__file__).parent / "_rules",          # installed wheel
+                   Path(__file__).resolve().parents[1] / "rules")  # source checkout
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str
+    index: int
+    name: str
+    pattern: re.Pattern
+    architectures: tuple[str, ...] | None
+    placement: str
+    format: str
+    kernel: str | None
+    optional: bool
+
+    def __str__(self) -> str:
+        return f"{self.source} rule {self.index} ({self.name!r})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    placement: str
+    format: str
+    kernel: str
+    rule: Rule
+
+
+def rules_dir() -> Path:
+    for d in _DIR_CANDIDATES:
+        if d.is_dir():
+            return d
+    raise RulesError("the rules/ directory is not installed")
+
+
+def rules_path(name_or_path: str | Path) -> Path:
+    """A rules file path, or a profile name from rules/ ('cpu', 'device', 'qwen3moe', ...)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise RulesError(f"rules file {p} does not exist")
+        return p
+    q = rules_dir() / f"{name_or_path}.yaml"
+    if not q.is_file():
+        names = sorted(x.stem for x in rules_dir().glob("*.yaml"))
+        raise RulesError(f"no rules profile {name_or_path!r}; profiles: {', '.join(names)}")
+    return q
+
+
+def default_rules(architecture: str, platform: str) -> Path:
+    """CPU programs: the CPU-only profile. Others: the family's default, else all-device."""
+    if platform == "cpu":
+        return rules_path("cpu")
+    family = rules_dir() / f"{architecture}.yaml"
+    return family if family.is_file() else rules_path("device")
+
+
+def load_rules(name_or_path: str | Path) -> list[Rule]:
+    path = rules_path(name_or_path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RulesError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict) or set(doc) - {"description", "rules"} or \
+            not isinstance(doc.get("rules"), list):
+        raise RulesError(f"{path}: expected a mapping with a `rules:` list "
+                         "(and optionally `description:`)")
+    return [_parse_rule(str(path), i, r) for i, r in enumerate(doc["rules"])]
+
+
+def _parse_rule(source: str, index: int, r) -> Rule:
+    where = f"{source} rule {index}"
+    if not isinstance(r, dict):
+        raise RulesError(f"{where}: expected a mapping, got {r!r}")
+    where += f" ({r.get('name', r.get('match'))!r})"
+    unknown = set(r) - _RULE_KEYS
+    if unknown:
+        raise RulesError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"allowed: {', '.join(sorted(_RULE_KEYS))}")
+    for key in ("match", "placement", "format"):
+        if key not in r:
+            raise RulesError(f"{where}: missing `{key}`")
+    if r["placement"] not in PLACEMENTS:
+        raise RulesError(f"{where}: placement {r['placement']!r} is not one of {PLACEMENTS}")
+    if r["format"] not in FORMATS:
+        raise RulesError(f"{where}: format {r['format']!r} is not one of {FORMATS}")
+    try:
+        pattern = re.compile(str(r["match"]))
+    except re.error as e:
+        raise RulesError(f"{where}: bad regular expression {r['match']!r}: {e}") from e
+    arch = r.get("architecture")
+    return Rule(source, index, str(r.get("name", r["match"])), pattern,
+                None if arch is None else tuple([arch] if isinstance(arch, str) else arch),
+                r["placement"], r["format"], r.get("kernel"), bool(r.get("optional", False)))
+
+
+def _kind(path: str, spec: TensorSpec) -> str:
+    if path == "token_embd":
+        return "embedding"
+    if path.endswith("_exps"):
+        return "experts"
+    return "vector" if len(spec.shape) == 1 else "matrix"  # 3-D: per-head (MLA's k_b / v_b)
+
+
+def resolve(rules: list[Rule], f: GGUFFile, table: dict[str, TensorSpec], n_layers: int,
+            platform: str) -> dict[str, Decision]:
+    """Table path -> Decision for every tensor of the model (first matching rule), checked:
+    every tensor placed, every non-optional rule used, placements possible on `platform`,
+    one decision for all layers of a parameter and for the three expert matrices."""
+    rules = [r for r in rules if r.architectures is None or f.architecture in r.architectures]
+    used: set[Rule] = set()
+    out: dict[str, Decision] = {}
+    for path, spec in table.items():
+        names = spec.names(n_layers)
+        names = [n for n in names if n in f.tensors or path == "output"]  # tied head
+        if not names:
+            continue
+        chosen: dict[Rule, str] = {}
+        for name in names:
+            rule = next((r for r in rules if r.pattern.fullmatch(name)), None)
+            if rule is None:
+                raise RulesError(f"tensor {name!r} is placed nowhere: no rule of "
+                                 f"{rules[0].source if rules else 'the rules'} matches it")
+            chosen.setdefault(rule, name)
+        if len(chosen) > 1:
+            (r1, n1), (r2, n2) = list(chosen.items())[:2]
+            raise RulesError(f"{path}: {n1!r} is placed by {r1} but {n2!r} by {r2}; every "
+                             "layer of a parameter needs the same placement and format")
+        rule = next(iter(chosen))
+        used.add(rule)
+        out[path] = _decide(rule, _kind(path, spec), names[0], platform)
+    experts = {out[p].placement for p in out if p.endswith("_exps")}
+    if len(experts) > 1:
+        raise RulesError("the routed experts' gate, up and down matrices must share one "
+                         "placement: " + ", ".join(f"{p} by {out[p].rule}" for p in out
+                                                   if p.endswith("_exps")))
+    for r in rules:
+        if r not in used and not r.optional and not any(
+                r.pattern.fullmatch(n) for n in f.tensors):
+            raise RulesError(f"{r} matches no tensor of this {f.architecture} model "
+                             "(mark it `optional: true` if that is intended)")
+    return out
+
+
+def _decide(rule: Rule, kind: str, name: str, platform: str) -> Decision:
+    allowed = _KERNELS[kind]
+    if rule.placement not in allowed:
+        raise RulesError(f"{rule} places {name!r} ({kind}) on the host, which has no kernel "
+                         f"for it; only matrices and routed experts run on the host")
+    if rule.placement == "host" and platform != "cpu":
+        raise RulesError(f"{rule} places {name!r} on the host, but host kernels are reached "
+                         f"only from CPU programs (device platform: {platform})")
+    if rule.placement == "host" and rule.format == "f32":
+        raise RulesError(f"{rule}: the host kernels hold keep, bf16, int8 or int4, not f32")
+    if rule.placement == "device" and rule.format in ("int8", "int4") and kind != "vector":
+        raise RulesError(f"{rule}: format {rule.format} needs the host kernels; device "
+                         "tensors are keep, bf16 or f32")
+    kernel = rule.kernel or allowed[rule.placement][0]
+    if kernel not in allowed[rule.placement]:
+        raise RulesError(f"{rule}: kernel {kernel!r} cannot run {name!r} ({kind}) on the "
+                         f"{rule.placement}; expected one of {allowed[rule.placement]}")
+    return Decision(rule.placement, rule.format, kernel, rule)

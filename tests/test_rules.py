@@ -1,0 +1,107 @@
+"""Placement rules (rules/*.yaml, ktjax.rules): profiles, first match wins, validation errors
+that name the rule, `LLM(rules=...)` and `ktjax info --rules`."""
+import re
+
+import pytest
+
+from ktjax import LLM, SamplingParams
+from ktjax.errors import KtjaxError, RulesError
+from ktjax.gguf.reader import GGUFFile
+from ktjax.models import loader
+from ktjax.models.info import describe
+from ktjax.models.layers import HostExperts, HostWeight
+from tiny_models import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("r") / "m.gguf", "qwen2moe", n_experts=4,
+                           shared_ffn=32)
+
+
+def _place(path, rules, platform="cpu", tmp_path=None):
+    if tmp_path is not None:
+        (tmp_path / "r.yaml").write_text(rules)
+        rules = str(tmp_path / "r.yaml")
+    f = GGUFFile(path)
+    return loader.placement_for(f, loader.inspect(f), rules, platform)
+
+
+def test_cpu_profile_is_host_linears(moe_path):
+    p = _place(moe_path, "cpu")
+    assert p["layers.ffn_gate_exps"].kernel == "moe"
+    assert p["layers.attn_q"].placement == p["layers.ffn_up_shexp"].placement == "host"
+    assert p["output"].placement == "host"                 # tied head packed from token_embd
+    for path in ("token_embd", "layers.attn_norm", "layers.ffn_gate_inp", "layers.attn_q_bias",
+                 "layers.ffn_gate_inp_shexp"):
+        assert p[path].placement == "device", path
+    f = GGUFFile(moe_path)
+    spec = loader.inspect(f)
+    a = loader.load_params(f, spec, host_linears=True)
+    b = loader.load_params(f, spec, placement=p)
+    assert isinstance(a["layers"]["ffn_exps"], HostExperts) and isinstance(a["output"], HostWeight)
+    assert {k: type(v) for k, v in a["layers"].items()} == \
+        {k: type(v) for k, v in b["layers"].items()}
+    loader.release_host_weights(a)
+    loader.release_host_weights(b)
+
+
+def test_family_default_and_first_match(moe_path):
+    p = _place(moe_path, "qwen2moe")
+    assert p["layers.ffn_down_exps"].placement == "host"
+    assert p["layers.ffn_down_shexp"].placement == "device"   # shared expert on the device
+    assert p["layers.ffn_down_exps"].rule.name == "routed experts"
+
+
+@pytest.mark.parametrize("rules,match", [
+    ("rules:\n- {match: '.*', placement: device, format: keep, colour: red}\n",
+     r"rule 0 \('.\*'\): unknown key\(s\) colour"),
+    ("rules:\n- {name: ghost, match: 'nothing\\.here', placement: host, format: keep}\n"
+     "- {match: '.*', placement: device, format: keep}\n",
+     r"rule 0 \('ghost'\) matches no tensor"),
+    ("rules:\n- {name: norms, match: '.*norm\\.weight', placement: host, format: keep}\n"
+     "- {match: '.*', placement: device, format: keep}\n",
+     r"rule 0 \('norms'\) places 'output_norm\.weight' \(vector\) on the host"),
+    ("rules:\n- {name: attn, match: 'blk\\..*attn.*', placement: device, format: keep}\n",
+     r"tensor 'token_embd\.weight' is placed nowhere"),
+    ("rules:\n- {name: first, match: 'blk\\.0\\..*', placement: host, format: keep}\n"
+     "- {name: rest, match: '.*', placement: device, format: keep}\n",
+     r"placed by .*rule 0 \('first'\) but .* by .*rule 1 \('rest'\)"),
+    ("rules:\n- {name: packed, match: '.*', placement: device, format: int8}\n",
+     r"rule 0 \('packed'\): format int8 needs the host kernels"),
+    ("rules:\n- {name: ex, match: '.*_exps.*', placement: host, format: keep, kernel: linear}\n"
+     "- {match: '.*', placement: device, format: keep}\n",
+     r"rule 0 \('ex'\): kernel 'linear' cannot run"),
+    ("rules:\n- {name: up, match: '.*ffn_up_exps.*', placement: device, format: keep}\n"
+     "- {name: ex, match: '.*_exps.*', placement: host, format: keep}\n"
+     "- {match: '.*', placement: device, format: keep}\n",
+     "gate, up and down matrices must share one placement"),
+    ("rules: {match: x}\n", "expected a mapping with a `rules:` list"),
+])
+def test_invalid_rules_name_the_rule(tmp_path, moe_path, rules, match):
+    with pytest.raises(RulesError, match=match):
+        _place(moe_path, rules, tmp_path=tmp_path)
+
+
+def test_host_placement_on_gpu_is_impossible(moe_path):
+    with pytest.raises(RulesError, match=r"rule 0 \('routed experts'\) places .* only from CPU"):
+        _place(moe_path, "qwen2moe", platform="gpu")
+
+
+def test_unknown_profile(moe_path):
+    with pytest.raises(RulesError, match="no rules profile 'fast'; profiles: cpu, deepseek2, device"):
+        _place(moe_path, "fast")
+
+
+def test_llm_rules_and_info(tmp_path, moe_path):
+    llm = LLM(str(moe_path), rules="qwen2moe", max_model_len=64)
+    assert llm.placement["layers.ffn_up_exps"].placement == "host"
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    with pytest.raises(KtjaxError, match="either rules or host_linears"):
+        LLM(str(moe_path), rules="cpu", host_linears=True)
+    text = describe(str(moe_path), "qwen2moe")
+    assert "experts       4 routed (2 per token)" in text
+    assert ["routed", "experts", "host", "keep", "moe", "6", "tensors"] in \
+        [ln.split()[:7] for ln in text.splitlines()]
+    assert re.fullmatch(r"  memory: device [\d.]+ MiB, host [\d.]+ MiB", text.splitlines()[-1])
