@@ -12,12 +12,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 t0=$(date +%s)
-if ! ls ktjax/_native*.so >/dev/null 2>&1; then
-  cmake -S . -B /tmp/kb -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
-    -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/tmp/configure.log 2>&1 || { tail -20 /tmp/configure.log; exit 1; }
-  timeout 200 cmake --build /tmp/kb -j"$(nproc)" > /tmp/build.log 2>&1 || { grep -E "error" -A5 /tmp/build.log | head -40; exit 1; }
-  cp /tmp/kb/_native*.so ktjax/
-fi
+# Always (re)build, incrementally: a warm machine may hold a module built from other
+# sources, whose stale bindings crashed the bandwidth probe once.
+cmake -S . -B /tmp/kb -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
+  -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/tmp/configure.log 2>&1 || { tail -20 /tmp/configure.log; exit 1; }
+timeout 200 cmake --build /tmp/kb -j"$(nproc)" > /tmp/build.log 2>&1 || { grep -E "error" -A5 /tmp/build.log | head -40; exit 1; }
+cp /tmp/kb/_native*.so ktjax/
 echo "build $(( $(date +%s) - t0 )) s"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 J="$OUT/moe.jsonl"

@@ -47,7 +47,7 @@ def test_greedy_32_tokens_and_latent_cache(tmp_path):
 
     model, path = _write(tmp_path, "v3-yarn")
     prompt = [int(t) for t in IDS[:8]]
-    llm = LLM(str(path), host_linears=False, max_model_len=64)
+    llm = LLM(str(path), host_linears=False, dtype="float32", max_model_len=64)
     cfg = llm.config
     assert llm.engine.kv.k.shape[-2:] == (1, cfg.kv_lora_rank + cfg.qk_rope_dim)
     assert llm.engine.kv.v.shape[-1] == 0

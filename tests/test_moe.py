@@ -60,7 +60,7 @@ def test_greedy_32_tokens_match_transformers(tmp_path):
 
     path = write_tiny_gguf(tmp_path / "g.gguf", "qwen3moe", **FAMILIES["qwen3moe"][1])
     prompt = [int(t) for t in IDS[:8]]
-    ours = LLM(str(path), host_linears=False).generate(
+    ours = LLM(str(path), host_linears=False, dtype="float32").generate(
         prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0].token_ids
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32,
                                               moe_intermediate_size=32)

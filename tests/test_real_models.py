@@ -40,7 +40,7 @@ def test_default_model_greedy_matches_transformers():
     import torch
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(max_model_len=512, kv_cache_tokens=2048, host_linears=False)
+    llm = LLM(max_model_len=512, kv_cache_tokens=2048, host_linears=False, dtype="float32")
     path = llm.model_path
     out = llm.generate([TEXT], SamplingParams(temperature=0, max_tokens=24,
                                               ignore_eos=True))[0]
