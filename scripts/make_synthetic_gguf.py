@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 
+from ktjax.gguf.synthetic import add_byte_level_tokenizer
+
 T = gguf.GGMLQuantizationType
 POOL_BYTES = 16 << 20
 # f16 scale fields per block type: (byte offsets, value).
@@ -79,22 +81,6 @@ def _tiled(pool: np.ndarray, size: int) -> np.ndarray:
         out[filled:filled + n] = out[:n]
         filled += n
     return out
-
-
-def _vocab(n: int) -> tuple[list[str], list[int]]:
-    """GPT-2 byte-level tokens + chat specials, padded with plain tokens to n entries."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = specials + [chr(c) for _, c in sorted(zip(bs, cs))]
-    tokens += [f"<pad{i}>" for i in range(n - len(tokens))]
-    return tokens, [3] * len(specials) + [1] * (n - len(specials))
 
 
 def tensor_list(s: Shape, n_layers: int, experts_qtype: T) -> list[tuple[str, tuple, T]]:
@@ -192,15 +178,7 @@ def write(path: str, shape: str, n_layers: int, experts_qtype: T, seed: int = 0)
         w.add_float32(a("rope.scaling.factor"), m["yarn_factor"])
         w.add_uint32(a("rope.scaling.original_context_length"), m["yarn_orig"])
         w.add_float32(a("rope.scaling.yarn_log_multiplier"), m["yarn_log_mul"])
-    tokens, types = _vocab(s.vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(["Ġ t", "h e"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(0)
-    w.add_add_bos_token(False)
+    add_byte_level_tokenizer(w, pad_to=s.vocab, eos_id=0)
 
     tensors = tensor_list(s, n_layers, experts_qtype)
     for name, shp, qt in tensors:

@@ -7,7 +7,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tiny_models import MERGES, byte_level_vocab
+from ktjax.gguf.synthetic import add_byte_level_tokenizer, byte_level_vocab
 
 ARCH = "deepseek2"
 # transformers parameter (after model.layers.N.) -> GGUF tensor (after blk.N.)
@@ -131,15 +131,7 @@ def write_deepseek_gguf(path: str | Path, model, *, split_kv_b: bool = False,
         add = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32,
                str: w.add_string}[type(value)]
         add(a(key), value)
-    tokens, types = byte_level_vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    add_byte_level_tokenizer(w)
 
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     for name, x in state.items():

@@ -10,30 +10,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ktjax.gguf.synthetic import add_byte_level_tokenizer, byte_level_vocab
+
 T = gguf.GGMLQuantizationType
 
 # Byte offsets and value of the f16 scale fields (d, dmin) in each K-quant block.
 _KQUANT_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2),
                   T.Q6_K: (208,)}
 
-
-def byte_level_vocab() -> tuple[list[str], list[int]]:
-    """GPT-2 byte-level vocabulary (256 byte tokens), chat specials and two merged tokens."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    tokens = [chr(c) for _, c in sorted(zip(bs, cs))]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return specials + tokens + MERGED, [3] * len(specials) + [1] * (len(tokens) + len(MERGED))
-
-
-MERGES = ["Ġ t", "h e"]
-MERGED = ["Ġt", "he"]
 
 
 def _random_weight(rng: np.random.Generator, shape: tuple[int, ...], qtype: T) -> np.ndarray:
@@ -65,8 +49,7 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
     adds tensors {name: array} and `extra_kv` uint32 metadata, for bad-input tests.
     """
     rng = np.random.default_rng(seed)
-    tokens, types = byte_level_vocab()
-    vocab = len(tokens)
+    vocab = len(byte_level_vocab()[0])
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(context_length)
     w.add_embedding_length(hidden)
@@ -90,14 +73,7 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
             w.add_expert_feed_forward_length(expert_ffn)
         if shared_ffn:
             w.add_expert_shared_feed_forward_length(shared_ffn)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    add_byte_level_tokenizer(w)
     for key, value in (extra_kv or {}).items():
         w.add_uint32(key, value)
 
