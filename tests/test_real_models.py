@@ -77,3 +77,12 @@ def test_perplexity_matches_llama_cpp(name, host_linears, tol):
     print(f"{name} host_linears={host_linears}: PPL {ppl:.4f} vs llama.cpp "
           f"{LLAMA_CPP_PPL[name]}")
     assert abs(ppl / LLAMA_CPP_PPL[name] - 1) < tol
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_CPP_PPL))
+@pytest.mark.parametrize("rules", [None, "cpu"])
+def test_info(name, rules):
+    from ktjax.models.info import describe
+    text = describe(name, rules)
+    assert "architecture" in text and "quant mix" in text
+    assert rules is None or "host" in text

@@ -74,10 +74,11 @@ def describe(model: str, rules: str | None = None) -> str:
             n_params * 4 / gib, n_params * 2 / gib, kv_per_token * 4 / 1024,
             4 * ctx * kv_per_token * 4 / gib, ctx),
     ]
-    if cfg.moe:
-        lines.insert(4, f"experts       {cfg.moe.n_experts} routed ({cfg.moe.n_used} per token) "
-                        f"x ffn {cfg.moe.expert_ffn}"
-                        + (f", shared ffn {cfg.moe.shared_ffn}" if cfg.moe.shared_ffn else ""))
+    moe = getattr(cfg, "moe", None)   # only mixture-of-experts families have one
+    if moe:
+        lines.insert(4, f"experts       {moe.n_experts} routed ({moe.n_used} per token) "
+                        f"x ffn {moe.expert_ffn}"
+                        + (f", shared ffn {moe.shared_ffn}" if moe.shared_ffn else ""))
     if rules is not None:
         platform = jax.default_backend()
         lines += placement_table(f, spec, rules, platform, 4 if platform == "cpu" else 2)
