@@ -35,6 +35,17 @@ inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const 
 // (Zen 5: 4 beat 8 and 16).
 constexpr int kPrefetchGroups = 4;
 
+// Writes a tile's accumulators to y, never past row w.n.
+template <class V, int RB, int TT>
+inline void store_tile(const PackedWeight& w, const typename V::F (&acc)[RB][TT], int64_t rb0,
+                       int64_t t0, float* y, int64_t ldy) {
+  for (int r = 0; r < RB; ++r) {
+    const int64_t row0 = (rb0 + r) * kRowBlock;
+    const int valid = static_cast<int>(w.n - row0 < kRowBlock ? w.n - row0 : kRowBlock);
+    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + row0, acc[r][t], valid);
+  }
+}
+
 // RB row blocks x TT tokens; G values per group; Int4 or (biased) Int8 weights.
 template <class V, int RB, int TT, bool kInt4, int G>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
@@ -102,11 +113,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       }
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    const int64_t row0 = (rb0 + r) * kRowBlock;
-    const int valid = static_cast<int>(w.n - row0 < kRowBlock ? w.n - row0 : kRowBlock);
-    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + row0, acc[r][t], valid);
-  }
+  store_tile<V, RB, TT>(w, acc, rb0, t0, y, ldy);
 }
 
 template <class V, int RB, int TT>
@@ -136,11 +143,7 @@ void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t
       }
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    const int64_t row0 = (rb0 + r) * kRowBlock;
-    const int valid = static_cast<int>(w.n - row0 < kRowBlock ? w.n - row0 : kRowBlock);
-    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + row0, acc[r][t], valid);
-  }
+  store_tile<V, RB, TT>(w, acc, rb0, t0, y, ldy);
 }
 
 template <class V, int RB, int TT>
