@@ -165,8 +165,8 @@ def load_params(f: GGUFFile, spec: ModelSpec, dtype=np.float32,
             continue  # optional and absent
         stack, _, key = path.rpartition(".")  # per-layer paths are "<stack>.<param>"
         target = params.setdefault(stack, {}) if stack else params
-        if key in members and target is params["layers"]:
-            continue
+        if stack == "layers" and key in members:
+            continue  # packed above as part of a fused weight
         d = placement[path]
         if d.placement == "host":
             if key not in EXPERT_KEYS:
