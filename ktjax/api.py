@@ -33,6 +33,8 @@ class LLM:
     max_model_len: context per sequence (default: the model's, capped at 4096).
     kv_cache_tokens: size of the shared KV page pool in tokens (default: 4 x max_model_len).
     dtype: weight dtype, 'float32' (default on CPU) or 'bfloat16' (default on GPU).
+    attention: 'auto' (default: the native host kernel for decode on CPU, the jnp reference
+      elsewhere), 'cpu' or 'reference'.
     host_linears: run matmul weights in the native host kernels, kept in their GGUF
       quantization (default: on for CPU runs); False computes them densely in XLA.
     rules: a placement rules file or profile name (see ktjax.rules; default: the CPU-only
@@ -41,7 +43,7 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, *, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, page_size: int = 16,
-                 dtype: str | None = None, attention: str = "reference",
+                 dtype: str | None = None, attention: str = "auto",
                  device: jax.Device | None = None, host_linears: bool | None = None,
                  rules: str | os.PathLike | None = None):
         enable_persistent_cache()
@@ -65,7 +67,7 @@ class LLM:
                                     placement=self.placement)
         weakref.finalize(self, loader.release_host_weights, params)
         max_model_len = min(max_model_len or 4096, self.config.context_length)
-        forward = self.spec.family.make_forward(self.config, get_backend(attention))
+        forward = self.spec.family.make_forward(self.config, get_backend(attention, device.platform))
         self.engine = Engine(
             forward, params, n_layers=self.config.n_layers, n_kv_heads=self.config.n_kv_heads,
             head_dim=self.config.head_dim, vocab_size=self.config.vocab_size,

@@ -18,6 +18,8 @@ void bind_ffi_targets(py::module_& m) {
             py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayered));
         targets["ktjax_moe"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoe));
         targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayered));
+        targets["ktjax_paged_attention"] =
+            py::capsule(reinterpret_cast<void*>(&KtjaxPagedAttention));
         return targets;
       },
       "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");

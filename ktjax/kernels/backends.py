@@ -1,11 +1,12 @@
-"""Attention backends: one interface, chosen per run (reference jnp everywhere, Pallas on GPU later)."""
+"""Attention backends: one interface, chosen per run: `reference` (jnp, any device), `cpu`
+(the native host kernel for decode steps, reference otherwise); `auto` picks by platform."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 from ktjax.errors import KtjaxError
-from ktjax.kernels import paged_attention_ref
+from ktjax.kernels import paged_attention_cpu, paged_attention_ref
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,14 @@ class AttentionBackend:
 
 REFERENCE = AttentionBackend("reference", paged_attention_ref.write_kv,
                              paged_attention_ref.paged_attention)
-_BACKENDS = {REFERENCE.name: REFERENCE}
+CPU = AttentionBackend("cpu", paged_attention_ref.write_kv, paged_attention_cpu.paged_attention)
+_BACKENDS = {b.name: b for b in (REFERENCE, CPU)}
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str, platform: str = "cpu") -> AttentionBackend:
+    """The backend called `name`; "auto" is the host kernel on CPU, the reference elsewhere."""
+    if name == "auto":
+        name = "cpu" if platform == "cpu" else "reference"
     if name not in _BACKENDS:
         raise KtjaxError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
     return _BACKENDS[name]

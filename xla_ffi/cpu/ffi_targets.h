@@ -15,5 +15,7 @@ extern "C" XLA_FFI_Error* KtjaxLinearLayered(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxMoe(XLA_FFI_CallFrame* call_frame);
 // ktjax_moe_layered: ktjax_moe + layer s32[], attrs handles/shared_handles int64[L] (moe_layered_ffi.cpp).
 extern "C" XLA_FFI_Error* KtjaxMoeLayered(XLA_FFI_CallFrame* call_frame);
+// ktjax_paged_attention: host paged attention (xla_ffi/attention_ffi.cpp lists operands).
+extern "C" XLA_FFI_Error* KtjaxPagedAttention(XLA_FFI_CallFrame* call_frame);
 
 }  // namespace ktjax

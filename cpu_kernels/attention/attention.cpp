@@ -1,0 +1,161 @@
+#include "cpu_kernels/attention/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels/thread_pool.h"
+
+namespace ktjax {
+namespace {
+
+const AttentionKernels& kernels_for(Isa isa) {
+  switch (clamp_isa(isa)) {
+    case Isa::Amx:
+    case Isa::Avx512: return attention_kernels_avx512();
+    case Isa::Avx2: return attention_kernels_avx2();
+    case Isa::Generic: break;
+  }
+  return attention_kernels_generic();
+}
+
+void check_finite(const char* arg, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i]))
+      throw std::invalid_argument(std::string(arg) + ": holds NaN or Inf (element " +
+                                  std::to_string(i) + ")");
+}
+
+// Cached keys a query at position qp of row b may see: [begin, end).
+KeyRange visible_context(const AttentionProblem& p, int64_t b, int64_t qp) {
+  if (qp < 0) return {0, 0, false};  // padding query: sees nothing, outputs zeros
+  const int64_t cached = std::min<int64_t>(p.cache_lens[b], p.table_pages * p.page_size);
+  const int64_t end = std::min(cached, qp + 1);
+  const int64_t begin = p.sliding_window > 0 ? std::max<int64_t>(0, qp - p.sliding_window + 1) : 0;
+  return {std::min(begin, end), end, true};
+}
+
+// How the problem is cut into independent work items: each (row, token, KV group) is split
+// into head chunks (keys re-read per chunk) and key splits (partials merged afterwards) until
+// there are about two items per thread.
+struct Plan {
+  int64_t head_chunks, heads_per_chunk, key_splits;
+  int64_t items_per_query() const { return head_chunks * key_splits; }
+};
+
+Plan make_plan(const AttentionProblem& p) {
+  const int64_t rep = p.heads / p.kv_heads;
+  const int64_t queries = p.batch * p.tokens * p.kv_heads;
+  const int64_t want = 2 * static_cast<int64_t>(num_threads());
+  const int64_t need = (want + queries - 1) / queries;
+  // Head chunks of at least 4 heads: fewer would re-read the keys for too little work.
+  const int64_t chunks = std::max<int64_t>(1, std::min(need, rep / 4));
+  const int64_t per_chunk = (rep + chunks - 1) / chunks;
+  const int64_t head_chunks = (rep + per_chunk - 1) / per_chunk;
+  // Key splits of at least 4 pages.
+  const int64_t max_splits = std::max<int64_t>(1, p.table_pages / 4);
+  const int64_t splits = std::min(max_splits, (need + head_chunks - 1) / head_chunks);
+  return {head_chunks, per_chunk, std::max<int64_t>(1, splits)};
+}
+
+}  // namespace
+
+void check_attention(const AttentionProblem& p) {
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0)
+    throw std::invalid_argument("k_new: " + std::to_string(p.kv_heads) +
+                                " KV heads do not divide the " + std::to_string(p.heads) +
+                                " query heads");
+  if (p.layer < 0 || p.layer >= p.layers)
+    throw std::invalid_argument("layer: index " + std::to_string(p.layer) + " outside the " +
+                                std::to_string(p.layers) + " cached layers");
+  if (p.page_size <= 0) throw std::invalid_argument("k_cache: page size must be positive");
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (p.cache_lens[b] < 0)
+      throw std::invalid_argument("cache_lens: row " + std::to_string(b) + " is negative");
+    const int64_t cached = std::min<int64_t>(p.cache_lens[b], p.table_pages * p.page_size);
+    const int64_t used = (cached + p.page_size - 1) / p.page_size;
+    for (int64_t i = 0; i < used; ++i) {
+      const int32_t page = p.block_tables[b * p.table_pages + i];
+      if (page < 0 || page >= p.pages)
+        throw std::invalid_argument("block_tables: row " + std::to_string(b) + " entry " +
+                                    std::to_string(i) + " names page " + std::to_string(page) +
+                                    ", outside the cache's " + std::to_string(p.pages) +
+                                    " pages");
+    }
+  }
+  const int64_t q_tokens = p.batch * p.tokens;
+  check_finite("q", p.q, q_tokens * p.heads * p.head_dim);
+  check_finite("k_new", p.k_new, q_tokens * p.kv_heads * p.head_dim);
+  if (!p.values_in_keys) check_finite("v_new", p.v_new, q_tokens * p.kv_heads * p.value_dim);
+}
+
+void paged_attention(const AttentionProblem& p, Isa isa) {
+  check_attention(p);
+  const AttentionKernels& kern = kernels_for(isa);
+  const Plan plan = make_plan(p);
+  const int64_t rep = p.heads / p.kv_heads, vd = p.value_dim;
+  const int64_t queries = p.batch * p.tokens * p.kv_heads;
+  const int64_t items = queries * plan.items_per_query();
+  // Per item: m and l for its heads, then acc [heads, vd].
+  const int64_t item_floats = plan.heads_per_chunk * (2 + vd);
+  thread_local std::vector<float> partials;
+  partials.resize(static_cast<size_t>(items * item_floats));
+  float* parts = partials.data();
+
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t query = item / plan.items_per_query();
+      const int64_t chunk = item % plan.items_per_query() / plan.key_splits;
+      const int64_t split = item % plan.key_splits;
+      const int64_t g = query % p.kv_heads, bt = query / p.kv_heads;
+      const int64_t b = bt / p.tokens, t = bt % p.tokens;
+      const int64_t h0 = chunk * plan.heads_per_chunk;
+      const int64_t n = std::min(plan.heads_per_chunk, rep - h0);
+      KeyRange keys = visible_context(p, b, p.positions[bt]);
+      const int64_t len = keys.ctx_end - keys.ctx_begin;
+      const int64_t begin = keys.ctx_begin + len * split / plan.key_splits;
+      const int64_t end = keys.ctx_begin + len * (split + 1) / plan.key_splits;
+      keys = {begin, end, keys.with_new && split == plan.key_splits - 1};
+      float* part = parts + item * item_floats;
+      kern.attend(p, b, t, g, g * rep + h0, n, keys,
+                  Partial{part, part + plan.heads_per_chunk, part + 2 * plan.heads_per_chunk});
+    }
+  };
+  // Below ~32K multiply-adds a pool wake-up costs more than it saves.
+  const int64_t work = queries * rep * (p.table_pages * p.page_size + p.tokens) * p.head_dim;
+  if (work < (int64_t{1} << 15)) run(0, items);
+  else parallel_for(items, run);
+
+  // Merge the key splits of each head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  for (int64_t query = 0; query < queries; ++query) {
+    const int64_t g = query % p.kv_heads, bt = query / p.kv_heads;
+    for (int64_t chunk = 0; chunk < plan.head_chunks; ++chunk) {
+      const int64_t h0 = chunk * plan.heads_per_chunk;
+      const int64_t n = std::min(plan.heads_per_chunk, rep - h0);
+      const float* first = parts + (query * plan.items_per_query() + chunk * plan.key_splits) * item_floats;
+      for (int64_t h = 0; h < n; ++h) {
+        float* out = p.out + (bt * p.heads + g * rep + h0 + h) * vd;
+        float mx = kNone;
+        for (int64_t s = 0; s < plan.key_splits; ++s) mx = std::max(mx, first[s * item_floats + h]);
+        std::fill(out, out + vd, 0.f);
+        if (mx == kNone) continue;  // no visible key (padding query)
+        float denom = 0.f;
+        for (int64_t s = 0; s < plan.key_splits; ++s) {
+          const float* part = first + s * item_floats;
+          if (part[h] == kNone) continue;
+          const float w = std::exp(part[h] - mx);
+          denom += part[plan.heads_per_chunk + h] * w;
+          const float* acc = part + 2 * plan.heads_per_chunk + h * vd;
+          for (int64_t d = 0; d < vd; ++d) out[d] += acc[d] * w;
+        }
+        for (int64_t d = 0; d < vd; ++d) out[d] /= denom;
+      }
+    }
+  }
+}
+
+}  // namespace ktjax

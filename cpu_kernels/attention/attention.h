@@ -1,0 +1,68 @@
+// Paged attention on the host CPU for steps with few new tokens per row (decode): each query
+// reads the cached keys and values of its layer straight from the paged cache, so nothing is
+// gathered or copied per layer. The contract is ktjax/kernels/paged_attention_ref.py's.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_kernels/isa.h"
+
+namespace ktjax {
+
+enum class CacheType { F32, BF16 };
+
+// Shapes: q [B, T, H, hd]; k_new [B, T, n_kv, hd]; v_new [B, T, n_kv, vd];
+// k_cache [L, n_pages, page_size, n_kv, hd]; v_cache [L, n_pages, page_size, n_kv, vd];
+// block_tables [B, P]; cache_lens [B]; positions [B, T] (-1: padding); out [B, T, H, vd].
+// values_in_keys (MLA): the values are the first vd dims of each key; v_new / v_cache unused.
+struct AttentionProblem {
+  const float* q = nullptr;
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  CacheType cache_type = CacheType::F32;
+  const int32_t* block_tables = nullptr;
+  const int32_t* cache_lens = nullptr;
+  const int32_t* positions = nullptr;
+  float* out = nullptr;
+  int64_t batch = 0, tokens = 0, heads = 0, kv_heads = 0, head_dim = 0, value_dim = 0;
+  int64_t layer = 0, layers = 0, pages = 0, page_size = 0, table_pages = 0;
+  bool values_in_keys = false;
+  float scale = 1.f;
+  int64_t sliding_window = 0;  // <= 0: unlimited
+};
+
+// A contiguous run of visible keys of one query: cached positions [ctx_begin, ctx_end), then
+// (with_new) the step's own keys that are visible to it.
+struct KeyRange {
+  int64_t ctx_begin, ctx_end;
+  bool with_new;
+};
+
+// Online-softmax partial of `heads` query heads (one KV group) over a key range: running max
+// m, denominator l and unnormalized output acc [heads, value_dim].
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;
+};
+
+struct AttentionKernels {
+  // Query (b, t), heads [h0, h0 + n) of KV group g, over `keys`: writes `part`.
+  void (*attend)(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
+                 int64_t n, KeyRange keys, Partial part);
+};
+
+const AttentionKernels& attention_kernels_generic();
+const AttentionKernels& attention_kernels_avx2();
+const AttentionKernels& attention_kernels_avx512();
+
+// Throws std::invalid_argument naming the argument when an index would leave the buffers
+// (layer, a used block-table entry, head grouping) or q / k_new / v_new hold NaN or Inf.
+void check_attention(const AttentionProblem& p);
+
+// Runs the problem on the thread pool with the kernels of `isa` (AMX machines use AVX-512).
+void paged_attention(const AttentionProblem& p, Isa isa);
+
+}  // namespace ktjax

@@ -1,0 +1,156 @@
+// The attention kernel body, written once over GCC/Clang vector extensions (16 float lanes);
+// each ISA translation unit includes it and compiles it with its own flags, so the same
+// source becomes SSE2, AVX2 or AVX-512 code. Everything here sits in an anonymous namespace:
+// internal linkage keeps the linker from handing one unit's ISA variant to another.
+#pragma once
+
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_kernels/attention/attention.h"
+
+namespace ktjax {
+namespace {
+namespace attention_body {
+
+typedef float F16x __attribute__((vector_size(64)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+
+inline F16x load16(const float* p) {
+  F16x v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline F16x load16(const uint16_t* p) {  // bf16 -> f32: the high half of the f32 bits
+  U16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const U32x16 w = __builtin_convertvector(h, U32x16) << 16;
+  F16x v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) {
+  const uint32_t w = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+inline void store16(float* p, F16x v) { std::memcpy(p, &v, sizeof v); }
+
+template <class KT>
+inline float dot(const float* q, const KT* k, int64_t n) {
+  F16x acc = {};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) acc += load16(q + d) * load16(k + d);
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += acc[i];
+  for (; d < n; ++d) s += q[d] * to_f32(k[d]);
+  return s;
+}
+
+// acc = acc * keep + w * v over n values.
+template <class KT>
+inline void scale_add(float* acc, float keep, float w, const KT* v, int64_t n) {
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) store16(acc + d, load16(acc + d) * keep + load16(v + d) * w);
+  for (; d < n; ++d) acc[d] = acc[d] * keep + to_f32(v[d]) * w;
+}
+
+// Keys and values of one chunk (a page run, or the step's new tokens): key i at
+// k + i * k_stride, its value at v + i * v_stride.
+template <class KT>
+struct Chunk {
+  const KT* k;
+  const KT* v;
+  int64_t k_stride, v_stride, n;
+};
+
+// Folds a chunk into the heads' online softmax; `visible(i)` says whether key i counts.
+template <class KT, class Visible>
+void fold_chunk(const AttentionProblem& p, const float* q, int64_t heads, Chunk<KT> c,
+                Visible visible, std::vector<float>& scores, Partial part) {
+  const int64_t hd = p.head_dim, vd = p.value_dim;
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  scores.resize(static_cast<size_t>(heads * c.n));
+  for (int64_t i = 0; i < c.n; ++i) {
+    const bool vis = visible(i);
+    for (int64_t h = 0; h < heads; ++h)
+      scores[h * c.n + i] = vis ? dot(q + h * hd, c.k + i * c.k_stride, hd) * p.scale : kNone;
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* s = scores.data() + h * c.n;
+    float mx = part.m[h];
+    for (int64_t i = 0; i < c.n; ++i) mx = s[i] > mx ? s[i] : mx;
+    if (mx == kNone) continue;  // nothing visible to this head yet
+    // Rescale the running sums to the new max once, folded into the first visible key.
+    float keep = part.m[h] == kNone ? 0.f : std::exp(part.m[h] - mx);
+    float* acc = part.acc + h * vd;
+    part.l[h] *= keep;
+    for (int64_t i = 0; i < c.n; ++i) {
+      if (s[i] == kNone) continue;
+      const float w = std::exp(s[i] - mx);
+      part.l[h] += w;
+      scale_add(acc, keep, w, c.v + i * c.v_stride, vd);
+      keep = 1.f;
+    }
+    part.m[h] = mx;
+  }
+}
+
+template <class KT>
+void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
+                  int64_t n, KeyRange keys, Partial part) {
+  const int64_t hd = p.head_dim, vd = p.value_dim, kv = p.kv_heads, ps = p.page_size;
+  const float* q = p.q + ((b * p.tokens + t) * p.heads + h0) * hd;
+  for (int64_t h = 0; h < n; ++h) {
+    part.m[h] = -std::numeric_limits<float>::infinity();
+    part.l[h] = 0.f;
+  }
+  std::memset(part.acc, 0, sizeof(float) * static_cast<size_t>(n * vd));
+  thread_local std::vector<float> scores;
+  const auto all = [](int64_t) { return true; };
+
+  // Cached keys, one page run at a time, read in place.
+  const KT* kc = static_cast<const KT*>(p.k_cache);
+  const KT* vc = p.values_in_keys ? kc : static_cast<const KT*>(p.v_cache);
+  const int64_t vrow = p.values_in_keys ? hd : vd;  // cache elements per token and head
+  const int32_t* table = p.block_tables + b * p.table_pages;
+  for (int64_t s = keys.ctx_begin; s < keys.ctx_end;) {
+    const int64_t first = s % ps, count = std::min(ps - first, keys.ctx_end - s);
+    const int64_t slot = (p.layer * p.pages + table[s / ps]) * ps + first;
+    fold_chunk(p, q, n,
+               Chunk<KT>{kc + (slot * kv + g) * hd, vc + (slot * kv + g) * vrow, kv * hd,
+                         kv * vrow, count},
+               all, scores, part);
+    s += count;
+  }
+  if (!keys.with_new) return;
+  // The step's own keys (float32, not yet in the cache): visible when at or before the
+  // query's position and inside the window.
+  const int32_t* pos = p.positions + b * p.tokens;
+  const int64_t qp = pos[t], window = p.sliding_window;
+  const float* kn = p.k_new + (b * p.tokens * kv + g) * hd;
+  const float* vn = p.values_in_keys ? kn : p.v_new + (b * p.tokens * kv + g) * vd;
+  const auto visible = [&](int64_t j) {
+    return pos[j] >= 0 && pos[j] <= qp && (window <= 0 || qp - pos[j] < window);
+  };
+  fold_chunk(p, q, n, Chunk<float>{kn, vn, kv * hd, kv * vrow, p.tokens}, visible, scores,
+             part);
+}
+
+inline void attend(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
+                   int64_t n, KeyRange keys, Partial part) {
+  if (p.cache_type == CacheType::BF16)
+    attend_typed<uint16_t>(p, b, t, g, h0, n, keys, part);
+  else
+    attend_typed<float>(p, b, t, g, h0, n, keys, part);
+}
+
+}  // namespace attention_body
+}  // namespace
+}  // namespace ktjax

@@ -1,0 +1,45 @@
+"""Paged attention for CPU programs: the native host kernel (`ktjax_paged_attention`, XLA FFI)
+for steps with few new tokens per row, the jnp reference for long prefill chunks, where XLA's
+batched matmuls do better than a per-query kernel.
+
+The kernel reads the layer's pages where they lie; the reference gathers every page of the
+bucket into a copy per layer, which on a CPU costs more than the attention arithmetic.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.host.ffi import register_cpu_targets
+from ktjax.kernels import paged_attention_ref
+
+# Largest step (new tokens per row) that goes to the kernel: decode, and short chunks.
+MAX_KERNEL_TOKENS = 16
+
+
+def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
+                    k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                    block_tables: jax.Array, cache_lens: jax.Array, q_positions: jax.Array, *,
+                    scale: float, sliding_window: jax.Array | int | None = None,
+                    values_in_keys: int | None = None) -> jax.Array:
+    """paged_attention_ref.paged_attention's contract, run by the host kernel when
+    q has at most MAX_KERNEL_TOKENS tokens per row."""
+    if q.shape[1] > MAX_KERNEL_TOKENS:
+        return paged_attention_ref.paged_attention(
+            q, k_new, v_new, k_cache, v_cache, layer, block_tables, cache_lens, q_positions,
+            scale=scale, sliding_window=sliding_window, values_in_keys=values_in_keys)
+    register_cpu_targets()
+    b, t, h, _ = q.shape
+    value_dim = values_in_keys or v_cache.shape[-1]
+    f32 = jnp.float32
+    k_new = k_new.astype(f32)
+    v_new = k_new if v_new is None else v_new.astype(f32)
+    window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32)
+    call = jax.ffi.ffi_call("ktjax_paged_attention",
+                            jax.ShapeDtypeStruct((b, t, h, value_dim), f32))
+    out = call(q.astype(f32), k_new, v_new, k_cache, v_cache,
+               jnp.asarray(layer, jnp.int32), block_tables.astype(jnp.int32),
+               cache_lens.astype(jnp.int32), q_positions.astype(jnp.int32), window,
+               scale=np.float32(scale), values_in_keys=np.int64(values_in_keys or 0))
+    return out.astype(q.dtype)
