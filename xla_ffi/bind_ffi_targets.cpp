@@ -20,6 +20,8 @@ void bind_ffi_targets(py::module_& m) {
         targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayered));
         targets["ktjax_paged_attention"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxPagedAttention));
+        targets["ktjax_stacked_matvec"] =
+            py::capsule(reinterpret_cast<void*>(&KtjaxStackedMatvec));
         return targets;
       },
       "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");

@@ -7,20 +7,11 @@
 #include <string>
 #include <vector>
 
+#include "cpu_kernels/float_kernels.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
 namespace {
-
-const AttentionKernels& kernels_for(Isa isa) {
-  switch (clamp_isa(isa)) {
-    case Isa::Amx:
-    case Isa::Avx512: return attention_kernels_avx512();
-    case Isa::Avx2: return attention_kernels_avx2();
-    case Isa::Generic: break;
-  }
-  return attention_kernels_generic();
-}
 
 void check_finite(const char* arg, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -94,7 +85,7 @@ void check_attention(const AttentionProblem& p) {
 
 void paged_attention(const AttentionProblem& p, Isa isa) {
   check_attention(p);
-  const AttentionKernels& kern = kernels_for(isa);
+  const FloatKernels& kern = float_kernels(isa);
   const Plan plan = make_plan(p);
   const int64_t rep = p.heads / p.kv_heads, vd = p.value_dim;
   const int64_t queries = p.batch * p.tokens * p.kv_heads;

@@ -48,16 +48,6 @@ struct Partial {
   float* acc;
 };
 
-struct AttentionKernels {
-  // Query (b, t), heads [h0, h0 + n) of KV group g, over `keys`: writes `part`.
-  void (*attend)(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
-                 int64_t n, KeyRange keys, Partial part);
-};
-
-const AttentionKernels& attention_kernels_generic();
-const AttentionKernels& attention_kernels_avx2();
-const AttentionKernels& attention_kernels_avx512();
-
 // Throws std::invalid_argument naming the argument when an index would leave the buffers
 // (layer, a used block-table entry, head grouping) or q / k_new / v_new hold NaN or Inf.
 void check_attention(const AttentionProblem& p);

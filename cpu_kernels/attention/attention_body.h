@@ -1,7 +1,5 @@
-// The attention kernel body, written once over GCC/Clang vector extensions (16 float lanes);
-// each ISA translation unit includes it and compiles it with its own flags, so the same
-// source becomes SSE2, AVX2 or AVX-512 code. Everything here sits in an anonymous namespace:
-// internal linkage keeps the linker from handing one unit's ISA variant to another.
+// The attention kernel body, written once over simd16.h's vector helpers; each ISA
+// translation unit includes it and compiles it with its own flags (see simd16.h).
 #pragma once
 
 #include <cmath>
@@ -11,55 +9,13 @@
 #include <vector>
 
 #include "cpu_kernels/attention/attention.h"
+#include "cpu_kernels/simd16.h"
 
 namespace ktjax {
 namespace {
 namespace attention_body {
 
-typedef float F16x __attribute__((vector_size(64)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-
-inline F16x load16(const float* p) {
-  F16x v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline F16x load16(const uint16_t* p) {  // bf16 -> f32: the high half of the f32 bits
-  U16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const U32x16 w = __builtin_convertvector(h, U32x16) << 16;
-  F16x v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) {
-  const uint32_t w = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof f);
-  return f;
-}
-inline void store16(float* p, F16x v) { std::memcpy(p, &v, sizeof v); }
-
-template <class KT>
-inline float dot(const float* q, const KT* k, int64_t n) {
-  F16x acc = {};
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) acc += load16(q + d) * load16(k + d);
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += acc[i];
-  for (; d < n; ++d) s += q[d] * to_f32(k[d]);
-  return s;
-}
-
-// acc = acc * keep + w * v over n values.
-template <class KT>
-inline void scale_add(float* acc, float keep, float w, const KT* v, int64_t n) {
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) store16(acc + d, load16(acc + d) * keep + load16(v + d) * w);
-  for (; d < n; ++d) acc[d] = acc[d] * keep + to_f32(v[d]) * w;
-}
+using namespace simd16;
 
 // Keys and values of one chunk (a page run, or the step's new tokens): key i at
 // k + i * k_stride, its value at v + i * v_stride.

@@ -113,14 +113,17 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
     new_k, new_v, first = [], [], 0
     for key, stack_block in stacks or (("layers", block),):
         n = params[key]["attn_norm"].shape[0]
+        # Layer stacks ride along whole (closed over), the rest is sliced by the scan.
+        whole = {k: v for k, v in params[key].items() if isinstance(v, layers.LayerStack)}
+        sliced = {k: v for k, v in params[key].items() if k not in whole}
 
-        def step(x, inputs, stack_block=stack_block, first=first):
+        def step(x, inputs, stack_block=stack_block, first=first, whole=whole):
             layer_params, local = inputs
             layer = local + first
-            return stack_block(layers.bind_layer(layer_params, local), x, layer,
+            return stack_block(layers.bind_layer({**layer_params, **whole}, local), x, layer,
                                AttentionContext(backend, batch, kv, layer))
 
-        x, (k_new, v_new) = jax.lax.scan(step, x, (params[key], jnp.arange(n, dtype=jnp.int32)))
+        x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, jnp.arange(n, dtype=jnp.int32)))
         new_k.append(k_new)
         new_v.append(v_new)
         first += n

@@ -235,17 +235,18 @@ def yarn_inv_freq(dim: int, base: float, yarn: Yarn | None) -> np.ndarray:
     return (extrapolated / yarn.factor * (1 - keep) + extrapolated * keep).astype(np.float32)
 
 
-def _up_projections(cfg: Deepseek2Config, lp: dict) -> tuple[jax.Array, jax.Array]:
-    """W_UK [H, nope, r] and W_UV [H, v, r] from attn_kv_b or llama.cpp's split k_b/v_b."""
+def _up_projections(cfg: Deepseek2Config, lp: dict):
+    """W_UK [H, r, nope] and W_UV [H, v, r] (arrays or LayerStacks, for per_head_linear) from
+    attn_kv_b or llama.cpp's split k_b/v_b."""
     for name in ("attn_kv_b", "attn_k_b", "attn_v_b"):
         if isinstance(lp.get(name), layers.HOST_NODES):
             raise UnsupportedModelError(
                 f"{name} is placed on the host, but MLA absorbs it into the queries and "
                 "outputs in XLA: place blk.N.{attn_kv_b,attn_k_b,attn_v_b} on the device")
     if cfg.split_kv_b:
-        return jnp.swapaxes(lp["attn_k_b"], 1, 2), lp["attn_v_b"]
-    kv_b = lp["attn_kv_b"].reshape(cfg.n_heads, cfg.qk_nope_dim + cfg.v_head_dim, -1)
-    return kv_b[:, :cfg.qk_nope_dim], kv_b[:, cfg.qk_nope_dim:]
+        return lp["attn_k_b"], lp["attn_v_b"]
+    kv_b = layers.dense(lp["attn_kv_b"]).reshape(cfg.n_heads, cfg.qk_nope_dim + cfg.v_head_dim, -1)
+    return jnp.swapaxes(kv_b[:, :cfg.qk_nope_dim], 1, 2), kv_b[:, cfg.qk_nope_dim:]
 
 
 def _attention(cfg: Deepseek2Config, inv_freq: jax.Array, lp: dict, x: jax.Array,
@@ -267,13 +268,11 @@ def _attention(cfg: Deepseek2Config, inv_freq: jax.Array, lp: dict, x: jax.Array
     q_pe = layers.apply_rope(q_pe, pos, inv_freq, neox=False)
     k_pe = layers.apply_rope(kv[:, :, None, r:], pos, inv_freq, neox=False)
     w_uk, w_uv = _up_projections(cfg, lp)
-    q_latent = jnp.einsum("bthn,hnr->bthr", q_nope.astype(w_uk.dtype), w_uk,
-                          preferred_element_type=jnp.float32).astype(x.dtype)
+    q_latent = layers.per_head_linear(q_nope, w_uk).astype(x.dtype)
     k_latent = jnp.concatenate([latent[:, :, None], k_pe], axis=-1)      # [B, T, 1, r + rope]
     o = ctx.attend(jnp.concatenate([q_latent, q_pe], axis=-1), k_latent, None,
                    scale=cfg.query_scale, values_in_keys=r)                # [B, T, H, r]
-    o = jnp.einsum("bthr,hvr->bthv", o.astype(w_uv.dtype), w_uv,
-                   preferred_element_type=jnp.float32).astype(x.dtype)
+    o = layers.per_head_linear(o, w_uv).astype(x.dtype)
     return layers.linear(o.reshape(b, t, -1), lp["attn_output"]), k_latent
 
 

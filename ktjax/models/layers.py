@@ -49,11 +49,56 @@ class HostExperts:
 
 HOST_NODES = (HostWeight, HostExperts)
 
+# Rows up to which a LayerStack matmul reads the layer in place (decode steps); longer
+# prefill chunks slice it, a copy their matmul amortizes.
+MAX_STACKED_ROWS = 16
+
+
+@struct.dataclass
+class LayerStack:
+    """A per-layer float matrix kept whole, [L, ...], through the scan over layers, for CPU
+    programs: inside a scan XLA copies each layer's slice of a scanned weight before using it
+    (a dynamic slice), which for MoE routers and MLA up-projections costs more than the
+    matmul. `layer` is bound like HostWeight's; matmuls of few rows read the slice in place
+    through the host kernel (`linear`, `per_head_linear`), anything else takes `value()`."""
+
+    stack: jax.Array
+    layer: jax.Array | None = None
+
+    def at_layer(self, layer: jax.Array) -> "LayerStack":
+        return self.replace(layer=layer)
+
+    def value(self) -> jax.Array:
+        return self.stack[self.layer]
+
+
+LAYER_BOUND = (*HOST_NODES, LayerStack)
+
 
 def bind_layer(tree, layer: jax.Array):
-    """Bind the scanned layer index into every host weight of a layer's params."""
-    return jax.tree.map(lambda w: w.at_layer(layer) if isinstance(w, HOST_NODES) else w, tree,
-                        is_leaf=lambda n: isinstance(n, HOST_NODES))
+    """Bind the scanned layer index into every host weight and layer stack of a layer's
+    params."""
+    return jax.tree.map(lambda w: w.at_layer(layer) if isinstance(w, LAYER_BOUND) else w, tree,
+                        is_leaf=lambda n: isinstance(n, LAYER_BOUND))
+
+
+def dense(w):
+    """A device weight as an array (a LayerStack's current layer)."""
+    return w.value() if isinstance(w, LayerStack) else w
+
+
+def per_head_linear(x: jax.Array, w) -> jax.Array:
+    """y [..., G, N] = x [..., G, K] . w [G, N, K] per group (head) G, in float32; w may be a
+    LayerStack of [L, G, N, K]."""
+    lead = x.shape[:-2]
+    rows = int(np.prod(lead))
+    if isinstance(w, LayerStack) and rows <= MAX_STACKED_ROWS:
+        from ktjax.host.stacked import stacked_matvec
+        y = stacked_matvec(x.reshape(rows, *x.shape[-2:]), w.stack, w.layer)
+        return y.reshape(*lead, *y.shape[-2:])
+    w = dense(w)
+    return jnp.einsum("...gk,gnk->...gn", x.astype(w.dtype), w,
+                      preferred_element_type=jnp.float32)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -83,10 +128,13 @@ def project(x: jax.Array, lp: dict, names: tuple[str, ...]) -> list[jax.Array]:
             for n, y in zip(names, ys)]
 
 
-def linear(x: jax.Array, w: jax.Array | HostWeight, bias: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | HostWeight | LayerStack,
+           bias: jax.Array | None = None) -> jax.Array:
     """y = x @ w.T for a GGUF-oriented weight w [out, in]; accumulates in float32."""
     if isinstance(w, HostWeight):
         y = w(x)
+    elif isinstance(w, LayerStack):
+        y = per_head_linear(x[..., None, :], LayerStack(w.stack[:, None], w.layer))[..., 0, :]
     else:
         y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)

@@ -19,7 +19,7 @@ from ktjax.host import linear as host_linear
 from ktjax.host import moe as host_moe
 from ktjax.models.base import TensorSpec
 from ktjax.models.layers import (FUSIBLE_PROJECTIONS, HOST_NODES, HostExperts, HostWeight,
-                                 fused_name)
+                                 LayerStack, fused_name)
 from ktjax.models.moe import EXPERT_KEYS, HOST_EXPERTS
 from ktjax.models.registry import family_for
 
@@ -180,7 +180,10 @@ def load_params(f: GGUFFile, spec: ModelSpec, dtype=np.float32,
         if len(arrays) != len(expected):
             raise TensorError(f"{f.path}: {tspec.gguf_name} exists for only "
                               f"{len(arrays)} of {len(expected)} layers")
-        target[key] = jax.device_put(value, device)
+        value = jax.device_put(value, device)
+        if tspec.per_layer and len(tspec.shape) >= 2 and value.device.platform == "cpu":
+            value = LayerStack(value)  # read in place by decode steps (see LayerStack)
+        target[key] = value
     head = placement.get("output")
     if "output" not in params and head is not None and head.placement == "host":
         params["output"] = _pack_host(f, [spec.table["token_embd"].gguf_name], head.format)

@@ -150,7 +150,7 @@ def moe_ffn(cfg: MoeConfig, lp: dict, h: jax.Array) -> jax.Array:
     if isinstance(host, HostExperts):
         y = host(x.astype(jnp.float32), ids, weights)
     else:
-        y = _experts_device(x, ids, weights, *(lp[k] for k in EXPERT_KEYS))
+        y = _experts_device(x, ids, weights, *(layers.dense(lp[k]) for k in EXPERT_KEYS))
     if cfg.shared_ffn:
         s = layers.linear(jax.nn.silu(layers.linear(x, lp["ffn_gate_shexp"])) *
                           layers.linear(x, lp["ffn_up_shexp"]), lp["ffn_down_shexp"])

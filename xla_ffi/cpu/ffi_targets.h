@@ -17,5 +17,7 @@ extern "C" XLA_FFI_Error* KtjaxMoe(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxMoeLayered(XLA_FFI_CallFrame* call_frame);
 // ktjax_paged_attention: host paged attention (xla_ffi/attention_ffi.cpp lists operands).
 extern "C" XLA_FFI_Error* KtjaxPagedAttention(XLA_FFI_CallFrame* call_frame);
+// ktjax_stacked_matvec: x f32[M, G, K], w f32|bf16[L, G, N, K], layer s32[] -> f32[M, G, N].
+extern "C" XLA_FFI_Error* KtjaxStackedMatvec(XLA_FFI_CallFrame* call_frame);
 
 }  // namespace ktjax

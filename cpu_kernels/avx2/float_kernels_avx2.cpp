@@ -1,0 +1,13 @@
+// AVX2 + FMA build of the float kernels.
+#include "cpu_kernels/attention/attention_body.h"
+#include "cpu_kernels/float_kernels.h"
+#include "cpu_kernels/matvec/matvec_body.h"
+
+namespace ktjax {
+
+const FloatKernels& float_kernels_avx2() {
+  static const FloatKernels k{&attention_body::attend, &matvec_body::rows};
+  return k;
+}
+
+}  // namespace ktjax

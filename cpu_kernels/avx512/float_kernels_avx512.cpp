@@ -1,0 +1,13 @@
+// AVX-512 build of the float kernels (also used on AMX machines).
+#include "cpu_kernels/attention/attention_body.h"
+#include "cpu_kernels/float_kernels.h"
+#include "cpu_kernels/matvec/matvec_body.h"
+
+namespace ktjax {
+
+const FloatKernels& float_kernels_avx512() {
+  static const FloatKernels k{&attention_body::attend, &matvec_body::rows};
+  return k;
+}
+
+}  // namespace ktjax

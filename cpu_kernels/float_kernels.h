@@ -1,0 +1,27 @@
+// The float kernels (attention, stacked matvec) of one ISA level: each per-ISA unit
+// (generic/ avx2/ avx512/ float_kernels_*.cpp) compiles the same bodies with its flags.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_kernels/attention/attention.h"
+#include "cpu_kernels/matvec/stacked_matvec.h"
+
+namespace ktjax {
+
+struct FloatKernels {
+  // Query (b, t), heads [h0, h0 + n) of KV group g, over `keys`: writes `part`.
+  void (*attend)(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
+                 int64_t n, KeyRange keys, Partial part);
+  // Output rows [r0, r1) of the flattened (group, n) axis.
+  void (*matvec_rows)(const StackedMatvecProblem& p, int64_t r0, int64_t r1);
+};
+
+const FloatKernels& float_kernels_generic();
+const FloatKernels& float_kernels_avx2();
+const FloatKernels& float_kernels_avx512();
+
+// The kernels of `isa` (AMX machines use AVX-512).
+const FloatKernels& float_kernels(Isa isa);
+
+}  // namespace ktjax

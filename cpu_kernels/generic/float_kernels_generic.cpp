@@ -1,0 +1,13 @@
+// Baseline x86-64 (SSE2) build of the float kernels; also the fallback on any CPU.
+#include "cpu_kernels/attention/attention_body.h"
+#include "cpu_kernels/float_kernels.h"
+#include "cpu_kernels/matvec/matvec_body.h"
+
+namespace ktjax {
+
+const FloatKernels& float_kernels_generic() {
+  static const FloatKernels k{&attention_body::attend, &matvec_body::rows};
+  return k;
+}
+
+}  // namespace ktjax
