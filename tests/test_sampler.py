@@ -1,10 +1,12 @@
 """The on-device sampler against numpy statements of each rule."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ktjax import SamplingParams
-from ktjax.engine.sampler import SamplingBatch, apply_penalties, sample, split_seed
+from ktjax.engine.sampler import (SamplingBatch, apply_penalties, argmax_last, sample,
+                                  split_seed)
 from ktjax.errors import RequestError
 
 V = 50
@@ -71,3 +73,15 @@ def test_logprob_is_models():
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_argmax_last_is_jnp_argmax():
+    """Ties pick the first index, NaN counts as the maximum, -inf rows still pick index 0."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, (6, 50)).astype(np.float32)       # many ties
+    x[1, 7] = np.nan
+    x[2, [4, 40]] = np.nan
+    x[3] = -np.inf
+    x[4, 10:] = np.inf
+    got = np.asarray(jax.jit(argmax_last)(x))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis=-1)))

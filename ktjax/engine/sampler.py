@@ -53,13 +53,13 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     """logits [B, V] float32 -> (token ids [B] int32, model log-probs of those tokens [B])."""
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
     logits = apply_penalties(logits, sb)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_last(logits)
 
     temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)[:, None]
     scaled = logits / temp
     keys = jax.vmap(_row_key)(sb.seed, sb.step)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
-    unfiltered = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    unfiltered = argmax_last(scaled + gumbel)
 
     # Filtered path over the top candidates, thresholds from the full distribution.
     k = min(CANDIDATES, logits.shape[-1])
@@ -79,10 +79,21 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     return tokens, jnp.take_along_axis(model_logprobs, tokens[:, None], 1)[:, 0]
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first index of the maximum; NaN counts as the maximum),
+    int32, as two plain reductions: XLA CPU runs argmax's value-and-index reduce about 6x
+    slower (1.2 ms against 0.2 ms over Gemma 3's 262k-entry vocabulary)."""
+    n = x.shape[-1]
+    nan = jnp.isnan(x)
+    top = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan,
+                    x == jnp.max(x, axis=-1, keepdims=True))
+    return jnp.min(jnp.where(top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+
+
 def sample_greedy(logits: jax.Array, with_logprobs: bool) -> tuple[jax.Array, jax.Array]:
     """The common all-greedy, no-penalty step: argmax without the random and sorting work,
     and without the softmax pass over the vocabulary unless a row asked for log-probs."""
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = argmax_last(logits)
     if not with_logprobs:
         return tokens, jnp.zeros(tokens.shape, jnp.float32)
     chosen = jnp.take_along_axis(logits, tokens[:, None], 1)[:, 0]
