@@ -1,5 +1,7 @@
 #include "cpu_kernels/thread_pool.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -92,7 +94,34 @@ class Pool {
   void start(int threads) {
     threads_ = threads;
     stop_ = false;
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    const std::vector<int> cpus = pinning_cpus(threads);
+    for (int i = 1; i < threads; ++i) {
+      workers_.emplace_back([this] { worker_loop(); });
+      if (!cpus.empty()) pin(workers_.back(), cpus[i]);
+    }
+  }
+
+  // CPUs to pin workers to, one each (worker i to the i-th CPU this process may run on; the
+  // calling thread, XLA's, stays free): a worker that migrates loses its cache and its spin.
+  // Empty (no pinning) with KTJAX_PIN_THREADS=0 or when the process may use fewer CPUs than
+  // there are threads.
+  static std::vector<int> pinning_cpus(int threads) {
+    const char* env = std::getenv("KTJAX_PIN_THREADS");
+    if (env != nullptr && std::string(env) == "0") return {};
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return {};
+    std::vector<int> cpus;
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+    if (static_cast<int>(cpus.size()) < threads) return {};
+    return cpus;
+  }
+
+  static void pin(std::thread& t, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(t.native_handle(), sizeof set, &set);  // best effort
   }
 
   void stop_workers() {

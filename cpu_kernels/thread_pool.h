@@ -1,4 +1,6 @@
-// Process-wide worker pool: the only global mutable state in the native module.
+// Process-wide worker pool: the only global mutable state in the native module. Workers spin
+// briefly, then sleep; each is pinned to its own CPU unless KTJAX_PIN_THREADS=0 or the process
+// may use fewer CPUs than there are threads.
 #pragma once
 
 #include <cstdint>
