@@ -22,11 +22,7 @@ pytestmark = [pytest.mark.amx,
 T = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("source", ["int8", "int8_row", "int4", "bf16", T.Q4_K, T.Q6_K, T.Q3_K, T.Q5_1],
-                         ids=lambda s: s if isinstance(s, str) else s.name)
-@pytest.mark.parametrize("tokens", [15, 16, 33, 64, 257])
-def test_amx_linear_matches_avx512(source, tokens):
-    n, k = 45, 512 if source != "int8_row" else 1000  # int8_row: K chunks and a padded step
+def check_amx_linear(source, tokens, n, k):
     rng = np.random.default_rng(tokens)
     if isinstance(source, str):
         h = hl.pack_float_weight(rng.standard_normal((n, k), dtype=np.float32), source)
@@ -43,6 +39,21 @@ def test_amx_linear_matches_avx512(source, tokens):
         check_close(y, x, w, group, bf16=source == "bf16")
     finally:
         hl.release(h)
+
+
+@pytest.mark.parametrize("source", ["int8", "int8_row", "int4", "bf16", T.Q4_K, T.Q6_K, T.Q3_K, T.Q5_1],
+                         ids=lambda s: s if isinstance(s, str) else s.name)
+@pytest.mark.parametrize("tokens", [15, 16, 33, 64, 257])
+def test_amx_linear_matches_avx512(source, tokens):
+    check_amx_linear(source, tokens, 45, 512 if source != "int8_row" else 1000)  # int8_row: a padded step
+
+
+@pytest.mark.parametrize("source", ["int8_row", "bf16"])
+@pytest.mark.parametrize("tokens", [300, 400])
+def test_amx_full_k_in_chunks(source, tokens):
+    # The activations outgrow the kernel's L2 budget: K runs in chunks, C tiles waiting in y
+    # between them; past 384 tokens, in token groups too. n: 2-3 row blocks per thread.
+    check_amx_linear(source, tokens, 520, 4000)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4", "bf16"])

@@ -2,17 +2,24 @@
 // Dispatched only when detected_isa() is Amx (CPUID + OS tile state + the arch_prctl
 // permission requested in isa.cpp); fewer tokens go to the AVX-512 kernels.
 //
-// Tiles use the packed layout as is: a group record of 16 rows is a VNNI-ordered B tile
-// (int8: G/4 rows of 64 bytes; bf16: 16 rows of 64 bytes = 32 k). Activation rows are A
-// tiles; QuantActs pads its rows to a multiple of 16 tokens, so tile loads stay in bounds.
+// B tiles are the packed layout as is: a group record of 16 rows is a VNNI-ordered B tile
+// (int8: G/4 rows of 64 bytes; bf16: 16 rows of 64 bytes = 32 k). A tiles come from the
+// activations as prepare tiled them (QuantActs::tiled: one K step of 16 tokens is 1 KiB,
+// contiguous); rows are padded to a multiple of 16 tokens, so tile loads stay in bounds.
 //  * bf16 and int8 with Row scales: TDPBF16PS / TDPBSUD accumulate over all of K in the
 //    tiles (gemm_full_k); C is scaled once at the end.
 //  * int8 / int4: TDPBSUD (signed activations x biased unsigned weights) per group, then
 //    the group's scales applied in AVX-512 registers, 16 token rows at a time, while the
 //    next group's tile product runs.
+//
+// Built with -DKTJAX_AMX_EMULATE (tests only), the tile instructions run in software.
 #include <immintrin.h>
 
-#include <cstring>
+#ifdef KTJAX_AMX_EMULATE
+#include "cpu_kernels/amx/amx_emulation.h"
+#endif
+
+#include <algorithm>
 #include <vector>
 
 #include "cpu_kernels/linear/linear.h"
@@ -38,130 +45,222 @@ void configure(int idx, int rows, int colsb, TileConfig* c) {
 
 // Full-K kernels: bf16 (TDPBF16PS) and int8 with Row scales (TDPBSUD; one scale per row and
 // per token, so all of K accumulates in int32). A K step is 64 bytes of each token row (32
-// bf16 or 64 int8) against a contiguous 1 KiB B tile of the row block (16 VNNI rows).
-// Tiles 0-3 = C (token block i, row block j at 2i + j), 4-5 = A, 6-7 = B. With 2x2 blocking a
-// step loads 4 KiB for 4 tile products, a rate only L1 sustains, so K is cut into chunks
-// whose B panel (2 row blocks x kChunkSteps KiB) stays in L1 while every token block passes
-// over it (A then streams from L2 at half that rate); C tiles wait in a per-thread buffer
-// between chunks.
-constexpr int kChunkSteps = 12;
+// bf16 or 64 int8) against the 1 KiB B tile of a row block. Tiles 0-3 = C (token block i,
+// row block j at 2i + j), 4-5 = A, 6-7 = B: a step loads 4 tiles for 4 tile products.
+// Per thread and call, for one core's L2 (2 MiB):
+//  * A: the tiles of a token group and a chunk of K steps stay in L2 (<= kAChunkBytes) while
+//    every row pair of the call passes over them;
+//  * B: a row pair's chunk streams from memory once, prefetched into L2 while the previous
+//    pair computes, then serves the group's other token pairs from L2;
+//  * C: 4 tiles stay in the tile registers over a chunk; between chunks they wait in y
+//    itself (raw int32 or f32 bits; edge tiles in a per-thread buffer).
+// K is cut only when A does not fit (bf16 gate/up at 128 tokens: 2 chunks). Per row block, a
+// C round trip through y moves 128 bytes per token and a B panel 1 KiB per step, shared by
+// the group: for the budget's token-steps M = 16K, grouping tokens (re-streaming B) costs
+// less than cutting K finer past sqrt(8 M) = ~360 tokens, kGroupBlocks blocks.
+constexpr int64_t kAChunkBytes = int64_t{1} << 20;
+constexpr int64_t kGroupBlocks = 24;
 
-// C tile (c) += A tile (x) . B tile (y); the tile intrinsics paste their tile numbers into
-// asm text, so these are literals.
-#define KTJAX_TDP(c, x, y)                    \
-  do {                                        \
+// The tile intrinsics paste their tile number into asm text: C tiles by literal.
+template <int C>
+inline void c_zero() {
+  if constexpr (C == 0) _tile_zero(0);
+  else if constexpr (C == 1) _tile_zero(1);
+  else if constexpr (C == 2) _tile_zero(2);
+  else _tile_zero(3);
+}
+
+template <int C>
+inline void c_load(const void* p, int64_t stride) {
+  if constexpr (C == 0) _tile_loadd(0, p, stride);
+  else if constexpr (C == 1) _tile_loadd(1, p, stride);
+  else if constexpr (C == 2) _tile_loadd(2, p, stride);
+  else _tile_loadd(3, p, stride);
+}
+
+template <int C>
+inline void c_store(void* p, int64_t stride) {
+  if constexpr (C == 0) _tile_stored(0, p, stride);
+  else if constexpr (C == 1) _tile_stored(1, p, stride);
+  else if constexpr (C == 2) _tile_stored(2, p, stride);
+  else _tile_stored(3, p, stride);
+}
+
+struct FullK {
+  const PackedWeight& w;
+  const QuantActs& a;
+  float* y;
+  int64_t ldy, steps;
+  const uint8_t* x;        // A tiles
+  const float *td, *tbs;   // int8: each token's scale d and 128 * d * sum(q)
+  int32_t* edge;           // homes of the C tiles cut by t or n
+  int64_t rb0, nrb, tg0;   // row blocks of the call; first token block of the group
+
+  const uint8_t* panel(int64_t rb) const { return w.block(rb) + w.super_hdr; }
+  bool whole(int64_t tb, int64_t rb) const { return (tb + 1) * 16 <= a.t && (rb + 1) * kRowBlock <= w.n; }
+  // Where C tile (tb, rb) waits between K chunks; byte stride in *stride. Edge slots: the
+  // short token block's tiles by row block, then the short row block's by token block.
+  void* home(int64_t tb, int64_t rb, int64_t* stride) const {
+    if (whole(tb, rb)) {
+      *stride = ldy * 4;
+      return y + tb * 16 * ldy + rb * kRowBlock;
+    }
+    *stride = 64;
+    return edge + 256 * ((tb + 1) * 16 > a.t ? rb - rb0 : nrb + tb - tg0);
+  }
+};
+
+// Final C tile (tb, rb) from c (16 x 16 int32 or f32 bits) to y: bf16 as is; int8
+// y = s_w * (d * C - 128 * d * sum(q)), C holding the biased weights' products.
+template <bool kBf16>
+void finish(const FullK& f, const int32_t* c, int64_t tb, int64_t rb) {
+  const int64_t row0 = rb * kRowBlock;
+  const int valid = static_cast<int>(f.w.n - row0 < 16 ? f.w.n - row0 : 16);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  const __m512 sw = kBf16 ? _mm512_setzero_ps() : _mm512_loadu_ps(f.w.block(rb));
+  for (int64_t t = tb * 16; t < std::min(f.a.t, tb * 16 + 16); ++t, c += 16) {
+    __m512 v;
+    if (kBf16) {
+      v = _mm512_loadu_ps(c);
+    } else {
+      const __m512 ci = _mm512_cvtepi32_ps(_mm512_loadu_si512(c));
+      v = _mm512_mul_ps(sw, _mm512_fmsub_ps(_mm512_set1_ps(f.td[t]), ci, _mm512_set1_ps(f.tbs[t])));
+    }
+    _mm512_mask_storeu_ps(f.y + t * f.ldy + row0, mask, v);
+  }
+}
+
+template <int C>
+inline void c_begin(const FullK& f, int64_t tb, int64_t rb, bool first) {
+  if (first) return c_zero<C>();
+  int64_t stride;
+  const void* p = f.home(tb, rb, &stride);
+  c_load<C>(p, stride);
+}
+
+template <bool kBf16, int C>
+inline void c_end(const FullK& f, int64_t tb, int64_t rb, bool last) {
+  if (!last || (kBf16 && f.whole(tb, rb))) {  // a whole bf16 tile in y is final as it stands
+    int64_t stride;
+    void* p = f.home(tb, rb, &stride);
+    return c_store<C>(p, stride);
+  }
+  alignas(64) int32_t c[256];
+  c_store<C>(c, 64);
+  finish<kBf16>(f, c, tb, rb);
+}
+
+// Software prefetch of the next B panel (1-2 row blocks x a chunk of steps) into L2, spread
+// evenly over the current panel's steps, so each panel is read from memory once and early.
+struct Prefetch {
+  const uint8_t* p[2] = {};
+  int64_t lines = 0, per_step = 0;  // lines left per row block
+
+  void step() {
+    for (int64_t i = 0; i < per_step && lines > 0; ++i, --lines)
+      for (const uint8_t*& q : p)
+        if (q) {
+          _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
+          q += 64;
+        }
+  }
+};
+
+// C tile (c) += A tile (x) . B tile (y).
+#define KTJAX_TDP(c, x, y)                        \
+  do {                                            \
     if constexpr (kBf16) _tile_dpbf16ps(c, x, y); \
-    else _tile_dpbsud(c, x, y);               \
+    else _tile_dpbsud(c, x, y);                   \
   } while (0)
 
-// Steps [s0, s1) of NT token blocks (A rows at a, stride lda) x NR row blocks (B at b0, b1),
-// C tiles from / to cbuf (1 KiB per tile, index 2 * token block + row block). pf0 / pf1: the
-// next panel, prefetched to L2 one KiB per row block and step.
+// Token blocks tb (and tb + 1 if NT == 2) x row blocks rb (and rb + 1 if NR == 2) over
+// steps [s0, s1); C starts at zero on the first chunk and is final after the last.
 template <bool kBf16, int NT, int NR>
-void full_k_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t s0,
-                  int64_t s1, int32_t* cbuf, bool load_c, const uint8_t* pf0, const uint8_t* pf1) {
-  if (load_c) {
-    _tile_loadd(0, cbuf, 64);
-    if (NR > 1) _tile_loadd(1, cbuf + 256, 64);
-    if (NT > 1) _tile_loadd(2, cbuf + 512, 64);
-    if (NT > 1 && NR > 1) _tile_loadd(3, cbuf + 768, 64);
-  } else {
-    _tile_zero(0);
-    if (NR > 1) _tile_zero(1);
-    if (NT > 1) _tile_zero(2);
-    if (NT > 1 && NR > 1) _tile_zero(3);
-  }
-  const uint8_t* a1 = a + 16 * lda;
-  for (int64_t s = s0; s < s1; ++s) {
-    if (pf0)
-      for (int off = 0; off < 1024; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf0 + (s - s0) * 1024 + off), _MM_HINT_T1);
-        if (NR > 1) _mm_prefetch(reinterpret_cast<const char*>(pf1 + (s - s0) * 1024 + off), _MM_HINT_T1);
-      }
-    _tile_loadd(6, b0 + s * 1024, 64);
-    if (NR > 1) _tile_loadd(7, b1 + s * 1024, 64);
-    _tile_loadd(4, a + s * 64, lda);
+void full_k_block(const FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1, Prefetch& pf) {
+  const bool first = s0 == 0, last = s1 == f.steps;
+  c_begin<0>(f, tb, rb, first);
+  if constexpr (NR > 1) c_begin<1>(f, tb, rb + 1, first);
+  if constexpr (NT > 1) c_begin<2>(f, tb + 1, rb, first);
+  if constexpr (NT > 1 && NR > 1) c_begin<3>(f, tb + 1, rb + 1, first);
+  const uint8_t* a0 = f.x + (tb * f.steps + s0) * 1024;
+  const uint8_t* a1 = a0 + f.steps * 1024;
+  const uint8_t* b0 = f.panel(rb) + s0 * 1024;
+  const uint8_t* b1 = f.panel(rb + NR - 1) + s0 * 1024;
+  for (int64_t s = 0; s < (s1 - s0) * 1024; s += 1024) {
+    pf.step();
+    // Each load right before its first product, so loads overlap the products in flight.
+    _tile_loadd(4, a0 + s, 64);
+    _tile_loadd(6, b0 + s, 64);
     KTJAX_TDP(0, 4, 6);
-    if (NR > 1) KTJAX_TDP(1, 4, 7);
-    if (NT > 1) {
-      _tile_loadd(5, a1 + s * 64, lda);
+    if constexpr (NR > 1) {
+      _tile_loadd(7, b1 + s, 64);
+      KTJAX_TDP(1, 4, 7);
+    }
+    if constexpr (NT > 1) {
+      _tile_loadd(5, a1 + s, 64);
       KTJAX_TDP(2, 5, 6);
-      if (NR > 1) KTJAX_TDP(3, 5, 7);
+      if constexpr (NR > 1) KTJAX_TDP(3, 5, 7);
     }
   }
-  _tile_stored(0, cbuf, 64);
-  if (NR > 1) _tile_stored(1, cbuf + 256, 64);
-  if (NT > 1) _tile_stored(2, cbuf + 512, 64);
-  if (NT > 1 && NR > 1) _tile_stored(3, cbuf + 768, 64);
+  c_end<kBf16, 0>(f, tb, rb, last);
+  if constexpr (NR > 1) c_end<kBf16, 1>(f, tb, rb + 1, last);
+  if constexpr (NT > 1) c_end<kBf16, 2>(f, tb + 1, rb, last);
+  if constexpr (NT > 1 && NR > 1) c_end<kBf16, 3>(f, tb + 1, rb + 1, last);
 }
 #undef KTJAX_TDP
 
 template <bool kBf16>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
-  const int64_t steps = kBf16 ? w.kp / 32 : w.kp / 64, tblocks = (a.t + 15) / 16;
-  const int64_t lda = kBf16 ? a.kp * 2 : a.kp;
-  const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
-                           : reinterpret_cast<const uint8_t*>(a.q.data());
-  // Per-thread buffers, no allocation in steady state: C tiles of a row-block pair for all
-  // token blocks; int8: each token's scale d and d * sum(q) (the bias term's factor).
-  thread_local std::vector<int32_t> tls_c;
+  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16;
+  const int64_t groups = (tblocks + kGroupBlocks - 1) / kGroupBlocks;
+  const int64_t gb = std::min(tblocks, ((tblocks + groups - 1) / groups + 1) / 2 * 2);  // whole pairs
+  const int64_t chunks = (gb * steps * 1024 + kAChunkBytes - 1) / kAChunkBytes;
+  const int64_t kc = (steps + chunks - 1) / chunks;
+  // Per-thread buffers, no allocation in steady state: edge tile homes (used only between
+  // chunks); int8: each token's scale d and d * sum(q) (the bias term's factor).
+  thread_local std::vector<int32_t> tls_edge;
   thread_local std::vector<float> tls_d, tls_b;
-  std::vector<int32_t>& cb = tls_c;
-  cb.resize(static_cast<size_t>((tblocks + 1) / 2 * 4 * 256));
-  const float *td = nullptr, *tbs = nullptr;
+  std::vector<int32_t>& edge = tls_edge;
+  if (chunks > 1) edge.resize(static_cast<size_t>((rb1 - rb0 + gb) * 256));
   if (!kBf16) {
-    const int64_t groups = w.kp / w.group;
+    const int64_t ng = w.kp / w.group;
     tls_d.resize(a.t);
     tls_b.resize(a.t);
     for (int64_t t = 0; t < a.t; ++t) {
       float sum = 0.f;
-      for (int64_t g = 0; g < groups; ++g) sum += a.bsum[t * groups + g];
-      tls_d[t] = a.scale[t * groups];
+      for (int64_t g = 0; g < ng; ++g) sum += a.bsum[t * ng + g];
+      tls_d[t] = a.scale[t * ng];
       tls_b[t] = 128.f * sum;
     }
-    td = tls_d.data();
-    tbs = tls_b.data();
   }
-  auto panel = [&](int64_t rb) { return rb < rb1 ? w.block(rb) + w.super_hdr : nullptr; };
-  for (int64_t rb = rb0; rb < rb1; rb += 2) {
-    const bool two_r = rb + 1 < rb1;
-    const uint8_t* b0 = panel(rb);
-    const uint8_t* b1 = two_r ? panel(rb + 1) : b0;
-    for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
-      const int64_t s1 = s0 + kChunkSteps < steps ? s0 + kChunkSteps : steps;
-      // The first token pair prefetches the next chunk (or the next row-block pair's first).
-      const uint8_t* pf0 = s1 < steps ? b0 + s1 * 1024 : panel(rb + 2);
-      const uint8_t* pf1 = s1 < steps ? b1 + s1 * 1024 : panel(rb + 3);
-      if (!pf1) pf1 = pf0;
-      for (int64_t tb = 0; tb < tblocks; tb += 2) {
-        const bool two_t = tb + 1 < tblocks;
-        const uint8_t* xa = x + tb * 16 * lda;
-        int32_t* c = cb.data() + tb / 2 * 1024;
-        const uint8_t* p0 = tb == 0 ? pf0 : nullptr;
-        if (two_t && two_r) full_k_block<kBf16, 2, 2>(xa, lda, b0, b1, s0, s1, c, s0 > 0, p0, pf1);
-        else if (two_r) full_k_block<kBf16, 1, 2>(xa, lda, b0, b1, s0, s1, c, s0 > 0, p0, pf1);
-        else if (two_t) full_k_block<kBf16, 2, 1>(xa, lda, b0, b1, s0, s1, c, s0 > 0, p0, pf1);
-        else full_k_block<kBf16, 1, 1>(xa, lda, b0, b1, s0, s1, c, s0 > 0, p0, pf1);
-      }
-    }
-    // C tiles to y: bf16 as is; int8 y = s_w * (d * C - 128 * d * sum(q)), C holding the
-    // biased weights' products.
-    for (int r = 0; r < (two_r ? 2 : 1); ++r) {
-      const int64_t row0 = (rb + r) * kRowBlock;
-      if (row0 >= w.n) break;
-      const int valid = static_cast<int>(w.n - row0 < 16 ? w.n - row0 : 16);
-      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-      const __m512 sw = kBf16 ? _mm512_setzero_ps() : _mm512_loadu_ps(w.block(rb + r));
-      for (int64_t t = 0; t < a.t; ++t) {
-        const int32_t* c = cb.data() + t / 32 * 1024 + ((t / 16) % 2 * 2 + r) * 256 + (t % 16) * 16;
-        __m512 v;
-        if (kBf16) {
-          v = _mm512_loadu_ps(reinterpret_cast<const float*>(c));
-        } else {
-          const __m512 ci = _mm512_cvtepi32_ps(_mm512_loadu_si512(c));
-          v = _mm512_mul_ps(sw, _mm512_fmsub_ps(_mm512_set1_ps(td[t]), ci, _mm512_set1_ps(tbs[t])));
+  const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
+                           : reinterpret_cast<const uint8_t*>(a.q.data());
+  FullK f{w, a, y, ldy, steps, x, tls_d.data(), tls_b.data(), edge.data(), rb0, rb1 - rb0, 0};
+  for (int64_t tg0 = 0; tg0 < tblocks; tg0 += gb) {
+    const int64_t tg1 = std::min(tg0 + gb, tblocks), pairs = (tg1 - tg0 + 1) / 2;
+    f.tg0 = tg0;
+    for (int64_t s0 = 0; s0 < steps; s0 += kc) {
+      const int64_t s1 = std::min(s0 + kc, steps);
+      for (int64_t rb = rb0; rb < rb1; rb += 2) {
+        // Prefetch the panel that follows in loop order: the next row pair, else the first
+        // of the next chunk or group.
+        Prefetch pf;
+        if (rb + 2 < rb1 || s1 < steps || tg1 < tblocks) {
+          const int64_t nrb = rb + 2 < rb1 ? rb + 2 : rb0;
+          const int64_t ns0 = rb + 2 < rb1 ? s0 : s1 < steps ? s1 : 0;
+          pf.p[0] = f.panel(nrb) + ns0 * 1024;
+          pf.p[1] = nrb + 1 < rb1 ? f.panel(nrb + 1) + ns0 * 1024 : nullptr;
+          pf.lines = (std::min(ns0 + kc, steps) - ns0) * 16;
+          pf.per_step = (pf.lines + pairs * (s1 - s0) - 1) / (pairs * (s1 - s0));
         }
-        _mm512_mask_storeu_ps(y + t * ldy + row0, mask, v);
+        const bool two_r = rb + 1 < rb1;
+        for (int64_t tb = tg0; tb < tg1; tb += 2) {
+          const bool two_t = tb + 1 < tg1;
+          if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1, pf);
+          else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1, pf);
+          else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1, pf);
+          else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1, pf);
+        }
       }
     }
   }
@@ -184,11 +283,12 @@ __m512 coef(const PackedWeight& w, const uint8_t* blk, const uint8_t* rec, int64
 }
 
 // Issues group g's tile product into C tile 0 + P (A tile 2 + P, B tile 4 + P); int4
-// weights are first unpacked to bytes in bbuf.
+// weights are first unpacked to bytes in bbuf. x: the token block's A tiles, where group g
+// is G columns of K step g * G / 64.
 template <int P, bool kInt4, int G>
-inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t* x, int64_t lda, int64_t g,
-                        uint8_t* bbuf) {
+inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t* x, int64_t g, uint8_t* bbuf) {
   const uint8_t* rec = blk + w.group_off(g);
+  const int8_t* xg = x + (g * G / 64) * 1024 + g * G % 64;
   const uint8_t* bsrc = rec;
   if (kInt4) {  // chunk p: quads 2p (low nibbles) and 2p + 1 (high) -> B rows in order
     const __m512i m = _mm512_set1_epi8(0x0f);
@@ -202,12 +302,12 @@ inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t*
   // The tile intrinsics paste their tile number into asm text: literals only.
   if constexpr (P == 0) {
     _tile_zero(0);
-    _tile_loadd(2, x + g * G, lda);
+    _tile_loadd(2, xg, 64);
     _tile_loadd(4, bsrc, 64);
     _tile_dpbsud(0, 2, 4);
   } else {
     _tile_zero(1);
-    _tile_loadd(3, x + g * G, lda);
+    _tile_loadd(3, xg, 64);
     _tile_loadd(5, bsrc, 64);
     _tile_dpbsud(1, 3, 5);
   }
@@ -221,18 +321,18 @@ void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0
   alignas(64) uint8_t bbuf[2][G * 16];
   const int64_t groups = w.kp / G;
   const uint8_t* blk = w.block(rb);
-  const int8_t* x = a.q.data() + t0 * a.kp;
+  const int8_t* x = a.q.data() + a.offset(t0, 0);
   const float* xs = a.scale.data() + t0 * groups;
   const float* xb = a.bsum.data() + t0 * groups;
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  issue_group<0, kInt4, G>(w, blk, x, a.kp, 0, bbuf[0]);
+  issue_group<0, kInt4, G>(w, blk, x, 0, bbuf[0]);
   for (int64_t g = 0; g < groups; ++g) {
     if (g % 2 == 0) {
-      if (g + 1 < groups) issue_group<1, kInt4, G>(w, blk, x, a.kp, g + 1, bbuf[1]);
+      if (g + 1 < groups) issue_group<1, kInt4, G>(w, blk, x, g + 1, bbuf[1]);
       _tile_stored(0, cbuf, 64);
     } else {
-      if (g + 1 < groups) issue_group<0, kInt4, G>(w, blk, x, a.kp, g + 1, bbuf[0]);
+      if (g + 1 < groups) issue_group<0, kInt4, G>(w, blk, x, g + 1, bbuf[0]);
       _tile_stored(1, cbuf, 64);
     }
     const uint8_t* rec = blk + w.group_off(g);
@@ -253,7 +353,7 @@ void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0
 }
 
 void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
-  if (a.t < kAmxMinTokens) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy);
+  if (!a.tiled) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy);
   TileConfig cfg;
   const bool full_k = w.kind == WeightKind::BF16 || w.scale_enc == ScaleEnc::Row;
   if (full_k) {  // all tiles 16 rows x 64 bytes
@@ -284,15 +384,11 @@ void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb
   _tile_release();
 }
 
-bool prepare_amx(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int64_t ldx,
-                 QuantActs* out) {
-  return kernels_avx512().prepare(w, x, t0, t1, ldx, out);
-}
-
 }  // namespace
 
 const LinearKernels& kernels_amx() {
-  static const LinearKernels k{&prepare_amx, &gemm_amx};
+  // prepare is AVX-512's: it writes tiled rows as well (QuantActs::q_at).
+  static const LinearKernels k{kernels_avx512().prepare, &gemm_amx, kAmxMinTokens};
   return k;
 }
 

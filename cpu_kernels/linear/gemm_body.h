@@ -241,13 +241,13 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       const float* src = group_src(g);
       if (!per_token && !finite(src)) return false;
       if (w.kind == WeightKind::BF16) {
-        for (int h = 0; h < G; h += 16) V::to_bf16(src + h, out->bf.data() + i * kp + g * G + h);
+        for (int h = 0; h < G; h += 16) V::to_bf16(src + h, out->bf_at(i, g * G + h));
         continue;
       }
       const float d = (per_token ? row_amax : group_amax(src)) / 127.f;
       const float id = d != 0.f ? 1.f / d : 0.f;
       int sum = 0;
-      for (int h = 0; h < G; h += 16) sum += V::quant16(src + h, id, out->q.data() + i * kp + g * G + h);
+      for (int h = 0; h < G; h += 16) sum += V::quant16(src + h, id, out->q_at(i, g * G + h));
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
     }

@@ -23,24 +23,41 @@ const LinearKernels& kernels_for(Isa isa) {
   return kernels_generic();
 }
 
-void size_acts(const PackedWeight& w, int64_t t, QuantActs* a) {
+void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a) {
   a->t = t;
   a->kp = w.kp;
   a->group = w.group;
   a->bf16 = w.kind == WeightKind::BF16;
+  a->tiled = kern.tile_tokens > 0 && t >= kern.tile_tokens;
   const int64_t rows = (t + 15) / 16 * 16;
+  const int64_t bytes = rows * (a->tiled ? a->steps() * 64 : a->row_bytes());
   if (a->bf16) {
-    a->bf.resize(static_cast<size_t>(rows * w.kp));
+    a->bf.resize(static_cast<size_t>(bytes / 2));
   } else {
-    a->q.resize(static_cast<size_t>(rows * w.kp));
+    a->q.resize(static_cast<size_t>(bytes));
     a->scale.resize(static_cast<size_t>(rows * w.groups()));
     a->bsum.resize(a->scale.size());
   }
 }
 
+void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
+  const uint8_t* s = src.bf16 ? reinterpret_cast<const uint8_t*>(src.bf.data())
+                              : reinterpret_cast<const uint8_t*>(src.q.data());
+  uint8_t* d = src.bf16 ? reinterpret_cast<uint8_t*>(dst->bf.data()) : reinterpret_cast<uint8_t*>(dst->q.data());
+  // A row's 64-byte pieces lie 64 bytes apart row-major, 1 KiB apart tiled.
+  s += src.offset(r, 0);
+  d += dst->offset(i, 0);
+  const int64_t n = src.row_bytes(), ss = src.tiled ? 1024 : 64, ds = dst->tiled ? 1024 : 64;
+  for (int64_t j = 0; j < n; j += 64, s += ss, d += ds) std::memcpy(d, s, std::min<int64_t>(64, n - j));
+  if (src.bf16) return;
+  const int64_t groups = src.kp / src.group;
+  std::memcpy(&dst->scale[i * groups], &src.scale[r * groups], groups * 4);
+  std::memcpy(&dst->bsum[i * groups], &src.bsum[r * groups], groups * 4);
+}
+
 bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,
                  int64_t ldx, QuantActs* out) {
-  size_acts(w, t, out);
+  size_acts(kern, w, t, out);
   if (t * w.k < (int64_t{1} << 16)) return kern.prepare(w, x, 0, t, ldx, out);
   std::atomic<bool> ok{true};
   parallel_for(t, [&](int64_t b, int64_t e) {

@@ -23,10 +23,24 @@ struct QuantActs {
   int64_t t = 0, kp = 0;
   int group = 32;
   bool bf16 = false;
-  std::vector<int8_t> q;       // [t, kp], zero-padded
+  // q / bf rows stored as AMX A tiles, [t / 16][steps][16 rows][64 bytes], so 16 tokens'
+  // bytes of one K step are one contiguous 1 KiB tile (a tile of row-major rows strides K
+  // bytes: its rows alias the same L1 sets and no prefetcher follows them).
+  bool tiled = false;
+  std::vector<int8_t> q;       // [t, kp] (or tiled), zero-padded
   std::vector<float> scale;    // [t, kp / group]
   std::vector<float> bsum;     // [t, kp / group]: scale * sum(q) of the group
-  std::vector<uint16_t> bf;    // [t, kp] bf16 bits, zero-padded (bf16 weights)
+  std::vector<uint16_t> bf;    // [t, kp] (or tiled) bf16 bits, zero-padded (bf16 weights)
+
+  int64_t row_bytes() const { return bf16 ? 2 * kp : kp; }
+  int64_t steps() const { return (row_bytes() + 63) / 64; }  // 64-byte pieces of a row
+  // Offset of byte j of token row i in q / bf. The runs prepare writes (16 values, aligned
+  // to their size) never cross a piece, so they are contiguous in both layouts.
+  int64_t offset(int64_t i, int64_t j) const {
+    return tiled ? ((i >> 4) * steps() + (j >> 6)) * 1024 + (i & 15) * 64 + (j & 63) : i * row_bytes() + j;
+  }
+  int8_t* q_at(int64_t i, int64_t k) { return q.data() + offset(i, k); }
+  uint16_t* bf_at(int64_t i, int64_t k) { return bf.data() + offset(i, 2 * k) / 2; }
 };
 
 struct LinearKernels {
@@ -39,6 +53,8 @@ struct LinearKernels {
   // writes rows >= w.n.
   void (*gemm)(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
                int64_t ldy);
+  // Calls with at least this many tokens take their activations tiled (0: never).
+  int64_t tile_tokens = 0;
 };
 
 const LinearKernels& kernels_generic();
@@ -50,8 +66,13 @@ const LinearKernels& kernels_amx();
 // Kernels of the given level, clamped to the machine's.
 const LinearKernels& kernels_for(Isa isa);
 
-// Sizes a's buffers for t tokens of weight w (prepare expects this).
-void size_acts(const PackedWeight& w, int64_t t, QuantActs* a);
+// Sizes a's buffers for t tokens of weight w, in the layout kern's gemm reads (prepare
+// expects this).
+void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a);
+
+// Copies token row r of src (scales included) into row i of dst; same weight layout, either
+// tiling.
+void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i);
 
 // Sizes out for t tokens and prepares all of them, threaded over tokens when the call is
 // large. Returns false on NaN/Inf in x.

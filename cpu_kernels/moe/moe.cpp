@@ -83,17 +83,7 @@ void activate(Activation act, float* g, const float* u, int64_t n) {
 
 // Copies rows `rows` of prepared activations src into dst (sized for rows.size()).
 void gather_acts(const QuantActs& src, const std::vector<int64_t>& rows, QuantActs* dst) {
-  const int64_t groups = src.bf16 ? 0 : src.kp / src.group;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const int64_t r = rows[i];
-    if (src.bf16) {
-      std::memcpy(&dst->bf[i * src.kp], &src.bf[r * src.kp], src.kp * 2);
-    } else {
-      std::memcpy(&dst->q[i * src.kp], &src.q[r * src.kp], src.kp);
-      std::memcpy(&dst->scale[i * groups], &src.scale[r * groups], groups * 4);
-      std::memcpy(&dst->bsum[i * groups], &src.bsum[r * groups], groups * 4);
-    }
-  }
+  for (size_t i = 0; i < rows.size(); ++i) copy_act_row(src, rows[i], dst, static_cast<int64_t>(i));
 }
 
 bool same_layout(const PackedWeight& a, const PackedWeight& b) {
@@ -204,7 +194,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     if (in_order) {
       in[sl] = &src;  // every token in order: no copy
     } else {
-      size_acts(gw, ntok(sl), &s.acts_in[sl]);
+      size_acts(kern, gw, ntok(sl), &s.acts_in[sl]);
       to_gather.push_back(sl);
       in[sl] = &s.acts_in[sl];
     }
@@ -234,7 +224,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
 
   // h = act(gate) * up, quantized for the down projection, one expert per task.
   for (int64_t sl = 0; sl < slots; ++sl) {
-    size_acts(mat(sl, 2), ntok(sl), &s.acts_h[sl]);
+    size_acts(kern, mat(sl, 2), ntok(sl), &s.acts_h[sl]);
     s.yd[sl].resize(ntok(sl) * H);
   }
   parallel_for(slots, [&](int64_t b, int64_t e) {
