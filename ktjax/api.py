@@ -56,7 +56,7 @@ class LLM:
         if dtype is None:
             dtype = "float32" if device.platform == "cpu" else "bfloat16"
         np_dtype = jnp.dtype(dtype)
-        # Host placement off the CPU backend is refused by the rules check (it names the rule).
+        # The rules check refuses host placement outside CPU and CUDA programs (naming the rule).
         if rules is not None and host_linears is not None:
             raise KtjaxError("pass either rules or host_linears, not both")
         if rules is None:

@@ -26,6 +26,8 @@ from ktjax.models.base import TensorSpec
 
 PLACEMENTS = ("device", "host")
 FORMATS = ("keep", "bf16", "f32", "int8", "int4")
+# Device platforms whose programs can call the host kernels (GPU: through the CUDA bridge).
+HOST_KERNEL_PLATFORMS = ("cpu", "gpu", "cuda")
 # What each kind of tensor may run on: placement -> allowed kernels (first = default).
 _KERNELS = {
     "matrix": {"device": ("xla",), "host": ("linear",)},
@@ -183,9 +185,9 @@ def _decide(rule: Rule, kind: str, name: str, platform: str) -> Decision:
     if rule.placement not in allowed:
         raise RulesError(f"{rule} places {name!r} ({kind}) on the host, which has no kernel "
                          f"for it; only matrices and routed experts run on the host")
-    if rule.placement == "host" and platform != "cpu":
+    if rule.placement == "host" and platform not in HOST_KERNEL_PLATFORMS:
         raise RulesError(f"{rule} places {name!r} on the host, but host kernels are reached "
-                         f"only from CPU programs (device platform: {platform})")
+                         f"only from CPU and CUDA GPU programs (device platform: {platform})")
     if rule.placement == "host" and rule.format == "f32":
         raise RulesError(f"{rule}: the host kernels hold keep, bf16, int8 or int4, not f32")
     if rule.placement == "device" and rule.format in ("int8", "int4") and kind != "vector":

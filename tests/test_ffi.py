@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ktjax import _native
-from ktjax.host.ffi import register_cpu_targets, rms_norm
+from ktjax.host.ffi import register_targets, rms_norm
 
 # XLA errors surface as JaxRuntimeError (XlaRuntimeError in older jaxlib releases).
 try:
@@ -23,8 +23,8 @@ def rms_norm_ref(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def test_targets_listed_and_registration_idempotent() -> None:
     assert "ktjax_rms_norm_f32" in _native.ffi_targets()
-    register_cpu_targets()
-    register_cpu_targets()
+    register_targets()
+    register_targets()
 
 
 @pytest.mark.parametrize("shape", [(64,), (3, 5, 64), (1, 7), (512, 256)])

@@ -2,6 +2,7 @@
 same GGUF file; host (fused MoE kernel through FFI) against device (ragged_dot) experts; bad
 expert metadata."""
 import gguf
+import jax
 import numpy as np
 import pytest
 
@@ -52,6 +53,23 @@ def test_host_experts_match_device(tmp_path, family, qtype):
     device, host = ktjax_logits(path, IDS), ktjax_logits(path, IDS, str(rules))
     assert np.abs(device - host).max() < 0.03 * np.abs(device).max()
     assert (device.argmax(-1) == host.argmax(-1)).all()
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a CUDA GPU")
+def test_host_experts_in_a_gpu_program(tmp_path):
+    """KTransformers' split: a GPU program (attention, router) calling the host MoE kernel
+    through the CUDA bridge scores a prompt like the all-GPU program."""
+    arch, kw = FAMILIES["qwen3moe"]
+    path = str(write_tiny_gguf(tmp_path / "m.gguf", arch, expert_qtype=T.Q8_0, **kw))
+    gpu = jax.devices("gpu")[0]
+    split = LLM(path, dtype="float32", device=gpu, max_model_len=64)   # qwen3moe.yaml
+    assert split.placement["layers.ffn_up_exps"].placement == "host"
+    full = LLM(path, dtype="float32", device=gpu, max_model_len=64, rules="device")
+    prompt = IDS.tolist()
+    a, b = split.score(prompt), full.score(prompt)
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert len(split.generate([prompt], greedy)[0].token_ids) == 8
 
 
 def test_greedy_32_tokens_match_transformers(tmp_path):

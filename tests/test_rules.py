@@ -83,9 +83,10 @@ def test_invalid_rules_name_the_rule(tmp_path, moe_path, rules, match):
         _place(moe_path, rules, tmp_path=tmp_path)
 
 
-def test_host_placement_on_gpu_is_impossible(moe_path):
-    with pytest.raises(RulesError, match=r"rule 0 \('routed experts'\) places .* only from CPU"):
-        _place(moe_path, "qwen2moe", platform="gpu")
+def test_host_placement_needs_a_cpu_or_cuda_program(moe_path):
+    assert _place(moe_path, "qwen2moe", platform="gpu")["layers.ffn_up_exps"].placement == "host"
+    with pytest.raises(RulesError, match=r"rule 0 \('routed experts'\) places .* only from CPU and CUDA"):
+        _place(moe_path, "qwen2moe", platform="tpu")
 
 
 def test_unknown_profile(moe_path):

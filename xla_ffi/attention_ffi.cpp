@@ -9,7 +9,7 @@
 #include <string>
 
 #include "cpu_kernels/attention/attention.h"
-#include "xla_ffi/cpu/ffi_targets.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/ffi_common.h"
 
 namespace ktjax {

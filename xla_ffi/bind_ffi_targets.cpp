@@ -1,7 +1,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu_kernels/bindings.h"
-#include "xla_ffi/cpu/ffi_targets.h"
+#include "xla_ffi/ffi_targets.h"
 
 namespace py = pybind11;
 
@@ -25,6 +25,16 @@ void bind_ffi_targets(py::module_& m) {
         return targets;
       },
       "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");
+  m.def(
+      "cuda_ffi_targets",
+      [] {
+        py::dict targets;
+        targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayeredCuda));
+        targets["ktjax_linear_layered"] =
+            py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayeredCuda));
+        return targets;
+      },
+      "CUDA-platform handlers of the host targets (operands staged through host memory).");
 }
 
 }  // namespace ktjax

@@ -8,8 +8,9 @@
 
 #include "cpu_kernels/linear/linear.h"
 #include "cpu_kernels/store/store.h"
-#include "xla_ffi/cpu/ffi_targets.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/ffi_common.h"
+#include "xla_ffi/layered_handlers.h"
 
 namespace ktjax {
 namespace {
@@ -51,6 +52,8 @@ ffi::Error linear_ffi(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t h
   return ffi::Error::Success();
 }
 
+}  // namespace
+
 ffi::Error linear_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer layer,
                               ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> handles) {
   int64_t handle = 0;
@@ -58,7 +61,6 @@ ffi::Error linear_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer layer,
   return linear_ffi(x, y, handle);
 }
 
-}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinearLayered, linear_layered_ffi,
                               ffi::Ffi::Bind()

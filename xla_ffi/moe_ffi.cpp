@@ -8,8 +8,9 @@
 #include <string>
 
 #include "cpu_kernels/moe/moe.h"
-#include "xla_ffi/cpu/ffi_targets.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/ffi_common.h"
+#include "xla_ffi/layered_handlers.h"
 
 namespace ktjax {
 namespace {
@@ -52,6 +53,8 @@ ffi::Error moe_ffi(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
   return ffi::Error::Success();
 }
 
+}  // namespace
+
 ffi::Error moe_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
                            ffi::AnyBuffer layer, ffi::Result<ffi::AnyBuffer> out,
                            ffi::Span<const int64_t> handles,
@@ -66,7 +69,6 @@ ffi::Error moe_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer 
   return moe_ffi(x, ids, weights, out, handle, shared_handle, activation);
 }
 
-}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeLayered, moe_layered_ffi,
                               ffi::Ffi::Bind()

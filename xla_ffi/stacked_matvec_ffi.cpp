@@ -4,7 +4,7 @@
 #include <exception>
 
 #include "cpu_kernels/matvec/stacked_matvec.h"
-#include "xla_ffi/cpu/ffi_targets.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/ffi_common.h"
 
 namespace ktjax {

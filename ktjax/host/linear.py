@@ -14,7 +14,7 @@ import numpy as np
 
 from ktjax import _native
 from ktjax.errors import KernelError
-from ktjax.host.ffi import register_cpu_targets
+from ktjax.host.ffi import register_targets
 
 FLOAT_FORMATS = ("int8", "int8_row", "int4", "bf16")
 
@@ -73,7 +73,7 @@ def linear(x: jax.Array, handle: int, out_features: int) -> jax.Array:
     Usable under ``jax.jit`` on the CPU backend. A wrong dtype or K, an unknown handle or
     NaN/Inf in ``x`` raise an XLA runtime error naming the problem.
     """
-    register_cpu_targets()
+    register_targets()
     out = jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (int(out_features),), np.float32)
     return jax.ffi.ffi_call("ktjax_linear", out)(x, handle=np.int64(handle))
 
@@ -82,7 +82,7 @@ def linear_layered(x: jax.Array, layer: jax.Array, handles: tuple[int, ...],
                    out_features: int) -> jax.Array:
     """``linear`` with one weight per layer: ``handles[layer]``, the layer a traced s32 scalar
     (the index of a lax.scan over layers). A layer outside ``handles`` is an XLA error."""
-    register_cpu_targets()
+    register_targets()
     out = jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (int(out_features),), np.float32)
     return jax.ffi.ffi_call("ktjax_linear_layered", out)(
         x, layer.astype(np.int32), handles=np.asarray(handles, np.int64))

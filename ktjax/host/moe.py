@@ -13,7 +13,7 @@ import numpy as np
 
 from ktjax import _native
 from ktjax.errors import KernelError
-from ktjax.host.ffi import register_cpu_targets
+from ktjax.host.ffi import register_targets
 from ktjax.host.linear import FLOAT_FORMATS, _native_call
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
@@ -48,7 +48,7 @@ def moe(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, handle: 
     mismatch raise an XLA runtime error naming the problem."""
     if activation not in ACTIVATIONS:
         raise KernelError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
-    register_cpu_targets()
+    register_targets()
     call = jax.ffi.ffi_call("ktjax_moe", jax.ShapeDtypeStruct(x.shape, np.float32))
     return call(x, expert_ids, expert_weights, handle=np.int64(handle),
                 shared_handle=np.int64(shared_handle), activation=np.int32(ACTIVATIONS[activation]))
@@ -78,7 +78,7 @@ def moe_layered(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, 
     empty or one shared-expert set per layer."""
     if activation not in ACTIVATIONS:
         raise KernelError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
-    register_cpu_targets()
+    register_targets()
     call = jax.ffi.ffi_call("ktjax_moe_layered", jax.ShapeDtypeStruct(x.shape, np.float32))
     return call(x, expert_ids, expert_weights, layer.astype(np.int32),
                 handles=np.asarray(handles, np.int64),

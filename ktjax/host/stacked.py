@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ktjax.host.ffi import register_cpu_targets
+from ktjax.host.ffi import register_targets
 
 
 def stacked_matvec(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
     """y [M, G, N] = x [M, G, K] . stack[layer] ([L, G, N, K], float32 or bfloat16) over K."""
-    register_cpu_targets()
+    register_targets()
     m, g, _ = x.shape
     call = jax.ffi.ffi_call("ktjax_stacked_matvec",
                             jax.ShapeDtypeStruct((m, g, stack.shape[2]), jnp.float32))

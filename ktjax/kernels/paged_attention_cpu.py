@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax.host.ffi import register_cpu_targets
+from ktjax.host.ffi import register_targets
 from ktjax.kernels import paged_attention_ref
 
 # Largest step (new tokens per row) that goes to the kernel: decode, and short chunks.
@@ -29,7 +29,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
         return paged_attention_ref.paged_attention(
             q, k_new, v_new, k_cache, v_cache, layer, block_tables, cache_lens, q_positions,
             scale=scale, sliding_window=sliding_window, values_in_keys=values_in_keys)
-    register_cpu_targets()
+    register_targets()
     b, t, h, _ = q.shape
     value_dim = values_in_keys or v_cache.shape[-1]
     f32 = jnp.float32

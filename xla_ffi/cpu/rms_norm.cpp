@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "cpu_kernels/thread_pool.h"
-#include "xla_ffi/cpu/ffi_targets.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/ffi_common.h"
 
 namespace ktjax {

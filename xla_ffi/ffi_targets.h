@@ -1,4 +1,4 @@
-// CPU FFI handlers exported by this module; bind_ffi_targets.cpp lists them for Python.
+// FFI handlers exported by this module; bind_ffi_targets.cpp lists them for Python.
 #pragma once
 
 #include "xla/ffi/api/c_api.h"
@@ -19,5 +19,10 @@ extern "C" XLA_FFI_Error* KtjaxMoeLayered(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxPagedAttention(XLA_FFI_CallFrame* call_frame);
 // ktjax_stacked_matvec: x f32[M, G, K], w f32|bf16[L, G, N, K], layer s32[] -> f32[M, G, N].
 extern "C" XLA_FFI_Error* KtjaxStackedMatvec(XLA_FFI_CallFrame* call_frame);
+
+// CUDA-platform handlers of the layered host targets (xla_ffi/cuda_bridge.cpp): operands staged
+// through host memory.
+extern "C" XLA_FFI_Error* KtjaxMoeLayeredCuda(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* KtjaxLinearLayeredCuda(XLA_FFI_CallFrame* call_frame);
 
 }  // namespace ktjax

@@ -1,0 +1,146 @@
+// The host targets inside GPU programs: CUDA-platform handlers of ktjax_moe_layered and
+// ktjax_linear_layered copy their operands from the GPU into host memory (on the program's
+// stream), run the CPU implementation, and copy the result back. KTransformers' split: the
+// GPU runs attention and the dense parts, the host CPU the routed experts next to their
+// weights.
+//
+// The CUDA driver is reached through dlopen/dlsym of libcuda.so.1 (loaded already wherever a
+// CUDA jaxlib runs), so the module builds and imports on machines without CUDA; there the
+// handlers fail with an error saying so.
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "xla_ffi/ffi_targets.h"
+#include "xla_ffi/ffi_common.h"
+#include "xla_ffi/layered_handlers.h"
+
+struct CUstream_st;
+
+namespace ktjax {
+namespace {
+
+namespace ffi = xla::ffi;
+using CuStream = CUstream_st*;
+
+// The three driver entry points the bridge needs (CUresult is an int enum, 0 = success).
+struct CudaDriver {
+  int (*copy_to_host)(void* dst, uint64_t src, size_t bytes, CuStream stream) = nullptr;
+  int (*copy_to_device)(uint64_t dst, const void* src, size_t bytes, CuStream stream) = nullptr;
+  int (*synchronize)(CuStream stream) = nullptr;
+  std::string error;
+};
+
+const CudaDriver& driver() {
+  static const CudaDriver d = [] {
+    CudaDriver d;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      d.error = std::string("cannot load the CUDA driver (libcuda.so.1): ") + dlerror();
+      return d;
+    }
+    d.copy_to_host = reinterpret_cast<decltype(d.copy_to_host)>(dlsym(lib, "cuMemcpyDtoHAsync_v2"));
+    d.copy_to_device = reinterpret_cast<decltype(d.copy_to_device)>(dlsym(lib, "cuMemcpyHtoDAsync_v2"));
+    d.synchronize = reinterpret_cast<decltype(d.synchronize)>(dlsym(lib, "cuStreamSynchronize"));
+    if (!d.copy_to_host || !d.copy_to_device || !d.synchronize)
+      d.error = "the CUDA driver lacks cuMemcpyDtoHAsync_v2 / cuMemcpyHtoDAsync_v2 / cuStreamSynchronize";
+    return d;
+  }();
+  return d;
+}
+
+ffi::Error cuda_error(const char* what, int code) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("host bridge: ") + what + " failed with CUDA error " + std::to_string(code));
+}
+
+// A host copy of one GPU buffer, described by an XLA_FFI_Buffer so the CPU implementation
+// reads it as an ordinary operand.
+class Staged {
+ public:
+  explicit Staged(const ffi::AnyBuffer& gpu) : gpu_(gpu) {
+    const auto dims = gpu.dimensions();
+    dims_.assign(dims.begin(), dims.end());
+    data_.resize(gpu.size_bytes());
+    buf_.struct_size = XLA_FFI_Buffer_STRUCT_SIZE;
+    buf_.extension_start = nullptr;
+    buf_.dtype = static_cast<XLA_FFI_DataType>(gpu.element_type());
+    buf_.data = data_.data();
+    buf_.rank = static_cast<int64_t>(dims_.size());
+    buf_.dims = dims_.data();
+  }
+  ffi::AnyBuffer host() const { return ffi::AnyBuffer(&buf_); }
+  uint64_t device_ptr() const { return reinterpret_cast<uint64_t>(gpu_.untyped_data()); }
+  void* data() { return data_.data(); }
+  size_t bytes() const { return data_.size(); }
+
+ private:
+  ffi::AnyBuffer gpu_;
+  std::vector<int64_t> dims_;
+  std::vector<uint8_t> data_;
+  XLA_FFI_Buffer buf_;
+};
+
+// Stages `inputs` on the host, runs `cpu(host inputs..., host result)`, copies the result back.
+template <class Cpu>
+ffi::Error bridge(CuStream stream, std::vector<Staged>& inputs, Staged& result, Cpu cpu) {
+  const CudaDriver& d = driver();
+  if (!d.error.empty()) return ffi::Error(ffi::ErrorCode::kUnavailable, "host bridge: " + d.error);
+  for (Staged& s : inputs)
+    if (int rc = d.copy_to_host(s.data(), s.device_ptr(), s.bytes(), stream)) return cuda_error("copy to host", rc);
+  if (int rc = d.synchronize(stream)) return cuda_error("stream synchronize", rc);
+  ffi::Error err = cpu();
+  if (err.failure()) return err;
+  if (int rc = d.copy_to_device(result.device_ptr(), result.data(), result.bytes(), stream))
+    return cuda_error("copy to device", rc);
+  // The copy reads host memory this call owns: finish it before returning.
+  if (int rc = d.synchronize(stream)) return cuda_error("stream synchronize", rc);
+  return ffi::Error::Success();
+}
+
+ffi::Error moe_layered_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer ids,
+                            ffi::AnyBuffer weights, ffi::AnyBuffer layer,
+                            ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> handles,
+                            ffi::Span<const int64_t> shared_handles, int32_t activation) {
+  std::vector<Staged> in{Staged(x), Staged(ids), Staged(weights), Staged(layer)};
+  Staged res(*out);
+  return bridge(stream, in, res, [&] {
+    return moe_layered_ffi(in[0].host(), in[1].host(), in[2].host(), in[3].host(), res.host(),
+                           handles, shared_handles, activation);
+  });
+}
+
+ffi::Error linear_layered_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer layer,
+                               ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> handles) {
+  std::vector<Staged> in{Staged(x), Staged(layer)};
+  Staged res(*y);
+  return bridge(stream, in, res,
+                [&] { return linear_layered_ffi(in[0].host(), in[1].host(), res.host(), handles); });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeLayeredCuda, moe_layered_cuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<CuStream>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // expert_ids
+                                  .Arg<ffi::AnyBuffer>()  // expert_weights
+                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<ffi::Span<const int64_t>>("handles")
+                                  .Attr<ffi::Span<const int64_t>>("shared_handles")
+                                  .Attr<int32_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinearLayeredCuda, linear_layered_cuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<CuStream>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<ffi::Span<const int64_t>>("handles"));
+
+}  // namespace ktjax
