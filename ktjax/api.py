@@ -67,7 +67,8 @@ class LLM:
                                     placement=self.placement)
         weakref.finalize(self, loader.release_host_weights, params)
         max_model_len = min(max_model_len or 4096, self.config.context_length)
-        forward = self.spec.family.make_forward(self.config, get_backend(attention, device.platform))
+        backend = get_backend(attention, device.platform)
+        forward = self.spec.family.make_forward(self.config, backend)
         self.engine = Engine(
             forward, params, n_layers=self.config.n_layers, n_kv_heads=self.config.n_kv_heads,
             head_dim=self.config.head_dim, vocab_size=self.config.vocab_size,

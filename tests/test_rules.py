@@ -85,7 +85,8 @@ def test_invalid_rules_name_the_rule(tmp_path, moe_path, rules, match):
 
 def test_host_placement_needs_a_cpu_or_cuda_program(moe_path):
     assert _place(moe_path, "qwen2moe", platform="gpu")["layers.ffn_up_exps"].placement == "host"
-    with pytest.raises(RulesError, match=r"rule 0 \('routed experts'\) places .* only from CPU and CUDA"):
+    with pytest.raises(RulesError,
+                       match=r"rule 0 \('routed experts'\) places .* only from CPU and CUDA"):
         _place(moe_path, "qwen2moe", platform="tpu")
 
 
