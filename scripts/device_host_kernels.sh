@@ -12,7 +12,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-{ nproc; lscpu | grep -E "Model name|^CPU\(s\)|NUMA|L3"; grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; free -g | head -2; } > "$OUT/cpu.txt" 2>&1
+{ nproc; lscpu | grep -E "Model name|^CPU\(s\)|NUMA|L2|L3"; grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; free -g | head -2; } > "$OUT/cpu.txt" 2>&1
 t0=$(date +%s)
 cmake -S . -B /tmp/kb -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
   -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/tmp/configure.log 2>&1 || { tail -20 /tmp/configure.log; exit 1; }
