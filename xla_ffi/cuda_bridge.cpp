@@ -10,7 +10,7 @@
 #include <dlfcn.h>
 
 #include <cstdint>
-#include <mutex>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -58,9 +58,11 @@ ffi::Error cuda_error(const char* what, int code) {
 }
 
 // A host copy of one GPU buffer, described by an XLA_FFI_Buffer so the CPU implementation
-// reads it as an ordinary operand.
+// reads it as an ordinary operand. Not copyable: the descriptor points into the object.
 class Staged {
  public:
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
   explicit Staged(const ffi::AnyBuffer& gpu) : gpu_(gpu) {
     const auto dims = gpu.dimensions();
     dims_.assign(dims.begin(), dims.end());
@@ -86,11 +88,11 @@ class Staged {
 
 // Stages `inputs` on the host, runs `cpu(host inputs..., host result)`, copies the result back.
 template <class Cpu>
-ffi::Error bridge(CuStream stream, std::vector<Staged>& inputs, Staged& result, Cpu cpu) {
+ffi::Error bridge(CuStream stream, std::initializer_list<Staged*> inputs, Staged& result, Cpu cpu) {
   const CudaDriver& d = driver();
   if (!d.error.empty()) return ffi::Error(ffi::ErrorCode::kUnavailable, "host bridge: " + d.error);
-  for (Staged& s : inputs)
-    if (int rc = d.copy_to_host(s.data(), s.device_ptr(), s.bytes(), stream)) return cuda_error("copy to host", rc);
+  for (Staged* s : inputs)
+    if (int rc = d.copy_to_host(s->data(), s->device_ptr(), s->bytes(), stream)) return cuda_error("copy to host", rc);
   if (int rc = d.synchronize(stream)) return cuda_error("stream synchronize", rc);
   ffi::Error err = cpu();
   if (err.failure()) return err;
@@ -105,20 +107,18 @@ ffi::Error moe_layered_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer id
                             ffi::AnyBuffer weights, ffi::AnyBuffer layer,
                             ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> handles,
                             ffi::Span<const int64_t> shared_handles, int32_t activation) {
-  std::vector<Staged> in{Staged(x), Staged(ids), Staged(weights), Staged(layer)};
-  Staged res(*out);
-  return bridge(stream, in, res, [&] {
-    return moe_layered_ffi(in[0].host(), in[1].host(), in[2].host(), in[3].host(), res.host(),
-                           handles, shared_handles, activation);
+  Staged xh(x), idsh(ids), wh(weights), lh(layer), res(*out);
+  return bridge(stream, {&xh, &idsh, &wh, &lh}, res, [&] {
+    return moe_layered_ffi(xh.host(), idsh.host(), wh.host(), lh.host(), res.host(), handles,
+                           shared_handles, activation);
   });
 }
 
 ffi::Error linear_layered_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer layer,
                                ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> handles) {
-  std::vector<Staged> in{Staged(x), Staged(layer)};
-  Staged res(*y);
-  return bridge(stream, in, res,
-                [&] { return linear_layered_ffi(in[0].host(), in[1].host(), res.host(), handles); });
+  Staged xh(x), lh(layer), res(*y);
+  return bridge(stream, {&xh, &lh}, res,
+                [&] { return linear_layered_ffi(xh.host(), lh.host(), res.host(), handles); });
 }
 
 }  // namespace
