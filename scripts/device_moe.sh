@@ -5,7 +5,7 @@
 # bandwidth). carry: .whl (the gguf wheel). Results: $OUT/moe.jsonl (default /tmp/out).
 # MOE_PROFILE=1 also writes each model's decode-step operation profile to $OUT/profile-*.txt.
 # MOE_GPU=1 also benchmarks each model on the GPU with its family's default rules (routed
-# experts in the host kernels through the CUDA bridge, the rest on the GPU): "gpu" lines.
+# experts in the host kernels through the CUDA bridge, the rest on the GPU): lines with "placement": "gpu+host".
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,7 +35,7 @@ for spec in ${MOE_RUNS:-qwen3-30b-a3b:48:Q4_K:120 deepseek-v2-lite:12:Q4_K:80 de
   timeout "$limit" python3 scripts/bench_generate.py --model "$m" --prompt-tokens 128 --gen-tokens 32 \
     --repeats 1 --json 2>&1 | grep -v "^compiling" | tail -3 | tee -a "$J"
   if [ "${MOE_GPU:-0}" = 1 ]; then
-    JAX_PLATFORMS= timeout "$limit" python3 scripts/bench_generate.py --model "$m" --prompt-tokens 128 \
+    env -u JAX_PLATFORMS timeout "$limit" python3 scripts/bench_generate.py --model "$m" --prompt-tokens 128 \
       --gen-tokens 32 --repeats 1 --json 2>&1 | grep -v "^compiling" | tail -3 | sed 's/^{/{"placement": "gpu+host", /' | tee -a "$J"
   fi
   if [ "${MOE_PROFILE:-0}" = 1 ]; then
