@@ -1,8 +1,14 @@
 """Engine behaviour on a tiny model: batching, chunked prefill, sampling, stops, KV limits."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ktjax import LLM, SamplingParams
+from ktjax.engine import buckets as bk
+from ktjax.engine.kv_cache import BlockTable
+from ktjax.engine.programs import Full, Greedy
+from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy, split_seed
 from ktjax.errors import OutOfMemoryError, RequestError
 from reference import ktjax_logits
 
@@ -22,12 +28,122 @@ def test_batch_equals_one_at_a_time(tiny_llm):
         assert out.finish_reason == "length" and len(out.token_ids) == 12
 
 
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def test_greedy_follows_full_forward_argmax(tiny_llm, tiny_llama_path):
     prompt = _prompts(1)[0]
-    out = tiny_llm.generate([prompt], GREEDY)[0]
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12,
+                                                     ignore_eos=True, logprobs=True))[0]
     ids = prompt + out.token_ids
-    logits = ktjax_logits(tiny_llama_path, np.array(ids))   # one uncached pass
-    assert out.token_ids == logits[len(prompt) - 1:-1].argmax(-1).tolist()
+    logits = ktjax_logits(tiny_llama_path, np.array(ids))[len(prompt) - 1:-1]  # uncached pass
+    assert out.token_ids == logits.argmax(-1).tolist()
+    ref = np.take_along_axis(_log_softmax(logits), np.array(out.token_ids)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
+
+
+def _copy(kv):
+    return jax.tree.map(jnp.copy, kv)  # step programs donate the cache
+
+
+@pytest.fixture
+def step_inputs(tiny_llm):
+    """[(bucket, batch, kv)] of a prefill step of three prompts padded to four rows and of
+    the decode step after it (kv: the cache that prefill wrote), on pages freed afterwards."""
+    eng = tiny_llm.engine
+    prompts = _prompts(3, np.random.default_rng(4))
+    tables = [BlockTable(eng.pool) for _ in prompts]
+    for t, p in zip(tables, prompts):
+        t.ensure(len(p) + 1)
+    pages = bk.page_bucket(max(len(t.pages) for t in tables), eng.max_pages)
+    prefill = bk.Bucket(4, 64, pages)
+    prefill_batch = eng._batch([(t, 0, p) for t, p in zip(tables, prompts)], 4, 64, pages)
+    decode = bk.Bucket(4, 1, pages)
+    decode_batch = eng._batch([(t, len(p), [p[-1]]) for t, p in zip(tables, prompts)], 4, 1,
+                              pages)
+    _, kv = eng.programs.step(prefill)(eng.params, _copy(eng.kv), prefill_batch)
+    yield [(prefill, prefill_batch, eng.kv), (decode, decode_batch, kv)]
+    for t in tables:
+        t.release()
+
+
+def _forward(eng, bucket, batch, kv):
+    """The step without sampling: the sampled logit rows and the updated cache."""
+    logits, kv = eng.programs.step(bucket)(eng.params, _copy(kv), batch)
+    return logits[:, 0], kv
+
+
+def _assert_same_cache(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("with_logprobs", [False, True])
+def test_fused_greedy_equals_forward_then_sampler(tiny_llm, step_inputs, with_logprobs):
+    """Bit for bit what the separate greedy sampler program made of the plain step's logits:
+    argmax tokens, log-softmax log-probs, the same cache."""
+    eng = tiny_llm.engine
+    for bucket, batch, kv in step_inputs:
+        logits, kv_ref = _forward(eng, bucket, batch, kv)
+        tokens, logprobs, kv_out = eng.programs.step(bucket, Greedy(with_logprobs))(
+            eng.params, _copy(kv), batch)
+        ref_tokens, ref_logprobs = jax.jit(sample_greedy, static_argnums=1)(logits,
+                                                                            with_logprobs)
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        np.testing.assert_array_equal(logprobs, ref_logprobs)
+        np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
+        if with_logprobs:
+            np.testing.assert_allclose(logprobs, np.take_along_axis(
+                _log_softmax(np.asarray(logits)), np.asarray(tokens)[:, None], 1)[:, 0],
+                atol=1e-5)
+        _assert_same_cache(kv_out, kv_ref)
+
+
+def test_fused_sampling_equals_forward_then_sample(tiny_llm, step_inputs):
+    """Seeded sampling with penalties, filters and a greedy row: bit for bit the tokens and
+    log-probs of `sample` on the plain step's logits, and the same cache."""
+    rng = np.random.default_rng(5)
+    window = 8
+    recent = rng.integers(3, 259, (4, window)).astype(np.int32)
+    recent[1, 5:] = -1
+    f32 = lambda *v: jnp.array(v, jnp.float32)  # noqa: E731
+    sb = SamplingBatch(temperature=f32(0.8, 0.0, 1.2, 1.0), top_k=jnp.array([0, 0, 5, 0]),
+                       top_p=f32(1.0, 1.0, 0.9, 1.0), min_p=f32(0.0, 0.0, 0.0, 0.05),
+                       repetition_penalty=f32(1.3, 1.5, 1.0, 1.1),
+                       presence_penalty=f32(0.2, 0.0, 0.5, 0.0),
+                       frequency_penalty=f32(0.1, 0.0, 0.0, 0.3),
+                       seed=jnp.asarray(np.stack([split_seed(s) for s in (7, 2**40 + 3, 9, 0)])),
+                       step=jnp.array([0, 3, 7, 1], jnp.int32), recent=jnp.asarray(recent))
+    eng = tiny_llm.engine
+    for bucket, batch, kv in step_inputs:
+        logits, kv_ref = _forward(eng, bucket, batch, kv)
+        tokens, logprobs, kv_out = eng.programs.step(bucket, Full(window))(
+            eng.params, _copy(kv), batch, sb)
+        ref_tokens, ref_logprobs = jax.jit(sample)(logits, sb)
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        np.testing.assert_array_equal(logprobs, ref_logprobs)
+        _assert_same_cache(kv_out, kv_ref)
+
+
+@pytest.mark.parametrize("params", [
+    [GREEDY],
+    [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=True)],
+    [GREEDY, SamplingParams(seed=1, max_tokens=12, ignore_eos=True, repetition_penalty=1.2)],
+], ids=["greedy", "greedy-logprobs", "mixed"])
+def test_precompile_covers_the_first_steps(tiny_llama_path, params):
+    """generate() precompiles the fused programs its first prefill and decode steps run:
+    nothing compiles while it generates."""
+    llm = LLM(str(tiny_llama_path), max_model_len=256, host_linears=False)
+    eng = llm.engine
+    for prompt, p in zip(_prompts(len(params), np.random.default_rng(6)), params):
+        eng.add_request(prompt, p)
+    eng.precompile()
+    compiled = eng.programs.compile_seconds
+    for _ in eng.run_until_done():
+        pass
+    assert eng.programs.compile_seconds == compiled
 
 
 def test_chunked_prefill_matches_single_pass(tiny_llm, tiny_llama_path):

@@ -12,7 +12,7 @@ import numpy as np
 
 from ktjax.engine import buckets as bk
 from ktjax.engine.kv_cache import SCRATCH_PAGE, BlockTable, PagePool, make_kv_cache
-from ktjax.engine.programs import ProgramCache
+from ktjax.engine.programs import Full, Greedy, ProgramCache, Sampler
 from ktjax.engine.sampler import SamplingBatch, split_seed
 from ktjax.engine.sequence import Sequence
 from ktjax.errors import RequestError
@@ -24,6 +24,23 @@ PENALTY_WINDOW = 64
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def _penalty_window(seqs: list[Sequence]) -> int:
+    """Penalty window of a step: PENALTY_WINDOW, or a power of two holding a longer one."""
+    window = PENALTY_WINDOW
+    for s in seqs:
+        if s.params.penalty_last_n == -1 or s.params.penalty_last_n > window:
+            n = len(s.all_ids) if s.params.penalty_last_n == -1 else s.params.penalty_last_n
+            window = max(window, 1 << (n - 1).bit_length())
+    return window
+
+
+def _sampler(seqs: list[Sequence]) -> Sampler:
+    """The sampler fused into a step that samples `seqs`: argmax-only when all are greedy."""
+    if all(s.params.temperature == 0 and not _has_penalty(s.params) for s in seqs):
+        return Greedy(any(s.params.logprobs for s in seqs))
+    return Full(_penalty_window(seqs))
 
 
 class Engine:
@@ -74,19 +91,24 @@ class Engine:
         return seq
 
     def precompile(self) -> None:
-        """Compile, under one progress bar, the buckets the queued requests will start with:
-        their first prefill chunk and the first decode step."""
+        """Compile, under one progress bar, the step programs the queued requests will start
+        with: their first prefill chunk (with their sampler if it completes a prompt) and the
+        first decode step (with their sampler)."""
         seqs = self.waiting + self.running
         if not seqs:
             return
+        sampler = _sampler(seqs)
         chunk = min(max(len(s.prompt_ids) for s in seqs), bk.PREFILL_TOKENS[-1])
         tokens = bk.round_up(bk.PREFILL_TOKENS, chunk)
         prefill_rows = min(len(seqs), bk.PREFILL_ROWS[-1], bk.MAX_PREFILL_BATCH_TOKENS // tokens)
+        completes = any(len(s.prompt_ids) <= bk.PREFILL_TOKENS[-1] for s in seqs[:prefill_rows])
         pages = bk.page_bucket(self.pool.pages_for(max(len(s.prompt_ids) for s in seqs) + 1),
                                self.max_pages)
         self.programs.compile([
-            bk.Bucket(bk.round_up(bk.PREFILL_ROWS, prefill_rows), tokens, pages),
-            bk.Bucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])), 1, pages),
+            (bk.Bucket(bk.round_up(bk.PREFILL_ROWS, prefill_rows), tokens, pages),
+             sampler if completes else None),
+            (bk.Bucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])), 1, pages),
+             sampler),
         ])
 
     def has_work(self) -> bool:
@@ -124,19 +146,22 @@ class Engine:
 
     def _run(self, new: list[tuple[Sequence, list[int]]], tokens: int, rows: int
              ) -> list[Sequence]:
-        """Write `new` tokens of each sequence, then sample rows whose prompt is complete."""
+        """Write `new` tokens of each sequence and sample rows whose prompt is complete, in
+        one program (forward alone when no row samples)."""
         for s, toks in new:
             s.table.ensure(s.n_cached + len(toks))
         pages = bk.page_bucket(max(len(s.table.pages) for s, _ in new), self.max_pages)
+        bucket = bk.Bucket(rows, tokens, pages)
         batch = self._batch([(s.table, s.n_cached, toks) for s, toks in new], rows, tokens,
                             pages)
-        program = self.programs.step(bk.Bucket(rows, tokens, pages))
-        logits, self.kv = program(self.params, self.kv, batch)
         for s, toks in new:
             s.n_cached += len(toks)
-        to_sample = [s for s, _ in new if not s.in_prefill]
+        seqs = [s if not s.in_prefill else None for s, _ in new]
+        to_sample = [s for s in seqs if s is not None]
         if to_sample:
-            self._sample(logits[:, 0], [s if not s.in_prefill else None for s, _ in new], rows)
+            self._sample(bucket, batch, seqs)
+        else:
+            _, self.kv = self.programs.step(bucket)(self.params, self.kv, batch)
         self.running = [s for s in self.running if not s.finished]
         return to_sample
 
@@ -160,17 +185,19 @@ class Engine:
             last[r, 0] = n - 1
         if all_logits:
             last = np.broadcast_to(np.arange(tokens, dtype=np.int32), (rows, tokens))
-        return Batch(tokens=jnp.asarray(tok), positions=jnp.asarray(pos),
-                     slots=jnp.asarray(slots), block_tables=jnp.asarray(tables),
-                     cache_lens=jnp.asarray(lens), logits_index=jnp.asarray(last))
+        # numpy leaves: the compiled program takes them in one call, where a jnp.asarray
+        # per array was a dispatch each (about 0.3 ms of a decode step)
+        return Batch(tokens=tok, positions=pos, slots=slots, block_tables=tables,
+                     cache_lens=lens, logits_index=last)
 
-    def _sample(self, logits: jax.Array, seqs: list[Sequence | None], rows: int) -> None:
-        active = [s for s in seqs if s is not None]
-        if all(s.params.temperature == 0 and not _has_penalty(s.params) for s in active):
-            want = any(s.params.logprobs for s in active)
-            tokens, logprobs = self.programs.greedy_sampler(rows, want)(logits)
-        else:
-            tokens, logprobs = self._sample_full(logits, seqs, rows)
+    def _sample(self, bucket: bk.Bucket, batch: Batch, seqs: list[Sequence | None]) -> None:
+        """Run the step fused with the sampler of the rows in `seqs` (None: a row whose
+        token is ignored, still in prefill or padding) and append their tokens."""
+        sampler = _sampler([s for s in seqs if s is not None])
+        operands = () if isinstance(sampler, Greedy) else \
+            (self._sampling_batch(seqs, bucket.rows, sampler.window),)
+        tokens, logprobs, self.kv = self.programs.step(bucket, sampler)(self.params, self.kv,
+                                                                       batch, *operands)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for r, s in enumerate(seqs):
             if s is None:
@@ -180,13 +207,9 @@ class Engine:
                 s.table.release()
                 self.pool.release_reservation(s.max_len)
 
-    def _sample_full(self, logits: jax.Array, seqs: list[Sequence | None], rows: int):
-        window = PENALTY_WINDOW
-        for s in seqs:
-            if s is not None and (s.params.penalty_last_n == -1 or
-                                  s.params.penalty_last_n > window):
-                n = len(s.all_ids) if s.params.penalty_last_n == -1 else s.params.penalty_last_n
-                window = max(window, 1 << (n - 1).bit_length())
+    @staticmethod
+    def _sampling_batch(seqs: list[Sequence | None], rows: int, window: int) -> SamplingBatch:
+        """Each row's parameters, seed, step and last `window` tokens, padded to `rows`."""
         cols = {k: np.zeros(rows, np.float32) for k in
                 ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")}
         cols["repetition_penalty"] = np.ones(rows, np.float32)
@@ -205,10 +228,7 @@ class Engine:
                                                                    len(s.all_ids))
             if n:
                 recent[r, :n] = s.all_ids[-n:]
-        sb = SamplingBatch(top_k=jnp.asarray(top_k), seed=jnp.asarray(seed),
-                           step=jnp.asarray(step), recent=jnp.asarray(recent),
-                           **{k: jnp.asarray(v) for k, v in cols.items()})
-        return self.programs.sampler(rows, window)(logits, sb)
+        return SamplingBatch(top_k=top_k, seed=seed, step=step, recent=recent, **cols)
 
     # ---- scoring --------------------------------------------------------------------------
     def score(self, ids: list[int]) -> np.ndarray:
@@ -229,7 +249,7 @@ class Engine:
                 nxt = ids[start + 1:start + len(chunk) + 1]
                 targets[0, :len(nxt)] = nxt
                 program = self.programs.scorer(bk.Bucket(1, tokens, pages, tokens))
-                logprobs, self.kv = program(self.params, self.kv, batch, jnp.asarray(targets))
+                logprobs, self.kv = program(self.params, self.kv, batch, targets)
                 out.append(np.asarray(logprobs[0, :len(nxt)]))
         finally:
             table.release()

@@ -1,9 +1,10 @@
-"""Ahead-of-time compiled step programs, one per bucket, with JAX's persistent cache on so a
-second process reuses the first one's executables."""
+"""Ahead-of-time compiled step programs, one per (bucket, sampler), with JAX's persistent cache
+on so a second process reuses the first one's executables."""
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import jax
@@ -48,6 +49,25 @@ def _spec_of(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
+@dataclass(frozen=True)
+class Greedy:
+    """Fused argmax; the log-softmax pass over the vocabulary only when `logprobs`."""
+
+    logprobs: bool
+
+
+@dataclass(frozen=True)
+class Full:
+    """Fused `sample` with a SamplingBatch operand whose penalty window is `window` tokens."""
+
+    window: int
+
+
+# What a step program does after forward: None returns the logits (a step that samples no
+# row, e.g. a prefill chunk that completes no prompt).
+Sampler = Greedy | Full | None
+
+
 def _scorer(forward: Callable) -> Callable:
     """forward, then the log-probability of each target token: [B, R] instead of [B, R, V]."""
     def score(params, kv, batch, targets):
@@ -57,30 +77,48 @@ def _scorer(forward: Callable) -> Callable:
     return score
 
 
+def _greedy_step(forward: Callable) -> Callable:
+    """forward, then sample_greedy of each row's first logit row, in one executable: the
+    logits never leave it and the step is one dispatch."""
+    def step(params, kv, batch, with_logprobs):
+        logits, kv = forward(params, kv, batch)
+        return *sample_greedy(logits[:, 0], with_logprobs), kv
+    return step
+
+
+def _full_step(forward: Callable) -> Callable:
+    """forward, then sample of each row's first logit row, in one executable."""
+    def step(params, kv, batch, sb):
+        logits, kv = forward(params, kv, batch)
+        return *sample(logits[:, 0], sb), kv
+    return step
+
+
 class ProgramCache:
-    """Compiled executables keyed by bucket: step programs (forward + KV update, KV donated),
-    scoring programs (forward + target log-probs) and samplers (rows, penalty window)."""
+    """Compiled executables: step programs keyed by (bucket, sampler) (forward + KV update,
+    then the sampler's (tokens [B], logprobs [B]) or, with no sampler, the logits; KV
+    donated) and scoring programs keyed by bucket (forward + target log-probs)."""
 
     def __init__(self, forward: Callable, params: dict, kv: KVCache, vocab: int):
         self.vocab = vocab
         self._forward = jax.jit(forward, donate_argnums=(1,))
+        self._greedy = jax.jit(_greedy_step(forward), donate_argnums=(1,), static_argnums=(3,))
+        self._full = jax.jit(_full_step(forward), donate_argnums=(1,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
-        self._sample = jax.jit(sample)
-        self._sample_greedy = jax.jit(sample_greedy, static_argnums=(1,))
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
-        self._steps: dict[Bucket, jax.stages.Compiled] = {}
+        self._steps: dict[tuple[Bucket, Sampler], jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
-        self._samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
-        self._greedy: dict[tuple[int, bool], jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
 
-    def step(self, bucket: Bucket):
-        if bucket not in self._steps:
-            self.compile([bucket])
-        return self._steps[bucket]
+    def step(self, bucket: Bucket, sampler: Sampler = None) -> jax.stages.Compiled:
+        """(params, kv, batch[, SamplingBatch for Full]) -> (tokens, logprobs, kv), or
+        (logits, kv) with no sampler."""
+        if (bucket, sampler) not in self._steps:
+            self.compile([(bucket, sampler)])
+        return self._steps[bucket, sampler]
 
-    def scorer(self, bucket: Bucket):
+    def scorer(self, bucket: Bucket) -> jax.stages.Compiled:
         if bucket not in self._scorers:
             targets = jax.ShapeDtypeStruct((bucket.rows, bucket.logit_rows), jnp.int32)
             self._scorers[bucket] = self._timed(
@@ -88,33 +126,26 @@ class ProgramCache:
                                           targets).compile())
         return self._scorers[bucket]
 
-    def greedy_sampler(self, rows: int, with_logprobs: bool):
-        key = (rows, with_logprobs)
-        if key not in self._greedy:
-            self._greedy[key] = self._timed(lambda: self._sample_greedy.lower(
-                jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32), with_logprobs).compile())
-        return self._greedy[key]
-
-    def sampler(self, rows: int, window: int):
-        key = (rows, window)
-        if key not in self._samplers:
-            self._samplers[key] = self._timed(
-                lambda: self._sample.lower(jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32),
-                                           sampling_spec(rows, window)).compile())
-        return self._samplers[key]
-
-    def compile(self, buckets: Iterable[Bucket]) -> None:
-        """Compile the missing buckets ahead of time, with a progress bar."""
-        todo = sorted(b for b in set(buckets) if b not in self._steps)
+    def compile(self, steps: Iterable[tuple[Bucket, Sampler]]) -> None:
+        """Compile the missing (bucket, sampler) step programs ahead of time, with a
+        progress bar."""
+        todo = sorted(set(steps) - self._steps.keys(), key=lambda k: (k[0], repr(k[1])))
         if not todo:
             return
         bar = tqdm(todo, desc="compiling", unit="bucket", leave=False,
                    disable=os.environ.get("KTJAX_NO_PROGRESS") == "1")
-        for b in bar:
-            bar.set_postfix_str(str(b))
-            self._steps[b] = self._timed(
-                lambda: self._forward.lower(self._params_spec, self._kv_spec,
-                                            batch_spec(b)).compile())
+        for bucket, sampler in bar:
+            bar.set_postfix_str(f"{bucket} {sampler}")
+            self._steps[bucket, sampler] = self._timed(
+                lambda: self._lower(bucket, sampler).compile())
+
+    def _lower(self, bucket: Bucket, sampler: Sampler) -> jax.stages.Lowered:
+        args = (self._params_spec, self._kv_spec, batch_spec(bucket))
+        if sampler is None:
+            return self._forward.lower(*args)
+        if isinstance(sampler, Greedy):
+            return self._greedy.lower(*args, sampler.logprobs)
+        return self._full.lower(*args, sampling_spec(bucket.rows, sampler.window))
 
     def _timed(self, fn):
         t0 = time.perf_counter()
