@@ -1,4 +1,4 @@
-// The float kernels (attention, stacked matvec) of one ISA level: each per-ISA unit
+// The float kernels (attention, stacked matvec, argmax) of one ISA level: each per-ISA unit
 // (generic/ avx2/ avx512/ float_kernels_*.cpp) compiles the same bodies with its flags.
 #pragma once
 
@@ -15,6 +15,8 @@ struct FloatKernels {
                  int64_t n, KeyRange keys, Partial part);
   // Output rows [r0, r1) of the flattened (group, n) axis.
   void (*matvec_rows)(const StackedMatvecProblem& p, int64_t r0, int64_t r1);
+  // First index of the maximum of x[begin, end) (NaN first), and that value.
+  void (*argmax)(const float* x, int64_t begin, int64_t end, float* best, int64_t* at);
 };
 
 const FloatKernels& float_kernels_generic();

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from ktjax import SamplingParams
-from ktjax.engine.sampler import (SamplingBatch, apply_penalties, argmax_last, sample,
-                                  split_seed)
+from ktjax import _native
+from ktjax.engine.sampler import (SamplingBatch, _argmax_reductions, apply_penalties,
+                                  argmax_last, sample, split_seed)
 from ktjax.errors import RequestError
 
 V = 50
@@ -75,13 +76,27 @@ def test_invalid_sampling_params_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
-def test_argmax_last_is_jnp_argmax():
-    """Ties pick the first index, NaN counts as the maximum, -inf rows still pick index 0."""
-    rng = np.random.default_rng(0)
-    x = rng.integers(-3, 3, (6, 50)).astype(np.float32)       # many ties
-    x[1, 7] = np.nan
-    x[2, [4, 40]] = np.nan
+ISA_ORDER = ["generic", "avx2", "avx512", "amx"]
+
+
+@pytest.mark.parametrize("isa", ISA_ORDER[: ISA_ORDER.index(_native.detected_isa()) + 1])
+@pytest.mark.parametrize("n", [5, 50, 1000, 70001])
+def test_argmax_last_is_jnp_argmax(isa, n):
+    """The host kernel (every ISA level; rows of 70001 split across threads) and the
+    reductions other devices use: ties pick the first index, NaN counts as the maximum."""
+    rng = np.random.default_rng(n)
+    x = rng.integers(-3, 3, (8, n)).astype(np.float32)         # many ties
+    x[1, n // 2] = np.nan
+    x[2, [n - 1, n // 3]] = np.nan
     x[3] = -np.inf
-    x[4, 10:] = np.inf
-    got = np.asarray(jax.jit(argmax_last)(x))
-    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis=-1)))
+    x[4, n // 4:] = np.inf
+    x[5, -1] = 9                                               # the maximum in the tail
+    x[6, n // 2:] = 9                                          # ties across thread chunks
+    want = np.asarray(jnp.argmax(x, axis=-1))
+    _native.set_isa(isa)
+    try:
+        got = np.asarray(jax.jit(argmax_last)(x))
+    finally:
+        _native.set_isa("")
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_argmax_reductions)(x)), want)

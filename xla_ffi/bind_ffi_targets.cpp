@@ -20,6 +20,7 @@ void bind_ffi_targets(py::module_& m) {
         targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayered));
         targets["ktjax_paged_attention"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxPagedAttention));
+        targets["ktjax_argmax"] = py::capsule(reinterpret_cast<void*>(&KtjaxArgmax));
         targets["ktjax_stacked_matvec"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxStackedMatvec));
         return targets;

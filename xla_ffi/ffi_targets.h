@@ -19,6 +19,8 @@ extern "C" XLA_FFI_Error* KtjaxMoeLayered(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxPagedAttention(XLA_FFI_CallFrame* call_frame);
 // ktjax_stacked_matvec: x f32[M, G, K], w f32|bf16[L, G, N, K], layer s32[] -> f32[M, G, N].
 extern "C" XLA_FFI_Error* KtjaxStackedMatvec(XLA_FFI_CallFrame* call_frame);
+// ktjax_argmax: x f32[B, V] -> s32[B], first index of each row's maximum.
+extern "C" XLA_FFI_Error* KtjaxArgmax(XLA_FFI_CallFrame* call_frame);
 
 // CUDA-platform handlers of the layered host targets (xla_ffi/cuda_bridge.cpp): operands staged
 // through host memory.
