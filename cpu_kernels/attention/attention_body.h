@@ -32,28 +32,34 @@ void fold_chunk(const AttentionProblem& p, const float* q, int64_t heads, Chunk<
                 Visible visible, std::vector<float>& scores, Partial part) {
   const int64_t hd = p.head_dim, vd = p.value_dim;
   constexpr float kNone = -std::numeric_limits<float>::infinity();
-  scores.resize(static_cast<size_t>(heads * c.n));
+  const int64_t stride = (c.n + 15) / 16 * 16;  // whole vectors per head, padded with kNone
+  scores.assign(static_cast<size_t>(heads * stride), kNone);
   for (int64_t i = 0; i < c.n; ++i) {
-    const bool vis = visible(i);
+    if (!visible(i)) continue;
     for (int64_t h = 0; h < heads; ++h)
-      scores[h * c.n + i] = vis ? dot(q + h * hd, c.k + i * c.k_stride, hd) * p.scale : kNone;
+      scores[h * stride + i] = dot(q + h * hd, c.k + i * c.k_stride, hd) * p.scale;
   }
   for (int64_t h = 0; h < heads; ++h) {
-    const float* s = scores.data() + h * c.n;
+    float* s = scores.data() + h * stride;
     float mx = part.m[h];
     for (int64_t i = 0; i < c.n; ++i) mx = s[i] > mx ? s[i] : mx;
     if (mx == kNone) continue;  // nothing visible to this head yet
-    // Rescale the running sums to the new max once, folded into the first visible key.
-    float keep = part.m[h] == kNone ? 0.f : std::exp(part.m[h] - mx);
+    // The running sums move to the new max (e^-inf = 0 the first time), then the chunk's
+    // weights e^(s - max) (0 for invisible keys) are added.
     float* acc = part.acc + h * vd;
-    part.l[h] *= keep;
-    for (int64_t i = 0; i < c.n; ++i) {
-      if (s[i] == kNone) continue;
-      const float w = std::exp(s[i] - mx);
-      part.l[h] += w;
-      scale_add(acc, keep, w, c.v + i * c.v_stride, vd);
-      keep = 1.f;
+    if (mx != part.m[h]) {
+      const float keep = part.m[h] == kNone ? 0.f : std::exp(part.m[h] - mx);
+      part.l[h] *= keep;
+      for (int64_t d = 0; d < vd; ++d) acc[d] *= keep;
     }
+    F32x16 sum = {};
+    for (int64_t i = 0; i < stride; i += 16) {
+      const F32x16 w = exp_nonpositive(load16(s + i) - mx);
+      store16(s + i, w);
+      sum += w;
+    }
+    part.l[h] += hsum(sum);
+    weighted_sum(acc, s, c.v, c.v_stride, c.n, vd);
     part.m[h] = mx;
   }
 }
