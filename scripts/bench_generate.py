@@ -5,7 +5,8 @@
   ... --llama-bench .peers/llama.cpp/build/bin/llama-bench   # adds the peer and the ratios
 
 Compilation is timed apart (compile_s) and excluded from throughput; the prompt is random
-vocabulary ids, generation ignores EOS so every run decodes exactly --gen-tokens.
+vocabulary ids, generation ignores EOS so every run decodes exactly --gen-tokens. Both
+engines decode after --prompt-tokens of context (llama-bench's -d).
 """
 from __future__ import annotations
 
@@ -59,12 +60,15 @@ def run_ktjax(args) -> dict:
 
 
 def run_llama_bench(binary: str, model_path: str, args) -> dict:
+    """llama-bench's prompt processing from an empty context and its generation after
+    --prompt-tokens of context (-d), as ktjax decodes after its prompt."""
     out = subprocess.run([binary, "-m", model_path, "-p", str(args.prompt_tokens),
-                          "-n", str(args.gen_tokens), "-t", str(args.threads), "-o", "json",
-                          "-r", str(args.repeats)], capture_output=True, text=True, check=True)
+                          "-n", str(args.gen_tokens), "-d", f"0,{args.prompt_tokens}",
+                          "-t", str(args.threads), "-o", "json", "-r", str(args.repeats)],
+                         capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
-    pp = next(r for r in rows if r["n_prompt"] > 0)
-    tg = next(r for r in rows if r["n_gen"] > 0)
+    pp = next(r for r in rows if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
+    tg = next(r for r in rows if r["n_gen"] > 0 and r.get("n_depth", 0) == args.prompt_tokens)
     return {"engine": "llama.cpp", "prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"],
             "build": rows[0].get("build_commit")}
 

@@ -102,14 +102,19 @@ class Engine:
         tokens = bk.round_up(bk.PREFILL_TOKENS, chunk)
         prefill_rows = min(len(seqs), bk.PREFILL_ROWS[-1], bk.MAX_PREFILL_BATCH_TOKENS // tokens)
         completes = any(len(s.prompt_ids) <= bk.PREFILL_TOKENS[-1] for s in seqs[:prefill_rows])
-        pages = bk.page_bucket(self.pool.pages_for(max(len(s.prompt_ids) for s in seqs) + 1),
-                               self.max_pages)
+        decode_pages = self._context_pages(max(len(s.prompt_ids) for s in seqs))
         self.programs.compile([
-            (bk.Bucket(bk.round_up(bk.PREFILL_ROWS, prefill_rows), tokens, pages),
+            (bk.Bucket(bk.round_up(bk.PREFILL_ROWS, prefill_rows), tokens, self._context_pages(0)),
              sampler if completes else None),
-            (bk.Bucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])), 1, pages),
-             sampler),
+            (bk.Bucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])), 1,
+                       decode_pages), sampler),
         ])
+
+    def _context_pages(self, cached: int) -> int:
+        """The page bucket of a step whose rows hold up to `cached` tokens before it: attention
+        reads only those pages (the step's own tokens come from registers and are written
+        through `slots`), so a first prefill chunk attends over no cached pages at all."""
+        return bk.page_bucket(self.pool.pages_for(cached), self.max_pages)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -150,7 +155,7 @@ class Engine:
         one program (forward alone when no row samples)."""
         for s, toks in new:
             s.table.ensure(s.n_cached + len(toks))
-        pages = bk.page_bucket(max(len(s.table.pages) for s, _ in new), self.max_pages)
+        pages = self._context_pages(max(s.n_cached for s, _ in new))
         bucket = bk.Bucket(rows, tokens, pages)
         batch = self._batch([(s.table, s.n_cached, toks) for s, toks in new], rows, tokens,
                             pages)
@@ -180,7 +185,8 @@ class Engine:
             tok[r, :n] = toks
             pos[r, :n] = np.arange(start, start + n)
             slots[r, :n] = [table.slot(p) for p in range(start, start + n)]
-            tables[r, :len(table.pages)] = table.pages
+            context = table.pages[:pages]  # pages past the bucket hold only new tokens
+            tables[r, :len(context)] = context
             lens[r] = start
             last[r, 0] = n - 1
         if all_logits:
@@ -243,7 +249,7 @@ class Engine:
                 chunk = ids[start:start + bk.PREFILL_TOKENS[-1]]
                 tokens = bk.round_up(bk.PREFILL_TOKENS, len(chunk))
                 table.ensure(start + len(chunk))
-                pages = bk.page_bucket(len(table.pages), self.max_pages)
+                pages = self._context_pages(start)
                 batch = self._batch([(table, start, chunk)], 1, tokens, pages, all_logits=True)
                 targets = np.zeros((1, tokens), np.int32)
                 nxt = ids[start + 1:start + len(chunk) + 1]

@@ -61,18 +61,22 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
         jnp.where(context < cache_lens[:, None], context, -1),       # unwritten slots: invalid
         q_positions], axis=1)                                         # [B, S + T]
 
+    # Keys-major layout [B, n_kv, S+T, rep, T]: XLA CPU's matmul emits the scores in this
+    # order, and the value matmul contracts over S+T as the leading axis, so neither the
+    # scores nor the probabilities get transposed (two copies per layer in long prefill).
     qg = q.astype(jnp.float32).reshape(b, t, n_kv, h // n_kv, hd)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k) * scale          # [B, n_kv, rep, T, S+T]
-    qp = q_positions[:, :, None]                                      # [B, T, 1]
-    kp = key_pos[:, None, :]                                          # [B, 1, S+T]
-    visible = (kp >= 0) & (kp <= qp)
+    scores = jnp.einsum("bsgd,btgrd->bgsrt", k, qg) * scale
+    qp = q_positions[:, None, :]                                      # [B, 1, T]
+    kp = key_pos[:, :, None]                                          # [B, S+T, 1]
+    visible = (kp >= 0) & (kp <= qp)                                  # [B, S+T, T]
     if sliding_window is not None:
         window = jnp.asarray(sliding_window)
         visible &= (window <= 0) | (qp - kp < window)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    # Padding rows see nothing; keep them finite instead of NaN.
-    any_visible = visible.any(axis=-1)[:, None, None, :, None]
-    probs = jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1)
-    probs = jnp.where(any_visible, probs, 0.0)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    # Padding queries see nothing: their scores stay finite (0, not NaN) and their output is
+    # zeroed afterwards, on the small output rather than on every probability.
+    any_visible = visible.any(axis=1)                                 # [B, T]
+    hidden = jnp.where(any_visible[:, None, None, None, :], -jnp.inf, 0.0)
+    probs = jax.nn.softmax(jnp.where(visible[:, None, :, None, :], scores, hidden), axis=2)
+    out = jnp.einsum("bgsrt,bsgd->btgrd", probs, v)
+    out = jnp.where(any_visible[:, :, None, None, None], out, 0.0)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
