@@ -18,13 +18,6 @@ namespace {
 namespace ffi = xla::ffi;
 using namespace ffi_util;
 
-ffi::Error expect_s32_scalar(const char* arg, const ffi::AnyBuffer& b) {
-  KT_FFI_CHECK(expect_dtype(arg, b, ffi::DataType::S32));
-  if (b.element_count() != 1)
-    return invalid(arg, "expected a scalar, got shape " + shape_str(b.dimensions()));
-  return ffi::Error::Success();
-}
-
 ffi::Error paged_attention_ffi(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                                ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                                ffi::AnyBuffer layer, ffi::AnyBuffer block_tables,

@@ -77,13 +77,17 @@ inline ffi::Error expect_same_shape(const char* arg, const ffi::AnyBuffer& b,
                           shape_str(other.dimensions()) + ", got " + shape_str(b.dimensions()));
 }
 
+inline ffi::Error expect_s32_scalar(const char* arg, const ffi::AnyBuffer& b) {
+  if (auto e = expect_dtype(arg, b, ffi::DataType::S32); e.failure()) return e;
+  if (b.element_count() == 1) return ffi::Error::Success();
+  return invalid(arg, "expected a scalar, got shape " + shape_str(b.dimensions()));
+}
+
 // The handle of the current layer for "layered" targets, called inside a lax.scan over
 // layers: `layer` is an s32 scalar operand indexing the `handles` attribute.
 inline ffi::Error layer_handle(const ffi::AnyBuffer& layer, ffi::Span<const int64_t> handles,
                                int64_t* handle) {
-  if (auto e = expect_dtype("layer", layer, ffi::DataType::S32); e.failure()) return e;
-  if (layer.element_count() != 1)
-    return invalid("layer", "expected a scalar, got shape " + shape_str(layer.dimensions()));
+  if (auto e = expect_s32_scalar("layer", layer); e.failure()) return e;
   const int64_t l = *layer.typed_data<int32_t>();
   if (l < 0 || l >= static_cast<int64_t>(handles.size()))
     return invalid("layer", "index " + std::to_string(l) + " outside the " +

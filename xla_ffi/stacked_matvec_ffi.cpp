@@ -23,9 +23,7 @@ ffi::Error stacked_matvec_ffi(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   const auto xd = x.dimensions(), wd = w.dimensions();
   KT_FFI_CHECK(expect_dim("w", w, 1, xd[1], "groups of x"));
   KT_FFI_CHECK(expect_dim("w", w, 3, xd[2], "the last dimension of x"));
-  KT_FFI_CHECK(expect_dtype("layer", layer, ffi::DataType::S32));
-  if (layer.element_count() != 1)
-    return invalid("layer", "expected a scalar, got shape " + shape_str(layer.dimensions()));
+  KT_FFI_CHECK(expect_s32_scalar("layer", layer));
   KT_FFI_CHECK(expect_dtype("y", *y, ffi::DataType::F32));
   KT_FFI_CHECK(expect_rank("y", *y, 3));
   const auto yd = y->dimensions();
