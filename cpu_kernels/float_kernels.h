@@ -10,9 +10,9 @@
 namespace ktjax {
 
 struct FloatKernels {
-  // Query (b, t), heads [h0, h0 + n) of KV group g, over `keys`: writes `part`.
-  void (*attend)(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
-                 int64_t n, KeyRange keys, Partial part);
+  // Query (b, t), heads [h0, h0 + n) (each with its KV group), over `keys`: writes `part`.
+  void (*attend)(const AttentionProblem& p, int64_t b, int64_t t, int64_t h0, int64_t n,
+                 KeyRange keys, Partial part);
   // Output rows [r0, r1) of the flattened (group, n) axis.
   void (*matvec_rows)(const StackedMatvecProblem& p, int64_t r0, int64_t r1);
   // First index of the maximum of x[begin, end) (NaN first), and that value.

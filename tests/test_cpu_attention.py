@@ -62,6 +62,7 @@ CASES = {
     "long-context-splits": dict(rows=1, heads=4, kv=1, hd=256, pages=80, page_size=16,
                                 table_pages=64),
     "value-dim-differs": dict(hd=48, vd=32),
+    "head-chunks-cut-groups": dict(rows=1, heads=24, kv=8, hd=32),  # chunks of 8 heads, rep 3
 }
 
 

@@ -20,14 +20,16 @@ print(json.dumps([sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/pro
 """
 
 
-def _thread_affinities(**env) -> list[list[int]]:
+def _thread_affinities(tmp_path, **env) -> list[list[int]]:
+    # cwd outside the checkout: `python -c` must import the installed ktjax, not the sources
     out = subprocess.run([sys.executable, "-c", _AFFINITIES], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)
+                         env={**os.environ, **env}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_worker_is_pinned_unless_disabled():
+def test_worker_is_pinned_unless_disabled(tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
-    assert [cpus[1]] in _thread_affinities()
-    assert all(len(a) == len(cpus) for a in _thread_affinities(KTJAX_PIN_THREADS="0"))
+    assert [cpus[1]] in _thread_affinities(tmp_path)
+    assert all(len(a) == len(cpus) for a in _thread_affinities(tmp_path, KTJAX_PIN_THREADS="0"))

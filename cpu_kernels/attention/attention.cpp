@@ -29,23 +29,23 @@ KeyRange visible_context(const AttentionProblem& p, int64_t b, int64_t qp) {
   return {std::min(begin, end), end, true};
 }
 
-// How the problem is cut into independent work items: each (row, token, KV group) is split
-// into head chunks (keys re-read per chunk) and key splits (partials merged afterwards) until
-// there are about two items per thread.
+// How the problem is cut into independent work items: each query (row, token) is split into
+// head chunks (each head reads its KV group; all groups of a token lie together, so a chunk
+// of every head streams the cache front to back) and key splits (partials merged afterwards)
+// until there are about two items per thread.
 struct Plan {
   int64_t head_chunks, heads_per_chunk, key_splits;
   int64_t items_per_query() const { return head_chunks * key_splits; }
 };
 
 Plan make_plan(const AttentionProblem& p) {
-  const int64_t rep = p.heads / p.kv_heads;
-  const int64_t queries = p.batch * p.tokens * p.kv_heads;
+  const int64_t queries = p.batch * p.tokens;
   const int64_t want = 2 * static_cast<int64_t>(num_threads());
   const int64_t need = (want + queries - 1) / queries;
-  // Head chunks of at least 4 heads: fewer would re-read the keys for too little work.
-  const int64_t chunks = std::max<int64_t>(1, std::min(need, rep / 4));
-  const int64_t per_chunk = (rep + chunks - 1) / chunks;
-  const int64_t head_chunks = (rep + per_chunk - 1) / per_chunk;
+  // Head chunks of at least 8 heads: fewer would re-read the keys for too little work.
+  const int64_t chunks = std::max<int64_t>(1, std::min(need, p.heads / 8));
+  const int64_t per_chunk = (p.heads + chunks - 1) / chunks;
+  const int64_t head_chunks = (p.heads + per_chunk - 1) / per_chunk;
   // Key splits of at least 4 pages.
   const int64_t max_splits = std::max<int64_t>(1, p.table_pages / 4);
   const int64_t splits = std::min(max_splits, (need + head_chunks - 1) / head_chunks);
@@ -87,8 +87,7 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
   check_attention(p);
   const FloatKernels& kern = float_kernels(isa);
   const Plan plan = make_plan(p);
-  const int64_t rep = p.heads / p.kv_heads, vd = p.value_dim;
-  const int64_t queries = p.batch * p.tokens * p.kv_heads;
+  const int64_t vd = p.value_dim, queries = p.batch * p.tokens;
   const int64_t items = queries * plan.items_per_query();
   // Per item: m and l for its heads, then acc [heads, vd].
   const int64_t item_floats = plan.heads_per_chunk * (2 + vd);
@@ -98,38 +97,35 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
 
   auto run = [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t query = item / plan.items_per_query();
+      const int64_t bt = item / plan.items_per_query();
       const int64_t chunk = item % plan.items_per_query() / plan.key_splits;
       const int64_t split = item % plan.key_splits;
-      const int64_t g = query % p.kv_heads, bt = query / p.kv_heads;
-      const int64_t b = bt / p.tokens, t = bt % p.tokens;
       const int64_t h0 = chunk * plan.heads_per_chunk;
-      const int64_t n = std::min(plan.heads_per_chunk, rep - h0);
-      KeyRange keys = visible_context(p, b, p.positions[bt]);
+      const int64_t n = std::min(plan.heads_per_chunk, p.heads - h0);
+      KeyRange keys = visible_context(p, bt / p.tokens, p.positions[bt]);
       const int64_t len = keys.ctx_end - keys.ctx_begin;
       const int64_t begin = keys.ctx_begin + len * split / plan.key_splits;
       const int64_t end = keys.ctx_begin + len * (split + 1) / plan.key_splits;
       keys = {begin, end, keys.with_new && split == plan.key_splits - 1};
       float* part = parts + item * item_floats;
-      kern.attend(p, b, t, g, g * rep + h0, n, keys,
+      kern.attend(p, bt / p.tokens, bt % p.tokens, h0, n, keys,
                   Partial{part, part + plan.heads_per_chunk, part + 2 * plan.heads_per_chunk});
     }
   };
   // Below ~32K multiply-adds a pool wake-up costs more than it saves.
-  const int64_t work = queries * rep * (p.table_pages * p.page_size + p.tokens) * p.head_dim;
+  const int64_t work = queries * p.heads * (p.table_pages * p.page_size + p.tokens) * p.head_dim;
   if (work < (int64_t{1} << 15)) run(0, items);
   else parallel_for(items, run);
 
   // Merge the key splits of each head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
   constexpr float kNone = -std::numeric_limits<float>::infinity();
-  for (int64_t query = 0; query < queries; ++query) {
-    const int64_t g = query % p.kv_heads, bt = query / p.kv_heads;
+  for (int64_t bt = 0; bt < queries; ++bt) {
     for (int64_t chunk = 0; chunk < plan.head_chunks; ++chunk) {
       const int64_t h0 = chunk * plan.heads_per_chunk;
-      const int64_t n = std::min(plan.heads_per_chunk, rep - h0);
-      const float* first = parts + (query * plan.items_per_query() + chunk * plan.key_splits) * item_floats;
+      const int64_t n = std::min(plan.heads_per_chunk, p.heads - h0);
+      const float* first = parts + (bt * plan.items_per_query() + chunk * plan.key_splits) * item_floats;
       for (int64_t h = 0; h < n; ++h) {
-        float* out = p.out + (bt * p.heads + g * rep + h0 + h) * vd;
+        float* out = p.out + (bt * p.heads + h0 + h) * vd;
         float mx = kNone;
         for (int64_t s = 0; s < plan.key_splits; ++s) mx = std::max(mx, first[s * item_floats + h]);
         std::fill(out, out + vd, 0.f);

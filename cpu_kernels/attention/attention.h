@@ -40,7 +40,7 @@ struct KeyRange {
   bool with_new;
 };
 
-// Online-softmax partial of `heads` query heads (one KV group) over a key range: running max
+// Online-softmax partial of a run of query heads over a key range: running max
 // m, denominator l and unnormalized output acc [heads, value_dim].
 struct Partial {
   float* m;

@@ -17,27 +17,30 @@ namespace attention_body {
 
 using namespace simd16;
 
-// Keys and values of one chunk (a page run, or the step's new tokens): key i at
-// k + i * k_stride, its value at v + i * v_stride.
+// Keys and values of one chunk (a page run, or the step's new tokens): key i of KV group g
+// at k + i * k_stride + g * head_dim, its value at v + i * v_stride + g * v_group.
 template <class KT>
 struct Chunk {
   const KT* k;
   const KT* v;
-  int64_t k_stride, v_stride, n;
+  int64_t k_stride, v_stride, v_group, n;
 };
 
-// Folds a chunk into the heads' online softmax; `visible(i)` says whether key i counts.
+// Folds a chunk into the online softmax of query heads [h0, h0 + heads) (each reading its KV
+// group); `visible(i)` says whether key i counts. Keys are visited in memory order, all
+// groups of a token together, so the cache streams front to back.
 template <class KT, class Visible>
-void fold_chunk(const AttentionProblem& p, const float* q, int64_t heads, Chunk<KT> c,
-                Visible visible, std::vector<float>& scores, Partial part) {
-  const int64_t hd = p.head_dim, vd = p.value_dim;
+void fold_chunk(const AttentionProblem& p, const float* q, int64_t h0, int64_t heads,
+                Chunk<KT> c, Visible visible, std::vector<float>& scores, Partial part) {
+  const int64_t hd = p.head_dim, vd = p.value_dim, rep = p.heads / p.kv_heads;
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   const int64_t stride = (c.n + 15) / 16 * 16;  // whole vectors per head, padded with kNone
   scores.assign(static_cast<size_t>(heads * stride), kNone);
   for (int64_t i = 0; i < c.n; ++i) {
     if (!visible(i)) continue;
+    const KT* key = c.k + i * c.k_stride;
     for (int64_t h = 0; h < heads; ++h)
-      scores[h * stride + i] = dot(q + h * hd, c.k + i * c.k_stride, hd) * p.scale;
+      scores[h * stride + i] = dot(q + h * hd, key + (h0 + h) / rep * hd, hd) * p.scale;
   }
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores.data() + h * stride;
@@ -59,14 +62,14 @@ void fold_chunk(const AttentionProblem& p, const float* q, int64_t heads, Chunk<
       sum += w;
     }
     part.l[h] += hsum(sum);
-    weighted_sum(acc, s, c.v, c.v_stride, c.n, vd);
+    weighted_sum(acc, s, c.v + (h0 + h) / rep * c.v_group, c.v_stride, c.n, vd);
     part.m[h] = mx;
   }
 }
 
 template <class KT>
-void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
-                  int64_t n, KeyRange keys, Partial part) {
+void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t h0, int64_t n,
+                  KeyRange keys, Partial part) {
   const int64_t hd = p.head_dim, vd = p.value_dim, kv = p.kv_heads, ps = p.page_size;
   const float* q = p.q + ((b * p.tokens + t) * p.heads + h0) * hd;
   for (int64_t h = 0; h < n; ++h) {
@@ -80,14 +83,14 @@ void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, in
   // Cached keys, one page run at a time, read in place.
   const KT* kc = static_cast<const KT*>(p.k_cache);
   const KT* vc = p.values_in_keys ? kc : static_cast<const KT*>(p.v_cache);
-  const int64_t vrow = p.values_in_keys ? hd : vd;  // cache elements per token and head
+  const int64_t vrow = p.values_in_keys ? hd : vd;  // cache elements per token and group
   const int32_t* table = p.block_tables + b * p.table_pages;
   for (int64_t s = keys.ctx_begin; s < keys.ctx_end;) {
     const int64_t first = s % ps, count = std::min(ps - first, keys.ctx_end - s);
     const int64_t slot = (p.layer * p.pages + table[s / ps]) * ps + first;
-    fold_chunk(p, q, n,
-               Chunk<KT>{kc + (slot * kv + g) * hd, vc + (slot * kv + g) * vrow, kv * hd,
-                         kv * vrow, count},
+    fold_chunk(p, q, h0, n,
+               Chunk<KT>{kc + slot * kv * hd, vc + slot * kv * vrow, kv * hd, kv * vrow, vrow,
+                         count},
                all, scores, part);
     s += count;
   }
@@ -96,21 +99,21 @@ void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, in
   // query's position and inside the window.
   const int32_t* pos = p.positions + b * p.tokens;
   const int64_t qp = pos[t], window = p.sliding_window;
-  const float* kn = p.k_new + (b * p.tokens * kv + g) * hd;
-  const float* vn = p.values_in_keys ? kn : p.v_new + (b * p.tokens * kv + g) * vd;
+  const float* kn = p.k_new + b * p.tokens * kv * hd;
+  const float* vn = p.values_in_keys ? kn : p.v_new + b * p.tokens * kv * vd;
   const auto visible = [&](int64_t j) {
     return pos[j] >= 0 && pos[j] <= qp && (window <= 0 || qp - pos[j] < window);
   };
-  fold_chunk(p, q, n, Chunk<float>{kn, vn, kv * hd, kv * vrow, p.tokens}, visible, scores,
-             part);
+  fold_chunk(p, q, h0, n, Chunk<float>{kn, vn, kv * hd, kv * vrow, vrow, p.tokens}, visible,
+             scores, part);
 }
 
-inline void attend(const AttentionProblem& p, int64_t b, int64_t t, int64_t g, int64_t h0,
-                   int64_t n, KeyRange keys, Partial part) {
+inline void attend(const AttentionProblem& p, int64_t b, int64_t t, int64_t h0, int64_t n,
+                   KeyRange keys, Partial part) {
   if (p.cache_type == CacheType::BF16)
-    attend_typed<uint16_t>(p, b, t, g, h0, n, keys, part);
+    attend_typed<uint16_t>(p, b, t, h0, n, keys, part);
   else
-    attend_typed<float>(p, b, t, g, h0, n, keys, part);
+    attend_typed<float>(p, b, t, h0, n, keys, part);
 }
 
 }  // namespace attention_body
