@@ -27,4 +27,6 @@ export PYTHONPATH="$WORK/pkg:$ROOT/tests:$SITE"
 cd "$WORK"  # not the repo root: python puts the working directory first on sys.path
 "$PY" -S -c "import ktjax._native as n; assert n.__file__.startswith('$WORK'), n.__file__"
 "$PY" -S -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
-  "$ROOT/tests/test_host_linear.py" "$ROOT/tests/test_host_moe.py" "$@"
+  "$ROOT/tests/test_host_linear.py" "$ROOT/tests/test_host_moe.py" \
+  "$ROOT/tests/test_cpu_attention.py" "$ROOT/tests/test_stacked_matvec.py" \
+  "$ROOT/tests/test_sampler.py" "$@"
