@@ -4,12 +4,14 @@ kernels through FFI), and in which format.
 A rules file (YAML) is a list under `rules:`; each rule matches GGUF tensor names by regular
 expression (`match`, full match), optionally only for some architectures (`architecture`: a
 name or a list), and sets `placement` (device | host), `format` (keep | bf16 | f32 | int8 |
-int4) and optionally `kernel` (device: xla | ragged_dot; host: linear | moe). First match wins.
+int8_row | int4) and optionally `kernel` (device: xla | ragged_dot; host: linear | moe). First
+match wins.
 `optional: true` lets a rule match nothing (profiles shared by several families).
 
 Formats: `keep` = the GGUF blocks as they are (host: repacked losslessly; device: dequantized to
-the engine's dtype); bf16 / f32 = dense; int8 / int4 = the host kernels' packed formats
-(quantized GGUF tensors are dequantized and requantized). Vectors (norms, biases) are always
+the engine's dtype); bf16 / f32 = dense; int8 / int8_row / int4 = the host kernels' packed
+formats (quantized GGUF tensors are dequantized and requantized; int8_row has one scale per
+row, which lets AMX accumulate all of K in its tiles). Vectors (norms, biases) are always
 float32 on the device. A tied output head is placed by the rule matching `output.weight`.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ktjax.gguf.reader import GGUFFile
 from ktjax.models.base import TensorSpec
 
 PLACEMENTS = ("device", "host")
-FORMATS = ("keep", "bf16", "f32", "int8", "int4")
+FORMATS = ("keep", "bf16", "f32", "int8", "int8_row", "int4")
+HOST_ONLY_FORMATS = ("int8", "int8_row", "int4")
 # Device platforms whose programs can call the host kernels (GPU: through the CUDA bridge).
 HOST_KERNEL_PLATFORMS = ("cpu", "gpu", "cuda")
 # What each kind of tensor may run on: placement -> allowed kernels (first = default).
@@ -189,8 +192,9 @@ def _decide(rule: Rule, kind: str, name: str, platform: str) -> Decision:
         raise RulesError(f"{rule} places {name!r} on the host, but host kernels are reached "
                          f"only from CPU and CUDA GPU programs (device platform: {platform})")
     if rule.placement == "host" and rule.format == "f32":
-        raise RulesError(f"{rule}: the host kernels hold keep, bf16, int8 or int4, not f32")
-    if rule.placement == "device" and rule.format in ("int8", "int4") and kind != "vector":
+        raise RulesError(f"{rule}: the host kernels hold keep, bf16, int8, int8_row or int4, "
+                         "not f32")
+    if rule.placement == "device" and rule.format in HOST_ONLY_FORMATS and kind != "vector":
         raise RulesError(f"{rule}: format {rule.format} needs the host kernels; device "
                          "tensors are keep, bf16 or f32")
     kernel = rule.kernel or allowed[rule.placement][0]

@@ -13,7 +13,7 @@ from ktjax.models.catalog import resolve_model
 
 
 # Approximate bytes per element of the host kernels' packed formats (values + group scales).
-_HOST_BYTES = {"int8": 1.125, "int4": 0.625, "bf16": 2.0}
+_HOST_BYTES = {"int8": 1.125, "int8_row": 1.0, "int4": 0.625, "bf16": 2.0}
 
 
 def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
