@@ -64,19 +64,20 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     # Keys-major layout [B, n_kv, S+T, rep, T]: XLA CPU's matmul emits the scores in this
     # order, and the value matmul contracts over S+T as the leading axis, so neither the
     # scores nor the probabilities get transposed (two copies per layer in long prefill).
-    qg = q.astype(jnp.float32).reshape(b, t, n_kv, h // n_kv, hd)
-    scores = jnp.einsum("bsgd,btgrd->bgsrt", k, qg) * scale
+    qg = (q.astype(jnp.float32) * scale).reshape(b, t, n_kv, h // n_kv, hd)
+    scores = jnp.einsum("bsgd,btgrd->bgsrt", k, qg)
     qp = q_positions[:, None, :]                                      # [B, 1, T]
     kp = key_pos[:, :, None]                                          # [B, S+T, 1]
     visible = (kp >= 0) & (kp <= qp)                                  # [B, S+T, T]
     if sliding_window is not None:
         window = jnp.asarray(sliding_window)
         visible &= (window <= 0) | (qp - kp < window)
-    # Padding queries see nothing: their scores stay finite (0, not NaN) and their output is
-    # zeroed afterwards, on the small output rather than on every probability.
+    # Padding queries see nothing: their scores stay finite (no mask, not NaN) and their
+    # output is zeroed afterwards, on the small output rather than on every probability. The
+    # mask is an additive bias XLA fuses into the softmax instead of a masked copy of scores.
     any_visible = visible.any(axis=1)                                 # [B, T]
-    hidden = jnp.where(any_visible[:, None, None, None, :], -jnp.inf, 0.0)
-    probs = jax.nn.softmax(jnp.where(visible[:, None, :, None, :], scores, hidden), axis=2)
+    bias = jnp.where(visible | ~any_visible[:, None, :], 0.0, -jnp.inf)
+    probs = jax.nn.softmax(scores + bias[:, None, :, None, :], axis=2)
     out = jnp.einsum("bgsrt,bsgd->btgrd", probs, v)
     out = jnp.where(any_visible[:, :, None, None, None], out, 0.0)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
