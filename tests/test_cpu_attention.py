@@ -7,19 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktjax import _native
 from ktjax.kernels import paged_attention_cpu, paged_attention_ref
-
-ISA_ORDER = ["generic", "avx2", "avx512", "amx"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(_native.detected_isa()) + 1]
-
-
-@pytest.fixture
-def isa(request):
-    _native.set_isa(request.param)
-    yield request.param
-    _native.set_isa("")
-
 
 def make_problem(rng, *, rows=3, tokens=1, heads=6, kv=2, hd=64, vd=None, pages=24,
                  page_size=4, table_pages=5, layers=2, cache_dtype=np.float32, mla=None):
@@ -66,7 +54,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(isa, case):
     problem = make_problem(np.random.default_rng(len(case)), **CASES[case])
@@ -74,7 +61,6 @@ def test_matches_reference(isa, case):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("window", [1, 3, 9])
 def test_sliding_window(isa, window):
     problem = make_problem(np.random.default_rng(window), tokens=3, page_size=4)
@@ -82,14 +68,12 @@ def test_sliding_window(isa, window):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_bf16_cache(isa):
     problem = make_problem(np.random.default_rng(7), cache_dtype=jnp.bfloat16)
     got, want = both(problem, scale=0.125)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_latent_values_in_keys(isa):
     """MLA: one latent per token; values are its first 48 dims."""
     problem = make_problem(np.random.default_rng(3), heads=8, kv=1, hd=64, mla=True,

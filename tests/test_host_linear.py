@@ -22,15 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import quants
+from isa_levels import ISAS, SIMD_ISAS
 
 from ktjax import _native
 from ktjax.errors import KernelError
 from ktjax.host import linear as hl
 
 T = gguf.GGMLQuantizationType
-ISA_ORDER = ["generic", "avx2", "avx512", "amx"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(_native.detected_isa()) + 1]
-SIMD_ISAS = [i for i in ISAS if i != "generic"]
 
 # (type, byte offsets of f16 fields holding d / dmin-like factors)
 GGUF_TYPES = {
@@ -78,14 +76,6 @@ def check_close(y, x, w, group, *, bf16=False, base=None):
         tol = (act_step(x, w.shape[1], group) / 2) @ np.abs(w64).T + 5e-5 * b + 1e-30
     err = np.abs(y.astype(np.float64) - ref)
     assert np.all(err <= tol), f"max err {err.max()}, worst ratio {(err / tol).max()}"
-
-
-@pytest.fixture
-def store():
-    handles: list[int] = []
-    yield handles
-    for h in handles:
-        hl.release(h)
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_TYPES), ids=lambda t: t.name)

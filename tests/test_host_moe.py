@@ -20,7 +20,8 @@ from ktjax.errors import KernelError
 from ktjax.host import linear as hl
 from ktjax.host import moe as hm
 
-from test_host_linear import SIMD_ISAS, random_gguf
+from isa_levels import SIMD_ISAS
+from test_host_linear import random_gguf
 
 T = gguf.GGMLQuantizationType
 
@@ -67,24 +68,16 @@ def check(y, ref, bound, rtol):
     assert np.all(err <= tol), f"max err {err.max()}, worst ratio {(err / tol).max()}"
 
 
-@pytest.fixture
-def handles():
-    hs: list[int] = []
-    yield hs
-    for h in hs:
-        hl.release(h)
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 4, 33])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_moe_float_formats(fmt, tokens, activation, handles):
+def test_moe_float_formats(fmt, tokens, activation, store):
     rng = np.random.default_rng(tokens)
     E, H, I, k = 6, 96, 80, 2
     gate, up = (rng.standard_normal((E, I, H), dtype=np.float32) * 0.2 for _ in range(2))
     down = rng.standard_normal((E, H, I), dtype=np.float32) * 0.2
     h = hm.pack_experts_float(gate, up, down, fmt)
-    handles.append(h)
+    store.append(h)
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     ids, wts = routing(rng, tokens, E, k)
     g, u, d = unpack_set(h, E)
@@ -100,7 +93,7 @@ def test_moe_float_formats(fmt, tokens, activation, handles):
 
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0), (T.Q4_0, T.Q5_1), (T.Q2_K, T.Q3_K)],
                          ids=lambda p: f"{p[0].name}-{p[1].name}")
-def test_moe_gguf_with_shared_expert(types, handles):
+def test_moe_gguf_with_shared_expert(types, store):
     rng = np.random.default_rng(3)
     gu_type, d_type = types
     E, H, I, k, tokens = 5, 256, 256, 3, 17
@@ -108,11 +101,11 @@ def test_moe_gguf_with_shared_expert(types, handles):
     up = random_gguf(gu_type, E * I, H, seed=2)
     down = random_gguf(d_type, E * H, I, seed=3)
     h = hm.pack_experts_gguf((gate, gu_type), (up, gu_type), (down, d_type), E, H, I)
-    handles.append(h)
+    store.append(h)
     sh = hm.pack_experts_gguf((random_gguf(gu_type, I, H, seed=4), gu_type),
                               (random_gguf(gu_type, I, H, seed=5), gu_type),
                               (random_gguf(d_type, H, I, seed=6), d_type), 1, H, I)
-    handles.append(sh)
+    store.append(sh)
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     ids, wts = routing(rng, tokens, E, k)
     g, u, d = unpack_set(h, E)
@@ -126,13 +119,13 @@ def test_moe_gguf_with_shared_expert(types, handles):
         check(y, ref.astype(np.float64), bound, 1e-4)
 
 
-def test_moe_ffi_under_jit(handles):
+def test_moe_ffi_under_jit(store):
     rng = np.random.default_rng(5)
     E, H, I, k, tokens = 4, 64, 32, 2, 7
     gate, up = (rng.standard_normal((E, I, H), dtype=np.float32) for _ in range(2))
     down = rng.standard_normal((E, H, I), dtype=np.float32)
     h = hm.pack_experts_float(gate, up, down, "int8")
-    handles.append(h)
+    store.append(h)
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     ids, wts = routing(rng, tokens, E, k)
     f = jax.jit(lambda a, b, c: hm.moe(a, b, c, h) + 1.0)
@@ -140,13 +133,13 @@ def test_moe_ffi_under_jit(handles):
     np.testing.assert_array_equal(y, hm.moe_forward(x, ids, wts, h) + 1.0)
 
 
-def test_moe_bad_input(handles):
+def test_moe_bad_input(store):
     rng = np.random.default_rng(6)
     E, H, I = 3, 32, 32
     h = hm.pack_experts_float(*(rng.standard_normal(s, dtype=np.float32) for s in [(E, I, H), (E, I, H), (E, H, I)]))
-    handles.append(h)
+    store.append(h)
     lin = hl.pack_float_weight(np.ones((4, 32), np.float32))
-    handles.append(lin)
+    store.append(lin)
     x = np.ones((2, H), np.float32)
     ids = np.array([[0, 1], [2, 3]], np.int32)
     wts = np.full((2, 2), 0.5, np.float32)

@@ -7,20 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktjax import _native
 from ktjax.host.stacked import stacked_matvec
 from ktjax.models import layers
-
-ISA_ORDER = ["generic", "avx2", "avx512", "amx"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(_native.detected_isa()) + 1]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    _native.set_isa(request.param)
-    yield request.param
-    _native.set_isa("")
-
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows,groups,n,k", [(1, 1, 128, 2048), (3, 4, 24, 40), (16, 2, 7, 33)])
