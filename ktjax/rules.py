@@ -30,7 +30,7 @@ PLACEMENTS = ("device", "host")
 FORMATS = ("keep", "bf16", "f32", "int8", "int8_row", "int4")
 HOST_ONLY_FORMATS = ("int8", "int8_row", "int4")
 # Device platforms whose programs can call the host kernels (GPU: through the CUDA bridge).
-HOST_KERNEL_PLATFORMS = ("cpu", "gpu", "cuda")
+HOST_KERNEL_PLATFORMS = ("cpu", "gpu")
 # What each kind of tensor may run on: placement -> allowed kernels (first = default).
 _KERNELS = {
     "matrix": {"device": ("xla",), "host": ("linear",)},
