@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -25,9 +26,12 @@ namespace {
 constexpr int kChunkBits = 16;
 constexpr uint64_t kChunkMask = (uint64_t{1} << kChunkBits) - 1;
 constexpr int kMaxThreads = static_cast<int>(kChunkMask);
-// Spin before sleeping: 20000 PAUSEs measure 0.49 ms on the 2-core Zen machine and take about
-// 1 ms on Sapphire Rapids (PAUSE ~140 cycles), so a decode step's workers rarely sleep.
-constexpr int kSpinIterations = 20000;
+// Between jobs a worker polls before it sleeps, so a decode step's many short calls find it
+// awake (waking a sleeper costs tens of µs). It first spins on PAUSE (500 take ~12 µs on Zen,
+// ~25 µs on Sapphire Rapids), then yields the CPU between polls: a pinned worker that only
+// spun would hold its CPU against XLA's own threads running the ops between our calls.
+constexpr int kPauseSpins = 500;
+constexpr int kDefaultPollMicros = 1000;
 
 uint32_t gen_of(uint64_t t) { return static_cast<uint32_t>(t >> (2 * kChunkBits)); }
 uint64_t count_of(uint64_t t) { return (t >> kChunkBits) & kChunkMask; }
@@ -95,6 +99,7 @@ class Pool {
  private:
   void start(int threads) {
     threads_ = threads;
+    poll_for_ = std::chrono::microseconds(poll_micros());
     stop_ = false;
     const std::vector<int> cpus = pinning_cpus(threads);
     for (int i = 1; i < threads; ++i) {
@@ -117,6 +122,15 @@ class Pool {
       if (CPU_ISSET(c, &set)) cpus.push_back(c);
     if (static_cast<int>(cpus.size()) < threads) return {};
     return cpus;
+  }
+
+  // How long an idle worker polls before it sleeps: KTJAX_SPIN_US, else 1 ms.
+  static int64_t poll_micros() {
+    const char* env = std::getenv("KTJAX_SPIN_US");
+    if (env == nullptr) return kDefaultPollMicros;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    return end != env && *end == '\0' && v >= 0 ? v : kDefaultPollMicros;
   }
 
   static void pin(std::thread& t, int cpu) {
@@ -161,11 +175,7 @@ class Pool {
     t_in_parallel = true;
     uint32_t seen = gen_of(ticket_.load(std::memory_order_acquire));
     for (;;) {
-      uint32_t gen = seen;
-      for (int i = 0; i < kSpinIterations && gen == seen; ++i) {
-        cpu_relax();
-        gen = gen_of(ticket_.load(std::memory_order_acquire));
-      }
+      uint32_t gen = poll(seen);
       if (gen == seen) {
         std::unique_lock<std::mutex> lock(wake_mutex_);
         wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
@@ -177,7 +187,25 @@ class Pool {
     }
   }
 
+  // The generation after `seen` once it is published, or `seen` when none came within the
+  // poll time.
+  uint32_t poll(uint32_t seen) const {
+    if (poll_for_.count() == 0) return gen_of(ticket_.load(std::memory_order_acquire));
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0;; ++i) {
+      const uint32_t gen = gen_of(ticket_.load(std::memory_order_acquire));
+      if (gen != seen) return gen;
+      if (i < kPauseSpins) {
+        cpu_relax();
+      } else {
+        if (std::chrono::steady_clock::now() - start >= poll_for_) return seen;
+        sched_yield();
+      }
+    }
+  }
+
   int threads_ = 1;
+  std::chrono::microseconds poll_for_{kDefaultPollMicros};
   std::vector<std::thread> workers_;
   std::mutex job_mutex_;  // one parallel_for at a time
   std::mutex wake_mutex_;
