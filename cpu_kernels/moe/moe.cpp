@@ -1,5 +1,6 @@
 #include "cpu_kernels/moe/moe.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -7,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_kernels/float_kernels.h"
 #include "cpu_kernels/linear/linear.h"
 #include "cpu_kernels/thread_pool.h"
 
@@ -46,39 +48,6 @@ void run_segments(const LinearKernels& kern, const std::vector<Seg>& segs) {
       start = end;
     }
   });
-}
-
-// exp(x), relative error ~2e-7 (Cephes expf polynomial); branch-free and library-free,
-// so the activation loops vectorise.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-
-// h = act(g) * u over n values, in place in g.
-void activate(Activation act, float* g, const float* u, int64_t n) {
-  if (act == Activation::Silu) {
-    for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + fast_exp(-g[i])) * u[i];
-    return;
-  }
-  const float c = 0.7978845608028654f;  // sqrt(2 / pi); tanh(y) = 1 - 2 / (exp(2y) + 1)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = g[i], y = c * (v + 0.044715f * v * v * v);
-    g[i] = 0.5f * v * (2.f - 2.f / (fast_exp(2.f * y) + 1.f)) * u[i];
-  }
 }
 
 // Copies rows `rows` of prepared activations src into dst (sized for rows.size()).
@@ -222,16 +191,24 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   }
   run_segments(kern, segs);
 
-  // h = act(gate) * up, quantized for the down projection, one expert per task.
+  // h = act(gate) * up, quantized for the down projection, threaded over the rows of all
+  // slots together (a few experts with many tokens each must still fill the pool).
+  std::vector<int64_t> first_row(slots + 1, 0);
   for (int64_t sl = 0; sl < slots; ++sl) {
     size_acts(kern, mat(sl, 2), ntok(sl), &s.acts_h[sl]);
     s.yd[sl].resize(ntok(sl) * H);
+    first_row[sl + 1] = first_row[sl] + ntok(sl);
   }
-  parallel_for(slots, [&](int64_t b, int64_t e) {
-    for (int64_t sl = b; sl < e; ++sl) {
+  const FloatKernels& fk = float_kernels(isa);
+  parallel_for(first_row[slots], [&](int64_t b, int64_t e) {
+    for (int64_t sl = 0; sl < slots; ++sl) {
+      const int64_t r0 = std::max(b, first_row[sl]) - first_row[sl];
+      const int64_t r1 = std::min(e, first_row[sl + 1]) - first_row[sl];
+      if (r0 >= r1) continue;
+      const int64_t n = mat(sl, 0).n;
       float* g = s.yg[sl].data();
-      activate(act, g, s.yu[sl].data(), ntok(sl) * mat(sl, 0).n);
-      if (!kern.prepare(mat(sl, 2), g, 0, ntok(sl), mat(sl, 0).n, &s.acts_h[sl]))
+      fk.gated_activation(act == Activation::GeluTanh, g + r0 * n, s.yu[sl].data() + r0 * n, (r1 - r0) * n);
+      if (!kern.prepare(mat(sl, 2), g, r0, r1, n, &s.acts_h[sl]))
         throw std::invalid_argument("moe: expert activations overflowed to NaN or Inf");
     }
   });
@@ -245,16 +222,10 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* o = a.out + t * H;
-      for (int64_t h = 0; h < H; ++h) o[h] = 0.f;
-      for (int64_t j = 0; j < K; ++j) {
-        const float wgt = a.weights[t * K + j];
-        const float* y = s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H;
-        for (int64_t h = 0; h < H; ++h) o[h] += wgt * y[h];
-      }
-      for (int64_t sl = routed; sl < slots; ++sl) {
-        const float* y = s.yd[sl].data() + t * H;
-        for (int64_t h = 0; h < H; ++h) o[h] += y[h];
-      }
+      std::fill(o, o + H, 0.f);
+      for (int64_t j = 0; j < K; ++j)
+        fk.add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H, H);
+      for (int64_t sl = routed; sl < slots; ++sl) fk.add_scaled(o, 1.f, s.yd[sl].data() + t * H, H);
     }
   });
 }
