@@ -26,6 +26,9 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_host_amx.py t
   tests/test_host_linear.py -k "amx or moe or 257 or ffi" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 
 B="$OUT/bench_moe.jsonl"
+# The AMX tile loop's own ceiling on this machine, one thread and all: the TOPS below against it.
+g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o /tmp/amx_peak &&
+  { /tmp/amx_peak 1; /tmp/amx_peak "$(nproc)"; } | tee -a "$B"
 # qlen 1: 4 layers x 8 touched experts (1.5 GB per rotation, 5x the L3) for bandwidth;
 # qlen 32 / 1024: 64 experts per layer, as kt_moe_bench's dsv3 shape, for TFLOPS.
 timeout 90 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8,int8_row,int4,bf16 --threads 16 \
