@@ -1,5 +1,7 @@
 #include "cpu_kernels/thread_pool.h"
 
+#include "cpu_kernels/numa.h"
+
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -22,10 +24,12 @@ namespace {
 
 // The ticket packs (generation, chunk count, next chunk) in one atomic word so that a
 // worker waking late can never claim a chunk of a job other than the one it saw: a claim
-// is a CAS that fails once the generation moves on or the chunks run out.
+// is a CAS that fails once the generation moves on or the chunks run out. A fixed job
+// (chunk i on thread i) carries next = kFixed, which no claim accepts.
 constexpr int kChunkBits = 16;
 constexpr uint64_t kChunkMask = (uint64_t{1} << kChunkBits) - 1;
-constexpr int kMaxThreads = static_cast<int>(kChunkMask);
+constexpr uint64_t kFixed = kChunkMask;
+constexpr int kMaxThreads = static_cast<int>(kChunkMask) - 1;
 // Between jobs a worker polls before it sleeps, so a decode step's many short calls find it
 // awake (waking a sleeper costs tens of µs). It first spins on PAUSE (500 take ~12 µs on Zen,
 // ~25 µs on Sapphire Rapids), then yields the CPU between polls: a pinned worker that only
@@ -59,6 +63,9 @@ class Pool {
   explicit Pool(int threads) { start(threads); }
 
   int size() const { return threads_; }
+  int nodes() const { return static_cast<int>(node_ids_.size()); }
+  const std::vector<int>& node_first() const { return node_first_; }
+  const std::vector<int>& node_ids() const { return node_ids_; }
 
   void resize(int threads) {
     std::lock_guard<std::mutex> job_lock(job_mutex_);
@@ -66,10 +73,12 @@ class Pool {
     start(threads);
   }
 
-  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  // fixed: n is the thread count and thread i runs chunk [i, i + 1) (its node's share).
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn, bool fixed = false) {
     if (n <= 0) return;
     std::unique_lock<std::mutex> job_lock(job_mutex_, std::try_to_lock);
     const int64_t chunks = std::min<int64_t>(n, threads_);
+    fixed = fixed && n == threads_;
     if (t_in_parallel || !job_lock.owns_lock() || chunks == 1) {
       fn(0, n);
       return;
@@ -84,13 +93,13 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(wake_mutex_);
       gen = ++generation_;  // wraps; only equality matters
-      ticket_.store((uint64_t(gen) << (2 * kChunkBits)) | (uint64_t(chunks) << kChunkBits),
+      ticket_.store((uint64_t(gen) << (2 * kChunkBits)) | (uint64_t(chunks) << kChunkBits) | (fixed ? kFixed : 0),
                     std::memory_order_release);
     }
     wake_.notify_all();
 
     t_in_parallel = true;
-    work_on(gen);
+    work_on(gen, 0);
     t_in_parallel = false;
     while (job.remaining.load(std::memory_order_acquire) != 0) cpu_relax();
     if (job.error) std::rethrow_exception(job.error);
@@ -101,26 +110,50 @@ class Pool {
     threads_ = threads;
     poll_for_ = std::chrono::microseconds(poll_micros());
     stop_ = false;
-    const std::vector<int> cpus = pinning_cpus(threads);
+    const std::vector<int> cpus = place(threads);
     for (int i = 1; i < threads; ++i) {
-      workers_.emplace_back([this] { worker_loop(); });
+      workers_.emplace_back([this, i] { worker_loop(i); });
       if (!cpus.empty()) pin(workers_.back(), cpus[i]);
     }
   }
 
-  // CPUs to pin workers to, one each (worker i to the i-th CPU this process may run on; the
-  // calling thread, XLA's, stays free): a worker that migrates loses its cache and its spin.
-  // Empty (no pinning) with KTJAX_PIN_THREADS=0 or when the process may use fewer CPUs than
-  // there are threads.
-  static std::vector<int> pinning_cpus(int threads) {
+  // The CPU of each thread (thread 0, the caller -- XLA's thread -- stays free), node by
+  // node, and the nodes' thread ranges in node_first_. A worker that migrated would lose its
+  // cache and its spin. Several nodes: threads in proportion to each node's CPUs, at least
+  // one each. No pinning (empty; one node) with KTJAX_PIN_THREADS=0 or when the process may
+  // use fewer CPUs than there are threads.
+  std::vector<int> place(int threads) {
+    node_ids_ = {-1};
+    node_first_ = {0, threads};
     const char* env = std::getenv("KTJAX_PIN_THREADS");
     if (env != nullptr && std::string(env) == "0") return {};
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) != 0) return {};
-    std::vector<int> cpus;
+    std::vector<int> allowed;
     for (int c = 0; c < CPU_SETSIZE; ++c)
-      if (CPU_ISSET(c, &set)) cpus.push_back(c);
-    if (static_cast<int>(cpus.size()) < threads) return {};
+      if (CPU_ISSET(c, &set)) allowed.push_back(c);
+    if (static_cast<int>(allowed.size()) < threads) return {};
+    const std::vector<NumaNode> nodes = read_numa_nodes(numa_nodes_dir(), allowed);
+    if (nodes.size() < 2 || threads < static_cast<int>(nodes.size())) return allowed;
+    std::vector<int> count;
+    int64_t total = 0, sum = 0;
+    for (const NumaNode& n : nodes) total += static_cast<int64_t>(n.cpus.size());
+    for (const NumaNode& n : nodes) {
+      count.push_back(std::max<int>(1, static_cast<int>(threads * static_cast<int64_t>(n.cpus.size()) / total)));
+      sum += count.back();
+    }
+    for (size_t k = 0; sum != threads; k = (k + 1) % nodes.size()) {  // settle the rounding
+      if (sum > threads && count[k] > 1) --count[k], --sum;
+      if (sum < threads && count[k] < static_cast<int>(nodes[k].cpus.size())) ++count[k], ++sum;
+    }
+    std::vector<int> cpus;
+    node_ids_.clear();
+    node_first_ = {0};
+    for (size_t k = 0; k < nodes.size(); ++k) {
+      cpus.insert(cpus.end(), nodes[k].cpus.begin(), nodes[k].cpus.begin() + count[k]);
+      node_ids_.push_back(nodes[k].id);
+      node_first_.push_back(static_cast<int>(cpus.size()));
+    }
     return cpus;
   }
 
@@ -150,28 +183,34 @@ class Pool {
     workers_.clear();
   }
 
-  // Claims and runs chunks of generation `gen` until none is left.
-  void work_on(uint32_t gen) {
+  // Runs this thread's chunks of generation `gen`: of a fixed job, chunk `self`; otherwise
+  // claims chunks until none is left.
+  void work_on(uint32_t gen, int self) {
     uint64_t t = ticket_.load(std::memory_order_acquire);
+    if (gen_of(t) == gen && next_of(t) == kFixed) {
+      // This thread's chunk is unfinished, so the job (and its caller's stack) is alive.
+      if (static_cast<uint64_t>(self) < count_of(t)) run_chunk(job_.load(std::memory_order_relaxed), self);
+      return;
+    }
     while (gen_of(t) == gen && next_of(t) < count_of(t)) {
       if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
-      // A claimed, unfinished chunk keeps the job (and its caller's stack) alive.
-      Job* job = job_.load(std::memory_order_relaxed);
-      const int64_t c = static_cast<int64_t>(next_of(t));
-      const int64_t begin = job->n * c / job->chunks;
-      const int64_t end = job->n * (c + 1) / job->chunks;
-      try {
-        (*job->fn)(begin, end);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(job->error_mutex);
-        if (!job->error) job->error = std::current_exception();
-      }
-      job->remaining.fetch_sub(1, std::memory_order_acq_rel);
+      // A claimed, unfinished chunk keeps the job alive.
+      run_chunk(job_.load(std::memory_order_relaxed), static_cast<int64_t>(next_of(t)));
       t = ticket_.load(std::memory_order_acquire);
     }
   }
 
-  void worker_loop() {
+  static void run_chunk(Job* job, int64_t c) {
+    try {
+      (*job->fn)(job->n * c / job->chunks, job->n * (c + 1) / job->chunks);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job->error_mutex);
+      if (!job->error) job->error = std::current_exception();
+    }
+    job->remaining.fetch_sub(1, std::memory_order_acq_rel);
+  }
+
+  void worker_loop(int self) {
     t_in_parallel = true;
     uint32_t seen = gen_of(ticket_.load(std::memory_order_acquire));
     for (;;) {
@@ -183,7 +222,7 @@ class Pool {
         gen = generation_;
       }
       seen = gen;
-      work_on(gen);
+      work_on(gen, self);
     }
   }
 
@@ -205,6 +244,8 @@ class Pool {
   }
 
   int threads_ = 1;
+  std::vector<int> node_ids_;    // system number of each node the threads are spread over
+  std::vector<int> node_first_;  // node k's threads: [node_first_[k], node_first_[k + 1])
   std::chrono::microseconds poll_for_{kDefaultPollMicros};
   std::vector<std::thread> workers_;
   std::mutex job_mutex_;  // one parallel_for at a time
@@ -248,6 +289,28 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
 }
 
 int num_threads() { return pool().size(); }
+
+int num_nodes() { return pool().nodes(); }
+
+std::vector<int> node_ids() { return pool().node_ids(); }
+
+void parallel_for_nodes(const std::function<void(int, int, int64_t, int64_t)>& fn) {
+  Pool& p = pool();
+  const int nodes = p.nodes(), threads = p.size();
+  if (nodes == 1) {  // any thread may take any part
+    p.run(threads, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) fn(0, 1, i, threads);
+    });
+    return;
+  }
+  const std::vector<int>& first = p.node_first();
+  p.run(threads, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int k = static_cast<int>(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
+      fn(k, nodes, i - first[k], first[k + 1] - first[k]);
+    }
+  }, /*fixed=*/true);
+}
 
 void set_num_threads(int n) {
   if (n < 1 || n > kMaxThreads) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace ktjax {
 
@@ -13,6 +14,17 @@ namespace ktjax {
 // The first exception thrown by fn is rethrown here. A call made from inside fn, or while
 // another thread's parallel_for is running, runs fn(0, n) on the calling thread instead.
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
+
+// Memory nodes the pool's threads are spread over: 1, unless workers are pinned on a machine
+// with several NUMA nodes. node_ids(): their system numbers (-1 for the single-node case).
+int num_nodes();
+std::vector<int> node_ids();
+
+// Runs fn(node, nodes, part, parts) for every part of every node, part `part` of node `node`
+// on a thread of that node (pinned there) when there are several nodes; on one node, any
+// thread takes any of num_threads() parts. Kernels split weights by node first (node k's
+// share of the row blocks sits in node k's memory, see store) and then by part.
+void parallel_for_nodes(const std::function<void(int node, int nodes, int64_t part, int64_t parts)>& fn);
 
 // Threads taking part in parallel_for, the caller included. Defaults to the environment
 // variable KTJAX_NUM_THREADS, else the hardware concurrency.

@@ -23,7 +23,7 @@ build cpu_kernels/avx512/linear_avx512.cpp $AVX512
 build cpu_kernels/avx512/float_kernels_avx512.cpp $AVX512
 build cpu_kernels/avx2/linear_avx2.cpp -mavx2 -mfma -mf16c
 build cpu_kernels/avx2/float_kernels_avx2.cpp -mavx2 -mfma -mf16c
-for src in generic/linear_generic generic/float_kernels_generic float_kernels linear/linear moe/moe formats/pack thread_pool quants/ggml_types \
+for src in generic/linear_generic generic/float_kernels_generic float_kernels linear/linear moe/moe formats/pack thread_pool numa quants/ggml_types \
            quants/dequant; do
   build "cpu_kernels/$src.cpp"
 done

@@ -33,3 +33,51 @@ def test_worker_is_pinned_unless_disabled(tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     assert [cpus[1]] in _thread_affinities(tmp_path)
     assert all(len(a) == len(cpus) for a in _thread_affinities(tmp_path, KTJAX_PIN_THREADS="0"))
+
+
+_SPLIT_RUN = """
+import json, os
+import numpy as np
+from ktjax import _native
+from ktjax.host import linear as hl, moe as hm
+rng = np.random.default_rng(0)
+w = rng.standard_normal((300, 256), dtype=np.float32)
+x = rng.standard_normal((40, 256), dtype=np.float32)
+lin = hl.linear_forward(x, hl.pack_float_weight(w, "int8"))
+E, H, I, k = 6, 128, 96, 2
+experts = hm.pack_experts_float(rng.standard_normal((E, I, H), dtype=np.float32),
+                                rng.standard_normal((E, I, H), dtype=np.float32),
+                                rng.standard_normal((E, H, I), dtype=np.float32), "int8")
+xm = rng.standard_normal((37, H), dtype=np.float32)
+ids = np.stack([rng.choice(E, k, replace=False) for _ in range(37)]).astype(np.int32)
+moe = hm.moe_forward(xm, ids, np.full((37, k), 0.5, np.float32), experts)
+aff = [sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]
+print(json.dumps({"nodes": _native.num_nodes(), "linear": lin.tolist(), "moe": moe.tolist(), "affinity": aff}))
+"""
+
+
+def _split_run(tmp_path, **env) -> dict:
+    out = subprocess.run([sys.executable, "-c", _SPLIT_RUN], capture_output=True, text=True,
+                         env={**os.environ, "KTJAX_NUM_THREADS": "2", **env}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_numa_nodes_split_the_work_and_keep_results(tmp_path):
+    """On a made-up topology of two nodes (one allowed CPU each, plus a node with none of
+    ours and a gap in the numbering), the pool spreads its threads over both nodes and the
+    node-split linear and MoE kernels give exactly the single-node results."""
+    cpus = sorted(os.sched_getaffinity(0))
+    nodes = tmp_path / "nodes"
+    for node, cpulist in {0: f"{cpus[0]}", 2: f"{cpus[1]}-{cpus[1]}", 3: "4090-4095"}.items():
+        (nodes / f"node{node}").mkdir(parents=True)
+        (nodes / f"node{node}" / "cpulist").write_text(cpulist + "\n")
+    split = _split_run(tmp_path, KTJAX_NUMA_NODES_DIR=str(nodes))
+    single = _split_run(tmp_path, KTJAX_NUMA_NODES_DIR=str(tmp_path / "none"))
+    assert (split["nodes"], single["nodes"]) == (2, 1)
+    assert [cpus[1]] in split["affinity"]  # the worker sits on the second node's CPU
+    assert split["linear"] == single["linear"]
+    assert split["moe"] == single["moe"]
+    unpinned = _split_run(tmp_path, KTJAX_NUMA_NODES_DIR=str(nodes), KTJAX_PIN_THREADS="0")
+    assert unpinned["nodes"] == 1

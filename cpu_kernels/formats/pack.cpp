@@ -11,6 +11,7 @@
 #include "cpu_kernels/quants/blocks.h"
 #include "cpu_kernels/quants/float_bits.h"
 #include "cpu_kernels/quants/ggml_types.h"
+#include "cpu_kernels/numa.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
@@ -349,6 +350,15 @@ std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool ha
   const size_t total = static_cast<size_t>(w->bytes());
   void* p = std::aligned_alloc(64, total);
   if (!p) throw std::bad_alloc();
+  // Several memory nodes: node k's share of the row blocks lives in node k's memory, where
+  // node k's threads read it (parallel_for_nodes); the memset below places the pages.
+  const std::vector<int> nodes = node_ids();
+  if (nodes.size() > 1)
+    for (size_t k = 0; k < nodes.size(); ++k) {
+      const auto [b, e] = share(w->row_blocks(), static_cast<int64_t>(k), static_cast<int64_t>(nodes.size()));
+      bind_to_node(static_cast<uint8_t*>(p) + b * w->block_stride, static_cast<size_t>((e - b) * w->block_stride),
+                   nodes[k]);
+    }
   std::memset(p, 0, total);
   w->data.reset(static_cast<uint8_t*>(p));
   // Biased int8: padding must decode to q = 0, i.e. byte 128.

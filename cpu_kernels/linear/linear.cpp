@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_kernels/numa.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
@@ -78,7 +79,11 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
   const int64_t rbs = w.row_blocks();
   // Below ~64K multiply-adds a pool wake-up costs more than it saves.
   if (w.np * w.kp * t < (int64_t{1} << 16)) return kern.gemm(w, acts, 0, rbs, y, w.n);
-  parallel_for(rbs, [&](int64_t b, int64_t e) { kern.gemm(w, acts, b, e, y, w.n); });
+  parallel_for_nodes([&](int node, int nodes, int64_t part, int64_t parts) {
+    const auto [r0, r1] = share(rbs, node, nodes);  // the rows in this node's memory
+    const auto [b, e] = share(r1 - r0, part, parts);
+    if (b < e) kern.gemm(w, acts, r0 + b, r0 + e, y, w.n);
+  });
 }
 
 double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,

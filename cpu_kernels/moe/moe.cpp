@@ -10,6 +10,7 @@
 
 #include "cpu_kernels/float_kernels.h"
 #include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/numa.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
@@ -27,23 +28,27 @@ struct Seg {
   int64_t cost_per_rb;  // tokens + weight streaming, in token units
 };
 
-// Runs every segment's row blocks on the pool, split so each thread gets an equal share
-// of the total estimated cost (experts with many tokens cost more per row block).
+// Runs every segment's row blocks on the pool: each node takes its share of every segment's
+// rows (those in its memory), split so each of its threads gets an equal share of their
+// estimated cost (experts with many tokens cost more per row block).
 void run_segments(const LinearKernels& kern, const std::vector<Seg>& segs) {
-  int64_t total = 0;
-  for (const Seg& s : segs) total += s.cost_per_rb * s.w->row_blocks();
-  const int64_t parts = num_threads();
-  parallel_for(parts, [&](int64_t pb, int64_t pe) {
-    const int64_t lo = total * pb / parts, hi = total * pe / parts;
+  parallel_for_nodes([&](int node, int nodes, int64_t part, int64_t parts) {
+    int64_t total = 0;
+    for (const Seg& s : segs) {
+      const auto [a, b] = share(s.w->row_blocks(), node, nodes);
+      total += s.cost_per_rb * (b - a);
+    }
+    const auto [lo, hi] = share(total, part, parts);
     int64_t start = 0;
     for (const Seg& s : segs) {
-      const int64_t c = s.cost_per_rb, nrb = s.w->row_blocks();
+      const auto [a, b] = share(s.w->row_blocks(), node, nodes);
+      const int64_t c = s.cost_per_rb, nrb = b - a;
       const int64_t end = start + c * nrb;
       if (end > lo && start < hi) {
-        // Row block r belongs to the part holding its starting cost start + r * c.
+        // Row block a + r belongs to the part holding its starting cost start + r * c.
         auto first_at = [&](int64_t v) { return v <= start ? 0 : std::min(nrb, (v - start + c - 1) / c); };
         const int64_t r0 = first_at(lo), r1 = first_at(hi);
-        if (r0 < r1) kern.gemm(*s.w, *s.acts, r0, r1, s.y, s.w->n);
+        if (r0 < r1) kern.gemm(*s.w, *s.acts, a + r0, a + r1, s.y, s.w->n);
       }
       start = end;
     }
