@@ -7,6 +7,11 @@
 Compilation is timed apart (compile_s) and excluded from throughput; the prompt is random
 vocabulary ids, generation ignores EOS so every run decodes exactly --gen-tokens. Both
 engines decode after --prompt-tokens of context (llama-bench's -d).
+
+--roofline probes the read bandwidth right before each decode pass (a shared host's
+bandwidth drifts by tens of percent between runs) and reports each pass's decode against
+the roofline of scripts/roofline.py's active bytes per token at that bandwidth, with the
+median over passes.
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ import time
 
 import numpy as np
 
+from roofline import active_bytes  # scripts/ is on sys.path when this runs as a script
+
 
 def run_ktjax(args) -> dict:
-    from ktjax import LLM, SamplingParams
+    from ktjax import LLM, SamplingParams, _native
 
     t0 = time.perf_counter()
     llm = LLM(args.model, max_model_len=args.prompt_tokens + args.gen_tokens + 16)
@@ -32,30 +39,38 @@ def run_ktjax(args) -> dict:
     params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
     engine = llm.engine
 
-    def one_pass() -> tuple[float, float]:
+    def one_pass() -> tuple[float, float, float]:
         for p in prompts:
             engine.add_request(p, params)
         t = time.perf_counter()
         while any(s.in_prefill for s in engine.running + engine.waiting):
             engine.step()
         t_prefill = time.perf_counter() - t
+        read_gbps = _native.read_bandwidth_gbps(512 << 20, 3) if args.roofline else 0.0
         t = time.perf_counter()
         while engine.has_work():
             engine.step()
-        return t_prefill, time.perf_counter() - t
+        return t_prefill, time.perf_counter() - t, read_gbps
 
     one_pass()                       # compiles every bucket this shape needs
     compile_s = engine.programs.compile_seconds
     runs = [one_pass() for _ in range(args.repeats)]
     t_prefill = min(r[0] for r in runs)
     t_decode = min(r[1] for r in runs)
+    decoded = args.batch * (args.gen_tokens - 1)  # the first token comes from the prefill step
+    roofline = {}
+    if args.roofline:
+        per_token = active_bytes(llm.model_path)["active_bytes_per_token"] * args.batch
+        fractions = [decoded / r[1] / (r[2] * 1e9 / per_token) for r in runs]
+        roofline = {"read_gbps": [r[2] for r in runs], "active_bytes_per_token": per_token / args.batch,
+                    "decode_roofline_fractions": fractions,
+                    "decode_roofline_fraction": float(np.median(fractions))}
     return {
         "engine": "ktjax", "model": os.path.basename(llm.model_path), "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
         "prefill_tok_s": args.batch * args.prompt_tokens / t_prefill,
-        # the first generated token comes from the prefill step
-        "decode_tok_s": args.batch * (args.gen_tokens - 1) / t_decode,
-        "compile_s": compile_s, "load_s": load_s,
+        "decode_tok_s": decoded / t_decode,
+        "compile_s": compile_s, "load_s": load_s, **roofline,
     }
 
 
@@ -82,6 +97,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-bench", default=None, help="path to llama-bench, to run the peer")
+    ap.add_argument("--roofline", action="store_true",
+                    help="decode as a fraction of the bandwidth roofline, bandwidth probed per pass (CPU)")
     ap.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = ap.parse_args()
 

@@ -2,7 +2,8 @@
 # MoE decode/prefill on the accelerator machine's host CPU (16 cores with AMX), CPU only:
 # build the native module, write synthetic GGUFs of real MoE shapes (random weights, experts
 # Q4_K), run bench_generate on each and the roofline (active bytes per token ÷ measured read
-# bandwidth). carry: .whl (the gguf wheel). Results: $OUT/moe.jsonl (default /tmp/out).
+# bandwidth; bench_generate --roofline also probes it right before each decode pass).
+# carry: .whl (the gguf wheel). Results: $OUT/moe.jsonl (default /tmp/out).
 # MOE_PROFILE=1 also writes each model's decode-step operation profile to $OUT/profile-*.txt.
 # MOE_GPU=1 also benchmarks each model on the GPU with its family's default rules (routed
 # experts in the host kernels through the CUDA bridge, the rest on the GPU): lines with "placement": "gpu+host".
@@ -33,7 +34,7 @@ for spec in ${MOE_RUNS:-qwen3-30b-a3b:48:Q4_K:120 deepseek-v2-lite:12:Q4_K:80 de
   timeout 120 python3 scripts/make_synthetic_gguf.py --shape "$shape" --layers "$layers" --experts-qtype "$qt" "$m" || continue
   timeout 60 python3 scripts/roofline.py "$m" --json | tee -a "$J"
   timeout "$limit" python3 scripts/bench_generate.py --model "$m" --prompt-tokens 128 --gen-tokens 32 \
-    --repeats 1 --json 2>&1 | grep -v "^compiling" | tail -3 | tee -a "$J"
+    --repeats 3 --roofline --json 2>&1 | grep -v "^compiling" | tail -3 | tee -a "$J"
   if [ "${MOE_GPU:-0}" = 1 ]; then
     env -u JAX_PLATFORMS timeout "$limit" python3 scripts/bench_generate.py --model "$m" --prompt-tokens 128 \
       --gen-tokens 32 --repeats 1 --json 2>&1 | grep -v "^compiling" | tail -3 | sed 's/^{/{"placement": "gpu+host", /' | tee -a "$J"
