@@ -1,7 +1,5 @@
 #include "cpu_kernels/thread_pool.h"
 
-#include "cpu_kernels/numa.h"
-
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -18,6 +16,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "cpu_kernels/numa.h"
 
 namespace ktjax {
 namespace {
@@ -78,7 +78,6 @@ class Pool {
     if (n <= 0) return;
     std::unique_lock<std::mutex> job_lock(job_mutex_, std::try_to_lock);
     const int64_t chunks = std::min<int64_t>(n, threads_);
-    fixed = fixed && n == threads_;
     if (t_in_parallel || !job_lock.owns_lock() || chunks == 1) {
       fn(0, n);
       return;
@@ -296,20 +295,16 @@ std::vector<int> node_ids() { return pool().node_ids(); }
 
 void parallel_for_nodes(const std::function<void(int, int, int64_t, int64_t)>& fn) {
   Pool& p = pool();
-  const int nodes = p.nodes(), threads = p.size();
-  if (nodes == 1) {  // any thread may take any part
-    p.run(threads, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) fn(0, 1, i, threads);
-    });
-    return;
-  }
+  const int nodes = p.nodes();
   const std::vector<int>& first = p.node_first();
-  p.run(threads, [&](int64_t b, int64_t e) {
+  // Thread i's part is part i - first[k] of its node k. Several nodes: each thread runs its
+  // own part (fixed); one node: any thread may take any part.
+  p.run(p.size(), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int k = static_cast<int>(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
       fn(k, nodes, i - first[k], first[k + 1] - first[k]);
     }
-  }, /*fixed=*/true);
+  }, /*fixed=*/nodes > 1);
 }
 
 void set_num_threads(int n) {

@@ -23,8 +23,6 @@ import time
 
 import numpy as np
 
-from roofline import active_bytes  # scripts/ is on sys.path when this runs as a script
-
 
 def run_ktjax(args) -> dict:
     from ktjax import LLM, SamplingParams, _native
@@ -60,6 +58,7 @@ def run_ktjax(args) -> dict:
     decoded = args.batch * (args.gen_tokens - 1)  # the first token comes from the prefill step
     roofline = {}
     if args.roofline:
+        from roofline import active_bytes  # scripts/ is on sys.path when this runs as a script
         per_token = active_bytes(llm.model_path)["active_bytes_per_token"] * args.batch
         fractions = [decoded / r[1] / (r[2] * 1e9 / per_token) for r in runs]
         roofline = {"read_gbps": [r[2] for r in runs], "active_bytes_per_token": per_token / args.batch,

@@ -124,23 +124,9 @@ ffi::Error linear_layered_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeLayeredCuda, moe_layered_cuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<CuStream>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // expert_ids
-                                  .Arg<ffi::AnyBuffer>()  // expert_weights
-                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<ffi::Span<const int64_t>>("handles")
-                                  .Attr<ffi::Span<const int64_t>>("shared_handles")
-                                  .Attr<int32_t>("activation"));
+                              bind_moe_layered(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<CuStream>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinearLayeredCuda, linear_layered_cuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<CuStream>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attr<ffi::Span<const int64_t>>("handles"));
+                              bind_linear_layered(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<CuStream>>()));
 
 }  // namespace ktjax

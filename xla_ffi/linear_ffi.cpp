@@ -62,12 +62,7 @@ ffi::Error linear_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer layer,
 }
 
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinearLayered, linear_layered_ffi,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attr<ffi::Span<const int64_t>>("handles"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinearLayered, linear_layered_ffi, bind_linear_layered(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinear, linear_ffi,
                               ffi::Ffi::Bind()

@@ -70,16 +70,7 @@ ffi::Error moe_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer 
 }
 
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeLayered, moe_layered_ffi,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // expert_ids
-                                  .Arg<ffi::AnyBuffer>()  // expert_weights
-                                  .Arg<ffi::AnyBuffer>()  // layer: s32 scalar
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<ffi::Span<const int64_t>>("handles")
-                                  .Attr<ffi::Span<const int64_t>>("shared_handles")
-                                  .Attr<int32_t>("activation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeLayered, moe_layered_ffi, bind_moe_layered(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoe, moe_ffi,
                               ffi::Ffi::Bind()
