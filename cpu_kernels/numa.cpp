@@ -4,26 +4,32 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <sstream>
 
 namespace ktjax {
 namespace {
 
-// "0-3,8,10-11" -> {0, 1, 2, 3, 8, 10, 11}; malformed parts are skipped.
-std::vector<int> parse_cpulist(const std::string& text) {
+// "0-3,8,10-11" -> {0, 1, 2, 3, 8, 10, 11}; malformed parts are skipped. C parsing, not
+// iostreams: a module built with a static libstdc++ crashed in the stream's locale facets
+// once the process had loaded the shared one (numpy imported first).
+std::vector<int> parse_cpulist(const char* text) {
   std::vector<int> cpus;
-  std::stringstream ss(text);
-  std::string part;
-  while (std::getline(ss, part, ',')) {
-    int lo = 0, hi = 0;
-    char dash = 0;
-    std::stringstream ps(part);
-    if (!(ps >> lo)) continue;
-    hi = lo;
-    if (ps >> dash && !(dash == '-' && ps >> hi)) continue;
-    for (int c = lo; c <= hi && c - lo < 65536; ++c) cpus.push_back(c);
+  for (const char* p = text; *p != '\0';) {
+    char* end = nullptr;
+    const long lo = std::strtol(p, &end, 10);
+    long hi = lo;
+    const bool number = end != p;
+    p = end;
+    if (number && *p == '-') {
+      hi = std::strtol(p + 1, &end, 10);
+      if (end == p + 1) hi = -1;  // "3-": malformed
+      p = end;
+    }
+    const bool whole = number && (*p == ',' || *p == '\0' || *p == '\n');
+    for (long c = lo; whole && c <= hi && c >= 0 && c - lo < 65536; ++c) cpus.push_back(static_cast<int>(c));
+    while (*p != '\0' && *p != ',') ++p;  // on to the next part
+    if (*p == ',') ++p;
   }
   return cpus;
 }
@@ -34,10 +40,13 @@ std::vector<NumaNode> read_numa_nodes(const std::string& node_dir, const std::ve
   std::vector<NumaNode> nodes;
   // Node numbers are small and may have gaps (offline nodes): probe a fixed range.
   for (int id = 0; id < 1024; ++id) {
-    std::ifstream f(node_dir + "/node" + std::to_string(id) + "/cpulist");
-    if (!f) continue;
-    std::string text;
-    std::getline(f, text);
+    const std::string path = node_dir + "/node" + std::to_string(id) + "/cpulist";
+    std::FILE* f = std::fopen(path.c_str(), "r");
+    if (f == nullptr) continue;
+    char text[4096] = {};
+    const bool read = std::fgets(text, sizeof text, f) != nullptr;
+    std::fclose(f);
+    if (!read) continue;
     NumaNode node{id, {}};
     for (int c : parse_cpulist(text))
       if (std::find(allowed.begin(), allowed.end(), c) != allowed.end()) node.cpus.push_back(c);

@@ -23,7 +23,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "from ktjax import _native as n; print('isa', n.detected_isa(), 'threads', n.num_threads())" | tee -a "$OUT/cpu.txt"
 
 timeout 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_host_amx.py tests/test_host_moe.py \
-  tests/test_host_linear.py -k "amx or moe or 257 or ffi" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+  tests/test_host_linear.py tests/test_thread_pool.py -k "amx or moe or 257 or ffi or pinned or numa" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 
 B="$OUT/bench_moe.jsonl"
 # The AMX tile loop's own ceiling on this machine, one thread and all: the TOPS below against it.

@@ -66,11 +66,11 @@ def _split_run(tmp_path, **env) -> dict:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_numa_nodes_split_the_work_and_keep_results(tmp_path):
     """On a made-up topology of two nodes (one allowed CPU each, plus a node with none of
-    ours and a gap in the numbering), the pool spreads its threads over both nodes and the
+    ours, a gap in the numbering and malformed cpulist parts), the pool spreads its threads over both nodes and the
     node-split linear and MoE kernels give exactly the single-node results."""
     cpus = sorted(os.sched_getaffinity(0))
     nodes = tmp_path / "nodes"
-    for node, cpulist in {0: f"{cpus[0]}", 2: f"{cpus[1]}-{cpus[1]}", 3: "4090-4095"}.items():
+    for node, cpulist in {0: f"x,{cpus[0]},7-,-3", 2: f"{cpus[1]}-{cpus[1]}", 3: "4090-4095"}.items():
         (nodes / f"node{node}").mkdir(parents=True)
         (nodes / f"node{node}" / "cpulist").write_text(cpulist + "\n")
     split = _split_run(tmp_path, KTJAX_NUMA_NODES_DIR=str(nodes))
