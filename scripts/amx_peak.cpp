@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -28,35 +29,42 @@ struct alignas(64) TileConfig {
 };
 
 // TOPS of one thread: kIterations K steps of 4 products, operands cycling through buffers of
-// a_bytes / b_bytes (0: no loads, the tiles stay put).
-double thread_tops(size_t a_bytes, size_t b_bytes) {
+// a_bytes / b_bytes (0: no loads, the tiles stay put) that start `offset` bytes past a cache
+// line (16: every 64-byte tile row straddles two lines, as in a malloc'd buffer).
+double thread_tops(size_t a_bytes, size_t b_bytes, size_t offset) {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
   _tile_loadconfig(&cfg);
   const bool loads = a_bytes > 0;
-  std::vector<uint8_t> a(loads ? a_bytes : 2048, 1), b(loads ? b_bytes : 2048, 1);
+  a_bytes = loads ? a_bytes : 2048;
+  b_bytes = loads ? b_bytes : 2048;
+  std::unique_ptr<uint8_t, decltype(&std::free)> abuf(static_cast<uint8_t*>(std::aligned_alloc(64, a_bytes + 64)), &std::free),
+      bbuf(static_cast<uint8_t*>(std::aligned_alloc(64, b_bytes + 64)), &std::free);
+  std::memset(abuf.get(), 1, a_bytes + 64);
+  std::memset(bbuf.get(), 1, b_bytes + 64);
+  const uint8_t *a = abuf.get() + offset, *b = bbuf.get() + offset;
   _tile_zero(0);  // tile numbers are literals in the intrinsics' asm
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  _tile_loadd(4, a.data(), 64);
-  _tile_loadd(5, a.data() + 1024, 64);
-  _tile_loadd(6, b.data(), 64);
-  _tile_loadd(7, b.data() + 1024, 64);
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a + 1024, 64);
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, b + 1024, 64);
   size_t ao = 0, bo = 0;
   const auto t0 = std::chrono::steady_clock::now();
   for (long i = 0; i < kIterations; ++i) {
     if (loads) {
-      _tile_loadd(4, a.data() + ao, 64);
-      _tile_loadd(6, b.data() + bo, 64);
+      _tile_loadd(4, a + ao, 64);
+      _tile_loadd(6, b + bo, 64);
       _tile_dpbusd(0, 4, 6);
-      _tile_loadd(7, b.data() + bo + 1024, 64);
+      _tile_loadd(7, b + bo + 1024, 64);
       _tile_dpbusd(1, 4, 7);
-      _tile_loadd(5, a.data() + ao + 1024, 64);
+      _tile_loadd(5, a + ao + 1024, 64);
       _tile_dpbusd(2, 5, 6);
       _tile_dpbusd(3, 5, 7);
-      ao = ao + 4096 > a.size() ? 0 : ao + 2048;
-      bo = bo + 4096 > b.size() ? 0 : bo + 2048;
+      ao = ao + 4096 > a_bytes ? 0 : ao + 2048;
+      bo = bo + 4096 > b_bytes ? 0 : bo + 2048;
     } else {
       _tile_dpbusd(0, 4, 6);
       _tile_dpbusd(1, 4, 7);
@@ -79,10 +87,13 @@ int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
   const struct {
     const char* name;
-    size_t a, b;
-  } cases[] = {{"products only", 0, 0},           {"A L1, B L1", 16 << 10, 16 << 10},
-               {"A L2, B L1", 512 << 10, 16 << 10}, {"A L2, B L2", 512 << 10, 512 << 10},
-               {"A L2, B memory", 512 << 10, 256 << 20}};
+    size_t a, b, offset;
+  } cases[] = {{"products only", 0, 0, 0},
+               {"A L1, B L1", 16 << 10, 16 << 10, 0},
+               {"A L1, B L1, rows straddling lines", 16 << 10, 16 << 10, 16},
+               {"A L2, B L1", 512 << 10, 16 << 10, 0},
+               {"A L2, B L2", 512 << 10, 512 << 10, 0},
+               {"A L2, B memory", 512 << 10, 256 << 20, 0}};
   for (const auto& cs : cases) {
     std::vector<double> tops(threads);
     std::vector<std::thread> pool;
@@ -92,7 +103,7 @@ int main(int argc, char** argv) {
         CPU_ZERO(&set);
         CPU_SET(t, &set);
         pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-        tops[t] = thread_tops(cs.a, cs.b);
+        tops[t] = thread_tops(cs.a, cs.b, cs.offset);
       });
     double sum = 0;
     for (int t = 0; t < threads; ++t) pool[t].join(), sum += tops[t];

@@ -34,8 +34,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <string>
+#include <vector>
 
 namespace ktjax {
 
@@ -48,6 +51,28 @@ enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3, Row = 4 };
 struct AlignedFree {
   void operator()(void* p) const;
 };
+
+// Allocator of cache-line-aligned storage for std::vector: AMX tile rows of 64 bytes that
+// straddle two lines load at a fraction of the speed, and malloc aligns large blocks to 16.
+template <class T>
+struct CacheAligned {
+  using value_type = T;
+  CacheAligned() = default;
+  template <class U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+template <class T>
+using AlignedVector = std::vector<T, CacheAligned<T>>;
 
 struct PackedWeight {
   WeightKind kind = WeightKind::Int8;

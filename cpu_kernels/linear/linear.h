@@ -27,10 +27,10 @@ struct QuantActs {
   // bytes of one K step are one contiguous 1 KiB tile (a tile of row-major rows strides K
   // bytes: its rows alias the same L1 sets and no prefetcher follows them).
   bool tiled = false;
-  std::vector<int8_t> q;       // [t, kp] (or tiled), zero-padded
+  AlignedVector<int8_t> q;     // [t, kp] (or tiled), zero-padded
   std::vector<float> scale;    // [t, kp / group]
   std::vector<float> bsum;     // [t, kp / group]: scale * sum(q) of the group
-  std::vector<uint16_t> bf;    // [t, kp] (or tiled) bf16 bits, zero-padded (bf16 weights)
+  AlignedVector<uint16_t> bf;  // [t, kp] (or tiled) bf16 bits, zero-padded (bf16 weights)
 
   int64_t row_bytes() const { return bf16 ? 2 * kp : kp; }
   int64_t steps() const { return (row_bytes() + 63) / 64; }  // 64-byte pieces of a row
