@@ -47,19 +47,20 @@ void configure(int idx, int rows, int colsb, TileConfig* c) {
 // per token, so all of K accumulates in int32). A K step is 64 bytes of each token row (32
 // bf16 or 64 int8) against the 1 KiB B tile of a row block. Tiles 0-3 = C (token block i,
 // row block j at 2i + j), 4-5 = A, 6-7 = B: a step loads 4 tiles for 4 tile products.
-// Per thread and call, for one core's L2 (2 MiB):
-//  * A: the tiles of a token group and a chunk of K steps stay in L2 (<= kAChunkBytes) while
-//    every row pair of the call passes over them;
-//  * B: a row pair's chunk streams from memory once, prefetched into L2 while the previous
-//    pair computes, then serves the group's other token pairs from L2;
-//  * C: 4 tiles stay in the tile registers over a chunk; between chunks they wait in y
-//    itself (raw int32 or f32 bits; edge tiles in a per-thread buffer).
-// K is cut only when A does not fit (bf16 gate/up at 128 tokens: 2 chunks). Per row block, a
-// C round trip through y moves 128 bytes per token and a B panel 1 KiB per step, shared by
-// the group: for the budget's token-steps M = 16K, grouping tokens (re-streaming B) costs
-// less than cutting K finer past sqrt(8 M) = ~360 tokens, kGroupBlocks blocks.
-constexpr int64_t kAChunkBytes = int64_t{1} << 20;
-constexpr int64_t kGroupBlocks = 24;
+// Every tile load must hit L1 or L2 (a tile load that misses L2 stalls the products behind
+// it), so per thread and call (one core: L1 48 KiB, L2 2 MiB):
+//  * B: the call's row blocks go in slabs whose whole-K panels fit kSlabBytes; a slab stays
+//    in L2 while every token pair passes over it, so each weight byte comes from memory
+//    once per call, prefetched while the previous slab computes;
+//  * A: a token pair's tiles go in chunks of about kChunkSteps K steps (2 x 16 KiB) that
+//    stay in L1 while the slab's row pairs use them (A is shared by the threads and comes
+//    from L3 once per slab; software prefetch of it measured no gain);
+//  * C: 4 tiles in registers over a chunk; between chunks they wait in a per-thread buffer
+//    of the token pair x slab (L1), so y is written once, final.
+// Tile rows must not straddle cache lines (QuantActs and the homes are 64-byte aligned):
+// unaligned, the 2x2 loop ran at 0.41x on 16 threads (scripts/amx_peak.cpp).
+constexpr int64_t kSlabBytes = int64_t{768} << 10;
+constexpr int64_t kChunkSteps = 16;
 
 // The tile intrinsics paste their tile number into asm text: C tiles by literal.
 template <int C>
@@ -86,6 +87,23 @@ inline void c_store(void* p, int64_t stride) {
   else _tile_stored(3, p, stride);
 }
 
+// Software prefetch of a byte range into L2, a few lines per K step of the work it hides
+// behind.
+struct Prefetch {
+  const uint8_t* p = nullptr;
+  int64_t lines = 0, per_step = 0;
+
+  void spread(const uint8_t* start, int64_t bytes, int64_t over_steps) {
+    p = start;
+    lines = start ? bytes / 64 : 0;
+    per_step = (lines + over_steps - 1) / std::max<int64_t>(over_steps, 1);
+  }
+  void step() {
+    for (int64_t i = 0; i < per_step && lines > 0; ++i, --lines, p += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  }
+};
+
 struct FullK {
   const PackedWeight& w;
   const QuantActs& a;
@@ -93,21 +111,14 @@ struct FullK {
   int64_t ldy, steps;
   const uint8_t* x;        // A tiles
   const float *td, *tbs;   // int8: each token's scale d and 128 * d * sum(q)
-  int32_t* edge;           // homes of the C tiles cut by t or n
-  int64_t rb0, nrb, tg0;   // row blocks of the call; first token block of the group
+  int32_t* homes;          // C tiles of the token pair x slab between chunks
+  int64_t slab0 = 0, slab_len = 0;
+  Prefetch next_slab;
 
   const uint8_t* panel(int64_t rb) const { return w.block(rb) + w.super_hdr; }
+  const uint8_t* a_tiles(int64_t tb, int64_t s) const { return x + (tb * steps + s) * 1024; }
   bool whole(int64_t tb, int64_t rb) const { return (tb + 1) * 16 <= a.t && (rb + 1) * kRowBlock <= w.n; }
-  // Where C tile (tb, rb) waits between K chunks; byte stride in *stride. Edge slots: the
-  // short token block's tiles by row block, then the short row block's by token block.
-  void* home(int64_t tb, int64_t rb, int64_t* stride) const {
-    if (whole(tb, rb)) {
-      *stride = ldy * 4;
-      return y + tb * 16 * ldy + rb * kRowBlock;
-    }
-    *stride = 64;
-    return edge + 256 * ((tb + 1) * 16 > a.t ? rb - rb0 : nrb + tb - tg0);
-  }
+  int32_t* home(int64_t tb, int64_t rb) const { return homes + ((tb & 1) * slab_len + rb - slab0) * 256; }
 };
 
 // Final C tile (tb, rb) from c (16 x 16 int32 or f32 bits) to y: bf16 as is; int8
@@ -133,38 +144,18 @@ void finish(const FullK& f, const int32_t* c, int64_t tb, int64_t rb) {
 template <int C>
 inline void c_begin(const FullK& f, int64_t tb, int64_t rb, bool first) {
   if (first) return c_zero<C>();
-  int64_t stride;
-  const void* p = f.home(tb, rb, &stride);
-  c_load<C>(p, stride);
+  c_load<C>(f.home(tb, rb), 64);
 }
 
 template <bool kBf16, int C>
 inline void c_end(const FullK& f, int64_t tb, int64_t rb, bool last) {
-  if (!last || (kBf16 && f.whole(tb, rb))) {  // a whole bf16 tile in y is final as it stands
-    int64_t stride;
-    void* p = f.home(tb, rb, &stride);
-    return c_store<C>(p, stride);
-  }
+  if (!last) return c_store<C>(f.home(tb, rb), 64);
+  if (kBf16 && f.whole(tb, rb))  // a whole bf16 tile is y as it stands
+    return c_store<C>(f.y + tb * 16 * f.ldy + rb * kRowBlock, f.ldy * 4);
   alignas(64) int32_t c[256];
   c_store<C>(c, 64);
   finish<kBf16>(f, c, tb, rb);
 }
-
-// Software prefetch of the next B panel (1-2 row blocks x a chunk of steps) into L2, spread
-// evenly over the current panel's steps, so each panel is read from memory once and early.
-struct Prefetch {
-  const uint8_t* p[2] = {};
-  int64_t lines = 0, per_step = 0;  // lines left per row block
-
-  void step() {
-    for (int64_t i = 0; i < per_step && lines > 0; ++i, --lines)
-      for (const uint8_t*& q : p)
-        if (q) {
-          _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
-          q += 64;
-        }
-  }
-};
 
 // C tile (c) += A tile (x) . B tile (y).
 #define KTJAX_TDP(c, x, y)                        \
@@ -176,18 +167,18 @@ struct Prefetch {
 // Token blocks tb (and tb + 1 if NT == 2) x row blocks rb (and rb + 1 if NR == 2) over
 // steps [s0, s1); C starts at zero on the first chunk and is final after the last.
 template <bool kBf16, int NT, int NR>
-void full_k_block(const FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1, Prefetch& pf) {
+void full_k_block(FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1) {
   const bool first = s0 == 0, last = s1 == f.steps;
   c_begin<0>(f, tb, rb, first);
   if constexpr (NR > 1) c_begin<1>(f, tb, rb + 1, first);
   if constexpr (NT > 1) c_begin<2>(f, tb + 1, rb, first);
   if constexpr (NT > 1 && NR > 1) c_begin<3>(f, tb + 1, rb + 1, first);
-  const uint8_t* a0 = f.x + (tb * f.steps + s0) * 1024;
+  const uint8_t* a0 = f.a_tiles(tb, s0);
   const uint8_t* a1 = a0 + f.steps * 1024;
   const uint8_t* b0 = f.panel(rb) + s0 * 1024;
   const uint8_t* b1 = f.panel(rb + NR - 1) + s0 * 1024;
   for (int64_t s = 0; s < (s1 - s0) * 1024; s += 1024) {
-    pf.step();
+    f.next_slab.step();
     // Each load right before its first product, so loads overlap the products in flight.
     _tile_loadd(4, a0 + s, 64);
     _tile_loadd(6, b0 + s, 64);
@@ -211,17 +202,16 @@ void full_k_block(const FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1
 
 template <bool kBf16>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
-  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16;
-  const int64_t groups = (tblocks + kGroupBlocks - 1) / kGroupBlocks;
-  const int64_t gb = std::min(tblocks, ((tblocks + groups - 1) / groups + 1) / 2 * 2);  // whole pairs
-  const int64_t chunks = (gb * steps * 1024 + kAChunkBytes - 1) / kAChunkBytes;
-  const int64_t kc = (steps + chunks - 1) / chunks;
-  // Per-thread buffers, no allocation in steady state: edge tile homes (used only between
-  // chunks); int8: each token's scale d and d * sum(q) (the bias term's factor).
-  thread_local std::vector<int32_t> tls_edge;
+  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
+  const int64_t fit = kSlabBytes / w.block_stride;
+  const int64_t slab = fit < 2 ? 1 : fit / 2 * 2;  // whole row pairs
+  const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
+  // Per-thread buffers, no allocation in steady state: C homes between chunks; int8: each
+  // token's scale d and d * sum(q) (the bias term's factor).
+  thread_local AlignedVector<int32_t> tls_homes;
   thread_local std::vector<float> tls_d, tls_b;
-  std::vector<int32_t>& edge = tls_edge;
-  if (chunks > 1) edge.resize(static_cast<size_t>((rb1 - rb0 + gb) * 256));
+  AlignedVector<int32_t>& homes = tls_homes;
+  if (chunks > 1) homes.resize(static_cast<size_t>(2 * slab * 256));
   if (!kBf16) {
     const int64_t ng = w.kp / w.group;
     tls_d.resize(a.t);
@@ -235,31 +225,23 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
   }
   const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
                            : reinterpret_cast<const uint8_t*>(a.q.data());
-  FullK f{w, a, y, ldy, steps, x, tls_d.data(), tls_b.data(), edge.data(), rb0, rb1 - rb0, 0};
-  for (int64_t tg0 = 0; tg0 < tblocks; tg0 += gb) {
-    const int64_t tg1 = std::min(tg0 + gb, tblocks), pairs = (tg1 - tg0 + 1) / 2;
-    f.tg0 = tg0;
-    for (int64_t s0 = 0; s0 < steps; s0 += kc) {
-      const int64_t s1 = std::min(s0 + kc, steps);
-      for (int64_t rb = rb0; rb < rb1; rb += 2) {
-        // Prefetch the panel that follows in loop order: the next row pair, else the first
-        // of the next chunk or group.
-        Prefetch pf;
-        if (rb + 2 < rb1 || s1 < steps || tg1 < tblocks) {
-          const int64_t nrb = rb + 2 < rb1 ? rb + 2 : rb0;
-          const int64_t ns0 = rb + 2 < rb1 ? s0 : s1 < steps ? s1 : 0;
-          pf.p[0] = f.panel(nrb) + ns0 * 1024;
-          pf.p[1] = nrb + 1 < rb1 ? f.panel(nrb + 1) + ns0 * 1024 : nullptr;
-          pf.lines = (std::min(ns0 + kc, steps) - ns0) * 16;
-          pf.per_step = (pf.lines + pairs * (s1 - s0) - 1) / (pairs * (s1 - s0));
-        }
-        const bool two_r = rb + 1 < rb1;
-        for (int64_t tb = tg0; tb < tg1; tb += 2) {
-          const bool two_t = tb + 1 < tg1;
-          if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1, pf);
-          else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1, pf);
-          else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1, pf);
-          else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1, pf);
+  FullK f{w, a, y, ldy, steps, x, tls_d.data(), tls_b.data(), homes.data()};
+  for (int64_t slab0 = rb0; slab0 < rb1; slab0 += slab) {
+    const int64_t slab1 = std::min(slab0 + slab, rb1), rpairs = (slab1 - slab0 + 1) / 2;
+    f.slab0 = slab0;
+    f.slab_len = slab1 - slab0;
+    f.next_slab.spread(slab1 < rb1 ? w.block(slab1) : nullptr, (std::min(slab1 + slab, rb1) - slab1) * w.block_stride,
+                       tpairs * steps * rpairs);
+    for (int64_t tb = 0; tb < tblocks; tb += 2) {
+      const bool two_t = tb + 1 < tblocks;
+      for (int64_t s0 = 0; s0 < steps; s0 += kc) {
+        const int64_t s1 = std::min(s0 + kc, steps);
+        for (int64_t rb = slab0; rb < slab1; rb += 2) {
+          const bool two_r = rb + 1 < slab1;
+          if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1);
+          else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1);
+          else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1);
+          else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1);
         }
       }
     }
