@@ -73,11 +73,12 @@ class Pool {
     start(threads);
   }
 
-  // fixed: n is the thread count and thread i runs chunk [i, i + 1) (its node's share).
-  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn, bool fixed = false) {
+  // Runs [0, n) in `chunks` contiguous chunks (0: one per thread). fixed: n is the thread
+  // count and thread i runs chunk [i, i + 1) (its node's share).
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t chunks = 0, bool fixed = false) {
     if (n <= 0) return;
     std::unique_lock<std::mutex> job_lock(job_mutex_, std::try_to_lock);
-    const int64_t chunks = std::min<int64_t>(n, threads_);
+    chunks = std::min<int64_t>({n, chunks > 0 ? chunks : threads_, static_cast<int64_t>(kFixed) - 1});
     if (t_in_parallel || !job_lock.owns_lock() || chunks == 1) {
       fn(0, n);
       return;
@@ -287,6 +288,10 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
   pool().run(n, fn);
 }
 
+void parallel_for_each(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  pool().run(n, fn, /*chunks=*/n);
+}
+
 int num_threads() { return pool().size(); }
 
 int num_nodes() { return pool().nodes(); }
@@ -304,7 +309,7 @@ void parallel_for_nodes(const std::function<void(int, int, int64_t, int64_t)>& f
       const int k = static_cast<int>(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
       fn(k, nodes, i - first[k], first[k + 1] - first[k]);
     }
-  }, /*fixed=*/nodes > 1);
+  }, /*chunks=*/0, /*fixed=*/nodes > 1);
 }
 
 void set_num_threads(int n) {

@@ -15,6 +15,12 @@ namespace ktjax {
 // another thread's parallel_for is running, runs fn(0, n) on the calling thread instead.
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
+// Like parallel_for, but every index is its own chunk (past 65534 indices, neighbours share
+// one), claimed by whichever thread is free: for work items of uneven cost, or threads that may stall (a
+// shared or virtual machine), where equal static shares leave everyone waiting for the
+// slowest thread. Put the costliest items first.
+void parallel_for_each(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
+
 // Memory nodes the pool's threads are spread over: 1, unless workers are pinned on a machine
 // with several NUMA nodes. node_ids(): their system numbers (-1 for the single-node case).
 int num_nodes();

@@ -28,10 +28,35 @@ struct Seg {
   int64_t cost_per_rb;  // tokens + weight streaming, in token units
 };
 
-// Runs every segment's row blocks on the pool: each node takes its share of every segment's
-// rows (those in its memory), split so each of its threads gets an equal share of their
-// estimated cost (experts with many tokens cost more per row block).
-void run_segments(const LinearKernels& kern, const std::vector<Seg>& segs) {
+// Runs every segment's row blocks on the pool. One node: the segments are cut into pieces
+// of row blocks, about kPiecesPerThread per thread, that threads claim as they come free
+// (costliest segments first), so a thread that stalls (a shared machine) holds up no one.
+// Several nodes: each node takes its share of every segment's rows (those in its memory),
+// split so each of its threads gets an equal share of their estimated cost (experts with
+// many tokens cost more per row block).
+constexpr int64_t kPiecesPerThread = 4;
+
+void run_segments(const LinearKernels& kern, std::vector<Seg> segs) {
+  if (num_nodes() == 1) {
+    std::stable_sort(segs.begin(), segs.end(), [](const Seg& a, const Seg& b) { return a.cost_per_rb > b.cost_per_rb; });
+    int64_t rbs = 0;
+    for (const Seg& s : segs) rbs += s.w->row_blocks();
+    const int64_t piece = std::max<int64_t>(2, (rbs / (kPiecesPerThread * num_threads()) + 1) / 2 * 2);
+    struct Piece {
+      const Seg* seg;
+      int64_t rb0, rb1;
+    };
+    std::vector<Piece> pieces;
+    for (const Seg& s : segs)
+      for (int64_t r = 0; r < s.w->row_blocks(); r += piece) pieces.push_back({&s, r, std::min(r + piece, s.w->row_blocks())});
+    parallel_for_each(static_cast<int64_t>(pieces.size()), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const Piece& p = pieces[i];
+        kern.gemm(*p.seg->w, *p.seg->acts, p.rb0, p.rb1, p.seg->y, p.seg->w->n);
+      }
+    });
+    return;
+  }
   parallel_for_nodes([&](int node, int nodes, int64_t part, int64_t parts) {
     int64_t total = 0;
     for (const Seg& s : segs) {
