@@ -16,9 +16,9 @@ namespace ktjax {
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 // Like parallel_for, but every index is its own chunk (past 65534 indices, neighbours share
-// one), claimed by whichever thread is free: for work items of uneven cost, or threads that may stall (a
-// shared or virtual machine), where equal static shares leave everyone waiting for the
-// slowest thread. Put the costliest items first.
+// one), claimed by whichever thread is free: for work items of uneven cost, or threads that
+// may stall (a shared or virtual machine), where equal static shares leave everyone waiting
+// for the slowest thread. Put the costliest items first.
 void parallel_for_each(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 // Memory nodes the pool's threads are spread over: 1, unless workers are pinned on a machine

@@ -110,7 +110,6 @@ struct FullK {
   float* y;
   int64_t ldy, steps;
   const uint8_t* x;        // A tiles
-  const float *td, *tbs;   // int8: each token's scale d and 128 * d * sum(q)
   int32_t* homes;          // C tiles of the token pair x slab between chunks
   int64_t slab0 = 0, slab_len = 0;
   Prefetch next_slab;
@@ -129,13 +128,15 @@ void finish(const FullK& f, const int32_t* c, int64_t tb, int64_t rb) {
   const int valid = static_cast<int>(f.w.n - row0 < 16 ? f.w.n - row0 : 16);
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
   const __m512 sw = kBf16 ? _mm512_setzero_ps() : _mm512_loadu_ps(f.w.block(rb));
+  const int64_t groups = f.a.kp / f.a.group;  // one scale per token, repeated per group
   for (int64_t t = tb * 16; t < std::min(f.a.t, tb * 16 + 16); ++t, c += 16) {
     __m512 v;
     if (kBf16) {
       v = _mm512_loadu_ps(c);
     } else {
       const __m512 ci = _mm512_cvtepi32_ps(_mm512_loadu_si512(c));
-      v = _mm512_mul_ps(sw, _mm512_fmsub_ps(_mm512_set1_ps(f.td[t]), ci, _mm512_set1_ps(f.tbs[t])));
+      v = _mm512_mul_ps(sw, _mm512_fmsub_ps(_mm512_set1_ps(f.a.scale[t * groups]), ci,
+                                            _mm512_set1_ps(128.f * f.a.row_bsum[t])));
     }
     _mm512_mask_storeu_ps(f.y + t * f.ldy + row0, mask, v);
   }
@@ -206,26 +207,13 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
   const int64_t fit = kSlabBytes / w.block_stride;
   const int64_t slab = fit < 2 ? 1 : fit / 2 * 2;  // whole row pairs
   const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
-  // Per-thread buffers, no allocation in steady state: C homes between chunks; int8: each
-  // token's scale d and d * sum(q) (the bias term's factor).
+  // C homes between chunks: per thread, no allocation in steady state.
   thread_local AlignedVector<int32_t> tls_homes;
-  thread_local std::vector<float> tls_d, tls_b;
   AlignedVector<int32_t>& homes = tls_homes;
   if (chunks > 1) homes.resize(static_cast<size_t>(2 * slab * 256));
-  if (!kBf16) {
-    const int64_t ng = w.kp / w.group;
-    tls_d.resize(a.t);
-    tls_b.resize(a.t);
-    for (int64_t t = 0; t < a.t; ++t) {
-      float sum = 0.f;
-      for (int64_t g = 0; g < ng; ++g) sum += a.bsum[t * ng + g];
-      tls_d[t] = a.scale[t * ng];
-      tls_b[t] = 128.f * sum;
-    }
-  }
   const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
                            : reinterpret_cast<const uint8_t*>(a.q.data());
-  FullK f{w, a, y, ldy, steps, x, tls_d.data(), tls_b.data(), homes.data()};
+  FullK f{w, a, y, ldy, steps, x, homes.data()};
   for (int64_t slab0 = rb0; slab0 < rb1; slab0 += slab) {
     const int64_t slab1 = std::min(slab0 + slab, rb1), rpairs = (slab1 - slab0 + 1) / 2;
     f.slab0 = slab0;

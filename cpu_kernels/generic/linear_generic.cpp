@@ -46,6 +46,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         if (!std::isfinite(x[i * ldx + k])) return false;
         row_amax = std::fmax(row_amax, std::fabs(x[i * ldx + k]));
       }
+    float row_bsum = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       float v[32] = {};
       for (int64_t j = 0; j < G; ++j) {
@@ -70,7 +71,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       }
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
+      row_bsum += out->bsum[i * groups + g];
     }
+    if (per_token && w.kind != WeightKind::BF16) out->row_bsum[i] = row_bsum;
   }
   return true;
 }

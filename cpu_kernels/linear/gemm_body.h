@@ -237,6 +237,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         const float m = group_amax(src);
         row_amax = m > row_amax ? m : row_amax;
       }
+    float row_bsum = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       const float* src = group_src(g);
       if (!per_token && !finite(src)) return false;
@@ -250,7 +251,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       for (int h = 0; h < G; h += 16) sum += V::quant16(src + h, id, out->q_at(i, g * G + h));
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
+      row_bsum += out->bsum[i * groups + g];
     }
+    if (per_token && w.kind != WeightKind::BF16) out->row_bsum[i] = row_bsum;
   }
   return true;
 }

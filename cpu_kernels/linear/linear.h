@@ -30,6 +30,7 @@ struct QuantActs {
   AlignedVector<int8_t> q;     // [t, kp] (or tiled), zero-padded
   std::vector<float> scale;    // [t, kp / group]
   std::vector<float> bsum;     // [t, kp / group]: scale * sum(q) of the group
+  std::vector<float> row_bsum; // [t], per-token scales (Row weights) only: the row's bsum total
   AlignedVector<uint16_t> bf;  // [t, kp] (or tiled) bf16 bits, zero-padded (bf16 weights)
 
   int64_t row_bytes() const { return bf16 ? 2 * kp : kp; }
