@@ -131,6 +131,7 @@ inline void dpbf16(int ci, int ai, int bi) {
 }  // namespace ktjax
 
 #undef _tile_loadd
+#undef _tile_stream_loadd
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbssd
@@ -142,6 +143,8 @@ inline void dpbf16(int ci, int ai, int bi) {
 #define _tile_loadconfig(cfg) ::ktjax::amx_emu::loadconfig(cfg)
 #define _tile_release() ::ktjax::amx_emu::release()
 #define _tile_loadd(t, base, stride) ::ktjax::amx_emu::loadd(t, base, stride)
+// The streaming load's hint (keep out of L1) has no meaning here.
+#define _tile_stream_loadd(t, base, stride) ::ktjax::amx_emu::loadd(t, base, stride)
 #define _tile_stored(t, base, stride) ::ktjax::amx_emu::stored(t, base, stride)
 #define _tile_zero(t) ::ktjax::amx_emu::zero(t)
 #define _tile_dpbssd(c, a, b) ::ktjax::amx_emu::dp_int8<true, true>(c, a, b)
