@@ -1,7 +1,8 @@
 // AMX int8 throughput ceiling of the tile loop the full-K kernels use (linear_amx.cpp: per K
 // step, 2 A and 2 B tile loads feed 4 products into 4 C tiles), per thread and over N
 // threads pinned one per CPU, with the operands where they would live: tile products alone,
-// then A and B from L1, L2 or (B) memory. The benchmark reports its TOPS against these.
+// then A and B from L1, L2 or (B) memory; and variants of that loop (Loop below).
+// The benchmark reports its TOPS against these.
 //   g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o amx_peak && ./amx_peak 16
 // Needs a CPU with AMX (exits with a message otherwise).
 #include <immintrin.h>
@@ -28,49 +29,95 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// TOPS of one thread: kIterations K steps of 4 products, operands cycling through buffers of
-// a_bytes / b_bytes (0: no loads, the tiles stay put) that start `offset` bytes past a cache
-// line (16: every 64-byte tile row straddles two lines, as in a malloc'd buffer).
-double thread_tops(size_t a_bytes, size_t b_bytes, size_t offset) {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  _tile_loadconfig(&cfg);
-  const bool loads = a_bytes > 0;
-  a_bytes = loads ? a_bytes : 2048;
-  b_bytes = loads ? b_bytes : 2048;
-  std::unique_ptr<uint8_t, decltype(&std::free)> abuf(static_cast<uint8_t*>(std::aligned_alloc(64, a_bytes + 64)), &std::free),
-      bbuf(static_cast<uint8_t*>(std::aligned_alloc(64, b_bytes + 64)), &std::free);
-  std::memset(abuf.get(), 1, a_bytes + 64);
-  std::memset(bbuf.get(), 1, b_bytes + 64);
-  const uint8_t *a = abuf.get() + offset, *b = bbuf.get() + offset;
-  _tile_zero(0);  // tile numbers are literals in the intrinsics' asm
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  _tile_loadd(4, a, 64);
-  _tile_loadd(5, a + 1024, 64);
-  _tile_loadd(6, b, 64);
-  _tile_loadd(7, b + 1024, 64);
+// How the loop feeds the tile products:
+//  * Block2x2: per K step, A tiles 4-5 and B tiles 6-7 load into 4 products (C tiles 0-3),
+//    as in linear_amx.cpp; StreamB: its B tiles load with the streaming hint (TILELOADDT1).
+//  * DoubleBuffered2x1: 2 C tiles (0-1), and two alternating sets of 2 A + 1 B tiles (2-4,
+//    5-7), so the next step's loads never write a tile that a product in flight reads: if
+//    the core does not rename tiles, this is what overlaps loads with products (at 3 loads
+//    per 2 products instead of 1 per product).
+//  * Homes2x2: Block2x2 with a C round trip as in the full-K kernel: every 8 K steps the 4
+//    C tiles are stored to a buffer and loaded back (the kernel does it once per A chunk,
+//    16 steps, so it pays about half of this case's cost).
+enum class Loop { Block2x2, StreamB, DoubleBuffered2x1, Homes2x2 };
+
+// kIterations of the loop, 4 products each, over operands cycling through a_bytes / b_bytes
+// of a and b.
+template <Loop kLoop>
+void run_loop(const uint8_t* a, size_t a_bytes, const uint8_t* b, size_t b_bytes) {
+  alignas(64) int32_t homes[4][256];
   size_t ao = 0, bo = 0;
-  const auto t0 = std::chrono::steady_clock::now();
   for (long i = 0; i < kIterations; ++i) {
-    if (loads) {
-      _tile_loadd(4, a + ao, 64);
-      _tile_loadd(6, b + bo, 64);
-      _tile_dpbusd(0, 4, 6);
+    if constexpr (kLoop == Loop::DoubleBuffered2x1) {
+      _tile_loadd(2, a + ao, 64);
+      _tile_loadd(4, b + bo, 64);
+      _tile_dpbusd(0, 2, 4);
+      _tile_loadd(3, a + ao + 1024, 64);
+      _tile_dpbusd(1, 3, 4);
+      _tile_loadd(5, a + ao + 2048, 64);
       _tile_loadd(7, b + bo + 1024, 64);
+      _tile_dpbusd(0, 5, 7);
+      _tile_loadd(6, a + ao + 3072, 64);
+      _tile_dpbusd(1, 6, 7);
+      ao = ao + 8192 > a_bytes ? 0 : ao + 4096;
+    } else {
+      _tile_loadd(4, a + ao, 64);
+      if constexpr (kLoop == Loop::StreamB) _tile_stream_loadd(6, b + bo, 64);
+      else _tile_loadd(6, b + bo, 64);
+      _tile_dpbusd(0, 4, 6);
+      if constexpr (kLoop == Loop::StreamB) _tile_stream_loadd(7, b + bo + 1024, 64);
+      else _tile_loadd(7, b + bo + 1024, 64);
       _tile_dpbusd(1, 4, 7);
       _tile_loadd(5, a + ao + 1024, 64);
       _tile_dpbusd(2, 5, 6);
       _tile_dpbusd(3, 5, 7);
       ao = ao + 4096 > a_bytes ? 0 : ao + 2048;
-      bo = bo + 4096 > b_bytes ? 0 : bo + 2048;
-    } else {
+      if (kLoop == Loop::Homes2x2 && i % 8 == 7) {
+        _tile_stored(0, homes[0], 64);
+        _tile_stored(1, homes[1], 64);
+        _tile_stored(2, homes[2], 64);
+        _tile_stored(3, homes[3], 64);
+        _tile_loadd(0, homes[0], 64);
+        _tile_loadd(1, homes[1], 64);
+        _tile_loadd(2, homes[2], 64);
+        _tile_loadd(3, homes[3], 64);
+      }
+    }
+    bo = bo + 4096 > b_bytes ? 0 : bo + 2048;
+  }
+}
+
+// TOPS of one thread: the loop, operands cycling through buffers of a_bytes /
+// b_bytes (0: no loads, the tiles stay put) that start `offset` bytes past a cache line (16:
+// every 64-byte tile row straddles two lines, as in a malloc'd buffer).
+double thread_tops(Loop loop, size_t a_bytes, size_t b_bytes, size_t offset) {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+  const bool loads = a_bytes > 0;
+  a_bytes = loads ? a_bytes : 8192;
+  b_bytes = loads ? b_bytes : 8192;
+  std::unique_ptr<uint8_t, decltype(&std::free)> abuf(static_cast<uint8_t*>(std::aligned_alloc(64, a_bytes + 64)), &std::free),
+      bbuf(static_cast<uint8_t*>(std::aligned_alloc(64, b_bytes + 64)), &std::free);
+  std::memset(abuf.get(), 1, a_bytes + 64);
+  std::memset(bbuf.get(), 1, b_bytes + 64);
+  const uint8_t *a = abuf.get() + offset, *b = bbuf.get() + offset;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (!loads) {
+    for (long i = 0; i < kIterations; ++i) {
       _tile_dpbusd(0, 4, 6);
       _tile_dpbusd(1, 4, 7);
       _tile_dpbusd(2, 5, 6);
       _tile_dpbusd(3, 5, 7);
     }
+  } else if (loop == Loop::Block2x2) {
+    run_loop<Loop::Block2x2>(a, a_bytes, b, b_bytes);
+  } else if (loop == Loop::StreamB) {
+    run_loop<Loop::StreamB>(a, a_bytes, b, b_bytes);
+  } else if (loop == Loop::Homes2x2) {
+    run_loop<Loop::Homes2x2>(a, a_bytes, b, b_bytes);
+  } else {
+    run_loop<Loop::DoubleBuffered2x1>(a, a_bytes, b, b_bytes);
   }
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   _tile_release();
@@ -87,13 +134,21 @@ int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
   const struct {
     const char* name;
+    Loop loop;
     size_t a, b, offset;
-  } cases[] = {{"products only", 0, 0, 0},
-               {"A L1, B L1", 16 << 10, 16 << 10, 0},
-               {"A L1, B L1, rows straddling lines", 16 << 10, 16 << 10, 16},
-               {"A L2, B L1", 512 << 10, 16 << 10, 0},
-               {"A L2, B L2", 512 << 10, 512 << 10, 0},
-               {"A L2, B memory", 512 << 10, 256 << 20, 0}};
+  } cases[] = {{"products only", Loop::Block2x2, 0, 0, 0},
+               {"A L1, B L1", Loop::Block2x2, 16 << 10, 16 << 10, 0},
+               {"A L1, B L1, rows straddling lines", Loop::Block2x2, 16 << 10, 16 << 10, 16},
+               {"A L2, B L1", Loop::Block2x2, 512 << 10, 16 << 10, 0},
+               {"A L2, B L2", Loop::Block2x2, 512 << 10, 512 << 10, 0},
+               {"A L2, B memory", Loop::Block2x2, 512 << 10, 256 << 20, 0},
+               {"A L1, B L2", Loop::Block2x2, 16 << 10, 512 << 10, 0},
+               {"A L1, B L2 streamed", Loop::StreamB, 16 << 10, 512 << 10, 0},
+               {"A L1 32 KiB, B L2", Loop::Block2x2, 32 << 10, 512 << 10, 0},
+               {"A L1, B L2, C round trip per 8 steps", Loop::Homes2x2, 16 << 10, 512 << 10, 0},
+               {"A L1 32 KiB, B L2, C round trip per 8 steps", Loop::Homes2x2, 32 << 10, 512 << 10, 0},
+               {"2x1 double-buffered, A L1, B L2", Loop::DoubleBuffered2x1, 16 << 10, 512 << 10, 0},
+               {"2x1 double-buffered, A L2, B L2", Loop::DoubleBuffered2x1, 512 << 10, 512 << 10, 0}};
   for (const auto& cs : cases) {
     std::vector<double> tops(threads);
     std::vector<std::thread> pool;
@@ -103,7 +158,7 @@ int main(int argc, char** argv) {
         CPU_ZERO(&set);
         CPU_SET(t, &set);
         pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-        tops[t] = thread_tops(cs.a, cs.b, cs.offset);
+        tops[t] = thread_tops(cs.loop, cs.a, cs.b, cs.offset);
       });
     double sum = 0;
     for (int t = 0; t < threads; ++t) pool[t].join(), sum += tops[t];
