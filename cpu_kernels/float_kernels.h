@@ -1,5 +1,6 @@
-// The float kernels (attention, stacked matvec, argmax, MoE element-wise steps) of one ISA level: each per-ISA unit
-// (generic/ avx2/ avx512/ float_kernels_*.cpp) compiles the same bodies with its flags.
+// The float kernels (attention, stacked matvec, argmax, MoE element-wise steps) of one ISA
+// level: each per-ISA unit (generic/ avx2/ avx512/ float_kernels_*.cpp) compiles the same
+// bodies with its flags.
 #pragma once
 
 #include <cstdint>

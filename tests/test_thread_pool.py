@@ -20,12 +20,17 @@ print(json.dumps([sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/pro
 """
 
 
-def _thread_affinities(tmp_path, **env) -> list[list[int]]:
-    # cwd outside the checkout: `python -c` must import the installed ktjax, not the sources
-    out = subprocess.run([sys.executable, "-c", _AFFINITIES], capture_output=True, text=True,
+def _run_json(tmp_path, code: str, **env):
+    """The JSON that `code`, run in a fresh process with `env`, prints last. The cwd is
+    outside the checkout: `python -c` must import the installed ktjax, not the sources."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, **env}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _thread_affinities(tmp_path, **env) -> list[list[int]]:
+    return _run_json(tmp_path, _AFFINITIES, **env)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
@@ -57,17 +62,15 @@ print(json.dumps({"nodes": _native.num_nodes(), "linear": lin.tolist(), "moe": m
 
 
 def _split_run(tmp_path, **env) -> dict:
-    out = subprocess.run([sys.executable, "-c", _SPLIT_RUN], capture_output=True, text=True,
-                         env={**os.environ, "KTJAX_NUM_THREADS": "2", **env}, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_json(tmp_path, _SPLIT_RUN, **{"KTJAX_NUM_THREADS": "2", **env})
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_numa_nodes_split_the_work_and_keep_results(tmp_path):
     """On a made-up topology of two nodes (one allowed CPU each, plus a node with none of
-    ours, a gap in the numbering and malformed cpulist parts), the pool spreads its threads over both nodes and the
-    node-split linear and MoE kernels give exactly the single-node results."""
+    ours, a gap in the numbering and malformed cpulist parts), the pool spreads its threads
+    over both nodes and the node-split linear and MoE kernels give exactly the single-node
+    results."""
     cpus = sorted(os.sched_getaffinity(0))
     nodes = tmp_path / "nodes"
     for node, cpulist in {0: f"x,{cpus[0]},7-,-3", 2: f"{cpus[1]}-{cpus[1]}", 3: "4090-4095"}.items():

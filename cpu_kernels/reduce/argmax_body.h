@@ -11,7 +11,6 @@ namespace {
 namespace argmax_body {
 
 using namespace simd16;
-typedef int32_t I32x16 __attribute__((vector_size(64)));
 
 // First index of the maximum of x[begin, end) (NaN wins, the first NaN), with its value.
 inline void argmax_range(const float* x, int64_t begin, int64_t end, float* best, int64_t* at) {

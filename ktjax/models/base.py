@@ -19,9 +19,8 @@ class Batch:
 
     tokens/positions/slots [B, T] (position -1 and slot 0 for padding), block_tables [B, P]
     (the pages of the cached context; unused entries 0), cache_lens [B] (tokens already cached
-    before this step),
-    logits_index [B, R] (the row's tokens whose logits are wanted: R = 1 when sampling, all
-    positions when scoring).
+    before this step), logits_index [B, R] (the row's tokens whose logits are wanted: R = 1
+    when sampling, all positions when scoring).
     """
 
     tokens: jax.Array
