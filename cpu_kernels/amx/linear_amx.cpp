@@ -49,20 +49,31 @@ void configure(int idx, int rows, int colsb, TileConfig* c) {
 // row block j at 2i + j), 4-5 = A, 6-7 = B: a step loads 4 tiles for 4 tile products.
 // Every tile load must hit L1 or L2 (a tile load that misses L2 stalls the products behind
 // it), so per thread and call (one core: L1 48 KiB, L2 2 MiB):
-//  * B: the call's row blocks go in slabs whose whole-K panels fit kSlabBytes; a slab stays
-//    in L2 while every token pair passes over it, so each weight byte comes from memory
-//    once per call, prefetched while the previous slab computes;
+//  * B: the call's row blocks go in slabs, a slab being some row blocks' panels over a K
+//    range, at most kSlabBytes; a slab stays in L2 while every token pair passes over it,
+//    so each weight byte comes from memory once per call, prefetched while the previous
+//    slab computes;
 //  * A: a token pair's tiles go in chunks of about kChunkSteps K steps (2 x 16 KiB) that
 //    stay in L1 while the slab's row pairs use them (A is shared by the threads and comes
-//    from L3 once per slab; software prefetch of it measured no gain). B tiles, used once
-//    per token pair, load with the streaming hint (TILELOADDT1) so they do not evict the
-//    A chunk from L1: one thread, [2048, 7168] x 1024 tokens int8_row, 1.82-1.91 TOPS vs
-//    1.63-1.71 with plain loads, interleaved in two runs;
-//  * C: 4 tiles in registers over a chunk; between chunks they wait in a per-thread buffer
-//    of the token pair x slab (L1), so y is written once, final.
+//    from L3 or L2 once per slab; software prefetch of it measured no gain). B tiles, used
+//    once per token pair, load with the streaming hint (TILELOADDT1) so they do not evict
+//    the A chunk from L1: one thread, [2048, 7168] x 1024 tokens int8_row, 1.82-1.91 TOPS
+//    vs 1.63-1.71 with plain loads, interleaved in two runs;
+//  * C: 4 tiles in registers over a chunk; between chunks they wait in a per-thread buffer,
+//    the homes (L1 / L2), so y is written once, final.
+// A slab spans all of K when its panels fit, and then the homes hold one token pair's C.
+// With large K that leaves few row pairs (bf16, K 7168: one row block's panel is 224 KiB,
+// so 2 row blocks), and each A chunk would serve only those before it leaves L1. So a slab
+// has at least as many row blocks as homes of kHomeBytes can hold for all token blocks (at
+// most kMaxSlabBlocks), over a K range cut to fit kSlabBytes. 16 threads over 64 (4, 8)
+// DeepSeek-V3 gate matrices, builds with and without K ranges interleaved over 3 rounds:
+// bf16 at 128 tokens 6.6-7.9 TFLOPS vs 4.5-5.1, at 1024 tokens 8.4-9.5 vs 6.4-7.7;
+// int8_row at 128 tokens 10.1-14.9 TOPS vs 9.9-11.7, at 1024 within noise.
 // Tile rows must not straddle cache lines (QuantActs and the homes are 64-byte aligned):
 // unaligned, the 2x2 loop ran at 0.41x on 16 threads (scripts/amx_peak.cpp).
 constexpr int64_t kSlabBytes = int64_t{768} << 10;
+constexpr int64_t kHomeBytes = int64_t{512} << 10;
+constexpr int64_t kMaxSlabBlocks = 32;
 constexpr int64_t kChunkSteps = 16;
 
 // The tile intrinsics paste their tile number into asm text: C tiles by literal.
@@ -90,20 +101,25 @@ inline void c_store(void* p, int64_t stride) {
   else _tile_stored(3, p, stride);
 }
 
-// Software prefetch of a byte range into L2, a few lines per K step of the work it hides
-// behind.
+// Software prefetch into L2 of `pieces` byte ranges (`stride` apart), a few lines per K step
+// of the work it hides behind.
 struct Prefetch {
   const uint8_t* p = nullptr;
-  int64_t lines = 0, per_step = 0;
+  int64_t piece_lines = 0, stride = 0, line = 0, left = 0, per_step = 0;
 
-  void spread(const uint8_t* start, int64_t bytes, int64_t over_steps) {
+  void spread(const uint8_t* start, int64_t bytes, int64_t pieces, int64_t piece_stride, int64_t over_steps) {
     p = start;
-    lines = start ? bytes / 64 : 0;
-    per_step = (lines + over_steps - 1) / std::max<int64_t>(over_steps, 1);
+    piece_lines = bytes / 64;
+    stride = piece_stride;
+    line = 0;
+    left = start ? piece_lines * pieces : 0;
+    per_step = (left + over_steps - 1) / std::max<int64_t>(over_steps, 1);
   }
   void step() {
-    for (int64_t i = 0; i < per_step && lines > 0; ++i, --lines, p += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+    for (int64_t i = 0; i < per_step && left > 0; ++i, --left) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + line * 64), _MM_HINT_T1);
+      if (++line == piece_lines) line = 0, p += stride;
+    }
   }
 };
 
@@ -113,14 +129,15 @@ struct FullK {
   float* y;
   int64_t ldy, steps;
   const uint8_t* x;        // A tiles
-  int32_t* homes;          // C tiles of the token pair x slab between chunks
+  int32_t* homes;          // C tiles of home_tblocks token blocks x the slab between chunks
+  int64_t home_tblocks = 2;  // a token pair, or all token blocks when slabs cut K
   int64_t slab0 = 0, slab_len = 0;
   Prefetch next_slab;
 
   const uint8_t* panel(int64_t rb) const { return w.block(rb) + w.super_hdr; }
   const uint8_t* a_tiles(int64_t tb, int64_t s) const { return x + (tb * steps + s) * 1024; }
   bool whole(int64_t tb, int64_t rb) const { return (tb + 1) * 16 <= a.t && (rb + 1) * kRowBlock <= w.n; }
-  int32_t* home(int64_t tb, int64_t rb) const { return homes + ((tb & 1) * slab_len + rb - slab0) * 256; }
+  int32_t* home(int64_t tb, int64_t rb) const { return homes + ((tb % home_tblocks) * slab_len + rb - slab0) * 256; }
 };
 
 // Final C tile (tb, rb) from c (16 x 16 int32 or f32 bits) to y: bf16 as is; int8
@@ -204,35 +221,58 @@ void full_k_block(FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1) {
 }
 #undef KTJAX_TDP
 
+// Slab shape of a call: row blocks, K steps, and the token blocks the homes hold.
+struct SlabPlan {
+  int64_t blocks, ksteps, home_tblocks;
+};
+
+SlabPlan plan_slabs(const PackedWeight& w, int64_t steps, int64_t tblocks, int64_t kc) {
+  const int64_t fit = kSlabBytes / w.block_stride;
+  const int64_t whole_k = fit < 2 ? 1 : fit / 2 * 2;  // whole row pairs
+  const int64_t wanted = std::min(kMaxSlabBlocks, kHomeBytes / (tblocks * 1024)) / 2 * 2;
+  if (wanted <= whole_k) return {whole_k, steps, 2};
+  // K ranges of equal length (whole chunks) that fit kSlabBytes.
+  const int64_t max_steps = std::max<int64_t>(kc, kSlabBytes / (wanted * 1024) / kc * kc);
+  const int64_t ranges = (steps + max_steps - 1) / max_steps;
+  const int64_t ksteps = ((steps + ranges - 1) / ranges + kc - 1) / kc * kc;
+  return {wanted, ksteps, (tblocks + 1) / 2 * 2};
+}
+
 template <bool kBf16>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
-  const int64_t fit = kSlabBytes / w.block_stride;
-  const int64_t slab = fit < 2 ? 1 : fit / 2 * 2;  // whole row pairs
   const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
+  const SlabPlan plan = plan_slabs(w, steps, tblocks, kc);
   // C homes between chunks: per thread, no allocation in steady state.
   thread_local AlignedVector<int32_t> tls_homes;
   AlignedVector<int32_t>& homes = tls_homes;
-  if (chunks > 1) homes.resize(static_cast<size_t>(2 * slab * 256));
+  if (chunks > 1) homes.resize(static_cast<size_t>(plan.home_tblocks * plan.blocks * 256));
   const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
                            : reinterpret_cast<const uint8_t*>(a.q.data());
-  FullK f{w, a, y, ldy, steps, x, homes.data()};
-  for (int64_t slab0 = rb0; slab0 < rb1; slab0 += slab) {
-    const int64_t slab1 = std::min(slab0 + slab, rb1), rpairs = (slab1 - slab0 + 1) / 2;
+  FullK f{w, a, y, ldy, steps, x, homes.data(), plan.home_tblocks};
+  for (int64_t slab0 = rb0; slab0 < rb1; slab0 += plan.blocks) {
+    const int64_t slab1 = std::min(slab0 + plan.blocks, rb1), rpairs = (slab1 - slab0 + 1) / 2;
     f.slab0 = slab0;
     f.slab_len = slab1 - slab0;
-    f.next_slab.spread(slab1 < rb1 ? w.block(slab1) : nullptr, (std::min(slab1 + slab, rb1) - slab1) * w.block_stride,
-                       tpairs * steps * rpairs);
-    for (int64_t tb = 0; tb < tblocks; tb += 2) {
-      const bool two_t = tb + 1 < tblocks;
-      for (int64_t s0 = 0; s0 < steps; s0 += kc) {
-        const int64_t s1 = std::min(s0 + kc, steps);
-        for (int64_t rb = slab0; rb < slab1; rb += 2) {
-          const bool two_r = rb + 1 < slab1;
-          if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1);
-          else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1);
-          else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1);
-          else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1);
+    for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
+      const int64_t k1 = std::min(k0 + plan.ksteps, steps);
+      // Next slab: this one's rows over the next K range, else the next rows from K step 0.
+      const int64_t next_k0 = k1 < steps ? k1 : 0, next_rb = k1 < steps ? slab0 : slab1;
+      const int64_t next_blocks = k1 < steps ? slab1 - slab0 : std::min(slab1 + plan.blocks, rb1) - slab1;
+      f.next_slab.spread(next_blocks > 0 ? f.panel(next_rb) + next_k0 * 1024 : nullptr,
+                         (std::min(next_k0 + plan.ksteps, steps) - next_k0) * 1024, next_blocks, w.block_stride,
+                         tpairs * (k1 - k0) * rpairs);
+      for (int64_t tb = 0; tb < tblocks; tb += 2) {
+        const bool two_t = tb + 1 < tblocks;
+        for (int64_t s0 = k0; s0 < k1; s0 += kc) {
+          const int64_t s1 = std::min(s0 + kc, k1);
+          for (int64_t rb = slab0; rb < slab1; rb += 2) {
+            const bool two_r = rb + 1 < slab1;
+            if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1);
+            else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1);
+            else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1);
+            else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1);
+          }
         }
       }
     }
