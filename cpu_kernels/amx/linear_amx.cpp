@@ -132,7 +132,7 @@ struct FullK {
   int32_t* homes;          // C tiles of home_tblocks token blocks x the slab between chunks
   int64_t home_tblocks = 2;  // a token pair, or all token blocks when slabs cut K
   int64_t slab0 = 0, slab_len = 0;
-  Prefetch next_slab;
+  Prefetch next_slab{};
 
   const uint8_t* panel(int64_t rb) const { return w.block(rb) + w.super_hdr; }
   const uint8_t* a_tiles(int64_t tb, int64_t s) const { return x + (tb * steps + s) * 1024; }
