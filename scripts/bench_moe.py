@@ -37,7 +37,7 @@ def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.n
     if qtype == T.BF16:  # sign, exponent 2^-7..2^0, random mantissa: all from one draw
         r = rng.integers(0, 1 << 16, rows * cols, dtype=np.uint16)
         bits = (r & 0x807F) | ((120 + ((r >> 7) & 7)) << 7)
-        return bits.astype(np.uint16).view(np.uint8)
+        return bits.view(np.uint8)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     raw[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d: a finite scale

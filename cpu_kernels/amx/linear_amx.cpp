@@ -238,6 +238,26 @@ SlabPlan plan_slabs(const PackedWeight& w, int64_t steps, int64_t tblocks, int64
   return {wanted, ksteps, (tblocks + 1) / 2 * 2};
 }
 
+// Every token pair over the current slab's rows and K steps [k0, k1), in chunks of kc steps:
+// each chunk of a token pair's A serves all of the slab's row pairs from L1.
+template <bool kBf16>
+void pass_slab(FullK& f, int64_t k0, int64_t k1, int64_t kc) {
+  const int64_t tblocks = (f.a.t + 15) / 16, slab1 = f.slab0 + f.slab_len;
+  for (int64_t tb = 0; tb < tblocks; tb += 2) {
+    const bool two_t = tb + 1 < tblocks;
+    for (int64_t s0 = k0; s0 < k1; s0 += kc) {
+      const int64_t s1 = std::min(s0 + kc, k1);
+      for (int64_t rb = f.slab0; rb < slab1; rb += 2) {
+        const bool two_r = rb + 1 < slab1;
+        if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1);
+        else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1);
+        else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1);
+        else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1);
+      }
+    }
+  }
+}
+
 template <bool kBf16>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
@@ -255,26 +275,16 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
     f.slab0 = slab0;
     f.slab_len = slab1 - slab0;
     for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
-      const int64_t k1 = std::min(k0 + plan.ksteps, steps);
-      // Next slab: this one's rows over the next K range, else the next rows from K step 0.
-      const int64_t next_k0 = k1 < steps ? k1 : 0, next_rb = k1 < steps ? slab0 : slab1;
-      const int64_t next_blocks = k1 < steps ? slab1 - slab0 : std::min(slab1 + plan.blocks, rb1) - slab1;
-      f.next_slab.spread(next_blocks > 0 ? f.panel(next_rb) + next_k0 * 1024 : nullptr,
-                         (std::min(next_k0 + plan.ksteps, steps) - next_k0) * 1024, next_blocks, w.block_stride,
-                         tpairs * (k1 - k0) * rpairs);
-      for (int64_t tb = 0; tb < tblocks; tb += 2) {
-        const bool two_t = tb + 1 < tblocks;
-        for (int64_t s0 = k0; s0 < k1; s0 += kc) {
-          const int64_t s1 = std::min(s0 + kc, k1);
-          for (int64_t rb = slab0; rb < slab1; rb += 2) {
-            const bool two_r = rb + 1 < slab1;
-            if (two_t && two_r) full_k_block<kBf16, 2, 2>(f, tb, rb, s0, s1);
-            else if (two_r) full_k_block<kBf16, 1, 2>(f, tb, rb, s0, s1);
-            else if (two_t) full_k_block<kBf16, 2, 1>(f, tb, rb, s0, s1);
-            else full_k_block<kBf16, 1, 1>(f, tb, rb, s0, s1);
-          }
-        }
-      }
+      const int64_t k1 = std::min(k0 + plan.ksteps, steps), over = tpairs * (k1 - k0) * rpairs;
+      // Prefetch the next slab: this one's rows over the next K range, else the next rows
+      // from K step 0 (none after the last).
+      if (k1 < steps)
+        f.next_slab.spread(f.panel(slab0) + k1 * 1024, (std::min(k1 + plan.ksteps, steps) - k1) * 1024,
+                           slab1 - slab0, w.block_stride, over);
+      else
+        f.next_slab.spread(slab1 < rb1 ? f.panel(slab1) : nullptr, std::min(plan.ksteps, steps) * 1024,
+                           std::min(slab1 + plan.blocks, rb1) - slab1, w.block_stride, over);
+      pass_slab<kBf16>(f, k0, k1, kc);
     }
   }
 }
