@@ -39,7 +39,9 @@ struct alignas(64) TileConfig {
 //  * Homes2x2: Block2x2 with a C round trip as in the full-K kernel: every 8 K steps the 4
 //    C tiles are stored to a buffer and loaded back (the kernel does it once per A chunk,
 //    16 steps, so it pays about half of this case's cost).
-enum class Loop { Block2x2, StreamB, DoubleBuffered2x1, Homes2x2 };
+//  * PrefetchB / PrefetchAB: Block2x2 with software prefetch into L1 (prefetcht0) of the B
+//    (and A) tiles 4 steps ahead.
+enum class Loop { Block2x2, StreamB, DoubleBuffered2x1, Homes2x2, PrefetchB, PrefetchAB };
 
 // kIterations of the loop, 4 products each, over operands cycling through a_bytes / b_bytes
 // of a and b.
@@ -61,6 +63,13 @@ void run_loop(const uint8_t* a, size_t a_bytes, const uint8_t* b, size_t b_bytes
       _tile_dpbusd(1, 6, 7);
       ao = ao + 8192 > a_bytes ? 0 : ao + 4096;
     } else {
+      if constexpr (kLoop == Loop::PrefetchB || kLoop == Loop::PrefetchAB) {
+        const size_t bn = (bo + 4 * 2048) % (b_bytes - 2048), an = (ao + 4 * 2048) % (a_bytes - 2048);
+        for (int l = 0; l < 2048; l += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(b + bn + l), _MM_HINT_T0);
+          if (kLoop == Loop::PrefetchAB) _mm_prefetch(reinterpret_cast<const char*>(a + an + l), _MM_HINT_T0);
+        }
+      }
       _tile_loadd(4, a + ao, 64);
       if constexpr (kLoop == Loop::StreamB) _tile_stream_loadd(6, b + bo, 64);
       else _tile_loadd(6, b + bo, 64);
@@ -114,6 +123,10 @@ double thread_tops(Loop loop, size_t a_bytes, size_t b_bytes, size_t offset) {
     run_loop<Loop::Block2x2>(a, a_bytes, b, b_bytes);
   } else if (loop == Loop::StreamB) {
     run_loop<Loop::StreamB>(a, a_bytes, b, b_bytes);
+  } else if (loop == Loop::PrefetchB) {
+    run_loop<Loop::PrefetchB>(a, a_bytes, b, b_bytes);
+  } else if (loop == Loop::PrefetchAB) {
+    run_loop<Loop::PrefetchAB>(a, a_bytes, b, b_bytes);
   } else if (loop == Loop::Homes2x2) {
     run_loop<Loop::Homes2x2>(a, a_bytes, b, b_bytes);
   } else {
@@ -148,7 +161,10 @@ int main(int argc, char** argv) {
                {"A L1, B L2, C round trip per 8 steps", Loop::Homes2x2, 16 << 10, 512 << 10, 0},
                {"A L1 32 KiB, B L2, C round trip per 8 steps", Loop::Homes2x2, 32 << 10, 512 << 10, 0},
                {"2x1 double-buffered, A L1, B L2", Loop::DoubleBuffered2x1, 16 << 10, 512 << 10, 0},
-               {"2x1 double-buffered, A L2, B L2", Loop::DoubleBuffered2x1, 512 << 10, 512 << 10, 0}};
+               {"2x1 double-buffered, A L2, B L2", Loop::DoubleBuffered2x1, 512 << 10, 512 << 10, 0},
+               {"A L1, B L2 prefetched to L1", Loop::PrefetchB, 16 << 10, 512 << 10, 0},
+               {"A L2, B L2, both prefetched to L1", Loop::PrefetchAB, 512 << 10, 512 << 10, 0},
+               {"A L2, B memory, both prefetched to L1", Loop::PrefetchAB, 512 << 10, 256 << 20, 0}};
   for (const auto& cs : cases) {
     std::vector<double> tops(threads);
     std::vector<std::thread> pool;

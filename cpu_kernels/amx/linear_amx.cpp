@@ -58,7 +58,12 @@ void configure(int idx, int rows, int colsb, TileConfig* c) {
 //    from L3 or L2 once per slab; software prefetch of it measured no gain). B tiles, used
 //    once per token pair, load with the streaming hint (TILELOADDT1) so they do not evict
 //    the A chunk from L1: one thread, [2048, 7168] x 1024 tokens int8_row, 1.82-1.91 TOPS
-//    vs 1.63-1.71 with plain loads, interleaved in two runs;
+//    vs 1.63-1.71 with plain loads, interleaved in two runs. Tried and dropped (MoE,
+//    DeepSeek-V3 shape, 64 experts, qlen 1024, interleaved): prefetching B into L1 a few
+//    steps ahead (no gain with prefetcht0, slower with prefetchnta; in scripts/amx_peak.cpp's
+//    loop 23.3 and 40.7 TOPS against 31.3 and 41.2 with streamed B loads alone, two hosts),
+//    chunks of 32 steps (slower), and chunks of all of K, A from L2 with no C round trips
+//    (no gain);
 //  * C: 4 tiles in registers over a chunk; between chunks they wait in a per-thread buffer,
 //    the homes (L1 / L2), so y is written once, final.
 // A slab spans all of K when its panels fit, and then the homes hold one token pair's C.
