@@ -131,8 +131,8 @@ struct Prefetch {
 struct FullK {
   const PackedWeight& w;
   const QuantActs& a;
-  float* y;  // at row block rb_y's first column
-  int64_t rb_y, ldy, steps;
+  float* y;
+  int64_t ldy, steps;
   const uint8_t* x;        // A tiles
   int32_t* homes;          // C tiles of home_tblocks token blocks x the slab between chunks
   int64_t home_tblocks = 2;  // a token pair, or all token blocks when slabs cut K
@@ -163,7 +163,7 @@ void finish(const FullK& f, const int32_t* c, int64_t tb, int64_t rb) {
       v = _mm512_mul_ps(sw, _mm512_fmsub_ps(_mm512_set1_ps(f.a.scale[t * groups]), ci,
                                             _mm512_set1_ps(128.f * f.a.row_bsum[t])));
     }
-    _mm512_mask_storeu_ps(f.y + t * f.ldy + (rb - f.rb_y) * kRowBlock, mask, v);
+    _mm512_mask_storeu_ps(f.y + t * f.ldy + row0, mask, v);
   }
 }
 
@@ -177,7 +177,7 @@ template <bool kBf16, int C>
 inline void c_end(const FullK& f, int64_t tb, int64_t rb, bool last) {
   if (!last) return c_store<C>(f.home(tb, rb), 64);
   if (kBf16 && f.whole(tb, rb))  // a whole bf16 tile is y as it stands
-    return c_store<C>(f.y + tb * 16 * f.ldy + (rb - f.rb_y) * kRowBlock, f.ldy * 4);
+    return c_store<C>(f.y + tb * 16 * f.ldy + rb * kRowBlock, f.ldy * 4);
   alignas(64) int32_t c[256];
   c_store<C>(c, 64);
   finish<kBf16>(f, c, tb, rb);
@@ -226,26 +226,21 @@ void full_k_block(FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1) {
 }
 #undef KTJAX_TDP
 
-bool full_k_format(const PackedWeight& w) { return w.kind == WeightKind::BF16 || w.scale_enc == ScaleEnc::Row; }
-
-// Shape of a full-K call: K steps of a row and of a chunk; a slab's row blocks and K steps
-// (at most steps); the token blocks the homes hold.
+// Slab shape of a call: row blocks, K steps, and the token blocks the homes hold.
 struct SlabPlan {
-  int64_t steps, kc, blocks, ksteps, home_tblocks;
+  int64_t blocks, ksteps, home_tblocks;
 };
 
-SlabPlan plan_slabs(const PackedWeight& w, int64_t tokens) {
-  const int64_t steps = ((w.kind == WeightKind::BF16 ? 2 : 1) * w.kp + 63) / 64, tblocks = (tokens + 15) / 16;
-  const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
+SlabPlan plan_slabs(const PackedWeight& w, int64_t steps, int64_t tblocks, int64_t kc) {
   const int64_t fit = kSlabBytes / w.block_stride;
   const int64_t whole_k = fit < 2 ? 1 : fit / 2 * 2;  // whole row pairs
   const int64_t wanted = std::min(kMaxSlabBlocks, kHomeBytes / (tblocks * 1024)) / 2 * 2;
-  if (wanted <= whole_k) return {steps, kc, whole_k, steps, 2};
+  if (wanted <= whole_k) return {whole_k, steps, 2};
   // K ranges of equal length (whole chunks) that fit kSlabBytes.
   const int64_t max_steps = std::max<int64_t>(kc, kSlabBytes / (wanted * 1024) / kc * kc);
   const int64_t ranges = (steps + max_steps - 1) / max_steps;
-  const int64_t ksteps = std::min(steps, ((steps + ranges - 1) / ranges + kc - 1) / kc * kc);
-  return {steps, kc, wanted, ksteps, (tblocks + 1) / 2 * 2};
+  const int64_t ksteps = ((steps + ranges - 1) / ranges + kc - 1) / kc * kc;
+  return {wanted, ksteps, (tblocks + 1) / 2 * 2};
 }
 
 // Every token pair over the current slab's rows and K steps [k0, k1), in chunks of kc steps:
@@ -269,17 +264,17 @@ void pass_slab(FullK& f, int64_t k0, int64_t k1, int64_t kc) {
 }
 
 template <bool kBf16>
-void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy,
-                 const NextGemm& next) {
-  const SlabPlan plan = plan_slabs(w, a.t);
-  const int64_t steps = plan.steps, tpairs = (a.t + 31) / 32;
+void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
+  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
+  const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
+  const SlabPlan plan = plan_slabs(w, steps, tblocks, kc);
   // C homes between chunks: per thread, no allocation in steady state.
   thread_local AlignedVector<int32_t> tls_homes;
   AlignedVector<int32_t>& homes = tls_homes;
-  if (plan.kc < steps) homes.resize(static_cast<size_t>(plan.home_tblocks * plan.blocks * 256));
+  if (chunks > 1) homes.resize(static_cast<size_t>(plan.home_tblocks * plan.blocks * 256));
   const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
                            : reinterpret_cast<const uint8_t*>(a.q.data());
-  FullK f{w, a, y, rb0, ldy, steps, x, homes.data(), plan.home_tblocks};
+  FullK f{w, a, y, ldy, steps, x, homes.data(), plan.home_tblocks};
   for (int64_t slab0 = rb0; slab0 < rb1; slab0 += plan.blocks) {
     const int64_t slab1 = std::min(slab0 + plan.blocks, rb1), rpairs = (slab1 - slab0 + 1) / 2;
     f.slab0 = slab0;
@@ -287,21 +282,14 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
     for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
       const int64_t k1 = std::min(k0 + plan.ksteps, steps), over = tpairs * (k1 - k0) * rpairs;
       // Prefetch the next slab: this one's rows over the next K range, else the next rows
-      // from K step 0; after the last, the next call's first slab (if known).
-      if (k1 < steps) {
+      // from K step 0 (none after the last).
+      if (k1 < steps)
         f.next_slab.spread(f.panel(slab0) + k1 * 1024, (std::min(k1 + plan.ksteps, steps) - k1) * 1024,
                            slab1 - slab0, w.block_stride, over);
-      } else if (slab1 < rb1) {
-        f.next_slab.spread(f.panel(slab1), plan.ksteps * 1024, std::min(slab1 + plan.blocks, rb1) - slab1,
-                           w.block_stride, over);
-      } else if (next.w && full_k_format(*next.w) && next.tokens > 0 && next.rb0 < next.rb1) {
-        const SlabPlan np = plan_slabs(*next.w, next.tokens);
-        f.next_slab.spread(next.w->block(next.rb0) + next.w->super_hdr, np.ksteps * 1024,
-                           std::min(np.blocks, next.rb1 - next.rb0), next.w->block_stride, over);
-      } else {
-        f.next_slab.spread(nullptr, 0, 0, 0, over);
-      }
-      pass_slab<kBf16>(f, k0, k1, plan.kc);
+      else
+        f.next_slab.spread(slab1 < rb1 ? f.panel(slab1) : nullptr, std::min(plan.ksteps, steps) * 1024,
+                           std::min(slab1 + plan.blocks, rb1) - slab1, w.block_stride, over);
+      pass_slab<kBf16>(f, k0, k1, kc);
     }
   }
 }
@@ -353,9 +341,8 @@ inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t*
   }
 }
 
-// int8 / int4, one token block x one row block (y at its first column). Group g + 1's tile
-// product runs while group g's int32 results are scaled in AVX-512 registers (C tiles 0 and
-// 1 alternate).
+// int8 / int4, one token block x one row block. Group g + 1's tile product runs while
+// group g's int32 results are scaled in AVX-512 registers (C tiles 0 and 1 alternate).
 template <bool kInt4, int G>
 void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0, float* y, int64_t ldy) {
   alignas(64) int32_t cbuf[16 * 16];
@@ -390,14 +377,13 @@ void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0
   const int64_t row0 = rb * kRowBlock;
   const int valid = static_cast<int>(w.n - row0 < 16 ? w.n - row0 : 16);
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-  for (int i = 0; i < 16 && t0 + i < a.t; ++i) _mm512_mask_storeu_ps(y + (t0 + i) * ldy, mask, acc[i]);
+  for (int i = 0; i < 16 && t0 + i < a.t; ++i) _mm512_mask_storeu_ps(y + (t0 + i) * ldy + row0, mask, acc[i]);
 }
 
-void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy,
-              const NextGemm& next) {
-  if (!a.tiled) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy, next);
+void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
+  if (!a.tiled) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy);
   TileConfig cfg;
-  const bool full_k = full_k_format(w);
+  const bool full_k = w.kind == WeightKind::BF16 || w.scale_enc == ScaleEnc::Row;
   if (full_k) {  // all tiles 16 rows x 64 bytes
     for (int i = 0; i < 8; ++i) configure(i, 16, 64, &cfg);
   } else {  // C 0-1, A 2-3, B 4-5 (two sets, alternating by group)
@@ -409,21 +395,19 @@ void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb
   }
   _tile_loadconfig(&cfg);
   if (w.kind == WeightKind::BF16) {
-    gemm_full_k<true>(w, a, rb0, rb1, y, ldy, next);
+    gemm_full_k<true>(w, a, rb0, rb1, y, ldy);
   } else if (full_k) {
-    gemm_full_k<false>(w, a, rb0, rb1, y, ldy, next);
+    gemm_full_k<false>(w, a, rb0, rb1, y, ldy);
   } else {
     const int64_t tblocks = (a.t + 15) / 16;
     const bool int4 = w.kind == WeightKind::Int4;
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-      float* yr = y + (rb - rb0) * kRowBlock;
+    for (int64_t rb = rb0; rb < rb1; ++rb)
       for (int64_t tb = 0; tb < tblocks; ++tb) {
         if (w.group == 16)
-          int4 ? int_block<true, 16>(w, a, rb, 16 * tb, yr, ldy) : int_block<false, 16>(w, a, rb, 16 * tb, yr, ldy);
+          int4 ? int_block<true, 16>(w, a, rb, 16 * tb, y, ldy) : int_block<false, 16>(w, a, rb, 16 * tb, y, ldy);
         else
-          int4 ? int_block<true, 32>(w, a, rb, 16 * tb, yr, ldy) : int_block<false, 32>(w, a, rb, 16 * tb, yr, ldy);
+          int4 ? int_block<true, 32>(w, a, rb, 16 * tb, y, ldy) : int_block<false, 32>(w, a, rb, 16 * tb, y, ldy);
       }
-    }
   }
   _tile_release();
 }

@@ -79,7 +79,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
 }
 
 void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
-          int64_t ldy, const NextGemm&) {
+          int64_t ldy) {
   const int64_t groups = w.kp / w.group;
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     const uint8_t* blk = w.block(rb);
@@ -102,7 +102,7 @@ void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, f
                    m * a.bsum[t * groups + g];
           }
         }
-        y[t * ldy + (rb - rb0) * kRowBlock + r] = acc;
+        y[t * ldy + rb * kRowBlock + r] = acc;
       }
   }
 }

@@ -35,15 +35,14 @@ inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const 
 // (Zen 5: 4 beat 8 and 16).
 constexpr int kPrefetchGroups = 4;
 
-// Writes a tile's accumulators to y (at row block rb0's first column), never past row w.n.
-// The tile functions below take y so placed.
+// Writes a tile's accumulators to y, never past row w.n.
 template <class V, int RB, int TT>
 inline void store_tile(const PackedWeight& w, const typename V::F (&acc)[RB][TT], int64_t rb0,
                        int64_t t0, float* y, int64_t ldy) {
   for (int r = 0; r < RB; ++r) {
     const int64_t row0 = (rb0 + r) * kRowBlock;
     const int valid = static_cast<int>(w.n - row0 < kRowBlock ? w.n - row0 : kRowBlock);
-    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + r * kRowBlock, acc[r][t], valid);
+    for (int t = 0; t < TT; ++t) V::store_rows(y + (t0 + t) * ldy + row0, acc[r][t], valid);
   }
 }
 
@@ -176,12 +175,12 @@ void run_tokens(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t 
 
 template <class V>
 void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
-          int64_t ldy, const NextGemm&) {
+          int64_t ldy) {
   if (a.t == 1) {  // decode: wide row tiles for independent accumulation chains
     int64_t rb = rb0;
     constexpr int RB = V::kRBDecode;
-    for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y + (rb - rb0) * kRowBlock, ldy);
-    for (; rb < rb1; ++rb) run_tile<V, 1, 1>(w, a, rb, 0, y + (rb - rb0) * kRowBlock, ldy);
+    for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y, ldy);
+    for (; rb < rb1; ++rb) run_tile<V, 1, 1>(w, a, rb, 0, y, ldy);
     return;
   }
   // Token blocks whose int8 activations stay in L2 while the row blocks stream past.
@@ -189,8 +188,8 @@ void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, f
   for (int64_t t0 = 0; t0 < a.t; t0 += tb) {
     const int64_t t1 = t0 + tb < a.t ? t0 + tb : a.t;
     int64_t rb = rb0;
-    for (; rb + V::kRB <= rb1; rb += V::kRB) run_tokens<V, V::kRB>(w, a, rb, t0, t1, y + (rb - rb0) * kRowBlock, ldy);
-    for (; rb < rb1; ++rb) run_tokens<V, 1>(w, a, rb, t0, t1, y + (rb - rb0) * kRowBlock, ldy);
+    for (; rb + V::kRB <= rb1; rb += V::kRB) run_tokens<V, V::kRB>(w, a, rb, t0, t1, y, ldy);
+    for (; rb < rb1; ++rb) run_tokens<V, 1>(w, a, rb, t0, t1, y, ldy);
   }
 }
 

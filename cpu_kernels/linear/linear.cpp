@@ -85,11 +85,11 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
     throw std::invalid_argument("linear: input x holds NaN or Inf");
   const int64_t rbs = w.row_blocks();
   // Below ~64K multiply-adds a pool wake-up costs more than it saves.
-  if (w.np * w.kp * t < (int64_t{1} << 16)) return kern.gemm(w, acts, 0, rbs, y, w.n, {});
+  if (w.np * w.kp * t < (int64_t{1} << 16)) return kern.gemm(w, acts, 0, rbs, y, w.n);
   parallel_for_nodes([&](int node, int nodes, int64_t part, int64_t parts) {
     const auto [r0, r1] = share(rbs, node, nodes);  // the rows in this node's memory
     const auto [b, e] = share(r1 - r0, part, parts);
-    if (b < e) kern.gemm(w, acts, r0 + b, r0 + e, y + (r0 + b) * kRowBlock, w.n, {});
+    if (b < e) kern.gemm(w, acts, r0 + b, r0 + e, y, w.n);
   });
 }
 

@@ -44,24 +44,16 @@ struct QuantActs {
   uint16_t* bf_at(int64_t i, int64_t k) { return bf.data() + offset(i, 2 * k) / 2; }
 };
 
-// The gemm call a thread makes next, when known: its weight's row blocks [rb0, rb1) and
-// token count. A kernel that streams its weights in slabs prefetches that call's first slab
-// while it computes its own last one (w null: none).
-struct NextGemm {
-  const PackedWeight* w = nullptr;
-  int64_t rb0 = 0, rb1 = 0, tokens = 0;
-};
-
 struct LinearKernels {
   // Quantizes rows [t0, t1) of x (row i at x + i * ldx, k values) for weight w into the
   // same rows of out. Returns false if any value is NaN or infinite (outputs are then
   // partly written).
   bool (*prepare)(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int64_t ldx,
                   QuantActs* out);
-  // y[t, n] for row blocks [rb0, rb1) of w and all tokens of a: y points at row block rb0's
-  // first row (output column), row stride ldy. Never writes rows >= w.n.
+  // y[t, n] for row blocks [rb0, rb1) of w and all tokens of a; row stride ldy. Never
+  // writes rows >= w.n.
   void (*gemm)(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
-               int64_t ldy, const NextGemm& next);
+               int64_t ldy);
   // Calls with at least this many tokens take their activations tiled (0: never).
   int64_t tile_tokens = 0;
 };

@@ -6,7 +6,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "cpu_kernels/float_kernels.h"
@@ -59,7 +58,7 @@ void run_segments(const LinearKernels& kern, std::vector<Seg> segs) {
     parallel_for_each(static_cast<int64_t>(pieces.size()), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const Piece& p = pieces[i];
-        kern.gemm(*p.seg->w, *p.seg->acts, p.rb0, p.rb1, p.seg->y + p.rb0 * kRowBlock, p.seg->w->n, {});
+        kern.gemm(*p.seg->w, *p.seg->acts, p.rb0, p.rb1, p.seg->y, p.seg->w->n);
       }
     });
     return;
@@ -80,76 +79,10 @@ void run_segments(const LinearKernels& kern, std::vector<Seg> segs) {
         // Row block a + r belongs to the part holding its starting cost start + r * c.
         auto first_at = [&](int64_t v) { return v <= start ? 0 : std::min(nrb, (v - start + c - 1) / c); };
         const int64_t r0 = first_at(lo), r1 = first_at(hi);
-        if (r0 < r1) kern.gemm(*s.w, *s.acts, a + r0, a + r1, s.y + (a + r0) * kRowBlock, s.w->n, {});
+        if (r0 < r1) kern.gemm(*s.w, *s.acts, a + r0, a + r1, s.y, s.w->n);
       }
       start = end;
     }
-  });
-}
-
-// One slot's down projection as down_and_sum sees it: the rows of out its tokens go to
-// (nullptr: token i is row i) and their routing weights (nullptr: 1, a shared expert).
-struct DownSlot {
-  const PackedWeight* w;
-  const QuantActs* acts;
-  const int64_t* rows;
-  const float* weights;
-  int64_t ntok;
-};
-
-// Down projections with the weighted sum folded in. A piece is a range of output columns (row
-// blocks of every slot's [H, I] down matrix) that one thread computes for each slot in turn
-// into a small buffer, adding each token's weighted row into out right away. No two threads
-// share a column, so expert outputs ([tokens x k, H] f32) never go to memory and back, and a
-// token sums its slots in slot order whatever the thread count.
-// One node: pieces of decreasing size (about a 2 x threads-th of the columns left, at least
-// a row pair), claimed as threads come free. Several nodes: each node's share of the rows
-// (in its memory), split equally among its threads. Each gemm names the thread's next one,
-// so the AMX kernels prefetch its first weights (without that, int8_row at the shape below
-// lost 7% in 3 of 4 pairs: each call's first slab came cold from memory).
-//
-// Calls of fewer than kFoldDownTokens tokens take the down projections as the gate / up ones
-// (pieces of one expert's rows: few tokens make them GEMVs, which want long row ranges), then
-// the weighted sum. On the AMX host, the old path for all calls against this, interleaved:
-// DeepSeek-V3 shape, 64 experts, qlen 1024: int8_row 1.08-1.27x and bf16 1.12-1.20x faster
-// (4 of 4), but qlen 1 2-14% slower in 7 of 8; Qwen3-30B-A3B shape, 32 experts, qlen 1024:
-// int8_row 0.85-1.15x, int4 0.72-1.10x (mixed); DeepSeek-V3, 8 experts: 0.97-1.21x.
-constexpr int64_t kFoldDownTokens = 16;
-
-void down_and_sum(const LinearKernels& kern, const FloatKernels& fk, const std::vector<DownSlot>& slots,
-                  int64_t T, int64_t H, float* out) {
-  auto piece = [&](int64_t rb0, int64_t rb1) {
-    const int64_t c0 = rb0 * kRowBlock, width = (rb1 - rb0) * kRowBlock, cols = std::min(H, rb1 * kRowBlock) - c0;
-    for (int64_t t = 0; t < T; ++t) std::fill_n(out + t * H + c0, cols, 0.f);
-    thread_local AlignedVector<float> tls_y;  // each worker's own, reused across calls
-    for (size_t i = 0; i < slots.size(); ++i) {
-      const DownSlot& d = slots[i];
-      NextGemm next;
-      if (i + 1 < slots.size()) next = {slots[i + 1].w, rb0, rb1, slots[i + 1].ntok};
-      tls_y.resize(d.ntok * width);
-      kern.gemm(*d.w, *d.acts, rb0, rb1, tls_y.data(), width, next);
-      for (int64_t r = 0; r < d.ntok; ++r)
-        fk.add_scaled(out + (d.rows ? d.rows[r] : r) * H + c0, d.weights ? d.weights[r] : 1.f,
-                      tls_y.data() + r * width, cols);
-    }
-  };
-  const int64_t rbs = slots[0].w->row_blocks();
-  if (num_nodes() == 1) {
-    std::vector<std::pair<int64_t, int64_t>> pieces;
-    for (int64_t r = 0; r < rbs;) {
-      const int64_t n = std::min(rbs - r, std::max<int64_t>(2, (rbs - r) / (2 * num_threads()) / 2 * 2));
-      pieces.emplace_back(r, r + n);
-      r += n;
-    }
-    parallel_for_each(static_cast<int64_t>(pieces.size()), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) piece(pieces[i].first, pieces[i].second);
-    });
-    return;
-  }
-  parallel_for_nodes([&](int node, int nodes, int64_t part, int64_t parts) {
-    const auto [a, b] = share(rbs, node, nodes);
-    const auto [lo, hi] = share(b - a, part, parts);
-    if (lo < hi) piece(a + lo, a + hi);
   });
 }
 
@@ -165,7 +98,6 @@ bool same_layout(const PackedWeight& a, const PackedWeight& b) {
 // Per-call scratch, reused across calls on the same thread.
 struct Scratch {
   std::vector<std::vector<int64_t>> rows;  // tokens of each active expert slot
-  std::vector<std::vector<float>> wts;     // and their routing weights
   std::vector<int64_t> slot_of;            // expert -> slot, or -1
   std::vector<int64_t> pos;                // (t, j) -> row in its expert's list
   std::vector<QuantActs> acts_in, acts_up, acts_h;
@@ -224,14 +156,13 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     if (s.slot_of[e] < 0) {
       s.slot_of[e] = routed++;
       slot_expert.push_back(e);
-      if (static_cast<int64_t>(s.rows.size()) < routed) s.rows.emplace_back(), s.wts.emplace_back();
+      if (static_cast<int64_t>(s.rows.size()) < routed) s.rows.emplace_back();
       s.rows[routed - 1].clear();
-      s.wts[routed - 1].clear();
     }
+    std::vector<int64_t>& rows = s.rows[s.slot_of[e]];
     // A token routed twice to one expert (not expected) just appears twice.
-    s.pos[i] = static_cast<int64_t>(s.rows[s.slot_of[e]].size());
-    s.rows[s.slot_of[e]].push_back(i / K);
-    s.wts[s.slot_of[e]].push_back(a.weights[i]);
+    s.pos[i] = static_cast<int64_t>(rows.size());
+    rows.push_back(i / K);
   }
   const int64_t nshared = shared ? shared->experts : 0;
   const int64_t slots = routed + nshared;
@@ -301,6 +232,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   std::vector<int64_t> first_row(slots + 1, 0);
   for (int64_t sl = 0; sl < slots; ++sl) {
     size_acts(kern, mat(sl, 2), ntok(sl), &s.acts_h[sl]);
+    s.yd[sl].resize(ntok(sl) * H);
     first_row[sl + 1] = first_row[sl] + ntok(sl);
   }
   const FloatKernels& fk = float_kernels(isa);
@@ -317,19 +249,11 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     }
   });
 
-  if (T >= kFoldDownTokens) {
-    std::vector<DownSlot> downs;
-    for (int64_t sl = 0; sl < slots; ++sl)
-      downs.push_back({&mat(sl, 2), &s.acts_h[sl], sl < routed ? s.rows[sl].data() : nullptr,
-                       sl < routed ? s.wts[sl].data() : nullptr, ntok(sl)});
-    return down_and_sum(kern, fk, downs, T, H, a.out);
-  }
   segs.clear();
-  for (int64_t sl = 0; sl < slots; ++sl) {
-    s.yd[sl].resize(ntok(sl) * H);
+  for (int64_t sl = 0; sl < slots; ++sl)
     segs.push_back({&mat(sl, 2), &s.acts_h[sl], s.yd[sl].data(), ntok(sl) + 2});
-  }
   run_segments(kern, segs);
+
   // Weighted sum per token, slots in routing order: deterministic for any thread count.
   parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
