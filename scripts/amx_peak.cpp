@@ -96,6 +96,11 @@ void run_loop(const uint8_t* a, size_t a_bytes, const uint8_t* b, size_t b_bytes
   }
 }
 
+// run_loop of each Loop, in the enum's order.
+constexpr void (*kLoops[])(const uint8_t*, size_t, const uint8_t*, size_t) = {
+    &run_loop<Loop::Block2x2>, &run_loop<Loop::StreamB>,   &run_loop<Loop::DoubleBuffered2x1>,
+    &run_loop<Loop::Homes2x2>, &run_loop<Loop::PrefetchB>, &run_loop<Loop::PrefetchAB>};
+
 // TOPS of one thread: the loop, operands cycling through buffers of a_bytes /
 // b_bytes (0: no loads, the tiles stay put) that start `offset` bytes past a cache line (16:
 // every 64-byte tile row straddles two lines, as in a malloc'd buffer).
@@ -119,18 +124,8 @@ double thread_tops(Loop loop, size_t a_bytes, size_t b_bytes, size_t offset) {
       _tile_dpbusd(2, 5, 6);
       _tile_dpbusd(3, 5, 7);
     }
-  } else if (loop == Loop::Block2x2) {
-    run_loop<Loop::Block2x2>(a, a_bytes, b, b_bytes);
-  } else if (loop == Loop::StreamB) {
-    run_loop<Loop::StreamB>(a, a_bytes, b, b_bytes);
-  } else if (loop == Loop::PrefetchB) {
-    run_loop<Loop::PrefetchB>(a, a_bytes, b, b_bytes);
-  } else if (loop == Loop::PrefetchAB) {
-    run_loop<Loop::PrefetchAB>(a, a_bytes, b, b_bytes);
-  } else if (loop == Loop::Homes2x2) {
-    run_loop<Loop::Homes2x2>(a, a_bytes, b, b_bytes);
   } else {
-    run_loop<Loop::DoubleBuffered2x1>(a, a_bytes, b, b_bytes);
+    kLoops[static_cast<int>(loop)](a, a_bytes, b, b_bytes);
   }
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   _tile_release();

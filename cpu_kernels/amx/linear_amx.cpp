@@ -226,7 +226,8 @@ void full_k_block(FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1) {
 }
 #undef KTJAX_TDP
 
-// Slab shape of a call: row blocks, K steps, and the token blocks the homes hold.
+// Slab shape of a call: row blocks, K steps (at most steps), and the token blocks the homes
+// hold.
 struct SlabPlan {
   int64_t blocks, ksteps, home_tblocks;
 };
@@ -239,7 +240,7 @@ SlabPlan plan_slabs(const PackedWeight& w, int64_t steps, int64_t tblocks, int64
   // K ranges of equal length (whole chunks) that fit kSlabBytes.
   const int64_t max_steps = std::max<int64_t>(kc, kSlabBytes / (wanted * 1024) / kc * kc);
   const int64_t ranges = (steps + max_steps - 1) / max_steps;
-  const int64_t ksteps = ((steps + ranges - 1) / ranges + kc - 1) / kc * kc;
+  const int64_t ksteps = std::min(steps, ((steps + ranges - 1) / ranges + kc - 1) / kc * kc);
   return {wanted, ksteps, (tblocks + 1) / 2 * 2};
 }
 
@@ -287,7 +288,7 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
         f.next_slab.spread(f.panel(slab0) + k1 * 1024, (std::min(k1 + plan.ksteps, steps) - k1) * 1024,
                            slab1 - slab0, w.block_stride, over);
       else
-        f.next_slab.spread(slab1 < rb1 ? f.panel(slab1) : nullptr, std::min(plan.ksteps, steps) * 1024,
+        f.next_slab.spread(slab1 < rb1 ? f.panel(slab1) : nullptr, plan.ksteps * 1024,
                            std::min(slab1 + plan.blocks, rb1) - slab1, w.block_stride, over);
       pass_slab<kBf16>(f, k0, k1, kc);
     }
