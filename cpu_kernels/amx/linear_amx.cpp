@@ -8,9 +8,9 @@
 // contiguous); rows are padded to a multiple of 16 tokens, so tile loads stay in bounds.
 //  * bf16 and int8 with Row scales: TDPBF16PS / TDPBSUD accumulate over all of K in the
 //    tiles (gemm_full_k); C is scaled once at the end.
-//  * int8 / int4: TDPBSUD (signed activations x biased unsigned weights) per group, then
-//    the group's scales applied in AVX-512 registers, 16 token rows at a time, while the
-//    next group's tile product runs.
+//  * int8 / int4: one tile product per group (TDPBSSD on int8 unbiased into a buffer,
+//    TDPBSUD on int4 nibbles unpacked there), then the group's scales applied in AVX-512
+//    registers, 16 token rows at a time, while the next group's tile product runs.
 //
 // Built with -DKTJAX_AMX_EMULATE (tests only), the tile instructions run in software.
 #include <immintrin.h>
@@ -318,7 +318,6 @@ template <int P, bool kInt4, int G>
 inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t* x, int64_t g, uint8_t* bbuf) {
   const uint8_t* rec = blk + w.group_off(g);
   const int8_t* xg = x + (g * G / 64) * 1024 + g * G % 64;
-  const uint8_t* bsrc = rec;
   if (kInt4) {  // chunk p: quads 2p (low nibbles) and 2p + 1 (high) -> B rows in order
     const __m512i m = _mm512_set1_epi8(0x0f);
     for (int p = 0; p < G / 8; ++p) {
@@ -326,25 +325,39 @@ inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t*
       _mm512_store_si512(bbuf + 128 * p, _mm512_and_si512(v, m));
       _mm512_store_si512(bbuf + 128 * p + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m));
     }
-    bsrc = bbuf;
+  } else {  // unbiased (q + 128 -> q), so TDPBSSD needs no 128 * sum(q_x) correction
+    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int p = 0; p < G / 4; ++p)
+      _mm512_store_si512(bbuf + 64 * p, _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * p), bias));
   }
   // The tile intrinsics paste their tile number into asm text: literals only.
   if constexpr (P == 0) {
     _tile_zero(0);
     _tile_loadd(2, xg, 64);
-    _tile_loadd(4, bsrc, 64);
-    _tile_dpbsud(0, 2, 4);
+    _tile_loadd(4, bbuf, 64);
+    if (kInt4) _tile_dpbsud(0, 2, 4);
+    else _tile_dpbssd(0, 2, 4);
   } else {
     _tile_zero(1);
     _tile_loadd(3, xg, 64);
-    _tile_loadd(5, bsrc, 64);
-    _tile_dpbsud(1, 3, 5);
+    _tile_loadd(5, bbuf, 64);
+    if (kInt4) _tile_dpbsud(1, 3, 5);
+    else _tile_dpbssd(1, 3, 5);
   }
 }
 
 // int8 / int4, one token block x one row block. Group g + 1's tile product runs while
 // group g's int32 results are scaled in AVX-512 registers (C tiles 0 and 1 alternate).
-template <bool kInt4, int G>
+// Both halves cost alike: DeepSeek-V3 shape, 64 experts, qlen 1024, Q8_0 (Q4_K), with
+// one half switched off in turn, a layer took 135-150 (133-157) ms with tile work only,
+// 97-105 (124-132) with vector work only, 173-204 (234-267) with both; a group's tile
+// product has K = 32 (half a tile), so products alone cost twice int8_row's. Tried and
+// dropped (interleaved against this on the AMX host): 2 token x 2 row blocks per group, B
+// and scales prepared once per row pair into a panel, C tiles of 4 groups batched through
+// an L1 buffer, with or without the next batch's tile products spread between the vector
+// work; Q8_0 gained 1.25-1.33x on one host and lost 0.82-1.02x on another, Q4_0 / Q4_K
+// lost up to 0.71x.
+template <bool kInt4, int G, bool kMin>
 void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0, float* y, int64_t ldy) {
   alignas(64) int32_t cbuf[16 * 16];
   alignas(64) uint8_t bbuf[2][G * 16];
@@ -366,19 +379,25 @@ void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0
     }
     const uint8_t* rec = blk + w.group_off(g);
     const __m512 s = coef(w, blk, rec, g, 0);
-    __m512 mn = w.has_min ? coef(w, blk, rec, g, 1) : _mm512_setzero_ps();
-    // Unsigned int4 needs no bias correction; biased int8 carries 128 * sum(q_x).
-    if (!kInt4) mn = _mm512_fmadd_ps(s, _mm512_set1_ps(-128.f), mn);
+    const __m512 mn = kMin ? coef(w, blk, rec, g, 1) : _mm512_setzero_ps();
     for (int i = 0; i < 16; ++i) {
       const __m512 c = _mm512_cvtepi32_ps(_mm512_load_si512(cbuf + 16 * i));
       acc[i] = _mm512_fmadd_ps(c, _mm512_mul_ps(s, _mm512_set1_ps(xs[i * groups + g])), acc[i]);
-      acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb[i * groups + g]), acc[i]);
+      if (kMin) acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb[i * groups + g]), acc[i]);
     }
   }
   const int64_t row0 = rb * kRowBlock;
   const int valid = static_cast<int>(w.n - row0 < 16 ? w.n - row0 : 16);
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
   for (int i = 0; i < 16 && t0 + i < a.t; ++i) _mm512_mask_storeu_ps(y + (t0 + i) * ldy + row0, mask, acc[i]);
+}
+
+template <bool kInt4, int G>
+void gemm_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
+  const int64_t tblocks = (a.t + 15) / 16;
+  for (int64_t rb = rb0; rb < rb1; ++rb)
+    for (int64_t tb = 0; tb < tblocks; ++tb)
+      w.has_min ? int_block<kInt4, G, true>(w, a, rb, 16 * tb, y, ldy) : int_block<kInt4, G, false>(w, a, rb, 16 * tb, y, ldy);
 }
 
 void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
@@ -399,16 +418,10 @@ void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb
     gemm_full_k<true>(w, a, rb0, rb1, y, ldy);
   } else if (full_k) {
     gemm_full_k<false>(w, a, rb0, rb1, y, ldy);
+  } else if (w.kind == WeightKind::Int4) {
+    w.group == 16 ? gemm_int<true, 16>(w, a, rb0, rb1, y, ldy) : gemm_int<true, 32>(w, a, rb0, rb1, y, ldy);
   } else {
-    const int64_t tblocks = (a.t + 15) / 16;
-    const bool int4 = w.kind == WeightKind::Int4;
-    for (int64_t rb = rb0; rb < rb1; ++rb)
-      for (int64_t tb = 0; tb < tblocks; ++tb) {
-        if (w.group == 16)
-          int4 ? int_block<true, 16>(w, a, rb, 16 * tb, y, ldy) : int_block<false, 16>(w, a, rb, 16 * tb, y, ldy);
-        else
-          int4 ? int_block<true, 32>(w, a, rb, 16 * tb, y, ldy) : int_block<false, 32>(w, a, rb, 16 * tb, y, ldy);
-      }
+    w.group == 16 ? gemm_int<false, 16>(w, a, rb0, rb1, y, ldy) : gemm_int<false, 32>(w, a, rb0, rb1, y, ldy);
   }
   _tile_release();
 }
