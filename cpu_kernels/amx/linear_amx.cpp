@@ -331,19 +331,17 @@ inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t*
       _mm512_store_si512(bbuf + 64 * p, _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * p), bias));
   }
   // The tile intrinsics paste their tile number into asm text: literals only.
-  if constexpr (P == 0) {
-    _tile_zero(0);
-    _tile_loadd(2, xg, 64);
-    _tile_loadd(4, bbuf, 64);
-    if (kInt4) _tile_dpbsud(0, 2, 4);
-    else _tile_dpbssd(0, 2, 4);
-  } else {
-    _tile_zero(1);
-    _tile_loadd(3, xg, 64);
-    _tile_loadd(5, bbuf, 64);
-    if (kInt4) _tile_dpbsud(1, 3, 5);
-    else _tile_dpbssd(1, 3, 5);
-  }
+#define KTJAX_ISSUE(c, x, y)        \
+  do {                              \
+    _tile_zero(c);                  \
+    _tile_loadd(x, xg, 64);         \
+    _tile_loadd(y, bbuf, 64);       \
+    if (kInt4) _tile_dpbsud(c, x, y); \
+    else _tile_dpbssd(c, x, y);     \
+  } while (0)
+  if constexpr (P == 0) KTJAX_ISSUE(0, 2, 4);
+  else KTJAX_ISSUE(1, 3, 5);
+#undef KTJAX_ISSUE
 }
 
 // int8 / int4, one token block x one row block. Group g + 1's tile product runs while
