@@ -1,5 +1,6 @@
 // The AMX kernels with the tile instructions emulated in software
-// (cpu_kernels/amx/amx_emulation.h), against the AVX-512 kernels, on any AVX-512 CPU:
+// (cpu_kernels/amx/amx_emulation.h), against the scalar reference computing AMX's formula
+// (reference_kernels), on any AVX-512 CPU:
 //   scripts/amx_emulated.sh
 // Linear: each packed format, token counts around the tile sizes and large enough for K
 // chunks and token groups, odd N and K, row ranges cut as threads cut them; outputs within
@@ -85,7 +86,10 @@ void check_linear(const std::string& name, const PackedWeight& w, int64_t t, std
   const std::vector<float> x = randn(t * w.k, rng);
   Out base(t, w.n);
   const int64_t rbs = w.row_blocks();
-  run_gemm(kernels_avx512(), w, x, t, {0, rbs}, &base);
+  run_gemm(reference_kernels(Isa::Amx), w, x, t, {0, rbs}, &base);
+  QuantActs layout;
+  size_acts(kernels_amx(), w, t, &layout);
+  const bool dequant = layout.bf16 && w.kind != WeightKind::BF16;
   std::vector<float> aw(w.n * w.k);
   for (int64_t j = 0; j < w.n; ++j)
     for (int64_t k = 0; k < w.k; ++k) aw[j * w.k + k] = std::fabs(packed_value(w, j, k));
@@ -115,7 +119,7 @@ void check_linear(const std::string& name, const PackedWeight& w, int64_t t, std
         worst = std::isnan(err) ? INFINITY : std::max(worst, err);
       }
     report(worst <= 1e-4 && inside,
-           name + " n " + std::to_string(w.n) + " k " + std::to_string(w.k) + " t " + std::to_string(t) + ", " +
+           name + (dequant ? " (bf16)" : "") + " n " + std::to_string(w.n) + " k " + std::to_string(w.k) + " t " + std::to_string(t) + ", " +
                std::to_string(cuts.size() - 1) + " ranges" + (inside ? "" : ", WROTE OUTSIDE y[:t, :n]") +
                "; max |dy| / B",
            worst);
@@ -142,7 +146,7 @@ void check_moe(const std::string& fmt, int64_t tokens, bool with_shared, std::mt
   MoeArgs args{x.data(), ids.data(), wts.data(), tokens, K, y.data()};
   moe_forward(experts, with_shared ? &shared : nullptr, args, Activation::Silu, Isa::Amx);
   args.out = base.data();
-  moe_forward(experts, with_shared ? &shared : nullptr, args, Activation::Silu, Isa::Avx512);
+  moe_forward(experts, with_shared ? &shared : nullptr, args, Activation::Silu, Isa::Amx, /*reference=*/true);
   double amax = 0, worst = 0;
   for (float v : base) amax = std::max(amax, double(std::fabs(v)));
   for (size_t i = 0; i < y.size(); ++i) {  // rtol 2e-3, atol 2e-3 * max |y|

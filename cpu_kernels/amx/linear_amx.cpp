@@ -2,15 +2,21 @@
 // Dispatched only when detected_isa() is Amx (CPUID + OS tile state + the arch_prctl
 // permission requested in isa.cpp); fewer tokens go to the AVX-512 kernels.
 //
-// B tiles are the packed layout as is: a group record of 16 rows is a VNNI-ordered B tile
-// (int8: G/4 rows of 64 bytes; bf16: 16 rows of 64 bytes = 32 k). A tiles come from the
+// Every path accumulates all of K in the tiles (gemm_full_k). A tiles come from the
 // activations as prepare tiled them (QuantActs::tiled: one K step of 16 tokens is 1 KiB,
 // contiguous); rows are padded to a multiple of 16 tokens, so tile loads stay in bounds.
-//  * bf16 and int8 with Row scales: TDPBF16PS / TDPBSUD accumulate over all of K in the
-//    tiles (gemm_full_k); C is scaled once at the end.
-//  * int8 / int4: one tile product per group (TDPBSSD on int8 unbiased into a buffer,
-//    TDPBSUD on int4 nibbles unpacked there), then the group's scales applied in AVX-512
-//    registers, 16 token rows at a time, while the next group's tile product runs.
+//  * bf16 and int8 with Row scales: B tiles are the packed row block as is (VNNI-ordered,
+//    16 rows of 64 bytes per K step); TDPBF16PS / TDPBSUD, C scaled once at the end.
+//  * group-scaled int8 / int4: each slab of the weight is first dequantized to bf16 B tiles
+//    in a per-thread buffer (scale * q + min, once per call, however many tokens), then
+//    multiplied with bf16 activations like bf16 weights (see linear.h). It replaced one
+//    TDPBSSD / TDPBSUD per group with the scales applied per token row in AVX-512: a
+//    group's product had K = 32 (or 16) of a tile's 64, and the vector work per row and
+//    group only partly overlapped it. MoE against that kernel, interleaved on the AMX host:
+//    DeepSeek-V3 shape, 64 experts, qlen 1024: Q8_0 1.55-1.56x, Q4_K 1.91-1.97x, Q6_K
+//    2.5-3.3x (Q4_0 1.5-2.0x in an earlier call); qlen 256: 1.02-1.08x, 1.10-1.17x,
+//    1.48-1.51x; Qwen3-30B-A3B shape, 32 experts, qlen 1024: Q4_K 1.44-1.57x, Q6_K
+//    2.14-2.19x; qlen 128 (32 tokens per expert): Q4_K 0.98-1.00x, Q6_K 1.19-1.22x.
 //
 // Built with -DKTJAX_AMX_EMULATE (tests only), the tile instructions run in software.
 #include <immintrin.h>
@@ -20,6 +26,7 @@
 #endif
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels/linear/linear.h"
@@ -138,8 +145,12 @@ struct FullK {
   int64_t home_tblocks = 2;  // a token pair, or all token blocks when slabs cut K
   int64_t slab0 = 0, slab_len = 0;
   Prefetch next_slab{};
+  // B tiles: row block rb's K step s at b + (rb - b_rb0) * b_stride + (s - b_s0) * 1024 (the
+  // packed panels, or the slab dequantized to bf16).
+  const uint8_t* b = nullptr;
+  int64_t b_rb0 = 0, b_stride = 0, b_s0 = 0;
 
-  const uint8_t* panel(int64_t rb) const { return w.block(rb) + w.super_hdr; }
+  const uint8_t* b_tile(int64_t rb, int64_t s) const { return b + (rb - b_rb0) * b_stride + (s - b_s0) * 1024; }
   const uint8_t* a_tiles(int64_t tb, int64_t s) const { return x + (tb * steps + s) * 1024; }
   bool whole(int64_t tb, int64_t rb) const { return (tb + 1) * 16 <= a.t && (rb + 1) * kRowBlock <= w.n; }
   int32_t* home(int64_t tb, int64_t rb) const { return homes + ((tb % home_tblocks) * slab_len + rb - slab0) * 256; }
@@ -201,8 +212,8 @@ void full_k_block(FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1) {
   if constexpr (NT > 1 && NR > 1) c_begin<3>(f, tb + 1, rb + 1, first);
   const uint8_t* a0 = f.a_tiles(tb, s0);
   const uint8_t* a1 = a0 + f.steps * 1024;
-  const uint8_t* b0 = f.panel(rb) + s0 * 1024;
-  const uint8_t* b1 = f.panel(rb + NR - 1) + s0 * 1024;
+  const uint8_t* b0 = f.b_tile(rb, s0);
+  const uint8_t* b1 = f.b_tile(rb + NR - 1, s0);
   for (int64_t s = 0; s < (s1 - s0) * 1024; s += 1024) {
     f.next_slab.step();
     // Each load right before its first product, so loads overlap the products in flight.
@@ -232,8 +243,8 @@ struct SlabPlan {
   int64_t blocks, ksteps, home_tblocks;
 };
 
-SlabPlan plan_slabs(const PackedWeight& w, int64_t steps, int64_t tblocks, int64_t kc) {
-  const int64_t fit = kSlabBytes / w.block_stride;
+SlabPlan plan_slabs(int64_t panel_bytes, int64_t steps, int64_t tblocks, int64_t kc) {
+  const int64_t fit = kSlabBytes / panel_bytes;
   const int64_t whole_k = fit < 2 ? 1 : fit / 2 * 2;  // whole row pairs
   const int64_t wanted = std::min(kMaxSlabBlocks, kHomeBytes / (tblocks * 1024)) / 2 * 2;
   if (wanted <= whole_k) return {whole_k, steps, 2};
@@ -264,37 +275,6 @@ void pass_slab(FullK& f, int64_t k0, int64_t k1, int64_t kc) {
   }
 }
 
-template <bool kBf16>
-void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
-  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
-  const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
-  const SlabPlan plan = plan_slabs(w, steps, tblocks, kc);
-  // C homes between chunks: per thread, no allocation in steady state.
-  thread_local AlignedVector<int32_t> tls_homes;
-  AlignedVector<int32_t>& homes = tls_homes;
-  if (chunks > 1) homes.resize(static_cast<size_t>(plan.home_tblocks * plan.blocks * 256));
-  const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
-                           : reinterpret_cast<const uint8_t*>(a.q.data());
-  FullK f{w, a, y, ldy, steps, x, homes.data(), plan.home_tblocks};
-  for (int64_t slab0 = rb0; slab0 < rb1; slab0 += plan.blocks) {
-    const int64_t slab1 = std::min(slab0 + plan.blocks, rb1), rpairs = (slab1 - slab0 + 1) / 2;
-    f.slab0 = slab0;
-    f.slab_len = slab1 - slab0;
-    for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
-      const int64_t k1 = std::min(k0 + plan.ksteps, steps), over = tpairs * (k1 - k0) * rpairs;
-      // Prefetch the next slab: this one's rows over the next K range, else the next rows
-      // from K step 0 (none after the last).
-      if (k1 < steps)
-        f.next_slab.spread(f.panel(slab0) + k1 * 1024, (std::min(k1 + plan.ksteps, steps) - k1) * 1024,
-                           slab1 - slab0, w.block_stride, over);
-      else
-        f.next_slab.spread(slab1 < rb1 ? f.panel(slab1) : nullptr, plan.ksteps * 1024,
-                           std::min(slab1 + plan.blocks, rb1) - slab1, w.block_stride, over);
-      pass_slab<kBf16>(f, k0, k1, kc);
-    }
-  }
-}
-
 // Scale or min vector of a group record (see gemm_body.h load_coef).
 __m512 coef(const PackedWeight& w, const uint8_t* blk, const uint8_t* rec, int64_t g, int which) {
   const uint8_t* p = rec + w.group_bytes + which * w.coef_bytes;
@@ -311,116 +291,121 @@ __m512 coef(const PackedWeight& w, const uint8_t* blk, const uint8_t* rec, int64
   return _mm512_setzero_ps();
 }
 
-// Issues group g's tile product into C tile 0 + P (A tile 2 + P, B tile 4 + P); int4
-// weights are first unpacked to bytes in bbuf. x: the token block's A tiles, where group g
-// is G columns of K step g * G / 64.
-template <int P, bool kInt4, int G>
-inline void issue_group(const PackedWeight& w, const uint8_t* blk, const int8_t* x, int64_t g, uint8_t* bbuf) {
-  const uint8_t* rec = blk + w.group_off(g);
-  const int8_t* xg = x + (g * G / 64) * 1024 + g * G % 64;
-  if (kInt4) {  // chunk p: quads 2p (low nibbles) and 2p + 1 (high) -> B rows in order
-    const __m512i m = _mm512_set1_epi8(0x0f);
-    for (int p = 0; p < G / 8; ++p) {
-      const __m512i v = _mm512_loadu_si512(rec + 64 * p);
-      _mm512_store_si512(bbuf + 128 * p, _mm512_and_si512(v, m));
-      _mm512_store_si512(bbuf + 128 * p + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m));
-    }
-  } else {  // unbiased (q + 128 -> q), so TDPBSSD needs no 128 * sum(q_x) correction
-    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int p = 0; p < G / 4; ++p)
-      _mm512_store_si512(bbuf + 64 * p, _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * p), bias));
-  }
-  // The tile intrinsics paste their tile number into asm text: literals only.
-#define KTJAX_ISSUE(c, x, y)        \
-  do {                              \
-    _tile_zero(c);                  \
-    _tile_loadd(x, xg, 64);         \
-    _tile_loadd(y, bbuf, 64);       \
-    if (kInt4) _tile_dpbsud(c, x, y); \
-    else _tile_dpbssd(c, x, y);     \
-  } while (0)
-  if constexpr (P == 0) KTJAX_ISSUE(0, 2, 4);
-  else KTJAX_ISSUE(1, 3, 5);
-#undef KTJAX_ISSUE
-}
-
-// int8 / int4, one token block x one row block. Group g + 1's tile product runs while
-// group g's int32 results are scaled in AVX-512 registers (C tiles 0 and 1 alternate).
-// Both halves cost alike: DeepSeek-V3 shape, 64 experts, qlen 1024, Q8_0 (Q4_K), with
-// one half switched off in turn, a layer took 135-150 (133-157) ms with tile work only,
-// 97-105 (124-132) with vector work only, 173-204 (234-267) with both; a group's tile
-// product has K = 32 (half a tile), so products alone cost twice int8_row's. Tried and
-// dropped (interleaved against this on the AMX host): 2 token x 2 row blocks per group, B
-// and scales prepared once per row pair into a panel, C tiles of 4 groups batched through
-// an L1 buffer, with or without the next batch's tile products spread between the vector
-// work; Q8_0 gained 1.25-1.33x on one host and lost 0.82-1.02x on another, Q4_0 / Q4_K
-// lost up to 0.71x.
-template <bool kInt4, int G, bool kMin>
-void int_block(const PackedWeight& w, const QuantActs& a, int64_t rb, int64_t t0, float* y, int64_t ldy) {
-  alignas(64) int32_t cbuf[16 * 16];
-  alignas(64) uint8_t bbuf[2][G * 16];
-  const int64_t groups = w.kp / G;
-  const uint8_t* blk = w.block(rb);
-  const int8_t* x = a.q.data() + a.offset(t0, 0);
-  const float* xs = a.scale.data() + t0 * groups;
-  const float* xb = a.bsum.data() + t0 * groups;
-  __m512 acc[16];
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  issue_group<0, kInt4, G>(w, blk, x, 0, bbuf[0]);
-  for (int64_t g = 0; g < groups; ++g) {
-    if (g % 2 == 0) {
-      if (g + 1 < groups) issue_group<1, kInt4, G>(w, blk, x, g + 1, bbuf[1]);
-      _tile_stored(0, cbuf, 64);
-    } else {
-      if (g + 1 < groups) issue_group<0, kInt4, G>(w, blk, x, g + 1, bbuf[0]);
-      _tile_stored(1, cbuf, 64);
-    }
-    const uint8_t* rec = blk + w.group_off(g);
-    const __m512 s = coef(w, blk, rec, g, 0);
-    const __m512 mn = kMin ? coef(w, blk, rec, g, 1) : _mm512_setzero_ps();
-    for (int i = 0; i < 16; ++i) {
-      const __m512 c = _mm512_cvtepi32_ps(_mm512_load_si512(cbuf + 16 * i));
-      acc[i] = _mm512_fmadd_ps(c, _mm512_mul_ps(s, _mm512_set1_ps(xs[i * groups + g])), acc[i]);
-      if (kMin) acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb[i * groups + g]), acc[i]);
-    }
-  }
-  const int64_t row0 = rb * kRowBlock;
-  const int valid = static_cast<int>(w.n - row0 < 16 ? w.n - row0 : 16);
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-  for (int i = 0; i < 16 && t0 + i < a.t; ++i) _mm512_mask_storeu_ps(y + (t0 + i) * ldy + row0, mask, acc[i]);
-}
-
+// Group g of row block blk, dequantized (scale * q + min in one rounding, then to bf16, as
+// the scalar reference) into G / 2 rows of a bf16 B tile (row r: k 2r and 2r + 1 of the 16
+// weight rows, VNNI pairs). A quad of the packed group (k 4q..4q+3 of the 16 rows, 64
+// bytes) becomes rows 2q and 2q + 1.
 template <bool kInt4, int G>
-void gemm_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
-  const int64_t tblocks = (a.t + 15) / 16;
+void dequant_group(const PackedWeight& w, const uint8_t* blk, int64_t g, uint8_t* rows) {
+  const uint8_t* rec = blk + w.group_off(g);
+  const __m512 s = coef(w, blk, rec, g, 0);
+  const __m512 m = w.has_min ? coef(w, blk, rec, g, 1) : _mm512_setzero_ps();
+  // Lanes of quarter i of a quad are rows 4i..4i+3, 4 k each.
+  __m512 sq[4], mq[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(4 * i), _mm512_srli_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2));
+    sq[i] = _mm512_permutexvar_ps(idx, s);
+    mq[i] = _mm512_permutexvar_ps(idx, m);
+  }
+  // Dwords of two bf16 vectors [rows 0-7 | rows 8-15], each row (k 4q, 4q+1) then (4q+2, 4q+3).
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  alignas(64) int8_t q[64];  // the quad's values as signed bytes
+  for (int p = 0; p < G / 4; ++p) {
+    if (kInt4) {  // chunk c: quads 2c (low nibbles) and 2c + 1 (high)
+      const __m512i v = _mm512_loadu_si512(rec + 64 * (p / 2));
+      _mm512_store_si512(q, _mm512_and_si512(p % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f)));
+    } else {  // stored q + 128
+      _mm512_store_si512(q, _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * p), _mm512_set1_epi8(static_cast<char>(0x80))));
+    }
+    __m512 f[4];
+    for (int i = 0; i < 4; ++i)
+      f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * i)))),
+                             sq[i], mq[i]);
+    const __m512i lo = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
+    const __m512i hi = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2]));
+    _mm512_store_si512(rows + 128 * p, _mm512_permutex2var_epi32(lo, even, hi));
+    _mm512_store_si512(rows + 128 * p + 64, _mm512_permutex2var_epi32(lo, odd, hi));
+  }
+}
+
+// Row blocks [rb0, rb1) of a group-scaled w over bf16 K steps [s0, s1) (32 k each) as bf16
+// B tiles: row block rb's step s at out + ((rb - rb0) * (s1 - s0) + s - s0) * 1024.
+template <bool kInt4, int G>
+void dequant_slab(const PackedWeight& w, int64_t rb0, int64_t rb1, int64_t s0, int64_t s1, uint8_t* out) {
   for (int64_t rb = rb0; rb < rb1; ++rb)
-    for (int64_t tb = 0; tb < tblocks; ++tb)
-      w.has_min ? int_block<kInt4, G, true>(w, a, rb, 16 * tb, y, ldy) : int_block<kInt4, G, false>(w, a, rb, 16 * tb, y, ldy);
+    for (int64_t s = s0; s < s1; ++s, out += 1024)
+      for (int64_t g = s * 32 / G; g < (s + 1) * 32 / G; ++g)
+        dequant_group<kInt4, G>(w, w.block(rb), g, out + (g * G % 32) * 32);
+}
+
+// {offset, bytes} inside a packed row block of the K steps [s0, s1) a call reads: steps of
+// the packed tiles, or (dequant) of 32 k over the group records and super-block headers.
+std::pair<int64_t, int64_t> packed_span(const PackedWeight& w, bool dequant, int64_t s0, int64_t s1) {
+  if (!dequant) return {w.super_hdr + s0 * 1024, (s1 - s0) * 1024};
+  const int64_t g0 = s0 * 32 / w.group, g1 = s1 * 32 / w.group;  // whole super-blocks with their headers
+  return {w.super_off(g0), w.super_off(g1 - 1) + w.super_bytes - w.super_off(g0)};
+}
+
+// The full-K kernels over row blocks [rb0, rb1). kDequant: w is group-scaled int8 / int4
+// (kInt4, G) and each slab is dequantized to bf16 tiles in a per-thread buffer first, then
+// multiplied as bf16 weights are; the packed slab it reads was prefetched into L2 while the
+// previous slab computed.
+template <bool kBf16, bool kDequant = false, bool kInt4 = false, int G = 32>
+void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
+  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
+  const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
+  const SlabPlan plan = plan_slabs(kDequant ? steps * 1024 : w.block_stride, steps, tblocks, kc);
+  // C homes between chunks and the dequantized slab: per thread, no allocation in steady
+  // state.
+  thread_local AlignedVector<int32_t> tls_homes;
+  thread_local AlignedVector<uint8_t> tls_slab;
+  AlignedVector<int32_t>& homes = tls_homes;
+  if (chunks > 1) homes.resize(static_cast<size_t>(plan.home_tblocks * plan.blocks * 256));
+  if (kDequant) tls_slab.resize(static_cast<size_t>(plan.blocks * plan.ksteps * 1024));
+  const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())
+                           : reinterpret_cast<const uint8_t*>(a.q.data());
+  FullK f{w, a, y, ldy, steps, x, homes.data(), plan.home_tblocks};
+  if (!kDequant) {
+    f.b = w.data.get() + w.super_hdr;
+    f.b_stride = w.block_stride;
+  }
+  for (int64_t slab0 = rb0; slab0 < rb1; slab0 += plan.blocks) {
+    const int64_t slab1 = std::min(slab0 + plan.blocks, rb1), rpairs = (slab1 - slab0 + 1) / 2;
+    f.slab0 = slab0;
+    f.slab_len = slab1 - slab0;
+    for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
+      const int64_t k1 = std::min(k0 + plan.ksteps, steps), over = tpairs * (k1 - k0) * rpairs;
+      if (kDequant) {
+        dequant_slab<kInt4, G>(w, slab0, slab1, k0, k1, tls_slab.data());
+        f.b = tls_slab.data();
+        f.b_rb0 = slab0;
+        f.b_stride = (k1 - k0) * 1024;
+        f.b_s0 = k0;
+      }
+      // Prefetch the next slab: this one's rows over the next K range, else the next rows
+      // from K step 0 (none after the last).
+      const bool next_k = k1 < steps;
+      const int64_t n0 = next_k ? slab0 : slab1, n1 = next_k ? slab1 : std::min(slab1 + plan.blocks, rb1);
+      const auto [off, bytes] = next_k ? packed_span(w, kDequant, k1, std::min(k1 + plan.ksteps, steps))
+                                       : packed_span(w, kDequant, 0, plan.ksteps);
+      f.next_slab.spread(n0 < n1 ? w.block(n0) + off : nullptr, bytes, n1 - n0, w.block_stride, over);
+      pass_slab<kBf16>(f, k0, k1, kc);
+    }
+  }
 }
 
 void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   if (!a.tiled) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy);
   TileConfig cfg;
-  const bool full_k = w.kind == WeightKind::BF16 || w.scale_enc == ScaleEnc::Row;
-  if (full_k) {  // all tiles 16 rows x 64 bytes
-    for (int i = 0; i < 8; ++i) configure(i, 16, 64, &cfg);
-  } else {  // C 0-1, A 2-3, B 4-5 (two sets, alternating by group)
-    for (int p = 0; p < 2; ++p) {
-      configure(p, 16, 64, &cfg);
-      configure(2 + p, 16, w.group, &cfg);
-      configure(4 + p, w.group / 4, 64, &cfg);
-    }
-  }
+  for (int i = 0; i < 8; ++i) configure(i, 16, 64, &cfg);  // all tiles 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
-  if (w.kind == WeightKind::BF16) {
-    gemm_full_k<true>(w, a, rb0, rb1, y, ldy);
-  } else if (full_k) {
-    gemm_full_k<false>(w, a, rb0, rb1, y, ldy);
-  } else if (w.kind == WeightKind::Int4) {
-    w.group == 16 ? gemm_int<true, 16>(w, a, rb0, rb1, y, ldy) : gemm_int<true, 32>(w, a, rb0, rb1, y, ldy);
-  } else {
-    w.group == 16 ? gemm_int<false, 16>(w, a, rb0, rb1, y, ldy) : gemm_int<false, 32>(w, a, rb0, rb1, y, ldy);
-  }
+  const bool int4 = w.kind == WeightKind::Int4, g16 = w.group == 16;
+  if (w.kind == WeightKind::BF16) gemm_full_k<true>(w, a, rb0, rb1, y, ldy);
+  else if (!a.bf16) gemm_full_k<false>(w, a, rb0, rb1, y, ldy);  // Row scales
+  else if (int4) g16 ? gemm_full_k<true, true, true, 16>(w, a, rb0, rb1, y, ldy) : gemm_full_k<true, true, true, 32>(w, a, rb0, rb1, y, ldy);
+  else g16 ? gemm_full_k<true, true, false, 16>(w, a, rb0, rb1, y, ldy) : gemm_full_k<true, true, false, 32>(w, a, rb0, rb1, y, ldy);
   _tile_release();
 }
 
@@ -428,7 +413,7 @@ void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb
 
 const LinearKernels& kernels_amx() {
   // prepare is AVX-512's: it writes tiled rows as well (QuantActs::q_at).
-  static const LinearKernels k{kernels_avx512().prepare, &gemm_amx, kAmxMinTokens};
+  static const LinearKernels k{kernels_avx512().prepare, &gemm_amx, kAmxMinTokens, kAmxMinTokens};
   return k;
 }
 

@@ -2,6 +2,7 @@
 // reading the packed layout through packed_value-style addressing. Baseline x86-64.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu_kernels/linear/linear.h"
 #include "cpu_kernels/quants/float_bits.h"
@@ -54,7 +55,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         v[j] = k < w.k ? x[i * ldx + k] : 0.f;
         if (!std::isfinite(v[j])) return false;  // before any float -> int conversion
       }
-      if (w.kind == WeightKind::BF16) {
+      if (out->bf16) {
         for (int64_t j = 0; j < G; ++j) out->bf[i * kp + g * G + j] = f32_to_bf16(v[j]);
         continue;
       }
@@ -73,25 +74,37 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
       row_bsum += out->bsum[i * groups + g];
     }
-    if (per_token && w.kind != WeightKind::BF16) out->row_bsum[i] = row_bsum;
+    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum;
   }
   return true;
+}
+
+// Weight (r, k) of a row block as bf16 (as float): bf16 weights as stored; int weights
+// dequantized, scale * q + min in one rounding, then rounded to bf16.
+float bf16_weight(const PackedWeight& w, const uint8_t* blk, int r, int64_t k) {
+  if (w.kind == WeightKind::BF16) {
+    uint16_t b;
+    std::memcpy(&b, blk + (k / 2) * 64 + r * 4 + (k % 2) * 2, 2);
+    return bf16_to_f32(b);
+  }
+  const int64_t g = k / w.group;
+  const float v = std::fma(coef(w, blk, r, g, false), static_cast<float>(stored_q(w, blk, r, k)),
+                           w.has_min ? coef(w, blk, r, g, true) : 0.f);
+  return bf16_to_f32(f32_to_bf16(v));
 }
 
 void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
           int64_t ldy) {
   const int64_t groups = w.kp / w.group;
+  std::vector<float> wrow(a.bf16 ? w.kp : 0);
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     const uint8_t* blk = w.block(rb);
-    for (int r = 0; r < kRowBlock && rb * kRowBlock + r < w.n; ++r)
+    for (int r = 0; r < kRowBlock && rb * kRowBlock + r < w.n; ++r) {
+      for (size_t k = 0; k < wrow.size(); ++k) wrow[k] = bf16_weight(w, blk, r, static_cast<int64_t>(k));
       for (int64_t t = 0; t < a.t; ++t) {
         float acc = 0.f;
-        if (w.kind == WeightKind::BF16) {
-          for (int64_t k = 0; k < w.kp; ++k) {
-            uint16_t b;
-            std::memcpy(&b, blk + (k / 2) * 64 + r * 4 + (k % 2) * 2, 2);
-            acc += bf16_to_f32(b) * bf16_to_f32(a.bf[t * a.kp + k]);
-          }
+        if (a.bf16) {
+          for (int64_t k = 0; k < w.kp; ++k) acc += wrow[k] * bf16_to_f32(a.bf[t * a.kp + k]);
         } else {
           for (int64_t g = 0; g < groups; ++g) {
             int dot = 0;
@@ -104,6 +117,7 @@ void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, f
         }
         y[t * ldy + rb * kRowBlock + r] = acc;
       }
+    }
   }
 }
 

@@ -102,7 +102,7 @@ void bind_linear(py::module_& m) {
       py::arg("handle"), py::arg("index") = 0, "Decodes a stored weight to float32 [N, K] (exact).");
   m.def(
       "linear_forward",
-      [](F32Array x, int64_t handle, const std::string& isa) {
+      [](F32Array x, int64_t handle, const std::string& isa, bool reference) {
         auto sw = store_get(handle);
         const PackedWeight& w = dense(*sw, handle);
         if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D [T, K]");
@@ -116,12 +116,13 @@ void bind_linear(py::module_& m) {
         const int64_t t = x.shape(0);
         {
           py::gil_scoped_release nogil;
-          linear_forward(w, xp, t, yp, level);
+          linear_forward(w, xp, t, yp, level, reference);
         }
         return y;
       },
-      py::arg("x"), py::arg("handle"), py::arg("isa") = "",
-      "y[T, N] = x[T, K] @ W^T with the given ISA level ('' = active).");
+      py::arg("x"), py::arg("handle"), py::arg("isa") = "", py::arg("reference") = false,
+      "y[T, N] = x[T, K] @ W^T with the given ISA level ('' = active; reference: the scalar "
+      "kernels computing its formula).");
   m.def(
       "time_linear",
       [](const std::vector<int64_t>& handles, F32Array x, const std::string& isa, int iters) {

@@ -241,7 +241,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
     for (int64_t g = 0; g < groups; ++g) {
       const float* src = group_src(g);
       if (!per_token && !finite(src)) return false;
-      if (w.kind == WeightKind::BF16) {
+      if (out->bf16) {
         for (int h = 0; h < G; h += 16) V::to_bf16(src + h, out->bf_at(i, g * G + h));
         continue;
       }
@@ -253,7 +253,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
       row_bsum += out->bsum[i * groups + g];
     }
-    if (per_token && w.kind != WeightKind::BF16) out->row_bsum[i] = row_bsum;
+    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum;
   }
   return true;
 }

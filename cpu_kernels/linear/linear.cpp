@@ -24,12 +24,23 @@ const LinearKernels& kernels_for(Isa isa) {
   return kernels_generic();
 }
 
-void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a) {
+const LinearKernels& reference_kernels(Isa like) {
+  const LinearKernels& g = kernels_generic();
+  static const LinearKernels amx_formula{g.prepare, g.gemm, 0, kernels_amx().bf16_group_tokens};
+  return clamp_isa(like) == Isa::Amx ? amx_formula : g;
+}
+
+void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a, int64_t layout_t) {
+  const int64_t n = layout_t > 0 ? layout_t : t;
+  // Group-scaled int weights go to bf16 only in whole 32-k steps (every GGUF type and pack
+  // format has them); others keep int8 rows, untiled.
+  const bool grouped = w.kind != WeightKind::BF16 && w.scale_enc != ScaleEnc::Row;
+  const bool to_bf16 = grouped && kern.bf16_group_tokens > 0 && n >= kern.bf16_group_tokens && w.kp % 32 == 0;
   a->t = t;
   a->kp = w.kp;
   a->group = w.group;
-  a->bf16 = w.kind == WeightKind::BF16;
-  a->tiled = kern.tile_tokens > 0 && t >= kern.tile_tokens;
+  a->bf16 = w.kind == WeightKind::BF16 || to_bf16;
+  a->tiled = kern.tile_tokens > 0 && n >= kern.tile_tokens && (!grouped || to_bf16);
   const int64_t rows = (t + 15) / 16 * 16;
   const int64_t bytes = rows * (a->tiled ? a->steps() * 64 : a->row_bytes());
   if (a->bf16) {
@@ -43,6 +54,7 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
 }
 
 void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
+  if (src.bf16 != dst->bf16 || src.kp != dst->kp) throw std::logic_error("copy_act_row: activation layouts differ");
   const uint8_t* s = src.bf16 ? reinterpret_cast<const uint8_t*>(src.bf.data())
                               : reinterpret_cast<const uint8_t*>(src.q.data());
   uint8_t* d = src.bf16 ? reinterpret_cast<uint8_t*>(dst->bf.data()) : reinterpret_cast<uint8_t*>(dst->q.data());
@@ -64,8 +76,8 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
 }
 
 bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,
-                 int64_t ldx, QuantActs* out) {
-  size_acts(kern, w, t, out);
+                 int64_t ldx, QuantActs* out, int64_t layout_t) {
+  size_acts(kern, w, t, out, layout_t);
   if (t * w.k < (int64_t{1} << 16)) return kern.prepare(w, x, 0, t, ldx, out);
   std::atomic<bool> ok{true};
   parallel_for(t, [&](int64_t b, int64_t e) {
@@ -74,9 +86,9 @@ bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* 
   return ok;
 }
 
-void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa) {
+void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa, bool reference) {
   if (t <= 0) return;
-  const LinearKernels& kern = kernels_for(isa);
+  const LinearKernels& kern = reference ? reference_kernels(isa) : kernels_for(isa);
   // Reused across calls (no allocation in steady state). Bound to a plain reference: a
   // lambda naming the thread_local itself would see each worker's own copy.
   thread_local QuantActs tls_acts;

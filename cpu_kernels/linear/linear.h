@@ -5,7 +5,13 @@
 //   y[t, n] = sum_g (scale_w[n,g] * scale_x[t,g]) * sum_{k in g} q_w * q_x
 //                  + min_w[n,g] * scale_x[t,g] * sum_{k in g} q_x
 // bf16 weights round activations to bf16 (vdpbf16ps). Every ISA computes this same
-// formula; results differ only in float summation order.
+// formula, except that AMX calls of >= 16 tokens on group-scaled int weights round the
+// activations to bf16 and multiply the weights dequantized to bf16 (scale * q + min, one
+// rounding): there a group's tile product has only 32 (or 16) of a tile's 64 k and its
+// int32 result needs scaling per token row, which made the int8 formula 1.5-3x slower at
+// 1024 tokens (amx/linear_amx.cpp).
+// reference_kernels gives each level's formula in scalar code; results differ from it only
+// in float summation order.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +62,9 @@ struct LinearKernels {
                int64_t ldy);
   // Calls with at least this many tokens take their activations tiled (0: never).
   int64_t tile_tokens = 0;
+  // Calls with at least this many tokens (0: never) on group-scaled int weights take bf16
+  // activations and multiply them by the weights dequantized to bf16 (AMX).
+  int64_t bf16_group_tokens = 0;
 };
 
 const LinearKernels& kernels_generic();
@@ -66,10 +75,14 @@ const LinearKernels& kernels_avx512();
 const LinearKernels& kernels_amx();
 // Kernels of the given level, clamped to the machine's.
 const LinearKernels& kernels_for(Isa isa);
+// The scalar kernels with the activations kernels_for(like) gives a call: the formula that
+// level computes, element by element (its tests' reference).
+const LinearKernels& reference_kernels(Isa like);
 
-// Sizes a's buffers for t tokens of weight w, in the layout kern's gemm reads (prepare
-// expects this).
-void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a);
+// Sizes a's buffers for t tokens of weight w, in the layout kern's gemm reads for a call of
+// layout_t tokens (0: t) (prepare expects this).
+void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a,
+               int64_t layout_t = 0);
 
 // Copies token row r of src (scales included) into row i of dst; same weight layout, either
 // tiling.
@@ -78,11 +91,12 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i);
 // Sizes out for t tokens and prepares all of them, threaded over tokens when the call is
 // large. Returns false on NaN/Inf in x.
 bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,
-                 int64_t ldx, QuantActs* out);
+                 int64_t ldx, QuantActs* out, int64_t layout_t = 0);
 
 // y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks. Throws std::invalid_argument
-// when x holds NaN/Inf.
-void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa);
+// when x holds NaN/Inf. reference: the scalar kernels computing isa's formula.
+void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa,
+                    bool reference = false);
 
 // Benchmark support: seconds per call of linear_forward over `mats` in turn (rotating so
 // weights come from memory), and the machine's read bandwidth in GB/s (all pool threads

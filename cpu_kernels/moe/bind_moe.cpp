@@ -93,19 +93,20 @@ void bind_moe(py::module_& m) {
   m.def(
       "moe_forward",
       [](Arr<float> x, Arr<int32_t> ids, Arr<float> wts, int64_t handle, int64_t shared_handle,
-         const std::string& act, const std::string& isa) {
+         const std::string& act, const std::string& isa, bool reference) {
         Call c = make_call(x, ids, wts, handle, shared_handle);
         const Activation a = parse_act(act);
         const Isa level = isa.empty() ? active_isa() : clamp_isa(parse_isa(isa));
         py::array_t<float> out({c.args.t, c.ex.hidden});
         c.args.out = out.mutable_data();
         py::gil_scoped_release nogil;
-        moe_forward(c.ex, shared_handle ? &c.shared : nullptr, c.args, a, level);
+        moe_forward(c.ex, shared_handle ? &c.shared : nullptr, c.args, a, level, reference);
         return out;
       },
       py::arg("x"), py::arg("expert_ids"), py::arg("expert_weights"), py::arg("handle"),
       py::arg("shared_handle") = 0, py::arg("activation") = "silu", py::arg("isa") = "",
-      "Fused MoE on numpy arrays: out[T, H].");
+      py::arg("reference") = false,
+      "Fused MoE on numpy arrays: out[T, H] (reference: the scalar kernels computing isa's formula).");
   m.def(
       "time_moe",
       [](Arr<float> x, const std::vector<Arr<int32_t>>& ids, Arr<float> wts,

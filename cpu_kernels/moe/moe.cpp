@@ -103,6 +103,7 @@ struct Scratch {
   std::vector<QuantActs> acts_in, acts_up, acts_h;
   std::vector<std::vector<float>> yg, yu, yd;
   QuantActs all_x, all_x_shared;
+  QuantActs all_x_untiled;  // int8 rows for experts below the tile size when all_x is bf16
 };
 
 }  // namespace
@@ -126,7 +127,7 @@ ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
 }
 
 void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a, Activation act,
-                 Isa isa) {
+                 Isa isa, bool reference) {
   const int64_t T = a.t, K = a.k, H = ex.hidden;
   if (shared && shared->hidden != H)
     throw std::invalid_argument("shared experts have hidden size " + std::to_string(shared->hidden) +
@@ -142,7 +143,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
                                   std::to_string(i % K) + " is NaN or Inf");
   }
   if (T == 0) return;
-  const LinearKernels& kern = kernels_for(isa);
+  const LinearKernels& kern = reference ? reference_kernels(isa) : kernels_for(isa);
   thread_local Scratch tls;
   Scratch& s = tls;  // a plain reference: lambdas must not name the thread_local
 
@@ -188,6 +189,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   }
   std::vector<const QuantActs*> in(slots), in_up(slots);
   std::vector<int64_t> to_gather;  // slots whose token rows are copied out of all_x
+  bool need_untiled = false;
   for (int64_t sl = 0; sl < slots; ++sl) {
     const PackedWeight &gw = mat(sl, 0), &uw = mat(sl, 1);
     const QuantActs& src = (sl >= routed && !shared_same) ? s.all_x_shared : s.all_x;
@@ -202,6 +204,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
       size_acts(kern, gw, ntok(sl), &s.acts_in[sl]);
       to_gather.push_back(sl);
       in[sl] = &s.acts_in[sl];
+      need_untiled = need_untiled || s.acts_in[sl].bf16 != s.all_x.bf16;
     }
     in_up[sl] = in[sl];
     if (!same_layout(gw, uw)) {  // up packed differently from gate: quantize for it
@@ -214,9 +217,14 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     s.yg[sl].resize(ntok(sl) * gw.n);
     s.yu[sl].resize(ntok(sl) * uw.n);
   }
-  // Routed slots only (shared ones take all_x as is), so the source is always all_x.
+  // Routed slots only (shared ones take all_x as is), so the source is all_x, or its int8
+  // rows for experts with too few tokens for bf16 tiles.
+  if (need_untiled) prepare_all(kern, g0, a.x, T, H, &s.all_x_untiled, 1);
   parallel_for(static_cast<int64_t>(to_gather.size()), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) gather_acts(s.all_x, s.rows[to_gather[i]], &s.acts_in[to_gather[i]]);
+    for (int64_t i = b; i < e; ++i) {
+      QuantActs& dst = s.acts_in[to_gather[i]];
+      gather_acts(dst.bf16 == s.all_x.bf16 ? s.all_x : s.all_x_untiled, s.rows[to_gather[i]], &dst);
+    }
   });
 
   // gate and up projections of every active expert in one pass over the pool.
@@ -235,7 +243,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     s.yd[sl].resize(ntok(sl) * H);
     first_row[sl + 1] = first_row[sl] + ntok(sl);
   }
-  const FloatKernels& fk = float_kernels(isa);
+  const FloatKernels& fk = float_kernels(reference ? Isa::Generic : isa);
   parallel_for(first_row[slots], [&](int64_t b, int64_t e) {
     for (int64_t sl = 0; sl < slots; ++sl) {
       const int64_t r0 = std::max(b, first_row[sl]) - first_row[sl];

@@ -31,9 +31,9 @@ struct MoeArgs {
 };
 
 // Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights.
-// `shared` may be null.
+// `shared` may be null. reference: the scalar kernels computing isa's formula.
 void moe_forward(const ExpertSet& experts, const ExpertSet* shared, const MoeArgs& a,
-                 Activation act, Isa isa);
+                 Activation act, Isa isa, bool reference = false);
 
 // Builds an expert set: per expert, gate and up [inter, hidden] and down [hidden, inter]
 // from GGUF data (3-D expert tensors, expert-major; float types become float_fmt) or

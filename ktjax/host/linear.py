@@ -88,12 +88,14 @@ def linear_layered(x: jax.Array, layer: jax.Array, handles: tuple[int, ...],
         x, layer.astype(np.int32), handles=np.asarray(handles, np.int64))
 
 
-def linear_forward(x: np.ndarray, handle: int, isa: str = "") -> np.ndarray:
-    """Direct (non-XLA) call on numpy ``x[T, K]`` with a given ISA level ('' = active)."""
+def linear_forward(x: np.ndarray, handle: int, isa: str = "", reference: bool = False) -> np.ndarray:
+    """Direct (non-XLA) call on numpy ``x[T, K]`` with a given ISA level ('' = active);
+    ``reference``: the scalar kernel computing that level's formula."""
     return _native_call(_native.linear_forward, np.ascontiguousarray(x, dtype=np.float32),
-                        int(handle), isa)
+                        int(handle), isa, reference)
 
 
-def linear_reference(x: np.ndarray, handle: int) -> np.ndarray:
-    """The scalar reference kernel on numpy ``x[T, K]``."""
-    return linear_forward(x, handle, "generic")
+def linear_reference(x: np.ndarray, handle: int, like: str = "generic") -> np.ndarray:
+    """The scalar reference kernel on numpy ``x[T, K]``, computing the formula of ISA level
+    ``like`` (AMX multiplies group-scaled weights at >= 16 tokens in bf16)."""
+    return linear_forward(x, handle, like, reference=True)

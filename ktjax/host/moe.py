@@ -55,19 +55,22 @@ def moe(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, handle: 
 
 
 def moe_forward(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, handle: int, *,
-                shared_handle: int = 0, activation: str = "silu", isa: str = "") -> np.ndarray:
-    """Direct (non-XLA) call on numpy arrays with a given ISA level ('' = active)."""
+                shared_handle: int = 0, activation: str = "silu", isa: str = "",
+                reference: bool = False) -> np.ndarray:
+    """Direct (non-XLA) call on numpy arrays with a given ISA level ('' = active);
+    ``reference``: the scalar kernels computing that level's formula."""
     return _native_call(_native.moe_forward, np.ascontiguousarray(x, dtype=np.float32),
                         np.ascontiguousarray(expert_ids, dtype=np.int32),
                         np.ascontiguousarray(expert_weights, dtype=np.float32),
-                        int(handle), int(shared_handle), activation, isa)
+                        int(handle), int(shared_handle), activation, isa, reference)
 
 
 def moe_reference(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, handle: int, *,
-                  shared_handle: int = 0, activation: str = "silu") -> np.ndarray:
-    """The scalar reference kernels on numpy arrays."""
+                  shared_handle: int = 0, activation: str = "silu", like: str = "generic") -> np.ndarray:
+    """The scalar reference kernels, computing the formula of ISA level ``like`` (AMX
+    multiplies group-scaled weights in bf16 for experts with >= 16 tokens)."""
     return moe_forward(x, expert_ids, expert_weights, handle, shared_handle=shared_handle,
-                       activation=activation, isa="generic")
+                       activation=activation, isa=like, reference=True)
 
 
 def moe_layered(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, layer: jax.Array,
