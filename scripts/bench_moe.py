@@ -29,8 +29,10 @@ SHAPES = {  # hidden, intermediate, experts in the model, top-k
 }
 T = gguf.GGMLQuantizationType
 # Random GGUF data of these types packs to the format: int8/g32 (Q8_0 as is), int8/row (bf16
-# converted at load, as kt-kernel's int8), int4/g32+min, bf16.
-RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16}
+# converted at load, as kt-kernel's int8), int4/g32+min, bf16; q4_k and q6_k as real
+# Q4_K_M files hold their experts (int4/g32 + min and int8/g16, K-quant scales).
+RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16, "q4_k": T.Q4_K, "q6_k": T.Q6_K}
+F16_FACTORS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_K: (0, 2), T.Q6_K: (208,)}  # byte offsets of d (, dmin)
 
 
 def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -40,7 +42,8 @@ def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.n
         return bits.view(np.uint8)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    raw[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d: a finite scale
+    for off in F16_FACTORS[qtype]:  # finite scales
+        raw[:, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     return raw
 
 
@@ -49,7 +52,8 @@ def make_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.G
     mats = [random_raw(qt, experts * inter, hidden, rng), random_raw(qt, experts * inter, hidden, rng),
             random_raw(qt, experts * hidden, inter, rng)]
     return _native.pack_experts_gguf(mats[0].reshape(-1), int(qt), mats[1].reshape(-1), int(qt),
-                                     mats[2].reshape(-1), int(qt), experts, hidden, inter, fmt)
+                                     mats[2].reshape(-1), int(qt), experts, hidden, inter,
+                                     fmt if qt == T.BF16 else "int8")
 
 
 def report_overhead(top_k: int, bw: float, as_json: bool) -> None:
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES))
     ap.add_argument("--qlen", default="1,32")
-    ap.add_argument("--format", default="int8", help="comma list of int8, int8_row, int4, bf16")
+    ap.add_argument("--format", default="int8", help="comma list of " + ", ".join(RAW_TYPES))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experts", type=int, default=0, help="experts per layer (default: min(model, 2*top_k))")
     ap.add_argument("--layers", type=int, default=2)

@@ -31,9 +31,9 @@ g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o /tmp/a
   { /tmp/amx_peak 1; /tmp/amx_peak "$(nproc)"; } | tee -a "$B"
 # qlen 1: 4 layers x 8 touched experts (1.5 GB per rotation, 5x the L3) for bandwidth;
 # qlen 32 / 1024: 64 experts per layer, as kt_moe_bench's dsv3 shape, for TFLOPS.
-timeout 90 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8,int8_row,int4,bf16 --threads 16 \
+timeout 110 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8,int8_row,int4,bf16,q4_k --threads 16 \
   --experts 16 --layers 4 --min-time 0.3 --json --overhead | tee -a "$B"
-timeout 200 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16 \
+timeout 280 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16,q4_k,q6_k \
   --threads 16 --experts 64 --layers 2 --min-time 0.3 --json | tee -a "$B"
 
 KT=$(ls .peers/ktk-dev/kt_kernel/_kt_kernel_ext_amx*.so 2>/dev/null | head -1)
