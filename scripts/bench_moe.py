@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from ktjax import _native
+from ktjax.gguf.quants import F16_FIELD_OFFSETS
 
 SHAPES = {  # hidden, intermediate, experts in the model, top-k
     "deepseek-v3": (7168, 2048, 256, 8),
@@ -32,7 +33,6 @@ T = gguf.GGMLQuantizationType
 # converted at load, as kt-kernel's int8), int4/g32+min, bf16; q4_k and q6_k as real
 # Q4_K_M files hold their experts (int4/g32 + min and int8/g16, K-quant scales).
 RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16, "q4_k": T.Q4_K, "q6_k": T.Q6_K}
-F16_FACTORS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_K: (0, 2), T.Q6_K: (208,)}  # byte offsets of d (, dmin)
 
 
 def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -42,7 +42,7 @@ def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.n
         return bits.view(np.uint8)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    for off in F16_FACTORS[qtype]:  # finite scales
+    for off in F16_FIELD_OFFSETS[qtype]:  # finite scales
         raw[:, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     return raw
 

@@ -45,14 +45,10 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 
-void configure(int idx, int rows, int colsb, TileConfig* c) {
-  c->rows[idx] = static_cast<uint8_t>(rows);
-  c->colsb[idx] = static_cast<uint16_t>(colsb);
-}
-
-// Full-K kernels: bf16 (TDPBF16PS) and int8 with Row scales (TDPBSUD; one scale per row and
-// per token, so all of K accumulates in int32). A K step is 64 bytes of each token row (32
-// bf16 or 64 int8) against the 1 KiB B tile of a row block. Tiles 0-3 = C (token block i,
+// Full-K kernels: bf16 (TDPBF16PS; bf16 weights, or group-scaled ones dequantized to bf16
+// slab by slab) and int8 with Row scales (TDPBSUD; one scale per row and per token, so all
+// of K accumulates in int32). A K step is 64 bytes of each token row (32 bf16 or 64 int8)
+// against the 1 KiB B tile of a row block. Tiles 0-3 = C (token block i,
 // row block j at 2i + j), 4-5 = A, 6-7 = B: a step loads 4 tiles for 4 tile products.
 // Every tile load must hit L1 or L2 (a tile load that misses L2 stalls the products behind
 // it), so per thread and call (one core: L1 48 KiB, L2 2 MiB):
@@ -399,7 +395,7 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
 void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   if (!a.tiled) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy);
   TileConfig cfg;
-  for (int i = 0; i < 8; ++i) configure(i, 16, 64, &cfg);  // all tiles 16 rows x 64 bytes
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;  // all tiles 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
   const bool int4 = w.kind == WeightKind::Int4, g16 = w.group == 16;
   if (w.kind == WeightKind::BF16) gemm_full_k<true>(w, a, rb0, rb1, y, ldy);
