@@ -4,8 +4,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstdio>
+#include <string>
 #include <stdexcept>
 
 namespace ktjax {
@@ -90,6 +93,25 @@ Isa parse_isa(const std::string& name) {
     if (name == isa_name(i)) return i;
   throw std::invalid_argument("unknown ISA '" + name +
                               "' (KTJAX_ISA accepts generic, avx2, avx512, amx)");
+}
+
+int64_t last_level_cache_bytes() {
+  // Read with stdio: on the AMX host reading it through std::ifstream crashed once numpy had
+  // been imported (sysconf agreed with sysfs there, but reports the whole chip's L3 inside
+  // some virtual machines).
+  int64_t best = 0;
+  for (int i = 0; i < 8; ++i) {  // sizes read "32768K"
+    const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size";
+    FILE* f = std::fopen(path.c_str(), "r");
+    if (!f) continue;
+    long long v = 0;
+    char unit = 0;
+    const int got = std::fscanf(f, "%lld%c", &v, &unit);
+    std::fclose(f);
+    if (got >= 1 && v > 0)
+      best = std::max<int64_t>(best, v << (unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0));
+  }
+  return best > 0 ? best : int64_t{32} << 20;
 }
 
 }  // namespace ktjax

@@ -1,6 +1,7 @@
 // Instruction-set levels of the host kernels and their run-time selection.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace ktjax {
@@ -23,6 +24,9 @@ void set_isa_override(const std::string& name);
 Isa clamp_isa(Isa requested);
 
 const char* isa_name(Isa isa);
+
+// Bytes of the largest CPU cache (the last level) as sysfs reports it, 32 MiB if it does not.
+int64_t last_level_cache_bytes();
 // Throws std::invalid_argument naming the accepted values.
 Isa parse_isa(const std::string& name);
 

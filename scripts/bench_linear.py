@@ -31,7 +31,6 @@ MODELS = {
 GGUF_FORMATS = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0,
                 "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
 FLOAT_FORMATS = ("int8", "int4", "bf16")
-ROTATE_BYTES = 128 << 20  # several times the last-level cache
 
 
 def make_weight(fmt: str, n: int, k: int, rng: np.random.Generator) -> int:
@@ -57,7 +56,7 @@ def bench(model: str, layer: str, fmt: str, tokens: int, isa: str, min_time: flo
     rng = np.random.default_rng(0)
     h0 = make_weight(fmt, n, k, rng)
     wbytes = _native.weight_info(h0)["bytes"]
-    copies = max(1, min(2048, ROTATE_BYTES // wbytes))
+    copies = max(1, min(2048, 8 * _native.last_level_cache_bytes() // wbytes))  # 8x the LLC
     handles = [h0] + [make_weight(fmt, n, k, rng) for _ in range(copies - 1)]
     x = rng.standard_normal((tokens, k), dtype=np.float32)
     _native.time_linear(handles, x, isa, copies)  # warm-up: page in, size scratch buffers
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         _native.set_num_threads(args.threads)
-    bw = max(_native.read_bandwidth_gbps(512 << 20, 5) for _ in range(2))
+    bw = max(_native.read_bandwidth_gbps(0, 5) for _ in range(2))
     print(f"read bandwidth: {bw:.1f} GB/s, threads {_native.num_threads()}, isa {args.isa or _native.active_isa()}")
     print(f"{'model':14} {'layer':8} {'N':>6} {'K':>5} {'fmt':6} {'T':>4} {'us/call':>9} {'GB/s':>6} {'%bw':>5} {'GFLOPS':>7}")
     rows = []

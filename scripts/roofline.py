@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     row = active_bytes(args.model, args.rules)
     from ktjax import _native  # only to measure
-    bw = args.read_gbps or max(_native.read_bandwidth_gbps(512 << 20, 5) for _ in range(2))
+    bw = args.read_gbps or max(_native.read_bandwidth_gbps(0, 5) for _ in range(2))
     row.update(read_gbps=bw, roofline_tok_s=bw * 1e9 / row["active_bytes_per_token"])
     if args.json:
         print(json.dumps(row))

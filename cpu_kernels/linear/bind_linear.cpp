@@ -40,6 +40,7 @@ void bind_linear(py::module_& m) {
         "Highest ISA level of this CPU: generic, avx2, avx512 or amx.");
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); },
         "ISA level kernels use (KTJAX_ISA / set_isa may lower it).");
+  m.def("last_level_cache_bytes", &last_level_cache_bytes, "Bytes of the CPU's largest cache.");
   m.def("set_isa", &set_isa_override, py::arg("name"),
         "Forces a lower ISA level for this process ('' restores the detected one).");
 
@@ -143,8 +144,9 @@ void bind_linear(py::module_& m) {
       },
       py::arg("handles"), py::arg("x"), py::arg("isa"), py::arg("iters"),
       "Seconds per linear call, rotating over the handles (benchmarks).");
-  m.def("read_bandwidth_gbps", &read_bandwidth_gbps, py::arg("bytes"), py::arg("reps"),
-        py::call_guard<py::gil_scoped_release>(), "Read bandwidth of all pool threads, GB/s.");
+  m.def("read_bandwidth_gbps", &read_bandwidth_gbps, py::arg("bytes") = 0, py::arg("reps") = 5,
+        py::call_guard<py::gil_scoped_release>(),
+        "Read bandwidth of all pool threads, GB/s (bytes 0: 1 GiB and 8x the last-level cache at least).");
 }
 
 }  // namespace ktjax

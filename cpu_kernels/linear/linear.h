@@ -103,6 +103,7 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
 // summing a buffer of `bytes`, best of `reps`).
 double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,
                    float* y, Isa isa, int iters);
+// bytes <= 0: at least 1 GiB and 8 times the last-level cache.
 double read_bandwidth_gbps(int64_t bytes, int reps);
 // Sum of n 64-bit words with 256-bit loads (the bandwidth probe's reader; AVX2 only).
 uint64_t sum_words_avx2(const uint64_t* p, int64_t n);
