@@ -93,7 +93,22 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i);
 bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,
                  int64_t ldx, QuantActs* out, int64_t layout_t = 0);
 
-// y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks. Throws std::invalid_argument
+// One gemm of a batch: y[acts.t, w.n] = acts @ w^T over all of w's row blocks.
+struct GemmJob {
+  const PackedWeight* w;
+  const QuantActs* acts;
+  float* y;
+  int64_t cost_per_rb;  // tokens + weight streaming, in token units
+};
+
+// Runs every job's row blocks on the pool (one linear layer, or every expert matrix of a
+// MoE phase). One memory node: the jobs are cut into pieces of row blocks that threads claim
+// in memory order as they come free (costliest jobs first). Several nodes: each node takes
+// its share of every job's rows (those in its memory), split so each of its threads gets an
+// equal share of their estimated cost.
+void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs);
+
+// y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks (run_gemms). Throws std::invalid_argument
 // when x holds NaN/Inf. reference: the scalar kernels computing isa's formula.
 void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa,
                     bool reference = false);

@@ -10,7 +10,6 @@
 
 #include "cpu_kernels/float_kernels.h"
 #include "cpu_kernels/linear/linear.h"
-#include "cpu_kernels/numa.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
@@ -18,72 +17,6 @@ namespace {
 
 std::string shape_str(const PackedWeight& w) {
   return "[" + std::to_string(w.n) + ", " + std::to_string(w.k) + "]";
-}
-
-// One (expert, matrix) gemm of the current call: y[rows, n] = acts @ w^T.
-struct Seg {
-  const PackedWeight* w;
-  const QuantActs* acts;
-  float* y;
-  int64_t cost_per_rb;  // tokens + weight streaming, in token units
-};
-
-// Runs every segment's row blocks on the pool. One node: the segments are cut into pieces
-// of row blocks, about kPiecesPerThread per thread, that threads claim as they come free
-// (costliest segments first), so a thread that stalls (a shared machine) holds up no one.
-// Several nodes: each node takes its share of every segment's rows (those in its memory),
-// split so each of its threads gets an equal share of their estimated cost (experts with
-// many tokens cost more per row block).
-// About 16 pieces per thread, so the last pieces claimed leave a short tail, but at least
-// 16 row blocks each, so a piece still keeps its A chunks for several row pairs. qlen 1024,
-// 16 threads on the AMX host, time vs 4 pieces per thread (no minimum), interleaved pairs:
-// DeepSeek-V3 shape, 64 experts: bf16 -4% to -25% in 5 of 5, int8_row -9%, +15%, 0%;
-// 8 experts: bf16 -15%, -6%, +3%, int8_row -1%, +15%, +16%; Qwen3-30B-A3B shape, 32
-// experts: int8_row -8% to -17% in 3 of 3, bf16 -6%, -6%, +6%.
-constexpr int64_t kPiecesPerThread = 16, kMinPieceBlocks = 16;
-
-void run_segments(const LinearKernels& kern, std::vector<Seg> segs) {
-  if (num_nodes() == 1) {
-    std::stable_sort(segs.begin(), segs.end(), [](const Seg& a, const Seg& b) { return a.cost_per_rb > b.cost_per_rb; });
-    int64_t rbs = 0;
-    for (const Seg& s : segs) rbs += s.w->row_blocks();
-    const int64_t piece = std::max(kMinPieceBlocks, (rbs / (kPiecesPerThread * num_threads()) + 1) / 2 * 2);
-    struct Piece {
-      const Seg* seg;
-      int64_t rb0, rb1;
-    };
-    std::vector<Piece> pieces;
-    for (const Seg& s : segs)
-      for (int64_t r = 0; r < s.w->row_blocks(); r += piece) pieces.push_back({&s, r, std::min(r + piece, s.w->row_blocks())});
-    parallel_for_each(static_cast<int64_t>(pieces.size()), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const Piece& p = pieces[i];
-        kern.gemm(*p.seg->w, *p.seg->acts, p.rb0, p.rb1, p.seg->y, p.seg->w->n);
-      }
-    });
-    return;
-  }
-  parallel_for_nodes([&](int node, int nodes, int64_t part, int64_t parts) {
-    int64_t total = 0;
-    for (const Seg& s : segs) {
-      const auto [a, b] = share(s.w->row_blocks(), node, nodes);
-      total += s.cost_per_rb * (b - a);
-    }
-    const auto [lo, hi] = share(total, part, parts);
-    int64_t start = 0;
-    for (const Seg& s : segs) {
-      const auto [a, b] = share(s.w->row_blocks(), node, nodes);
-      const int64_t c = s.cost_per_rb, nrb = b - a;
-      const int64_t end = start + c * nrb;
-      if (end > lo && start < hi) {
-        // Row block a + r belongs to the part holding its starting cost start + r * c.
-        auto first_at = [&](int64_t v) { return v <= start ? 0 : std::min(nrb, (v - start + c - 1) / c); };
-        const int64_t r0 = first_at(lo), r1 = first_at(hi);
-        if (r0 < r1) kern.gemm(*s.w, *s.acts, a + r0, a + r1, s.y, s.w->n);
-      }
-      start = end;
-    }
-  });
 }
 
 // Copies rows `rows` of prepared activations src into dst (sized for rows.size()).
@@ -228,12 +161,12 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   });
 
   // gate and up projections of every active expert in one pass over the pool.
-  std::vector<Seg> segs;
+  std::vector<GemmJob> segs;
   for (int64_t sl = 0; sl < slots; ++sl) {
     segs.push_back({&mat(sl, 0), in[sl], s.yg[sl].data(), ntok(sl) + 2});
     segs.push_back({&mat(sl, 1), in_up[sl], s.yu[sl].data(), ntok(sl) + 2});
   }
-  run_segments(kern, segs);
+  run_gemms(kern, segs);
 
   // h = act(gate) * up, quantized for the down projection, threaded over the rows of all
   // slots together (a few experts with many tokens each must still fill the pool).
@@ -260,7 +193,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   segs.clear();
   for (int64_t sl = 0; sl < slots; ++sl)
     segs.push_back({&mat(sl, 2), &s.acts_h[sl], s.yd[sl].data(), ntok(sl) + 2});
-  run_segments(kern, segs);
+  run_gemms(kern, segs);
 
   // Weighted sum per token, slots in routing order: deterministic for any thread count.
   parallel_for(T, [&](int64_t b, int64_t e) {
