@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One batch for the accelerator machine's host CPU (16 cores with AMX): build the native
-# module, run the host-kernel tests (AMX paths included), the MoE / linear benchmarks, and
+# module, run the host-kernel tests (AMX paths included), the MoE benchmarks, and
 # kt-kernel side by side when its modules were carried.
 #   carry: .whl (the gguf wheel), optionally .peers/ktk-dev (kt-kernel's _amx module, its
-#   kt_kernel.libs and kt_moe_bench.py). Results go to $OUT (default /tmp/out).
+#   kt_kernel.libs and kt_moe_bench.py). Results go to $OUT (default /tmp/out). PART=decode or
+#   PART=prefill runs half the benchmarks (each half fits one 10-minute device call).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -26,22 +27,31 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_host_amx.py t
   tests/test_host_linear.py tests/test_thread_pool.py -k "amx or moe or 257 or ffi or pinned or numa" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 
 B="$OUT/bench_moe.jsonl"
-# The AMX tile loop's own ceiling on this machine, one thread and all: the TOPS below against it.
-g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o /tmp/amx_peak &&
-  { /tmp/amx_peak 1; /tmp/amx_peak "$(nproc)"; } | tee -a "$B"
-# qlen 1: 4 layers x 8 touched experts (1.5 GB per rotation, 5x the L3) for bandwidth;
-# qlen 32 / 1024: 64 experts per layer, as kt_moe_bench's dsv3 shape, for TFLOPS.
-timeout 110 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8,int8_row,int4,bf16,q4_k --threads 16 \
-  --experts 16 --layers 4 --min-time 0.3 --json --overhead | tee -a "$B"
-timeout 280 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16,q4_k,q6_k \
-  --threads 16 --experts 64 --layers 2 --min-time 0.3 --json | tee -a "$B"
-
 KT=$(ls .peers/ktk-dev/kt_kernel/_kt_kernel_ext_amx*.so 2>/dev/null | head -1)
-if [ -n "$KT" ]; then
-  LD_LIBRARY_PATH=$PWD/.peers/ktk-dev/kt_kernel.libs:${LD_LIBRARY_PATH:-} QLENS=1,32,1024 \
+kt_bench() {  # qlens
+  [ -n "$KT" ] || return 0
+  LD_LIBRARY_PATH=$PWD/.peers/ktk-dev/kt_kernel.libs:${LD_LIBRARY_PATH:-} QLENS=$1 \
     METHODS=AMXInt8_MOE,AMXBF16_MOE,AMXInt4_MOE BATCHED=1 \
-    timeout 120 python3 .peers/ktk-dev/kt_moe_bench.py "$KT" 16 dsv3 2>&1 | grep "^kt " | tee "$OUT/ktkernel.txt"
+    timeout 120 python3 .peers/ktk-dev/kt_moe_bench.py "$KT" 16 dsv3 2>&1 | grep "^kt " | tee -a "$OUT/ktkernel.txt"
+}
+# Each part fits one 10-minute call: PART=decode (qlen 1), PART=prefill (qlen 32 / 1024), or
+# both. Layers rotate over 8x the L3 at the smallest qlen (bench_moe's default).
+if [ "${PART:-all}" != prefill ]; then
+  timeout 200 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 1 --format int8,int8_row,int4,bf16,q4_k --threads 16 \
+    --experts 16 --min-time 0.3 --json --overhead | tee -a "$B"
+  kt_bench 1,32  # kt-kernel needs the largest qlen to be a multiple of 32
+  timeout 120 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 1 --format int8,int4 --threads 16 \
+    --experts 32 --min-time 0.3 --json | tee -a "$B"
 fi
-timeout 60 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 1,32,1024 --format int8,int8_row,int4 --threads 16 \
-  --experts 32 --layers 16 --min-time 0.3 --json | tee -a "$B"
+if [ "${PART:-all}" != decode ]; then
+  # The AMX tile loop's own ceiling on this machine, one thread and all: the TOPS below against it.
+  g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o /tmp/amx_peak &&
+    { /tmp/amx_peak 1; /tmp/amx_peak "$(nproc)"; } | tee -a "$B"
+  # 64 experts per layer, as kt_moe_bench's dsv3 shape.
+  timeout 280 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16,q4_k,q6_k \
+    --threads 16 --experts 64 --min-time 0.3 --json | tee -a "$B"
+  kt_bench 32,1024
+  timeout 90 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 32,1024 --format int8,int8_row,int4 --threads 16 \
+    --experts 32 --min-time 0.3 --json | tee -a "$B"
+fi
 echo "total $(( $(date +%s) - t0 )) s"

@@ -110,17 +110,25 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
 // pieces per thread (no minimum), interleaved pairs: DeepSeek-V3 shape, 64 experts: bf16
 // -4% to -25% in 5 of 5, int8_row -9%, +15%, 0%; 8 experts: bf16 -15%, -6%, +3%, int8_row
 // -1%, +15%, +16%; Qwen3-30B-A3B shape, 32 experts: int8_row -8% to -17% in 3 of 3, bf16
-// -6%, -6%, +6%.
-constexpr int64_t kPiecesPerThread = 16, kMinPiecesPerThread = 4, kMinPieceBlocks = 16;
+// -6%, -6%, +6%. Decode (one token per job) has no A chunks to keep: its pieces need only
+// the decode tile's 4 row blocks, and shorter pieces shorten the tail (qlen 1, interleaved:
+// Qwen3-30B-A3B shape int8 +7%, int4 +2-4%; DeepSeek-V3 shape unchanged).
+constexpr int64_t kPiecesPerThread = 16, kMinPiecesPerThread = 4, kMinPieceBlocks = 16,
+                  kMinDecodePieceBlocks = 4;
 
 void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs) {
   if (num_nodes() == 1) {
     std::stable_sort(jobs.begin(), jobs.end(),
                      [](const GemmJob& a, const GemmJob& b) { return a.cost_per_rb > b.cost_per_rb; });
     int64_t rbs = 0;
-    for (const GemmJob& j : jobs) rbs += j.w->row_blocks();
+    bool decode = true;
+    for (const GemmJob& j : jobs) {
+      rbs += j.w->row_blocks();
+      decode = decode && j.acts->t == 1;
+    }
     const int64_t threads = num_threads();
-    const int64_t least = std::min(kMinPieceBlocks, rbs / (kMinPiecesPerThread * threads));
+    const int64_t least = std::min(decode ? kMinDecodePieceBlocks : kMinPieceBlocks,
+                                   rbs / (kMinPiecesPerThread * threads));
     const int64_t piece = std::max<int64_t>(1, (std::max(least, rbs / (kPiecesPerThread * threads)) + 1) / 2 * 2);
     struct Piece {
       const GemmJob* job;
