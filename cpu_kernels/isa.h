@@ -25,9 +25,10 @@ Isa clamp_isa(Isa requested);
 
 const char* isa_name(Isa isa);
 
-// Bytes of the largest CPU cache (the last level) as sysfs reports it, 32 MiB if it does not.
-int64_t last_level_cache_bytes();
 // Throws std::invalid_argument naming the accepted values.
 Isa parse_isa(const std::string& name);
+
+// Bytes of the largest CPU cache (the last level) as sysfs reports it, 32 MiB if it does not.
+int64_t last_level_cache_bytes();
 
 }  // namespace ktjax

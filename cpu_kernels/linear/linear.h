@@ -103,7 +103,7 @@ struct GemmJob {
 
 // Runs every job's row blocks on the pool (one linear layer, or every expert matrix of a
 // MoE phase). One memory node: the jobs are cut into pieces of row blocks that threads claim
-// in memory order as they come free (costliest jobs first). Several nodes: each node takes
+// in order as they come free (costliest jobs first, each job's pieces in memory order). Several nodes: each node takes
 // its share of every job's rows (those in its memory), split so each of its threads gets an
 // equal share of their estimated cost.
 void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs);

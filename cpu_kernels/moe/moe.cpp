@@ -161,12 +161,12 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   });
 
   // gate and up projections of every active expert in one pass over the pool.
-  std::vector<GemmJob> segs;
+  std::vector<GemmJob> jobs;
   for (int64_t sl = 0; sl < slots; ++sl) {
-    segs.push_back({&mat(sl, 0), in[sl], s.yg[sl].data(), ntok(sl) + 2});
-    segs.push_back({&mat(sl, 1), in_up[sl], s.yu[sl].data(), ntok(sl) + 2});
+    jobs.push_back({&mat(sl, 0), in[sl], s.yg[sl].data(), ntok(sl) + 2});
+    jobs.push_back({&mat(sl, 1), in_up[sl], s.yu[sl].data(), ntok(sl) + 2});
   }
-  run_gemms(kern, segs);
+  run_gemms(kern, jobs);
 
   // h = act(gate) * up, quantized for the down projection, threaded over the rows of all
   // slots together (a few experts with many tokens each must still fill the pool).
@@ -190,10 +190,10 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     }
   });
 
-  segs.clear();
+  jobs.clear();
   for (int64_t sl = 0; sl < slots; ++sl)
-    segs.push_back({&mat(sl, 2), &s.acts_h[sl], s.yd[sl].data(), ntok(sl) + 2});
-  run_gemms(kern, segs);
+    jobs.push_back({&mat(sl, 2), &s.acts_h[sl], s.yd[sl].data(), ntok(sl) + 2});
+  run_gemms(kern, jobs);
 
   // Weighted sum per token, slots in routing order: deterministic for any thread count.
   parallel_for(T, [&](int64_t b, int64_t e) {
