@@ -29,6 +29,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_kernels/avx512/v512.h"
+#include "cpu_kernels/linear/gemm_body.h"
 #include "cpu_kernels/linear/linear.h"
 
 namespace ktjax {
@@ -271,22 +273,6 @@ void pass_slab(FullK& f, int64_t k0, int64_t k1, int64_t kc) {
   }
 }
 
-// Scale or min vector of a group record (see gemm_body.h load_coef).
-__m512 coef(const PackedWeight& w, const uint8_t* blk, const uint8_t* rec, int64_t g, int which) {
-  const uint8_t* p = rec + w.group_bytes + which * w.coef_bytes;
-  switch (w.scale_enc) {
-    case ScaleEnc::F16: return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    case ScaleEnc::F32: return _mm512_loadu_ps(p);
-    case ScaleEnc::I8:
-      return _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))),
-          _mm512_loadu_ps(blk + w.super_off(g) + which * 64));
-    case ScaleEnc::Row:  // full-K kernel, never here
-    case ScaleEnc::None: break;
-  }
-  return _mm512_setzero_ps();
-}
-
 // Group g of row block blk, dequantized (scale * q + min in one rounding, then to bf16, as
 // the scalar reference) into G / 2 rows of a bf16 B tile (row r: k 2r and 2r + 1 of the 16
 // weight rows, VNNI pairs). A quad of the packed group (k 4q..4q+3 of the 16 rows, 64
@@ -294,8 +280,8 @@ __m512 coef(const PackedWeight& w, const uint8_t* blk, const uint8_t* rec, int64
 template <bool kInt4, int G>
 void dequant_group(const PackedWeight& w, const uint8_t* blk, int64_t g, uint8_t* rows) {
   const uint8_t* rec = blk + w.group_off(g);
-  const __m512 s = coef(w, blk, rec, g, 0);
-  const __m512 m = w.has_min ? coef(w, blk, rec, g, 1) : _mm512_setzero_ps();
+  const __m512 s = body::load_coef<V512>(w, blk, rec, g, 0);
+  const __m512 m = w.has_min ? body::load_coef<V512>(w, blk, rec, g, 1) : _mm512_setzero_ps();
   // Lanes of quarter i of a quad are rows 4i..4i+3, 4 k each.
   __m512 sq[4], mq[4];
   for (int i = 0; i < 4; ++i) {

@@ -54,7 +54,8 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
 }
 
 void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
-  if (src.bf16 != dst->bf16 || src.kp != dst->kp) throw std::logic_error("copy_act_row: activation layouts differ");
+  if (src.bf16 != dst->bf16 || src.kp != dst->kp)
+    throw std::logic_error("copy_act_row: activation layouts differ");
   const uint8_t* s = src.bf16 ? reinterpret_cast<const uint8_t*>(src.bf.data())
                               : reinterpret_cast<const uint8_t*>(src.q.data());
   uint8_t* d = src.bf16 ? reinterpret_cast<uint8_t*>(dst->bf.data()) : reinterpret_cast<uint8_t*>(dst->q.data());
@@ -129,7 +130,8 @@ void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs) {
     const int64_t threads = num_threads();
     const int64_t least = std::min(decode ? kMinDecodePieceBlocks : kMinPieceBlocks,
                                    rbs / (kMinPiecesPerThread * threads));
-    const int64_t piece = std::max<int64_t>(1, (std::max(least, rbs / (kPiecesPerThread * threads)) + 1) / 2 * 2);
+    const int64_t wanted = std::max(least, rbs / (kPiecesPerThread * threads));
+    const int64_t piece = std::max<int64_t>(1, (wanted + 1) / 2 * 2);  // whole row pairs
     struct Piece {
       const GemmJob* job;
       int64_t rb0, rb1;

@@ -103,13 +103,14 @@ struct GemmJob {
 
 // Runs every job's row blocks on the pool (one linear layer, or every expert matrix of a
 // MoE phase). One memory node: the jobs are cut into pieces of row blocks that threads claim
-// in order as they come free (costliest jobs first, each job's pieces in memory order). Several nodes: each node takes
-// its share of every job's rows (those in its memory), split so each of its threads gets an
-// equal share of their estimated cost.
+// in order as they come free (costliest jobs first, each job's pieces in memory order).
+// Several nodes: each node takes its share of every job's rows (those in its memory), split
+// so each of its threads gets an equal share of their estimated cost.
 void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs);
 
-// y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks (run_gemms). Throws std::invalid_argument
-// when x holds NaN/Inf. reference: the scalar kernels computing isa's formula.
+// y[t, 0:n] = x[t, 0:k] @ w^T, threaded over row blocks (run_gemms). Throws
+// std::invalid_argument when x holds NaN/Inf. reference: the scalar kernels computing isa's
+// formula.
 void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa,
                     bool reference = false);
 

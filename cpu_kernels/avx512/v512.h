@@ -1,0 +1,73 @@
+// The AVX-512 (F/BW/VL/DQ + VNNI + BF16) vector type of the shared kernel bodies
+// (linear/gemm_body.h): one zmm per row block. Include only from translation units built
+// with the AVX-512 flags (avx512/, amx/); V512 gets internal linkage there, as gemm_body.h
+// requires.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace ktjax {
+namespace {
+
+struct V512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kRB = 2, kTT = 4, kRBDecode = 4;  // <= 8 int + 8 float accumulators
+  static constexpr bool kInt8DotBiased = true;  // vpdpbusd: weight is the unsigned operand
+
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static I zero_i() { return _mm512_setzero_si512(); }
+  static F zero_f() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static I load_i(const void* p) { return _mm512_loadu_si512(p); }
+  static I bcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static I nib_lo(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }
+  static I nib_hi(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f)); }
+  static I dot_u4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static I dot_i8(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static F dot_bf16(F acc, I w, I x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+  }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F load_f32(const float* p) { return _mm512_loadu_ps(p); }
+  static F load_f16(const void* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  }
+  static F load_i8(const void* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+  }
+  static void store_rows(float* y, F v, int valid) {
+    if (valid == 16)
+      _mm512_storeu_ps(y, v);
+    else
+      _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << valid) - 1), v);
+  }
+  static float abs_max(F v) { return _mm512_reduce_max_ps(_mm512_abs_ps(v)); }
+  // Rounds x * id to nearest even (MXCSR default), stores 16 int8, returns their sum.
+  static int quant16(const float* x, float id, int8_t* out) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(id)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(q));
+    return _mm512_reduce_add_epi32(q);
+  }
+  static void to_bf16(const float* x, uint16_t* out) {
+    const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(x));
+    std::memcpy(out, &b, 32);
+  }
+  static bool all_finite(F bad) {
+    return _mm512_cmp_ps_mask(bad, bad, _CMP_UNORD_Q) == 0;
+  }
+};
+
+}  // namespace
+}  // namespace ktjax
