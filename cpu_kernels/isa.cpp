@@ -49,6 +49,12 @@ Isa detect() {
   return Isa::Amx;
 }
 
+bool is_amd() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  return b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "Auth" "enti" "cAMD"
+}
+
 // -1: none; otherwise an Isa value. Set from KTJAX_ISA on first use.
 std::atomic<int> g_override{-2};
 
@@ -57,6 +63,11 @@ std::atomic<int> g_override{-2};
 Isa detected_isa() {
   static const Isa isa = detect();
   return isa;
+}
+
+bool single_stream_decode() {
+  static const bool amd = is_amd();
+  return amd;
 }
 
 Isa clamp_isa(Isa requested) {

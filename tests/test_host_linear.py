@@ -107,6 +107,26 @@ def test_gguf_linear_all_isas(qtype, tokens, store):
         check_close(y, x, w, GROUP.get(qtype, 32))
 
 
+@pytest.mark.parametrize("fmt", list(GGUF_TYPES) + list(hl.FLOAT_FORMATS), ids=str)
+def test_decode_one_call_over_many_row_blocks(fmt, store):
+    # 12 row blocks (the last partial) in one kernel call: the decode path that reads them as
+    # one stream on AMD CPUs, in 4-block tiles elsewhere.
+    n, k = 181, 256
+    rng = np.random.default_rng(181)
+    if isinstance(fmt, str):
+        h = hl.pack_float_weight(rng.standard_normal((n, k)).astype(np.float32), fmt)
+        group = k if fmt == "int8_row" else GROUP.get(fmt, 32)
+    else:
+        h = hl.pack_gguf_weight(random_gguf(fmt, n, k, seed=181), int(fmt), (n, k))
+        group = GROUP.get(fmt, 32)
+    store.append(h)
+    w = hl.unpack_weight(h)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    for isa in SIMD_ISAS:
+        y = hl.linear_forward(x, h, isa)
+        check_close(y, x, w, group, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
+
+
 # Long prefill (257 tokens) only on the smaller shapes: the scalar reference is slow.
 FLOAT_CASES = [(shape, tokens) for shape in [(1, 32), (37, 75), (96, 576), (129, 1000)]
                for tokens in [1, 3, 32, 257] if tokens < 257 or shape[0] * shape[1] <= 40_000]

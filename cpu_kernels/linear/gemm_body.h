@@ -32,8 +32,16 @@ inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const 
 
 // Software prefetch distance in group records per row-block stream: with 4 streams per
 // decode tile the hardware prefetchers alone left ~20% of single-core bandwidth unused
-// (Zen 5: 4 beat 8 and 16).
-constexpr int kPrefetchGroups = 4;
+// (Zen 5: 4 beat 8 and 16). Where single_stream_decode() holds, a tile of one row block is
+// one stream, which they follow.
+template <int RB>
+inline int prefetch_groups() {
+  return RB > 1 || !single_stream_decode() ? 4 : 0;
+}
+
+// Decode pieces of at least this many row blocks are read as one stream where the CPU
+// prefers that (single_stream_decode); shorter ones read best as parallel streams.
+constexpr int64_t kSingleStreamMinBlocks = 16;
 
 // Writes a tile's accumulators to y, never past row w.n.
 template <class V, int RB, int TT>
@@ -63,6 +71,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   F acc[RB][TT];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
+  const int pf = prefetch_groups<RB>();
 
   for (int64_t g = 0; g < groups; ++g) {
     I iacc[RB][TT];
@@ -70,8 +79,8 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
     for (int r = 0; r < RB; ++r) {
       rec[r] = blk[r] + w.group_off(g);
       for (int t = 0; t < TT; ++t) iacc[r][t] = V::zero_i();
-      if (kPrefetchGroups > 0 && g + kPrefetchGroups < groups) {
-        const uint8_t* ahead = blk[r] + w.group_off(g + kPrefetchGroups);
+      if (pf > 0 && g + pf < groups) {
+        const uint8_t* ahead = blk[r] + w.group_off(g + pf);
         for (int64_t off = 0; off < w.rec_bytes; off += 64) V::prefetch(ahead + off);
       }
     }
@@ -130,10 +139,11 @@ void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
   // Records of 32 k (16 pairs, 1 KiB per row block), prefetched like the int formats.
+  const int pf = prefetch_groups<RB>();
   for (int64_t g = 0; g < pairs / 16; ++g) {
-    if (kPrefetchGroups > 0 && g + kPrefetchGroups < pairs / 16)
+    if (pf > 0 && g + pf < pairs / 16)
       for (int r = 0; r < RB; ++r)
-        for (int off = 0; off < 1024; off += 64) V::prefetch(blk[r] + (g + kPrefetchGroups) * 1024 + off);
+        for (int off = 0; off < 1024; off += 64) V::prefetch(blk[r] + (g + pf) * 1024 + off);
     for (int64_t p = 16 * g; p < 16 * g + 16; ++p) {
       I wv[RB];
       for (int r = 0; r < RB; ++r) wv[r] = V::load_i(blk[r] + p * 64);
@@ -176,10 +186,11 @@ void run_tokens(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t 
 template <class V>
 void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y,
           int64_t ldy) {
-  if (a.t == 1) {  // decode: wide row tiles for independent accumulation chains
+  if (a.t == 1) {  // decode: wide row tiles for independent accumulation chains, or one stream
     int64_t rb = rb0;
     constexpr int RB = V::kRBDecode;
-    for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y, ldy);
+    if (rb1 - rb0 < kSingleStreamMinBlocks || !single_stream_decode())
+      for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y, ldy);
     for (; rb < rb1; ++rb) run_tile<V, 1, 1>(w, a, rb, 0, y, ldy);
     return;
   }
