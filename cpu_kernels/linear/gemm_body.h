@@ -32,12 +32,9 @@ inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const 
 
 // Software prefetch distance in group records per row-block stream: with 4 streams per
 // decode tile the hardware prefetchers alone left ~20% of single-core bandwidth unused
-// (Zen 5: 4 beat 8 and 16). Where single_stream_decode() holds, a tile of one row block is
-// one stream, which they follow.
-template <int RB>
-inline int prefetch_groups() {
-  return RB > 1 || !single_stream_decode() ? 4 : 0;
-}
+// (Zen 5: 4 beat 8 and 16). Tiles of kPrefetch = false (single-stream decode) read one
+// stream, which they follow.
+constexpr int kPrefetchGroups = 4;
 
 // Decode pieces of at least this many row blocks are read as one stream where the CPU
 // prefers that (single_stream_decode); shorter ones read best as parallel streams.
@@ -55,7 +52,7 @@ inline void store_tile(const PackedWeight& w, const typename V::F (&acc)[RB][TT]
 }
 
 // RB row blocks x TT tokens; G values per group; Int4 or (biased) Int8 weights.
-template <class V, int RB, int TT, bool kInt4, int G>
+template <class V, int RB, int TT, bool kInt4, int G, bool kPrefetch>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy) {
   using I = typename V::I;
@@ -71,7 +68,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   F acc[RB][TT];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
-  const int pf = prefetch_groups<RB>();
+  constexpr int pf = kPrefetch ? kPrefetchGroups : 0;
 
   for (int64_t g = 0; g < groups; ++g) {
     I iacc[RB][TT];
@@ -125,7 +122,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   store_tile<V, RB, TT>(w, acc, rb0, t0, y, ldy);
 }
 
-template <class V, int RB, int TT>
+template <class V, int RB, int TT, bool kPrefetch>
 void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
                int64_t ldy) {
   using I = typename V::I;
@@ -139,7 +136,7 @@ void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
   // Records of 32 k (16 pairs, 1 KiB per row block), prefetched like the int formats.
-  const int pf = prefetch_groups<RB>();
+  constexpr int pf = kPrefetch ? kPrefetchGroups : 0;
   for (int64_t g = 0; g < pairs / 16; ++g) {
     if (pf > 0 && g + pf < pairs / 16)
       for (int r = 0; r < RB; ++r)
@@ -156,16 +153,16 @@ void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t
   store_tile<V, RB, TT>(w, acc, rb0, t0, y, ldy);
 }
 
-template <class V, int RB, int TT>
+template <class V, int RB, int TT, bool kPrefetch = true>
 void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy) {
-  if (w.kind == WeightKind::BF16) return tile_bf16<V, RB, TT>(w, a, rb0, t0, y, ldy);
+  if (w.kind == WeightKind::BF16) return tile_bf16<V, RB, TT, kPrefetch>(w, a, rb0, t0, y, ldy);
   const bool int4 = w.kind == WeightKind::Int4;
   if (w.group == 16)
-    return int4 ? tile_int<V, RB, TT, true, 16>(w, a, rb0, t0, y, ldy)
-                : tile_int<V, RB, TT, false, 16>(w, a, rb0, t0, y, ldy);
-  return int4 ? tile_int<V, RB, TT, true, 32>(w, a, rb0, t0, y, ldy)
-              : tile_int<V, RB, TT, false, 32>(w, a, rb0, t0, y, ldy);
+    return int4 ? tile_int<V, RB, TT, true, 16, kPrefetch>(w, a, rb0, t0, y, ldy)
+                : tile_int<V, RB, TT, false, 16, kPrefetch>(w, a, rb0, t0, y, ldy);
+  return int4 ? tile_int<V, RB, TT, true, 32, kPrefetch>(w, a, rb0, t0, y, ldy)
+              : tile_int<V, RB, TT, false, 32, kPrefetch>(w, a, rb0, t0, y, ldy);
 }
 
 // Tokens [t0, t1) over row blocks [rb0, rb0 + RB): token tiles of V::kTT, then the tail.
@@ -188,9 +185,12 @@ void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, f
           int64_t ldy) {
   if (a.t == 1) {  // decode: wide row tiles for independent accumulation chains, or one stream
     int64_t rb = rb0;
+    if (rb1 - rb0 >= kSingleStreamMinBlocks && single_stream_decode()) {
+      for (; rb < rb1; ++rb) run_tile<V, 1, 1, false>(w, a, rb, 0, y, ldy);
+      return;
+    }
     constexpr int RB = V::kRBDecode;
-    if (rb1 - rb0 < kSingleStreamMinBlocks || !single_stream_decode())
-      for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y, ldy);
+    for (; rb + RB <= rb1; rb += RB) run_tile<V, RB, 1>(w, a, rb, 0, y, ldy);
     for (; rb < rb1; ++rb) run_tile<V, 1, 1>(w, a, rb, 0, y, ldy);
     return;
   }
