@@ -28,8 +28,9 @@ const char* isa_name(Isa isa);
 // Throws std::invalid_argument naming the accepted values.
 Isa parse_isa(const std::string& name);
 
-// Whether decode GEMVs read a long row range as one stream, row block after row block (AMD),
-// rather than several row blocks side by side with software prefetch (others). Zen 5, 2
+// Whether decode GEMVs give each thread one contiguous row range (linear.cpp's run_gemms) and
+// read long ranges as one stream, row block after row block (AMD), rather than short pieces
+// claimed in turn, several row blocks side by side with software prefetch (others). Zen 5, 2
 // threads, interleaved against the tiles: the lm_heads of SmolLM2 and Gemma 3 (pieces of 96
 // and 512 row blocks) 1.15-1.45x, [8192, 576] q4_1 (16 blocks) 0.95-1.08x, while pieces of 8
 // blocks lost up to 10% (gemm_body.h keeps them in tiles). On the AMX host (Intel) one stream
