@@ -58,14 +58,16 @@ void report(bool ok, const std::string& what, double err) {
 std::vector<uint8_t> random_gguf(GgmlType type, int64_t n, int64_t k, std::mt19937& rng) {
   const bool q8 = type == GgmlType::Q8_0;
   const int64_t block = q8 ? 32 : 256;
-  const int64_t bytes = q8 ? sizeof(BlockQ8_0) : type == GgmlType::Q4_K ? sizeof(BlockQ4_K) : sizeof(BlockQ6_K);
+  const bool with_min = type == GgmlType::Q4_K || type == GgmlType::Q5_K;  // d, dmin first
+  const int64_t bytes = q8 ? sizeof(BlockQ8_0) : type == GgmlType::Q4_K ? sizeof(BlockQ4_K)
+                        : type == GgmlType::Q5_K ? sizeof(BlockQ5_K) : sizeof(BlockQ6_K);
   std::vector<uint8_t> raw(n * k / block * bytes);
   std::uniform_int_distribution<int> u(0, 255);
   for (uint8_t& b : raw) b = static_cast<uint8_t>(u(rng));
   const uint16_t d = 0x2400, dmin = 0x2000;
   for (uint8_t* p = raw.data(); p < raw.data() + raw.size(); p += bytes) {
     std::memcpy(type == GgmlType::Q6_K ? p + offsetof(BlockQ6_K, d) : p, &d, 2);
-    if (type == GgmlType::Q4_K) std::memcpy(p + offsetof(BlockQ4_K, dmin), &dmin, 2);
+    if (with_min) std::memcpy(p + offsetof(BlockQ4_K, dmin), &dmin, 2);
   }
   return raw;
 }
@@ -172,7 +174,7 @@ int main() {
       for (int64_t t : {15, 16, 17, 33, 128, 257, 1024}) check_linear(fmt, *w, t, rng);
     }
   for (const auto& [type, name] : std::vector<std::pair<GgmlType, const char*>>{
-           {GgmlType::Q8_0, "q8_0"}, {GgmlType::Q4_K, "q4_k"}, {GgmlType::Q6_K, "q6_k"}}) {
+           {GgmlType::Q8_0, "q8_0"}, {GgmlType::Q4_K, "q4_k"}, {GgmlType::Q5_K, "q5_k"}, {GgmlType::Q6_K, "q6_k"}}) {
     const std::vector<uint8_t> raw = random_gguf(type, 40, 768, rng);
     const auto w = pack_gguf(raw.data(), raw.size(), static_cast<int>(type), 40, 768);
     for (int64_t t : {16, 33, 130}) check_linear(name, *w, t, rng);

@@ -276,8 +276,8 @@ void pass_slab(FullK& f, int64_t k0, int64_t k1, int64_t kc) {
 // Group g of row block blk, dequantized (scale * q + min in one rounding, then to bf16, as
 // the scalar reference) into G / 2 rows of a bf16 B tile (row r: k 2r and 2r + 1 of the 16
 // weight rows, VNNI pairs). A quad of the packed group (k 4q..4q+3 of the 16 rows, 64
-// bytes) becomes rows 2q and 2q + 1.
-template <bool kInt4, int G>
+// bytes) becomes rows 2q and 2q + 1. Int4 with kHi bit planes holds 4 + kHi bits.
+template <bool kInt4, int G, int kHi>
 void dequant_group(const PackedWeight& w, const uint8_t* blk, int64_t g, uint8_t* rows) {
   const uint8_t* rec = blk + w.group_off(g);
   const __m512 s = body::load_coef<V512>(w, blk, rec, g, 0);
@@ -297,7 +297,9 @@ void dequant_group(const PackedWeight& w, const uint8_t* blk, int64_t g, uint8_t
   for (int p = 0; p < G / 4; ++p) {
     if (kInt4) {  // chunk c: quads 2c (low nibbles) and 2c + 1 (high)
       const __m512i v = _mm512_loadu_si512(rec + 64 * (p / 2));
-      _mm512_store_si512(q, _mm512_and_si512(p % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f)));
+      __m512i u = _mm512_and_si512(p % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));
+      for (int b = 0; b < kHi; ++b) u = V512::add_bit(u, rec + G * (8 + 2 * b) + 8 * p, 4 + b);
+      _mm512_store_si512(q, u);
     } else {  // stored q + 128
       _mm512_store_si512(q, _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * p), _mm512_set1_epi8(static_cast<char>(0x80))));
     }
@@ -314,12 +316,12 @@ void dequant_group(const PackedWeight& w, const uint8_t* blk, int64_t g, uint8_t
 
 // Row blocks [rb0, rb1) of a group-scaled w over bf16 K steps [s0, s1) (32 k each) as bf16
 // B tiles: row block rb's step s at out + ((rb - rb0) * (s1 - s0) + s - s0) * 1024.
-template <bool kInt4, int G>
+template <bool kInt4, int G, int kHi>
 void dequant_slab(const PackedWeight& w, int64_t rb0, int64_t rb1, int64_t s0, int64_t s1, uint8_t* out) {
   for (int64_t rb = rb0; rb < rb1; ++rb)
     for (int64_t s = s0; s < s1; ++s, out += 1024)
       for (int64_t g = s * 32 / G; g < (s + 1) * 32 / G; ++g)
-        dequant_group<kInt4, G>(w, w.block(rb), g, out + (g * G % 32) * 32);
+        dequant_group<kInt4, G, kHi>(w, w.block(rb), g, out + (g * G % 32) * 32);
 }
 
 // {offset, bytes} inside a packed row block of the K steps [s0, s1) a call reads: steps of
@@ -331,10 +333,10 @@ std::pair<int64_t, int64_t> packed_span(const PackedWeight& w, bool dequant, int
 }
 
 // The full-K kernels over row blocks [rb0, rb1). kDequant: w is group-scaled int8 / int4
-// (kInt4, G) and each slab is dequantized to bf16 tiles in a per-thread buffer first, then
+// (kInt4, G, kHi bit planes) and each slab is dequantized to bf16 tiles in a per-thread buffer first, then
 // multiplied as bf16 weights are; the packed slab it reads was prefetched into L2 while the
 // previous slab computed.
-template <bool kBf16, bool kDequant = false, bool kInt4 = false, int G = 32>
+template <bool kBf16, bool kDequant = false, bool kInt4 = false, int G = 32, int kHi = 0>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
   const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
@@ -360,7 +362,7 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
     for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
       const int64_t k1 = std::min(k0 + plan.ksteps, steps), over = tpairs * (k1 - k0) * rpairs;
       if (kDequant) {
-        dequant_slab<kInt4, G>(w, slab0, slab1, k0, k1, tls_slab.data());
+        dequant_slab<kInt4, G, kHi>(w, slab0, slab1, k0, k1, tls_slab.data());
         f.b = tls_slab.data();
         f.b_rb0 = slab0;
         f.b_stride = (k1 - k0) * 1024;
@@ -383,11 +385,14 @@ void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;  // all tiles 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
-  const bool int4 = w.kind == WeightKind::Int4, g16 = w.group == 16;
+  const bool int4 = w.kind == WeightKind::Int4, g16 = w.group == 16, hi = w.hi_bits > 0;
+  // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
+  // planes) or 32 (5-bit with a plane).
   if (w.kind == WeightKind::BF16) gemm_full_k<true>(w, a, rb0, rb1, y, ldy);
   else if (!a.bf16) gemm_full_k<false>(w, a, rb0, rb1, y, ldy);  // Row scales
-  else if (int4) g16 ? gemm_full_k<true, true, true, 16>(w, a, rb0, rb1, y, ldy) : gemm_full_k<true, true, true, 32>(w, a, rb0, rb1, y, ldy);
-  else g16 ? gemm_full_k<true, true, false, 16>(w, a, rb0, rb1, y, ldy) : gemm_full_k<true, true, false, 32>(w, a, rb0, rb1, y, ldy);
+  else if (!int4) gemm_full_k<true, true, false, 32>(w, a, rb0, rb1, y, ldy);
+  else if (g16) hi ? gemm_full_k<true, true, true, 16, 2>(w, a, rb0, rb1, y, ldy) : gemm_full_k<true, true, true, 16>(w, a, rb0, rb1, y, ldy);
+  else hi ? gemm_full_k<true, true, true, 32, 1>(w, a, rb0, rb1, y, ldy) : gemm_full_k<true, true, true, 32>(w, a, rb0, rb1, y, ldy);
   _tile_release();
 }
 

@@ -31,6 +31,22 @@ struct V256x2 {
   static __m256i lo4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0f)); }
   static I nib_lo(I v) { return {lo4(v.a), lo4(v.b)}; }
   static I nib_hi(I v) { return {lo4(_mm256_srli_epi16(v.a, 4)), lo4(_mm256_srli_epi16(v.b, 4))}; }
+  // Bytes 0x00 / 0xff from the 32 bits of m (byte i: bit i).
+  static __m256i bits_to_bytes(uint32_t m) {
+    const __m256i spread = _mm256_shuffle_epi8(  // byte i takes byte i / 8 of m
+        _mm256_set1_epi32(static_cast<int>(m)),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i sel = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel);
+  }
+  // v with bit `bit` added to byte i where bit i of the 8 bytes at plane is set.
+  static I add_bit(I v, const uint8_t* plane, int bit) {
+    uint32_t m[2];
+    std::memcpy(m, plane, 8);
+    const __m256i b = _mm256_set1_epi8(static_cast<char>(1 << bit));
+    return {_mm256_add_epi8(v.a, _mm256_and_si256(bits_to_bytes(m[0]), b)),
+            _mm256_add_epi8(v.b, _mm256_and_si256(bits_to_bytes(m[1]), b))};
+  }
   static __m256i madd(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }

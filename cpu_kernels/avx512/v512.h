@@ -30,6 +30,12 @@ struct V512 {
   }
   static I nib_lo(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }
   static I nib_hi(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f)); }
+  // v with bit `bit` added to byte i where bit i of the 8 bytes at plane is set.
+  static I add_bit(I v, const uint8_t* plane, int bit) {
+    uint64_t m;
+    std::memcpy(&m, plane, 8);
+    return _mm512_mask_add_epi8(v, _cvtu64_mask64(m), v, _mm512_set1_epi8(static_cast<char>(1 << bit)));
+  }
   static I dot_u4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
   static I dot_i8(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
   static F dot_bf16(F acc, I w, I x) {

@@ -3,12 +3,16 @@
 // Rows are packed in blocks of kRowBlock = 16 output rows (one AVX-512 vector of int32 or
 // float lanes; also the N width of an AMX B tile). Inside a row block, K is split into
 // groups of `group` values that share a scale (and optionally a min):
-//   w[n, k] = scale[n, g] * q[n, k] + min[n, g]                 (q: int8 or uint4)
+//   w[n, k] = scale[n, g] * q[n, k] + min[n, g]       (q: int8, or unsigned 4, 5 or 6 bits)
 // and group data is VNNI-ordered: for each run of 4 consecutive k ("quad"), the 16 rows'
 // 4 bytes sit next to each other (64 bytes), so one broadcast of 4 activation bytes and
 // one vpdpbusd cover 16 rows x 4 k. int4 stores quads 2p and 2p+1 of a group in one
-// 64-byte chunk, low and high nibble. int8 values are stored biased (q + 128, uint8) so
-// that vpdpbusd's unsigned operand is the weight; kernels subtract 128 * sum(x).
+// 64-byte chunk, low and high nibble. 5- and 6-bit values (hi_bits = 1 or 2: GGUF's
+// Q5_0 / Q5_1 / Q5_K and Q6_K) are int4 data plus bit planes after it: plane b holds bit
+// 4 + b of every value, 8 bytes per quad in the quad's byte order (bit i = byte i of the
+// quad's 64), so a kernel adds a plane to the unpacked nibbles with one masked add.
+// int8 values are stored biased (q + 128, uint8) so that vpdpbusd's unsigned operand is
+// the weight; kernels subtract 128 * sum(x).
 // bf16 has no groups: pairs of k per row, 16 rows x 2 values per 64 bytes (vdpbf16ps).
 //
 // Scales come in three encodings, chosen at pack time to keep GGUF data exact and small:
@@ -79,6 +83,7 @@ struct PackedWeight {
   ScaleEnc scale_enc = ScaleEnc::None;
   bool has_min = false;
   int group = 32;        // values per scale group (16 or 32); 32 for bf16 padding
+  int hi_bits = 0;       // Int4 only: bit planes above the nibbles (1: group 32, 2: group 16)
   int source_type = -1;  // ggml type id it came from, or -1 for float input
   int64_t n = 0, k = 0;  // logical shape
   int64_t np = 0, kp = 0;  // padded shape
@@ -114,7 +119,7 @@ struct PackedWeight {
 
 // Lays out an empty (zeroed) PackedWeight of the given shape and encoding.
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
-                                          int group, int64_t n, int64_t k);
+                                          int group, int64_t n, int64_t k, int hi_bits = 0);
 
 // Value of element (n, k) as float: the exact decoding of the packed format.
 float packed_value(const PackedWeight& w, int64_t n, int64_t k);

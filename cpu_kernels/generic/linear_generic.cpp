@@ -13,8 +13,14 @@ namespace {
 int stored_q(const PackedWeight& w, const uint8_t* blk, int r, int64_t k) {
   const int64_t g = k / w.group, kk = k % w.group, quad = kk / 4, j = kk % 4;
   if (w.kind == WeightKind::Int8) return static_cast<int>(blk[w.group_off(g) + quad * 64 + r * 4 + j]) - 128;
-  const uint8_t v = blk[w.group_off(g) + (quad / 2) * 64 + r * 4 + j];
-  return quad % 2 ? v >> 4 : v & 0x0f;
+  const uint8_t* rec = blk + w.group_off(g);
+  const uint8_t v = rec[(quad / 2) * 64 + r * 4 + j];
+  int q = quad % 2 ? v >> 4 : v & 0x0f;
+  for (int b = 0; b < w.hi_bits; ++b) {  // plane b: bit (quad * 64 + r * 4 + j) is bit 4 + b
+    const int64_t i = quad * 64 + r * 4 + j;
+    q |= ((rec[w.group * (8 + 2 * b) + i / 8] >> (i % 8)) & 1) << (4 + b);
+  }
+  return q;
 }
 
 float coef(const PackedWeight& w, const uint8_t* blk, int r, int64_t g, bool min) {

@@ -51,8 +51,9 @@ inline void store_tile(const PackedWeight& w, const typename V::F (&acc)[RB][TT]
   }
 }
 
-// RB row blocks x TT tokens; G values per group; Int4 or (biased) Int8 weights.
-template <class V, int RB, int TT, bool kInt4, int G, bool kPrefetch>
+// RB row blocks x TT tokens; G values per group; Int4 (with kHi bit planes: 4 + kHi bits)
+// or (biased) Int8 weights.
+template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy) {
   using I = typename V::I;
@@ -88,6 +89,11 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
           const I v = V::load_i(rec[r] + p * 64);
           lo[r] = V::nib_lo(v);
           hi[r] = V::nib_hi(v);
+          for (int b = 0; b < kHi; ++b) {  // plane b: 8 bytes per quad, quads 2p and 2p + 1
+            const uint8_t* plane = rec[r] + G * (8 + 2 * b) + p * 16;
+            lo[r] = V::add_bit(lo[r], plane, 4 + b);
+            hi[r] = V::add_bit(hi[r], plane + 8, 4 + b);
+          }
         }
         for (int t = 0; t < TT; ++t) {
           const I x0 = V::bcast4(xq[t] + g * G + p * 8);
@@ -157,12 +163,14 @@ template <class V, int RB, int TT, bool kPrefetch = true>
 void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy) {
   if (w.kind == WeightKind::BF16) return tile_bf16<V, RB, TT, kPrefetch>(w, a, rb0, t0, y, ldy);
-  const bool int4 = w.kind == WeightKind::Int4;
+  // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
+  // planes) or 32 (5-bit with a plane).
+  if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
   if (w.group == 16)
-    return int4 ? tile_int<V, RB, TT, true, 16, kPrefetch>(w, a, rb0, t0, y, ldy)
-                : tile_int<V, RB, TT, false, 16, kPrefetch>(w, a, rb0, t0, y, ldy);
-  return int4 ? tile_int<V, RB, TT, true, 32, kPrefetch>(w, a, rb0, t0, y, ldy)
-              : tile_int<V, RB, TT, false, 32, kPrefetch>(w, a, rb0, t0, y, ldy);
+    return w.hi_bits ? tile_int<V, RB, TT, true, 16, 2, kPrefetch>(w, a, rb0, t0, y, ldy)
+                     : tile_int<V, RB, TT, true, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
+  return w.hi_bits ? tile_int<V, RB, TT, true, 32, 1, kPrefetch>(w, a, rb0, t0, y, ldy)
+                   : tile_int<V, RB, TT, true, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
 }
 
 // Tokens [t0, t1) over row blocks [rb0, rb0 + RB): token tiles of V::kTT, then the tail.
