@@ -333,9 +333,9 @@ std::pair<int64_t, int64_t> packed_span(const PackedWeight& w, bool dequant, int
 }
 
 // The full-K kernels over row blocks [rb0, rb1). kDequant: w is group-scaled int8 / int4
-// (kInt4, G, kHi bit planes) and each slab is dequantized to bf16 tiles in a per-thread buffer first, then
-// multiplied as bf16 weights are; the packed slab it reads was prefetched into L2 while the
-// previous slab computed.
+// (kInt4, G, kHi bit planes) and each slab is dequantized to bf16 tiles in a per-thread
+// buffer first, then multiplied as bf16 weights are; the packed slab it reads was prefetched
+// into L2 while the previous slab computed.
 template <bool kBf16, bool kDequant = false, bool kInt4 = false, int G = 32, int kHi = 0>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
