@@ -298,7 +298,7 @@ void dequant_group(const PackedWeight& w, const uint8_t* blk, int64_t g, uint8_t
     if (kInt4) {  // chunk c: quads 2c (low nibbles) and 2c + 1 (high)
       const __m512i v = _mm512_loadu_si512(rec + 64 * (p / 2));
       __m512i u = _mm512_and_si512(p % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));
-      for (int b = 0; b < kHi; ++b) u = V512::add_bit(u, rec + G * (8 + 2 * b) + 8 * p, 4 + b);
+      for (int b = 0; b < kHi; ++b) u = V512::add_bit(u, rec + plane_offset(G, b) + 8 * p, 4 + b);
       _mm512_store_si512(q, u);
     } else {  // stored q + 128
       _mm512_store_si512(q, _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * p), _mm512_set1_epi8(static_cast<char>(0x80))));

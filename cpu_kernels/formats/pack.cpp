@@ -71,7 +71,7 @@ inline int64_t data_offset(const PackedWeight& w, int r, int64_t k) {
 // Byte holding bit 4 + b of element (r in block, k) in plane b, and that bit's position.
 inline std::pair<int64_t, int> plane_bit(const PackedWeight& w, int r, int64_t k, int b) {
   const int64_t kk = k % w.group, i = (kk / 4) * 64 + r * 4 + kk % 4;  // bit i of the group's planes
-  return {w.group_off(k / w.group) + w.group * 8 + b * w.group * 2 + i / 8, static_cast<int>(i % 8)};
+  return {w.group_off(k / w.group) + plane_offset(w.group, b) + i / 8, static_cast<int>(i % 8)};
 }
 
 // Stores q (int8: -128..127; int4: 0..2^(4 + hi_bits) - 1) at (n, k).
@@ -380,7 +380,7 @@ std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool ha
   w->np = round_up(n, kRowBlock);
   const bool i8 = w->scale_enc == ScaleEnc::I8, row = w->scale_enc == ScaleEnc::Row;
   w->kp = round_up(k, i8 ? kSuperBlock : row ? 64 : w->group);
-  w->group_bytes = kind == WeightKind::Int4 ? w->group * (8 + 2 * hi_bits)
+  w->group_bytes = kind == WeightKind::Int4 ? plane_offset(w->group, hi_bits)
                   : kind == WeightKind::Int8 ? w->group * 16
                                              : 32 * 2 * 16;
   w->coef_bytes = w->scale_bytes() * kRowBlock;

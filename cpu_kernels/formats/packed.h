@@ -50,6 +50,10 @@ constexpr int kRowBlock = 16;
 constexpr int kSuperBlock = 256;
 
 enum class WeightKind : int { Int8 = 0, Int4 = 1, BF16 = 2 };
+
+// Offset of int4 bit plane b inside a group record of `group` values (after the nibbles and
+// planes 0..b-1, 2 * group bytes each); plane_offset(group, hi_bits) is the record's data size.
+constexpr int64_t plane_offset(int64_t group, int b) { return group * (8 + 2 * b); }
 enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3, Row = 4 };
 
 struct AlignedFree {

@@ -90,7 +90,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
           lo[r] = V::nib_lo(v);
           hi[r] = V::nib_hi(v);
           for (int b = 0; b < kHi; ++b) {  // plane b: 8 bytes per quad, quads 2p and 2p + 1
-            const uint8_t* plane = rec[r] + G * (8 + 2 * b) + p * 16;
+            const uint8_t* plane = rec[r] + plane_offset(G, b) + p * 16;
             lo[r] = V::add_bit(lo[r], plane, 4 + b);
             hi[r] = V::add_bit(hi[r], plane + 8, 4 + b);
           }

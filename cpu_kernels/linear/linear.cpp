@@ -122,6 +122,17 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
 constexpr int64_t kPiecesPerThread = 16, kMinPiecesPerThread = 4, kMinPieceBlocks = 16,
                   kMinDecodePieceBlocks = 4;
 
+// Row blocks per piece (whole row pairs) for rbs row blocks over `threads` threads.
+int64_t piece_blocks(int64_t rbs, int64_t threads, bool decode) {
+  int64_t wanted = (rbs + threads - 1) / threads;  // one contiguous range per thread
+  if (!decode || !single_stream_decode()) {
+    const int64_t least = std::min(decode ? kMinDecodePieceBlocks : kMinPieceBlocks,
+                                   rbs / (kMinPiecesPerThread * threads));
+    wanted = std::max(least, rbs / (kPiecesPerThread * threads));
+  }
+  return std::max<int64_t>(1, (wanted + 1) / 2 * 2);
+}
+
 void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs) {
   if (num_nodes() == 1) {
     std::stable_sort(jobs.begin(), jobs.end(),
@@ -132,13 +143,7 @@ void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs) {
       rbs += j.w->row_blocks();
       decode = decode && j.acts->t == 1;
     }
-    const int64_t threads = num_threads();
-    const int64_t least = std::min(decode ? kMinDecodePieceBlocks : kMinPieceBlocks,
-                                   rbs / (kMinPiecesPerThread * threads));
-    const int64_t wanted = decode && single_stream_decode()
-                               ? (rbs + threads - 1) / threads
-                               : std::max(least, rbs / (kPiecesPerThread * threads));
-    const int64_t piece = std::max<int64_t>(1, (wanted + 1) / 2 * 2);  // whole row pairs
+    const int64_t piece = piece_blocks(rbs, num_threads(), decode);
     struct Piece {
       const GemmJob* job;
       int64_t rb0, rb1;
