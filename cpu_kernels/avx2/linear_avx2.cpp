@@ -22,6 +22,11 @@ struct V256x2 {
     const __m256i* q = static_cast<const __m256i*>(p);
     return {_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
   }
+  static void store_i(void* p, I v) {
+    __m256i* q = static_cast<__m256i*>(p);
+    _mm256_storeu_si256(q, v.a);
+    _mm256_storeu_si256(q + 1, v.b);
+  }
   static I bcast4(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);

@@ -23,6 +23,7 @@ struct V512 {
   static F zero_f() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static I load_i(const void* p) { return _mm512_loadu_si512(p); }
+  static void store_i(void* p, I v) { _mm512_storeu_si512(p, v); }
   static I bcast4(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);

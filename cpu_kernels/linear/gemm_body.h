@@ -51,11 +51,44 @@ inline void store_tile(const PackedWeight& w, const typename V::F (&acc)[RB][TT]
   }
 }
 
+// Bytes of an int4 row block unpacked by unpack_int4: one per weight, as int8 quads.
+inline int64_t unpacked_bytes(const PackedWeight& w) { return w.kp * kRowBlock; }
+
+// Int4 row block rb (nibbles plus kHi bit planes) as one byte per weight, laid out as the
+// int8 format's quads (quad q of group g at out + (g * G / 4 + q) * 64): prefill token
+// tiles then load these instead of each unpacking the same weights again.
+template <class V, int G, int kHi>
+void unpack_rows(const PackedWeight& w, int64_t rb, uint8_t* out) {
+  const uint8_t* blk = w.block(rb);
+  for (int64_t g = 0; g < w.kp / G; ++g) {
+    const uint8_t* rec = blk + w.group_off(g);
+    for (int p = 0; p < G / 8; ++p, out += 128) {  // chunk p: quads 2p (low nibbles), 2p + 1
+      const typename V::I v = V::load_i(rec + p * 64);
+      typename V::I lo = V::nib_lo(v), hi = V::nib_hi(v);
+      for (int b = 0; b < kHi; ++b) {  // plane b: 8 bytes per quad
+        const uint8_t* plane = rec + plane_offset(G, b) + p * 16;
+        lo = V::add_bit(lo, plane, 4 + b);
+        hi = V::add_bit(hi, plane + 8, 4 + b);
+      }
+      V::store_i(out, lo);
+      V::store_i(out + 64, hi);
+    }
+  }
+}
+
+// The layouts with planes make_packed allows: 6-bit in groups of 16, 5-bit in groups of 32.
+template <class V>
+void unpack_int4(const PackedWeight& w, int64_t rb, uint8_t* out) {
+  if (w.group == 16) return unpack_rows<V, 16, 2>(w, rb, out);
+  unpack_rows<V, 32, 1>(w, rb, out);
+}
+
 // RB row blocks x TT tokens; G values per group; Int4 (with kHi bit planes: 4 + kHi bits)
-// or (biased) Int8 weights.
-template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch>
+// or (biased) Int8 weights. kUnpacked: the int4 values come from `unpacked` (unpack_int4 of
+// the RB row blocks, unpacked_bytes apart).
+template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch, bool kUnpacked = false>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
-              int64_t ldy) {
+              int64_t ldy, const uint8_t* unpacked = nullptr) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr int QG = G / 4;
@@ -86,6 +119,12 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       for (int p = 0; p < QG / 2; ++p) {
         I lo[RB], hi[RB];
         for (int r = 0; r < RB; ++r) {
+          if constexpr (kUnpacked) {
+            const uint8_t* u = unpacked + r * unpacked_bytes(w) + (g * (QG / 2) + p) * 128;
+            lo[r] = V::load_i(u);
+            hi[r] = V::load_i(u + 64);
+            continue;
+          }
           const I v = V::load_i(rec[r] + p * 64);
           lo[r] = V::nib_lo(v);
           hi[r] = V::nib_hi(v);
@@ -159,10 +198,15 @@ void tile_bf16(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t
   store_tile<V, RB, TT>(w, acc, rb0, t0, y, ldy);
 }
 
+// unpacked: int4 weights' unpack_int4 bytes for the tile's row blocks (else nullptr).
 template <class V, int RB, int TT, bool kPrefetch = true>
 void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
-              int64_t ldy) {
+              int64_t ldy, const uint8_t* unpacked = nullptr) {
   if (w.kind == WeightKind::BF16) return tile_bf16<V, RB, TT, kPrefetch>(w, a, rb0, t0, y, ldy);
+  if (unpacked) {
+    if (w.group == 16) return tile_int<V, RB, TT, true, 16, 0, kPrefetch, true>(w, a, rb0, t0, y, ldy, unpacked);
+    return tile_int<V, RB, TT, true, 32, 0, kPrefetch, true>(w, a, rb0, t0, y, ldy, unpacked);
+  }
   // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
   // planes) or 32 (5-bit with a plane).
   if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
@@ -174,16 +218,24 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
 }
 
 // Tokens [t0, t1) over row blocks [rb0, rb0 + RB): token tiles of V::kTT, then the tail.
+// Int4 weights with bit planes that several token tiles read are unpacked once, into this
+// thread's scratch: 1.08-1.39x at 128 tokens on Zen 5. Plain int4 is not (0.84-0.97x): its
+// nibbles take fewer instructions to unpack than their bytes take to load.
 template <class V, int RB>
 void run_tokens(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, int64_t t1,
                 float* y, int64_t ldy) {
   constexpr int TT = V::kTT;
+  uint8_t* u = nullptr;
+  if (w.kind == WeightKind::Int4 && w.hi_bits > 0 && t1 - t0 >= 2 * TT) {
+    u = thread_scratch(RB * unpacked_bytes(w));
+    for (int r = 0; r < RB; ++r) unpack_int4<V>(w, rb0 + r, u + r * unpacked_bytes(w));
+  }
   int64_t t = t0;
-  for (; t + TT <= t1; t += TT) run_tile<V, RB, TT>(w, a, rb0, t, y, ldy);
+  for (; t + TT <= t1; t += TT) run_tile<V, RB, TT>(w, a, rb0, t, y, ldy, u);
   switch (t1 - t) {
-    case 1: run_tile<V, RB, 1>(w, a, rb0, t, y, ldy); break;
-    case 2: if constexpr (TT > 2) run_tile<V, RB, 2>(w, a, rb0, t, y, ldy); break;
-    case 3: if constexpr (TT > 3) run_tile<V, RB, 3>(w, a, rb0, t, y, ldy); break;
+    case 1: run_tile<V, RB, 1>(w, a, rb0, t, y, ldy, u); break;
+    case 2: if constexpr (TT > 2) run_tile<V, RB, 2>(w, a, rb0, t, y, ldy, u); break;
+    case 3: if constexpr (TT > 3) run_tile<V, RB, 3>(w, a, rb0, t, y, ldy, u); break;
     default: break;
   }
 }

@@ -133,6 +133,12 @@ int64_t piece_blocks(int64_t rbs, int64_t threads, bool decode) {
   return std::max<int64_t>(1, (wanted + 1) / 2 * 2);
 }
 
+uint8_t* thread_scratch(int64_t bytes) {
+  thread_local AlignedVector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < bytes) buf.resize(static_cast<size_t>(bytes));
+  return buf.data();
+}
+
 void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs) {
   if (num_nodes() == 1) {
     std::stable_sort(jobs.begin(), jobs.end(),

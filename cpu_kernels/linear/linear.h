@@ -79,6 +79,11 @@ const LinearKernels& kernels_for(Isa isa);
 // level computes, element by element (its tests' reference).
 const LinearKernels& reference_kernels(Isa like);
 
+// This thread's scratch buffer of at least `bytes` (64-byte aligned), valid until its next
+// call on the thread. Defined out of line, so that the ISA bodies never instantiate the
+// library's vector code themselves (see gemm_body.h).
+uint8_t* thread_scratch(int64_t bytes);
+
 // Sizes a's buffers for t tokens of weight w, in the layout kern's gemm reads for a call of
 // layout_t tokens (0: t) (prepare expects this).
 void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a,
