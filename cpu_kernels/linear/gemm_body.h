@@ -217,16 +217,20 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
                    : tile_int<V, RB, TT, true, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
 }
 
+// How many token tiles must read the same int4 weights with bit planes for unpacking them once
+// (into this thread's scratch) to beat unpacking them in every tile: 2 planes (6-bit) from 4
+// tiles (Zen 5: 16 tokens 1.04-1.06x, 128 tokens 1.19x), 1 plane (5-bit) from 8 (16 tokens
+// 0.80-0.95x, 32 tokens 1.02-1.05x, 128 tokens 1.08-1.22x). Plain int4 never does (0.84-0.97x
+// at 32 tokens): its nibbles take fewer instructions to unpack than their bytes take to load.
+inline int64_t unpack_min_tiles(const PackedWeight& w) { return w.hi_bits >= 2 ? 4 : 8; }
+
 // Tokens [t0, t1) over row blocks [rb0, rb0 + RB): token tiles of V::kTT, then the tail.
-// Int4 weights with bit planes that several token tiles read are unpacked once, into this
-// thread's scratch: 1.08-1.39x at 128 tokens on Zen 5. Plain int4 is not (0.84-0.97x): its
-// nibbles take fewer instructions to unpack than their bytes take to load.
 template <class V, int RB>
 void run_tokens(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, int64_t t1,
                 float* y, int64_t ldy) {
   constexpr int TT = V::kTT;
   uint8_t* u = nullptr;
-  if (w.kind == WeightKind::Int4 && w.hi_bits > 0 && t1 - t0 >= 2 * TT) {
+  if (w.kind == WeightKind::Int4 && w.hi_bits > 0 && t1 - t0 >= unpack_min_tiles(w) * TT) {
     u = thread_scratch(RB * unpacked_bytes(w));
     for (int r = 0; r < RB; ++r) unpack_int4<V>(w, rb0 + r, u + r * unpacked_bytes(w));
   }
