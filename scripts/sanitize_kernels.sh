@@ -6,7 +6,8 @@
 # editable install's import hook cannot substitute the normal build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${KTJAX_SANITIZE_DIR:-/tmp/ktjax-sanitize}
+# One build folder per checkout: a CMake cache refuses a second source tree.
+WORK=${KTJAX_SANITIZE_DIR:-/tmp/ktjax-sanitize/$(printf %s "$ROOT" | cksum | cut -d" " -f1)}
 PY=${PYTHON:-python3}
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 mkdir -p "$WORK/build" "$WORK/pkg"
