@@ -109,9 +109,9 @@ def test_gguf_linear_all_isas(qtype, tokens, store):
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES) + list(hl.FLOAT_FORMATS), ids=str)
 def test_decode_one_call_over_many_row_blocks(fmt, store):
-    # 12 row blocks (the last partial) in one kernel call: the decode path that reads them as
-    # one stream on AMD CPUs, in 4-block tiles elsewhere.
-    n, k = 181, 256
+    # 20 row blocks (the last partial) in one kernel call, one thread: the decode path that
+    # reads 16 or more as one stream on AMD CPUs, in 4-block tiles elsewhere.
+    n, k = 309, 256
     rng = np.random.default_rng(181)
     if isinstance(fmt, str):
         h = hl.pack_float_weight(rng.standard_normal((n, k)).astype(np.float32), fmt)
@@ -122,9 +122,14 @@ def test_decode_one_call_over_many_row_blocks(fmt, store):
     store.append(h)
     w = hl.unpack_weight(h)
     x = rng.standard_normal((1, k)).astype(np.float32)
-    for isa in SIMD_ISAS:
-        y = hl.linear_forward(x, h, isa)
-        check_close(y, x, w, group, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
+    before = _native.num_threads()
+    try:
+        _native.set_num_threads(1)
+        for isa in SIMD_ISAS:
+            y = hl.linear_forward(x, h, isa)
+            check_close(y, x, w, group, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
+    finally:
+        _native.set_num_threads(before)
 
 
 # Long prefill (257 tokens) only on the smaller shapes: the scalar reference is slow.
