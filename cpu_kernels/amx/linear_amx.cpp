@@ -52,6 +52,12 @@ static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 // of K accumulates in int32). A K step is 64 bytes of each token row (32 bf16 or 64 int8)
 // against the 1 KiB B tile of a row block. Tiles 0-3 = C (token block i,
 // row block j at 2i + j), 4-5 = A, 6-7 = B: a step loads 4 tiles for 4 tile products.
+// Loops that never make a load wait for a product reading its tile lost here, though
+// scripts/amx_peak.cpp's double-buffered 2x1 beat this loop there (33.1 against 26.7 TOPS, 16
+// threads, A in L1, B in L2). MoE, DeepSeek-V3 shape, 64 experts, qlen 1024, interleaved
+// against this loop: that 2x1 (C 0-1, A 2-3 / 5-6 and B 4 / 7 by alternate K steps) int8_row
+// 0.79-0.91x, bf16 0.87-0.99x, Q4_K 0.85-0.95x; 3x1 with B double-buffered (C 0-2, A 3-5,
+// B 6 / 7; A chunks of 10 or 6 steps) 0.62-0.99x.
 // Every tile load must hit L1 or L2 (a tile load that misses L2 stalls the products behind
 // it), so per thread and call (one core: L1 48 KiB, L2 2 MiB):
 //  * B: the call's row blocks go in slabs, a slab being some row blocks' panels over a K
@@ -67,8 +73,9 @@ static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 //    DeepSeek-V3 shape, 64 experts, qlen 1024, interleaved): prefetching B into L1 a few
 //    steps ahead (no gain with prefetcht0, slower with prefetchnta; in scripts/amx_peak.cpp's
 //    loop 23.3 and 40.7 TOPS against 31.3 and 41.2 with streamed B loads alone, two hosts),
-//    chunks of 32 steps (slower), and chunks of all of K, A from L2 with no C round trips
-//    (no gain);
+//    chunks of 32 steps (slower), chunks of all of K, A from L2 with no C round trips (no
+//    gain), the slab prefetch thinned to one line in 2, 4 or 16, or none, and the weights on
+//    transparent huge pages (each 0.75-1.16x, no consistent gain);
 //  * C: 4 tiles in registers over a chunk; between chunks they wait in a per-thread buffer,
 //    the homes (L1 / L2), so y is written once, final.
 // A slab spans all of K when its panels fit, and then the homes hold one token pair's C.
