@@ -296,6 +296,13 @@ SlabPlan plan_slabs(int64_t panel_bytes, int64_t steps, int64_t tblocks, int64_t
   return {wanted, ksteps, (tblocks + 1) / 2 * 2};
 }
 
+// K steps pass_slab takes over a slab of slab_len row blocks and a K range of ksteps (per
+// row pair, or per row block for two token blocks): the next slab's prefetch spreads over them.
+int64_t pass_steps(int64_t tblocks, int64_t ksteps, int64_t slab_len) {
+  if (tblocks == 2) return ksteps * slab_len;
+  return (tblocks + 1) / 2 * ksteps * ((slab_len + 1) / 2);
+}
+
 // Every token pair over the current slab's rows and K steps [k0, k1), in chunks of kc steps:
 // each chunk of a token pair's A serves all of the slab's row pairs from L1.
 template <bool kBf16>
@@ -386,7 +393,7 @@ std::pair<int64_t, int64_t> packed_span(const PackedWeight& w, bool dequant, int
 // into L2 while the previous slab computed.
 template <bool kBf16, bool kDequant = false, bool kInt4 = false, int G = 32, int kHi = 0>
 void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
-  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16, tpairs = (tblocks + 1) / 2;
+  const int64_t steps = a.steps(), tblocks = (a.t + 15) / 16;
   const int64_t chunks = (steps + kChunkSteps - 1) / kChunkSteps, kc = (steps + chunks - 1) / chunks;
   const SlabPlan plan = plan_slabs(kDequant ? steps * 1024 : w.block_stride, steps, tblocks, kc);
   // C homes between chunks and the dequantized slab: per thread, no allocation in steady
@@ -404,14 +411,11 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
     f.b_stride = w.block_stride;
   }
   for (int64_t slab0 = rb0; slab0 < rb1; slab0 += plan.blocks) {
-    const int64_t slab1 = std::min(slab0 + plan.blocks, rb1), rpairs = (slab1 - slab0 + 1) / 2;
+    const int64_t slab1 = std::min(slab0 + plan.blocks, rb1);
     f.slab0 = slab0;
     f.slab_len = slab1 - slab0;
     for (int64_t k0 = 0; k0 < steps; k0 += plan.ksteps) {
-      // The pass over the slab takes `over` K steps (per row pair, or per row block when
-      // token_pair_row_block takes it), and the next slab's prefetch spreads over them.
       const int64_t k1 = std::min(k0 + plan.ksteps, steps);
-      const int64_t over = tpairs * (k1 - k0) * (tblocks == 2 ? slab1 - slab0 : rpairs);
       if (kDequant) {
         dequant_slab<kInt4, G, kHi>(w, slab0, slab1, k0, k1, tls_slab.data());
         f.b = tls_slab.data();
@@ -425,7 +429,8 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
       const int64_t n0 = next_k ? slab0 : slab1, n1 = next_k ? slab1 : std::min(slab1 + plan.blocks, rb1);
       const auto [off, bytes] = next_k ? packed_span(w, kDequant, k1, std::min(k1 + plan.ksteps, steps))
                                        : packed_span(w, kDequant, 0, plan.ksteps);
-      f.next_slab.spread(n0 < n1 ? w.block(n0) + off : nullptr, bytes, n1 - n0, w.block_stride, over);
+      f.next_slab.spread(n0 < n1 ? w.block(n0) + off : nullptr, bytes, n1 - n0, w.block_stride,
+                         pass_steps(tblocks, k1 - k0, slab1 - slab0));
       pass_slab<kBf16>(f, k0, k1, kc);
     }
   }
