@@ -17,6 +17,12 @@
 //    2.5-3.3x (Q4_0 1.5-2.0x in an earlier call); qlen 256: 1.02-1.08x, 1.10-1.17x,
 //    1.48-1.51x; Qwen3-30B-A3B shape, 32 experts, qlen 1024: Q4_K 1.44-1.57x, Q6_K
 //    2.14-2.19x; qlen 128 (32 tokens per expert): Q4_K 0.98-1.00x, Q6_K 1.19-1.22x.
+//    Dequantizing the next slab tile by tile between the current slab's K steps (two slab
+//    buffers, packed weights prefetched two slabs ahead), so that the vector units would work
+//    while the tile unit multiplies, was slower: MoE, DeepSeek-V3 shape, 64 experts,
+//    interleaved, two runs (16 cores, one thread each): Q4_K qlen 256 0.79-0.94x, qlen 1024
+//    0.87-1.07x, Q6_K qlen 256 0.82-1.06x, Q8_0 qlen 1024 0.80-1.00x; with slabs of half the
+//    row blocks 0.73-0.98x.
 //
 // Built with -DKTJAX_AMX_EMULATE (tests only), the tile instructions run in software.
 #include <immintrin.h>
