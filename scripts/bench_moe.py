@@ -50,13 +50,23 @@ def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.n
     return raw
 
 
-def make_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.Generator) -> int:
+def random_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random GGUF data of the gate, up and down matrices of `experts` experts."""
     qt = RAW_TYPES[fmt]
-    mats = [random_raw(qt, experts * inter, hidden, rng), random_raw(qt, experts * inter, hidden, rng),
+    return [random_raw(qt, experts * inter, hidden, rng), random_raw(qt, experts * inter, hidden, rng),
             random_raw(qt, experts * hidden, inter, rng)]
-    return _native.pack_experts_gguf(mats[0].reshape(-1), int(qt), mats[1].reshape(-1), int(qt),
-                                     mats[2].reshape(-1), int(qt), experts, hidden, inter,
-                                     fmt if qt == T.BF16 else "int8")
+
+
+def pack_layer(native, fmt: str, raw: list[np.ndarray], experts: int, hidden: int, inter: int) -> int:
+    """Packs random_layer's data in `native` (a build of the native module) as `fmt`."""
+    qt = RAW_TYPES[fmt]
+    return native.pack_experts_gguf(raw[0].reshape(-1), int(qt), raw[1].reshape(-1), int(qt),
+                                    raw[2].reshape(-1), int(qt), experts, hidden, inter,
+                                    fmt if qt == T.BF16 else "int8")
+
+
+def make_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.Generator) -> int:
+    return pack_layer(_native, fmt, random_layer(fmt, experts, hidden, inter, rng), experts, hidden, inter)
 
 
 def layers_for_rotation(experts: int, top_k: int, qlen: int, expert_bytes: float, llc: int) -> int:
