@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     builds = dict(load_build(p) for p in args.builds)
     if len(builds) != len(args.builds):
         raise SystemExit("ab_moe: two builds share a name")
-    for native in builds.values():
-        if args.threads:
+    if args.threads:
+        for native in builds.values():
             native.set_num_threads(args.threads)
     base = next(iter(builds))
     hidden, inter, _, top_k = SHAPES[args.shape]

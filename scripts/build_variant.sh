@@ -13,7 +13,8 @@ SRC=$OUT/src_$NAME BUILD=$OUT/build_$NAME
 rm -rf "$SRC" "$BUILD" && mkdir -p "$SRC"
 cd "$ROOT"
 if [ "$REV" = worktree ]; then  # tracked and untracked files, as git would commit them
-  git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$SRC"
+  git ls-files -z --cached --others --exclude-standard |
+    tar --null -T - --ignore-failed-read -cf - | tar -xf - -C "$SRC"  # deleted: skipped
 else
   git archive "$REV" | tar -xf - -C "$SRC"
 fi
