@@ -76,7 +76,10 @@ static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 //    from L3 or L2 once per slab; software prefetch of it measured no gain). B tiles, used
 //    once per token pair, load with the streaming hint (TILELOADDT1) so they do not evict
 //    the A chunk from L1: one thread, [2048, 7168] x 1024 tokens int8_row, 1.82-1.91 TOPS
-//    vs 1.63-1.71 with plain loads, interleaved in two runs. Tried and dropped (MoE,
+//    vs 1.63-1.71 with plain loads, interleaved in two runs; MoE, DeepSeek-V3 shape, 64
+//    experts, 16 threads, int8_row and Q4_K at qlen 256 and 1024, two runs: plain loads'
+//    best TOPS 0.92-1.04x, below in 7 of 8 (scripts/ab_moe.py), though amx_peak's bare loop
+//    favoured them on the same day's hosts (27.8 vs 22.4 TOPS). Tried and dropped (MoE,
 //    DeepSeek-V3 shape, 64 experts, qlen 1024, interleaved): prefetching B into L1 a few
 //    steps ahead (no gain with prefetcht0, slower with prefetchnta; in scripts/amx_peak.cpp's
 //    loop 23.3 and 40.7 TOPS against 31.3 and 41.2 with streamed B loads alone, two hosts),
