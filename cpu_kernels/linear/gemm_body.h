@@ -102,7 +102,8 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   F acc[RB][TT];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = V::zero_f();
-  constexpr int pf = kPrefetch ? kPrefetchGroups : 0;
+  // Unpacked weights were just read whole by unpack_int4: nothing ahead to fetch.
+  constexpr int pf = kPrefetch && !kUnpacked ? kPrefetchGroups : 0;
 
   for (int64_t g = 0; g < groups; ++g) {
     I iacc[RB][TT];
@@ -123,15 +124,15 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
             const uint8_t* u = unpacked + r * unpacked_bytes(w) + (g * (QG / 2) + p) * 128;
             lo[r] = V::load_i(u);
             hi[r] = V::load_i(u + 64);
-            continue;
-          }
-          const I v = V::load_i(rec[r] + p * 64);
-          lo[r] = V::nib_lo(v);
-          hi[r] = V::nib_hi(v);
-          for (int b = 0; b < kHi; ++b) {  // plane b: 8 bytes per quad, quads 2p and 2p + 1
-            const uint8_t* plane = rec[r] + plane_offset(G, b) + p * 16;
-            lo[r] = V::add_bit(lo[r], plane, 4 + b);
-            hi[r] = V::add_bit(hi[r], plane + 8, 4 + b);
+          } else {
+            const I v = V::load_i(rec[r] + p * 64);
+            lo[r] = V::nib_lo(v);
+            hi[r] = V::nib_hi(v);
+            for (int b = 0; b < kHi; ++b) {  // plane b: 8 bytes per quad, quads 2p and 2p + 1
+              const uint8_t* plane = rec[r] + plane_offset(G, b) + p * 16;
+              lo[r] = V::add_bit(lo[r], plane, 4 + b);
+              hi[r] = V::add_bit(hi[r], plane + 8, 4 + b);
+            }
           }
         }
         for (int t = 0; t < TT; ++t) {
