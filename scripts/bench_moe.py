@@ -33,9 +33,11 @@ SHAPES = {  # hidden, intermediate, experts in the model, top-k
 }
 T = gguf.GGMLQuantizationType
 # Random GGUF data of these types packs to the format: int8/g32 (Q8_0 as is), int8/row (bf16
-# converted at load, as kt-kernel's int8), int4/g32+min, bf16; q4_k and q6_k as real
-# Q4_K_M files hold their experts (int4/g32 + min and int6/g16 + min, K-quant scales).
-RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16, "q4_k": T.Q4_K, "q6_k": T.Q6_K}
+# converted at load, as kt-kernel's int8), int4/g32+min, bf16; q4_k, q5_k and q6_k as real
+# Q4_K_M / Q5_K_M files hold their experts (int4/g32 + min, int5/g32 + min, int6/g16 + min,
+# K-quant scales).
+RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16, "q4_k": T.Q4_K,
+             "q5_k": T.Q5_K, "q6_k": T.Q6_K}
 
 
 def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
