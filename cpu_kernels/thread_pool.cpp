@@ -292,6 +292,10 @@ void parallel_for_each(int64_t n, const std::function<void(int64_t, int64_t)>& f
   pool().run(n, fn, /*chunks=*/n);
 }
 
+void parallel_for_balanced(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  pool().run(n, fn, /*chunks=*/int64_t{8} * pool().size());
+}
+
 int num_threads() { return pool().size(); }
 
 int num_nodes() { return pool().nodes(); }

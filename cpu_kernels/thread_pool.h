@@ -21,6 +21,11 @@ void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end
 // for the slowest thread. Put the costliest items first.
 void parallel_for_each(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
+// Like parallel_for, but in up to 8 chunks per thread, claimed as threads come free: for
+// passes over many rows of even cost, where a static split would wait for the slowest core
+// (on a shared or virtual machine, some cores run at half the speed of others).
+void parallel_for_balanced(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
+
 // Memory nodes the pool's threads are spread over: 1, unless workers are pinned on a machine
 // with several NUMA nodes. node_ids(): their system numbers (-1 for the single-node case).
 int num_nodes();

@@ -81,7 +81,7 @@ bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* 
   size_acts(kern, w, t, out, layout_t);
   if (t * w.k < (int64_t{1} << 16)) return kern.prepare(w, x, 0, t, ldx, out);
   std::atomic<bool> ok{true};
-  parallel_for(t, [&](int64_t b, int64_t e) {
+  parallel_for_balanced(t, [&](int64_t b, int64_t e) {
     if (!kern.prepare(w, x, b, e, ldx, out)) ok = false;
   });
   return ok;

@@ -153,7 +153,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   // Routed slots only (shared ones take all_x as is), so the source is all_x, or its int8
   // rows for experts with too few tokens for bf16 tiles.
   if (need_untiled) prepare_all(kern, g0, a.x, T, H, &s.all_x_untiled, 1);
-  parallel_for(static_cast<int64_t>(to_gather.size()), [&](int64_t b, int64_t e) {
+  parallel_for_each(static_cast<int64_t>(to_gather.size()), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       QuantActs& dst = s.acts_in[to_gather[i]];
       gather_acts(dst.bf16 == s.all_x.bf16 ? s.all_x : s.all_x_untiled, s.rows[to_gather[i]], &dst);
@@ -177,7 +177,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     first_row[sl + 1] = first_row[sl] + ntok(sl);
   }
   const FloatKernels& fk = float_kernels(reference ? Isa::Generic : isa);
-  parallel_for(first_row[slots], [&](int64_t b, int64_t e) {
+  parallel_for_balanced(first_row[slots], [&](int64_t b, int64_t e) {
     for (int64_t sl = 0; sl < slots; ++sl) {
       const int64_t r0 = std::max(b, first_row[sl]) - first_row[sl];
       const int64_t r1 = std::min(e, first_row[sl + 1]) - first_row[sl];
@@ -196,7 +196,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   run_gemms(kern, jobs);
 
   // Weighted sum per token, slots in routing order: deterministic for any thread count.
-  parallel_for(T, [&](int64_t b, int64_t e) {
+  parallel_for_balanced(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* o = a.out + t * H;
       std::fill(o, o + H, 0.f);
