@@ -23,7 +23,9 @@ void parallel_for_each(int64_t n, const std::function<void(int64_t begin, int64_
 
 // Like parallel_for, but in up to 8 chunks per thread, claimed as threads come free: for
 // passes over many rows of even cost, where a static split would wait for the slowest core
-// (on a shared or virtual machine, some cores run at half the speed of others).
+// (on a shared or virtual machine, some cores run at half the speed of others). The MoE's
+// row passes on the AMX host, DeepSeek-V3 shape, 64 experts, qlen 1024, 16 threads, against
+// parallel_for interleaved, two runs: int8_row best TOPS 1.03-1.09x, Q4_K 1.02-1.04x.
 void parallel_for_balanced(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 // Memory nodes the pool's threads are spread over: 1, unless workers are pinned on a machine

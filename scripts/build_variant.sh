@@ -16,6 +16,9 @@ if [ "$REV" = worktree ]; then  # tracked and untracked files, as git would comm
   git ls-files -z --cached --others --exclude-standard |
     tar --null -T - --ignore-failed-read -cf - | tar -xf - -C "$SRC"  # deleted: skipped
 else
+  # Named on stderr: a copy of the repository whose history lags the checkout (a remote
+  # machine's) resolves HEAD to an older commit without complaint.
+  echo "build_variant.sh: $NAME is $REV = $(git rev-parse --short "$REV^{commit}")" >&2
   git archive "$REV" | tar -xf - -C "$SRC"
 fi
 sed -i "s/PYBIND11_MODULE(_native, m)/PYBIND11_MODULE(_native_$NAME, m)/" "$SRC/cpu_kernels/module.cpp"
