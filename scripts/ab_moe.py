@@ -9,8 +9,9 @@ the last-level cache), and the rounds alternate the builds' order so that a drif
 all of them alike. One JSON line per configuration: each build's best TOPS and, per round,
 the baseline's time over the build's (above 1: faster than the baseline). A round's ratio
 is noisy: two builds of the same code on the AMX host (16 threads, DeepSeek-V3 shape, 64
-experts, 4 rounds) gave int8_row qlen 1024 0.78-1.25 and Q4_K qlen 256 0.82-1.11, best TOPS
-within 3% and 6%; trust a change that moves the best TOPS and most rounds, over two runs.
+experts, 4 rounds) gave int8_row qlen 1024 0.78-1.25 and Q4_K qlen 256 0.82-1.11, and on
+another day best TOPS 0.87-1.05x over 8 runs, one with all 4 rounds at 0.87-0.91; trust a
+change that moves the best TOPS and most rounds in several runs, beyond that spread.
 
     old=$(bash scripts/build_variant.sh HEAD old); new=$(bash scripts/build_variant.sh worktree new)
     python3 scripts/ab_moe.py $old $new --config q4_k:64:256 --config int8_row:64:1024 --threads 16
