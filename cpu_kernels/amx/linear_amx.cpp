@@ -95,7 +95,11 @@ static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 // most kMaxSlabBlocks), over a K range cut to fit kSlabBytes. 16 threads over 64 (4, 8)
 // DeepSeek-V3 gate matrices, builds with and without K ranges interleaved over 3 rounds:
 // bf16 at 128 tokens 6.6-7.9 TFLOPS vs 4.5-5.1, at 1024 tokens 8.4-9.5 vs 6.4-7.7;
-// int8_row at 128 tokens 10.1-14.9 TOPS vs 9.9-11.7, at 1024 within noise.
+// int8_row at 128 tokens 10.1-14.9 TOPS vs 9.9-11.7, at 1024 within noise. At most 16 row
+// blocks instead of 32 (bf16 down projection: slabs of 16 row blocks x 32 K steps, not
+// 32 x 16) cut a timed MoE's down phase (64 experts, qlen 1024) to 38-44 ms from 51-63 in
+// two runs, but whole calls interleaved did not follow: best TOPS bf16 1.00x, int8_row
+// 0.89x, Q4_K 1.03-1.04x.
 // Tile rows must not straddle cache lines (QuantActs and the homes are 64-byte aligned):
 // unaligned, the 2x2 loop ran at 0.41x on 16 threads (scripts/amx_peak.cpp).
 constexpr int64_t kSlabBytes = int64_t{768} << 10;
