@@ -101,8 +101,10 @@ static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 // two runs, but whole calls interleaved did not follow: best TOPS bf16 1.00x, int8_row
 // 0.89x, Q4_K 1.03-1.04x. Nor did 16 row blocks in slabs of 512 KiB: the gemm alone with
 // every size interleaved per round (one core, and 16 cores on weights of their own) gained
-// 1.03-1.22x in median over 10 shapes, but whole MoE calls against two builds of this one
-// moved within those builds' own spread (int8_row 0.91x, bf16 0.99-1.13x, Q4_K 0.98x).
+// 1.03-1.22x in median in all 10 cases (int8_row and bf16, gate and down shapes, 32 and 128
+// tokens), but whole MoE calls (64 experts, qlen 256 and 1024) against two builds of this
+// one moved within those builds' own spread: best TOPS int8_row 0.90-0.96x, bf16
+// 0.99-1.13x, Q4_K 0.98x.
 // Memory is not what these sizes trade: with 128 tokens per expert the MoE ran as fast on
 // 64 experts streamed from memory as on 2-4 held in L3 (int8_row 11.1-12.8 vs 12.0-12.5
 // TOPS, bf16 5.5-6.5 vs 6.2-7.0 TFLOPS), so the loop is bound inside the core.
