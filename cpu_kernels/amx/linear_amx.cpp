@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_kernels/amx/tile_config.h"
 #include "cpu_kernels/avx512/v512.h"
 #include "cpu_kernels/linear/gemm_body.h"
 #include "cpu_kernels/linear/linear.h"
@@ -43,15 +44,6 @@ namespace ktjax {
 namespace {
 
 constexpr int kAmxMinTokens = 16;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 
 // Full-K kernels: bf16 (TDPBF16PS; bf16 weights, or group-scaled ones dequantized to bf16
 // slab by slab) and int8 with Row scales (TDPBSUD; one scale per row and per token, so all
@@ -459,9 +451,7 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
 
 void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, float* y, int64_t ldy) {
   if (!a.tiled) return kernels_avx512().gemm(w, a, rb0, rb1, y, ldy);
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;  // all tiles 16 rows x 64 bytes
-  _tile_loadconfig(&cfg);
+  configure_tiles();
   const bool int4 = w.kind == WeightKind::Int4, g16 = w.group == 16, hi = w.hi_bits > 0;
   // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
   // planes) or 32 (5-bit with a plane).
