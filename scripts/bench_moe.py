@@ -8,7 +8,12 @@ rotate over `--layers` layers, by default enough that a rotation at the smallest
 touches 8x the last-level cache: the AMX host's 300 MiB L3 still kept enough of a 1.5 GB
 rotation to add 5% to the int8 decode's GB/s (17% at 0.7 GB). Tokens are
 routed uniformly at random (top-k distinct experts each). Weight GB/s counts the unique
-experts a call touches times their packed bytes. With --json, one JSON line per
+experts a call touches times their packed bytes. Where the kernels use AMX, the same run
+also measures the AMX compute roofline (amx_peak_tops: int8 tile products on every thread,
+no loads; on the shared AMX host it moved 38.9-84.8 TOPS between instances), and
+peak_fraction is TFLOPS over it, halved for the formats the AMX kernels multiply in bf16
+tiles (all but int8_row). The AMX kernels take experts with 16 or more tokens; fewer run on
+AVX-512, for which the fraction is only a distance. With --json, one JSON line per
 measurement goes to stdout.
 """
 
@@ -119,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     hidden, inter, model_experts, top_k = SHAPES[args.shape]
     experts = args.experts or min(model_experts, 2 * top_k)
     bw = max(_native.read_bandwidth_gbps(0, 5) for _ in range(2))
+    amx_peak = _native.amx_tile_peak_tops() if _native.active_isa() == "amx" else 0.0
     llc = _native.last_level_cache_bytes()
     qlens = [int(q) for q in args.qlen.split(",")]
     if not args.json:
         print(f"{args.shape}: hidden {hidden}, inter {inter}, {experts}/{model_experts} experts, top-{top_k}; "
-              f"read bandwidth {bw:.1f} GB/s, threads {_native.num_threads()}, isa {_native.active_isa()}")
+              f"read bandwidth {bw:.1f} GB/s, threads {_native.num_threads()}, isa {_native.active_isa()}"
+              + (f", AMX roofline {amx_peak:.1f} int8 TOPS" if amx_peak else ""))
     rng = np.random.default_rng(0)
     if args.overhead:
         report_overhead(top_k, bw, args.json)
@@ -154,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                    "tflops": 2.0 * qlen * top_k * 3 * hidden * inter / sec / 1e12,
                    "read_bw_gbps": bw}
             row["bw_fraction"] = row["weight_gbps"] / bw
+            if amx_peak:
+                row["amx_peak_tops"] = amx_peak
+                row["peak_fraction"] = row["tflops"] / (amx_peak if fmt == "int8_row" else amx_peak / 2)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
+                peak = f" ({100 * row['peak_fraction']:.0f}% of AMX roofline)" if amx_peak else ""
                 print(f"{fmt:5} qlen {qlen:5}: {row['us_per_call']:10.1f} us/call  {row['weight_gbps']:6.1f} GB/s "
-                      f"({100 * row['bw_fraction']:.0f}% of read bw)  {row['tflops']:.3f} TFLOPS", flush=True)
+                      f"({100 * row['bw_fraction']:.0f}% of read bw)  {row['tflops']:.3f} TFLOPS{peak}", flush=True)
         for h in layers:
             _native.release_weight(h)
     return 0

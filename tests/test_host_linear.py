@@ -270,3 +270,13 @@ def test_bandwidth_probe_reads_its_buffer():
     # a rate, however noisy, is positive and finite.
     gbps = _native.read_bandwidth_gbps(16 << 20, 1)
     assert 0 < gbps < float("inf")
+
+
+def test_amx_roofline_probe_rejects_bad_arguments_and_missing_amx():
+    with pytest.raises(ValueError, match="products >= 4"):
+        _native.amx_tile_peak_tops(2, 1)
+    with pytest.raises(ValueError, match="reps >= 1"):
+        _native.amx_tile_peak_tops(1 << 10, 0)
+    if _native.detected_isa() != "amx":
+        with pytest.raises(RuntimeError, match="no AMX"):
+            _native.amx_tile_peak_tops()
