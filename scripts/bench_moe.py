@@ -11,9 +11,9 @@ routed uniformly at random (top-k distinct experts each). Weight GB/s counts the
 experts a call touches times their packed bytes. Where the kernels use AMX, the same run
 also measures the AMX compute roofline (amx_peak_tops: int8 tile products on every thread,
 no loads; it moves between instances of a shared host), and peak_fraction is TFLOPS over
-it, halved for the formats the AMX kernels multiply in bf16 tiles (all but int8_row). The AMX kernels take experts with 16 or more tokens; fewer run on
-AVX-512, for which the fraction is only a distance. With --json, one JSON line per
-measurement goes to stdout.
+it, halved for the formats the AMX kernels multiply in bf16 tiles (all but int8_row). The
+AMX kernels take experts with 16 or more tokens; fewer run on AVX-512, for which the
+fraction is only a distance. With --json, one JSON line per measurement goes to stdout.
 """
 
 from __future__ import annotations
