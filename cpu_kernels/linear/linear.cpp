@@ -119,6 +119,11 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
 // must find it again. Zen 5, 2 threads, 5 rounds interleaved against 4-block pieces:
 // SmolLM2 and Gemma 3 q, kv and gate_up GEMVs 1.03-1.37x, down and o 0.97-1.19x, lm_heads
 // 1.02-1.09x; decode of SmolLM2 1.07-1.18x, of Gemma 3 1.00-1.02x (3 pairs).
+// A long dense call cut into token panels of at most 128 (one job each, so a piece reuses a
+// panel's A from L2 rather than all of A from L3) was not taken: AMX host, 16 threads, T 256
+// and 1024, 3 rounds interleaved: [2048, 7168] (8 row blocks per thread) bf16 1.04-1.24x,
+// int8_row 0.98-1.19x, Q4_K 0.90-1.05x; [14336, 4096] int8_row 0.75-0.89x, bf16 at T 1024
+// 0.67-0.76x (each panel streams the weights again).
 constexpr int64_t kPiecesPerThread = 16, kMinPiecesPerThread = 4, kMinPieceBlocks = 16,
                   kMinDecodePieceBlocks = 4;
 
