@@ -51,6 +51,10 @@ if [ "${PART:-all}" != decode ]; then
   timeout 280 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16,q4_k,q6_k \
     --threads 16 --experts 64 --min-time 0.3 --json | tee -a "$B"
   kt_bench 32,1024
+  # The experts' GEMM shapes against Intel's AMX kernels (oneDNN, when PyTorch is there).
+  if python3 -c "import torch" 2>/dev/null; then
+    timeout 90 python3 scripts/bench_gemm_peers.py --rounds 3 | tee -a "$OUT/gemm_peers.jsonl"
+  fi
   timeout 90 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 32,1024 --format int8,int8_row,int4 --threads 16 \
     --experts 32 --min-time 0.3 --json | tee -a "$B"
 fi
