@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -36,7 +37,7 @@ def best_seconds(call: Callable[[], object], iters: int) -> float:
     return min(times)
 
 
-def onednn_calls(torch, w: np.ndarray, x: np.ndarray) -> dict[str, Callable[[], object]]:
+def onednn_calls(torch: ModuleType, w: np.ndarray, x: np.ndarray) -> dict[str, Callable[[], object]]:
     """oneDNN's bf16 matmul and int8 linear (u8 activations, s8 weights per channel) on w, x."""
     tw, tx = torch.from_numpy(w).to(torch.bfloat16), torch.from_numpy(x).to(torch.bfloat16)
     fw = torch.from_numpy(w)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batch for the accelerator machine's host CPU (16 cores with AMX): build the native
-# module, run the host-kernel tests (AMX paths included), the MoE benchmarks, and
-# kt-kernel side by side when its modules were carried.
+# module, run the host-kernel tests (AMX paths included), the MoE benchmarks, kt-kernel side
+# by side when its modules were carried, and oneDNN's GEMM where PyTorch is installed.
 #   carry: .whl (the gguf wheel), optionally .peers/ktk-dev (kt-kernel's _amx module, its
 #   kt_kernel.libs and kt_moe_bench.py). Results go to $OUT (default /tmp/out). PART=decode or
 #   PART=prefill runs half the benchmarks (each half fits one 10-minute device call).
