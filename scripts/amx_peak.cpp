@@ -3,7 +3,8 @@
 // threads pinned one per CPU, with the operands where they would live: tile products alone,
 // then A and B from L1, L2 or (B) memory; and variants of that loop (Loop below).
 // The benchmark reports its TOPS against these.
-//   g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o amx_peak && ./amx_peak 16
+// From the repository root (it shares the kernels' tile configuration):
+//   g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread -I. scripts/amx_peak.cpp -o amx_peak && ./amx_peak 16
 // Needs a CPU with AMX (exits with a message otherwise).
 #include <immintrin.h>
 #include <pthread.h>
@@ -18,16 +19,12 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_kernels/amx/tile_config.h"
+
 namespace {
 
 constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
 constexpr long kIterations = 2000000;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // How the loop feeds the tile products:
 //  * Block2x2: per K step, A tiles 4-5 and B tiles 6-7 load into 4 products (C tiles 0-3),
@@ -105,9 +102,7 @@ constexpr void (*kLoops[])(const uint8_t*, size_t, const uint8_t*, size_t) = {
 // b_bytes (0: no loads, the tiles stay put) that start `offset` bytes past a cache line (16:
 // every 64-byte tile row straddles two lines, as in a malloc'd buffer).
 double thread_tops(Loop loop, size_t a_bytes, size_t b_bytes, size_t offset) {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  _tile_loadconfig(&cfg);
+  ktjax::configure_tiles();
   const bool loads = a_bytes > 0;
   a_bytes = loads ? a_bytes : 8192;
   b_bytes = loads ? b_bytes : 8192;

@@ -45,16 +45,14 @@ if [ "${PART:-all}" != prefill ]; then
 fi
 if [ "${PART:-all}" != decode ]; then
   # The AMX tile loop's own ceiling on this machine, one thread and all: the TOPS below against it.
-  g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread scripts/amx_peak.cpp -o /tmp/amx_peak &&
+  g++ -O2 -std=c++17 -mamx-tile -mamx-int8 -pthread -I. scripts/amx_peak.cpp -o /tmp/amx_peak &&
     { /tmp/amx_peak 1; /tmp/amx_peak "$(nproc)"; } | tee -a "$B"
   # 64 experts per layer, as kt_moe_bench's dsv3 shape.
   timeout 280 python3 scripts/bench_moe.py --shape deepseek-v3 --qlen 32,1024 --format int8,int8_row,int4,bf16,q4_k,q6_k \
     --threads 16 --experts 64 --min-time 0.3 --json | tee -a "$B"
   kt_bench 32,1024
-  # The experts' GEMM shapes against Intel's AMX kernels (oneDNN, when PyTorch is there).
-  if python3 -c "import torch" 2>/dev/null; then
-    timeout 90 python3 scripts/bench_gemm_peers.py --rounds 3 | tee -a "$OUT/gemm_peers.jsonl"
-  fi
+  # The experts' GEMM shapes against Intel's AMX kernels (oneDNN; says so if PyTorch is missing).
+  timeout 90 python3 scripts/bench_gemm_peers.py --rounds 3 | tee -a "$OUT/gemm_peers.jsonl"
   timeout 90 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 32,1024 --format int8,int8_row,int4 --threads 16 \
     --experts 32 --min-time 0.3 --json | tee -a "$B"
 fi
