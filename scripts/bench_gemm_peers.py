@@ -17,6 +17,8 @@ and f32 as ours does), and amx_peak_tops. Needs an AMX CPU and a PyTorch build w
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import sys
 import time
@@ -40,6 +42,17 @@ def wall_seconds(call: Callable[[], object]) -> Callable[[], float]:
 def best_seconds(run: Callable[[], float], iters: int) -> float:
     run()
     return min(run() for _ in range(iters))
+
+
+def keep_freed_memory() -> None:
+    """Serve every block from the heap and keep freed ones (glibc). Otherwise glibc maps each
+    block over 32 MiB afresh and unmaps it on free, and each oneDNN call, whose output PyTorch
+    allocates, faults its pages in again (allocating and touching 128 MiB: 7 ms that way, 0.3
+    ms reused, numpy on the 2-core machine)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def onednn_calls(torch: ModuleType, w: np.ndarray, x: np.ndarray) -> dict[str, Callable[[], object]]:
@@ -75,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench_gemm_peers.py needs PyTorch (oneDNN is the peer it times)")
     if _native.active_isa() != "amx":
         sys.exit(f"bench_gemm_peers.py compares AMX kernels; this CPU's best is {_native.active_isa()}")
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "onednn"
     _native.set_num_threads(args.threads)
