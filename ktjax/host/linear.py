@@ -15,15 +15,9 @@ import numpy as np
 from ktjax import _native
 from ktjax.errors import KernelError
 from ktjax.host.ffi import register_targets
+from ktjax.host.native import native_call
 
 FLOAT_FORMATS = ("int8", "int8_row", "int4", "bf16")
-
-
-def _native_call(fn, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except ValueError as e:  # the native layer raises std::invalid_argument
-        raise KernelError(str(e)) from e
 
 
 def pack_gguf_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, int],
@@ -36,7 +30,7 @@ def pack_gguf_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, int],
     """
     n, k = (int(s) for s in shape)
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    return _native_call(_native.pack_gguf_weight, data, int(ggml_type), n, k, float_format)
+    return native_call(_native.pack_gguf_weight, data, int(ggml_type), n, k, float_format)
 
 
 def pack_float_weight(w: np.ndarray, fmt: str = "int8") -> int:
@@ -49,22 +43,22 @@ def pack_float_weight(w: np.ndarray, fmt: str = "int8") -> int:
     w = np.asarray(w)
     if w.ndim != 2:
         raise KernelError(f"weight must be 2-D [N, K], got shape {w.shape}")
-    return _native_call(_native.pack_float_weight, np.ascontiguousarray(w, dtype=np.float32), fmt)
+    return native_call(_native.pack_float_weight, np.ascontiguousarray(w, dtype=np.float32), fmt)
 
 
 def release(handle: int) -> None:
     """Frees a stored weight; using its handle afterwards is an error."""
-    _native_call(_native.release_weight, int(handle))
+    native_call(_native.release_weight, int(handle))
 
 
 def weight_info(handle: int) -> dict[str, Any]:
     """Shape (n, k), format string, byte size and source GGUF type of a stored weight."""
-    return _native_call(_native.weight_info, int(handle))
+    return native_call(_native.weight_info, int(handle))
 
 
 def unpack_weight(handle: int) -> np.ndarray:
     """The stored weight decoded to float32 [N, K] (exactly what the kernels multiply by)."""
-    return _native_call(_native.unpack_weight, int(handle), 0)
+    return native_call(_native.unpack_weight, int(handle), 0)
 
 
 def linear(x: jax.Array, handle: int, out_features: int) -> jax.Array:
@@ -91,7 +85,7 @@ def linear_layered(x: jax.Array, layer: jax.Array, handles: tuple[int, ...],
 def linear_forward(x: np.ndarray, handle: int, isa: str = "", reference: bool = False) -> np.ndarray:
     """Direct (non-XLA) call on numpy ``x[T, K]`` with a given ISA level ('' = active);
     ``reference``: the scalar kernel computing that level's formula."""
-    return _native_call(_native.linear_forward, np.ascontiguousarray(x, dtype=np.float32),
+    return native_call(_native.linear_forward, np.ascontiguousarray(x, dtype=np.float32),
                         int(handle), isa, reference)
 
 

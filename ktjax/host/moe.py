@@ -14,7 +14,8 @@ import numpy as np
 from ktjax import _native
 from ktjax.errors import KernelError
 from ktjax.host.ffi import register_targets
-from ktjax.host.linear import FLOAT_FORMATS, _native_call
+from ktjax.host.linear import FLOAT_FORMATS
+from ktjax.host.native import native_call
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
@@ -29,7 +30,7 @@ def pack_experts_gguf(gate: tuple[np.ndarray, int], up: tuple[np.ndarray, int],
     """Repacks GGUF expert tensors, each given as (raw bytes, ggml type): gate and up of
     numpy shape [E, I, H], down [E, H, I] (``ffn_*_exps``); F32/F16/BF16 tensors become
     ``float_format``. Returns the handle."""
-    return _native_call(_native.pack_experts_gguf, _raw(gate[0]), int(gate[1]), _raw(up[0]), int(up[1]),
+    return native_call(_native.pack_experts_gguf, _raw(gate[0]), int(gate[1]), _raw(up[0]), int(up[1]),
                         _raw(down[0]), int(down[1]), int(experts), int(hidden), int(inter), float_format)
 
 
@@ -38,7 +39,7 @@ def pack_experts_float(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: 
     if fmt not in FLOAT_FORMATS:
         raise KernelError(f"unknown weight format {fmt!r}; expected one of {FLOAT_FORMATS}")
     f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (gate, up, down)]
-    return _native_call(_native.pack_experts_float, *f32, fmt)
+    return native_call(_native.pack_experts_float, *f32, fmt)
 
 
 def moe(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, handle: int, *,
@@ -59,7 +60,7 @@ def moe_forward(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarra
                 reference: bool = False) -> np.ndarray:
     """Direct (non-XLA) call on numpy arrays with a given ISA level ('' = active);
     ``reference``: the scalar kernels computing that level's formula."""
-    return _native_call(_native.moe_forward, np.ascontiguousarray(x, dtype=np.float32),
+    return native_call(_native.moe_forward, np.ascontiguousarray(x, dtype=np.float32),
                         np.ascontiguousarray(expert_ids, dtype=np.int32),
                         np.ascontiguousarray(expert_weights, dtype=np.float32),
                         int(handle), int(shared_handle), activation, isa, reference)

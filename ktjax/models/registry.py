@@ -10,13 +10,12 @@ _FAMILIES: dict[str, ModuleType] = {arch: m for m in (llama, gemma3, deepseek2) 
 
 
 def family_for(architecture: str) -> ModuleType:
-    """The module implementing `architecture`: it has CONFIG (a dataclass with `from_gguf`),
-    `tensor_table(cfg)` and `make_forward(cfg, backend)`."""
+    """The module implementing `architecture`: it has CONFIG (a dataclass with `from_gguf`
+    and `cache_spec`, its KVCacheSpec), `tensor_table(cfg)` (TensorSpecs declaring each
+    tensor's kind) and `make_forward(cfg, backend)`."""
     if architecture not in _FAMILIES:
         raise UnsupportedModelError(
             f"architecture {architecture!r} (general.architecture) is not supported; "
             f"supported: {', '.join(sorted(_FAMILIES))}")
     return _FAMILIES[architecture]
 
-
-SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))
