@@ -3,12 +3,15 @@ from ktjax.errors import KtjaxError
 from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "KtjaxError"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "KtjaxError"]
 
 
 def __getattr__(name: str):
-    # LLM pulls in jax and the engine; importing ktjax.gguf.* alone stays light.
+    # LLM and EngineConfig pull in jax; importing ktjax.gguf.* alone stays light.
     if name == "LLM":
         from ktjax.api import LLM
         return LLM
+    if name == "EngineConfig":
+        from ktjax.engine.config import EngineConfig
+        return EngineConfig
     raise AttributeError(f"module 'ktjax' has no attribute {name!r}")

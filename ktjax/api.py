@@ -1,24 +1,24 @@
 """The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, `.stream`, `.chat`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import weakref
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ktjax import rules as placement_rules
+from ktjax.engine.config import EngineConfig
 from ktjax.engine.engine import Engine
 from ktjax.engine.programs import enable_persistent_cache
-from ktjax.errors import KtjaxError, RequestError
+from ktjax.errors import RequestError
 from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
 from ktjax.gguf.tokenizer import Tokenizer
 from ktjax.kernels.backends import get_backend
 from ktjax.models import loader
-from ktjax.models.base import cache_value_dim
 from ktjax.models.catalog import resolve_model
 from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams
@@ -30,52 +30,34 @@ class LLM:
     """A loaded model with its engine.
 
     model: a GGUF path, a catalog name ('smollm2-135m', 'gemma3-270m') or None for the default.
-    max_model_len: context per sequence (default: the model's, capped at 4096).
-    kv_cache_tokens: size of the shared KV page pool in tokens (default: 4 x max_model_len).
-    dtype: weight dtype, 'float32' (default on CPU) or 'bfloat16' (default on GPU).
-    attention: 'auto' (default: the native host kernel for decode on CPU, the jnp reference
-      elsewhere), 'cpu' or 'reference'.
-    host_linears: run matmul weights in the native host kernels, kept in their GGUF
-      quantization (default: on for CPU runs); False computes them densely in XLA.
-    rules: a placement rules file or profile name (see ktjax.rules; default: the CPU-only
-      profile on CPU, the family's default file elsewhere); excludes host_linears.
+    config: an EngineConfig (context, KV pool, dtype, attention, placement rules, device);
+      keyword arguments set its fields (`LLM(path, max_model_len=512, rules="cpu")`).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *, max_model_len: int | None = None,
-                 kv_cache_tokens: int | None = None, page_size: int = 16,
-                 dtype: str | None = None, attention: str = "auto",
-                 device: jax.Device | None = None, host_linears: bool | None = None,
-                 rules: str | os.PathLike | None = None):
+    def __init__(self, model: str | os.PathLike | None = None,
+                 config: EngineConfig | None = None, **options):
         enable_persistent_cache()
         self.model_path = resolve_model(model)
         gguf_file = GGUFFile(self.model_path)
         self.spec = loader.inspect(gguf_file)
         self.config = self.spec.config
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-        device = device or jax.devices()[0]
-        if dtype is None:
-            dtype = "float32" if device.platform == "cpu" else "bfloat16"
-        np_dtype = jnp.dtype(dtype)
+        self.engine_config = dataclasses.replace(config or EngineConfig(), **options).resolve(
+            self.config.context_length)
+        ec = self.engine_config
         # The rules check refuses host placement outside CPU and CUDA programs (naming the rule).
-        if rules is not None and host_linears is not None:
-            raise KtjaxError("pass either rules or host_linears, not both")
-        if rules is None:
-            rules = placement_rules.default_rules(self.config.architecture, device.platform) \
-                if host_linears is None else ("cpu" if host_linears else "device")
-        self.placement = loader.placement_for(gguf_file, self.spec, rules, device.platform)
-        params = loader.load_params(gguf_file, self.spec, np_dtype, device,
-                                    placement=self.placement)
+        rules = placement_rules.rules_for(self.config.architecture, ec.device.platform,
+                                          ec.rules, ec.host_linears)
+        self.placement = placement_rules.place(gguf_file, self.spec.table, self.config.n_layers,
+                                               rules, ec.device.platform)
+        params = loader.load_params(gguf_file, self.spec, self.placement,
+                                    jnp.dtype(ec.dtype), ec.device)
         weakref.finalize(self, loader.release_host_weights, params)
-        max_model_len = min(max_model_len or 4096, self.config.context_length)
-        backend = get_backend(attention, device.platform)
+        backend = get_backend(ec.attention, ec.device.platform)
         forward = self.spec.family.make_forward(self.config, backend)
-        self.engine = Engine(
-            forward, params, n_layers=self.config.n_layers, n_kv_heads=self.config.n_kv_heads,
-            head_dim=self.config.head_dim, vocab_size=self.config.vocab_size,
-            tokenizer=self.tokenizer,
-            max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens or 4 * max_model_len,
-            page_size=page_size, kv_dtype=np_dtype, device=device,
-            kv_value_dim=cache_value_dim(self.config))
+        self.engine = Engine(forward, params, cache=self.config.cache_spec,
+                             vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
+                             config=ec)
 
     # ---- generation -------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:

@@ -36,7 +36,8 @@ def _params(a: argparse.Namespace) -> SamplingParams:
 
 def _llm(a: argparse.Namespace):
     from ktjax.api import LLM
-    return LLM(a.model, max_model_len=a.max_model_len, rules=a.rules)
+    from ktjax.engine.config import EngineConfig
+    return LLM(a.model, EngineConfig(max_model_len=a.max_model_len, rules=a.rules))
 
 
 def cmd_generate(a: argparse.Namespace) -> None:

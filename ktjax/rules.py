@@ -3,10 +3,13 @@ kernels through FFI), and in which format.
 
 A rules file (YAML) is a list under `rules:`; each rule matches GGUF tensor names by regular
 expression (`match`, full match), optionally only for some architectures (`architecture`: a
-name or a list), and sets `placement` (device | host), `format` (keep | bf16 | f32 | int8 |
-int8_row | int4) and optionally `kernel` (device: xla | ragged_dot; host: linear | moe). First
-match wins.
+name or a list), and sets `placement` (device | host) and `format` (keep | bf16 | f32 | int8 |
+int8_row | int4). First match wins.
 `optional: true` lets a rule match nothing (profiles shared by several families).
+
+What may go where follows the tensor's kind, which the family's table declares
+(`TensorSpec.kind`): matrices and routed experts run on the device or in the host kernels;
+embeddings, vectors and per-head weights (MLA's absorbed up-projections) only on the device.
 
 Formats: `keep` = the GGUF blocks as they are (host: repacked losslessly; device: dequantized to
 the engine's dtype); bf16 / f32 = dense; int8 / int8_row / int4 = the host kernels' packed
@@ -16,6 +19,7 @@ float32 on the device. A tied output head is placed by the rule matching `output
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +35,9 @@ FORMATS = ("keep", "bf16", "f32", "int8", "int8_row", "int4")
 HOST_ONLY_FORMATS = ("int8", "int8_row", "int4")
 # Device platforms whose programs can call the host kernels (GPU: through the CUDA bridge).
 HOST_KERNEL_PLATFORMS = ("cpu", "gpu")
-# What each kind of tensor may run on: placement -> allowed kernels (first = default).
-_KERNELS = {
-    "matrix": {"device": ("xla",), "host": ("linear",)},
-    "experts": {"device": ("ragged_dot",), "host": ("moe",)},
-    "vector": {"device": ("xla",)},
-    "embedding": {"device": ("xla",)},
-}
-_RULE_KEYS = {"name", "match", "architecture", "placement", "format", "kernel", "optional"}
+# The tensor kinds (TensorSpec.kind) the host kernels run: the linear and the fused MoE kernel.
+HOST_KINDS = ("matrix", "experts")
+_RULE_KEYS = {"name", "match", "architecture", "placement", "format", "optional"}
 _DIR_CANDIDATES = (Path(__file__).parent / "_rules",          # installed wheel
                    Path(__file__).resolve().parents[1] / "rules")  # source checkout
 
@@ -52,7 +51,6 @@ class Rule:
     architectures: tuple[str, ...] | None
     placement: str
     format: str
-    kernel: str | None
     optional: bool
 
     def __str__(self) -> str:
@@ -63,7 +61,6 @@ class Rule:
 class Decision:
     placement: str
     format: str
-    kernel: str
     rule: Rule
 
 
@@ -88,12 +85,27 @@ def rules_path(name_or_path: str | Path) -> Path:
     return q
 
 
-def default_rules(architecture: str, platform: str) -> Path:
-    """CPU programs: the CPU-only profile. Others: the family's default, else all-device."""
+def rules_for(architecture: str, platform: str, rules: str | os.PathLike | None = None,
+              host_linears: bool | None = None) -> Path:
+    """The rules file that places a model: `rules` (a file or profile name) when given; the
+    shorthand `host_linears` (True: the CPU-only profile, False: all on the device); else
+    the default: on CPU the CPU-only profile, elsewhere the family's profile or all-device."""
+    if rules is not None and host_linears is not None:
+        raise RulesError("pass either rules or host_linears, not both")
+    if rules is not None:
+        return rules_path(rules)
+    if host_linears is not None:
+        return rules_path("cpu" if host_linears else "device")
     if platform == "cpu":
         return rules_path("cpu")
     family = rules_dir() / f"{architecture}.yaml"
     return family if family.is_file() else rules_path("device")
+
+
+def place(f: GGUFFile, table: dict[str, TensorSpec], n_layers: int,
+          rules: str | os.PathLike, platform: str) -> dict[str, Decision]:
+    """Table path -> Decision for every tensor of the model, by a rules file or profile."""
+    return resolve(load_rules(rules), f, table, n_layers, platform)
 
 
 def load_rules(name_or_path: str | Path) -> list[Rule]:
@@ -132,22 +144,15 @@ def _parse_rule(source: str, index: int, r) -> Rule:
     arch = r.get("architecture")
     return Rule(source, index, str(r.get("name", r["match"])), pattern,
                 None if arch is None else tuple([arch] if isinstance(arch, str) else arch),
-                r["placement"], r["format"], r.get("kernel"), bool(r.get("optional", False)))
-
-
-def _kind(path: str, spec: TensorSpec) -> str:
-    if path == "token_embd":
-        return "embedding"
-    if path.endswith("_exps"):
-        return "experts"
-    return "vector" if len(spec.shape) == 1 else "matrix"  # 3-D: per-head (MLA's k_b / v_b)
+                r["placement"], r["format"], bool(r.get("optional", False)))
 
 
 def resolve(rules: list[Rule], f: GGUFFile, table: dict[str, TensorSpec], n_layers: int,
             platform: str) -> dict[str, Decision]:
     """Table path -> Decision for every tensor of the model (first matching rule), checked:
     every tensor placed, every non-optional rule used, placements possible on `platform`,
-    one decision for all layers of a parameter and for the three expert matrices."""
+    one decision for all layers of a parameter and for the expert matrices of a stack (the
+    loader packs them as one expert set)."""
     rules = [r for r in rules if r.architectures is None or f.architecture in r.architectures]
     used: set[Rule] = set()
     out: dict[str, Decision] = {}
@@ -169,12 +174,13 @@ def resolve(rules: list[Rule], f: GGUFFile, table: dict[str, TensorSpec], n_laye
                              "layer of a parameter needs the same placement and format")
         rule = next(iter(chosen))
         used.add(rule)
-        out[path] = _decide(rule, _kind(path, spec), names[0], platform)
-    experts = {out[p].placement for p in out if p.endswith("_exps")}
-    if len(experts) > 1:
-        raise RulesError("the routed experts' gate, up and down matrices must share one "
-                         "placement: " + ", ".join(f"{p} by {out[p].rule}" for p in out
-                                                   if p.endswith("_exps")))
+        out[path] = _decide(rule, spec.kind, names[0], platform)
+    for stack in {p.rpartition(".")[0] for p in out if table[p].kind == "experts"}:
+        experts = [p for p in out if table[p].kind == "experts" and p.startswith(stack + ".")]
+        if len({(out[p].placement, out[p].format) for p in experts}) > 1:
+            raise RulesError("the routed experts' gate, up and down matrices must share one "
+                             "placement and format: " +
+                             ", ".join(f"{p} by {out[p].rule}" for p in experts))
     for r in rules:
         if r not in used and not r.optional and not any(
                 r.pattern.fullmatch(n) for n in f.tensors):
@@ -184,8 +190,7 @@ def resolve(rules: list[Rule], f: GGUFFile, table: dict[str, TensorSpec], n_laye
 
 
 def _decide(rule: Rule, kind: str, name: str, platform: str) -> Decision:
-    allowed = _KERNELS[kind]
-    if rule.placement not in allowed:
+    if rule.placement == "host" and kind not in HOST_KINDS:
         raise RulesError(f"{rule} places {name!r} ({kind}) on the host, which has no kernel "
                          f"for it; only matrices and routed experts run on the host")
     if rule.placement == "host" and platform not in HOST_KERNEL_PLATFORMS:
@@ -197,8 +202,4 @@ def _decide(rule: Rule, kind: str, name: str, platform: str) -> Decision:
     if rule.placement == "device" and rule.format in HOST_ONLY_FORMATS and kind != "vector":
         raise RulesError(f"{rule}: format {rule.format} needs the host kernels; device "
                          "tensors are keep, bf16 or f32")
-    kernel = rule.kernel or allowed[rule.placement][0]
-    if kernel not in allowed[rule.placement]:
-        raise RulesError(f"{rule}: kernel {kernel!r} cannot run {name!r} ({kind}) on the "
-                         f"{rule.placement}; expected one of {allowed[rule.placement]}")
-    return Decision(rule.placement, rule.format, kernel, rule)
+    return Decision(rule.placement, rule.format, rule)

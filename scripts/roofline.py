@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ktjax import rules as placement_rules
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from ktjax.models.info import _HOST_BYTES
@@ -23,7 +24,7 @@ def active_bytes(path: str, rules: str = "cpu", device_itemsize: int = 4) -> dic
     f = GGUFFile(path)
     spec = loader.inspect(f)
     cfg = spec.config
-    placement = loader.placement_for(f, spec, rules, "cpu")
+    placement = placement_rules.place(f, spec.table, cfg.n_layers, rules, "cpu")
     total = experts = 0.0
     for p, d in placement.items():
         tspec = spec.table[p]
@@ -40,7 +41,7 @@ def active_bytes(path: str, rules: str = "cpu", device_itemsize: int = 4) -> dic
             else:
                 size = t.n_elements * (4 if len(tspec.shape) == 1 else
                                        {"bf16": 2, "f32": 4}.get(d.format, device_itemsize))
-            if p.endswith("_exps"):
+            if tspec.kind == "experts":
                 size *= cfg.moe.n_used / cfg.moe.n_experts
                 experts += size
             total += size

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax import rules as placement_rules
 from ktjax.engine.kv_cache import make_kv_cache
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import REFERENCE
 from ktjax.models import loader
-from ktjax.models.base import Batch, cache_value_dim
+from ktjax.models.base import Batch
 
 PAGE = 4
 
@@ -22,15 +23,14 @@ def ktjax_logits(path, ids: np.ndarray, rules: str | None = None) -> np.ndarray:
     f = GGUFFile(path)
     spec = loader.inspect(f)
     cfg = spec.config
-    params = loader.load_params(f, spec, placement=rules and loader.placement_for(
-        f, spec, rules, "cpu"))
+    placement = placement_rules.place(f, spec.table, cfg.n_layers, rules or "device", "cpu")
+    params = loader.load_params(f, spec, placement)
     forward = spec.family.make_forward(cfg, REFERENCE)
     t = len(ids)
     n_pages = -(-t // PAGE)
     # Deliberately scattered, non-contiguous pages: the block table must be honoured.
     pages = np.arange(n_pages, dtype=np.int32)[::-1] * 2 + 1
-    kv = make_kv_cache(cfg.n_layers, 2 * n_pages + 1, PAGE, cfg.n_kv_heads, cfg.head_dim,
-                       jnp.float32, value_dim=cache_value_dim(cfg))
+    kv = make_kv_cache(cfg.cache_spec, 2 * n_pages + 1, PAGE, jnp.float32)
     slots = np.array([pages[i // PAGE] * PAGE + i % PAGE for i in range(t)], np.int32)
     batch = Batch(tokens=jnp.asarray(ids[None], jnp.int32),
                   positions=jnp.arange(t, dtype=jnp.int32)[None],

@@ -7,12 +7,15 @@ from ktjax import LLM
 from ktjax.errors import GGUFError, TensorError, UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
+from ktjax.rules import place
 from tiny_models import write_tiny_gguf
 
 
 def _load(path):
     f = GGUFFile(path)
-    return loader.load_params(f, loader.inspect(f))
+    spec = loader.inspect(f)
+    return loader.load_params(f, spec, place(f, spec.table, spec.config.n_layers, "device",
+                                             "cpu"))
 
 
 @pytest.fixture(scope="module")

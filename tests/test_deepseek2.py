@@ -7,7 +7,8 @@ import pytest
 
 from deepseek_models import hf_deepseek, write_deepseek_gguf
 from ktjax import LLM, SamplingParams
-from ktjax.errors import UnsupportedModelError
+from ktjax import rules as placement_rules
+from ktjax.errors import RulesError, UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from reference import ktjax_logits
@@ -68,6 +69,23 @@ def test_cpu_profile_host_kernels(tmp_path):
     device, host = ktjax_logits(path, IDS), ktjax_logits(path, IDS, "cpu")
     assert np.abs(device - host).max() < 0.1 * np.abs(device).max()
     assert (device.argmax(-1) == host.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("case,name", [("v3-kv_b", "attn_kv_b"), ("v3-yarn", "attn_k_b")])
+def test_mla_up_projections_stay_on_the_device(tmp_path, case, name):
+    """The table declares MLA's up-projections per-head weights (absorbed in XLA), so a rule
+    placing them on the host is refused while placing, naming the rule and the tensor."""
+    _, path = _write(tmp_path, case)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n"
+                     "- {match: 'token_embd\\.weight|.*norm\\.weight|.*\\.bias|.*gate_inp.*', "
+                     "placement: device, format: keep}\n"
+                     "- {name: rest, match: '.*', placement: host, format: keep}\n")
+    f = GGUFFile(path)
+    spec = loader.inspect(f)
+    with pytest.raises(RulesError, match=rf"rule 1 \('rest'\) places 'blk\.0\.{name}\.weight' "
+                                         r"\(per_head\) on the host"):
+        placement_rules.place(f, spec.table, spec.config.n_layers, rules, "cpu")
 
 
 @pytest.mark.parametrize("metadata,match", [

@@ -5,11 +5,12 @@ import re
 import pytest
 
 from ktjax import LLM, SamplingParams
+from ktjax import rules as placement_rules
 from ktjax.errors import KtjaxError, RulesError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from ktjax.models.info import describe
-from ktjax.models.layers import HostExperts, HostWeight
+from ktjax.weights import DeviceExperts, HostExperts, HostWeight, LayerStack
 from tiny_models import write_tiny_gguf
 
 
@@ -24,12 +25,13 @@ def _place(path, rules, platform="cpu", tmp_path=None):
         (tmp_path / "r.yaml").write_text(rules)
         rules = str(tmp_path / "r.yaml")
     f = GGUFFile(path)
-    return loader.placement_for(f, loader.inspect(f), rules, platform)
+    spec = loader.inspect(f)
+    return placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
 
 
-def test_cpu_profile_is_host_linears(moe_path):
+def test_cpu_profile_places_matrices_on_the_host(moe_path):
     p = _place(moe_path, "cpu")
-    assert p["layers.ffn_gate_exps"].kernel == "moe"
+    assert p["layers.ffn_gate_exps"].placement == "host"
     assert p["layers.attn_q"].placement == p["layers.ffn_up_shexp"].placement == "host"
     assert p["output"].placement == "host"                 # tied head packed from token_embd
     for path in ("token_embd", "layers.attn_norm", "layers.ffn_gate_inp", "layers.attn_q_bias",
@@ -37,13 +39,27 @@ def test_cpu_profile_is_host_linears(moe_path):
         assert p[path].placement == "device", path
     f = GGUFFile(moe_path)
     spec = loader.inspect(f)
-    a = loader.load_params(f, spec, host_linears=True)
-    b = loader.load_params(f, spec, placement=p)
-    assert isinstance(a["layers"]["ffn_exps"], HostExperts) and isinstance(a["output"], HostWeight)
-    assert {k: type(v) for k, v in a["layers"].items()} == \
-        {k: type(v) for k, v in b["layers"].items()}
-    loader.release_host_weights(a)
-    loader.release_host_weights(b)
+    host = loader.load_params(f, spec, p)
+    device = loader.load_params(f, spec, _place(moe_path, "device"))
+    assert isinstance(host["layers"]["ffn_exps"], HostExperts)
+    assert isinstance(host["output"], HostWeight)
+    assert isinstance(host["layers"]["attn_q+attn_k+attn_v"], HostWeight)   # fused, same type
+    assert isinstance(device["layers"]["ffn_exps"], DeviceExperts)
+    assert isinstance(device["layers"]["attn_q"], LayerStack) and "output" not in device
+    loader.release_host_weights(host)
+
+
+def test_host_linears_is_shorthand_for_a_profile():
+    """host_linears resolves to a profile in one place, rules.rules_for, and excludes rules."""
+    rules_for, path = placement_rules.rules_for, placement_rules.rules_path
+    assert rules_for("qwen2moe", "gpu", host_linears=True) == path("cpu")
+    assert rules_for("qwen2moe", "cpu", host_linears=False) == path("device")
+    assert rules_for("qwen2moe", "cpu") == path("cpu")
+    assert rules_for("qwen2moe", "gpu") == path("qwen2moe")
+    assert rules_for("qwen2", "gpu") == path("device")       # no family profile
+    assert rules_for("qwen2", "cpu", rules="device") == path("device")
+    with pytest.raises(RulesError, match="either rules or host_linears"):
+        rules_for("qwen2", "cpu", rules="cpu", host_linears=True)
 
 
 def test_family_default_and_first_match(moe_path):
@@ -69,13 +85,17 @@ def test_family_default_and_first_match(moe_path):
      r"placed by .*rule 0 \('first'\) but .* by .*rule 1 \('rest'\)"),
     ("rules:\n- {name: packed, match: '.*', placement: device, format: int8}\n",
      r"rule 0 \('packed'\): format int8 needs the host kernels"),
-    ("rules:\n- {name: ex, match: '.*_exps.*', placement: host, format: keep, kernel: linear}\n"
+    ("rules:\n- {name: ex, match: '.*_exps.*', placement: host, format: keep, kernel: moe}\n"
      "- {match: '.*', placement: device, format: keep}\n",
-     r"rule 0 \('ex'\): kernel 'linear' cannot run"),
+     r"rule 0 \('ex'\): unknown key\(s\) kernel"),
     ("rules:\n- {name: up, match: '.*ffn_up_exps.*', placement: device, format: keep}\n"
      "- {name: ex, match: '.*_exps.*', placement: host, format: keep}\n"
      "- {match: '.*', placement: device, format: keep}\n",
-     "gate, up and down matrices must share one placement"),
+     "gate, up and down matrices must share one placement and format"),
+    ("rules:\n- {name: up, match: '.*ffn_up_exps.*', placement: host, format: int8}\n"
+     "- {name: ex, match: '.*_exps.*', placement: host, format: keep}\n"
+     "- {match: '.*', placement: device, format: keep}\n",
+     r"share one placement and format: .*ffn_up_exps by .*rule 0 \('up'\)"),
     ("rules: {match: x}\n", "expected a mapping with a `rules:` list"),
 ])
 def test_invalid_rules_name_the_rule(tmp_path, moe_path, rules, match):
@@ -104,8 +124,8 @@ def test_llm_rules_and_info(tmp_path, moe_path):
         LLM(str(moe_path), rules="cpu", host_linears=True)
     text = describe(str(moe_path), "qwen2moe")
     assert "experts       4 routed (2 per token)" in text
-    assert ["routed", "experts", "host", "keep", "moe", "6", "tensors"] in \
-        [ln.split()[:7] for ln in text.splitlines()]
+    assert ["routed", "experts", "host", "keep", "6", "tensors"] in \
+        [ln.split()[:6] for ln in text.splitlines()]
     assert re.fullmatch(r"  memory: device [\d.]+ MiB, host [\d.]+ MiB", text.splitlines()[-1])
 
 
@@ -117,7 +137,7 @@ def test_host_formats_by_rule(tmp_path, moe_path, fmt):
     rules.write_text(
         "rules:\n"
         "- {match: 'blk\\.\\d+\\.ffn_(gate|up|down)_exps\\.weight', placement: host, "
-        f"format: {fmt}, kernel: moe}}\n"
+        f"format: {fmt}}}\n"
         "- {match: '.*norm\\.weight|.*\\.bias|blk\\.\\d+\\.ffn_gate_inp(_shexp)?\\.weight|"
         "token_embd\\.weight', placement: device, format: keep}\n"
         f"- {{match: '.*', placement: host, format: {fmt}}}\n")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ktjax.host.stacked import stacked_matvec
-from ktjax.models import layers
+from ktjax import weights
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows,groups,n,k", [(1, 1, 128, 2048), (3, 4, 24, 40), (16, 2, 7, 33)])
@@ -26,13 +26,13 @@ def test_layer_stack_in_a_scan_reads_each_layer():
     for decode rows (host kernel) and a long chunk (slice + einsum)."""
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((4, 6, 32)), jnp.float32)
-    stack = layers.LayerStack(w)
-    for rows in (1, layers.MAX_STACKED_ROWS + 1):
+    stack = weights.LayerStack(w)
+    for rows in (1, weights.MAX_STACKED_ROWS + 1):
         x = jnp.asarray(rng.standard_normal((rows, 32)), jnp.float32)
 
         def step(carry, i):
-            bound = layers.bind_layer({"w": stack}, i)["w"]
-            return carry, layers.linear(x, bound)
+            bound = weights.bind_layer({"w": stack}, i)["w"]
+            return carry, weights.linear(bound, x)
 
         _, ys = jax.jit(lambda: jax.lax.scan(step, 0, jnp.arange(4, dtype=jnp.int32)))()
         want = jnp.einsum("mk,lnk->lmn", x, w)

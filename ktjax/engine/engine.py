@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ktjax.engine import buckets as bk
+from ktjax.engine.config import EngineConfig
 from ktjax.engine.kv_cache import SCRATCH_PAGE, BlockTable, PagePool, make_kv_cache
 from ktjax.engine.programs import Full, Greedy, ProgramCache, Sampler
 from ktjax.engine.sampler import SamplingBatch, split_seed
 from ktjax.engine.sequence import Sequence
 from ktjax.errors import RequestError
-from ktjax.models.base import Batch
+from ktjax.models.base import Batch, KVCacheSpec
 from ktjax.sampling_params import SamplingParams
 
 PENALTY_WINDOW = 64
@@ -46,20 +46,18 @@ def _sampler(seqs: list[Sequence]) -> Sampler:
 class Engine:
     """Owns the KV cache, the page pool, the compiled programs and the request queues."""
 
-    def __init__(self, forward, params: dict, *, n_layers: int, n_kv_heads: int, head_dim: int,
-                 vocab_size: int, tokenizer, max_model_len: int, kv_cache_tokens: int,
-                 page_size: int = 16,
-                 kv_dtype=jnp.float32, device: jax.Device | None = None,
-                 kv_value_dim: int | None = None):
+    def __init__(self, forward, params: dict, *, cache: KVCacheSpec, vocab_size: int, tokenizer,
+                 config: EngineConfig):
+        """`config` resolved (EngineConfig.resolve): every size, the dtype and device set."""
         self.params = params
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.page_size = page_size
-        self.max_pages = -(-max_model_len // page_size)
-        n_pages = -(-kv_cache_tokens // page_size) + 1  # + the scratch page
-        self.pool = PagePool(n_pages, page_size)
-        self.kv = make_kv_cache(n_layers, n_pages, page_size, n_kv_heads, head_dim, kv_dtype,
-                                device, kv_value_dim)
+        self.max_model_len = config.max_model_len
+        self.page_size = config.page_size
+        self.max_pages = -(-self.max_model_len // self.page_size)
+        n_pages = -(-config.kv_cache_tokens // self.page_size) + 1  # + the scratch page
+        self.pool = PagePool(n_pages, self.page_size)
+        self.kv = make_kv_cache(cache, n_pages, self.page_size, jnp.dtype(config.dtype),
+                                config.device)
         self.programs = ProgramCache(forward, params, self.kv, vocab_size)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ktjax.errors import OutOfMemoryError
-from ktjax.models.base import KVCache
+from ktjax.models.base import KVCache, KVCacheSpec
 
 SCRATCH_PAGE = 0  # padding tokens write here; never part of a sequence's context
 
@@ -85,17 +85,10 @@ class BlockTable:
         self.pages = []
 
 
-def make_kv_cache(n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int,
-                  dtype, device: jax.Device | None = None,
-                  value_dim: int | None = None) -> KVCache:
-    """value_dim (default head_dim) is the values' width; 0 for a latent (MLA) cache."""
-    shape = (n_layers, n_pages, page_size, n_kv_heads)
+def make_kv_cache(spec: KVCacheSpec, n_pages: int, page_size: int, dtype,
+                  device: jax.Device | None = None) -> KVCache:
+    """Zeroed keys [L, n_pages, page_size, n_kv, head_dim] and values [..., value_dim]."""
+    shape = (spec.n_layers, n_pages, page_size, spec.n_kv_heads)
     with jax.default_device(device) if device is not None else nullcontext():
-        return KVCache(k=jnp.zeros((*shape, head_dim), dtype),
-                       v=jnp.zeros((*shape, head_dim if value_dim is None else value_dim), dtype))
-
-
-def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype,
-                       value_dim: int | None = None) -> int:
-    values = head_dim if value_dim is None else value_dim
-    return n_layers * n_kv_heads * (head_dim + values) * jnp.dtype(dtype).itemsize
+        return KVCache(k=jnp.zeros((*shape, spec.head_dim), dtype),
+                       v=jnp.zeros((*shape, spec.value_dim), dtype))

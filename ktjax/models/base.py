@@ -1,5 +1,6 @@
-"""What every model family shares: the step batch, the KV cache, tensor tables and the
-decoder skeleton (embed -> scanned blocks -> final norm -> logits of the sampled rows)."""
+"""What every model family shares: the step batch, the KV cache and its spec, tensor tables,
+the GQA families' common config fields and the decoder skeleton (embed -> scanned blocks ->
+final norm -> logits of the sampled rows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ktjax import weights
+from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
 
@@ -33,23 +36,54 @@ class Batch:
 
 @struct.dataclass
 class KVCache:
-    """Paged keys and values, [L, n_pages, page_size, n_kv, head_dim] each.
-
-    A family whose cache is one latent per token (MLA) declares `cache_value_dim = 0`: its
-    values are a prefix of the keys and `v` has width 0 (see `cache_value_dim`)."""
+    """Paged keys [L, n_pages, page_size, n_kv, head_dim] and values [..., value_dim], as
+    the family's KVCacheSpec says."""
 
     k: jax.Array
     v: jax.Array
 
 
 @dataclass(frozen=True)
+class KVCacheSpec:
+    """The cache a family's blocks write, per layer and token: n_kv_heads keys of head_dim and
+    values of value_dim. Every family declares one (its config's `cache_spec`): GQA caches
+    keys and values per KV head; DeepSeek's MLA caches one latent "key" per token whose first
+    dims are the values (value_dim 0)."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    value_dim: int
+
+    def bytes_per_token(self, itemsize: int) -> int:
+        return self.n_layers * self.n_kv_heads * (self.head_dim + self.value_dim) * itemsize
+
+
+# What a tensor is to placement (ktjax.rules decides by it where it may live): a lookup
+# table, a vector (norms, biases), a linear weight [out, in], routed experts [E, out, in] (one
+# expert set per stack), or per-head weights used inside XLA's attention math (MLA's absorbed
+# up-projections).
+TENSOR_KINDS = ("embedding", "vector", "matrix", "experts", "per_head")
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """A GGUF tensor a family needs: name ("{}" = layer index), numpy shape, optional."""
+    """A GGUF tensor a family needs: name ("{}" = layer index), numpy shape, optional, and
+    its kind (TENSOR_KINDS; left empty: 1-D tensors are vectors, 2-D ones matrices; others
+    must declare it)."""
 
     gguf_name: str
     shape: tuple[int, ...]
     optional: bool = False
     layer_range: tuple[int, int] | None = None  # (first, stop) when only those layers have it
+    kind: str = ""
+
+    def __post_init__(self):
+        if not self.kind and len(self.shape) in (1, 2):
+            object.__setattr__(self, "kind", "vector" if len(self.shape) == 1 else "matrix")
+        if self.kind not in TENSOR_KINDS:
+            raise ValueError(f"{self.gguf_name}: kind {self.kind!r} is not one of "
+                             f"{TENSOR_KINDS} (tensors of more than 2 dims declare theirs)")
 
     @property
     def per_layer(self) -> bool:
@@ -63,10 +97,49 @@ class TensorSpec:
         return [self.gguf_name.format(i) for i in range(first, stop)]
 
 
-def cache_value_dim(config) -> int:
-    """Width of the cached values: the config's `cache_value_dim` if it declares one (MLA: 0,
-    the values live inside the cached latent), else `head_dim` like the keys."""
-    return getattr(config, "cache_value_dim", config.head_dim)
+def gguf_vocab_size(f: GGUFFile) -> int:
+    a = f.architecture
+    return int(f.get(f"{a}.vocab_size", None) or len(f.get("tokenizer.ggml.tokens", []))
+               or f.tensors["token_embd.weight"].shape[0])
+
+
+@dataclass(frozen=True)
+class GqaConfig:
+    """The fields the GQA families (llama, gemma3) read alike from GGUF; their configs extend
+    it. The cache holds keys and values of head_dim per KV head."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float
+    context_length: int
+
+    @staticmethod
+    def gguf_fields(f: GGUFFile) -> dict[str, Any]:
+        a = f.architecture
+        hidden = int(f.get(f"{a}.embedding_length"))
+        n_heads = int(f.get(f"{a}.attention.head_count"))
+        return dict(
+            architecture=a,
+            vocab_size=gguf_vocab_size(f),
+            hidden_size=hidden,
+            n_layers=int(f.get(f"{a}.block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(f.get(f"{a}.attention.head_count_kv", n_heads)),
+            head_dim=int(f.get(f"{a}.attention.key_length", hidden // n_heads)),
+            intermediate_size=int(f.get(f"{a}.feed_forward_length")),
+            rms_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon")),
+            context_length=int(f.get(f"{a}.context_length")),
+        )
+
+    @property
+    def cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.n_layers, self.n_kv_heads, self.head_dim, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -113,14 +186,12 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
     new_k, new_v, first = [], [], 0
     for key, stack_block in stacks or (("layers", block),):
         n = params[key]["attn_norm"].shape[0]
-        # Layer stacks ride along whole (closed over), the rest is sliced by the scan.
-        whole = {k: v for k, v in params[key].items() if isinstance(v, layers.LayerStack)}
-        sliced = {k: v for k, v in params[key].items() if k not in whole}
+        whole, sliced = weights.split_scanned(params[key])
 
         def step(x, inputs, stack_block=stack_block, first=first, whole=whole):
             layer_params, local = inputs
             layer = local + first
-            return stack_block(layers.bind_layer({**layer_params, **whole}, local), x, layer,
+            return stack_block(weights.bind_layer({**layer_params, **whole}, local), x, layer,
                                AttentionContext(backend, batch, kv, layer))
 
         x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, jnp.arange(n, dtype=jnp.int32)))
@@ -132,5 +203,5 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
     rows = jnp.take_along_axis(x, batch.logits_index[:, :, None], axis=1)           # [B, R, H]
     rows = layers.rms_norm(rows, params["output_norm"], rms_eps)
     head = params.get("output")
-    logits = layers.linear(rows, embed if head is None else head)
+    logits = weights.linear(embed if head is None else head, rows)
     return logits.astype(jnp.float32), KVCache(k=k, v=v)

@@ -5,7 +5,7 @@ top-k and a routed scaling factor.
 
 The paged cache holds one latent per token and layer: the normed kv LoRA output and the
 rotated RoPE key, kv_lora_rank + rope dims, as a single KV "head" whose first kv_lora_rank
-dims double as the values (`cache_value_dim = 0`). Attention runs absorbed: W_UK is folded
+dims double as the values (`cache_spec`: value_dim 0). Attention runs absorbed: W_UK is folded
 into the query and W_UV into the output, so no per-token key or value is ever expanded.
 """
 from __future__ import annotations
@@ -19,16 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax import weights
 from ktjax.errors import UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers, moe
-from ktjax.models.base import AttentionContext, Batch, KVCache, TensorSpec, decoder_forward
+from ktjax.models.base import (AttentionContext, Batch, KVCache, KVCacheSpec, TensorSpec,
+                               decoder_forward, gguf_vocab_size)
 
 ARCHITECTURES = ("deepseek2",)
-
-# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values; files from before the key are softmax (V2).
-_GATING = {1: "softmax", 2: "sigmoid"}
 # YaRN's ramp bounds (rotations), llama.cpp's and transformers' defaults.
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 
@@ -62,13 +61,11 @@ class Deepseek2Config:
     split_kv_b: bool          # attn_k_b / attn_v_b (llama.cpp's MLA files) instead of attn_kv_b
     moe: moe.MoeConfig
 
-    # The cache as the engine sees it: one latent "head" per token; values inside the keys.
-    n_kv_heads = 1
-    cache_value_dim = 0
-
     @property
-    def head_dim(self) -> int:
-        return self.kv_lora_rank + self.qk_rope_dim
+    def cache_spec(self) -> KVCacheSpec:
+        """One latent "head" per token and layer (kv_lora_rank + rope dims); the values are
+        its first kv_lora_rank dims, so none are cached apart."""
+        return KVCacheSpec(self.n_layers, 1, self.kv_lora_rank + self.qk_rope_dim, 0)
 
     @property
     def query_scale(self) -> float:
@@ -80,7 +77,7 @@ class Deepseek2Config:
 
     def cache_bytes_per_token(self, itemsize: int) -> tuple[int, int]:
         """(latent cache, expanded per-head keys and values) bytes per token, all layers."""
-        latent = self.n_layers * self.head_dim
+        latent = self.cache_spec.bytes_per_token(1)
         expanded = self.n_layers * self.n_heads * (self.qk_nope_dim + self.qk_rope_dim +
                                                    self.v_head_dim)
         return latent * itemsize, expanded * itemsize
@@ -99,10 +96,8 @@ class Deepseek2Config:
         if not 0 <= n_dense < n_layers:
             raise UnsupportedModelError(f"{f.path}: {a}.leading_dense_block_count = {n_dense} "
                                         f"with {n_layers} layers (expected 0..{n_layers - 1})")
-        vocab = get("vocab_size", None) or len(f.get("tokenizer.ggml.tokens", [])) \
-            or f.tensors["token_embd.weight"].shape[0]
         return cls(
-            architecture=a, vocab_size=int(vocab), hidden_size=int(get("embedding_length")),
+            architecture=a, vocab_size=gguf_vocab_size(f), hidden_size=int(get("embedding_length")),
             n_layers=n_layers, n_heads=int(get("attention.head_count")),
             q_lora_rank=int(get("attention.q_lora_rank", 0)),
             kv_lora_rank=int(get("attention.kv_lora_rank")),
@@ -143,7 +138,7 @@ def _moe_config(f: GGUFFile, n_dense: int) -> moe.MoeConfig:
         refuse("expert_count", "deepseek2 needs routed experts")
     if not 0 < n_used <= n_experts:
         refuse("expert_used_count", f"expected 1..{n_experts} (expert_count)")
-    gating = _GATING.get(int(get("expert_gating_func", 1)))
+    gating = moe.GATING_FUNCS.get(int(get("expert_gating_func", 1)))
     if gating is None:
         refuse("expert_gating_func", "only 1 (softmax) and 2 (sigmoid) are supported")
     n_groups, n_groups_used = int(get("expert_group_count", 1) or 1), \
@@ -192,19 +187,23 @@ def tensor_table(cfg: Deepseek2Config) -> dict[str, TensorSpec]:
         attn["attn_q_b"] = TensorSpec("blk.{}.attn_q_b.weight", (n_heads * qk, q))
     else:
         attn["attn_q"] = TensorSpec("blk.{}.attn_q.weight", (n_heads * qk, h))
+    # The up-projections are absorbed into the queries and outputs per head, in XLA.
     if cfg.split_kv_b:
-        attn["attn_k_b"] = TensorSpec("blk.{}.attn_k_b.weight", (n_heads, r, cfg.qk_nope_dim))
-        attn["attn_v_b"] = TensorSpec("blk.{}.attn_v_b.weight", (n_heads, cfg.v_head_dim, r))
+        attn["attn_k_b"] = TensorSpec("blk.{}.attn_k_b.weight", (n_heads, r, cfg.qk_nope_dim),
+                                      kind="per_head")
+        attn["attn_v_b"] = TensorSpec("blk.{}.attn_v_b.weight", (n_heads, cfg.v_head_dim, r),
+                                      kind="per_head")
     else:
         attn["attn_kv_b"] = TensorSpec("blk.{}.attn_kv_b.weight",
-                                       (n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), r))
+                                       (n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), r),
+                                       kind="per_head")
     ff = cfg.intermediate_size
     dense = dict(attn, ffn_gate=TensorSpec("blk.{}.ffn_gate.weight", (ff, h)),
                  ffn_up=TensorSpec("blk.{}.ffn_up.weight", (ff, h)),
                  ffn_down=TensorSpec("blk.{}.ffn_down.weight", (h, ff)))
     routed = dict(attn, **{k.split(".", 1)[1]: v for k, v in moe.tensor_table(cfg.moe, h).items()})
     t = {
-        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h)),
+        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h), kind="embedding"),
         "output_norm": TensorSpec("output_norm.weight", (h,)),
         "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
     }
@@ -236,16 +235,12 @@ def yarn_inv_freq(dim: int, base: float, yarn: Yarn | None) -> np.ndarray:
 
 
 def _up_projections(cfg: Deepseek2Config, lp: dict):
-    """W_UK [H, r, nope] and W_UV [H, v, r] (arrays or LayerStacks, for per_head_linear) from
-    attn_kv_b or llama.cpp's split k_b/v_b."""
-    for name in ("attn_kv_b", "attn_k_b", "attn_v_b"):
-        if isinstance(lp.get(name), layers.HOST_NODES):
-            raise UnsupportedModelError(
-                f"{name} is placed on the host, but MLA absorbs it into the queries and "
-                "outputs in XLA: place blk.N.{attn_kv_b,attn_k_b,attn_v_b} on the device")
+    """W_UK [H, r, nope] and W_UV [H, v, r] (for per_head_linear) from attn_kv_b or
+    llama.cpp's split k_b/v_b."""
     if cfg.split_kv_b:
         return lp["attn_k_b"], lp["attn_v_b"]
-    kv_b = layers.dense(lp["attn_kv_b"]).reshape(cfg.n_heads, cfg.qk_nope_dim + cfg.v_head_dim, -1)
+    kv_b = weights.as_array(lp["attn_kv_b"]).reshape(cfg.n_heads,
+                                                     cfg.qk_nope_dim + cfg.v_head_dim, -1)
     return jnp.swapaxes(kv_b[:, :cfg.qk_nope_dim], 1, 2), kv_b[:, cfg.qk_nope_dim:]
 
 
@@ -256,24 +251,25 @@ def _attention(cfg: Deepseek2Config, inv_freq: jax.Array, lp: dict, x: jax.Array
     r, pos = cfg.kv_lora_rank, ctx.batch.positions
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
     if cfg.q_lora_rank:
-        q = layers.linear(layers.rms_norm(layers.linear(h, lp["attn_q_a"]), lp["attn_q_a_norm"],
-                                          cfg.rms_eps), lp["attn_q_b"])
+        q_a = layers.rms_norm(weights.linear(lp["attn_q_a"], h), lp["attn_q_a_norm"],
+                              cfg.rms_eps)
+        q = weights.linear(lp["attn_q_b"], q_a)
     else:
-        q = layers.linear(h, lp["attn_q"])
+        q = weights.linear(lp["attn_q"], h)
     q = q.reshape(b, t, cfg.n_heads, -1)
     q_nope, q_pe = q[..., :cfg.qk_nope_dim], q[..., cfg.qk_nope_dim:]
-    kv = layers.linear(h, lp["attn_kv_a_mqa"])
+    kv = weights.linear(lp["attn_kv_a_mqa"], h)
     latent = layers.rms_norm(kv[..., :r], lp["attn_kv_a_norm"], cfg.rms_eps)
     # DeepSeek rotates adjacent pairs (llama.cpp's rope type NORM); the converter keeps them.
     q_pe = layers.apply_rope(q_pe, pos, inv_freq, neox=False)
     k_pe = layers.apply_rope(kv[:, :, None, r:], pos, inv_freq, neox=False)
     w_uk, w_uv = _up_projections(cfg, lp)
-    q_latent = layers.per_head_linear(q_nope, w_uk).astype(x.dtype)
+    q_latent = weights.per_head_linear(w_uk, q_nope).astype(x.dtype)
     k_latent = jnp.concatenate([latent[:, :, None], k_pe], axis=-1)      # [B, T, 1, r + rope]
     o = ctx.attend(jnp.concatenate([q_latent, q_pe], axis=-1), k_latent, None,
                    scale=cfg.query_scale, values_in_keys=r)                # [B, T, H, r]
-    o = layers.per_head_linear(o, w_uv).astype(x.dtype)
-    return layers.linear(o.reshape(b, t, -1), lp["attn_output"]), k_latent
+    o = weights.per_head_linear(w_uv, o).astype(x.dtype)
+    return weights.linear(lp["attn_output"], o.reshape(b, t, -1)), k_latent
 
 
 def _block(cfg: Deepseek2Config, inv_freq: jax.Array, routed: bool, lp: dict, x: jax.Array,
@@ -284,8 +280,8 @@ def _block(cfg: Deepseek2Config, inv_freq: jax.Array, routed: bool, lp: dict, x:
     if routed:
         y = moe.moe_ffn(cfg.moe, lp, h)
     else:
-        gate, up = layers.project(h, lp, ("ffn_gate", "ffn_up"))
-        y = layers.linear(jax.nn.silu(gate) * up, lp["ffn_down"])
+        gate, up = weights.project(lp, ("ffn_gate", "ffn_up"), h)
+        y = weights.linear(lp["ffn_down"], jax.nn.silu(gate) * up)
     no_values = jnp.zeros((*k_latent.shape[:-1], 0), k_latent.dtype)
     return x + y, (k_latent, no_values)
 

@@ -9,10 +9,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from ktjax import weights
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
-from ktjax.models.base import AttentionContext, Batch, KVCache, TensorSpec, decoder_forward
+from ktjax.models.base import (AttentionContext, Batch, GqaConfig, KVCache, TensorSpec,
+                               decoder_forward)
 
 ARCHITECTURES = ("gemma3",)
 
@@ -22,20 +24,10 @@ LOCAL_ROPE_BASE = 10000.0
 
 
 @dataclass(frozen=True)
-class Gemma3Config:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_eps: float
+class Gemma3Config(GqaConfig):
     rope_global_base: float
     rope_global_linear_factor: float
     sliding_window: int
-    context_length: int
 
     @property
     def query_scale(self) -> float:
@@ -47,24 +39,11 @@ class Gemma3Config:
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "Gemma3Config":
         a = f.architecture
-        n_heads = int(f.get(f"{a}.attention.head_count"))
-        hidden = int(f.get(f"{a}.embedding_length"))
-        vocab = f.get(f"{a}.vocab_size", None) or len(f.get("tokenizer.ggml.tokens", [])) \
-            or f.tensors["token_embd.weight"].shape[0]
         return cls(
-            architecture=a,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            n_layers=int(f.get(f"{a}.block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(f.get(f"{a}.attention.head_count_kv", n_heads)),
-            head_dim=int(f.get(f"{a}.attention.key_length", hidden // n_heads)),
-            intermediate_size=int(f.get(f"{a}.feed_forward_length")),
-            rms_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon")),
+            **GqaConfig.gguf_fields(f),
             rope_global_base=float(f.get(f"{a}.rope.freq_base", 1_000_000.0)),
             rope_global_linear_factor=float(f.get(f"{a}.rope.scaling.factor", 1.0)),
             sliding_window=int(f.get(f"{a}.attention.sliding_window")),
-            context_length=int(f.get(f"{a}.context_length")),
         )
 
 
@@ -76,7 +55,7 @@ def tensor_table(cfg: Gemma3Config) -> dict[str, TensorSpec]:
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, ff = cfg.n_heads * d, cfg.n_kv_heads * d, cfg.intermediate_size
     return {
-        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h)),
+        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h), kind="embedding"),
         "output_norm": TensorSpec("output_norm.weight", (h,)),
         "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
         "layers.attn_norm": TensorSpec("blk.{}.attn_norm.weight", (h,)),
@@ -103,7 +82,7 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
     window = jnp.where(is_global, 0, cfg.sliding_window)
 
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q, k, v = layers.project(h, lp, ("attn_q", "attn_k", "attn_v"))
+    q, k, v = weights.project(lp, ("attn_q", "attn_k", "attn_v"), h)
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -112,13 +91,13 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
     k = layers.apply_rope(layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps),
                           ctx.batch.positions, inv_freq, neox=True)
     a = ctx.attend(q, k, v, scale=cfg.query_scale, sliding_window=window)
-    a = layers.linear(a.reshape(b, t, -1), lp["attn_output"])
+    a = weights.linear(lp["attn_output"], a.reshape(b, t, -1))
     x = x + layers.rms_norm(a, lp["post_attention_norm"], cfg.rms_eps)
 
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
-    gate, up = layers.project(h, lp, ("ffn_gate", "ffn_up"))
+    gate, up = weights.project(lp, ("ffn_gate", "ffn_up"), h)
     g = layers.gelu_tanh(gate) * up
-    m = layers.linear(g, lp["ffn_down"])
+    m = weights.linear(lp["ffn_down"], g)
     return x + layers.rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps), (k, v)
 
 

@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import jax
 
+from ktjax import rules as placement_rules
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
-from ktjax.models.base import cache_value_dim
 from ktjax.models.catalog import resolve_model
 
 
@@ -18,8 +18,8 @@ _HOST_BYTES = {"int8": 1.125, "int8_row": 1.0, "int4": 0.625, "bf16": 2.0}
 
 def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
                     device_bytes: int) -> list[str]:
-    """One line per rule: placement, format, kernel, tensors and their memory per device."""
-    placement = loader.placement_for(f, spec, rules, platform)
+    """One line per rule: placement, format, tensors and their memory per device."""
+    placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
     groups: dict = {}
     for path, d in placement.items():
         tspec = spec.table[path]
@@ -39,7 +39,7 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
     total = defaultdict(float)
     for rule, (d, n, size) in groups.items():
         total[d.placement] += size
-        lines.append(f"  {rule.name:<28} {d.placement:<6} {d.format:<4} {d.kernel:<10} "
+        lines.append(f"  {rule.name:<28} {d.placement:<6} {d.format:<8} "
                      f"{n:>5} tensors {size / 2 ** 20:10.2f} MiB")
     lines.append("  memory: " + ", ".join(f"{p} {v / 2 ** 20:.2f} MiB" for p, v in total.items()))
     return lines
@@ -55,7 +55,8 @@ def describe(model: str, rules: str | None = None) -> str:
         mix[t.qtype.name][0] += 1
         mix[t.qtype.name][1] += t.n_elements
     n_params = sum(t.n_elements for t in f.tensors.values())
-    kv_per_token = cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cache_value_dim(cfg))
+    cache = cfg.cache_spec
+    kv_per_token = cache.bytes_per_token(1)
     ctx = min(cfg.context_length, 4096)
     gib = 1024 ** 3
     lines = [
@@ -63,7 +64,7 @@ def describe(model: str, rules: str | None = None) -> str:
         f"architecture  {f.architecture} ({spec.family.__name__.rsplit('.', 1)[-1]} family)",
         f"parameters    {n_params / 1e6:.1f} M",
         f"layers        {cfg.n_layers}, hidden {cfg.hidden_size}, heads {cfg.n_heads} "
-        f"(kv {cfg.n_kv_heads}) x {cfg.head_dim}, ffn {cfg.intermediate_size}",
+        f"(kv {cache.n_kv_heads}) x {cache.head_dim}, ffn {cfg.intermediate_size}",
         f"vocabulary    {cfg.vocab_size}",
         f"context       {cfg.context_length}",
         "quant mix     " + ", ".join(

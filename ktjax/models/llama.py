@@ -10,11 +10,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from ktjax import weights
 from ktjax.errors import UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers, moe
-from ktjax.models.base import AttentionContext, Batch, KVCache, TensorSpec, decoder_forward
+from ktjax.models.base import (AttentionContext, Batch, GqaConfig, KVCache, TensorSpec,
+                               decoder_forward)
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 
@@ -23,20 +25,10 @@ _MOE = {"llama": (True, False), "qwen2moe": (False, True), "qwen3moe": (True, Fa
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_eps: float
+class LlamaConfig(GqaConfig):
     rope_base: float
     rope_dim: int
     rope_linear_factor: float
-    context_length: int
     moe: moe.MoeConfig | None = None   # every layer's FFN is a mixture of experts
 
     @property
@@ -60,30 +52,17 @@ class LlamaConfig:
             raise UnsupportedModelError(f"{f.path}: {a} needs {a}.expert_count > 0")
         if n_experts and a not in _MOE:
             raise UnsupportedModelError(f"{a} with {n_experts} experts is not supported")
-        hidden = int(f.get(f"{a}.embedding_length"))
-        n_heads = int(f.get(f"{a}.attention.head_count"))
-        head_dim = int(f.get(f"{a}.attention.key_length", hidden // n_heads))
         scaling = f.get(f"{a}.rope.scaling.type", "none")
         if scaling not in ("none", "linear"):
             raise UnsupportedModelError(f"{a}.rope.scaling.type = {scaling!r} is not supported")
-        vocab = f.get(f"{a}.vocab_size", None) or len(f.get("tokenizer.ggml.tokens", [])) \
-            or f.tensors["token_embd.weight"].shape[0]
+        common = GqaConfig.gguf_fields(f)
         return cls(
-            architecture=a,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            n_layers=int(f.get(f"{a}.block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(f.get(f"{a}.attention.head_count_kv", n_heads)),
-            head_dim=head_dim,
-            intermediate_size=int(f.get(f"{a}.feed_forward_length")),
-            rms_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon")),
+            **common,
             rope_base=float(f.get(f"{a}.rope.freq_base", 10000.0)),
-            rope_dim=int(f.get(f"{a}.rope.dimension_count", head_dim)),
+            rope_dim=int(f.get(f"{a}.rope.dimension_count", common["head_dim"])),
             rope_linear_factor=float(f.get(f"{a}.rope.scaling.factor", 1.0))
             if scaling == "linear" else 1.0,
-            context_length=int(f.get(f"{a}.context_length")),
-            moe=moe.MoeConfig.from_gguf(f, default_ffn=int(f.get(f"{a}.feed_forward_length")),
+            moe=moe.MoeConfig.from_gguf(f, default_ffn=common["intermediate_size"],
                                         norm_topk=_MOE[a][0], shared=_MOE[a][1])
             if n_experts else None,
         )
@@ -97,7 +76,7 @@ def tensor_table(cfg: LlamaConfig) -> dict[str, TensorSpec]:
     h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.n_heads * cfg.head_dim, \
         cfg.n_kv_heads * cfg.head_dim
     t = {
-        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h)),
+        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h), kind="embedding"),
         "output_norm": TensorSpec("output_norm.weight", (h,)),
         "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
         "rope_freqs": TensorSpec("rope_freqs.weight", (cfg.rope_dim // 2,), optional=True),
@@ -130,7 +109,7 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     b, t, _ = x.shape
     pos = ctx.batch.positions
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q, k, v = layers.project(h, lp, ("attn_q", "attn_k", "attn_v"))
+    q, k, v = weights.project(lp, ("attn_q", "attn_k", "attn_v"), h)
     q = q.reshape(b, t, cfg.n_heads, -1)
     k = k.reshape(b, t, cfg.n_kv_heads, -1)
     v = v.reshape(b, t, cfg.n_kv_heads, -1)
@@ -140,13 +119,13 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     q = layers.apply_rope(q, pos, inv_freq, cfg.rope_neox)
     k = layers.apply_rope(k, pos, inv_freq, cfg.rope_neox)
     a = ctx.attend(q, k, v, scale=cfg.head_dim ** -0.5)
-    x = x + layers.linear(a.reshape(b, t, -1), lp["attn_output"])
+    x = x + weights.linear(lp["attn_output"], a.reshape(b, t, -1))
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
     if cfg.moe:
         return x + moe.moe_ffn(cfg.moe, lp, h), (k, v)
-    gate, up = layers.project(h, lp, ("ffn_gate", "ffn_up"))
+    gate, up = weights.project(lp, ("ffn_gate", "ffn_up"), h)
     g = jax.nn.silu(gate) * up
-    return x + layers.linear(g, lp["ffn_down"]), (k, v)
+    return x + weights.linear(lp["ffn_down"], g), (k, v)
 
 
 def make_forward(cfg: LlamaConfig, backend: AttentionBackend):

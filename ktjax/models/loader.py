@@ -2,26 +2,27 @@
 family's table: missing, unexpected or mis-shaped tensors are load errors naming the tensor."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax import rules as placement_rules
 from ktjax.errors import TensorError
 from ktjax.gguf import quants
 from ktjax.gguf.reader import GGUFFile, TensorView
 from ktjax.host import linear as host_linear
 from ktjax.host import moe as host_moe
 from ktjax.models.base import TensorSpec
-from ktjax.models.layers import (FUSIBLE_PROJECTIONS, HOST_NODES, HostExperts, HostWeight,
-                                 LayerStack, fused_name)
-from ktjax.models.moe import EXPERT_KEYS, HOST_EXPERTS
+from ktjax.models.moe import EXPERT_KEYS, EXPERTS
 from ktjax.models.registry import family_for
+from ktjax.weights import (FUSIBLE_PROJECTIONS, DeviceExperts, HostExperts, HostWeight,
+                           LayerStack, fused_name, host_handles)
+
+if TYPE_CHECKING:  # decisions come from ktjax.rules, which reads the family tables
+    from ktjax.rules import Decision
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,6 @@ def _pack_experts(f: GGUFFile, spec: "ModelSpec", stack: str, fmt: str) -> HostE
     return HostExperts(handles=tuple(handles))
 
 
-def placement_for(f: GGUFFile, spec: "ModelSpec", rules: str | os.PathLike,
-                  platform: str) -> dict[str, placement_rules.Decision]:
-    """Table path -> placement decision from a rules file or profile name (ktjax.rules)."""
-    return placement_rules.resolve(placement_rules.load_rules(rules), f, spec.table,
-                                   spec.config.n_layers, platform)
-
-
 def _pack_host_fused(f: GGUFFile, per_layer: list[list[str]]) -> HostWeight:
     """Several projections of one input as one weight: their GGUF rows concatenated (same
     quant type, so the blocks concatenate byte for byte)."""
@@ -137,21 +131,16 @@ def _fusible_groups(f: GGUFFile, spec: ModelSpec, host_keep: set[str]
     return groups
 
 
-def load_params(f: GGUFFile, spec: ModelSpec, dtype=np.float32,
-                device: jax.Device | None = None, host_linears: bool = False,
-                placement: dict[str, placement_rules.Decision] | None = None) -> dict:
-    """Place every tensor of the table as `placement` (from `placement_for`) says: device
+def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"],
+                dtype=np.float32, device: jax.Device | None = None) -> dict:
+    """Place every tensor of the table as `placement` (ktjax.rules.place) says: device
     tensors dequantized to `dtype` (format keep) or the rule's bf16/f32 (vectors stay
     float32) on `device`, stacked per layer into [n_layers, ...]; host tensors repacked into
-    the native store (HostWeight, HostExperts), run by the host kernels through FFI.
-
-    Without `placement`, host_linears=True (CPU runs) is the CPU-only profile (every matrix on
-    the host; the embedding stays dense for the lookup and, when tied, is also packed as the
-    output head) and False all-device. Release the handles with `release_host_weights`.
+    the native store (HostWeight), run by the host kernels through FFI. A stack's routed
+    experts become one expert set under moe.EXPERTS (HostExperts or DeviceExperts). A tied
+    output head placed on the host is packed from the embedding. Release the handles with
+    `release_host_weights`.
     """
-    if placement is None:
-        placement = placement_for(f, spec, "cpu" if host_linears else "device",
-                                  "cpu" if host_linears else "any")
     params: dict = {"layers": {}}
     fused = _fusible_groups(f, spec, {p for p, d in placement.items()
                                       if d.placement == "host" and d.format == "keep"})
@@ -168,20 +157,19 @@ def load_params(f: GGUFFile, spec: ModelSpec, dtype=np.float32,
         if stack == "layers" and key in members:
             continue  # packed above as part of a fused weight
         d = placement[path]
-        if d.placement == "host":
-            if key not in EXPERT_KEYS:
-                target[key] = _pack_host(f, names, d.format)
-            elif key == EXPERT_KEYS[0]:
-                target[HOST_EXPERTS] = _pack_experts(f, spec, stack, d.format)
+        if tspec.kind == "experts":
+            if key == EXPERT_KEYS[0]:  # rules gave gate, up and down one decision
+                target[EXPERTS] = _pack_experts(f, spec, stack, d.format) \
+                    if d.placement == "host" else \
+                    DeviceExperts(*(_load_device(f, spec, f"{stack}.{k}", d.format, dtype,
+                                                 device) for k in EXPERT_KEYS))
             continue
-        want = np.float32 if len(tspec.shape) == 1 else _DEVICE_DTYPES.get(d.format, dtype)
-        arrays = [_dequantize(f.tensors[n], want) for n in names]
-        value = np.stack(arrays) if tspec.per_layer else arrays[0]
-        if len(arrays) != len(expected):
-            raise TensorError(f"{f.path}: {tspec.gguf_name} exists for only "
-                              f"{len(arrays)} of {len(expected)} layers")
-        value = jax.device_put(value, device)
-        if tspec.per_layer and len(tspec.shape) >= 2 and value.device.platform == "cpu":
+        if d.placement == "host":
+            target[key] = _pack_host(f, names, d.format)
+            continue
+        value = _load_device(f, spec, path, d.format, dtype, device)
+        if tspec.per_layer and tspec.kind in ("matrix", "per_head") and \
+                value.device.platform == "cpu":
             value = LayerStack(value)  # read in place by decode steps (see LayerStack)
         target[key] = value
     head = placement.get("output")
@@ -190,8 +178,21 @@ def load_params(f: GGUFFile, spec: ModelSpec, dtype=np.float32,
     return params
 
 
+def _load_device(f: GGUFFile, spec: ModelSpec, path: str, fmt: str, dtype,
+                 device: jax.Device | None) -> jax.Array:
+    """A tensor dequantized for the device (vectors float32, matrices `dtype` or the rule's
+    bf16/f32), its layers stacked into [n_layers, ...]."""
+    tspec = spec.table[path]
+    expected = tspec.names(spec.config.n_layers)
+    names = [n for n in expected if n in f.tensors]
+    want = np.float32 if len(tspec.shape) == 1 else _DEVICE_DTYPES.get(fmt, dtype)
+    arrays = [_dequantize(f.tensors[n], want) for n in names]
+    if len(arrays) != len(expected):
+        raise TensorError(f"{f.path}: {tspec.gguf_name} exists for only "
+                          f"{len(arrays)} of {len(expected)} layers")
+    return jax.device_put(np.stack(arrays) if tspec.per_layer else arrays[0], device)
+
+
 def release_host_weights(params: dict) -> None:
-    for w in jax.tree.leaves(params, is_leaf=lambda n: isinstance(n, HOST_NODES)):
-        if isinstance(w, HOST_NODES):
-            for h in w.handles:
-                host_linear.release(h)
+    for h in host_handles(params):
+        host_linear.release(h)

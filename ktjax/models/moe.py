@@ -1,7 +1,7 @@
 """Mixture-of-experts feed-forward shared by the MoE families: routing in XLA (softmax or
-sigmoid scores, optional score-correction bias and group-limited top-k, as DeepSeek),
-routed experts as grouped matmuls on the device (`ragged_dot`) or through the host MoE kernel
-(`HostExperts`, FFI inside the program), optional shared expert with a sigmoid gate."""
+sigmoid scores, optional score-correction bias and group-limited top-k, as DeepSeek), the
+routed experts through `weights.experts` (grouped matmuls on the device or the host MoE
+kernel, as placed), optional shared expert with a sigmoid gate."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,19 +9,18 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from ktjax import weights
 from ktjax.errors import UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
-from ktjax.models import layers
 from ktjax.models.base import TensorSpec
-from ktjax.models.layers import HostExperts
 
-# The routed experts' table keys (3-D tensors [E, ...]); the loader packs the three into one
-# HostExperts under HOST_EXPERTS when a rule places them on the host.
+# The routed experts' table keys (gate, up, down; kind "experts"); the loader makes of the
+# three one expert set (weights.HostExperts or DeviceExperts) under EXPERTS.
 EXPERT_KEYS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-HOST_EXPERTS = "ffn_exps"
+EXPERTS = "ffn_exps"
 
-# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values.
-_GATING = {1: "softmax", 2: "sigmoid"}
+# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values; files from before the key are softmax.
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,10 @@ class MoeConfig:
                 f"{f.path}: {a}.expert_used_count = {n_used} with {n_experts} experts "
                 "(expected 1..expert_count)")
         gating = int(f.get(f"{a}.expert_gating_func", 1))
-        if _GATING.get(gating) != "softmax":
+        if GATING_FUNCS.get(gating) != "softmax":
             raise UnsupportedModelError(
                 f"{f.path}: {a}.expert_gating_func = {gating} "
-                f"({_GATING.get(gating, 'unknown')}) is not supported for {a}; "
+                f"({GATING_FUNCS.get(gating, 'unknown')}) is not supported for {a}; "
                 "only softmax routing")
         for key in ("expert_group_count", "expert_weights_scale"):
             value = f.get(f"{a}.{key}", None)
@@ -74,9 +73,12 @@ def tensor_table(cfg: MoeConfig, hidden: int) -> dict[str, TensorSpec]:
     e, ff = cfg.n_experts, cfg.expert_ffn
     t = {
         "layers.ffn_gate_inp": TensorSpec("blk.{}.ffn_gate_inp.weight", (e, hidden)),
-        "layers.ffn_gate_exps": TensorSpec("blk.{}.ffn_gate_exps.weight", (e, ff, hidden)),
-        "layers.ffn_up_exps": TensorSpec("blk.{}.ffn_up_exps.weight", (e, ff, hidden)),
-        "layers.ffn_down_exps": TensorSpec("blk.{}.ffn_down_exps.weight", (e, hidden, ff)),
+        "layers.ffn_gate_exps": TensorSpec("blk.{}.ffn_gate_exps.weight", (e, ff, hidden),
+                                           kind="experts"),
+        "layers.ffn_up_exps": TensorSpec("blk.{}.ffn_up_exps.weight", (e, ff, hidden),
+                                         kind="experts"),
+        "layers.ffn_down_exps": TensorSpec("blk.{}.ffn_down_exps.weight", (e, hidden, ff),
+                                           kind="experts"),
     }
     if cfg.shared_ffn:
         s = cfg.shared_ffn
@@ -90,13 +92,13 @@ def tensor_table(cfg: MoeConfig, hidden: int) -> dict[str, TensorSpec]:
     return t
 
 
-def route(h: jax.Array, router: jax.Array, cfg: MoeConfig,
-          bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Scores over all experts, top-k: (ids int32 [N, k], weights float32 [N, k]).
+def route(h: jax.Array, router, cfg: MoeConfig,
+          bias: jax.Array | None = None) -> weights.Route:
+    """Scores over all experts, top-k: ids int32 [N, k] and weights float32 [N, k].
 
     `bias` and the group limit change which experts are chosen, not their weights: the weights
     are the chosen experts' scores, optionally renormalized, times `weights_scale`."""
-    logits = layers.linear(h, router).astype(jnp.float32)
+    logits = weights.linear(router, h).astype(jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if cfg.gating == "softmax" else \
         jax.nn.sigmoid(logits)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
@@ -108,52 +110,24 @@ def route(h: jax.Array, router: jax.Array, cfg: MoeConfig,
         keep = jnp.any(best[..., None] == jnp.arange(cfg.n_groups), axis=-2)   # [N, groups]
         choice = jnp.where(jnp.repeat(keep, groups.shape[-1], axis=-1), choice, -jnp.inf)
     _, ids = jax.lax.top_k(choice, cfg.n_used)
-    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    chosen = jnp.take_along_axis(scores, ids, axis=-1)
     if cfg.norm_topk:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        chosen = chosen / jnp.sum(chosen, axis=-1, keepdims=True)
     if cfg.weights_scale != 1.0:
-        weights = weights * cfg.weights_scale
-    return ids.astype(jnp.int32), weights
-
-
-_RAGGED = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])),  # x [M, in] . w [E, out, in] over `in`
-    lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-
-
-def _experts_device(x: jax.Array, ids: jax.Array, weights: jax.Array, gate: jax.Array,
-                    up: jax.Array, down: jax.Array) -> jax.Array:
-    """Grouped matmuls: the N*k (token, expert) pairs sorted by expert, one ragged_dot per
-    matrix over the contiguous groups, weighted and summed back per token."""
-    n, k = ids.shape
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat)
-    token = order // k
-    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-
-    def mm(a, w):
-        return jax.lax.ragged_dot_general(a.astype(w.dtype), w, sizes, _RAGGED,
-                                          preferred_element_type=jnp.float32)
-
-    xs = x[token]
-    y = mm(jax.nn.silu(mm(xs, gate)) * mm(xs, up), down)
-    y = y * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
+        chosen = chosen * cfg.weights_scale
+    return weights.Route(ids.astype(jnp.int32), chosen)
 
 
 def moe_ffn(cfg: MoeConfig, lp: dict, h: jax.Array) -> jax.Array:
     """The MoE feed-forward of one layer on normed hidden states h [B, T, H]."""
     b, t, hidden = h.shape
     x = h.reshape(b * t, hidden)
-    ids, weights = route(x, lp["ffn_gate_inp"], cfg, lp.get("exp_probs_b"))
-    host = lp.get(HOST_EXPERTS)
-    if isinstance(host, HostExperts):
-        y = host(x.astype(jnp.float32), ids, weights)
-    else:
-        y = _experts_device(x, ids, weights, *(layers.dense(lp[k]) for k in EXPERT_KEYS))
+    chosen = route(x, lp["ffn_gate_inp"], cfg, lp.get("exp_probs_b"))
+    y = weights.experts(lp[EXPERTS], x, chosen)
     if cfg.shared_ffn:
-        s = layers.linear(jax.nn.silu(layers.linear(x, lp["ffn_gate_shexp"])) *
-                          layers.linear(x, lp["ffn_up_shexp"]), lp["ffn_down_shexp"])
+        s = weights.linear(lp["ffn_down_shexp"],
+                           jax.nn.silu(weights.linear(lp["ffn_gate_shexp"], x)) *
+                           weights.linear(lp["ffn_up_shexp"], x))
         if cfg.shared_gate:
             s = s * jax.nn.sigmoid(x.astype(jnp.float32) @ lp["ffn_gate_inp_shexp"])[:, None]
         y = y + s.astype(jnp.float32)
