@@ -45,6 +45,18 @@ def ktjax_logits(path, ids: np.ndarray, rules: str | None = None) -> np.ndarray:
 
 def hf_logits(path, ids: np.ndarray) -> np.ndarray:
     """transformers' implementation of the architecture, loading the same GGUF file."""
+    return hf_run(hf_model(path), ids)
+
+
+def hf_run(model, ids: np.ndarray) -> np.ndarray:
+    """Logits [T, V] of a transformers model for every position of `ids`."""
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids, np.int64)[None])).logits[0].numpy()
+
+
+def hf_model(path):
+    """transformers' implementation of the architecture with the weights of a GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -67,8 +79,7 @@ def hf_logits(path, ids: np.ndarray) -> np.ndarray:
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                                      gguf_file=os.path.basename(path),
                                                      dtype=torch.float32, **overrides)
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(ids, np.int64)[None])).logits[0].numpy()
+    return model
 
 
 def _hf_mixtral(path, f: GGUFFile):

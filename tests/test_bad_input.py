@@ -10,6 +10,8 @@ from ktjax.models import loader
 from ktjax.rules import place
 from tiny_models import write_tiny_gguf
 
+T = gguf.GGMLQuantizationType
+
 
 def _load(path):
     f = GGUFFile(path)
@@ -82,11 +84,22 @@ def test_unexpected_tensor(tmp_path):
         _load(path)
 
 
-def test_unsupported_quant_type(tmp_path):
+def test_loader_refuses_unsupported_quant_type(tmp_path):
+    """A model whose tensor uses a GGML type ktjax has no kernels for is refused when loaded,
+    naming the tensor and the type (IQ2_XXS: 256 values in 66 bytes per block)."""
+    raw = np.zeros((256, 66), np.uint8)
+    path = write_tiny_gguf(tmp_path / "iq.gguf", "llama", hidden=256, head_dim=64, ffn=256,
+                           extra={"blk.1.ffn_up.weight": (raw, T.IQ2_XXS)})
+    assert GGUFFile(path).tensors["blk.1.ffn_up.weight"].shape == (256, 256)  # shape is right
+    with pytest.raises(TensorError, match=r"'blk\.1\.ffn_up\.weight' uses quant type IQ2_XXS"):
+        LLM(str(path))
+
+
+def test_dequantize_refuses_unsupported_quant_type(tmp_path):
     path = tmp_path / "iq.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     raw = np.zeros((4, 66), np.uint8)           # 4 rows of one IQ2_XXS block (256 values)
-    w.add_tensor("token_embd.weight", raw, raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    w.add_tensor("token_embd.weight", raw, raw_dtype=T.IQ2_XXS)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -104,7 +117,20 @@ def test_missing_metadata_key(tmp_path):
         _load(path)
 
 
-def test_mixture_of_experts_llama_is_refused(tmp_path):
-    path = write_tiny_gguf(tmp_path / "moe.gguf", extra_kv={"llama.expert_count": 8})
-    with pytest.raises(UnsupportedModelError, match="experts"):
-        LLM(str(path))
+@pytest.mark.parametrize("arch,metadata,match", [
+    ("llama", {"llama.expert_count": 8},
+     r"llama\.expert_used_count = 0 with 8 experts \(expected 1\.\.expert_count\)"),
+    ("llama", {"llama.expert_count": 8, "llama.expert_used_count": 9},
+     r"llama\.expert_used_count = 9 with 8 experts"),
+    ("llama", {"llama.expert_count": 8, "llama.expert_used_count": 2,
+               "llama.expert_gating_func": 2},
+     r"llama\.expert_gating_func = 2 \(sigmoid\) is not supported for llama"),
+    ("qwen2", {"qwen2.expert_count": 8, "qwen2.expert_used_count": 2},
+     "qwen2 with 8 experts is not supported"),
+])
+def test_unsupported_expert_configs_are_refused(tmp_path, arch, metadata, match):
+    """Mixtral (llama with experts) loads (tests/test_moe.py); these expert metadata cannot
+    run and are refused with the key that makes them so."""
+    path = write_tiny_gguf(tmp_path / "moe.gguf", arch, extra_kv=metadata)
+    with pytest.raises(UnsupportedModelError, match=match):
+        loader.inspect(GGUFFile(path))

@@ -25,11 +25,23 @@ def test_generate_streams_and_second_process_reuses_compiled_programs(tiny_llama
     assert sorted(os.listdir(tmp_path / "xla")) == entries   # all hits: nothing recompiled
 
 
-def test_chat_reads_stdin(tiny_llama_path):
-    r = _ktjax(["chat", "--model", str(tiny_llama_path), "--max-tokens", "4"],
-               stdin="hi\n/exit\n")
+def test_chat_replies_to_each_line_with_the_history(tiny_llama_path):
+    """Each stdin line is a user turn; what is printed is the model's greedy reply to the chat
+    so far (the second turn sees the first and its reply), and /exit ends the session."""
+    from ktjax import LLM, SamplingParams
+
+    r = _ktjax(["chat", "--model", str(tiny_llama_path), "--max-tokens", "4",
+                "--temperature", "0"], stdin="hi\nagain\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    llm = LLM(str(tiny_llama_path))   # the CLI's defaults
+    params = SamplingParams(max_tokens=4, temperature=0)
+    history = [{"role": "user", "content": "hi"}]
+    first = llm.chat(history, params)
+    history += [{"role": "assistant", "content": first.text},
+                {"role": "user", "content": "again"}]
+    second = llm.chat(history, params)
+    assert len(first.token_ids) == len(second.token_ids) == 4   # no EOS: a real reply each
+    assert r.stdout == f"{first.text}\n{second.text}\n"
 
 
 def test_info_and_errors(tiny_llama_path, tmp_path):

@@ -3,7 +3,8 @@ import gguf
 import numpy as np
 import pytest
 
-from reference import hf_logits, ktjax_logits
+from ktjax.gguf.reader import GGUFFile
+from reference import hf_logits, hf_model, hf_run, ktjax_logits
 from tiny_models import write_tiny_gguf
 
 T = gguf.GGMLQuantizationType
@@ -45,10 +46,20 @@ def test_gemma3_k_quants(tmp_path):
     _compare(path, 1e-4)
 
 
-def test_llama3_rope_freqs_change_logits(tmp_path):
-    """rope_freqs (llama3 scaling) divides the frequencies: same weights, different logits."""
-    plain = ktjax_logits(write_tiny_gguf(tmp_path / "a.gguf", "llama", seed=3), IDS)
-    scaled = ktjax_logits(write_tiny_gguf(tmp_path / "b.gguf", "llama", seed=3,
-                                          rope_freqs=True), IDS)
-    assert np.allclose(plain[0], scaled[0], atol=1e-5)  # position 0: rope is the identity
-    assert np.abs(plain[5:] - scaled[5:]).max() > 1e-3
+def test_llama3_rope_freqs_divide_each_frequency(tmp_path):
+    """rope_freqs (llama3-style scaling) divides RoPE frequency i by factor i, as llama.cpp
+    does: logits match transformers' Llama whose inverse frequencies are divided by the same
+    factors (its GGUF loader ignores the tensor), and differ from the undivided ones."""
+    import torch
+
+    path = write_tiny_gguf(tmp_path / "llama3.gguf", "llama", seed=3, rope_freqs=True)
+    t = GGUFFile(path).tensors["rope_freqs.weight"]
+    factors = np.frombuffer(t.data, np.float32)
+    assert factors.min() == 1 and factors.max() == 8       # a real spread of divisors
+    model = hf_model(path)
+    plain = hf_run(model, IDS)
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq / torch.from_numpy(factors.copy())
+    ours, ref = ktjax_logits(path, IDS), hf_run(model, IDS)
+    assert np.abs(ours - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert np.abs(ours[5:] - plain[5:]).max() > 1e-3      # the factors do change the logits

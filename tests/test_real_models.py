@@ -1,4 +1,6 @@
 """The two real models shipped by PyPI packages, against transformers loading the same file."""
+import re
+
 import numpy as np
 import pytest
 
@@ -79,10 +81,51 @@ def test_perplexity_matches_llama_cpp(name, host_linears, tol):
     assert abs(ppl / LLAMA_CPP_PPL[name] - 1) < tol
 
 
-@pytest.mark.parametrize("name", sorted(LLAMA_CPP_PPL))
-@pytest.mark.parametrize("rules", [None, "cpu"])
-def test_info(name, rules):
+# (layers, KV heads, head dim) of the models' published configs (HF config.json).
+PUBLISHED_KV = {"smollm2-135m": (30, 3, 64), "gemma3-270m": (18, 1, 256)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_KV))
+def test_info_memory_figures(name):
+    """`ktjax info --rules cpu`: every weight as float32 / bfloat16; the KV cache per token
+    (float32 keys and values of each layer's KV heads) and for 4 x the context; and each
+    device's memory as loading allocates it (device tensors exactly; host weights within 3%,
+    as `keep` counts the GGUF blocks, which the kernels' layouts of K-quants and 5-bit types
+    exceed by a few percent)."""
+    import jax
+
+    from ktjax import rules, weights
+    from ktjax.host.linear import weight_info
+    from ktjax.models import loader
     from ktjax.models.info import describe
-    text = describe(name, rules)
-    assert "architecture" in text and "quant mix" in text
-    assert rules is None or "host" in text
+
+    f = GGUFFile(resolve_model(name))
+    text = describe(name, "cpu")
+    m = re.search(r"weights ([\d.]+) GiB as float32 \(CPU\) / ([\d.]+) GiB as bfloat16 \(GPU\); "
+                  r"KV cache ([\d.]+) KiB per token as float32, ([\d.]+) GiB for 4 x (\d+) "
+                  r"tokens", text)
+    assert m, text
+    f32, bf16, kv_kib, pool_gib, ctx = (float(g) for g in m.groups())
+    n_params = sum(t.n_elements for t in f.tensors.values())
+    layers, kv_heads, head_dim = PUBLISHED_KV[name]
+    kv_token = layers * kv_heads * 2 * head_dim * 4
+    assert abs(f32 - n_params * 4 / 2 ** 30) <= 0.005
+    assert abs(bf16 - n_params * 2 / 2 ** 30) <= 0.005
+    assert kv_kib == kv_token / 1024
+    assert ctx == min(f.get(f"{f.architecture}.context_length"), 4096)
+    assert abs(pool_gib - 4 * ctx * kv_token / 2 ** 30) <= 0.005
+
+    m = re.search(r"memory: device ([\d.]+) MiB, host ([\d.]+) MiB", text)
+    device, host = float(m[1]), float(m[2])
+    spec = loader.inspect(f)
+    params = loader.load_params(f, spec, rules.place(f, spec.table, spec.config.n_layers,
+                                                     "cpu", "cpu"))
+    try:
+        host_bytes = sum(weight_info(h)["bytes"] for h in weights.host_handles(params))
+        device_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+    finally:
+        loader.release_host_weights(params)
+    print(f"{name}: info device {device} MiB host {host} MiB; loaded device "
+          f"{device_bytes / 2 ** 20:.2f} MiB host {host_bytes / 2 ** 20:.2f} MiB")
+    assert abs(device - device_bytes / 2 ** 20) <= 0.005
+    assert abs(host / (host_bytes / 2 ** 20) - 1) < 0.03

@@ -46,7 +46,8 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
     `expert_qtype` (default `qtype`), shared_ffn > 0 adds qwen2moe's gated shared expert.
 
     2-D weights use `qtype`; norms/biases are F32. `skip` leaves tensors out and `extra`
-    adds tensors {name: array} and `extra_kv` uint32 metadata, for bad-input tests.
+    adds or replaces tensors ({name: float32 array or (raw bytes, GGML type)}) and `extra_kv`
+    uint32 metadata, for bad-input tests.
     """
     rng = np.random.default_rng(seed)
     vocab = len(byte_level_vocab()[0])
@@ -127,7 +128,7 @@ def write_tiny_gguf(path: str | Path, arch: str = "llama", qtype: T = T.F32, *,
             vec(p + "post_attention_norm.weight", hidden)
             vec(p + "post_ffw_norm.weight", hidden)
     for name, array in (extra or {}).items():
-        tensors[name] = (array, None)
+        tensors[name] = array if isinstance(array, tuple) else (array, None)
     for name, (data, qt) in tensors.items():
         if name in skip:
             continue
