@@ -30,7 +30,6 @@ Isa active_isa() { return Isa::Amx; }
 void set_isa_override(const std::string&) {}
 const char* isa_name(Isa) { return "amx"; }
 Isa parse_isa(const std::string&) { return Isa::Amx; }
-int64_t last_level_cache_bytes() { return int64_t{32} << 20; }  // the bandwidth probe's; unused here
 bool single_stream_decode() { return false; }  // decode tiles as on the AMX host
 }  // namespace ktjax
 

@@ -11,7 +11,7 @@
 
 #include "cpu_kernels/amx/tile_config.h"
 #include "cpu_kernels/isa.h"
-#include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/roofline/roofline.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
