@@ -8,8 +8,8 @@
 // formula, except that AMX calls of >= 16 tokens on group-scaled int weights round the
 // activations to bf16 and multiply the weights dequantized to bf16 (scale * q + min, one
 // rounding): there a group's tile product has only 32 (or 16) of a tile's 64 k and its
-// int32 result needs scaling per token row, which made the int8 formula 1.5-3x slower at
-// 1024 tokens (amx/linear_amx.cpp).
+// int32 result needs scaling per token row, which left the tile unit waiting
+// (docs/kernel-notes.md#amx-linear).
 // reference_kernels gives each level's formula in scalar code; results differ from it only
 // in float summation order.
 #pragma once
