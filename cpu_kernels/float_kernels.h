@@ -18,8 +18,8 @@ struct FloatKernels {
   void (*matvec_rows)(const StackedMatvecProblem& p, int64_t r0, int64_t r1);
   // First index of the maximum of x[begin, end) (NaN first), and that value.
   void (*argmax)(const float* x, int64_t begin, int64_t end, float* best, int64_t* at);
-  // g[0:n] = act(g) * u, act SiLU or GELU (tanh form).
-  void (*gated_activation)(bool gelu, float* g, const float* u, int64_t n);
+  // g[0:n] = silu(g) * u (the MoE's gated activation).
+  void (*gated_activation)(float* g, const float* u, int64_t n);
   // acc[0:n] += w * y.
   void (*add_scaled)(float* acc, float w, const float* y, int64_t n);
 };

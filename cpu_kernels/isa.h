@@ -30,11 +30,9 @@ Isa parse_isa(const std::string& name);
 
 // Whether decode GEMVs give each thread one contiguous row range (linear.cpp's run_gemms) and
 // read long ranges as one stream, row block after row block (AMD), rather than short pieces
-// claimed in turn, several row blocks side by side with software prefetch (others). Zen 5, 2
-// threads, interleaved against the tiles: the lm_heads of SmolLM2 and Gemma 3 (pieces of 96
-// and 512 row blocks) 1.15-1.45x, [8192, 576] q4_1 (16 blocks) 0.95-1.08x, while pieces of 8
-// blocks lost up to 10% (gemm_body.h keeps them in tiles). On the AMX host (Intel) one stream
-// read 0.76-0.90x as fast as the tiles for every MoE and dense shape tried.
+// claimed in turn, several row blocks side by side with software prefetch (others): AMD's
+// prefetchers follow one long stream better, Intel's (the AMX host) read the tiles faster
+// (docs/kernel-notes.md#single-stream-decode).
 bool single_stream_decode();
 
 // Bytes of the largest CPU cache (the last level) as sysfs reports it, 32 MiB if it does not.

@@ -7,4 +7,5 @@ PYBIND11_MODULE(_native, m) {
   ktjax::bind_ffi_targets(m);
   ktjax::bind_linear(m);
   ktjax::bind_moe(m);
+  ktjax::bind_roofline(m);
 }

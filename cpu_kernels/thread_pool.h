@@ -23,11 +23,8 @@ void parallel_for_each(int64_t n, const std::function<void(int64_t begin, int64_
 
 // Like parallel_for, but in up to 8 chunks per thread, claimed as threads come free: for
 // passes over many rows of even cost, where a static split would wait for the slowest core
-// (on a shared or virtual machine, some cores run at half the speed of others). The MoE's
-// row passes on the AMX host, DeepSeek-V3 shape, 64 experts, qlen 1024, 16 threads, 6 calls
-// each: 7.3-8.8 ms per call instead of 8.7-9.5 (int8_row), 8.7-9.7 instead of 10.2-13.0
-// (bf16); whole calls, interleaved, best TOPS 1.02-1.09x in 4 runs, inside the spread of
-// A/A runs that day (0.87-1.05x).
+// (on a shared or virtual machine, some cores run at half the speed of others; figures in
+// docs/kernel-notes.md#moe-row-passes).
 void parallel_for_balanced(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 // Memory nodes the pool's threads are spread over: 1, unless workers are pinned on a machine

@@ -180,32 +180,46 @@ def test_gguf_float_types_quantize_to_int8(gtype, store):
     assert np.abs(hl.unpack_weight(h) - wf.reshape(20, 70)).max() <= np.abs(wf).max() / 127 * 0.51
 
 
-def test_ffi_linear_under_jit(store):
+def test_ffi_linear_under_jit_picks_the_scanned_layer(store):
     n = 50
-    raw = random_gguf(T.Q4_K, n, 256)
-    h = hl.pack_gguf_weight(raw, int(T.Q4_K), (n, 256))
-    store.append(h)
+    handles = []
+    for seed in (2, 3):
+        handles.append(hl.pack_gguf_weight(random_gguf(T.Q4_K, n, 256, seed=seed), int(T.Q4_K), (n, 256)))
+        store.append(handles[-1])
     x = np.random.default_rng(2).standard_normal((2, 3, 256)).astype(np.float32)
-    f = jax.jit(lambda v: hl.linear(v, h, n) * 2.0)
+
+    @jax.jit
+    def f(v):
+        def step(carry, layer):
+            return carry, hl.linear_layered(v, layer, tuple(handles), n) * 2.0
+        return jax.lax.scan(step, 0, jnp.arange(len(handles)))[1]
+
     y = np.asarray(f(jnp.asarray(x)))
-    assert y.shape == (2, 3, n)
-    direct = hl.linear_forward(x.reshape(6, 256), h)
-    np.testing.assert_array_equal(y.reshape(6, n), direct * 2.0)
+    assert y.shape == (2, 2, 3, n)
+    for i, h in enumerate(handles):
+        np.testing.assert_array_equal(y[i].reshape(6, n), hl.linear_forward(x.reshape(6, 256), h) * 2.0)
 
 
 def test_ffi_linear_errors(store):
     h = hl.pack_float_weight(np.ones((8, 64), np.float32))
     store.append(h)
+
+    def call(v, handles=(h,), n=8, layer=0):
+        f = jax.jit(lambda v: hl.linear_layered(v, jnp.int32(layer), handles, n))
+        return f(v).block_until_ready()
+
     with pytest.raises(Exception, match="in_features"):
-        jax.jit(lambda v: hl.linear(v, h, 8))(jnp.ones((2, 63), jnp.float32)).block_until_ready()
+        call(jnp.ones((2, 63), jnp.float32))
     with pytest.raises(Exception, match="dtype"):
-        jax.jit(lambda v: hl.linear(v, h, 8))(jnp.ones((2, 64), jnp.bfloat16)).block_until_ready()
+        call(jnp.ones((2, 64), jnp.bfloat16))
     with pytest.raises(Exception, match="out_features"):
-        jax.jit(lambda v: hl.linear(v, h, 9))(jnp.ones((2, 64), jnp.float32)).block_until_ready()
+        call(jnp.ones((2, 64), jnp.float32), n=9)
     with pytest.raises(Exception, match="NaN or Inf"):
-        jax.jit(lambda v: hl.linear(v, h, 8))(jnp.full((1, 64), jnp.inf)).block_until_ready()
+        call(jnp.full((1, 64), jnp.inf))
     with pytest.raises(Exception, match="unknown or released weight handle 987654"):
-        jax.jit(lambda v: hl.linear(v, 987654, 8))(jnp.ones((1, 64))).block_until_ready()
+        call(jnp.ones((1, 64)), handles=(987654,))
+    with pytest.raises(Exception, match="index 1 outside the 1 handles"):
+        call(jnp.ones((1, 64)), layer=1)
 
 
 def test_store_handles_and_bad_input():

@@ -27,28 +27,23 @@ from test_host_linear import random_gguf
 T = gguf.GGMLQuantizationType
 
 
-def act_fn(g, activation):
-    if activation == "silu":
-        return g * 0.5 * (1 + np.tanh(g / 2))  # g * sigmoid(g), overflow-free
-    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+def silu(g):
+    return g * 0.5 * (1 + np.tanh(g / 2))  # g * sigmoid(g), overflow-free
 
 
-def numpy_moe(x, ids, wts, gate, up, down, activation="silu", shared=None, absolute=False):
+def numpy_moe(x, ids, wts, gate, up, down, absolute=False):
     x = np.abs(x) if absolute else x
     f = (lambda v: np.abs(v)) if absolute else (lambda v: v)
     out = np.zeros(x.shape, np.float64)
 
     def expert(g, u, d, xr):
-        h = act_fn(xr @ g.T, activation) * (xr @ u.T)
+        h = silu(xr @ g.T) * (xr @ u.T)
         return (np.abs(h) if absolute else h) @ f(d).T
 
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = ids[t, j]
             out[t] += f(wts[t, j]) * expert(f(gate[e]), f(up[e]), down[e], x[t])
-        if shared is not None:
-            for g, u, d in zip(*shared):
-                out[t] += expert(f(g), f(u), d, x[t])
     return out
 
 
@@ -71,8 +66,7 @@ def check(y, ref, bound, rtol):
 
 @pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 4, 33])
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_moe_float_formats(fmt, tokens, activation, store):
+def test_moe_float_formats(fmt, tokens, store):
     rng = np.random.default_rng(tokens)
     E, H, I, k = 6, 96, 80, 2
     gate, up = (rng.standard_normal((E, I, H), dtype=np.float32) * 0.2 for _ in range(2))
@@ -82,19 +76,19 @@ def test_moe_float_formats(fmt, tokens, activation, store):
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     ids, wts = routing(rng, tokens, E, k)
     g, u, d = unpack_set(h, E)
-    ref64 = numpy_moe(x, ids, wts, g, u, d, activation)
-    bound = numpy_moe(x, ids, wts, g, u, d, activation, absolute=True)
-    ref = hm.moe_reference(x, ids, wts, h, activation=activation)
+    ref64 = numpy_moe(x, ids, wts, g, u, d)
+    bound = numpy_moe(x, ids, wts, g, u, d, absolute=True)
+    ref = hm.moe_reference(x, ids, wts, h)
     check(ref, ref64, bound, 0.03)
     for isa in SIMD_ISAS:
-        y = hm.moe_forward(x, ids, wts, h, activation=activation, isa=isa)
-        check(y, hm.moe_reference(x, ids, wts, h, activation=activation, like=isa), bound, 1e-4)
+        y = hm.moe_forward(x, ids, wts, h, isa=isa)
+        check(y, hm.moe_reference(x, ids, wts, h, like=isa), bound, 1e-4)
         check(y, ref64, bound, 0.03)
 
 
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0), (T.Q4_0, T.Q5_1), (T.Q2_K, T.Q3_K)],
                          ids=lambda p: f"{p[0].name}-{p[1].name}")
-def test_moe_gguf_with_shared_expert(types, store):
+def test_moe_gguf(types, store):
     rng = np.random.default_rng(3)
     gu_type, d_type = types
     E, H, I, k, tokens = 5, 256, 256, 3, 17
@@ -103,36 +97,49 @@ def test_moe_gguf_with_shared_expert(types, store):
     down = random_gguf(d_type, E * H, I, seed=3)
     h = hm.pack_experts_gguf((gate, gu_type), (up, gu_type), (down, d_type), E, H, I)
     store.append(h)
-    sh = hm.pack_experts_gguf((random_gguf(gu_type, I, H, seed=4), gu_type),
-                              (random_gguf(gu_type, I, H, seed=5), gu_type),
-                              (random_gguf(d_type, H, I, seed=6), d_type), 1, H, I)
-    store.append(sh)
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     ids, wts = routing(rng, tokens, E, k)
     g, u, d = unpack_set(h, E)
-    shared = unpack_set(sh, 1)
-    ref64 = numpy_moe(x, ids, wts, g, u, d, shared=shared)
-    bound = numpy_moe(x, ids, wts, g, u, d, shared=shared, absolute=True)
-    ref = hm.moe_reference(x, ids, wts, h, shared_handle=sh)
+    ref64 = numpy_moe(x, ids, wts, g, u, d)
+    bound = numpy_moe(x, ids, wts, g, u, d, absolute=True)
+    ref = hm.moe_reference(x, ids, wts, h)
     check(ref, ref64, bound, 0.03)
     for isa in SIMD_ISAS:
-        y = hm.moe_forward(x, ids, wts, h, shared_handle=sh, isa=isa)
-        check(y, hm.moe_reference(x, ids, wts, h, shared_handle=sh, like=isa), bound, 1e-4)
+        y = hm.moe_forward(x, ids, wts, h, isa=isa)
+        check(y, hm.moe_reference(x, ids, wts, h, like=isa), bound, 1e-4)
         check(y, ref64, bound, 0.03)
 
 
-def test_moe_ffi_under_jit(store):
+def test_moe_ffi_under_jit_picks_the_scanned_layer(store):
     rng = np.random.default_rng(5)
     E, H, I, k, tokens = 4, 64, 32, 2, 7
-    gate, up = (rng.standard_normal((E, I, H), dtype=np.float32) for _ in range(2))
-    down = rng.standard_normal((E, H, I), dtype=np.float32)
-    h = hm.pack_experts_float(gate, up, down, "int8")
-    store.append(h)
+    layers = []
+    for fmt in ("int8", "int4"):
+        gate, up = (rng.standard_normal((E, I, H), dtype=np.float32) for _ in range(2))
+        down = rng.standard_normal((E, H, I), dtype=np.float32)
+        layers.append(hm.pack_experts_float(gate, up, down, fmt))
+        store.append(layers[-1])
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     ids, wts = routing(rng, tokens, E, k)
-    f = jax.jit(lambda a, b, c: hm.moe(a, b, c, h) + 1.0)
+
+    @jax.jit
+    def f(a, b, c):
+        def step(carry, layer):
+            return carry, hm.moe_layered(a, b, c, layer, tuple(layers)) + 1.0
+        return jax.lax.scan(step, 0, jnp.arange(len(layers)))[1]
+
     y = np.asarray(f(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(wts)))
-    np.testing.assert_array_equal(y, hm.moe_forward(x, ids, wts, h) + 1.0)
+    for i, h in enumerate(layers):
+        np.testing.assert_array_equal(y[i], hm.moe_forward(x, ids, wts, h) + 1.0)
+
+
+def test_moe_with_no_expert_per_token_sums_to_zero(store):
+    rng = np.random.default_rng(8)
+    E, H, I = 3, 32, 32
+    h = hm.pack_experts_float(*(rng.standard_normal(s, dtype=np.float32) for s in [(E, I, H), (E, I, H), (E, H, I)]))
+    store.append(h)
+    y = hm.moe_forward(np.ones((2, H), np.float32), np.zeros((2, 0), np.int32), np.zeros((2, 0), np.float32), h)
+    np.testing.assert_array_equal(y, np.zeros((2, H), np.float32))
 
 
 def test_moe_bad_input(store):
@@ -157,10 +164,13 @@ def test_moe_bad_input(store):
         hm.moe_forward(x, ids % 3, wts, 99999)
     with pytest.raises(KernelError, match="x must be"):
         hm.moe_forward(np.ones((2, H + 1), np.float32), ids % 3, wts, h)
-    f = jax.jit(lambda a, b, c: hm.moe(a, b, c, h))
+    f = jax.jit(lambda a, b, c: hm.moe_layered(a, b, c, jnp.int32(0), (h,)))
     with pytest.raises(Exception, match="out of range"):
         f(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(wts)).block_until_ready()
     with pytest.raises(Exception, match="expected dtype int32"):
         f(jnp.asarray(x), jnp.asarray(ids, jnp.float32), jnp.asarray(wts)).block_until_ready()
     with pytest.raises(Exception, match="hidden size"):
         f(jnp.ones((2, H + 1)), jnp.asarray(ids % 3), jnp.asarray(wts)).block_until_ready()
+    with pytest.raises(Exception, match="index 1 outside the 1 handles"):
+        jax.jit(lambda a, b, c: hm.moe_layered(a, b, c, jnp.int32(1), (h,)))(
+            jnp.asarray(x), jnp.asarray(ids % 3), jnp.asarray(wts)).block_until_ready()

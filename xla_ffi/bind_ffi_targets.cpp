@@ -12,11 +12,8 @@ void bind_ffi_targets(py::module_& m) {
       "ffi_targets",
       [] {
         py::dict targets;
-        targets["ktjax_rms_norm_f32"] = py::capsule(reinterpret_cast<void*>(&KtjaxRmsNormF32));
-        targets["ktjax_linear"] = py::capsule(reinterpret_cast<void*>(&KtjaxLinear));
         targets["ktjax_linear_layered"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayered));
-        targets["ktjax_moe"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoe));
         targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayered));
         targets["ktjax_paged_attention"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxPagedAttention));

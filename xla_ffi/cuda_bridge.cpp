@@ -105,12 +105,10 @@ ffi::Error bridge(CuStream stream, std::initializer_list<Staged*> inputs, Staged
 
 ffi::Error moe_layered_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer ids,
                             ffi::AnyBuffer weights, ffi::AnyBuffer layer,
-                            ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> handles,
-                            ffi::Span<const int64_t> shared_handles, int32_t activation) {
+                            ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> handles) {
   Staged xh(x), idsh(ids), wh(weights), lh(layer), res(*out);
   return bridge(stream, {&xh, &idsh, &wh, &lh}, res, [&] {
-    return moe_layered_ffi(xh.host(), idsh.host(), wh.host(), lh.host(), res.host(), handles,
-                           shared_handles, activation);
+    return moe_layered_ffi(xh.host(), idsh.host(), wh.host(), lh.host(), res.host(), handles);
   });
 }
 

@@ -5,15 +5,11 @@
 
 namespace ktjax {
 
-// ktjax_rms_norm_f32: x f32[..., H], w f32[H], attr eps: f32 -> f32 like x.
-extern "C" XLA_FFI_Error* KtjaxRmsNormF32(XLA_FFI_CallFrame* call_frame);
-// ktjax_linear: x f32[..., K], attr handle: int64 -> f32[..., N] (xla_ffi/linear_ffi.cpp).
-extern "C" XLA_FFI_Error* KtjaxLinear(XLA_FFI_CallFrame* call_frame);
-// ktjax_linear_layered: x f32[..., K], layer s32[], attr handles: int64[L] -> f32[..., N].
+// ktjax_linear_layered: x f32[..., K], layer s32[], attr handles: int64[L] -> f32[..., N]
+// (xla_ffi/linear_ffi.cpp).
 extern "C" XLA_FFI_Error* KtjaxLinearLayered(XLA_FFI_CallFrame* call_frame);
-// ktjax_moe: x f32[T, H], ids s32[T, k], weights f32[T, k] -> f32[T, H] (xla_ffi/moe_ffi.cpp).
-extern "C" XLA_FFI_Error* KtjaxMoe(XLA_FFI_CallFrame* call_frame);
-// ktjax_moe_layered: ktjax_moe + layer s32[], attrs handles/shared_handles int64[L] (moe_layered_ffi.cpp).
+// ktjax_moe_layered: x f32[T, H], ids s32[T, k], weights f32[T, k], layer s32[], attr
+// handles: int64[L] -> f32[T, H] (xla_ffi/moe_ffi.cpp).
 extern "C" XLA_FFI_Error* KtjaxMoeLayered(XLA_FFI_CallFrame* call_frame);
 // ktjax_paged_attention: host paged attention (xla_ffi/attention_ffi.cpp lists operands).
 extern "C" XLA_FFI_Error* KtjaxPagedAttention(XLA_FFI_CallFrame* call_frame);

@@ -13,8 +13,7 @@ namespace ktjax {
 xla::ffi::Error moe_layered_ffi(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer ids,
                                 xla::ffi::AnyBuffer weights, xla::ffi::AnyBuffer layer,
                                 xla::ffi::Result<xla::ffi::AnyBuffer> out,
-                                xla::ffi::Span<const int64_t> handles,
-                                xla::ffi::Span<const int64_t> shared_handles, int32_t activation);
+                                xla::ffi::Span<const int64_t> handles);
 
 xla::ffi::Error linear_layered_ffi(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer layer,
                                    xla::ffi::Result<xla::ffi::AnyBuffer> y,
@@ -29,9 +28,7 @@ auto bind_moe_layered(Binding b) {
       .template Arg<xla::ffi::AnyBuffer>()  // expert_weights
       .template Arg<xla::ffi::AnyBuffer>()  // layer: s32 scalar
       .template Ret<xla::ffi::AnyBuffer>()  // out
-      .template Attr<xla::ffi::Span<const int64_t>>("handles")
-      .template Attr<xla::ffi::Span<const int64_t>>("shared_handles")
-      .template Attr<int32_t>("activation");
+      .template Attr<xla::ffi::Span<const int64_t>>("handles");
 }
 
 template <class Binding>

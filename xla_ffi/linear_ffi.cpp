@@ -1,8 +1,6 @@
-// ktjax_linear: y f32[..., N] = x f32[..., K] @ W^T, W a packed weight of the native store
-// referenced by the int64 attribute `handle`.
-// ktjax_linear_layered: the same with one handle per layer in the attribute `handles` and the
-// layer picked by an s32 scalar operand, so one call site serves every iteration of a
-// lax.scan over layers.
+// ktjax_linear_layered: y f32[..., N] = x f32[..., K] @ W^T, W a packed weight of the native
+// store: one handle per layer in the attribute `handles`, the layer picked by an s32 scalar
+// operand, so one call site serves every iteration of a lax.scan over layers.
 #include <exception>
 #include <string>
 
@@ -63,11 +61,5 @@ ffi::Error linear_layered_ffi(ffi::AnyBuffer x, ffi::AnyBuffer layer,
 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinearLayered, linear_layered_ffi, bind_linear_layered(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxLinear, linear_ffi,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attr<int64_t>("handle"));
 
 }  // namespace ktjax

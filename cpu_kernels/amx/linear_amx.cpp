@@ -9,20 +9,10 @@
 //    16 rows of 64 bytes per K step); TDPBF16PS / TDPBSUD, C scaled once at the end.
 //  * group-scaled int8 / int4: each slab of the weight is first dequantized to bf16 B tiles
 //    in a per-thread buffer (scale * q + min, once per call, however many tokens), then
-//    multiplied with bf16 activations like bf16 weights (see linear.h). It replaced one
-//    TDPBSSD / TDPBSUD per group with the scales applied per token row in AVX-512: a
-//    group's product had K = 32 (or 16) of a tile's 64, and the vector work per row and
-//    group only partly overlapped it. MoE against that kernel, interleaved on the AMX host:
-//    DeepSeek-V3 shape, 64 experts, qlen 1024: Q8_0 1.55-1.56x, Q4_K 1.91-1.97x, Q6_K
-//    2.5-3.3x (Q4_0 1.5-2.0x in an earlier call); qlen 256: 1.02-1.08x, 1.10-1.17x,
-//    1.48-1.51x; Qwen3-30B-A3B shape, 32 experts, qlen 1024: Q4_K 1.44-1.57x, Q6_K
-//    2.14-2.19x; qlen 128 (32 tokens per expert): Q4_K 0.98-1.00x, Q6_K 1.19-1.22x.
-//    Dequantizing the next slab tile by tile between the current slab's K steps (two slab
-//    buffers, packed weights prefetched two slabs ahead), so that the vector units would work
-//    while the tile unit multiplies, was slower: MoE, DeepSeek-V3 shape, 64 experts,
-//    interleaved, two runs (16 cores, one thread each): Q4_K qlen 256 0.79-0.94x, qlen 1024
-//    0.87-1.07x, Q6_K qlen 256 0.82-1.06x, Q8_0 qlen 1024 0.80-1.00x; with slabs of half the
-//    row blocks 0.73-0.98x.
+//    multiplied with bf16 activations like bf16 weights (see linear.h). One int8 product per
+//    group instead fills only 32 (or 16) of a tile's 64 k and needs its int32 result scaled
+//    per token row in AVX-512, which the tile unit waits for.
+//    Figures, and the overlapped dequantization that lost: docs/kernel-notes.md#amx-linear.
 //
 // Built with -DKTJAX_AMX_EMULATE (tests only), the tile instructions run in software.
 #include <immintrin.h>
@@ -50,13 +40,6 @@ constexpr int kAmxMinTokens = 16;
 // of K accumulates in int32). A K step is 64 bytes of each token row (32 bf16 or 64 int8)
 // against the 1 KiB B tile of a row block. Tiles 0-3 = C (token block i,
 // row block j at 2i + j), 4-5 = A, 6-7 = B: a step loads 4 tiles for 4 tile products.
-// Loops that never make a load wait for a product reading its tile lost here with many
-// token blocks (two gain: token_pair_row_block), though scripts/amx_peak.cpp's double-buffered
-// 2x1 beat this loop there (33.1 against 26.7 TOPS, 16 threads, A in L1, B in L2). MoE,
-// DeepSeek-V3 shape, 64 experts, qlen 1024 (128 tokens per expert on average), interleaved
-// against this loop: that 2x1 (C 0-1, A 2-3 / 5-6 and B 4 / 7 by alternate K steps) int8_row
-// 0.79-0.91x, bf16 0.87-0.99x, Q4_K 0.85-0.95x; 3x1 with B double-buffered (C 0-2, A 3-5,
-// B 6 / 7; A chunks of 10 or 6 steps) 0.62-0.99x.
 // Every tile load must hit L1 or L2 (a tile load that misses L2 stalls the products behind
 // it), so per thread and call (one core: L1 48 KiB, L2 2 MiB):
 //  * B: the call's row blocks go in slabs, a slab being some row blocks' panels over a K
@@ -65,43 +48,19 @@ constexpr int kAmxMinTokens = 16;
 //    slab computes;
 //  * A: a token pair's tiles go in chunks of about kChunkSteps K steps (2 x 16 KiB) that
 //    stay in L1 while the slab's row pairs use them (A is shared by the threads and comes
-//    from L3 or L2 once per slab; software prefetch of it measured no gain). B tiles, used
-//    once per token pair, load with the streaming hint (TILELOADDT1) so they do not evict
-//    the A chunk from L1: one thread, [2048, 7168] x 1024 tokens int8_row, 1.82-1.91 TOPS
-//    vs 1.63-1.71 with plain loads, interleaved in two runs; MoE, DeepSeek-V3 shape, 64
-//    experts, 16 threads, int8_row and Q4_K at qlen 256 and 1024, two runs: plain loads'
-//    best TOPS 0.92-1.04x, below in 7 of 8 (scripts/ab_moe.py), though amx_peak's bare loop
-//    favoured them on the same day's hosts (27.8 vs 22.4 TOPS). Tried and dropped (MoE,
-//    DeepSeek-V3 shape, 64 experts, qlen 1024, interleaved): prefetching B into L1 a few
-//    steps ahead (no gain with prefetcht0, slower with prefetchnta; in scripts/amx_peak.cpp's
-//    loop 23.3 and 40.7 TOPS against 31.3 and 41.2 with streamed B loads alone, two hosts),
-//    chunks of 32 steps (slower), chunks of all of K, A from L2 with no C round trips (no
-//    gain), the slab prefetch thinned to one line in 2, 4 or 16, or none, and the weights on
-//    transparent huge pages (each 0.75-1.16x, no consistent gain);
+//    from L3 or L2 once per slab). B tiles, used once per token pair, load with the
+//    streaming hint (TILELOADDT1) so they do not evict the A chunk from L1;
 //  * C: 4 tiles in registers over a chunk; between chunks they wait in a per-thread buffer,
 //    the homes (L1 / L2), so y is written once, final.
 // A slab spans all of K when its panels fit, and then the homes hold one token pair's C.
 // With large K that leaves few row pairs (bf16, K 7168: one row block's panel is 224 KiB,
 // so 2 row blocks), and each A chunk would serve only those before it leaves L1. So a slab
 // has at least as many row blocks as homes of kHomeBytes can hold for all token blocks (at
-// most kMaxSlabBlocks), over a K range cut to fit kSlabBytes. 16 threads over 64 (4, 8)
-// DeepSeek-V3 gate matrices, builds with and without K ranges interleaved over 3 rounds:
-// bf16 at 128 tokens 6.6-7.9 TFLOPS vs 4.5-5.1, at 1024 tokens 8.4-9.5 vs 6.4-7.7;
-// int8_row at 128 tokens 10.1-14.9 TOPS vs 9.9-11.7, at 1024 within noise. At most 16 row
-// blocks instead of 32 (bf16 down projection: slabs of 16 row blocks x 32 K steps, not
-// 32 x 16) cut a timed MoE's down phase (64 experts, qlen 1024) to 38-44 ms from 51-63 in
-// two runs, but whole calls interleaved did not follow: best TOPS bf16 1.00x, int8_row
-// 0.89x, Q4_K 1.03-1.04x. Nor did 16 row blocks in slabs of 512 KiB: the gemm alone with
-// every size interleaved per round (one core, and 16 cores on weights of their own) gained
-// 1.03-1.22x in median in all 10 cases (int8_row and bf16, gate and down shapes, 32 and 128
-// tokens), but whole MoE calls (64 experts, qlen 256 and 1024) against two builds of this
-// one moved within those builds' own spread: best TOPS int8_row 0.90-0.96x, bf16
-// 0.99-1.13x, Q4_K 0.98x.
-// Memory is not what these sizes trade: with 128 tokens per expert the MoE ran as fast on
-// 64 experts streamed from memory as on 2-4 held in L3 (int8_row 11.1-12.8 vs 12.0-12.5
-// TOPS, bf16 5.5-6.5 vs 6.2-7.0 TFLOPS), so the loop is bound inside the core.
-// Tile rows must not straddle cache lines (QuantActs and the homes are 64-byte aligned):
-// unaligned, the 2x2 loop ran at 0.41x on 16 threads (scripts/amx_peak.cpp).
+// most kMaxSlabBlocks), over a K range cut to fit kSlabBytes.
+// Tile rows must not straddle cache lines (QuantActs and the homes are 64-byte aligned).
+// The loop is bound inside the core, not by memory. The sizes below were measured against
+// their alternatives, as were other tile schedules and prefetches that lost:
+// docs/kernel-notes.md#amx-linear.
 constexpr int64_t kSlabBytes = int64_t{768} << 10;
 constexpr int64_t kHomeBytes = int64_t{512} << 10;
 constexpr int64_t kMaxSlabBlocks = 32;
@@ -258,10 +217,8 @@ void full_k_block(FullK& f, int64_t tb, int64_t rb, int64_t s0, int64_t s1) {
 // A call of exactly two token blocks (17-32 tokens: most experts of DeepSeek-V3's 256 at
 // qlen 1024) takes its row blocks one at a time instead of in pairs: C tiles 0-1, A 4-5, and
 // B in tiles 6 and 7 by alternate K steps, so a B load never waits for the product still
-// reading the previous B tile. MoE, DeepSeek-V3 shape, 64 experts, qlen 256 (32 tokens per
-// expert on average), against the 2x2 block interleaved on the AMX host, two runs of 4
-// rounds: bf16 1.00-1.10x, Q4_K 1.02-1.23x, int8_row 0.95-1.08x, Q6_K 0.98-1.04x (one run).
-// One token block the same way: 0.97-1.11x, not taken.
+// reading the previous B tile (docs/kernel-notes.md#amx-linear; one token block the same way
+// did not pay).
 template <bool kBf16>
 void token_pair_row_block(FullK& f, int64_t rb, int64_t s0, int64_t s1) {
   const bool first = s0 == 0, last = s1 == f.steps;

@@ -1,7 +1,8 @@
 // The AMX compute roofline of this machine, measured: every pool thread issuing int8 tile
 // products back to back, no loads (int8 TOPS). Benchmarks report AMX prefill against it from
-// the same run: on a shared host it moves between instances (16 threads: 38.9 TOPS on one,
-// 84.8 on another; scripts/amx_peak.cpp breaks it down by where the operands live).
+// the same run: on a shared host it moves between instances by 2x
+// (docs/kernel-notes.md#amx-roofline; scripts/amx_peak.cpp breaks it down by where the
+// operands live).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -11,7 +12,7 @@
 
 #include "cpu_kernels/amx/tile_config.h"
 #include "cpu_kernels/isa.h"
-#include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/roofline/roofline.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {

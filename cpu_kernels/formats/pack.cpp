@@ -325,12 +325,9 @@ struct TypeInfo {
 };
 
 // 5- and 6-bit types keep their width (int4 + bit planes): as int8 they read 1.4-1.5x (Q5_*)
-// and 1.2x (Q6_K) the bytes. Against int8, interleaved: DeepSeek-V3-shape MoE on the AMX host,
-// qlen 1: Q5_K 1.45-1.49x, Q6_K 1.09-1.20x; qlen 32: 1.08-1.11x, 0.88-0.97x (adding the
-// planes per token tile costs Q6_K more than its bytes save); qlen 1024: 0.94-1.07x.
-// Gemma 3 270M (Q5_0 layers), 2-core Zen 5: decode 1.04-1.09x, prefill 0.92-0.95x, which
-// prefill tiles that unpack the planes once (gemm_body.h, unpack_min_tiles) turned into
-// 1.07-1.28x over that.
+// and 1.2x (Q6_K) the bytes, which bandwidth-bound decode pays for; prefill recovers the
+// planes' cost by unpacking them once per token block (gemm_body.h, unpack_min_tiles).
+// Figures against int8: docs/kernel-notes.md#bit-planes.
 const TypeInfo kTypes[] = {
     {GgmlType::Q8_0, 32, 34, WeightKind::Int8, 32, false, false, 0},
     {GgmlType::Q4_0, 32, 18, WeightKind::Int4, 32, false, true, 0},

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -139,17 +140,15 @@ void bind_linear(py::module_& m) {
           throw std::invalid_argument("time_linear: need weights and x [T, K]");
         std::vector<float> y(static_cast<size_t>(x.shape(0) * mats[0]->n));
         const Isa level = isa_arg(isa);
+        const float* xp = x.data();
+        const int64_t t = x.shape(0);
         py::gil_scoped_release nogil;
-        return time_linear(mats, x.data(), x.shape(0), y.data(), level, iters);
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) linear_forward(*mats[i % mats.size()], xp, t, y.data(), level);
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
       },
       py::arg("handles"), py::arg("x"), py::arg("isa"), py::arg("iters"),
       "Seconds per linear call, rotating over the handles (benchmarks).");
-  m.def("read_bandwidth_gbps", &read_bandwidth_gbps, py::arg("bytes") = 0, py::arg("reps") = 5,
-        py::call_guard<py::gil_scoped_release>(),
-        "Read bandwidth of all pool threads, GB/s (bytes 0: 1 GiB and 8x the last-level cache at least).");
-  m.def("amx_tile_peak_tops", &amx_tile_peak_tops, py::arg("products") = 1 << 20, py::arg("reps") = 3,
-        py::call_guard<py::gil_scoped_release>(),
-        "AMX int8 TOPS of all pool threads issuing tile products with no loads (RuntimeError without AMX).");
 }
 
 }  // namespace ktjax

@@ -220,15 +220,9 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
 
 // How many token tiles must read the same int4 weights with bit planes for unpacking them once
 // (into this thread's scratch) to beat unpacking them in every tile: 2 planes (6-bit) from 2
-// tiles, 1 plane (5-bit) from 4. Plain int4 never does (0.84-0.97x at 32 tokens): its nibbles
-// take fewer instructions to unpack than their bytes take to load. Since the unpacked tiles
-// stopped prefetching the packed records, half the earlier thresholds (4 and 8 tiles) pay.
-// Interleaved MoE (scripts/ab_moe.py), two runs, tokens per expert on average: Zen 5, 2
-// threads, Qwen3-30B-A3B shape, 16 experts: Q6_K at 8 tokens 1.02-1.06x, 16 tokens
-// 1.10-1.11x; Q5_K at 16 tokens 1.06-1.12x, 32 tokens 1.10-1.19x. AMX host with AVX-512
-// forced, DeepSeek-V3 shape, 64 experts, 16 threads, best TOPS: Q6_K at 8 tokens 1.03x, 16
-// tokens 1.05-1.06x; Q5_K at 16 tokens 1.08-1.17x, 32 tokens 1.13-1.15x. Halving them again
-// lost (Zen 5: Q6_K at 4 tokens 0.76-0.98x, Q5_K at 8 tokens 0.89-0.93x).
+// tiles, 1 plane (5-bit) from 4. Plain int4 never does: its nibbles take fewer instructions
+// to unpack than their bytes take to load. Measured thresholds, on Zen 5 and the AMX host:
+// docs/kernel-notes.md#int4-unpack-once.
 inline int64_t unpack_min_tiles(const PackedWeight& w) { return w.hi_bits >= 2 ? 2 : 4; }
 
 // Tokens [t0, t1) over row blocks [rb0, rb0 + RB): token tiles of V::kTT, then the tail.

@@ -2,9 +2,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <memory>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -60,9 +57,8 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
                               : reinterpret_cast<const uint8_t*>(src.q.data());
   uint8_t* d = src.bf16 ? reinterpret_cast<uint8_t*>(dst->bf.data()) : reinterpret_cast<uint8_t*>(dst->q.data());
   // A row's 64-byte pieces lie 64 bytes apart row-major, 1 KiB apart tiled. Whole pieces
-  // copy with a constant size (inlined moves, not a memcpy call each): the MoE's gather of
-  // DeepSeek-V3-shape rows, qlen 1024 x top-8, took 2.3-2.7 ms instead of 3.1-4.7 (int8_row)
-  // and 4.6-5.1 instead of 6.0-7.6 (bf16), runs interleaved on the AMX host.
+  // copy with a constant size: inlined moves, not a memcpy call each, which the MoE's gather
+  // of thousands of rows felt (docs/kernel-notes.md#moe-gather).
   s += src.offset(r, 0);
   d += dst->offset(i, 0);
   const int64_t n = src.row_bytes(), ss = src.tiled ? 1024 : 64, ds = dst->tiled ? 1024 : 64;
@@ -102,28 +98,17 @@ void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, 
 }
 
 // Pieces claimed in memory order rather than one contiguous share per thread, so the threads
-// read neighbouring memory (see read_bandwidth_gbps): dense layers on the AMX host ran
-// 1.06-1.39x faster at T = 1, 1.04-1.65x at T = 128 and 1024 (interleaved A/B).
-// About kPiecesPerThread pieces per thread, so the last pieces claimed leave a short tail.
-// At least kMinPieceBlocks row blocks each where that still leaves kMinPiecesPerThread
-// pieces per thread: a piece keeps its A chunks for several row pairs (AMX), while a single
-// dense matrix must still fill the pool. qlen 1024, 16 threads on the AMX host, time vs 4
-// pieces per thread (no minimum), interleaved pairs: DeepSeek-V3 shape, 64 experts: bf16
-// -4% to -25% in 5 of 5, int8_row -9%, +15%, 0%; 8 experts: bf16 -15%, -6%, +3%, int8_row
-// -1%, +15%, +16%; Qwen3-30B-A3B shape, 32 experts: int8_row -8% to -17% in 3 of 3, bf16
-// -6%, -6%, +6%. Decode (one token per job) has no A chunks to keep: its pieces need only
-// the decode tile's 4 row blocks, and shorter pieces shorten the tail (qlen 1, interleaved:
-// Qwen3-30B-A3B shape int8 +7%, int4 +2-4%; DeepSeek-V3 shape unchanged). Where one long
-// stream reads best (single_stream_decode), decode gives each thread one contiguous range
-// instead: short pieces claimed in turn cut every thread's stream where the prefetchers
-// must find it again. Zen 5, 2 threads, 5 rounds interleaved against 4-block pieces:
-// SmolLM2 and Gemma 3 q, kv and gate_up GEMVs 1.03-1.37x, down and o 0.97-1.19x, lm_heads
-// 1.02-1.09x; decode of SmolLM2 1.07-1.18x, of Gemma 3 1.00-1.02x (3 pairs).
-// A long dense call cut into token panels of at most 128 (one job each, so a piece reuses a
-// panel's A from L2 rather than all of A from L3) was not taken: AMX host, 16 threads, T 256
-// and 1024, 3 rounds interleaved: [2048, 7168] (8 row blocks per thread) bf16 1.04-1.24x,
-// int8_row 0.98-1.19x, Q4_K 0.90-1.05x; [14336, 4096] int8_row 0.75-0.89x, bf16 at T 1024
-// 0.67-0.76x (each panel streams the weights again).
+// read neighbouring memory, which the memory system serves faster, and a stalled thread
+// holds up no one. About kPiecesPerThread pieces per thread, so the last pieces claimed
+// leave a short tail. At least kMinPieceBlocks row blocks each where that still leaves
+// kMinPiecesPerThread pieces per thread: a piece keeps its A chunks for several row pairs
+// (AMX), while a single dense matrix must still fill the pool. Decode (one token per job)
+// has no A chunks to keep: its pieces need only the decode tile's 4 row blocks, and shorter
+// pieces shorten the tail. Where one long stream reads best (single_stream_decode), decode
+// gives each thread one contiguous range instead: short pieces claimed in turn cut every
+// thread's stream where the prefetchers must find it again.
+// Figures, and the token panels for long dense calls that lost:
+// docs/kernel-notes.md#run-gemms.
 constexpr int64_t kPiecesPerThread = 16, kMinPiecesPerThread = 4, kMinPieceBlocks = 16,
                   kMinDecodePieceBlocks = 4;
 
@@ -192,44 +177,6 @@ void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs) {
       start = end;
     }
   });
-}
-
-double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,
-                   float* y, Isa isa, int iters) {
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) linear_forward(*mats[i % mats.size()], x, t, y, isa);
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
-}
-
-double read_bandwidth_gbps(int64_t bytes, int reps) {
-  if (bytes <= 0) bytes = std::max(int64_t{1} << 30, 8 * last_level_cache_bytes());
-  // Pieces of 2 MiB claimed in order by the pool's threads, as the kernels claim row blocks:
-  // on the AMX host 16 threads reading one equal share each of 4 GiB read 95-105 GB/s, and
-  // 131-146 claiming pieces in order (with 1 to 8 streams per piece).
-  constexpr int64_t kPieceWords = 1 << 18;
-  const int64_t pieces = std::max<int64_t>(1, bytes / 8 / kPieceWords), words = pieces * kPieceWords;
-  std::unique_ptr<uint64_t, AlignedFree> buf(static_cast<uint64_t*>(std::aligned_alloc(64, words * 8)));
-  if (!buf) throw std::bad_alloc();
-  std::memset(buf.get(), 1, words * 8);
-  const uint64_t* p = buf.get();
-  std::atomic<uint64_t> sink{0};  // keeps the sums live
-  const bool vector = detected_isa() >= Isa::Avx2;
-  double best = 0;
-  for (int r = 0; r < reps; ++r) {
-    const auto start = std::chrono::steady_clock::now();
-    parallel_for_each(pieces, [&](int64_t b, int64_t e) {
-      uint64_t s = 0;
-      if (vector) {
-        s = sum_words_avx2(p + b * kPieceWords, (e - b) * kPieceWords);
-      } else {
-        for (int64_t i = b * kPieceWords; i < e * kPieceWords; ++i) s += p[i];
-      }
-      sink.fetch_add(s, std::memory_order_relaxed);
-    });
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, static_cast<double>(words * 8) / s / 1e9);
-  }
-  return best;
 }
 
 }  // namespace ktjax

@@ -8,8 +8,8 @@
 // formula, except that AMX calls of >= 16 tokens on group-scaled int weights round the
 // activations to bf16 and multiply the weights dequantized to bf16 (scale * q + min, one
 // rounding): there a group's tile product has only 32 (or 16) of a tile's 64 k and its
-// int32 result needs scaling per token row, which made the int8 formula 1.5-3x slower at
-// 1024 tokens (amx/linear_amx.cpp).
+// int32 result needs scaling per token row, which left the tile unit waiting
+// (docs/kernel-notes.md#amx-linear).
 // reference_kernels gives each level's formula in scalar code; results differ from it only
 // in float summation order.
 #pragma once
@@ -118,19 +118,4 @@ void run_gemms(const LinearKernels& kern, std::vector<GemmJob> jobs);
 // formula.
 void linear_forward(const PackedWeight& w, const float* x, int64_t t, float* y, Isa isa,
                     bool reference = false);
-
-// Benchmark support: seconds per call of linear_forward over `mats` in turn (rotating so
-// weights come from memory), and the machine's read bandwidth in GB/s (all pool threads
-// summing a buffer of `bytes`, best of `reps`).
-double time_linear(const std::vector<const PackedWeight*>& mats, const float* x, int64_t t,
-                   float* y, Isa isa, int iters);
-// bytes <= 0: at least 1 GiB and 8 times the last-level cache.
-double read_bandwidth_gbps(int64_t bytes, int reps);
-// The AMX compute roofline in int8 TOPS: all pool threads issuing `products` tile products
-// each with no loads, best of `reps` (amx/tile_peak.cpp). Throws std::runtime_error on a
-// machine without AMX.
-double amx_tile_peak_tops(int64_t products, int reps);
-// Sum of n 64-bit words with 256-bit loads (the bandwidth probe's reader; AVX2 only).
-uint64_t sum_words_avx2(const uint64_t* p, int64_t n);
-
 }  // namespace ktjax

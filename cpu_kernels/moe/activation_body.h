@@ -13,37 +13,23 @@ namespace activation_body {
 
 using namespace simd16;
 
-// act(g) for 16 lanes: SiLU g * sigmoid(g) or GELU (tanh form). Both go through
-// z = e^-|y| <= 1, so no lane overflows: sigmoid(y) = 1 / (1 + z) for y >= 0, z / (1 + z)
-// below; tanh(y) = sign(y) (1 - z) / (1 + z) with z = e^(-2|y|).
-template <bool kGelu>
-inline F32x16 act16(F32x16 g) {
-  if (kGelu) {
-    const F32x16 y = 0.7978845608f * (g + 0.044715f * g * g * g);  // sqrt(2 / pi) (...)
-    const F32x16 ay = y < 0.f ? -y : y;
-    const F32x16 z = exp_nonpositive(-2.f * ay);
-    const F32x16 t = (1.f - z) / (1.f + z);
-    return 0.5f * g * (1.f + (y < 0.f ? -t : t));
-  }
+// silu(g) = g * sigmoid(g) for 16 lanes, through z = e^-|g| <= 1, so no lane overflows:
+// sigmoid(g) = 1 / (1 + z) for g >= 0, z / (1 + z) below.
+inline F32x16 silu16(F32x16 g) {
   const F32x16 z = exp_nonpositive(g < 0.f ? g : -g);
   return g * ((g < 0.f ? z : z * 0.f + 1.f) / (1.f + z));
 }
 
-// g[i] = act(g[i]) * u[i] for i < n.
-template <bool kGelu>
-inline void gated(float* g, const float* u, int64_t n) {
+// g[i] = silu(g[i]) * u[i] for i < n.
+inline void gated_activation(float* g, const float* u, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(g + i, act16<kGelu>(load16(g + i)) * load16(u + i));
+  for (; i + 16 <= n; i += 16) store16(g + i, silu16(load16(g + i)) * load16(u + i));
   if (i == n) return;
   alignas(64) float gt[16] = {}, ut[16] = {};
   std::memcpy(gt, g + i, (n - i) * 4);
   std::memcpy(ut, u + i, (n - i) * 4);
-  store16(gt, act16<kGelu>(load16(gt)) * load16(ut));
+  store16(gt, silu16(load16(gt)) * load16(ut));
   std::memcpy(g + i, gt, (n - i) * 4);
-}
-
-inline void gated_activation(bool gelu, float* g, const float* u, int64_t n) {
-  gelu ? gated<true>(g, u, n) : gated<false>(g, u, n);
 }
 
 // acc[i] += w * y[i] for i < n.

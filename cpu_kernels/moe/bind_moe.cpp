@@ -26,20 +26,15 @@ const uint8_t* bytes_of(const py::array& a, size_t* n) {
 }
 
 struct Call {
-  std::shared_ptr<const StoredWeight> sw, ssw;
-  ExpertSet ex{}, shared{};
+  std::shared_ptr<const StoredWeight> sw;
+  ExpertSet ex{};
   MoeArgs args{};
 };
 
-Call make_call(const Arr<float>& x, const Arr<int32_t>& ids, const Arr<float>& wts, int64_t handle,
-               int64_t shared_handle) {
+Call make_call(const Arr<float>& x, const Arr<int32_t>& ids, const Arr<float>& wts, int64_t handle) {
   Call c;
   c.sw = store_get(handle);
   c.ex = expert_set(*c.sw, handle);
-  if (shared_handle) {
-    c.ssw = store_get(shared_handle);
-    c.shared = expert_set(*c.ssw, shared_handle);
-  }
   if (x.ndim() != 2 || x.shape(1) != c.ex.hidden)
     throw std::invalid_argument("x must be [T, " + std::to_string(c.ex.hidden) + "]");
   if (ids.ndim() != 2 || ids.shape(0) != x.shape(0))
@@ -48,12 +43,6 @@ Call make_call(const Arr<float>& x, const Arr<int32_t>& ids, const Arr<float>& w
     throw std::invalid_argument("expert_weights must have the shape of expert_ids");
   c.args = {x.data(), ids.data(), wts.data(), x.shape(0), ids.shape(1), nullptr};
   return c;
-}
-
-Activation parse_act(const std::string& s) {
-  if (s == "silu") return Activation::Silu;
-  if (s == "gelu_tanh") return Activation::GeluTanh;
-  throw std::invalid_argument("unknown activation '" + s + "' (silu, gelu_tanh)");
 }
 
 }  // namespace
@@ -92,20 +81,18 @@ void bind_moe(py::module_& m) {
       "Quantizes float expert weights (int8, int4, bf16) into the store.");
   m.def(
       "moe_forward",
-      [](Arr<float> x, Arr<int32_t> ids, Arr<float> wts, int64_t handle, int64_t shared_handle,
-         const std::string& act, const std::string& isa, bool reference) {
-        Call c = make_call(x, ids, wts, handle, shared_handle);
-        const Activation a = parse_act(act);
+      [](Arr<float> x, Arr<int32_t> ids, Arr<float> wts, int64_t handle, const std::string& isa,
+         bool reference) {
+        Call c = make_call(x, ids, wts, handle);
         const Isa level = isa.empty() ? active_isa() : clamp_isa(parse_isa(isa));
         py::array_t<float> out({c.args.t, c.ex.hidden});
         c.args.out = out.mutable_data();
         py::gil_scoped_release nogil;
-        moe_forward(c.ex, shared_handle ? &c.shared : nullptr, c.args, a, level, reference);
+        moe_forward(c.ex, c.args, level, reference);
         return out;
       },
       py::arg("x"), py::arg("expert_ids"), py::arg("expert_weights"), py::arg("handle"),
-      py::arg("shared_handle") = 0, py::arg("activation") = "silu", py::arg("isa") = "",
-      py::arg("reference") = false,
+      py::arg("isa") = "", py::arg("reference") = false,
       "Fused MoE on numpy arrays: out[T, H] (reference: the scalar kernels computing isa's formula).");
   m.def(
       "time_moe",
@@ -114,7 +101,7 @@ void bind_moe(py::module_& m) {
         if (ids.size() != handles.size() || handles.empty())
           throw std::invalid_argument("time_moe: one expert_ids array per layer handle");
         std::vector<Call> calls;
-        for (size_t i = 0; i < handles.size(); ++i) calls.push_back(make_call(x, ids[i], wts, handles[i], 0));
+        for (size_t i = 0; i < handles.size(); ++i) calls.push_back(make_call(x, ids[i], wts, handles[i]));
         std::vector<float> out(static_cast<size_t>(calls[0].args.t * calls[0].ex.hidden));
         const Isa level = active_isa();
         py::gil_scoped_release nogil;
@@ -122,7 +109,7 @@ void bind_moe(py::module_& m) {
         for (int i = 0; i < iters; ++i) {
           Call& c = calls[i % calls.size()];
           c.args.out = out.data();
-          moe_forward(c.ex, nullptr, c.args, Activation::Silu, level);
+          moe_forward(c.ex, c.args, level);
         }
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
       },

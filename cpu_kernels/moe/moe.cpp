@@ -35,7 +35,7 @@ struct Scratch {
   std::vector<int64_t> pos;                // (t, j) -> row in its expert's list
   std::vector<QuantActs> acts_in, acts_up, acts_h;
   std::vector<std::vector<float>> yg, yu, yd;
-  QuantActs all_x, all_x_shared;
+  QuantActs all_x;
   QuantActs all_x_untiled;  // int8 rows for experts below the tile size when all_x is bf16
 };
 
@@ -59,12 +59,8 @@ ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
   return s;
 }
 
-void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a, Activation act,
-                 Isa isa, bool reference) {
+void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference) {
   const int64_t T = a.t, K = a.k, H = ex.hidden;
-  if (shared && shared->hidden != H)
-    throw std::invalid_argument("shared experts have hidden size " + std::to_string(shared->hidden) +
-                                ", routed experts " + std::to_string(H));
   for (int64_t i = 0; i < T * K; ++i) {
     const int32_t e = a.ids[i];
     if (e < 0 || e >= ex.experts)
@@ -76,42 +72,37 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
                                   std::to_string(i % K) + " is NaN or Inf");
   }
   if (T == 0) return;
+  if (K == 0) return std::fill(a.out, a.out + T * H, 0.f);  // no expert per token: a zero sum
   const LinearKernels& kern = reference ? reference_kernels(isa) : kernels_for(isa);
   thread_local Scratch tls;
   Scratch& s = tls;  // a plain reference: lambdas must not name the thread_local
 
-  // Group tokens per expert; slots [0, routed) are routed experts, then shared ones.
+  // Group tokens per expert: one slot per expert used, in order of first use.
   s.slot_of.assign(ex.experts, -1);
   s.pos.resize(T * K);
-  std::vector<int64_t> slot_expert;  // slot -> index into its set
-  int64_t routed = 0;
+  std::vector<int64_t> slot_expert;  // slot -> expert
+  int64_t slots = 0;
   for (int64_t i = 0; i < T * K; ++i) {
     const int32_t e = a.ids[i];
     if (s.slot_of[e] < 0) {
-      s.slot_of[e] = routed++;
+      s.slot_of[e] = slots++;
       slot_expert.push_back(e);
-      if (static_cast<int64_t>(s.rows.size()) < routed) s.rows.emplace_back();
-      s.rows[routed - 1].clear();
+      if (static_cast<int64_t>(s.rows.size()) < slots) s.rows.emplace_back();
+      s.rows[slots - 1].clear();
     }
     std::vector<int64_t>& rows = s.rows[s.slot_of[e]];
     // A token routed twice to one expert (not expected) just appears twice.
     s.pos[i] = static_cast<int64_t>(rows.size());
     rows.push_back(i / K);
   }
-  const int64_t nshared = shared ? shared->experts : 0;
-  const int64_t slots = routed + nshared;
-  auto set_of = [&](int64_t slot) { return slot < routed ? ex : *shared; };
   auto mat = [&](int64_t slot, int which) -> const PackedWeight& {
-    const int64_t e = slot < routed ? slot_expert[slot] : slot - routed;
-    return *set_of(slot).w->mats[3 * e + which];
+    return *ex.w->mats[3 * slot_expert[slot] + which];
   };
-  auto ntok = [&](int64_t slot) { return slot < routed ? static_cast<int64_t>(s.rows[slot].size()) : T; };
+  auto ntok = [&](int64_t slot) { return static_cast<int64_t>(s.rows[slot].size()); };
 
   // Quantize x once per distinct input layout, then gather each expert's rows.
   const PackedWeight& g0 = mat(0, 0);
   if (!prepare_all(kern, g0, a.x, T, H, &s.all_x)) throw std::invalid_argument("moe: input x holds NaN or Inf");
-  const bool shared_same = !shared || same_layout(*shared->w->mats[0], g0);
-  if (!shared_same) prepare_all(kern, *shared->w->mats[0], a.x, T, H, &s.all_x_shared);
   if (static_cast<int64_t>(s.acts_in.size()) < slots) {
     s.acts_in.resize(slots);
     s.acts_up.resize(slots);
@@ -125,14 +116,13 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   bool need_untiled = false;
   for (int64_t sl = 0; sl < slots; ++sl) {
     const PackedWeight &gw = mat(sl, 0), &uw = mat(sl, 1);
-    const QuantActs& src = (sl >= routed && !shared_same) ? s.all_x_shared : s.all_x;
-    const bool in_order = sl >= routed || (ntok(sl) == T && [&] {
-                            for (int64_t i = 0; i < T; ++i)
-                              if (s.rows[sl][i] != i) return false;
-                            return true;
-                          }());
+    const bool in_order = ntok(sl) == T && [&] {
+      for (int64_t i = 0; i < T; ++i)
+        if (s.rows[sl][i] != i) return false;
+      return true;
+    }();
     if (in_order) {
-      in[sl] = &src;  // every token in order: no copy
+      in[sl] = &s.all_x;  // every token in order: no copy
     } else {
       size_acts(kern, gw, ntok(sl), &s.acts_in[sl]);
       to_gather.push_back(sl);
@@ -143,15 +133,14 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
     if (!same_layout(gw, uw)) {  // up packed differently from gate: quantize for it
       std::vector<float> xr(ntok(sl) * H);
       for (int64_t i = 0; i < ntok(sl); ++i)
-        std::memcpy(&xr[i * H], a.x + (sl < routed ? s.rows[sl][i] : i) * H, H * 4);
+        std::memcpy(&xr[i * H], a.x + s.rows[sl][i] * H, H * 4);
       prepare_all(kern, uw, xr.data(), ntok(sl), H, &s.acts_up[sl]);
       in_up[sl] = &s.acts_up[sl];
     }
     s.yg[sl].resize(ntok(sl) * gw.n);
     s.yu[sl].resize(ntok(sl) * uw.n);
   }
-  // Routed slots only (shared ones take all_x as is), so the source is all_x, or its int8
-  // rows for experts with too few tokens for bf16 tiles.
+  // The source is all_x, or its int8 rows for experts with too few tokens for bf16 tiles.
   if (need_untiled) prepare_all(kern, g0, a.x, T, H, &s.all_x_untiled, 1);
   parallel_for_each(static_cast<int64_t>(to_gather.size()), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -168,7 +157,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
   }
   run_gemms(kern, jobs);
 
-  // h = act(gate) * up, quantized for the down projection, threaded over the rows of all
+  // h = silu(gate) * up, quantized for the down projection, threaded over the rows of all
   // slots together (a few experts with many tokens each must still fill the pool).
   std::vector<int64_t> first_row(slots + 1, 0);
   for (int64_t sl = 0; sl < slots; ++sl) {
@@ -184,7 +173,7 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
       if (r0 >= r1) continue;
       const int64_t n = mat(sl, 0).n;
       float* g = s.yg[sl].data();
-      fk.gated_activation(act == Activation::GeluTanh, g + r0 * n, s.yu[sl].data() + r0 * n, (r1 - r0) * n);
+      fk.gated_activation(g + r0 * n, s.yu[sl].data() + r0 * n, (r1 - r0) * n);
       if (!kern.prepare(mat(sl, 2), g, r0, r1, n, &s.acts_h[sl]))
         throw std::invalid_argument("moe: expert activations overflowed to NaN or Inf");
     }
@@ -202,7 +191,6 @@ void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a,
       std::fill(o, o + H, 0.f);
       for (int64_t j = 0; j < K; ++j)
         fk.add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H, H);
-      for (int64_t sl = routed; sl < slots; ++sl) fk.add_scaled(o, 1.f, s.yd[sl].data() + t * H, H);
     }
   });
 }

@@ -1,6 +1,5 @@
-// Fused mixture-of-experts forward on the host:
-//   out[t] = sum_j w[t, j] * down_e( act(gate_e(x[t])) * up_e(x[t]) ),  e = ids[t, j]
-//          + sum_s down_s( act(gate_s(x[t])) * up_s(x[t]) )   (shared experts, weight 1)
+// Fused mixture-of-experts forward on the host (routed experts; shared experts run in XLA):
+//   out[t] = sum_j w[t, j] * down_e( silu(gate_e(x[t])) * up_e(x[t]) ),  e = ids[t, j]
 // Tokens are grouped per expert; every matrix is a PackedWeight run by the linear
 // kernels (linear.h), work split across the pool by estimated cost.
 #pragma once
@@ -11,8 +10,6 @@
 #include "cpu_kernels/store/store.h"
 
 namespace ktjax {
-
-enum class Activation : int { Silu = 0, GeluTanh = 1 };
 
 // An expert set as stored: mats = [gate_0, up_0, down_0, gate_1, ...]; gate/up [I, H],
 // down [H, I]. Throws std::invalid_argument if the set is malformed.
@@ -31,9 +28,8 @@ struct MoeArgs {
 };
 
 // Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights.
-// `shared` may be null. reference: the scalar kernels computing isa's formula.
-void moe_forward(const ExpertSet& experts, const ExpertSet* shared, const MoeArgs& a,
-                 Activation act, Isa isa, bool reference = false);
+// reference: the scalar kernels computing isa's formula.
+void moe_forward(const ExpertSet& experts, const MoeArgs& a, Isa isa, bool reference = false);
 
 // Builds an expert set: per expert, gate and up [inter, hidden] and down [hidden, inter]
 // from GGUF data (3-D expert tensors, expert-major; float types become float_fmt) or

@@ -190,7 +190,7 @@ class Engine:
         if all_logits:
             last = np.broadcast_to(np.arange(tokens, dtype=np.int32), (rows, tokens))
         # numpy leaves: the compiled program takes them in one call, where a jnp.asarray
-        # per array was a dispatch each (about 0.3 ms of a decode step)
+        # per array was a dispatch each (docs/kernel-notes.md#step-inputs)
         return Batch(tokens=tok, positions=pos, slots=slots, block_tables=tables,
                      cache_lens=lens, logits_index=last)
 

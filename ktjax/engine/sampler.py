@@ -98,9 +98,9 @@ def _argmax_host(x: jax.Array) -> jax.Array:
 
 def argmax_last(x: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (first index of the maximum; NaN counts as the maximum),
-    int32. XLA CPU's value-and-index reduce took 1.2 ms over Gemma 3's 262k-entry vocabulary
-    and even two plain reductions 0.66 ms (a tree of small ops); CPU programs use the host
-    kernel (one pass), other devices the reductions."""
+    int32. XLA CPU splits a vocabulary-wide reduction into a tree of small ops, so CPU programs
+    use the host kernel (one pass), other devices the reductions
+    (docs/kernel-notes.md#argmax)."""
     return jax.lax.platform_dependent(x, cpu=_argmax_host, default=_argmax_reductions)
 
 

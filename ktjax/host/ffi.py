@@ -1,12 +1,11 @@
 """Registers the native XLA FFI targets (CPU handlers, and the CUDA bridge of the layered host
-targets for GPU programs) and wraps rms_norm as a jnp-facing function."""
+targets for GPU programs)."""
 
 from __future__ import annotations
 
 import threading
 
 import jax
-import numpy as np
 
 from ktjax import _native
 
@@ -27,13 +26,3 @@ def register_targets() -> None:
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
 
-
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis on the host CPU: ``x / sqrt(mean(x**2) + eps) * w``.
-
-    x: f32[..., H], w: f32[H]. Shapes and dtypes are checked by the native handler, which
-    raises (as XlaRuntimeError / JaxRuntimeError) a message naming the bad argument.
-    """
-    register_targets()
-    call = jax.ffi.ffi_call("ktjax_rms_norm_f32", jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return call(x, w, eps=np.float32(eps))  # a numpy scalar: attributes must be static

@@ -1,8 +1,9 @@
 """Quantized linear layers on the host CPU: weights live in the native store (by handle).
 
-``linear`` is an XLA FFI call usable under ``jax.jit`` on the CPU backend; the kernel
-computes ``y = x @ W.T`` in float32 from packed int8 / int4 / bf16 weights, quantizing each
-token's activations to int8 per weight group (bf16 weights: rounding them to bf16).
+``linear_layered`` is an XLA FFI call usable under ``jax.jit`` on the CPU backend (and in CUDA
+programs through the bridge); the kernel computes ``y = x @ W.T`` in float32 from packed int8 /
+int4 / bf16 weights, quantizing each token's activations to int8 per weight group (bf16
+weights: rounding them to bf16).
 """
 
 from __future__ import annotations
@@ -61,21 +62,12 @@ def unpack_weight(handle: int) -> np.ndarray:
     return native_call(_native.unpack_weight, int(handle), 0)
 
 
-def linear(x: jax.Array, handle: int, out_features: int) -> jax.Array:
-    """``x[..., K] @ W.T -> [..., N]`` in float32 through the ``ktjax_linear`` FFI target.
-
-    Usable under ``jax.jit`` on the CPU backend. A wrong dtype or K, an unknown handle or
-    NaN/Inf in ``x`` raise an XLA runtime error naming the problem.
-    """
-    register_targets()
-    out = jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (int(out_features),), np.float32)
-    return jax.ffi.ffi_call("ktjax_linear", out)(x, handle=np.int64(handle))
-
-
 def linear_layered(x: jax.Array, layer: jax.Array, handles: tuple[int, ...],
                    out_features: int) -> jax.Array:
-    """``linear`` with one weight per layer: ``handles[layer]``, the layer a traced s32 scalar
-    (the index of a lax.scan over layers). A layer outside ``handles`` is an XLA error."""
+    """``x[..., K] @ W.T -> [..., N]`` in float32 through the ``ktjax_linear_layered`` FFI
+    target, W = ``handles[layer]``, the layer a traced s32 scalar (the index of a lax.scan over
+    layers). A wrong dtype or K, a layer outside ``handles``, an unknown handle or NaN/Inf in
+    ``x`` raise an XLA runtime error naming the problem."""
     register_targets()
     out = jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (int(out_features),), np.float32)
     return jax.ffi.ffi_call("ktjax_linear_layered", out)(

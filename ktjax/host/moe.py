@@ -1,9 +1,10 @@
 """Fused mixture-of-experts on the host CPU, with expert weights in the native store.
 
-``moe`` is the ``ktjax_moe`` XLA FFI call (CPU backend, usable under ``jax.jit``):
-``out[t] = sum_j w[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with ``e = ids[t, j]``,
-plus the shared experts of ``shared_handle`` (weight 1). Matrices use the host linear
-kernels' formats (see ``ktjax.host.linear``).
+``moe_layered`` is the ``ktjax_moe_layered`` XLA FFI call (CPU backend, or CUDA programs
+through the bridge; usable under ``jax.jit``):
+``out[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))`` with ``e = ids[t, j]``.
+Shared experts run in XLA. Matrices use the host linear kernels' formats (see
+``ktjax.host.linear``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from ktjax.errors import KernelError
 from ktjax.host.ffi import register_targets
 from ktjax.host.linear import FLOAT_FORMATS
 from ktjax.host.native import native_call
-
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 
 def _raw(a: np.ndarray) -> np.ndarray:
@@ -42,49 +41,31 @@ def pack_experts_float(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: 
     return native_call(_native.pack_experts_float, *f32, fmt)
 
 
-def moe(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, handle: int, *,
-        shared_handle: int = 0, activation: str = "silu") -> jax.Array:
-    """Fused MoE through the ``ktjax_moe`` FFI target: x f32[T, H], expert_ids int32[T, k],
-    expert_weights f32[T, k] -> f32[T, H]. An expert id out of range, NaN/Inf or a shape
-    mismatch raise an XLA runtime error naming the problem."""
-    if activation not in ACTIVATIONS:
-        raise KernelError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
-    register_targets()
-    call = jax.ffi.ffi_call("ktjax_moe", jax.ShapeDtypeStruct(x.shape, np.float32))
-    return call(x, expert_ids, expert_weights, handle=np.int64(handle),
-                shared_handle=np.int64(shared_handle), activation=np.int32(ACTIVATIONS[activation]))
-
-
 def moe_forward(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, handle: int, *,
-                shared_handle: int = 0, activation: str = "silu", isa: str = "",
-                reference: bool = False) -> np.ndarray:
+                isa: str = "", reference: bool = False) -> np.ndarray:
     """Direct (non-XLA) call on numpy arrays with a given ISA level ('' = active);
     ``reference``: the scalar kernels computing that level's formula."""
     return native_call(_native.moe_forward, np.ascontiguousarray(x, dtype=np.float32),
                         np.ascontiguousarray(expert_ids, dtype=np.int32),
                         np.ascontiguousarray(expert_weights, dtype=np.float32),
-                        int(handle), int(shared_handle), activation, isa, reference)
+                        int(handle), isa, reference)
 
 
 def moe_reference(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, handle: int, *,
-                  shared_handle: int = 0, activation: str = "silu", like: str = "generic") -> np.ndarray:
+                  like: str = "generic") -> np.ndarray:
     """The scalar reference kernels, computing the formula of ISA level ``like`` (AMX
     multiplies group-scaled weights in bf16 for experts with >= 16 tokens)."""
-    return moe_forward(x, expert_ids, expert_weights, handle, shared_handle=shared_handle,
-                       activation=activation, isa=like, reference=True)
+    return moe_forward(x, expert_ids, expert_weights, handle, isa=like, reference=True)
 
 
 def moe_layered(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, layer: jax.Array,
-                handles: tuple[int, ...], *, shared_handles: tuple[int, ...] = (),
-                activation: str = "silu") -> jax.Array:
-    """``moe`` with one expert set per layer (``handles[layer]``, the layer a traced s32 scalar,
-    the index of a lax.scan over layers) through ``ktjax_moe_layered``; ``shared_handles`` is
-    empty or one shared-expert set per layer."""
-    if activation not in ACTIVATIONS:
-        raise KernelError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+                handles: tuple[int, ...]) -> jax.Array:
+    """Fused MoE through ``ktjax_moe_layered``: x f32[T, H], expert_ids int32[T, k],
+    expert_weights f32[T, k] -> f32[T, H], with the expert set ``handles[layer]``, the layer a
+    traced s32 scalar (the index of a lax.scan over layers). An expert id out of range, a layer
+    outside ``handles``, NaN/Inf or a shape mismatch raise an XLA runtime error naming the
+    problem."""
     register_targets()
     call = jax.ffi.ffi_call("ktjax_moe_layered", jax.ShapeDtypeStruct(x.shape, np.float32))
     return call(x, expert_ids, expert_weights, layer.astype(np.int32),
-                handles=np.asarray(handles, np.int64),
-                shared_handles=np.asarray(shared_handles, np.int64),
-                activation=np.int32(ACTIVATIONS[activation]))
+                handles=np.asarray(handles, np.int64))
