@@ -62,6 +62,10 @@ ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
 void moe_forward(const ExpertSet& ex, const ExpertSet* shared, const MoeArgs& a, Activation act,
                  Isa isa, bool reference) {
   const int64_t T = a.t, K = a.k, H = ex.hidden;
+  if (T < 0 || K < 0 || (K == 0 && !shared))
+    throw std::invalid_argument("moe: " + std::to_string(K) + " experts per token" +
+                                (shared ? "" : " and no shared experts") + " for " + std::to_string(T) +
+                                " tokens: every token needs at least one expert");
   if (shared && shared->hidden != H)
     throw std::invalid_argument("shared experts have hidden size " + std::to_string(shared->hidden) +
                                 ", routed experts " + std::to_string(H));

@@ -30,7 +30,8 @@ struct MoeArgs {
   float* out;            // [t, hidden]
 };
 
-// Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights.
+// Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights, or no
+// expert at all for a token (k = 0 without shared experts).
 // `shared` may be null. reference: the scalar kernels computing isa's formula.
 void moe_forward(const ExpertSet& experts, const ExpertSet* shared, const MoeArgs& a,
                  Activation act, Isa isa, bool reference = false);
