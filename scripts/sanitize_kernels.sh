@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the native module with AddressSanitizer + UndefinedBehaviorSanitizer and runs the
-# host-kernel tests against that build (not the installed one).
+# host-kernel, dequantizer, FFI and bad-input tests (crafted and fuzzed model files included:
+# the fuzz test's worker processes inherit the preloaded runtimes) against that build (not
+# the installed one).
 #   scripts/sanitize_kernels.sh [pytest args...]      e.g.  -k "Q4_K or moe"
 # The sanitized module is loaded into a python started without site hooks (-S), so the
 # editable install's import hook cannot substitute the normal build.
@@ -30,4 +32,6 @@ cd "$WORK"  # not the repo root: python puts the working directory first on sys.
 "$PY" -S -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
   "$ROOT/tests/test_host_linear.py" "$ROOT/tests/test_host_moe.py" \
   "$ROOT/tests/test_cpu_attention.py" "$ROOT/tests/test_stacked_matvec.py" \
-  "$ROOT/tests/test_sampler.py" "$@"
+  "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_quants.py" "$ROOT/tests/test_ffi.py" \
+  "$ROOT/tests/test_bad_input.py" "$ROOT/tests/test_crafted_gguf.py" \
+  "$ROOT/tests/test_fuzz_gguf.py" "$@"

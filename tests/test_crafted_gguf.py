@@ -111,6 +111,7 @@ def test_duplicate_metadata_key(tiny, tmp_path):
     ("llama.block_count", V.UINT32, 1000, "exceeds the 20 tensors"),
     ("llama.attention.head_count", V.UINT32, 0, "must be in 1"),
     ("llama.attention.head_count_kv", V.UINT32, 0, "must be in 1"),
+    ("llama.attention.head_count_kv", V.UINT32, 3, "does not divide the 4 query heads"),
     ("llama.rope.dimension_count", V.UINT32, 2**31, "must be in 0"),
     ("llama.rope.dimension_count", V.UINT32, 18, "exceeds the 16 dimensions"),
     ("llama.rope.dimension_count", V.UINT32, 7, "must be even"),

@@ -73,9 +73,6 @@ ffi::Error paged_attention_ffi(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyB
     return invalid("out", "expected shape [" + std::to_string(batch) + ", " +
                               std::to_string(tokens) + ", " + std::to_string(heads) + ", " +
                               std::to_string(vd) + "], got " + shape_str(od));
-  // No query (an empty batch or no heads): nothing to write, and the kernel's work split
-  // divides by both.
-  if (batch == 0 || tokens == 0 || heads == 0) return ffi::Error::Success();
 
   AttentionProblem p;
   p.q = q.typed_data<float>();
