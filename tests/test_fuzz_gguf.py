@@ -189,8 +189,8 @@ def make_case(base: bytes, parsed: Crafted, rng: np.random.Generator, path: Path
 class Worker:
     """The loader worker process: started on demand, restarted after a death or a hang."""
 
-    def __init__(self, log: Path):
-        self.log, self.proc = log, None
+    def __init__(self, log: Path, script: Path = WORKER):
+        self.log, self.script, self.proc = log, script, None
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -198,18 +198,20 @@ class Worker:
         root = str(Path(ktjax.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
         flags = ["-S"] if sys.flags.no_site else []
-        self.proc = subprocess.Popen([sys.executable, *flags, str(WORKER)], env=env,
+        self.proc = subprocess.Popen([sys.executable, *flags, str(self.script)], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log.open("ab"), text=True, bufsize=1)
         ready = self._reply(CASE_TIMEOUT_S)
         assert ready == {"outcome": "ready"}, f"fuzz worker did not start: {ready}"
 
-    def _reply(self, timeout: float) -> dict | None:
+    def _reply(self, timeout: float) -> dict:
+        """The worker's next answer, {"outcome": "hang"} after `timeout` seconds of silence,
+        or {"outcome": "died"} when its output ends."""
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            return None
+            return {"outcome": "hang", "message": f"no answer within {timeout} s"}
         line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        return json.loads(line) if line else {"outcome": "died"}
 
     def run(self, path: Path) -> dict:
         if self.proc is None or self.proc.poll() is not None:
@@ -217,20 +219,39 @@ class Worker:
         self.proc.stdin.write(f"{path}\n")
         self.proc.stdin.flush()
         reply = self._reply(CASE_TIMEOUT_S)
-        if reply is not None:
-            return reply
-        if self.proc.poll() is None:   # alive but silent: a hang
+        if reply["outcome"] == "hang":
             self.proc.kill()
             self.proc.wait()
-            return {"outcome": "hang", "message": f"no answer within {CASE_TIMEOUT_S} s"}
+        if reply["outcome"] != "died":
+            return reply
         code = self.proc.wait()
+        tail = self.log.read_bytes()[-3000:].decode(errors="replace")  # the stack, the ASan report
         return {"outcome": "died", "message": f"worker exited with {code}"
-                f"{f' (signal {-code})' if code < 0 else ''}; stderr in {self.log}"}
+                f"{f' (signal {-code})' if code < 0 else ''}; its stderr ends:\n{tail}"}
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+
+
+def test_worker_reports_deaths_and_hangs(tmp_path, monkeypatch):
+    """The harness itself: a case that kills or stalls the worker is reported as such, and
+    the next case runs in a fresh worker."""
+    script = tmp_path / "worker.py"
+    script.write_text("import json, os, sys, time\n"
+                      "print(json.dumps({'outcome': 'ready'}), flush=True)\n"
+                      "for line in sys.stdin:\n"
+                      "    if 'abort' in line: os.abort()\n"
+                      "    if 'stall' in line: time.sleep(60)\n"
+                      "    print(json.dumps({'outcome': 'ok'}), flush=True)\n")
+    monkeypatch.setattr(sys.modules[__name__], "CASE_TIMEOUT_S", 2)
+    worker = Worker(tmp_path / "worker.log", script)
+    try:
+        outcomes = [worker.run(Path(p))["outcome"] for p in ("a", "abort", "b", "stall", "c")]
+    finally:
+        worker.close()
+    assert outcomes == ["ok", "died", "ok", "hang", "ok"]
 
 
 @pytest.fixture(scope="module")
