@@ -202,3 +202,17 @@ def test_timing_bindings_need_iterations(expert_sets):
             _native.time_linear([handle], np.ones((1, 32), np.float32), "", 0)
     finally:
         _native.release_weight(handle)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4"])
+def test_subnormal_float_weights_quantize(fmt):
+    """A group whose largest weight is subnormal has a scale whose reciprocal overflows: the
+    values went through inf into an int cast (undefined; x86 gave -128, flipping signs)."""
+    w = np.array([[1e-40, -1e-40, 5e-41, 0.0] * 8] * 16, np.float32)
+    handle = _native.pack_float_weight(w, fmt)
+    try:
+        got = _native.unpack_weight(handle, 0)
+    finally:
+        _native.release_weight(handle)
+    step = (2e-40 / 15) if fmt == "int4" else (1e-40 / 127)
+    np.testing.assert_allclose(got, w, rtol=0, atol=step)

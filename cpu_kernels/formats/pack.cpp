@@ -60,6 +60,14 @@ uint16_t f32_to_f16(float f) {
 
 bool f16_exact(float f) { return f16_to_f32(f32_to_f16(f)) == f; }
 
+// round(v / s) clamped to [lo, hi], through the reciprocal inv = 1/s (0 when s is 0), or by
+// division where 1/s overflows (a subnormal s, from a crafted file's tiny weights). Clamped
+// before the cast, which is undefined for a float past int's range.
+inline int quantize(float v, float s, float inv, int lo, int hi) {
+  const float q = std::nearbyint(std::isfinite(inv) ? v * inv : v / s);
+  return static_cast<int>(std::min<float>(static_cast<float>(hi), std::max<float>(static_cast<float>(lo), q)));
+}
+
 // Byte offset of element (r in block, k) inside a row-block region.
 inline int64_t data_offset(const PackedWeight& w, int r, int64_t k) {
   if (w.kind == WeightKind::BF16) return (k / 2) * 64 + r * 4 + (k % 2) * 2;
@@ -540,7 +548,7 @@ std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
       const float s = amax / 127.f, inv = s == 0.f ? 0.f : 1.f / s;
       *super_slot(ref, 0, r, 0) = s;
       for (int64_t c = 0; c < k; ++c)
-        set_q(ref, r, c, std::min(127, std::max(-127, static_cast<int>(std::nearbyint(src[r * k + c] * inv)))));
+        set_q(ref, r, c, quantize(src[r * k + c], s, inv, -127, 127));
     });
     return w;
   }
@@ -582,9 +590,8 @@ std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
       if (int4) set_direct(ref, 1, r, g, m);
       const float inv = s == 0.f ? 0.f : 1.f / s;
       for (int64_t c = g * G; c < std::min<int64_t>(k, (g + 1) * G); ++c) {
-        int q = static_cast<int>(std::nearbyint((src[r * k + c] - m) * inv));
-        q = int4 ? std::min(15, std::max(0, q)) : std::min(127, std::max(-127, q));
-        set_q(ref, r, c, q);
+        set_q(ref, r, c, int4 ? quantize(src[r * k + c] - m, s, inv, 0, 15)
+                              : quantize(src[r * k + c], s, inv, -127, 127));
       }
     }
   });
