@@ -21,6 +21,7 @@ cmake --build "$WORK/build" -j"$(nproc)"
 rm -rf "$WORK/pkg/ktjax"
 cp -r "$ROOT/ktjax" "$WORK/pkg/ktjax"
 cp "$WORK"/build/_native*.so "$WORK/pkg/ktjax/"
+cp -r "$ROOT/rules" "$WORK/pkg/ktjax/_rules"  # where an installed wheel has them (model loads)
 # Python itself is not instrumented: preload the runtimes; jaxlib's own allocations make
 # leak and ODR reports noise, so only memory errors and UB in our code fail the run.
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
