@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the native module with AddressSanitizer + UndefinedBehaviorSanitizer and runs the
-# host-kernel tests against that build (not the installed one).
+# host-kernel, dequantizer, FFI and bad-input tests (crafted and fuzzed model files included:
+# the fuzz test's worker processes inherit the preloaded runtimes) against that build (not
+# the installed one).
 #   scripts/sanitize_kernels.sh [pytest args...]      e.g.  -k "Q4_K or moe"
 # The sanitized module is loaded into a python started without site hooks (-S), so the
 # editable install's import hook cannot substitute the normal build.
@@ -19,6 +21,7 @@ cmake --build "$WORK/build" -j"$(nproc)"
 rm -rf "$WORK/pkg/ktjax"
 cp -r "$ROOT/ktjax" "$WORK/pkg/ktjax"
 cp "$WORK"/build/_native*.so "$WORK/pkg/ktjax/"
+cp -r "$ROOT/rules" "$WORK/pkg/ktjax/_rules"  # where an installed wheel has them (model loads)
 # Python itself is not instrumented: preload the runtimes; jaxlib's own allocations make
 # leak and ODR reports noise, so only memory errors and UB in our code fail the run.
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
@@ -30,4 +33,6 @@ cd "$WORK"  # not the repo root: python puts the working directory first on sys.
 "$PY" -S -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
   "$ROOT/tests/test_host_linear.py" "$ROOT/tests/test_host_moe.py" \
   "$ROOT/tests/test_cpu_attention.py" "$ROOT/tests/test_stacked_matvec.py" \
-  "$ROOT/tests/test_sampler.py" "$@"
+  "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_quants.py" "$ROOT/tests/test_ffi.py" \
+  "$ROOT/tests/test_bad_input.py" "$ROOT/tests/test_crafted_gguf.py" \
+  "$ROOT/tests/test_fuzz_gguf.py" "$@"

@@ -134,3 +134,106 @@ def test_unsupported_expert_configs_are_refused(tmp_path, arch, metadata, match)
     path = write_tiny_gguf(tmp_path / "moe.gguf", arch, extra_kv=metadata)
     with pytest.raises(UnsupportedModelError, match=match):
         loader.inspect(GGUFFile(path))
+
+
+# ---- native entry points: each rejects what it cannot run, with an error, never a crash ----
+
+from ktjax import _native  # noqa: E402
+from ktjax.errors import KernelError  # noqa: E402
+
+
+def test_pack_unknown_type_id_names_it():
+    """The issue's reproducer: the error message was built from a null type name."""
+    with pytest.raises(ValueError, match="type with id 99"):
+        _native.pack_gguf_weight(np.zeros(32, np.uint8), 99, 1, 32)
+
+
+@pytest.mark.parametrize("qtype,n,k,raw_bytes", [
+    (gguf.GGMLQuantizationType.F32, 2**62, 1, 0),       # n * k * 4 wraps to 0 bytes exactly
+    (gguf.GGMLQuantizationType.F16, 2**62 + 1, 2, 4),
+    (gguf.GGMLQuantizationType.Q8_0, 2**62 + 1, 32, 34),
+    (gguf.GGMLQuantizationType.Q4_K, 2**40, 2**40, 144),
+    (gguf.GGMLQuantizationType.Q4_0, 0, 32, 0),
+    (gguf.GGMLQuantizationType.Q4_0, 1, -32, 18)])
+def test_pack_sizes_past_64_bits_or_not_positive(qtype, n, k, raw_bytes):
+    with pytest.raises(ValueError, match="weight shape (must be positive|\\(n x k\\) overflows)"):
+        _native.pack_gguf_weight(np.zeros(raw_bytes, np.uint8), int(qtype), n, k)
+
+
+def test_pack_raw_must_be_uint8_bytes():
+    with pytest.raises(ValueError, match="uint8"):
+        _native.pack_gguf_weight(np.zeros(8, np.float32), int(gguf.GGMLQuantizationType.Q8_0),
+                                 1, 32)
+    raw = np.zeros((2, 3 * 34), np.uint8)[:, :34]   # not contiguous
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.pack_gguf_weight(raw, int(gguf.GGMLQuantizationType.Q8_0), 2, 32)
+
+
+def test_dequantize_size_past_64_bits():
+    """n_elements * 4 bytes wrapped to 0, which an empty buffer matched."""
+    with pytest.raises(ValueError, match="2\\^63 bytes"):
+        _native.dequantize(np.zeros(0, np.uint8), int(gguf.GGMLQuantizationType.F32), 2**62)
+
+
+@pytest.fixture
+def expert_sets():
+    from ktjax.host import linear as hl
+    from ktjax.host import moe as hm
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    routed = hm.pack_experts_float(w(2, 32, 32), w(2, 32, 32), w(2, 32, 32), "int8")
+    yield routed
+    hl.release(routed)
+
+
+def test_moe_with_no_expert_per_token_is_an_error(expert_sets):
+    """k = 0 dereferenced an empty expert set."""
+    from ktjax.host import moe as hm
+    x = np.ones((3, 32), np.float32)
+    none_ids, none_wts = np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32)
+    with pytest.raises(KernelError, match="0 experts per token"):
+        hm.moe_forward(x, none_ids, none_wts, expert_sets)
+
+
+def test_moe_layered_ffi_with_no_expert_per_token_is_an_error(expert_sets):
+    import jax
+    import jax.numpy as jnp
+    from jax.errors import JaxRuntimeError
+    from ktjax.host import moe as hm
+    routed = expert_sets
+    call = jax.jit(lambda x, i, w: hm.moe_layered(x, i, w, jnp.int32(0), (routed,)))
+    with pytest.raises(JaxRuntimeError, match="experts per token"):
+        jax.block_until_ready(call(jnp.ones((2, 32)), jnp.zeros((2, 0), jnp.int32),
+                                   jnp.zeros((2, 0))))
+    bad_id = jnp.full((2, 1), 2, jnp.int32)   # the set holds experts 0 and 1
+    with pytest.raises(JaxRuntimeError, match="expert id 2 .* out of range"):
+        jax.block_until_ready(call(jnp.ones((2, 32)), bad_id, jnp.ones((2, 1))))
+
+
+def test_timing_bindings_need_iterations(expert_sets):
+    routed = expert_sets
+    with pytest.raises(ValueError, match="iters"):
+        _native.time_parallel_for(0)
+    with pytest.raises(ValueError, match="iters"):
+        _native.time_moe(np.ones((1, 32), np.float32), [np.zeros((1, 1), np.int32)],
+                         np.ones((1, 1), np.float32), [routed], 0)
+    handle = _native.pack_float_weight(np.ones((16, 32), np.float32), "int8")
+    try:
+        with pytest.raises(ValueError, match="iters"):
+            _native.time_linear([handle], np.ones((1, 32), np.float32), "", 0)
+    finally:
+        _native.release_weight(handle)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_row", "int4"])
+def test_subnormal_float_weights_quantize(fmt):
+    """A group whose largest weight is subnormal has a scale whose reciprocal overflows: the
+    values went through inf into an int cast (undefined; x86 gave -128, flipping signs)."""
+    w = np.array([[1e-40, -1e-40, 5e-41, 0.0] * 8] * 16, np.float32)
+    handle = _native.pack_float_weight(w, fmt)
+    try:
+        got = _native.unpack_weight(handle, 0)
+    finally:
+        _native.release_weight(handle)
+    step = (2e-40 / 15) if fmt == "int4" else (1e-40 / 127)
+    np.testing.assert_allclose(got, w, rtol=0, atol=step)

@@ -60,6 +60,14 @@ uint16_t f32_to_f16(float f) {
 
 bool f16_exact(float f) { return f16_to_f32(f32_to_f16(f)) == f; }
 
+// round(v / s) clamped to [lo, hi], through the reciprocal inv = 1/s (0 when s is 0), or by
+// division where 1/s overflows (a subnormal s, from a crafted file's tiny weights). Clamped
+// before the cast, which is undefined for a float past int's range.
+inline int quantize(float v, float s, float inv, int lo, int hi) {
+  const float q = std::nearbyint(std::isfinite(inv) ? v * inv : v / s);
+  return static_cast<int>(std::min<float>(static_cast<float>(hi), std::max<float>(static_cast<float>(lo), q)));
+}
+
 // Byte offset of element (r in block, k) inside a row-block region.
 inline int64_t data_offset(const PackedWeight& w, int r, int64_t k) {
   if (w.kind == WeightKind::BF16) return (k / 2) * 64 + r * 4 + (k % 2) * 2;
@@ -349,10 +357,24 @@ void by_row_blocks(int64_t n, const std::function<void(int64_t)>& row) {
   });
 }
 
+// a * b, or std::invalid_argument naming `what` when the product passes int64 (a crafted
+// shape must not wrap around to a small size that a short buffer then passes).
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t out = 0;
+  if (__builtin_mul_overflow(a, b, &out))
+    throw std::invalid_argument(std::string(what) + " overflows: " + std::to_string(a) + " x " +
+                                std::to_string(b));
+  return out;
+}
+
+// Positive, and small enough that every size make_packed derives (padded to row blocks and
+// super-blocks, times the bytes per value) stays far inside int64.
 void check_shape(int64_t n, int64_t k) {
-  if (n <= 0 || k <= 0)
-    throw std::invalid_argument("weight shape must be positive, got (" + std::to_string(n) +
-                                ", " + std::to_string(k) + ")");
+  constexpr int64_t kMaxDim = int64_t{1} << 40;
+  if (n <= 0 || k <= 0 || n > kMaxDim || k > kMaxDim)
+    throw std::invalid_argument("weight shape must be positive and below 2^40, got (" +
+                                std::to_string(n) + ", " + std::to_string(k) + ")");
+  checked_mul(n, k, "weight shape (n x k)");
 }
 
 }  // namespace
@@ -394,7 +416,7 @@ std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool ha
     w->super_bytes = w->super_hdr + (int64_t{1} << w->gps_shift) * w->rec_bytes;
     w->block_stride = round_up((w->groups() >> w->gps_shift) * w->super_bytes, 64);
   }
-  const size_t total = static_cast<size_t>(w->bytes());
+  const size_t total = static_cast<size_t>(checked_mul(w->row_blocks(), w->block_stride, "packed weight bytes"));
   void* p = std::aligned_alloc(64, total);
   if (!p) throw std::bad_alloc();
   // Several memory nodes: node k's share of the row blocks lives in node k's memory, where
@@ -433,11 +455,11 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
   const auto t = static_cast<GgmlType>(ggml_type);
   if (t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16) {
     const int64_t esize = t == GgmlType::F32 ? 4 : 2;
-    if (raw_bytes != static_cast<size_t>(n * k * esize))
-      throw std::invalid_argument("GGUF " + std::string(ggml_type_name(ggml_type)) +
-                                  " tensor of shape (" + std::to_string(n) + ", " +
-                                  std::to_string(k) + ") needs " + std::to_string(n * k * esize) +
-                                  " bytes, got " + std::to_string(raw_bytes));
+    const int64_t need = checked_mul(checked_mul(n, k, "weight shape (n x k)"), esize, "weight bytes");
+    if (raw_bytes != static_cast<size_t>(need))
+      throw std::invalid_argument("GGUF " + ggml_type_label(ggml_type) + " tensor of shape (" +
+                                  std::to_string(n) + ", " + std::to_string(k) + ") needs " +
+                                  std::to_string(need) + " bytes, got " + std::to_string(raw_bytes));
     std::vector<float> f(static_cast<size_t>(n * k));
     for (int64_t i = 0; i < n * k; ++i) {
       if (t == GgmlType::F32) {
@@ -456,14 +478,14 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
   for (const TypeInfo& ti : kTypes)
     if (ti.type == t) info = &ti;
   if (!info)
-    throw std::invalid_argument(std::string("GGUF type ") + ggml_type_name(ggml_type) +
+    throw std::invalid_argument("GGUF type " + ggml_type_label(ggml_type) +
                                 " cannot be packed for the host linear kernels");
   if (k % info->block != 0)
-    throw std::invalid_argument(std::string(ggml_type_name(ggml_type)) + " rows need K % " +
+    throw std::invalid_argument(ggml_type_label(ggml_type) + " rows need K % " +
                                 std::to_string(info->block) + " == 0, got K=" + std::to_string(k));
-  const int64_t need = n * (k / info->block) * info->bytes;
+  const int64_t need = checked_mul(n, (k / info->block) * info->bytes, "weight bytes");
   if (raw_bytes != static_cast<size_t>(need))
-    throw std::invalid_argument(std::string("GGUF ") + ggml_type_name(ggml_type) +
+    throw std::invalid_argument("GGUF " + ggml_type_label(ggml_type) +
                                 " tensor of shape (" + std::to_string(n) + ", " +
                                 std::to_string(k) + ") needs " + std::to_string(need) +
                                 " bytes, got " + std::to_string(raw_bytes));
@@ -523,7 +545,7 @@ std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
       const float s = amax / 127.f, inv = s == 0.f ? 0.f : 1.f / s;
       *super_slot(ref, 0, r, 0) = s;
       for (int64_t c = 0; c < k; ++c)
-        set_q(ref, r, c, std::min(127, std::max(-127, static_cast<int>(std::nearbyint(src[r * k + c] * inv)))));
+        set_q(ref, r, c, quantize(src[r * k + c], s, inv, -127, 127));
     });
     return w;
   }
@@ -565,9 +587,8 @@ std::unique_ptr<PackedWeight> pack_float(const float* src, int64_t n, int64_t k,
       if (int4) set_direct(ref, 1, r, g, m);
       const float inv = s == 0.f ? 0.f : 1.f / s;
       for (int64_t c = g * G; c < std::min<int64_t>(k, (g + 1) * G); ++c) {
-        int q = static_cast<int>(std::nearbyint((src[r * k + c] - m) * inv));
-        q = int4 ? std::min(15, std::max(0, q)) : std::min(127, std::max(-127, q));
-        set_q(ref, r, c, q);
+        set_q(ref, r, c, int4 ? quantize(src[r * k + c] - m, s, inv, 0, 15)
+                              : quantize(src[r * k + c], s, inv, -127, 127));
       }
     }
   });

@@ -48,8 +48,8 @@ void bind_linear(py::module_& m) {
   m.def(
       "pack_gguf_weight",
       [](py::array raw, int ggml_type, int64_t n, int64_t k, const std::string& float_fmt) {
-        if (!(raw.flags() & py::array::c_style))
-          throw std::invalid_argument("raw GGUF bytes must be C-contiguous");
+        if (!raw.dtype().is(py::dtype::of<uint8_t>()) || !(raw.flags() & py::array::c_style))
+          throw std::invalid_argument("raw GGUF bytes must be a C-contiguous uint8 array");
         const auto* p = static_cast<const uint8_t*>(raw.data());
         const size_t bytes = static_cast<size_t>(raw.nbytes());
         std::unique_ptr<PackedWeight> w;
@@ -136,8 +136,8 @@ void bind_linear(py::module_& m) {
           if (mats.back()->k != mats[0]->k || mats.back()->n != mats[0]->n)
             throw std::invalid_argument("time_linear: weights differ in shape");
         }
-        if (mats.empty() || x.ndim() != 2 || x.shape(1) != mats[0]->k)
-          throw std::invalid_argument("time_linear: need weights and x [T, K]");
+        if (mats.empty() || x.ndim() != 2 || x.shape(1) != mats[0]->k || iters < 1)
+          throw std::invalid_argument("time_linear: need weights, x [T, K] and iters >= 1");
         std::vector<float> y(static_cast<size_t>(x.shape(0) * mats[0]->n));
         const Isa level = isa_arg(isa);
         const float* xp = x.data();

@@ -20,7 +20,8 @@ template <class T>
 using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
 const uint8_t* bytes_of(const py::array& a, size_t* n) {
-  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("raw GGUF bytes must be C-contiguous");
+  if (!a.dtype().is(py::dtype::of<uint8_t>()) || !(a.flags() & py::array::c_style))
+    throw std::invalid_argument("raw GGUF bytes must be a C-contiguous uint8 array");
   *n = static_cast<size_t>(a.nbytes());
   return static_cast<const uint8_t*>(a.data());
 }
@@ -98,8 +99,8 @@ void bind_moe(py::module_& m) {
       "time_moe",
       [](Arr<float> x, const std::vector<Arr<int32_t>>& ids, Arr<float> wts,
          const std::vector<int64_t>& handles, int iters) {
-        if (ids.size() != handles.size() || handles.empty())
-          throw std::invalid_argument("time_moe: one expert_ids array per layer handle");
+        if (ids.size() != handles.size() || handles.empty() || iters < 1)
+          throw std::invalid_argument("time_moe: one expert_ids array per layer handle, iters >= 1");
         std::vector<Call> calls;
         for (size_t i = 0; i < handles.size(); ++i) calls.push_back(make_call(x, ids[i], wts, handles[i]));
         std::vector<float> out(static_cast<size_t>(calls[0].args.t * calls[0].ex.hidden));
@@ -118,6 +119,7 @@ void bind_moe(py::module_& m) {
   m.def(
       "time_parallel_for",
       [](int iters) {
+        if (iters < 1) throw std::invalid_argument("time_parallel_for: iters must be >= 1");
         std::vector<int64_t> sink(static_cast<size_t>(num_threads()) * 16);
         const auto start = std::chrono::steady_clock::now();
         for (int i = 0; i < iters; ++i)

@@ -61,6 +61,9 @@ ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
 
 void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference) {
   const int64_t T = a.t, K = a.k, H = ex.hidden;
+  if (T < 0 || K < 1)
+    throw std::invalid_argument("moe: " + std::to_string(K) + " experts per token for " +
+                                std::to_string(T) + " tokens: every token needs at least one expert");
   for (int64_t i = 0; i < T * K; ++i) {
     const int32_t e = a.ids[i];
     if (e < 0 || e >= ex.experts)

@@ -27,8 +27,8 @@ struct MoeArgs {
   float* out;            // [t, hidden]
 };
 
-// Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights.
-// reference: the scalar kernels computing isa's formula.
+// Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights, or no
+// expert at all for a token (k = 0). reference: the scalar kernels computing isa's formula.
 void moe_forward(const ExpertSet& experts, const MoeArgs& a, Isa isa, bool reference = false);
 
 // Builds an expert set: per expert, gate and up [inter, hidden] and down [hidden, inter]

@@ -11,11 +11,6 @@ namespace py = pybind11;
 namespace ktjax {
 namespace {
 
-std::string type_label(int type) {
-  const char* name = ggml_type_name(type);
-  return name ? std::string(name) : "with id " + std::to_string(type);
-}
-
 py::array dequantize(const py::array& raw, int type, int64_t n_elements,
                      const std::string& out_dtype) {
   if (!raw.dtype().is(py::dtype::of<uint8_t>()) || !(raw.flags() & py::array::c_style)) {
@@ -24,15 +19,18 @@ py::array dequantize(const py::array& raw, int type, int64_t n_elements,
   }
   const QuantFormat* f = find_quant_format(type);
   if (f == nullptr) {
-    throw py::value_error("quant type " + type_label(type) + " is not supported");
+    throw py::value_error("quant type " + ggml_type_label(type) + " is not supported");
   }
-  const std::string name = type_label(type);
+  const std::string name = ggml_type_label(type);
   if (n_elements < 0 || n_elements % f->block_size != 0) {
     throw py::value_error("n_elements " + std::to_string(n_elements) + " is not a multiple of the " +
                           name + " block size " + std::to_string(f->block_size));
   }
   const int64_t n_blocks = n_elements / f->block_size;
-  const int64_t expected = n_blocks * f->type_size;
+  int64_t expected = 0;
+  if (__builtin_mul_overflow(n_blocks, f->type_size, &expected))
+    throw py::value_error(name + " data for " + std::to_string(n_elements) +
+                          " elements would exceed 2^63 bytes");
   if (raw.nbytes() != expected) {
     throw py::value_error(name + " data for " + std::to_string(n_elements) + " elements must be " +
                           std::to_string(expected) + " bytes, got " +

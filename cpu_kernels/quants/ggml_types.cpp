@@ -40,4 +40,9 @@ const char* ggml_type_name(int type) {
   return nullptr;
 }
 
+std::string ggml_type_label(int type) {
+  const char* name = ggml_type_name(type);
+  return name ? std::string(name) : "with id " + std::to_string(type);
+}
+
 }  // namespace ktjax

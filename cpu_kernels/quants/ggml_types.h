@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace ktjax {
 
@@ -15,5 +16,7 @@ enum class GgmlType : int {
 
 // Name of a type id for error messages, or nullptr for an id this list does not know.
 const char* ggml_type_name(int type);
+// The name, or "with id N" for an unknown id: safe in any error message.
+std::string ggml_type_label(int type);
 
 }  // namespace ktjax

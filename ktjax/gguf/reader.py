@@ -4,7 +4,10 @@ The layout constants (value types, quant block sizes) come from the `gguf` packa
 is our own because gguf.GGUFReader builds one numpy object per vocabulary string, which takes
 tens of seconds on a 262k-token vocabulary. Nothing is copied: tensor bytes stay in the page
 cache until the loader converts them. Every structural problem (bad magic, truncation,
-duplicate tensors, unknown types) is a GGUFError naming the file and the key or tensor.
+duplicate tensors or keys, unknown types, misaligned or overlapping tensor data, sizes past
+64 bits) is a GGUFError naming the file and the key or tensor; so is a metadata key that ktjax
+reads holding a value of the wrong type or out of range (gguf/metadata_schema.py), checked
+here so that no model family ever divides by, allocates from or loops over a bad value.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ktjax.errors import GGUFError, UnsupportedModelError
+from ktjax.errors import GGUFError, TensorError, UnsupportedModelError
+from ktjax.gguf.metadata_schema import check_metadata
 
 _MISSING = object()
 _SCALARS = {
@@ -25,6 +29,15 @@ _SCALARS = {
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
+# Bytes an array element takes at least: a string its length field, an array its header.
+_MIN_ELEMENT_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+# Arrays of arrays deeper than this are refused (no model key nests at all; llama.cpp refuses
+# any nesting) rather than parsed recursively into a RecursionError.
+MAX_ARRAY_DEPTH = 8
+# As ggml: at most 4 dimensions, and no tensor of 2^63 elements or bytes or more.
+MAX_DIMS = 4
+_INT64_MAX = 2**63 - 1
+DEFAULT_ALIGNMENT = 32
 
 
 @dataclass(frozen=True)
@@ -71,19 +84,39 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFError(f"{self.path}: invalid UTF-8 in {self.what}") from e
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(f"{self.path}: {self.what} nests arrays deeper than "
+                                f"{MAX_ARRAY_DEPTH} levels")
             etype, count = self.scalar("<I"), self.scalar("<Q")
             if etype in _SCALARS:   # numeric arrays in one read
                 dtype = np.dtype(_SCALARS[etype].replace("?", "u1"))
                 arr = np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
                 return arr.astype(bool).tolist() if etype == GGUFValueType.BOOL else arr.tolist()
-            return [self.value(etype) for _ in range(count)]
+            if etype not in _MIN_ELEMENT_BYTES:
+                raise GGUFError(f"{self.path}: unknown array element type {etype} in {self.what}")
+            if count * _MIN_ELEMENT_BYTES[etype] > len(self.buf) - self.pos:
+                raise GGUFError(f"{self.path}: truncated or corrupt while reading {self.what} "
+                                f"(an array of {count} elements cannot fit in the "
+                                f"{len(self.buf) - self.pos} bytes left)")
+            return [self.value(etype, depth + 1) for _ in range(count)]
         if vtype not in _SCALARS:
             raise GGUFError(f"{self.path}: unknown value type {vtype} in {self.what}")
         return self.scalar(_SCALARS[vtype])
+
+
+class _Tensors(dict):
+    """name -> TensorView; looking up a name the file lacks is a TensorError naming it."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def __missing__(self, name: str):
+        raise TensorError(f"{self.path}: required tensor {name!r} is missing")
 
 
 class GGUFFile:
@@ -108,24 +141,39 @@ class GGUFFile:
         for i in range(n_kv):
             cur.what = f"metadata entry {i}"
             key = cur.string()
+            if key in self.metadata:
+                raise GGUFError(f"{self.path}: metadata key {key!r} appears twice")
             cur.what = f"metadata key {key!r}"
             self.metadata[key] = cur.value(cur.scalar("<I"))
+        check_metadata(self.metadata, self.path, n_tensors)
 
         infos = []
         for i in range(n_tensors):
             cur.what = f"tensor info {i}"
             name = cur.string()
             cur.what = f"tensor info of {name!r}"
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions "
+                                f"(expected 1..{MAX_DIMS})")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
 
-        alignment = int(self.metadata.get("general.alignment", 32))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         data_start = -(-cur.pos // alignment) * alignment
-        self.tensors: dict[str, TensorView] = {}
+        self.tensors: dict[str, TensorView] = _Tensors(self.path)
+        spans = []
         for name, dims, type_id, offset in infos:
             if name in self.tensors:
                 raise GGUFError(f"{self.path}: tensor {name!r} appears twice")
-            self.tensors[name] = self._view(buf, name, dims, type_id, data_start + offset)
+            if offset % alignment:
+                raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} is not a "
+                                f"multiple of the alignment {alignment}")
+            view = self._view(buf, name, dims, type_id, data_start + offset)
+            self.tensors[name] = view
+            if view.n_bytes:
+                spans.append((offset, offset + view.n_bytes, name))
+        _check_disjoint(spans, self.path)
 
     def _view(self, buf: np.ndarray, name: str, dims: list[int], type_id: int,
               start: int) -> TensorView:
@@ -135,8 +183,13 @@ class GGUFFile:
             raise UnsupportedModelError(
                 f"{self.path}: tensor {name!r} has unknown quant type id {type_id}") from None
         block, block_bytes = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(dims, dtype=np.int64))
-        if dims and dims[0] % block:
+        n = 1
+        for d in dims:  # exact: Python ints do not wrap as an int64 product would
+            n *= d
+        if max(dims) > _INT64_MAX or n > _INT64_MAX or n // block * block_bytes > _INT64_MAX:
+            raise GGUFError(f"{self.path}: tensor {name!r} of dimensions {dims} has 2^63 "
+                            "elements or bytes or more")
+        if dims[0] % block:
             raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} elements is not a "
                             f"multiple of the {qtype.name} block size {block}")
         end = start + n // block * block_bytes
@@ -156,3 +209,13 @@ class GGUFFile:
         if default is _MISSING:
             raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
         return default
+
+
+def _check_disjoint(spans: list[tuple[int, int, str]], path: str) -> None:
+    """Tensor data ranges [start, end) of the data section must not overlap (llama.cpp
+    refuses such files; two weights sharing bytes are a corrupt or crafted file)."""
+    spans = sorted(spans)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise GGUFError(f"{path}: tensor {second!r} data (from offset {start}) overlaps "
+                            f"tensor {first!r} (up to offset {end})")

@@ -45,6 +45,11 @@ def inspect(f: GGUFFile) -> ModelSpec:
 def _check_tensors(f: GGUFFile, table: dict[str, TensorSpec], n_layers: int) -> None:
     expected: set[str] = set()
     for spec in table.values():
+        # Metadata that derives a dimension of 0 or less (a zero FFN width, key_length below
+        # the rotary dims) names no real tensor, whatever the file holds.
+        if any(not isinstance(d, int) or d <= 0 for d in spec.shape):
+            raise TensorError(f"{f.path}: the metadata gives tensor {spec.gguf_name!r} the "
+                              f"shape {spec.shape}; every dimension must be positive")
         for name in spec.names(n_layers):
             expected.add(name)
             t = f.tensors.get(name)
