@@ -111,8 +111,16 @@ class Pool {
     poll_for_ = std::chrono::microseconds(poll_micros());
     stop_ = false;
     const std::vector<int> cpus = place(threads);
+    // The generation a new worker has seen is the one before it was started, not what it
+    // reads once running: a job published in between (a fixed one waits for every thread)
+    // must not look old to it.
+    uint32_t started_at;
+    {
+      std::lock_guard<std::mutex> lock(wake_mutex_);
+      started_at = generation_;
+    }
     for (int i = 1; i < threads; ++i) {
-      workers_.emplace_back([this, i] { worker_loop(i); });
+      workers_.emplace_back([this, i, started_at] { worker_loop(i, started_at); });
       if (!cpus.empty()) pin(workers_.back(), cpus[i]);
     }
   }
@@ -210,9 +218,8 @@ class Pool {
     job->remaining.fetch_sub(1, std::memory_order_acq_rel);
   }
 
-  void worker_loop(int self) {
+  void worker_loop(int self, uint32_t seen) {
     t_in_parallel = true;
-    uint32_t seen = gen_of(ticket_.load(std::memory_order_acquire));
     for (;;) {
       uint32_t gen = poll(seen);
       if (gen == seen) {

@@ -84,3 +84,32 @@ def test_numa_nodes_split_the_work_and_keep_results(tmp_path):
     assert split["moe"] == single["moe"]
     unpinned = _split_run(tmp_path, KTJAX_NUMA_NODES_DIR=str(nodes), KTJAX_PIN_THREADS="0")
     assert unpinned["nodes"] == 1
+
+
+_RESTARTED_POOL_RUNS = """
+import numpy as np
+from ktjax import _native
+from ktjax.host import linear as hl
+h = hl.pack_float_weight(np.ones((64, 64), np.float32), "int8")
+for _ in range(300):
+    _native.set_num_threads(2)                             # fresh workers ...
+    hl.linear_forward(np.ones((4, 64), np.float32), h)     # ... and at once a job per node
+print(_native.num_nodes())
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_fresh_workers_take_a_job_published_before_they_run(tmp_path):
+    """A node-split job waits for every thread's part: a worker that first read the pool's
+    generation after the job was published took the job for an old one and slept through
+    it, and the caller spun for ever."""
+    cpus = sorted(os.sched_getaffinity(0))
+    nodes = tmp_path / "nodes"
+    for node, cpu in enumerate(cpus[:2]):
+        (nodes / f"node{node}").mkdir(parents=True)
+        (nodes / f"node{node}" / "cpulist").write_text(f"{cpu}\n")
+    out = subprocess.run([sys.executable, "-c", _RESTARTED_POOL_RUNS], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "KTJAX_NUMA_NODES_DIR": str(nodes)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2"]
