@@ -31,12 +31,19 @@ KeyRange visible_context(const AttentionProblem& p, int64_t b, int64_t qp) {
 
 // How the problem is cut into independent work items: each query (row, token) is split into
 // head chunks (each head reads its KV group; all groups of a token lie together, so a chunk
-// of every head streams the cache front to back) and key splits (partials merged afterwards)
-// until there are about two items per thread.
+// of every head streams the cache front to back) and key splits (partials merged afterwards).
+// Head chunks follow the step's size (a head's result does not depend on its chunk); key
+// splits cut the cached positions at fixed multiples of split_keys, so where a query's keys
+// split (and so its float result) depends on that query's own context alone, never on how
+// many queries or context pages the step has. A query's new keys join the split of its last
+// cached position. Splits past a query's context are empty and merge as nothing.
 struct Plan {
-  int64_t head_chunks, heads_per_chunk, key_splits;
+  int64_t head_chunks, heads_per_chunk, key_splits, split_keys;
   int64_t items_per_query() const { return head_chunks * key_splits; }
 };
+
+// Cached positions per key split: a multiple of the page size, so splits cut no page run.
+constexpr int64_t kSplitKeys = 256;
 
 Plan make_plan(const AttentionProblem& p) {
   const int64_t queries = p.batch * p.tokens;
@@ -46,10 +53,10 @@ Plan make_plan(const AttentionProblem& p) {
   const int64_t chunks = std::max<int64_t>(1, std::min(need, p.heads / 8));
   const int64_t per_chunk = (p.heads + chunks - 1) / chunks;
   const int64_t head_chunks = (p.heads + per_chunk - 1) / per_chunk;
-  // Key splits of at least 4 pages.
-  const int64_t max_splits = std::max<int64_t>(1, p.table_pages / 4);
-  const int64_t splits = std::min(max_splits, (need + head_chunks - 1) / head_chunks);
-  return {head_chunks, per_chunk, std::max<int64_t>(1, splits)};
+  const int64_t split_keys = (kSplitKeys + p.page_size - 1) / p.page_size * p.page_size;
+  const int64_t cached = p.table_pages * p.page_size;
+  const int64_t splits = std::max<int64_t>(1, (cached + split_keys - 1) / split_keys);
+  return {head_chunks, per_chunk, splits, split_keys};
 }
 
 }  // namespace
@@ -103,10 +110,11 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
       const int64_t h0 = chunk * plan.heads_per_chunk;
       const int64_t n = std::min(plan.heads_per_chunk, p.heads - h0);
       KeyRange keys = visible_context(p, bt / p.tokens, p.positions[bt]);
-      const int64_t len = keys.ctx_end - keys.ctx_begin;
-      const int64_t begin = keys.ctx_begin + len * split / plan.key_splits;
-      const int64_t end = keys.ctx_begin + len * (split + 1) / plan.key_splits;
-      keys = {begin, end, keys.with_new && split == plan.key_splits - 1};
+      const int64_t lo = split * plan.split_keys, hi = lo + plan.split_keys;
+      const int64_t last = keys.ctx_end > 0 ? keys.ctx_end - 1 : 0;  // picks the new keys' split
+      const int64_t begin = std::max(keys.ctx_begin, lo);
+      keys = {begin, std::max(begin, std::min(keys.ctx_end, hi)),
+              keys.with_new && last / plan.split_keys == split};
       float* part = parts + item * item_floats;
       kern.attend(p, bt / p.tokens, bt % p.tokens, h0, n, keys,
                   Partial{part, part + plan.heads_per_chunk, part + 2 * plan.heads_per_chunk});

@@ -49,9 +49,6 @@ class HostExperts:
 
 HOST_NODES = (HostWeight, HostExperts)
 
-# Rows up to which a LayerStack matmul reads the layer in place (decode steps); longer
-# prefill chunks slice it, a copy their matmul amortizes.
-MAX_STACKED_ROWS = 16
 
 
 @struct.dataclass
@@ -59,8 +56,9 @@ class LayerStack:
     """A per-layer float matrix kept whole, [L, ...], through the scan over layers, for CPU
     programs: inside a scan XLA copies each layer's slice of a scanned weight before using it
     (a dynamic slice), which for MoE routers and MLA up-projections costs more than the
-    matmul. `layer` is bound like HostWeight's; matmuls of few rows read the slice in place
-    through the host kernel (`linear`, `per_head_linear`), anything else takes `value()`."""
+    matmul. `layer` is bound like HostWeight's; matmuls read the slice in place through the
+    host kernel (`linear`, `per_head_linear`: one kernel for every row count, so a row's
+    result does not depend on the step's size), anything else takes `value()`."""
 
     stack: jax.Array
     layer: jax.Array | None = None
@@ -92,7 +90,7 @@ def per_head_linear(x: jax.Array, w) -> jax.Array:
     LayerStack of [L, G, N, K]."""
     lead = x.shape[:-2]
     rows = int(np.prod(lead))
-    if isinstance(w, LayerStack) and rows <= MAX_STACKED_ROWS:
+    if isinstance(w, LayerStack):
         from ktjax.host.stacked import stacked_matvec
         y = stacked_matvec(x.reshape(rows, *x.shape[-2:]), w.stack, w.layer)
         return y.reshape(*lead, *y.shape[-2:])
@@ -102,10 +100,21 @@ def per_head_linear(x: jax.Array, w) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in float32. GGUF stores Gemma's (1 + w) already folded into `weight`."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+    """RMSNorm in float32. GGUF stores Gemma's (1 + w) already folded into `weight`.
+
+    On CPU the host kernel runs it (each row summed in order): XLA CPU's reduction order
+    follows the array's shape, so a row normalized among 8 rows differed in the last bit
+    from the same row alone, and greedy output depended on the batch."""
+    x32, w32 = x.astype(jnp.float32), weight.astype(jnp.float32)
+
+    def xla(x32, w32):
+        return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * w32
+
+    def host(x32, w32):
+        from ktjax.host.ffi import rms_norm as host_rms_norm
+        return host_rms_norm(x32, w32, eps)
+
+    return jax.lax.platform_dependent(x32, w32, cpu=host, default=xla).astype(x.dtype)
 
 
 # Projections of one input that the loader may fuse into one host weight (one kernel call,
