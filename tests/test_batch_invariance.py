@@ -242,3 +242,16 @@ def test_stacked_matvec_rows_alone(isa):
     x = rng.standard_normal((max(ROW_COUNTS), 3, 72), dtype=np.float32)
     f = jax.jit(lambda xs: stacked_matvec(xs, stack, jnp.int32(1)))
     assert_rows_alone_equal(lambda xs: np.asarray(f(xs)), x)
+
+
+def test_int8_row_same_on_every_level(store):
+    """int8_row weights: every level sums all of K in int32 and scales once, as the AMX tiles
+    do, so results agree bit for bit across levels (and AMX needs no other formula)."""
+    from isa_levels import ISAS
+    rng = np.random.default_rng(13)
+    h = hl.pack_float_weight(rng.standard_normal((72, 300), dtype=np.float32), "int8_row")
+    store.append(h)
+    x = rng.standard_normal((20, 300), dtype=np.float32)
+    want = hl.linear_reference(x, h)
+    for level in ISAS:
+        np.testing.assert_array_equal(hl.linear_forward(x, h, level), want, err_msg=level)

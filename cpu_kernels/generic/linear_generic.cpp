@@ -111,6 +111,11 @@ void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, f
         float acc = 0.f;
         if (a.bf16) {
           for (int64_t k = 0; k < w.kp; ++k) acc += wrow[k] * bf16_to_f32(a.bf[t * a.kp + k]);
+        } else if (w.scale_enc == ScaleEnc::Row) {  // all of K in int32, as the AMX tiles
+          int64_t c = 0;  // the biased weights' products
+          for (int64_t k = 0; k < w.kp; ++k) c += (stored_q(w, blk, r, k) + 128) * a.q[t * a.kp + k];
+          acc = coef(w, blk, r, 0, false) *
+                std::fma(a.scale[t * groups], static_cast<float>(static_cast<int32_t>(c)), -128.f * a.row_bsum[t]);
         } else {
           for (int64_t g = 0; g < groups; ++g) {
             int dot = 0;

@@ -85,8 +85,12 @@ void unpack_int4(const PackedWeight& w, int64_t rb, uint8_t* out) {
 
 // RB row blocks x TT tokens; G values per group; Int4 (with kHi bit planes: 4 + kHi bits)
 // or (biased) Int8 weights. kUnpacked: the int4 values come from `unpacked` (unpack_int4 of
-// the RB row blocks, unpacked_bytes apart).
-template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch, bool kUnpacked = false>
+// the RB row blocks, unpacked_bytes apart). kRow (int8 with Row scales): all of K sums in
+// int32 and is scaled once, y = s_w * (d * C - 128 * row_bsum) with C the biased weights'
+// products, as the AMX tiles compute it, so a token's result is the same whichever path its
+// call's token count picks (and on every ISA level).
+template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch, bool kUnpacked = false,
+          bool kRow = false>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy, const uint8_t* unpacked = nullptr) {
   using I = typename V::I;
@@ -105,12 +109,13 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   // Unpacked weights were just read whole by unpack_int4: nothing ahead to fetch.
   constexpr int pf = kPrefetch && !kUnpacked ? kPrefetchGroups : 0;
 
+  I iacc[RB][TT];
   for (int64_t g = 0; g < groups; ++g) {
-    I iacc[RB][TT];
     const uint8_t* rec[RB];
     for (int r = 0; r < RB; ++r) {
       rec[r] = blk[r] + w.group_off(g);
-      for (int t = 0; t < TT; ++t) iacc[r][t] = V::zero_i();
+      if (!kRow || g == 0)
+        for (int t = 0; t < TT; ++t) iacc[r][t] = V::zero_i();
       if (pf > 0 && g + pf < groups) {
         const uint8_t* ahead = blk[r] + w.group_off(g + pf);
         for (int64_t off = 0; off < w.rec_bytes; off += 64) V::prefetch(ahead + off);
@@ -154,6 +159,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
         }
       }
     }
+    if (kRow) continue;
     for (int r = 0; r < RB; ++r) {
       const F s = load_coef<V>(w, blk[r], rec[r], g, 0);
       F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
@@ -162,6 +168,22 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       for (int t = 0; t < TT; ++t) {
         acc[r][t] = V::fmadd(V::cvt(iacc[r][t]), V::mul(s, V::set1(xs[t * groups + g])), acc[r][t]);
         acc[r][t] = V::fmadd(m, V::set1(xb[t * groups + g]), acc[r][t]);
+      }
+    }
+  }
+  if constexpr (kRow) {
+    // Unbiased dot products (AVX2's sign trick) lack 128 * sum(q_x): add it in int32.
+    int32_t bias[TT] = {};
+    if (!V::kInt8DotBiased)
+      for (int t = 0; t < TT; ++t) {
+        for (int64_t k = 0; k < a.kp; ++k) bias[t] += xq[t][k];
+        bias[t] *= 128;
+      }
+    for (int r = 0; r < RB; ++r) {
+      const F s = load_coef<V>(w, blk[r], blk[r], 0, 0);
+      for (int t = 0; t < TT; ++t) {
+        const F c = V::cvt(V::add_i32(iacc[r][t], bias[t]));
+        acc[r][t] = V::mul(s, V::fmadd(V::set1(xs[t * groups]), c, V::set1(-128.f * a.row_bsum[t0 + t])));
       }
     }
   }
@@ -210,6 +232,8 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   }
   // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
   // planes) or 32 (5-bit with a plane).
+  if (w.kind == WeightKind::Int8 && w.scale_enc == ScaleEnc::Row)
+    return tile_int<V, RB, TT, false, 32, 0, kPrefetch, false, true>(w, a, rb0, t0, y, ldy);
   if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
   if (w.group == 16)
     return w.hi_bits ? tile_int<V, RB, TT, true, 16, 2, kPrefetch>(w, a, rb0, t0, y, ldy)

@@ -24,10 +24,27 @@ const LinearKernels& kernels_for(Isa isa) {
   return kernels_generic();
 }
 
+namespace {
+std::atomic<int> g_batch_invariant{-1};  // -1: not read from the environment yet
+}  // namespace
+
+bool batch_invariant() {
+  int v = g_batch_invariant.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("KTJAX_BATCH_INVARIANT");
+    v = env && std::string(env) == "0" ? 0 : 1;
+    g_batch_invariant.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+void set_batch_invariant(bool on) { g_batch_invariant.store(on ? 1 : 0, std::memory_order_relaxed); }
+
 const LinearKernels& reference_kernels(Isa like) {
   const LinearKernels& g = kernels_generic();
+  if (clamp_isa(like) != Isa::Amx || batch_invariant()) return g;
   static const LinearKernels amx_formula{g.prepare, g.gemm, 0, kernels_amx().bf16_group_tokens};
-  return clamp_isa(like) == Isa::Amx ? amx_formula : g;
+  return amx_formula;
 }
 
 void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a, int64_t layout_t) {
@@ -40,7 +57,8 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
   a->kp = w.kp;
   a->group = w.group;
   a->bf16 = w.kind == WeightKind::BF16 || to_bf16;
-  a->tiled = kern.tile_tokens > 0 && n >= kern.tile_tokens && (!grouped || to_bf16);
+  a->tiled = kern.tile_tokens > 0 && n >= kern.tile_tokens &&
+             (grouped ? to_bf16 : w.kind != WeightKind::BF16 || kern.tile_bf16_weights);
   const int64_t rows = (t + 15) / 16 * 16;
   const int64_t bytes = rows * (a->tiled ? a->steps() * 64 : a->row_bytes());
   if (a->bf16) {

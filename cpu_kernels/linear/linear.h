@@ -65,7 +65,18 @@ struct LinearKernels {
   // Calls with at least this many tokens (0: never) on group-scaled int weights take bf16
   // activations and multiply them by the weights dequantized to bf16 (AMX).
   int64_t bf16_group_tokens = 0;
+  // Whether calls of at least tile_tokens on bf16 weights take tiles too (false: they keep
+  // the rows of the kernels below AMX at every token count).
+  bool tile_bf16_weights = true;
 };
+
+// Batch invariance (the default; KTJAX_BATCH_INVARIANT=0 turns it off): a token's result
+// must not depend on its call's token count. On AMX machines that keeps group-scaled int and
+// bf16 weights on the AVX-512 formula at every token count (AMX takes int8_row weights,
+// whose formula every level computes alike); off, calls of >= 16 tokens take the AMX tiles
+// for them too, faster and differing in the last bits from smaller calls.
+bool batch_invariant();
+void set_batch_invariant(bool on);
 
 const LinearKernels& kernels_generic();
 const LinearKernels& kernels_avx2();
