@@ -54,6 +54,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         row_amax = std::fmax(row_amax, std::fabs(x[i * ldx + k]));
       }
     float row_bsum = 0.f;
+    int32_t row_qsum = 0;
     for (int64_t g = 0; g < groups; ++g) {
       float v[32] = {};
       for (int64_t j = 0; j < G; ++j) {
@@ -79,8 +80,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
       row_bsum += out->bsum[i * groups + g];
+      row_qsum += sum;
     }
-    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum;
+    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum, out->row_qsum[i] = row_qsum;
   }
   return true;
 }

@@ -172,17 +172,11 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
     }
   }
   if constexpr (kRow) {
-    // Unbiased dot products (AVX2's sign trick) lack 128 * sum(q_x): add it in int32.
-    int32_t bias[TT] = {};
-    if (!V::kInt8DotBiased)
-      for (int t = 0; t < TT; ++t) {
-        for (int64_t k = 0; k < a.kp; ++k) bias[t] += xq[t][k];
-        bias[t] *= 128;
-      }
     for (int r = 0; r < RB; ++r) {
       const F s = load_coef<V>(w, blk[r], blk[r], 0, 0);
       for (int t = 0; t < TT; ++t) {
-        const F c = V::cvt(V::add_i32(iacc[r][t], bias[t]));
+        // Unbiased dot products (AVX2's sign trick) lack 128 * sum(q_x): add it in int32.
+        const F c = V::cvt(V::kInt8DotBiased ? iacc[r][t] : V::add_i32(iacc[r][t], 128 * a.row_qsum[t0 + t]));
         acc[r][t] = V::mul(s, V::fmadd(V::set1(xs[t * groups]), c, V::set1(-128.f * a.row_bsum[t0 + t])));
       }
     }
@@ -344,6 +338,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         row_amax = m > row_amax ? m : row_amax;
       }
     float row_bsum = 0.f;
+    int32_t row_qsum = 0;
     for (int64_t g = 0; g < groups; ++g) {
       const float* src = group_src(g);
       if (!per_token && !finite(src)) return false;
@@ -358,8 +353,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
       row_bsum += out->bsum[i * groups + g];
+      row_qsum += sum;
     }
-    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum;
+    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum, out->row_qsum[i] = row_qsum;
   }
   return true;
 }

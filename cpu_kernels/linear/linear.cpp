@@ -68,6 +68,7 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
     a->scale.resize(static_cast<size_t>(rows * w.groups()));
     a->bsum.resize(a->scale.size());
     a->row_bsum.resize(static_cast<size_t>(w.scale_enc == ScaleEnc::Row ? rows : 0));
+    a->row_qsum.resize(a->row_bsum.size());
   }
 }
 
@@ -91,7 +92,7 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
   const int64_t groups = src.kp / src.group;
   std::memcpy(&dst->scale[i * groups], &src.scale[r * groups], groups * 4);
   std::memcpy(&dst->bsum[i * groups], &src.bsum[r * groups], groups * 4);
-  if (!src.row_bsum.empty()) dst->row_bsum[i] = src.row_bsum[r];
+  if (!src.row_bsum.empty()) dst->row_bsum[i] = src.row_bsum[r], dst->row_qsum[i] = src.row_qsum[r];
 }
 
 bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,

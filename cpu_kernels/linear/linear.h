@@ -37,6 +37,7 @@ struct QuantActs {
   std::vector<float> scale;    // [t, kp / group]
   std::vector<float> bsum;     // [t, kp / group]: scale * sum(q) of the group
   std::vector<float> row_bsum; // [t], per-token scales (Row weights) only: the row's bsum total
+  std::vector<int32_t> row_qsum;  // [t], Row weights only: sum(q) of the token's row
   AlignedVector<uint16_t> bf;  // [t, kp] (or tiled) bf16 bits, zero-padded (bf16 weights)
 
   int64_t row_bytes() const { return bf16 ? 2 * kp : kp; }
