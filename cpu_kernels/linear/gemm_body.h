@@ -109,13 +109,16 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   // Unpacked weights were just read whole by unpack_int4: nothing ahead to fetch.
   constexpr int pf = kPrefetch && !kUnpacked ? kPrefetchGroups : 0;
 
-  I iacc[RB][TT];
+  I itot[RB][TT];  // kRow: all groups' int32 sums (each group sums apart, so the chains of
+                   // dependent dot products stay one group long; int adds are exact)
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) itot[r][t] = V::zero_i();
   for (int64_t g = 0; g < groups; ++g) {
+    I iacc[RB][TT];
     const uint8_t* rec[RB];
     for (int r = 0; r < RB; ++r) {
       rec[r] = blk[r] + w.group_off(g);
-      if (!kRow || g == 0)
-        for (int t = 0; t < TT; ++t) iacc[r][t] = V::zero_i();
+      for (int t = 0; t < TT; ++t) iacc[r][t] = V::zero_i();
       if (pf > 0 && g + pf < groups) {
         const uint8_t* ahead = blk[r] + w.group_off(g + pf);
         for (int64_t off = 0; off < w.rec_bytes; off += 64) V::prefetch(ahead + off);
@@ -159,7 +162,11 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
         }
       }
     }
-    if (kRow) continue;
+    if (kRow) {
+      for (int r = 0; r < RB; ++r)
+        for (int t = 0; t < TT; ++t) itot[r][t] = V::add_i(itot[r][t], iacc[r][t]);
+      continue;
+    }
     for (int r = 0; r < RB; ++r) {
       const F s = load_coef<V>(w, blk[r], rec[r], g, 0);
       F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
@@ -176,7 +183,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       const F s = load_coef<V>(w, blk[r], blk[r], 0, 0);
       for (int t = 0; t < TT; ++t) {
         // Unbiased dot products (AVX2's sign trick) lack 128 * sum(q_x): add it in int32.
-        const F c = V::cvt(V::kInt8DotBiased ? iacc[r][t] : V::add_i32(iacc[r][t], 128 * a.row_qsum[t0 + t]));
+        const F c = V::cvt(V::kInt8DotBiased ? itot[r][t] : V::add_i(itot[r][t], V::set1_i(128 * a.row_qsum[t0 + t])));
         acc[r][t] = V::mul(s, V::fmadd(V::set1(xs[t * groups]), c, V::set1(-128.f * a.row_bsum[t0 + t])));
       }
     }
