@@ -25,6 +25,16 @@ T = gguf.GGMLQuantizationType
 ROW_COUNTS = (2, 3, 4, 5, 8, 15, 16, 17, 31, 32, 33, 64, 70)
 
 
+@pytest.fixture(autouse=True)
+def invariant_mode():
+    """The default mode, whatever KTJAX_BATCH_INVARIANT says (it only matters on AMX)."""
+    from ktjax import _native
+    was = _native.batch_invariant()
+    _native.set_batch_invariant(True)
+    yield
+    _native.set_batch_invariant(was)
+
+
 def assert_rows_alone_equal(f, x: np.ndarray) -> None:
     """f(x[:m]) row by row equals f(x[i:i + 1]) for every m in ROW_COUNTS, bit for bit."""
     alone = np.concatenate([f(x[i:i + 1]) for i in range(len(x))])
