@@ -64,18 +64,14 @@ class HostExperts:
 
 HOST_NODES = (HostWeight, HostExperts)
 
-# Rows up to which a LayerStack matmul reads the layer in place (decode steps); longer
-# prefill chunks slice it, a copy their matmul amortizes.
-MAX_STACKED_ROWS = 16
-
-
 @struct.dataclass
 class LayerStack:
     """A per-layer float matrix kept whole, [L, ...], through the scan over layers, for CPU
     programs: inside a scan XLA copies each layer's slice of a scanned weight before using it
     (a dynamic slice), which for MoE routers and MLA up-projections costs more than the
-    matmul. `layer` is bound like HostWeight's; matmuls of few rows read the slice in place
-    through the host kernel, anything else takes the slice."""
+    matmul. `layer` is bound like HostWeight's; matmuls read the slice in place through the
+    host kernel (one kernel for every row count, so a row's result does not depend on the
+    step's size), anything else takes the slice."""
 
     stack: jax.Array
     layer: jax.Array | None = None
@@ -138,7 +134,7 @@ def per_head_linear(w, x: jax.Array) -> jax.Array:
     LayerStack of [L, G, N, K]."""
     lead = x.shape[:-2]
     rows = int(np.prod(lead))
-    if isinstance(w, LayerStack) and rows <= MAX_STACKED_ROWS:
+    if isinstance(w, LayerStack):
         y = stacked_matvec(x.reshape(rows, *x.shape[-2:]), w.stack, w.layer)
         return y.reshape(*lead, *y.shape[-2:])
     w = as_array(w)

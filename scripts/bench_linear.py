@@ -5,7 +5,7 @@ copies of the weight that they exceed the caches (rotating over them per call), 
 calls in C++ (no Python per call), and reports µs per call, weight GB/s, GFLOPS and the
 fraction of read bandwidth measured in the same run.
 
-    python scripts/bench_linear.py [--tokens 1,32] [--formats q4_1,q4_k,q8_0,int8,int4,bf16]
+    python scripts/bench_linear.py [--tokens 1,32] [--formats q4_1,q4_k,q8_0,int8,int8_row,int4,bf16]
                                    [--isa avx512] [--threads N] [--json out.json]
 """
 
@@ -30,7 +30,7 @@ MODELS = {
 }
 GGUF_FORMATS = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0,
                 "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
-FLOAT_FORMATS = ("int8", "int4", "bf16")
+FLOAT_FORMATS = ("int8", "int8_row", "int4", "bf16")
 
 
 def make_weight(fmt: str, n: int, k: int, rng: np.random.Generator) -> int:

@@ -13,7 +13,8 @@ also measures the AMX compute roofline (amx_peak_tops: int8 tile products on eve
 no loads; it moves between instances of a shared host), and peak_fraction is TFLOPS over
 it, halved for the formats the AMX kernels multiply in bf16 tiles (all but int8_row). The
 AMX kernels take experts with 16 or more tokens; fewer run on AVX-512, for which the
-fraction is only a distance. With --json, one JSON line per measurement goes to stdout.
+fraction is only a distance. Formats other than int8_row take the tiles only with
+KTJAX_BATCH_INVARIANT=0 (by default they stay on AVX-512: see docs/kernel-notes.md). With --json, one JSON line per measurement goes to stdout.
 """
 
 from __future__ import annotations

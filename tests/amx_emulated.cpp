@@ -158,10 +158,55 @@ void check_moe(const std::string& fmt, int64_t tokens, std::mt19937& rng) {
          worst);
 }
 
+// Batch invariance (the default mode): every token of calls of 2-70 tokens equals, bit for
+// bit, the same token computed alone (one token: the AVX-512 decode tiles; from 16 tokens
+// int8_row weights take the AMX tiles, the others the AVX-512 prefill tiles).
+void check_rows_alone(const std::string& name, const PackedWeight& w, std::mt19937& rng) {
+  const int64_t tmax = 70, rbs = w.row_blocks();
+  const std::vector<float> x = randn(tmax * w.k, rng);
+  std::vector<float> alone(tmax * w.n);
+  for (int64_t i = 0; i < tmax; ++i) {
+    Out one(1, w.n);
+    run_gemm(kernels_amx(), w, std::vector<float>(x.begin() + i * w.k, x.begin() + (i + 1) * w.k), 1, {0, rbs}, &one);
+    std::copy(one.y.begin(), one.y.begin() + w.n, alone.begin() + i * w.n);
+  }
+  for (int64_t t : {2, 15, 16, 17, 33, 64, 70}) {
+    Out all(t, w.n);
+    run_gemm(kernels_amx(), w, x, t, {0, rbs}, &all);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < w.n; ++j) differ += all.y[i * all.ldy + j] != alone[i * w.n + j];
+    report(differ == 0, name + " t " + std::to_string(t) + ": outputs differing from the token alone", double(differ));
+  }
+}
+
+void check_moe_rows_alone(const std::string& fmt, std::mt19937& rng) {
+  const int64_t E = 6, H = 320, I = 208, K = 2, tokens = 70;
+  auto ex = pack_experts_float(randn(E * I * H, rng, 0.1f).data(), randn(E * I * H, rng, 0.1f).data(),
+                               randn(E * H * I, rng, 0.1f).data(), E, H, I, fmt);
+  const ExpertSet experts = expert_set(*ex, 0);
+  const std::vector<float> x = randn(tokens * H, rng);
+  std::vector<int32_t> ids(tokens * K);  // expert 0 crowded (>= 16 tokens), the others not
+  std::uniform_int_distribution<int> u(1, E - 1);
+  for (int64_t t = 0; t < tokens; ++t) ids[t * K] = 0, ids[t * K + 1] = u(rng);
+  const std::vector<float> wts(tokens * K, 0.5f);
+  std::vector<float> all(tokens * H), one(H);
+  moe_forward(experts, MoeArgs{x.data(), ids.data(), wts.data(), tokens, K, all.data()}, Isa::Amx);
+  int64_t differ = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    moe_forward(experts, MoeArgs{x.data() + t * H, ids.data() + t * K, wts.data() + t * K, 1, K, one.data()}, Isa::Amx);
+    for (int64_t j = 0; j < H; ++j) differ += one[j] != all[t * H + j];
+  }
+  report(differ == 0, "moe " + fmt + " t 70: outputs differing from the token alone", double(differ));
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(1);
+  // The AMX tiles for every format they serve (KTJAX_BATCH_INVARIANT=0), against the scalar
+  // kernels computing their formula.
+  set_batch_invariant(false);
   // k 4000: at 257 and 1024 tokens A outgrows the L2 budget (K chunks; 1024 also forms
   // token groups); k 96 and 1000 pad K.
   for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{45, 1000}, {64, 96}, {33, 4000}})
@@ -177,6 +222,19 @@ int main() {
   }
   for (const char* fmt : {"int8_row", "bf16", "int8", "int4"})
     for (int64_t t : {16, 70, 300}) check_moe(fmt, t, rng);
+  // The default, batch-invariant mode: the same checks of the formula, and rows alone.
+  set_batch_invariant(true);
+  for (const char* fmt : {"int8_row", "bf16", "int8", "int4"}) {
+    const auto w = pack_float(randn(45 * 1000, rng).data(), 45, 1000, fmt);
+    for (int64_t t : {1, 16, 33}) check_linear(std::string(fmt) + " invariant", *w, t, rng);
+    check_rows_alone(std::string(fmt) + " invariant", *w, rng);
+    check_moe_rows_alone(fmt, rng);
+  }
+  {
+    const std::vector<uint8_t> raw = random_gguf(GgmlType::Q4_K, 40, 768, rng);
+    const auto w = pack_gguf(raw.data(), raw.size(), static_cast<int>(GgmlType::Q4_K), 40, 768);
+    check_rows_alone("q4_k invariant", *w, rng);
+  }
   std::printf("%d of %d checks failed\n", g_failed, g_checks);
   return g_failed != 0;
 }

@@ -83,12 +83,14 @@ def test_latent_values_in_keys(isa):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_long_chunks_use_the_reference():
-    problem = make_problem(np.random.default_rng(5), tokens=paged_attention_cpu.MAX_KERNEL_TOKENS + 1,
-                           page_size=16, table_pages=3, pages=12)
+def test_long_chunks_run_in_the_kernel(isa):
+    """Prefill chunks too (one kernel for every step size keeps rows batch-invariant), with
+    cached keys past the 256-key split."""
+    problem = make_problem(np.random.default_rng(5), rows=2, tokens=40, page_size=16,
+                           table_pages=20, pages=48)
     hlo = jax.jit(lambda *a: paged_attention_cpu.paged_attention(*a, scale=0.1)).lower(
         *problem.values()).as_text()
-    assert "ktjax_paged_attention" not in hlo
+    assert "ktjax_paged_attention" in hlo
     got, want = both(problem, scale=0.1)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 

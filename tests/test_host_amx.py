@@ -3,7 +3,8 @@
 Calls with >= 16 tokens take the AMX tiles; they are compared with the scalar reference
 computing AMX's formula (int8 dot products for per-row int8 weights; bf16 products for
 bf16 weights and for group-scaled weights dequantized to bf16): |dy| <= 1e-4 * B,
-B = |W| @ |x|.
+B = |W| @ |x|. Every test runs in both modes: batch-invariant (the default: only int8_row
+weights take the tiles) and not (KTJAX_BATCH_INVARIANT=0: every format does).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from test_host_linear import check_close, random_gguf
 pytestmark = [pytest.mark.amx,
               pytest.mark.skipif(_native.detected_isa() != "amx", reason="needs a CPU with AMX")]
 T = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["invariant", "fast"])
+def invariance_mode(request):
+    _native.set_batch_invariant(request.param)
+    yield request.param
+    _native.set_batch_invariant(True)
 
 
 def check_amx_linear(source, tokens, n, k):

@@ -23,11 +23,11 @@ def test_matches_einsum(isa, dtype, rows, groups, n, k):
 
 def test_layer_stack_in_a_scan_reads_each_layer():
     """linear/per_head_linear on a LayerStack bound by the scan index equal the sliced matmul,
-    for decode rows (host kernel) and a long chunk (slice + einsum)."""
+    for decode rows and a long chunk (the host kernel for both)."""
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((4, 6, 32)), jnp.float32)
     stack = weights.LayerStack(w)
-    for rows in (1, weights.MAX_STACKED_ROWS + 1):
+    for rows in (1, 17, 100):
         x = jnp.asarray(rng.standard_normal((rows, 32)), jnp.float32)
 
         def step(carry, i):

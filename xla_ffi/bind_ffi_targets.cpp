@@ -12,6 +12,7 @@ void bind_ffi_targets(py::module_& m) {
       "ffi_targets",
       [] {
         py::dict targets;
+        targets["ktjax_rms_norm_f32"] = py::capsule(reinterpret_cast<void*>(&KtjaxRmsNormF32));
         targets["ktjax_linear_layered"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayered));
         targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayered));

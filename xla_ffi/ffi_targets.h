@@ -5,6 +5,9 @@
 
 namespace ktjax {
 
+// ktjax_rms_norm_f32: x f32[..., H], w f32[H], attr eps: f32 -> f32 like x
+// (xla_ffi/rms_norm_ffi.cpp).
+extern "C" XLA_FFI_Error* KtjaxRmsNormF32(XLA_FFI_CallFrame* call_frame);
 // ktjax_linear_layered: x f32[..., K], layer s32[], attr handles: int64[L] -> f32[..., N]
 // (xla_ffi/linear_ffi.cpp).
 extern "C" XLA_FFI_Error* KtjaxLinearLayered(XLA_FFI_CallFrame* call_frame);

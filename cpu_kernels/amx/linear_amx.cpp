@@ -424,8 +424,10 @@ void gemm_amx(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb
 
 const LinearKernels& kernels_amx() {
   // prepare is AVX-512's: it writes tiled rows as well (QuantActs::q_at).
-  static const LinearKernels k{kernels_avx512().prepare, &gemm_amx, kAmxMinTokens, kAmxMinTokens};
-  return k;
+  static const LinearKernels fast{kernels_avx512().prepare, &gemm_amx, kAmxMinTokens, kAmxMinTokens};
+  // Batch-invariant: tiles only for int8_row weights, whose AVX-512 formula is the tiles'.
+  static const LinearKernels invariant{kernels_avx512().prepare, &gemm_amx, kAmxMinTokens, 0, false};
+  return batch_invariant() ? invariant : fast;
 }
 
 }  // namespace ktjax

@@ -31,12 +31,24 @@ KeyRange visible_context(const AttentionProblem& p, int64_t b, int64_t qp) {
 
 // How the problem is cut into independent work items: each query (row, token) is split into
 // head chunks (each head reads its KV group; all groups of a token lie together, so a chunk
-// of every head streams the cache front to back) and key splits (partials merged afterwards)
-// until there are about two items per thread.
+// of every head streams the cache front to back) and key splits (partials merged afterwards).
+// Head chunks follow the step's size (a head's result does not depend on its chunk); key
+// splits cut the cached positions at fixed multiples of split_keys, so where a query's keys
+// split (and so its float result) depends on that query's own context alone, never on how
+// many queries or context pages the step has. A query's new keys join the split of its last
+// cached position. Splits past a query's context are empty and merge as nothing.
+// Few queries (decode) make each (query, head chunk, split) a work item and merge the splits
+// after; many make each (query, head chunk) an item that folds its splits one after another
+// and merges them itself, so no step holds every split's partial at once. Both merge the same
+// partials in the same order.
 struct Plan {
-  int64_t head_chunks, heads_per_chunk, key_splits;
-  int64_t items_per_query() const { return head_chunks * key_splits; }
+  int64_t head_chunks, heads_per_chunk, key_splits, split_keys;
+  bool split_items;
+  int64_t items_per_query() const { return head_chunks * (split_items ? key_splits : 1); }
 };
+
+// Cached positions per key split: a multiple of the page size, so splits cut no page run.
+constexpr int64_t kSplitKeys = 256;
 
 Plan make_plan(const AttentionProblem& p) {
   const int64_t queries = p.batch * p.tokens;
@@ -46,10 +58,45 @@ Plan make_plan(const AttentionProblem& p) {
   const int64_t chunks = std::max<int64_t>(1, std::min(need, p.heads / 8));
   const int64_t per_chunk = (p.heads + chunks - 1) / chunks;
   const int64_t head_chunks = (p.heads + per_chunk - 1) / per_chunk;
-  // Key splits of at least 4 pages.
-  const int64_t max_splits = std::max<int64_t>(1, p.table_pages / 4);
-  const int64_t splits = std::min(max_splits, (need + head_chunks - 1) / head_chunks);
-  return {head_chunks, per_chunk, std::max<int64_t>(1, splits)};
+  const int64_t split_keys = (kSplitKeys + p.page_size - 1) / p.page_size * p.page_size;
+  const int64_t cached = p.table_pages * p.page_size;
+  const int64_t splits = std::max<int64_t>(1, (cached + split_keys - 1) / split_keys);
+  return {head_chunks, per_chunk, splits, split_keys, queries * head_chunks < want};
+}
+
+// Key split s of query bt: its cached keys inside [s, s + 1) * split_keys, and the new keys
+// in the split of its last cached position.
+KeyRange split_range(const AttentionProblem& p, const Plan& plan, int64_t bt, int64_t s) {
+  const KeyRange keys = visible_context(p, bt / p.tokens, p.positions[bt]);
+  const int64_t lo = s * plan.split_keys, hi = lo + plan.split_keys;
+  const int64_t last = keys.ctx_end > 0 ? keys.ctx_end - 1 : 0;
+  const int64_t begin = std::max(keys.ctx_begin, lo);
+  return {begin, std::max(begin, std::min(keys.ctx_end, hi)), keys.with_new && last / plan.split_keys == s};
+}
+
+constexpr float kNone = -std::numeric_limits<float>::infinity();
+
+// The key splits of heads [0, n) of a chunk (split s's partial at first + s * item_floats,
+// m and l for heads_per_chunk heads, then acc) into out (head h at out + h * vd):
+// out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), splits in order.
+void merge_splits(const Plan& plan, const float* first, int64_t item_floats, int64_t n, int64_t vd,
+                  float* out) {
+  for (int64_t h = 0; h < n; ++h, out += vd) {
+    float mx = kNone;
+    for (int64_t s = 0; s < plan.key_splits; ++s) mx = std::max(mx, first[s * item_floats + h]);
+    std::fill(out, out + vd, 0.f);
+    if (mx == kNone) continue;  // no visible key (padding query)
+    float denom = 0.f;
+    for (int64_t s = 0; s < plan.key_splits; ++s) {
+      const float* part = first + s * item_floats;
+      if (part[h] == kNone) continue;
+      const float w = std::exp(part[h] - mx);
+      denom += part[plan.heads_per_chunk + h] * w;
+      const float* acc = part + 2 * plan.heads_per_chunk + h * vd;
+      for (int64_t d = 0; d < vd; ++d) out[d] += acc[d] * w;
+    }
+    for (int64_t d = 0; d < vd; ++d) out[d] /= denom;
+  }
 }
 
 }  // namespace
@@ -89,60 +136,51 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
   const Plan plan = make_plan(p);
   const int64_t vd = p.value_dim, queries = p.batch * p.tokens;
   const int64_t items = queries * plan.items_per_query();
-  // Per item: m and l for its heads, then acc [heads, vd].
+  // Per split: m and l for the chunk's heads, then acc [heads, vd].
   const int64_t item_floats = plan.heads_per_chunk * (2 + vd);
   thread_local std::vector<float> partials;
-  partials.resize(static_cast<size_t>(items * item_floats));
+  if (plan.split_items) partials.resize(static_cast<size_t>(items * item_floats));
   float* parts = partials.data();
 
+  // Split s of query bt, heads [h0, h0 + n), into part; an empty split is marked so.
+  auto fold = [&](int64_t bt, int64_t s, int64_t h0, int64_t n, float* part) {
+    const KeyRange keys = split_range(p, plan, bt, s);
+    if (keys.ctx_begin == keys.ctx_end && !keys.with_new) {
+      std::fill(part, part + n, kNone);
+      return;
+    }
+    kern.attend(p, bt / p.tokens, bt % p.tokens, h0, n, keys,
+                Partial{part, part + plan.heads_per_chunk, part + 2 * plan.heads_per_chunk});
+  };
   auto run = [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> own;  // one (query, head chunk)'s splits
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t bt = item / plan.items_per_query();
-      const int64_t chunk = item % plan.items_per_query() / plan.key_splits;
-      const int64_t split = item % plan.key_splits;
+      const int64_t rest = item % plan.items_per_query();
+      const int64_t chunk = plan.split_items ? rest / plan.key_splits : rest;
       const int64_t h0 = chunk * plan.heads_per_chunk;
       const int64_t n = std::min(plan.heads_per_chunk, p.heads - h0);
-      KeyRange keys = visible_context(p, bt / p.tokens, p.positions[bt]);
-      const int64_t len = keys.ctx_end - keys.ctx_begin;
-      const int64_t begin = keys.ctx_begin + len * split / plan.key_splits;
-      const int64_t end = keys.ctx_begin + len * (split + 1) / plan.key_splits;
-      keys = {begin, end, keys.with_new && split == plan.key_splits - 1};
-      float* part = parts + item * item_floats;
-      kern.attend(p, bt / p.tokens, bt % p.tokens, h0, n, keys,
-                  Partial{part, part + plan.heads_per_chunk, part + 2 * plan.heads_per_chunk});
+      if (plan.split_items) {
+        fold(bt, rest % plan.key_splits, h0, n, parts + item * item_floats);
+        continue;
+      }
+      own.resize(static_cast<size_t>(plan.key_splits * item_floats));
+      for (int64_t s = 0; s < plan.key_splits; ++s) fold(bt, s, h0, n, own.data() + s * item_floats);
+      merge_splits(plan, own.data(), item_floats, n, vd, p.out + (bt * p.heads + h0) * vd);
     }
   };
   // Below ~32K multiply-adds a pool wake-up costs more than it saves.
   const int64_t work = queries * p.heads * (p.table_pages * p.page_size + p.tokens) * p.head_dim;
   if (work < (int64_t{1} << 15)) run(0, items);
   else parallel_for(items, run);
-
-  // Merge the key splits of each head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
-  constexpr float kNone = -std::numeric_limits<float>::infinity();
-  for (int64_t bt = 0; bt < queries; ++bt) {
+  if (!plan.split_items) return;
+  for (int64_t bt = 0; bt < queries; ++bt)
     for (int64_t chunk = 0; chunk < plan.head_chunks; ++chunk) {
       const int64_t h0 = chunk * plan.heads_per_chunk;
-      const int64_t n = std::min(plan.heads_per_chunk, p.heads - h0);
-      const float* first = parts + (bt * plan.items_per_query() + chunk * plan.key_splits) * item_floats;
-      for (int64_t h = 0; h < n; ++h) {
-        float* out = p.out + (bt * p.heads + h0 + h) * vd;
-        float mx = kNone;
-        for (int64_t s = 0; s < plan.key_splits; ++s) mx = std::max(mx, first[s * item_floats + h]);
-        std::fill(out, out + vd, 0.f);
-        if (mx == kNone) continue;  // no visible key (padding query)
-        float denom = 0.f;
-        for (int64_t s = 0; s < plan.key_splits; ++s) {
-          const float* part = first + s * item_floats;
-          if (part[h] == kNone) continue;
-          const float w = std::exp(part[h] - mx);
-          denom += part[plan.heads_per_chunk + h] * w;
-          const float* acc = part + 2 * plan.heads_per_chunk + h * vd;
-          for (int64_t d = 0; d < vd; ++d) out[d] += acc[d] * w;
-        }
-        for (int64_t d = 0; d < vd; ++d) out[d] /= denom;
-      }
+      merge_splits(plan, parts + (bt * plan.items_per_query() + chunk * plan.key_splits) * item_floats,
+                   item_floats, std::min(plan.heads_per_chunk, p.heads - h0), vd,
+                   p.out + (bt * p.heads + h0) * vd);
     }
-  }
 }
 
 }  // namespace ktjax

@@ -104,7 +104,12 @@ void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t h0, i
   const auto visible = [&](int64_t j) {
     return pos[j] >= 0 && pos[j] <= qp && (window <= 0 || qp - pos[j] < window);
   };
-  fold_chunk(p, q, h0, n, Chunk<float>{kn, vn, kv * hd, kv * vrow, vrow, p.tokens}, visible,
+  // Only up to the last visible key: the step's padding tokens would add exact zeros, so
+  // the result is the same for any step size, and a prefill query skips the keys after it.
+  int64_t count = p.tokens;
+  while (count > 0 && !visible(count - 1)) --count;
+  if (count == 0) return;
+  fold_chunk(p, q, h0, n, Chunk<float>{kn, vn, kv * hd, kv * vrow, vrow, count}, visible,
              scores, part);
 }
 

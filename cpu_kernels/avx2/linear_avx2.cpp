@@ -70,6 +70,8 @@ struct V256x2 {
                            _mm256_castsi256_ps(_mm256_and_si256(x, hi)), acc);
   }
   static F dot_bf16(F acc, I w, I x) { return {dotbf(acc.a, w.a, x.a), dotbf(acc.b, w.b, x.b)}; }
+  static I add_i(I x, I y) { return {_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b)}; }
+  static I set1_i(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
   static F cvt(I v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
   static F mul(F x, F y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
   static F add(F x, F y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }

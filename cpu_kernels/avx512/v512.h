@@ -42,6 +42,8 @@ struct V512 {
   static F dot_bf16(F acc, I w, I x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
   }
+  static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
   static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }

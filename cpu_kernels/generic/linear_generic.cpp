@@ -54,6 +54,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         row_amax = std::fmax(row_amax, std::fabs(x[i * ldx + k]));
       }
     float row_bsum = 0.f;
+    int32_t row_qsum = 0;
     for (int64_t g = 0; g < groups; ++g) {
       float v[32] = {};
       for (int64_t j = 0; j < G; ++j) {
@@ -79,8 +80,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
       row_bsum += out->bsum[i * groups + g];
+      row_qsum += sum;
     }
-    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum;
+    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum, out->row_qsum[i] = row_qsum;
   }
   return true;
 }
@@ -111,6 +113,11 @@ void gemm(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t rb1, f
         float acc = 0.f;
         if (a.bf16) {
           for (int64_t k = 0; k < w.kp; ++k) acc += wrow[k] * bf16_to_f32(a.bf[t * a.kp + k]);
+        } else if (w.scale_enc == ScaleEnc::Row) {  // all of K in int32, as the AMX tiles
+          int64_t c = 0;  // the biased weights' products
+          for (int64_t k = 0; k < w.kp; ++k) c += (stored_q(w, blk, r, k) + 128) * a.q[t * a.kp + k];
+          acc = coef(w, blk, r, 0, false) *
+                std::fma(a.scale[t * groups], static_cast<float>(static_cast<int32_t>(c)), -128.f * a.row_bsum[t]);
         } else {
           for (int64_t g = 0; g < groups; ++g) {
             int dot = 0;

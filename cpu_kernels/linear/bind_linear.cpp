@@ -44,6 +44,10 @@ void bind_linear(py::module_& m) {
   m.def("last_level_cache_bytes", &last_level_cache_bytes, "Bytes of the CPU's largest cache.");
   m.def("set_isa", &set_isa_override, py::arg("name"),
         "Forces a lower ISA level for this process ('' restores the detected one).");
+  m.def("batch_invariant", &batch_invariant,
+        "Whether a token's kernel result is independent of its call's token count (AMX).");
+  m.def("set_batch_invariant", &set_batch_invariant, py::arg("on"),
+        "Turns batch invariance on or off for this process (KTJAX_BATCH_INVARIANT).");
 
   m.def(
       "pack_gguf_weight",

@@ -85,8 +85,12 @@ void unpack_int4(const PackedWeight& w, int64_t rb, uint8_t* out) {
 
 // RB row blocks x TT tokens; G values per group; Int4 (with kHi bit planes: 4 + kHi bits)
 // or (biased) Int8 weights. kUnpacked: the int4 values come from `unpacked` (unpack_int4 of
-// the RB row blocks, unpacked_bytes apart).
-template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch, bool kUnpacked = false>
+// the RB row blocks, unpacked_bytes apart). kRow (int8 with Row scales): all of K sums in
+// int32 and is scaled once, y = s_w * (d * C - 128 * row_bsum) with C the biased weights'
+// products, as the AMX tiles compute it, so a token's result is the same whichever path its
+// call's token count picks (and on every ISA level).
+template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch, bool kUnpacked = false,
+          bool kRow = false>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy, const uint8_t* unpacked = nullptr) {
   using I = typename V::I;
@@ -105,6 +109,10 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   // Unpacked weights were just read whole by unpack_int4: nothing ahead to fetch.
   constexpr int pf = kPrefetch && !kUnpacked ? kPrefetchGroups : 0;
 
+  I itot[RB][TT];  // kRow: all groups' int32 sums (each group sums apart, so the chains of
+                   // dependent dot products stay one group long; int adds are exact)
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) itot[r][t] = V::zero_i();
   for (int64_t g = 0; g < groups; ++g) {
     I iacc[RB][TT];
     const uint8_t* rec[RB];
@@ -154,6 +162,11 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
         }
       }
     }
+    if (kRow) {
+      for (int r = 0; r < RB; ++r)
+        for (int t = 0; t < TT; ++t) itot[r][t] = V::add_i(itot[r][t], iacc[r][t]);
+      continue;
+    }
     for (int r = 0; r < RB; ++r) {
       const F s = load_coef<V>(w, blk[r], rec[r], g, 0);
       F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
@@ -162,6 +175,16 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       for (int t = 0; t < TT; ++t) {
         acc[r][t] = V::fmadd(V::cvt(iacc[r][t]), V::mul(s, V::set1(xs[t * groups + g])), acc[r][t]);
         acc[r][t] = V::fmadd(m, V::set1(xb[t * groups + g]), acc[r][t]);
+      }
+    }
+  }
+  if constexpr (kRow) {
+    for (int r = 0; r < RB; ++r) {
+      const F s = load_coef<V>(w, blk[r], blk[r], 0, 0);
+      for (int t = 0; t < TT; ++t) {
+        // Unbiased dot products (AVX2's sign trick) lack 128 * sum(q_x): add it in int32.
+        const F c = V::cvt(V::kInt8DotBiased ? itot[r][t] : V::add_i(itot[r][t], V::set1_i(128 * a.row_qsum[t0 + t])));
+        acc[r][t] = V::mul(s, V::fmadd(V::set1(xs[t * groups]), c, V::set1(-128.f * a.row_bsum[t0 + t])));
       }
     }
   }
@@ -210,6 +233,8 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   }
   // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
   // planes) or 32 (5-bit with a plane).
+  if (w.kind == WeightKind::Int8 && w.scale_enc == ScaleEnc::Row)
+    return tile_int<V, RB, TT, false, 32, 0, kPrefetch, false, true>(w, a, rb0, t0, y, ldy);
   if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
   if (w.group == 16)
     return w.hi_bits ? tile_int<V, RB, TT, true, 16, 2, kPrefetch>(w, a, rb0, t0, y, ldy)
@@ -314,6 +339,7 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
         row_amax = m > row_amax ? m : row_amax;
       }
     float row_bsum = 0.f;
+    int32_t row_qsum = 0;
     for (int64_t g = 0; g < groups; ++g) {
       const float* src = group_src(g);
       if (!per_token && !finite(src)) return false;
@@ -328,8 +354,9 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
       out->scale[i * groups + g] = d;
       out->bsum[i * groups + g] = d * static_cast<float>(sum);
       row_bsum += out->bsum[i * groups + g];
+      row_qsum += sum;
     }
-    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum;
+    if (per_token && !out->bf16) out->row_bsum[i] = row_bsum, out->row_qsum[i] = row_qsum;
   }
   return true;
 }

@@ -21,10 +21,27 @@ const LinearKernels& kernels_for(Isa isa) {
   return kernels_generic();
 }
 
+namespace {
+std::atomic<int> g_batch_invariant{-1};  // -1: not read from the environment yet
+}  // namespace
+
+bool batch_invariant() {
+  int v = g_batch_invariant.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("KTJAX_BATCH_INVARIANT");
+    v = env && std::string(env) == "0" ? 0 : 1;
+    g_batch_invariant.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+void set_batch_invariant(bool on) { g_batch_invariant.store(on ? 1 : 0, std::memory_order_relaxed); }
+
 const LinearKernels& reference_kernels(Isa like) {
   const LinearKernels& g = kernels_generic();
+  if (clamp_isa(like) != Isa::Amx || batch_invariant()) return g;
   static const LinearKernels amx_formula{g.prepare, g.gemm, 0, kernels_amx().bf16_group_tokens};
-  return clamp_isa(like) == Isa::Amx ? amx_formula : g;
+  return amx_formula;
 }
 
 void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, QuantActs* a, int64_t layout_t) {
@@ -37,7 +54,8 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
   a->kp = w.kp;
   a->group = w.group;
   a->bf16 = w.kind == WeightKind::BF16 || to_bf16;
-  a->tiled = kern.tile_tokens > 0 && n >= kern.tile_tokens && (!grouped || to_bf16);
+  a->tiled = kern.tile_tokens > 0 && n >= kern.tile_tokens &&
+             (grouped ? to_bf16 : w.kind != WeightKind::BF16 || kern.tile_bf16_weights);
   const int64_t rows = (t + 15) / 16 * 16;
   const int64_t bytes = rows * (a->tiled ? a->steps() * 64 : a->row_bytes());
   if (a->bf16) {
@@ -47,6 +65,7 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
     a->scale.resize(static_cast<size_t>(rows * w.groups()));
     a->bsum.resize(a->scale.size());
     a->row_bsum.resize(static_cast<size_t>(w.scale_enc == ScaleEnc::Row ? rows : 0));
+    a->row_qsum.resize(a->row_bsum.size());
   }
 }
 
@@ -69,7 +88,7 @@ void copy_act_row(const QuantActs& src, int64_t r, QuantActs* dst, int64_t i) {
   const int64_t groups = src.kp / src.group;
   std::memcpy(&dst->scale[i * groups], &src.scale[r * groups], groups * 4);
   std::memcpy(&dst->bsum[i * groups], &src.bsum[r * groups], groups * 4);
-  if (!src.row_bsum.empty()) dst->row_bsum[i] = src.row_bsum[r];
+  if (!src.row_bsum.empty()) dst->row_bsum[i] = src.row_bsum[r], dst->row_qsum[i] = src.row_qsum[r];
 }
 
 bool prepare_all(const LinearKernels& kern, const PackedWeight& w, const float* x, int64_t t,

@@ -37,6 +37,7 @@ struct QuantActs {
   std::vector<float> scale;    // [t, kp / group]
   std::vector<float> bsum;     // [t, kp / group]: scale * sum(q) of the group
   std::vector<float> row_bsum; // [t], per-token scales (Row weights) only: the row's bsum total
+  std::vector<int32_t> row_qsum;  // [t], Row weights only: sum(q) of the token's row
   AlignedVector<uint16_t> bf;  // [t, kp] (or tiled) bf16 bits, zero-padded (bf16 weights)
 
   int64_t row_bytes() const { return bf16 ? 2 * kp : kp; }
@@ -65,7 +66,18 @@ struct LinearKernels {
   // Calls with at least this many tokens (0: never) on group-scaled int weights take bf16
   // activations and multiply them by the weights dequantized to bf16 (AMX).
   int64_t bf16_group_tokens = 0;
+  // Whether calls of at least tile_tokens on bf16 weights take tiles too (false: they keep
+  // the rows of the kernels below AMX at every token count).
+  bool tile_bf16_weights = true;
 };
+
+// Batch invariance (the default; KTJAX_BATCH_INVARIANT=0 turns it off): a token's result
+// must not depend on its call's token count. On AMX machines that keeps group-scaled int and
+// bf16 weights on the AVX-512 formula at every token count (AMX takes int8_row weights,
+// whose formula every level computes alike); off, calls of >= 16 tokens take the AMX tiles
+// for them too, faster and differing in the last bits from smaller calls.
+bool batch_invariant();
+void set_batch_invariant(bool on);
 
 const LinearKernels& kernels_generic();
 const LinearKernels& kernels_avx2();

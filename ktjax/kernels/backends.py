@@ -1,5 +1,5 @@
 """Attention backends: one interface, chosen per run: `reference` (jnp, any device), `cpu`
-(the native host kernel for decode steps, reference otherwise); `auto` picks by platform."""
+(the native host kernel, every step); `auto` picks by platform."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,9 +1,12 @@
 """Paged attention for CPU programs: the native host kernel (`ktjax_paged_attention`, XLA FFI)
-for steps with few new tokens per row, the jnp reference for long prefill chunks, where XLA's
-batched matmuls do better than a per-query kernel.
+for every step, decode and prefill chunks alike.
 
 The kernel reads the layer's pages where they lie; the reference gathers every page of the
-bucket into a copy per layer, which on a CPU costs more than the attention arithmetic.
+bucket into a copy per layer, which on a CPU costs more than the attention arithmetic. One
+kernel for every step size also keeps a row's result independent of the batch: its keys are
+folded in an order fixed by its own positions (cpu_kernels/attention), where the reference's
+XLA reductions run over the bucket's padded length, and a switch between the two by chunk
+size made a prompt's output depend on the other prompts of its step.
 """
 from __future__ import annotations
 
@@ -12,10 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.host.ffi import register_targets
-from ktjax.kernels import paged_attention_ref
-
-# Largest step (new tokens per row) that goes to the kernel: decode, and short chunks.
-MAX_KERNEL_TOKENS = 16
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
@@ -23,12 +22,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
                     block_tables: jax.Array, cache_lens: jax.Array, q_positions: jax.Array, *,
                     scale: float, sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None) -> jax.Array:
-    """paged_attention_ref.paged_attention's contract, run by the host kernel when
-    q has at most MAX_KERNEL_TOKENS tokens per row."""
-    if q.shape[1] > MAX_KERNEL_TOKENS:
-        return paged_attention_ref.paged_attention(
-            q, k_new, v_new, k_cache, v_cache, layer, block_tables, cache_lens, q_positions,
-            scale=scale, sliding_window=sliding_window, values_in_keys=values_in_keys)
+    """paged_attention_ref.paged_attention's contract, run by the host kernel."""
     register_targets()
     b, t, h, _ = q.shape
     value_dim = values_in_keys or v_cache.shape[-1]

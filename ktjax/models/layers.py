@@ -6,12 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in float32. GGUF stores Gemma's (1 + w) already folded into `weight`."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+from ktjax.kernels.rms_norm import rms_norm  # noqa: F401  (re-exported for the families)
 
 
 def rope_inv_freq(rotary_dim: int, base: float, linear_factor: float = 1.0) -> np.ndarray:

@@ -92,6 +92,33 @@ def tensor_table(cfg: MoeConfig, hidden: int) -> dict[str, TensorSpec]:
     return t
 
 
+def _sum_last(x: jax.Array) -> jax.Array:
+    """Sum over the last axis in one fixed order (a pairwise tree of element-wise adds, the
+    last element of an associative scan), keepdims. XLA's reduce picks its order by the
+    array's shape, so a token's routing weights differed in the last bit between batches."""
+    return jax.lax.associative_scan(jnp.add, x, axis=x.ndim - 1)[..., -1:]
+
+
+def _exp_nonpositive(x: jax.Array) -> jax.Array:
+    """e^x for x <= 0 in plain float arithmetic (the host attention kernel's formula: 2^n e^r,
+    |r| <= ln2 / 2, degree-6 Taylor polynomial, relative error < 2e-7; 0 below -87). XLA
+    CPU's exp gave an element other last bits depending on the array's size."""
+    x = jnp.maximum(x, -87.0)
+    n = jnp.round(x * 1.44269504)
+    r = x - n * 0.693145752 - n * 1.42860677e-6
+    p = r * (1.0 / 720) + (1.0 / 120)
+    for c in (1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        p = p * r + c
+    scaled = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(p, jnp.int32) + (n.astype(jnp.int32) << 23), jnp.float32)
+    return jnp.where(x > -87.0, scaled, 0.0)
+
+
+def _softmax(x: jax.Array) -> jax.Array:
+    e = _exp_nonpositive(x - jnp.max(x, axis=-1, keepdims=True))  # max: exact in any order
+    return e / _sum_last(e)
+
+
 def route(h: jax.Array, router, cfg: MoeConfig,
           bias: jax.Array | None = None) -> weights.Route:
     """Scores over all experts, top-k: ids int32 [N, k] and weights float32 [N, k].
@@ -99,7 +126,7 @@ def route(h: jax.Array, router, cfg: MoeConfig,
     `bias` and the group limit change which experts are chosen, not their weights: the weights
     are the chosen experts' scores, optionally renormalized, times `weights_scale`."""
     logits = weights.linear(router, h).astype(jnp.float32)
-    scores = jax.nn.softmax(logits, axis=-1) if cfg.gating == "softmax" else \
+    scores = _softmax(logits) if cfg.gating == "softmax" else \
         jax.nn.sigmoid(logits)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if cfg.n_groups > 1:
@@ -112,7 +139,7 @@ def route(h: jax.Array, router, cfg: MoeConfig,
     _, ids = jax.lax.top_k(choice, cfg.n_used)
     chosen = jnp.take_along_axis(scores, ids, axis=-1)
     if cfg.norm_topk:
-        chosen = chosen / jnp.sum(chosen, axis=-1, keepdims=True)
+        chosen = chosen / _sum_last(chosen)
     if cfg.weights_scale != 1.0:
         chosen = chosen * cfg.weights_scale
     return weights.Route(ids.astype(jnp.int32), chosen)
@@ -129,6 +156,7 @@ def moe_ffn(cfg: MoeConfig, lp: dict, h: jax.Array) -> jax.Array:
                            jax.nn.silu(weights.linear(lp["ffn_gate_shexp"], x)) *
                            weights.linear(lp["ffn_up_shexp"], x))
         if cfg.shared_gate:
-            s = s * jax.nn.sigmoid(x.astype(jnp.float32) @ lp["ffn_gate_inp_shexp"])[:, None]
+            gate = _sum_last(x.astype(jnp.float32) * lp["ffn_gate_inp_shexp"].astype(jnp.float32))
+            s = s * jax.nn.sigmoid(gate)
         y = y + s.astype(jnp.float32)
     return y.reshape(b, t, hidden).astype(h.dtype)
