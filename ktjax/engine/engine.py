@@ -199,11 +199,12 @@ class Engine:
             return False
 
     def _admit(self) -> None:
-        with deferred_interrupts():
-            while self.waiting and self.pool.try_reserve(self.waiting[0].max_len):
-                seq = self.waiting.pop(0)
-                seq.reserved = True
-                self.running.append(seq)
+        if self.waiting:  # (a decode step skips the signal handler swaps)
+            with deferred_interrupts():
+                while self.waiting and self.pool.try_reserve(self.waiting[0].max_len):
+                    seq = self.waiting.pop(0)
+                    seq.reserved = True
+                    self.running.append(seq)
         if not self.running and self.waiting:  # cannot happen unless the pool is too small
             raise RuntimeError("no sequence could be admitted")
 
