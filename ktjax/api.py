@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import weakref
 from typing import Iterator, Sequence
 
@@ -12,8 +13,9 @@ import numpy as np
 from ktjax import rules as placement_rules
 from ktjax.engine.config import EngineConfig
 from ktjax.engine.engine import Engine
+from ktjax.engine.interrupts import deferred_interrupts
 from ktjax.engine.programs import enable_persistent_cache
-from ktjax.errors import RequestError
+from ktjax.errors import KtjaxError, RequestError
 from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
 from ktjax.gguf.tokenizer import Tokenizer
@@ -32,6 +34,10 @@ class LLM:
     model: a GGUF path, a catalog name ('smollm2-135m', 'gemma3-270m') or None for the default.
     config: an EngineConfig (context, KV pool, dtype, attention, placement rules, device);
       keyword arguments set its fields (`LLM(path, max_model_len=512, rules="cpu")`).
+
+    One LLM may be shared by threads: its calls are serialized (generate() holds the engine
+    for the whole call, stream() for each step), so they wait for each other. An exception or
+    Ctrl-C inside a call ends that call's requests and leaves the LLM usable.
     """
 
     def __init__(self, model: str | os.PathLike | None = None,
@@ -58,6 +64,10 @@ class LLM:
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
                              config=ec)
+        # One caller drives the engine at a time (a thread-safe submit API comes with serving).
+        # Not reentrant: a stream closed by the garbage collector inside a call only requests
+        # its abort (Engine.request_abort) instead of changing the engine mid-step.
+        self._lock = threading.Lock()
 
     # ---- generation -------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
@@ -79,33 +89,73 @@ class LLM:
             [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        encoded = [self._encode(p) for p in prompts]
-        for ids, p in zip(encoded, params):
-            self.engine.validate(ids, p)  # reject bad requests before any work starts
-        seqs = [self.engine.add_request(ids, p, prompt if isinstance(prompt, str) else None)
-                for prompt, ids, p in zip(prompts, encoded, params)]
-        self.engine.precompile()
-        for _ in self.engine.run_until_done():
-            pass
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise RequestError("params must be SamplingParams")
+        with self._lock:
+            encoded = [self._encode(p) for p in prompts]
+            for ids, p in zip(encoded, params):
+                self.engine.validate(ids, p)  # reject bad requests before any work starts
+            seqs = []
+            try:
+                with deferred_interrupts():  # every request added is in `seqs`
+                    for prompt, ids, p in zip(prompts, encoded, params):
+                        seqs.append(self.engine.add_request(
+                            ids, p, prompt if isinstance(prompt, str) else None))
+                self.engine.precompile()
+                for _ in self.engine.run_until_done():
+                    pass
+            except BaseException:
+                self.engine.abort(seqs)
+                raise
         return [s.output() for s in seqs]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the generated text piece by piece as tokens are sampled."""
-        seq = self.engine.add_request(self._encode(prompt), params or SamplingParams(),
-                                      prompt if isinstance(prompt, str) else None)
-        self.engine.precompile()
-        while not seq.finished:
-            self.engine.step()
-            piece = seq.take_new_text()
-            if piece:
-                yield piece
-        rest = seq.take_new_text()
-        if rest:
-            yield rest
+        """Yield the generated text piece by piece as tokens are sampled. Closing the
+        generator early (breaking out of a for loop over it) aborts the request."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be SamplingParams")
+        seq = None
+        try:
+            with self._lock:
+                ids = self._encode(prompt)
+                with deferred_interrupts():  # `seq` is set once the request is added
+                    seq = self.engine.add_request(ids, params,
+                                                  prompt if isinstance(prompt, str) else None)
+                self.engine.precompile()
+            while not seq.finished:
+                with self._lock:
+                    if not seq.finished:  # another caller's steps may have finished it
+                        self.engine.step()
+                piece = seq.take_new_text()
+                if piece:
+                    yield piece
+            rest = seq.take_new_text()
+            if rest:
+                yield rest
+            if seq.finish_reason == "abort":
+                raise KtjaxError("the request was aborted: a step with it failed in another call")
+        finally:
+            if seq is not None:
+                self._end(seq)
+
+    def _end(self, seq) -> None:
+        """Abort `seq` unless it finished: now when the engine is free, else at its next step
+        (a stream closed from inside another call, by the garbage collector)."""
+        with deferred_interrupts():
+            if seq.finished:
+                return
+            self.engine.request_abort(seq)
+            if self._lock.acquire(blocking=False):
+                try:
+                    self.engine.apply_abort_requests()
+                finally:
+                    self._lock.release()
 
     def score(self, prompt: Prompt) -> np.ndarray:
         """Log-probability of each token of `prompt` given the ones before it ([n - 1])."""
-        return self.engine.score(self._encode(prompt))
+        with self._lock:
+            return self.engine.score(self._encode(prompt))
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template."""

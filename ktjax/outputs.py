@@ -7,7 +7,8 @@ from dataclasses import dataclass
 @dataclass
 class RequestOutput:
     """One finished request. finish_reason: 'stop' (EOS, stop token or stop string) or
-    'length' (max_tokens or the context limit). logprobs: the model's log-probability of each
+    'length' (max_tokens or the context limit) or 'abort' (ended early: a failed step, an
+    interrupt, a stream closed before its end). logprobs: the model's log-probability of each
     generated token, when SamplingParams.logprobs was set."""
 
     request_id: int

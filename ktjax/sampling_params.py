@@ -1,7 +1,12 @@
 """SamplingParams: what a request asks of the sampler, validated when it is made."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+from typing import NoReturn
+
+import numpy as np
 
 from ktjax.errors import RequestError
 
@@ -32,24 +37,83 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        # Types first (a str max_tokens or an int stop string failed later, inside a step),
+        # normalized to Python int / float / bool; then ranges, including what the on-device
+        # sampler holds: float32 parameters, an int32 top_k.
+        for name in ("max_tokens", "top_k", "penalty_last_n"):
+            self._set(name, _integer(name, getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            self._set(name, _real(name, getattr(self, name)))
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                _fail(name, "must be a bool", getattr(self, name))
+            self._set(name, bool(getattr(self, name)))
+        if self.seed is not None:
+            self._set("seed", _integer("seed", self.seed))
+        self._set("stop", _stop_strings(self.stop))
+        self._set("stop_token_ids", _token_ids(self.stop_token_ids))
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_k", 0 <= self.top_k < 2**31, "must be in [0, 2**31) (0 disables it)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("repetition_penalty", np.float32(self.repetition_penalty) > 0,
+             "must be > 0 (as a float32)"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("penalty_last_n", self.penalty_last_n >= -1, "must be >= -1"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be a non-negative int"),
+            ("penalty_last_n", self.penalty_last_n >= -1, "must be >= -1 (-1: all tokens)"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise RequestError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
-        if any(not s for s in self.stop):
-            raise RequestError("SamplingParams.stop must not contain an empty string")
+                _fail(name, rule, getattr(self, name))
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fail(name: str, rule: str, value) -> NoReturn:
+    raise RequestError(f"SamplingParams.{name} {rule}, got {value!r:.80}")
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        _fail(name, "must be an int", value)
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    """A finite number that float32 holds (the sampler's parameters are float32)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        _fail(name, "must be a number", value)
+    x = float(value)
+    if not math.isfinite(x) or abs(x) > _FLOAT32_MAX:
+        _fail(name, "must be finite (and within float32's range)", value)
+    return x
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        _fail("stop", "must be a str or a list of str", stop)
+    for s in stop:
+        if not isinstance(s, str):
+            _fail("stop", "must hold only str", s)
+        if not s:
+            _fail("stop", "must not contain an empty string", s)
+    return tuple(stop)
+
+
+def _token_ids(ids) -> tuple[int, ...]:
+    if not isinstance(ids, (list, tuple, np.ndarray)):
+        _fail("stop_token_ids", "must be a list of int", ids)
+    out = tuple(_integer("stop_token_ids", t) for t in ids)
+    if any(t < 0 for t in out):
+        _fail("stop_token_ids", "must hold non-negative token ids", ids)
+    return out

@@ -108,3 +108,85 @@ def test_message_validation(messages):
         check_messages(messages)
     with pytest.raises(RequestError):
         _render(SMOLLM2, messages)
+
+
+# Templates that hang or exhaust an unbounded renderer: each must stop at a limit (operations,
+# seconds, sizes) with a RequestError, in about a second or two and without large memory.
+HOSTILE = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ messages|tojson(indent=10**8) }}",
+    "{{ 'a' * 10**8 }}",
+    "{{ messages * 10**8 }}",
+    "{{ 2 ** (10 ** 8) }}",
+    "{{ 'x'|center(10**9) }}",
+    "{{ 'x'.ljust(10**9) }}",
+    "{{ 'x'.zfill(10**9) }}",
+    "{{ '{:>1000000000}'.format('') }}",
+    "{{ '{:>{w}}'.format('', w=10**9) }}",
+    "{{ '%1000000000d' % 1 }}",
+    "{{ '%*d' % (10**9, 1) }}",
+    "{{ '%1000000000d'|format(1) }}",
+    "{{ 'a'|indent(10**9, true) }}",
+    "{{ 'aaaa'|replace('', 'b' * 1000000) }}",
+    "{{ 'aaaa'.replace('', 'b' * 1000000) }}",
+    "{{ range(100000)|join('b' * 1000000) }}",
+    "{{ ('b' * 1000000).join(range(100000)|map('string')) }}",
+    "{{ 'a b c d e'|wordwrap(1, wrapstring='x' * 1000000) }}",
+    "{{ [1]|batch(10**9, 'x')|list }}",
+    "{{ range(10)|slice(10**9)|list|length }}",
+    "{{ (1).to_bytes(10**9, 'big') }}",
+    "{{ 'a\\t'.expandtabs(10**9) }}",
+    "{{ (('a' * 1000000) ~ ('a' * 1000000)) | length }}",
+    "{% for i in range(10**9) %}{% endfor %}",
+    "{% for i in range(100000) %}{{ 'a' * 100000 }}{% endfor %}",
+    # doubling: strings, nested lists / tuples / dicts (shared parts print many times)
+    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}",
+    "{% set ns = namespace(v=[1]) %}{% for i in range(60) %}{% set ns.v = [ns.v, ns.v] %}"
+    "{% endfor %}{{ ns.v }}",
+    "{% set ns = namespace(v=[1]) %}{% for i in range(60) %}{% set ns.v = (ns.v, ns.v) %}"
+    "{% endfor %}{{ ns.v == ns.v[:] }}",
+    "{% set ns = namespace(v={}) %}{% for i in range(60) %}"
+    "{% set ns.v = {'a': ns.v, 'b': ns.v} %}{% endfor %}{{ ns.v|tojson }}",
+    "{% set ns = namespace(v=[1]) %}{% set ns.me = ns %}{{ [ns] }}",
+    # text piled up in a block's buffer, recursion, exponential macros, slow work per step
+    "{% set x %}{% for i in range(100000) %}{{ 'a' * 1000000 }}{% endfor %}{% endset %}",
+    "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+    "{{ f(60) }}",
+    "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "{% for x in [1] recursive %}{{ loop(range(100000)) }}{% endfor %}",
+    "{% set l = range(100000)|list %}{% for i in range(100000) %}{{ l|string|length }}"
+    "{% endfor %}",
+    "{{ dict.fromkeys(range(100000), 'a' * 1000000) }}",
+    "{{ (range(100000)|list * 100)|length }}",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_hostile_templates_stop_at_a_limit(template):
+    with pytest.raises(RequestError, match="chat template exceeded its limits"):
+        _render(template, [{"role": "user", "content": "hi"}])
+
+
+def test_lipsum_is_not_offered():
+    with pytest.raises(KtjaxError, match="lipsum"):
+        _render("{{ lipsum(10**6) }}")
+
+
+def test_limits_leave_real_templates_and_long_inputs_alone():
+    """Long conversations and long messages render: the size limit grows with the input, and
+    a quadratic `+` accumulation, sum of lists and the like stay within the budget."""
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 20}
+            for i in range(2000)]
+    out = _render(GEMMA3, msgs)
+    assert out.count("<start_of_turn>") == 2001
+    assert _render(SMOLLM2, msgs).count("<|im_start|>") == 2002
+    big = [{"role": "user", "content": "x" * 3_000_000}]
+    assert len(_render(SMOLLM2, big)) > 3_000_000
+    tmpl = ("{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s + m.role %}"
+            "{% endfor %}{{ ns.s|length }}|{{ range(1000)|batch(1)|sum(start=[])|length }}|"
+            "{{ '%05d|%s' % (7, 'a') }}|{{ '{:>6}'.format('b') }}|{{ [1, 2] * 3 }}|{{ 2 ** 100 }}")
+    assert _render(tmpl, msgs[:10]) == (
+        "65|1000|00007|a|     b|[1, 2, 1, 2, 1, 2]|1267650600228229401496703205376")

@@ -69,10 +69,31 @@ def test_logprob_is_models():
     ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 2.0),
     ("max_tokens", 0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0),
     ("temperature", float("nan")), ("seed", -4),
+    # passed validation before, then failed inside a step holding its pages (issue 25)
+    ("top_k", 2**31), ("seed", 1.5), ("stop", [1]), ("max_tokens", "5"), ("max_tokens", 1.5),
+    ("temperature", float("inf")), ("stop_token_ids", ["a"]),
+    # bools where ints are meant, NaN, float32 range, wrong containers, negative ids
+    ("max_tokens", True), ("top_k", True), ("seed", True), ("penalty_last_n", 1.5),
+    ("penalty_last_n", -2), ("top_p", float("nan")), ("min_p", float("nan")),
+    ("temperature", 1e39), ("temperature", "0.5"), ("repetition_penalty", 1e-50),
+    ("repetition_penalty", float("inf")), ("presence_penalty", float("-inf")),
+    ("frequency_penalty", None), ("seed", 2**64), ("stop", 3), ("stop", [""]),
+    ("stop", {"a": 1}), ("stop_token_ids", [-1]), ("stop_token_ids", [1.5]),
+    ("stop_token_ids", [True]), ("stop_token_ids", "ab"), ("stop_token_ids", 5),
+    ("ignore_eos", "yes"), ("logprobs", 1),
 ])
 def test_invalid_sampling_params_name_the_field(field, value):
-    with pytest.raises(RequestError, match=field):
+    with pytest.raises(RequestError, match=f"SamplingParams.{field} "):
         SamplingParams(**{field: value})
+
+
+def test_sampling_params_normalize_numpy_values():
+    p = SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), top_k=np.int32(3),
+                       seed=np.uint64(2**64 - 1), stop="x", stop_token_ids=np.array([1, 2]),
+                       logprobs=np.bool_(True))
+    assert (p.max_tokens, p.top_k, p.seed, p.stop, p.stop_token_ids, p.logprobs) == \
+        (5, 3, 2**64 - 1, ("x",), (1, 2), True)
+    assert type(p.max_tokens) is int and type(p.temperature) is float
 
 
 @pytest.mark.parametrize("n", [5, 50, 1000, 70001])

@@ -4,13 +4,16 @@ sequence decodes one token per step."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ktjax.engine import buckets as bk
 from ktjax.engine.config import EngineConfig
+from ktjax.engine.interrupts import deferred_interrupts
 from ktjax.engine.kv_cache import SCRATCH_PAGE, BlockTable, PagePool, make_kv_cache
 from ktjax.engine.programs import Full, Greedy, ProgramCache, Sampler
 from ktjax.engine.sampler import SamplingBatch, split_seed
@@ -31,7 +34,9 @@ def _penalty_window(seqs: list[Sequence]) -> int:
     window = PENALTY_WINDOW
     for s in seqs:
         if s.params.penalty_last_n == -1 or s.params.penalty_last_n > window:
-            n = len(s.all_ids) if s.params.penalty_last_n == -1 else s.params.penalty_last_n
+            # a sequence holds at most max_len tokens: a larger window would only pad
+            n = len(s.all_ids) if s.params.penalty_last_n == -1 else \
+                min(s.params.penalty_last_n, s.max_len)
             window = max(window, 1 << (n - 1).bit_length())
     return window
 
@@ -62,6 +67,7 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._next_id = 0
+        self._abort_requests: deque[Sequence] = deque()  # from any thread, see request_abort
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -84,9 +90,41 @@ class Engine:
         seq = Sequence(self._next_id, prompt, prompt_ids, params, self.pool,
                        self.tokenizer.incremental_decoder(), self.tokenizer.stop_ids,
                        self.max_model_len, seed)
-        self._next_id += 1
-        self.waiting.append(seq)
+        with deferred_interrupts():
+            self._next_id += 1
+            self.waiting.append(seq)
         return seq
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """End `seqs` now (finish_reason 'abort' unless finished already), giving back their
+        KV pages and reservations. The caller owns the engine (no step is running)."""
+        with deferred_interrupts():
+            gone = set(map(id, seqs))
+            for s in seqs:
+                if not s.finished:
+                    s.finish_reason = "abort"
+                self._release(s)
+            self.waiting = [s for s in self.waiting if id(s) not in gone]
+            self.running = [s for s in self.running if id(s) not in gone]
+
+    def request_abort(self, seq: Sequence) -> None:
+        """Abort `seq` at the start of the next step; safe from any thread and while a step
+        runs (a stream closed by the garbage collector in the middle of one)."""
+        self._abort_requests.append(seq)
+
+    def apply_abort_requests(self) -> None:
+        seqs = []
+        while self._abort_requests:
+            seqs.append(self._abort_requests.popleft())
+        if seqs:
+            self.abort(seqs)
+
+    def _release(self, s: Sequence) -> None:
+        """Give back a sequence's pages and its admission reservation, once."""
+        if s.reserved:
+            s.table.release()
+            self.pool.release_reservation(s.max_len)
+            s.reserved = False
 
     def precompile(self) -> None:
         """Compile, under one progress bar, the step programs the queued requests will start
@@ -119,20 +157,58 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that received a token."""
+        """Run one step; returns the sequences that received a token.
+
+        Any exception escaping the step (a failing program, a KeyboardInterrupt) aborts the
+        requests of the step, frees their pages and leaves the engine usable; when the KV
+        cache itself was lost with it, every running request is aborted and the cache is
+        made anew."""
+        self.apply_abort_requests()
         self._admit()
         prefill = [s for s in self.running if s.in_prefill]
         if prefill:
-            return self._prefill_step(prefill)
-        return self._decode_step(self.running[: bk.DECODE_ROWS[-1]])
+            new, tokens, rows = self._prefill_rows(prefill)
+        elif self.running:
+            new, tokens, rows = self._decode_rows(self.running[: bk.DECODE_ROWS[-1]])
+        else:
+            return []
+        try:
+            return self._run(new, tokens, rows)
+        except BaseException:
+            self._recover([s for s, _ in new])
+            raise
+
+    def _recover(self, seqs: list[Sequence]) -> None:
+        with deferred_interrupts():
+            if not self._kv_intact():
+                seqs = seqs + self.running
+                self.kv = jax.tree.map(
+                    lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), self.kv)
+            self.abort(seqs)
+
+    def _kv_intact(self) -> bool:
+        """False when the cache was donated to a program whose result never came back, or
+        holds the error of a failed one."""
+        try:
+            if any(a.is_deleted() for a in jax.tree.leaves(self.kv)):
+                return False
+            jax.block_until_ready(self.kv)
+            return True
+        except Exception:
+            return False
 
     def _admit(self) -> None:
-        while self.waiting and self.pool.try_reserve(self.waiting[0].max_len):
-            self.running.append(self.waiting.pop(0))
+        if self.waiting:  # (a decode step skips the signal handler swaps)
+            with deferred_interrupts():
+                while self.waiting and self.pool.try_reserve(self.waiting[0].max_len):
+                    seq = self.waiting.pop(0)
+                    seq.reserved = True
+                    self.running.append(seq)
         if not self.running and self.waiting:  # cannot happen unless the pool is too small
             raise RuntimeError("no sequence could be admitted")
 
-    def _prefill_step(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _prefill_rows(self, seqs: list[Sequence]
+                      ) -> tuple[list[tuple[Sequence, list[int]]], int, int]:
         chunks = []
         for s in seqs[: bk.PREFILL_ROWS[-1]]:
             n = min(len(s.prompt_ids) - s.n_cached, bk.PREFILL_TOKENS[-1])
@@ -141,31 +217,54 @@ class Engine:
         rows = max(1, min(len(chunks), bk.MAX_PREFILL_BATCH_TOKENS // tokens))
         chunks = chunks[:rows]
         new = [(s, s.prompt_ids[s.n_cached:s.n_cached + n]) for s, n in chunks]
-        return self._run(new, tokens, bk.round_up(bk.PREFILL_ROWS, len(new)))
+        return new, tokens, bk.round_up(bk.PREFILL_ROWS, len(new))
 
-    def _decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
+    @staticmethod
+    def _decode_rows(seqs: list[Sequence]
+                     ) -> tuple[list[tuple[Sequence, list[int]]], int, int]:
         new = [(s, [s.output_ids[-1]]) for s in seqs]
-        return self._run(new, 1, bk.round_up(bk.DECODE_ROWS, len(new)))
+        return new, 1, bk.round_up(bk.DECODE_ROWS, len(new))
 
     def _run(self, new: list[tuple[Sequence, list[int]]], tokens: int, rows: int
              ) -> list[Sequence]:
         """Write `new` tokens of each sequence and sample rows whose prompt is complete, in
         one program (forward alone when no row samples)."""
-        for s, toks in new:
-            s.table.ensure(s.n_cached + len(toks))
+        with deferred_interrupts():
+            for s, toks in new:
+                s.table.ensure(s.n_cached + len(toks))
         pages = self._context_pages(max(s.n_cached for s, _ in new))
         bucket = bk.Bucket(rows, tokens, pages)
         batch = self._batch([(s.table, s.n_cached, toks) for s, toks in new], rows, tokens,
                             pages)
-        for s, toks in new:
-            s.n_cached += len(toks)
-        seqs = [s if not s.in_prefill else None for s, _ in new]
+        # rows whose prompt this step completes sample; the others' tokens are ignored
+        seqs = [s if s.n_cached + len(toks) >= len(s.prompt_ids) else None for s, toks in new]
         to_sample = [s for s in seqs if s is not None]
-        if to_sample:
-            self._sample(bucket, batch, seqs)
-        else:
-            _, self.kv = self.programs.step(bucket)(self.params, self.kv, batch)
-        self.running = [s for s in self.running if not s.finished]
+        if not to_sample:
+            program = self.programs.step(bucket)  # compiles here, interruptibly
+            with deferred_interrupts():
+                _, self.kv = program(self.params, self.kv, batch)
+                for s, toks in new:
+                    s.n_cached += len(toks)
+            return []
+        sampler = _sampler(to_sample)
+        operands = () if isinstance(sampler, Greedy) else \
+            (self._sampling_batch(seqs, bucket.rows, sampler.window, self.programs.vocab),)
+        program = self.programs.step(bucket, sampler)
+        with deferred_interrupts():  # the cache is donated: take the new one back at once
+            tokens_, logprobs, self.kv = program(self.params, self.kv, batch, *operands)
+        # Waiting for the results may be interrupted: nothing has changed yet but the cache
+        # contents past each row's n_cached, which the next step would write again.
+        tokens_, logprobs = np.asarray(tokens_), np.asarray(logprobs)
+        with deferred_interrupts():
+            for s, toks in new:
+                s.n_cached += len(toks)
+            for r, s in enumerate(seqs):
+                if s is None:
+                    continue
+                s.append(int(tokens_[r]), float(logprobs[r]))
+                if s.finished:
+                    self._release(s)
+            self.running = [s for s in self.running if not s.finished]
         return to_sample
 
     @staticmethod
@@ -194,26 +293,11 @@ class Engine:
         return Batch(tokens=tok, positions=pos, slots=slots, block_tables=tables,
                      cache_lens=lens, logits_index=last)
 
-    def _sample(self, bucket: bk.Bucket, batch: Batch, seqs: list[Sequence | None]) -> None:
-        """Run the step fused with the sampler of the rows in `seqs` (None: a row whose
-        token is ignored, still in prefill or padding) and append their tokens."""
-        sampler = _sampler([s for s in seqs if s is not None])
-        operands = () if isinstance(sampler, Greedy) else \
-            (self._sampling_batch(seqs, bucket.rows, sampler.window),)
-        tokens, logprobs, self.kv = self.programs.step(bucket, sampler)(self.params, self.kv,
-                                                                       batch, *operands)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        for r, s in enumerate(seqs):
-            if s is None:
-                continue
-            s.append(int(tokens[r]), float(logprobs[r]))
-            if s.finished:
-                s.table.release()
-                self.pool.release_reservation(s.max_len)
-
     @staticmethod
-    def _sampling_batch(seqs: list[Sequence | None], rows: int, window: int) -> SamplingBatch:
-        """Each row's parameters, seed, step and last `window` tokens, padded to `rows`."""
+    def _sampling_batch(seqs: list[Sequence | None], rows: int, window: int,
+                        vocab: int) -> SamplingBatch:
+        """Each row's parameters, seed, step and last `window` tokens, padded to `rows`. A
+        top_k of the vocabulary's size or more keeps every token: it is sent as 0 (off)."""
         cols = {k: np.zeros(rows, np.float32) for k in
                 ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")}
         cols["repetition_penalty"] = np.ones(rows, np.float32)
@@ -227,7 +311,8 @@ class Engine:
             p = s.params
             for k in cols:
                 cols[k][r] = getattr(p, k)
-            top_k[r], step[r], seed[r] = p.top_k, len(s.output_ids), split_seed(s.seed)
+            top_k[r] = p.top_k if p.top_k < vocab else 0
+            step[r], seed[r] = len(s.output_ids), split_seed(s.seed)
             n = len(s.all_ids) if p.penalty_last_n == -1 else min(p.penalty_last_n,
                                                                    len(s.all_ids))
             if n:
@@ -253,8 +338,12 @@ class Engine:
                 nxt = ids[start + 1:start + len(chunk) + 1]
                 targets[0, :len(nxt)] = nxt
                 program = self.programs.scorer(bk.Bucket(1, tokens, pages, tokens))
-                logprobs, self.kv = program(self.params, self.kv, batch, targets)
+                with deferred_interrupts():
+                    logprobs, self.kv = program(self.params, self.kv, batch, targets)
                 out.append(np.asarray(logprobs[0, :len(nxt)]))
+        except BaseException:
+            self._recover([])
+            raise
         finally:
             table.release()
         return np.concatenate(out)

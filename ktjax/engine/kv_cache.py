@@ -31,6 +31,14 @@ class PagePool:
     def capacity_tokens(self) -> int:
         return (self.n_pages - 1) * self.page_size
 
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def reserved_pages(self) -> int:
+        return self._reserved
+
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
 

@@ -20,6 +20,7 @@ class Sequence:
             frozenset(params.stop_token_ids)
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_model_len)
         self.seed = seed
+        self.reserved = False      # holds an admission reservation (and pages) in the pool
         self.n_cached = 0          # tokens whose K/V are in the cache
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []

@@ -1,7 +1,9 @@
 """Chat prompts: the model's Jinja chat template rendered in a sandbox, as HF transformers does.
 
 Templates come from model files and are untrusted, so they run in jinja2's immutable sandbox
-with only the helpers HF provides (``raise_exception``, ``strftime_now``, ``tojson``).
+with only the helpers HF provides (``raise_exception``, ``strftime_now``, ``tojson``), and
+within limits on work, time and size (ktjax.gguf.sandbox): a template that exceeds them is a
+RequestError.
 Without a template the prompt is ChatML (llama.cpp's fallback), except for Gemma models,
 whose turn format is well known and which ship without one (Gemma 3 270M).
 """
@@ -9,15 +11,13 @@ whose turn format is well known and which ship without one (Gemma 3 270M).
 from __future__ import annotations
 
 import functools
-import json
 from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ktjax.errors import KtjaxError, RequestError
+from ktjax.gguf.sandbox import Budget, BudgetedSandbox, LimitExceeded, size_of
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,24 +53,27 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # HF's tojson keeps non-ASCII text as is (jinja's built-in escapes it for HTML).
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+_ENV = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True)
+_ENV.globals["raise_exception"] = _raise_exception
+_ENV.globals["strftime_now"] = _strftime_now
+
+# A render may take this much time and work; its values and text may hold BASE_CHARS
+# characters plus CHARS_PER_INPUT_CHAR per character of the messages (a template repeats a
+# message a few times at most).
+MAX_SECONDS = 2.0
+MAX_OPERATIONS = 1_000_000
+BASE_CHARS = 1 << 20
+CHARS_PER_INPUT_CHAR = 4
 
 
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(template)
+        return _ENV.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise KtjaxError(f"chat template does not parse: {e.message} (line {e.lineno})") from e
+    except (RecursionError, MemoryError) as e:  # nested past what the parser can hold
+        raise KtjaxError(f"chat template does not parse: {type(e).__name__}") from e
 
 
 def check_messages(messages: Any) -> None:
@@ -90,11 +93,16 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str, e
     """The prompt text for ``messages``; ``template=None`` renders ChatML."""
     check_messages(messages)
     compiled = _compile(CHATML_TEMPLATE if template is None else template)
+    budget = Budget(max_operations=MAX_OPERATIONS, max_seconds=MAX_SECONDS,
+                    max_chars=BASE_CHARS + CHARS_PER_INPUT_CHAR * size_of(messages, 1 << 62))
     try:
-        return compiled.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt)
+        return _ENV.render(compiled, budget, messages=messages, bos_token=bos_token,
+                           eos_token=eos_token, add_generation_prompt=add_generation_prompt)
     except _TemplateRaised as e:
         raise RequestError(f"chat template rejected the messages: {e}") from e
+    except (LimitExceeded, RecursionError, MemoryError) as e:
+        raise RequestError(f"chat template exceeded its limits: "
+                           f"{e if isinstance(e, LimitExceeded) else type(e).__name__}") from e
     except jinja2.exceptions.SecurityError as e:
         raise KtjaxError(f"chat template tried an unsafe operation: {e}") from e
     except Exception as e:  # any other failure inside untrusted template code
