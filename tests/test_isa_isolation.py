@@ -9,9 +9,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from gguf import GGMLQuantizationType, quants
+from isa_levels import SIMD_ISAS
 
 from ktjax import _native
+from ktjax.host import linear as hl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -28,6 +32,26 @@ def _checker():
 def test_native_module_keeps_each_isa_in_its_units():
     found = _checker().violations(_native.__file__, str(ROOT))
     assert found == [], "\n".join(found)
+
+
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_prefill_tiles_grow_their_scratch(isa):
+    """The reproducer of issue 25: prefill tiles over Q5_0 weights (int4 + a bit plane) unpack
+    into a per-thread scratch buffer that grows, copying its old bytes, with each larger K.
+    The starting module's AVX2 path grew it with an AVX-512 copy loop: SIGILL on AVX2 CPUs,
+    which scripts/emulated_cpu_tests.sh runs this on."""
+    rng = np.random.default_rng(0)
+    for k in (256, 512, 1024, 2048, 4096):
+        w = rng.standard_normal((32, k)).astype(np.float32)
+        raw = np.frombuffer(quants.quantize(w, GGMLQuantizationType.Q5_0).tobytes(), np.uint8)
+        h = hl.pack_gguf_weight(raw, int(GGMLQuantizationType.Q5_0), (32, k))
+        try:
+            x = rng.standard_normal((16, k)).astype(np.float32)
+            ref = hl.linear_reference(x, h, like=isa)
+            np.testing.assert_allclose(hl.linear_forward(x, h, isa), ref, rtol=1e-4,
+                                       atol=1e-4 * float(np.abs(ref).max()))
+        finally:
+            hl.release(h)
 
 
 # A shared inline function (the vector-growing routine of the bug, reduced): one unit compiled
