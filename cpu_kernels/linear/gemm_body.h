@@ -140,8 +140,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
           const I x0 = V::bcast4(xq[t] + g * G + p * 8);
           const I x1 = V::bcast4(xq[t] + g * G + p * 8 + 4);
           for (int r = 0; r < RB; ++r) {
-            iacc[r][t] = V::dot_u4(iacc[r][t], lo[r], x0);
-            iacc[r][t] = V::dot_u4(iacc[r][t], hi[r], x1);
+            iacc[r][t] = V::dot_u4x2(iacc[r][t], lo[r], x0, hi[r], x1);
           }
         }
       }
