@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import gguf
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import quants
-from isa_levels import ISAS, SIMD_ISAS
+from isa_levels import ISAS, PYTHON, SIMD_ISAS
 
 from ktjax import _native
 from ktjax.errors import KernelError
@@ -253,7 +252,7 @@ def test_store_handles_and_bad_input():
 def _active_isa_with(isa: str) -> subprocess.CompletedProcess:
     code = "from ktjax import _native as n; print(n.active_isa())"
     # cwd outside the checkout: `python -c` must import the installed ktjax, not the sources
-    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, KTJAX_ISA=isa),
+    return subprocess.run([*PYTHON, "-c", code], env=dict(os.environ, KTJAX_ISA=isa),
                           capture_output=True, text=True, cwd=os.path.expanduser("~"))
 
 

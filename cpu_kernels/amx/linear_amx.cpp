@@ -23,12 +23,12 @@
 
 #include <algorithm>
 #include <utility>
-#include <vector>
 
 #include "cpu_kernels/amx/tile_config.h"
 #include "cpu_kernels/avx512/v512.h"
 #include "cpu_kernels/linear/gemm_body.h"
 #include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/unit_local.h"
 
 namespace ktjax {
 namespace {
@@ -368,9 +368,9 @@ void gemm_full_k(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t
   const SlabPlan plan = plan_slabs(kDequant ? steps * 1024 : w.block_stride, steps, tblocks, kc);
   // C homes between chunks and the dequantized slab: per thread, no allocation in steady
   // state.
-  thread_local AlignedVector<int32_t> tls_homes;
-  thread_local AlignedVector<uint8_t> tls_slab;
-  AlignedVector<int32_t>& homes = tls_homes;
+  thread_local UnitVector<int32_t> tls_homes;
+  thread_local UnitVector<uint8_t> tls_slab;
+  UnitVector<int32_t>& homes = tls_homes;
   if (chunks > 1) homes.resize(static_cast<size_t>(plan.home_tblocks * plan.blocks * 256));
   if (kDequant) tls_slab.resize(static_cast<size_t>(plan.blocks * plan.ksteps * 1024));
   const uint8_t* x = kBf16 ? reinterpret_cast<const uint8_t*>(a.bf.data())

@@ -6,10 +6,10 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 #include "cpu_kernels/attention/attention.h"
 #include "cpu_kernels/simd16.h"
+#include "cpu_kernels/unit_local.h"
 
 namespace ktjax {
 namespace {
@@ -31,7 +31,7 @@ struct Chunk {
 // groups of a token together, so the cache streams front to back.
 template <class KT, class Visible>
 void fold_chunk(const AttentionProblem& p, const float* q, int64_t h0, int64_t heads,
-                Chunk<KT> c, Visible visible, std::vector<float>& scores, Partial part) {
+                Chunk<KT> c, Visible visible, UnitVector<float>& scores, Partial part) {
   const int64_t hd = p.head_dim, vd = p.value_dim, rep = p.heads / p.kv_heads;
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   const int64_t stride = (c.n + 15) / 16 * 16;  // whole vectors per head, padded with kNone
@@ -77,7 +77,7 @@ void attend_typed(const AttentionProblem& p, int64_t b, int64_t t, int64_t h0, i
     part.l[h] = 0.f;
   }
   std::memset(part.acc, 0, sizeof(float) * static_cast<size_t>(n * vd));
-  thread_local std::vector<float> scores;
+  thread_local UnitVector<float> scores;
   const auto all = [](int64_t) { return true; };
 
   // Cached keys, one page run at a time, read in place.

@@ -55,7 +55,16 @@ struct V256x2 {
   static __m256i madd(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }
-  static I dot_u4(I acc, I w, I x) { return {madd(acc.a, w.a, x.a), madd(acc.b, w.b, x.b)}; }
+  // acc + w0 . x0 + w1 . x1, the two products summed in int16 before widening (one madd
+  // and add instead of two): weights of at most 6 bits times |x| <= 127 give pair sums of
+  // at most 16002, so two of them stay below 32767 and the sum is exact.
+  static __m256i madd2(__m256i acc, __m256i w0, __m256i x0, __m256i w1, __m256i x1) {
+    const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+  }
+  static I dot_u4x2(I acc, I w0, I x0, I w1, I x1) {
+    return {madd2(acc.a, w0.a, x0.a, w1.a, x1.a), madd2(acc.b, w0.b, x0.b, w1.b, x1.b)};
+  }
   static __m256i dot8(__m256i acc, __m256i wb, __m256i x) {
     const __m256i ws = _mm256_xor_si256(wb, _mm256_set1_epi8(static_cast<char>(0x80)));
     return madd(acc, _mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));

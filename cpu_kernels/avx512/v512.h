@@ -37,7 +37,10 @@ struct V512 {
     std::memcpy(&m, plane, 8);
     return _mm512_mask_add_epi8(v, _cvtu64_mask64(m), v, _mm512_set1_epi8(static_cast<char>(1 << bit)));
   }
-  static I dot_u4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  // acc + w0 . x0 + w1 . x1 (unsigned weights of at most 6 bits).
+  static I dot_u4x2(I acc, I w0, I x0, I w1, I x1) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, w0, x0), w1, x1);
+  }
   static I dot_i8(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
   static F dot_bf16(F acc, I w, I x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);

@@ -1,9 +1,9 @@
 // Linear-kernel bodies shared by the SIMD levels, written once against a vector type V of
 // 16 lanes (one row block): V::I holds 16 int32 (or 64 bytes), V::F 16 floats.
-// Include only from an ISA translation unit that defines its V inside an anonymous
-// namespace: the templates then get internal linkage, so code compiled with one ISA's
-// flags can never be picked by the linker for another ISA's caller. For the same reason
-// these bodies call no out-of-line library code.
+// Include only from an ISA translation unit: everything here sits in an anonymous namespace
+// (and each unit's V in its own), so it gets internal linkage and code compiled with one
+// ISA's flags can never be picked by the linker for another ISA's caller. For the same
+// reason these bodies instantiate no library templates (cpu_kernels/unit_local.h).
 #pragma once
 
 #include <cstdint>
@@ -12,6 +12,7 @@
 #include "cpu_kernels/linear/linear.h"
 
 namespace ktjax {
+namespace {
 namespace body {
 
 // Scale (which = 0) or min (which = 1) vector of the group whose record starts at rec.
@@ -147,8 +148,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
           const I x0 = V::bcast4(xq[t] + g * G + p * 8);
           const I x1 = V::bcast4(xq[t] + g * G + p * 8 + 4);
           for (int r = 0; r < RB; ++r) {
-            iacc[r][t] = V::dot_u4(iacc[r][t], lo[r], x0);
-            iacc[r][t] = V::dot_u4(iacc[r][t], hi[r], x1);
+            iacc[r][t] = V::dot_u4x2(iacc[r][t], lo[r], x0, hi[r], x1);
           }
         }
       }
@@ -362,4 +362,5 @@ bool prepare(const PackedWeight& w, const float* x, int64_t t0, int64_t t1, int6
 }
 
 }  // namespace body
+}  // namespace
 }  // namespace ktjax
