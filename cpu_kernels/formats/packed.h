@@ -62,12 +62,17 @@ struct AlignedFree {
 
 // Allocator of cache-line-aligned storage for std::vector: AMX tile rows of 64 bytes that
 // straddle two lines load at a fraction of the speed, and malloc aligns large blocks to 16.
-template <class T>
+// `Owner` makes the vector type a unit's own where that matters (cpu_kernels/unit_local.h).
+template <class T, class Owner = void>
 struct CacheAligned {
   using value_type = T;
+  template <class U>
+  struct rebind {
+    using other = CacheAligned<U, Owner>;
+  };
   CacheAligned() = default;
   template <class U>
-  CacheAligned(const CacheAligned<U>&) {}
+  CacheAligned(const CacheAligned<U, Owner>&) {}
   T* allocate(size_t n) {
     void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
     if (p == nullptr) throw std::bad_alloc();
@@ -75,9 +80,9 @@ struct CacheAligned {
   }
   void deallocate(T* p, size_t) { std::free(p); }
   template <class U>
-  bool operator==(const CacheAligned<U>&) const { return true; }
+  bool operator==(const CacheAligned<U, Owner>&) const { return true; }
   template <class U>
-  bool operator!=(const CacheAligned<U>&) const { return false; }
+  bool operator!=(const CacheAligned<U, Owner>&) const { return false; }
 };
 template <class T>
 using AlignedVector = std::vector<T, CacheAligned<T>>;
