@@ -14,5 +14,7 @@ export KTJAX_EMULATOR="qemu-x86_64 -cpu $CPU"
 # TCG lacks a few of the model's system features (xsaves, invpcid, ...): its warnings are noise.
 emulate() { $KTJAX_EMULATOR "$PY" "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2); }
 cd "$ROOT"
+# Import the installed ktjax (with its built module), not the source tree in the cwd.
+export PYTHONSAFEPATH=1
 emulate -c "from ktjax import _native as n; print('emulated $CPU: ktjax detects', n.detected_isa())"
 emulate -m pytest -p no:cacheprovider -q "$@"
