@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 import ktjax
-from gguf_craft import Crafted, Field, parse
+from gguf_craft import Crafted, parse
 from tiny_models import write_tiny_gguf
 
 N_CASES = int(os.environ.get("KTJAX_FUZZ_CASES", "600"))
