@@ -68,14 +68,11 @@ APACHE = "/usr/share/common-licenses/Apache-2.0"
     (True, 0.015),
 ])
 def test_perplexity_matches_llama_cpp(name, host_linears, tol):
-    import importlib.util
     import pathlib
-    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "perplexity.py"
-    spec = importlib.util.spec_from_file_location("perplexity", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+
+    from ktjax.evaluate.perplexity import perplexity
     llm = LLM(name, max_model_len=257, kv_cache_tokens=272, host_linears=host_linears)
-    ppl, _ = module.perplexity(llm, pathlib.Path(APACHE).read_text(), 256)
+    ppl, _ = perplexity(llm, pathlib.Path(APACHE).read_text(), 256)
     print(f"{name} host_linears={host_linears}: PPL {ppl:.4f} vs llama.cpp "
           f"{LLAMA_CPP_PPL[name]}")
     assert abs(ppl / LLAMA_CPP_PPL[name] - 1) < tol
