@@ -24,7 +24,8 @@ from ktjax.engine.kv_cache import BlockTable
 from ktjax.errors import RequestError
 
 SCORE_ROWS = (1, 2, 4, 8, 16, 32, 64)
-MAX_SCORE_TOKENS = 1024   # rows x tokens of one scoring step ([rows, tokens, vocab] logits)
+MAX_SCORE_TOKENS = 1024   # rows x tokens of one scoring step
+LOGIT_ROWS = (4, 16, 64, 256, 512)   # continuation tokens per row
 
 
 @dataclass
@@ -190,19 +191,24 @@ def _prefill_shared(engine: Engine, contexts: list[tuple[BlockTable, list[int]]]
 
 
 def _score_rows(engine: Engine, rows: list[_Row]) -> list[float]:
-    """One scoring step: each row's summed log-probability of its continuation tokens."""
+    """One scoring step: each row's summed log-probability of its continuation tokens. Only
+    the positions predicting a continuation token go through the output head."""
     tokens = bk.round_up(bk.PREFILL_TOKENS, max(len(r.tokens) for r in rows))
     n_rows = bk.round_up(SCORE_ROWS, len(rows))
+    predicted = bk.round_up(LOGIT_ROWS, max(len(r.tokens) - r.tail for r in rows))
     pages = bk.page_bucket(engine.pool.pages_for(max(r.start for r in rows)), engine.max_pages)
-    batch = Engine._batch([(r.table, r.start, r.tokens) for r in rows], n_rows, tokens, pages,
-                          all_logits=True)
-    targets = np.zeros((n_rows, tokens), np.int32)
+    batch = Engine._batch([(r.table, r.start, r.tokens) for r in rows], n_rows, tokens, pages)
+    index = np.zeros((n_rows, predicted), np.int32)
+    targets = np.zeros((n_rows, predicted), np.int32)
     for k, r in enumerate(rows):
-        targets[k, :len(r.tokens) - 1] = r.tokens[1:]
-    program = engine.programs.scorer(bk.Bucket(n_rows, tokens, pages, tokens))
+        # logits at position p predict token p + 1: the continuation's tokens [tail, n) are
+        # predicted at [tail - 1, n - 1)
+        m = len(r.tokens) - r.tail
+        index[k, :m] = np.arange(r.tail - 1, len(r.tokens) - 1)
+        targets[k, :m] = r.tokens[r.tail:]
+    batch = batch.replace(logits_index=index)
+    program = engine.programs.scorer(bk.Bucket(n_rows, tokens, pages, predicted))
     with deferred_interrupts():
         logprobs, engine.kv = program(engine.params, engine.kv, batch, targets)
     logprobs = np.asarray(logprobs)
-    # logits at position p predict token p + 1: the continuation's tokens [tail, n) are
-    # predicted at [tail - 1, n - 1)
-    return [float(logprobs[k, r.tail - 1:len(r.tokens) - 1].sum()) for k, r in enumerate(rows)]
+    return [float(logprobs[k, :len(r.tokens) - r.tail].sum()) for k, r in enumerate(rows)]
