@@ -3,6 +3,8 @@ from ktjax.errors import KtjaxError
 from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams
 
+__version__ = "0.1.0"   # as pyproject.toml
+
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "KtjaxError"]
 
 

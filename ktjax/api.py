@@ -157,10 +157,13 @@ class LLM:
         with self._lock:
             return self.engine.score(self._encode(prompt))
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` rendered with the model's chat template."""
+    def chat_prompt(self, messages: list[dict], template: str | None = None) -> list[int]:
+        """Token ids of `messages` rendered with `template` (Jinja text), else the model's
+        chat template; a model file without one (a base model, usually) gets ChatML, or
+        Gemma's turn format for Gemma models, which base models follow poorly (the
+        command line refuses them instead: `--chat-template`)."""
         tok = self.tokenizer
-        template = tok.chat_template or default_template(self.config.architecture)
+        template = template or tok.chat_template or default_template(self.config.architecture)
         text = render_chat(template, messages,
                            bos_token=tok.token_to_piece(tok.bos_id) if tok.bos_id is not None
                            else "",

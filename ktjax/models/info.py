@@ -16,9 +16,9 @@ from ktjax.models.catalog import resolve_model
 _HOST_BYTES = {"int8": 1.125, "int8_row": 1.0, "int4": 0.625, "bf16": 2.0}
 
 
-def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
-                    device_bytes: int) -> list[str]:
-    """One line per rule: placement, format, tensors and their memory per device."""
+def placement_memory(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
+                     device_bytes: int) -> tuple[dict, dict[str, float]]:
+    """Per rule [decision, tensors, bytes], and the bytes on each of device and host."""
     placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
     groups: dict = {}
     for path, d in placement.items():
@@ -35,10 +35,18 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
             else:
                 g[2] += t.n_elements * (4 if len(tspec.shape) == 1 else
                                         {"bf16": 2, "f32": 4}.get(d.format, device_bytes))
-    lines = [f"placement     {rules} ({platform})"]
-    total = defaultdict(float)
-    for rule, (d, n, size) in groups.items():
+    total: dict[str, float] = defaultdict(float)
+    for d, _, size in groups.values():
         total[d.placement] += size
+    return groups, total
+
+
+def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
+                    device_bytes: int) -> list[str]:
+    """One line per rule: placement, format, tensors and their memory per device."""
+    groups, total = placement_memory(f, spec, rules, platform, device_bytes)
+    lines = [f"placement     {rules} ({platform})"]
+    for rule, (d, n, size) in groups.items():
         lines.append(f"  {rule.name:<28} {d.placement:<6} {d.format:<8} "
                      f"{n:>5} tensors {size / 2 ** 20:10.2f} MiB")
     lines.append("  memory: " + ", ".join(f"{p} {v / 2 ** 20:.2f} MiB" for p, v in total.items()))
@@ -59,6 +67,9 @@ def describe(model: str, rules: str | None = None) -> str:
     kv_per_token = cache.bytes_per_token(1)
     ctx = min(cfg.context_length, 4096)
     gib = 1024 ** 3
+    # what loading on a CPU keeps: the default CPU rules' placement (GGUF blocks, not float32)
+    _, cpu_memory = placement_memory(f, spec, placement_rules.rules_for(f.architecture, "cpu"),
+                                     "cpu", 4)
     lines = [
         f"model         {os.path.basename(path)}  ({os.path.getsize(path) / gib:.2f} GiB file)",
         f"architecture  {f.architecture} ({spec.family.__name__.rsplit('.', 1)[-1]} family)",
@@ -70,9 +81,10 @@ def describe(model: str, rules: str | None = None) -> str:
         "quant mix     " + ", ".join(
             f"{name}: {n} tensors, {100 * el / n_params:.1f}% of weights"
             for name, (n, el) in sorted(mix.items(), key=lambda kv: -kv[1][1])),
-        "memory        weights {:.2f} GiB as float32 (CPU) / {:.2f} GiB as bfloat16 (GPU); "
+        "memory        weights {:.2f} GiB on CPU (matrices as GGUF blocks in the host "
+        "kernels) / {:.2f} GiB all as bfloat16 (GPU); "
         "KV cache {:.1f} KiB per token as float32, {:.2f} GiB for 4 x {} tokens".format(
-            n_params * 4 / gib, n_params * 2 / gib, kv_per_token * 4 / 1024,
+            sum(cpu_memory.values()) / gib, n_params * 2 / gib, kv_per_token * 4 / 1024,
             4 * ctx * kv_per_token * 4 / gib, ctx),
     ]
     moe = getattr(cfg, "moe", None)   # only mixture-of-experts families have one
