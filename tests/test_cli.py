@@ -1,7 +1,19 @@
 """The `ktjax` command, and the persistent compilation cache across processes."""
+import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ktjax import SamplingParams, __version__
+from ktjax import cli, progress
+from ktjax.rules import profiles
+
+SAMPLE = Path(__file__).parent / "data" / "choices_sample.jsonl"
 
 
 def _ktjax(args, env=None, stdin=None):
@@ -18,6 +30,7 @@ def test_generate_streams_and_second_process_reuses_compiled_programs(tiny_llama
             "--temperature", "0"]
     first = _ktjax(args, env)
     assert first.returncode == 0, first.stderr
+    assert "ktjax: loading tiny-llama.gguf" in first.stderr and "loaded in" in first.stderr
     entries = sorted(os.listdir(tmp_path / "xla"))
     assert entries                                   # the first process wrote executables
     second = _ktjax(args, env)
@@ -31,9 +44,11 @@ def test_chat_replies_to_each_line_with_the_history(tiny_llama_path):
     from ktjax import LLM, SamplingParams
 
     r = _ktjax(["chat", "--model", str(tiny_llama_path), "--max-tokens", "4",
-                "--temperature", "0"], stdin="hi\nagain\n/exit\nnever read\n")
+                "--temperature", "0", "--chat-template", "chatml"],
+               stdin="hi\nagain\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
-    llm = LLM(str(tiny_llama_path))   # the CLI's defaults
+    assert "/exit" in r.stderr
+    llm = LLM(str(tiny_llama_path))   # the CLI's defaults; ChatML is the API's fallback
     params = SamplingParams(max_tokens=4, temperature=0)
     history = [{"role": "user", "content": "hi"}]
     first = llm.chat(history, params)
@@ -53,3 +68,108 @@ def test_info_and_errors(tiny_llama_path, tmp_path):
     assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
     r = _ktjax(["generate", "x", "--model", str(tiny_llama_path), "--top-p", "0"])
     assert r.returncode == 2 and "top_p" in r.stderr
+
+
+def _run(capsys, *args):
+    """main() in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:      # --help, --version
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_documents_the_prompt_and_every_sampling_flag_with_its_default(capsys):
+    code, out, _ = _run(capsys, "generate", "--help")
+    assert code == 0 and re.search(r"PROMPT\s+the text to continue", out)
+    text = " ".join(out.split())                  # argparse wraps lines
+    text = text[text.index("sampling (defaults"):]
+    for name, value in cli.CLI_SAMPLING.items():
+        flag = "--" + name.replace("_", "-")
+        m = re.search(re.escape(flag) + r" \S+(?:, -\w \S+)? (.*?)\(default: ([^)]*)\)", text)
+        assert m and m[1].strip(), f"{flag} has no help text: {text}"
+        assert float(m[2]) == value, flag
+    assert "--seed SEED seed" in text and "(default: random)" in text
+    SamplingParams(**cli.CLI_SAMPLING)           # the defaults are valid
+    code, out, _ = _run(capsys, "--help")
+    for command in ("generate", "chat", "batch", "eval", "info", "models", "rules"):
+        assert re.search(rf"^    {command} +\S", out, re.M), command
+    assert "/exit" in out
+
+
+def test_version_models_and_rule_profiles(capsys):
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0 and out.startswith(f"ktjax {__version__} (jax ")
+    code, out, _ = _run(capsys, "models")
+    assert code == 0
+    for name in ("smollm2-135m", "gemma3-270m"):
+        assert re.search(rf"^{name} +\S", out, re.M)
+    code, out, _ = _run(capsys, "rules")
+    names = [name for name, _ in profiles()]
+    assert code == 0 and "cpu" in names and "device" in names
+    for name in names:
+        assert re.search(rf"^{name} +\S", out, re.M)
+
+
+def test_chat_over_a_model_without_a_template_is_refused_before_loading(capsys,
+                                                                       tiny_llama_path):
+    code, out, err = _run(capsys, "generate", "hi", "--chat", "--model", str(tiny_llama_path))
+    assert code == 2 and "has no chat template" in err and "--chat-template" in err
+    assert "loading" not in err and out == ""
+    code, _, err = _run(capsys, "chat", "--model", str(tiny_llama_path), "--chat-template",
+                        "/nonexistent/template.jinja")
+    assert code == 2 and "cannot read the chat template" in err
+
+
+def test_compile_bars_wait_while_a_streamed_line_is_open(tiny_llm, monkeypatch, capsys):
+    """A compile that starts while streamed text holds the terminal line draws no bar (it
+    would redraw and erase that line); at the start of a line it draws one."""
+    from ktjax.engine import buckets as bk
+    from ktjax.engine import programs
+    monkeypatch.delenv("KTJAX_NO_PROGRESS", raising=False)
+    drawn = []
+    real_tqdm = programs.tqdm
+    monkeypatch.setattr(programs, "tqdm", lambda *a, **k: (drawn.append(not k["disable"]),
+                                                           real_tqdm(*a, **k))[1])
+    writer = progress.StreamWriter(shares_terminal=True)
+    writer.write("streamed text, no newline yet")
+    tiny_llm.engine.programs.compile([(bk.Bucket(3, 1, 8), None)])
+    writer.write(" and the end of the line\n")
+    tiny_llm.engine.programs.compile([(bk.Bucket(5, 1, 8), None)])
+    assert drawn == [False, True]
+    writer.write("> ")
+    writer.at_line_start()                       # the user pressed Enter
+    assert progress.bars_enabled()
+    redirected = progress.StreamWriter(shares_terminal=False)   # stdout is a file: no line
+    redirected.write("text")
+    assert progress.bars_enabled()
+    capsys.readouterr()
+
+
+def test_batch_and_eval_commands(capsys, tiny_llama_path, tmp_path):
+    model = ["--model", str(tiny_llama_path), "-q"]
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"id": "x", "prompt": "hello"}\n{"messages": []}\n')
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = _run(capsys, "batch", str(requests), "-o", str(out), "-n", "3", *model)
+    assert code == 0, err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["id"] == "x" and lines[0]["completion_tokens"] == 3
+    assert lines[1]["id"] == 2 and "no chat template" in lines[1]["error"]
+    assert "2 result(s) written" in stdout and "1 error(s)" in stdout
+    code, stdout, err = _run(capsys, "eval", "choices", str(SAMPLE), "--limit", "4",
+                             "-o", str(tmp_path / "items.jsonl"), *model)
+    assert code == 0, err
+    assert re.search(r"^acc +[\d.]+ ± [\d.]+$", stdout, re.M) and "4 items, 16 continuations" \
+        in stdout
+    assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 4
+    text = tmp_path / "text.txt"
+    text.write_text("a few words of text to score " * 20)
+    code, stdout, err = _run(capsys, "eval", "perplexity", str(text), "--ctx", "64", *model)
+    assert code == 0, err
+    assert re.search(r"^PPL = [\d.]+$", stdout, re.M) and "[1] " in stdout
+    code, _, err = _run(capsys, "eval", "choices", str(tmp_path / "none.jsonl"), *model)
+    assert code == 2 and "no such file" in err
