@@ -7,8 +7,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from ktjax import SamplingParams, __version__
 from ktjax import cli, progress
 from ktjax.rules import profiles

@@ -90,7 +90,8 @@ def _key(request_id) -> str:
 
 
 def parse_line(llm, line: str, line_no: int, defaults: SamplingParams,
-               chat_prompt: Callable[[list[dict]], list[int]]) -> tuple[object, list[int], SamplingParams, str | None]:
+               chat_prompt: Callable[[list[dict]], list[int]]
+               ) -> tuple[object, list[int], SamplingParams, str | None]:
     """(id, prompt token ids, params, prompt text) of a request line; RequestError if bad."""
     try:
         doc = json.loads(line)

@@ -132,8 +132,7 @@ def _score_group(engine: Engine, requests: Sequence[ContextRequest], group: list
                 table.ensure(len(ctx) + len(cont))
                 rows.append(_Row(i, j, table, shared, ctx[shared:] + cont, len(ctx) - shared))
         rows.sort(key=lambda row: len(row.tokens))   # similar lengths pad less
-        while rows:
-            tokens = bk.round_up(bk.PREFILL_TOKENS, len(rows[0].tokens))
+        while rows:   # as many rows as MAX_SCORE_TOKENS holds, padded to their bucket
             n = 1
             while n < len(rows) and n < SCORE_ROWS[-1] and \
                     (n + 1) * bk.round_up(bk.PREFILL_TOKENS, len(rows[n].tokens)) <= \
