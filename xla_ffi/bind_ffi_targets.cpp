@@ -51,6 +51,8 @@ void bind_ffi_targets(py::module_& m) {
       },
       py::arg("tokens"), py::arg("hidden"), py::arg("top_k"), py::arg("handles"), py::arg("pinned"),
       "Reserves the host buffers of one ktjax_moe_submit/wait call site: (site id, pinned).");
+  m.def("moe_site_dry_run", &set_moe_dry_run, py::arg("on"),
+        "Measurement switch: host MoE jobs write zeros without computing.");
   m.def("moe_site_take_error", &take_moe_site_error,
         "The first error a host MoE job recorded since the last call ('' if none); clears it.");
 }

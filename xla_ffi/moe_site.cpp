@@ -25,6 +25,8 @@ std::mutex g_sites_mu;
 std::map<int64_t, std::unique_ptr<MoeSite>> g_sites;
 int64_t g_next_site = 1;
 
+std::atomic<bool> g_dry_run{false};
+
 std::mutex g_error_mu;
 std::string g_error;
 
@@ -117,7 +119,10 @@ std::string take_moe_site_error() {
   return e;
 }
 
+void set_moe_dry_run(bool on) { g_dry_run.store(on); }
+
 void MoeSite::run() {
+  if (g_dry_run.load(std::memory_order_relaxed)) return std::fill(out, out + tokens * hidden, 0.f);
   try {
     const int64_t l = *layer;
     if (l < 0 || l >= static_cast<int64_t>(handles.size()))

@@ -53,6 +53,10 @@ void submit_moe_job(MoeSite* site);
 // `timeout_s` the wait gives up, zeroes `out` and records an error rather than hang.
 void wait_moe_job(MoeSite* site, double timeout_s = 120.0);
 
+// Dry run (for measurements): jobs write zeros without running the kernel, so a step's time
+// is everything but the host experts' compute.
+void set_moe_dry_run(bool on);
+
 // The first error recorded by a job since the last call ("" if none), cleared by the call.
 std::string take_moe_site_error();
 void record_moe_site_error(const std::string& what);
