@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 
@@ -74,7 +75,9 @@ def decode_launches(llm, steps: int) -> dict:
     return {"per_step": pick, "top_events": dict(names.most_common(12))}
 
 
-def run(args) -> dict:
+def run(args) -> Iterator[dict]:
+    """The measurement row, then (--profile, --compare) one row each: a crash in a later one
+    leaves the earlier printed."""
     from ktjax import LLM, SamplingParams, _native
     _native.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -119,14 +122,15 @@ def run(args) -> dict:
         row["gpu_part_ms"] = 1e3 * t_dry / steps
         row["ideal_ms"] = row["gpu_part_ms"] + row["host_bw_ms"]
         row["step_over_ideal"] = row["step_ms"] / row["ideal_ms"]
+    yield row
+    head = {k: row[k] for k in ("model", "rules", "platform")}
     if args.profile:
         try:
-            row["launches"] = decode_launches(llm, 8)
+            yield {**head, "launches": decode_launches(llm, 8)}
         except Exception as e:  # the trace is a diagnostic: report, do not fail the run
-            row["launches"] = {"error": f"{type(e).__name__}: {e}"}
+            yield {**head, "launches": {"error": f"{type(e).__name__}: {e}"}}
     if args.compare:
-        row.update(compare(llm, args))
-    return row
+        yield {**head, **compare(llm, args)}
 
 
 def compare(llm, args) -> dict:
@@ -167,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-tokens", type=int, default=256)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    row = run(args)
-    print(json.dumps(row) if args.json else "\n".join(f"{k:24} {v}" for k, v in row.items()), flush=True)
+    for row in run(args):
+        print(json.dumps(row) if args.json else "\n".join(f"{k:24} {v}" for k, v in row.items()),
+              flush=True)
     return 0
 
 

@@ -34,8 +34,10 @@ stage() {
   timeout "$limit" "$@" > /tmp/stage.out 2>> "$LOG"
   local rc=$?
   grep '^{' /tmp/stage.out | sed "s/^{/{\"stage\": \"$name\", /" | tee -a "$J" >> "$LOG"
-  grep -v '^{' /tmp/stage.out | tail -5 >> "$LOG"
+  grep -v '^{' /tmp/stage.out | tail -"${TAIL:-5}" >> "$LOG"
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - T0 ))}" >> "$J"
   log "end $name rc=$rc"
+  return $rc
 }
 llama() {  # llama NAME MODEL NCMOE
   local name=$1 m=$2 n=$3
@@ -51,6 +53,9 @@ python3 -c "from ktjax import _native; _native.moe_site_dry_run" 2>/dev/null || 
   timeout 200 cmake --build /tmp/kb -j"$(nproc)" > /tmp/build.log 2>&1 && cp /tmp/kb/_native*.so ktjax/ ||
   { log "build failed"; tail -20 /tmp/build.log >> "$LOG"; exit 1; }
 }
+
+# The CUDA handlers, the captured step and the error path (skipped without a GPU).
+TAIL=12 stage gpu-tests 30 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
 
 if [ "${SMOKE:-0}" = 1 ]; then
   MODELS="tiny:2"
