@@ -72,7 +72,21 @@ def decode_launches(llm, steps: int) -> dict:
     names = Counter(e.get("name", "") for e in events if e.get("ph") == "X")
     pick = {k: v / steps for k, v in names.items()
             if k.startswith(("cuLaunch", "cuGraphLaunch", "cuMemcpy", "cudaLaunch", "cudaGraphLaunch"))}
-    return {"per_step": pick, "top_events": dict(names.most_common(12))}
+    # The device's timeline: busy intervals of the GPU processes' events, and the time
+    # between them (the GPU idle while the host works, among others).
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("pid") in gpu_pids)
+    busy, idle, end = 0.0, 0.0, None
+    for a, b in spans:
+        if end is not None and a > end:
+            idle += a - end
+        busy += max(0.0, b - max(a, end or a))
+        end = b if end is None else max(end, b)
+    return {"per_step": pick, "gpu_events_per_step": len(spans) / steps,
+            "gpu_busy_ms_per_step": busy / 1e3 / steps, "gpu_idle_ms_per_step": idle / 1e3 / steps,
+            "top_events": dict(names.most_common(12))}
 
 
 def run(args) -> Iterator[dict]:

@@ -190,9 +190,10 @@ void submit_moe_job(MoeSite* site) {
 void wait_moe_job(MoeSite* site, double timeout_s) {
   const int64_t want = site->submitted.load(std::memory_order_relaxed);
   const auto start = std::chrono::steady_clock::now();
-  // Spin (the job of a decode step takes a fraction of a millisecond), then yield, then sleep.
+  // Spin briefly, then yield (the host pool's threads may want this core: the job of a
+  // decode step takes a fraction of a millisecond), then sleep.
   for (int64_t i = 0; site->done.load(std::memory_order_acquire) < want; ++i) {
-    if (i < 20000) {
+    if (i < 2000) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();
 #endif
