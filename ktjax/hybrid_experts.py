@@ -23,6 +23,7 @@ path with an empty pool; CPU programs keep HostExperts unless the section asks f
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -253,6 +254,8 @@ def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int
     per-layer GGUF names of gate, up and down): a HybridExperts in GPU programs or where the
     rules file has an `experts:` section, else `host` unchanged."""
     platform = (device or jax.devices()[0]).platform
+    # KTJAX_HOST_MOE_SYNC=1: the synchronous CUDA bridge instead (for before/after figures)
+    sync = os.environ.get("KTJAX_HOST_MOE_SYNC", "0") == "1"
     hybrid = build(host.handles, f, list(zip(*per_kind)), rules_file, n_blocks, dtype, device,
-                   force=platform == "gpu")
+                   force=platform == "gpu" and not sync)
     return host if hybrid is None else hybrid

@@ -54,9 +54,6 @@ python3 -c "from ktjax import _native; _native.moe_site_dry_run" 2>/dev/null || 
   { log "build failed"; tail -20 /tmp/build.log >> "$LOG"; exit 1; }
 }
 
-# The CUDA handlers, the captured step and the error path (skipped without a GPU).
-TAIL=12 stage gpu-tests 30 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
-
 if [ "${SMOKE:-0}" = 1 ]; then
   MODELS="tiny:2"
   PROMPT=32; GEN=8; CUT=2
@@ -86,6 +83,14 @@ for spec in $MODELS; do
     stage "llama-ncmoe-all-$shape" 20 60 llama "$shape" "$m" "$layers"
   fi
   stage "ktjax-cpu-$shape-b1" 40 90 env JAX_PLATFORMS=cpu $BENCH --model "$m" --rules cpu \
+    --prompt-tokens $PROMPT --gen-tokens $GEN
+  # The CUDA handlers, the captured step and the error path (skipped without a GPU), once.
+  if [ -z "${TESTED:-}" ]; then
+    TESTED=1 TAIL=12 stage gpu-tests 30 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
+    TESTED=1
+  fi
+  # before: the synchronous bridge (pageable copies, two stream syncs per layer)
+  stage "ktjax-syncbridge-$shape-b1" 40 90 env KTJAX_HOST_MOE_SYNC=1 $BENCH --model "$m" --rules "$profile" \
     --prompt-tokens $PROMPT --gen-tokens $GEN
   # 2. the same partial placement in both: the experts of the last layers on the GPU
   n=$(( layers - ${GPU_LAYERS:-6} )); [ $n -lt 0 ] && n=0
