@@ -77,12 +77,12 @@ for spec in $MODELS; do
   fi
   profile=$(python3 -c "from ktjax.gguf.reader import GGUFFile; print(GGUFFile('$m').architecture)")
   # 1. experts all on the host, the rest on the GPU (the family's GPU profile)
-  stage "ktjax-hybrid-$shape-b1" 40 90 $BENCH --model "$m" --rules "$profile" --prompt-tokens $PROMPT \
+  stage "ktjax-hybrid-$shape-b1" 40 120 $BENCH --model "$m" --rules "$profile" --prompt-tokens $PROMPT \
     --gen-tokens $GEN --profile
   if [ -n "${LLAMA_BIN:-}" ]; then
     stage "llama-ncmoe-all-$shape" 20 60 llama "$shape" "$m" "$layers"
   fi
-  stage "ktjax-cpu-$shape-b1" 40 90 env JAX_PLATFORMS=cpu $BENCH --model "$m" --rules cpu \
+  stage "ktjax-cpu-$shape-b1" 40 100 env JAX_PLATFORMS=cpu $BENCH --model "$m" --rules cpu \
     --prompt-tokens $PROMPT --gen-tokens $GEN
   # The CUDA handlers, the captured step and the error path (skipped without a GPU), once.
   if [ -z "${TESTED:-}" ]; then
