@@ -127,10 +127,11 @@ def load_rules(name_or_path: str | Path) -> list[Rule]:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise RulesError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(doc, dict) or set(doc) - {"description", "rules"} or \
+    # `experts:` splits host experts with the device (read by ktjax.hybrid_experts)
+    if not isinstance(doc, dict) or set(doc) - {"description", "rules", "experts"} or \
             not isinstance(doc.get("rules"), list):
         raise RulesError(f"{path}: expected a mapping with a `rules:` list "
-                         "(and optionally `description:`)")
+                         "(and optionally `description:` and `experts:`)")
     return [_parse_rule(str(path), i, r) for i, r in enumerate(doc["rules"])]
 
 

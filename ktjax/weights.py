@@ -8,14 +8,16 @@ picks from the placement decision (ktjax.rules):
 - `LayerStack` (device, CPU programs): XLA, few-row matmuls read in place by the host kernel;
 - `HostWeight` / `HostExperts`: the native host kernels through FFI (in CPU programs, and
   through the CUDA bridge in GPU programs);
-- `DeviceExperts`: routed experts as grouped matmuls (ragged_dot) in XLA.
+- `DeviceExperts`: routed experts as grouped matmuls (ragged_dot) in XLA;
+- `HybridExperts` (ktjax.hybrid_experts): routed experts split between a device pool and the
+  host, the host part stream-ordered in GPU programs.
 
 Per-layer handles ride through the scan over layers; `bind_layer` gives each the scanned
 layer index.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from flax import struct
 from ktjax.host.linear import linear_layered
 from ktjax.host.moe import moe_layered
 from ktjax.host.stacked import stacked_matvec
+from ktjax.hybrid_experts import HybridExperts
 
 
 def _layer_or_zero(layer: jax.Array | None) -> jax.Array:
@@ -62,7 +65,7 @@ class HostExperts:
         return self.replace(layer=layer)
 
 
-HOST_NODES = (HostWeight, HostExperts)
+HOST_NODES = (HostWeight, HostExperts, HybridExperts)
 
 @struct.dataclass
 class LayerStack:
@@ -106,7 +109,7 @@ def _is_bound(node) -> bool:
 
 def split_scanned(params: dict) -> tuple[dict, dict]:
     """(weights that ride the scan over layers whole: LayerStacks, the rest: sliced per layer)."""
-    whole = {k: v for k, v in params.items() if isinstance(v, LayerStack)}
+    whole = {k: v for k, v in params.items() if isinstance(v, (LayerStack, HybridExperts))}
     return whole, {k: v for k, v in params.items() if k not in whole}
 
 
@@ -210,3 +213,13 @@ def experts(w: HostExperts | DeviceExperts, x: jax.Array, route: Route) -> jax.A
         return moe_layered(x.astype(jnp.float32), route.ids, route.weights,
                            _layer_or_zero(w.layer), w.handles)
     return _experts_ragged(w, x, route)
+
+
+def experts_plus(w, x: jax.Array, route: Route, extra: Callable[[jax.Array], jax.Array] | None
+                 ) -> jax.Array:
+    """experts(w, x, route) + extra(x) in float32; `extra` (the shared experts) runs on the
+    device while the host runs the routed experts of a HybridExperts."""
+    if isinstance(w, HybridExperts):
+        return w.with_extra(x, route, extra)
+    y = experts(w, x, route)
+    return y if extra is None else y + extra(x).astype(jnp.float32)

@@ -24,8 +24,10 @@ except ImportError:  # pragma: no cover
 def test_targets_listed_and_registration_idempotent() -> None:
     assert set(_native.ffi_targets()) == {
         "ktjax_rms_norm_f32", "ktjax_linear_layered", "ktjax_moe_layered",
-        "ktjax_paged_attention", "ktjax_argmax", "ktjax_stacked_matvec"}
-    assert set(_native.cuda_ffi_targets()) == {"ktjax_linear_layered", "ktjax_moe_layered"}
+        "ktjax_paged_attention", "ktjax_argmax", "ktjax_stacked_matvec", "ktjax_moe_submit",
+        "ktjax_moe_wait"}
+    assert set(_native.cuda_ffi_targets()) == {"ktjax_linear_layered", "ktjax_moe_layered",
+                                               "ktjax_moe_submit", "ktjax_moe_wait"}
     register_targets()
     register_targets()
 

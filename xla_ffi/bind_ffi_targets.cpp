@@ -1,7 +1,12 @@
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
 
 #include "cpu_kernels/bindings.h"
 #include "xla_ffi/ffi_targets.h"
+#include "xla_ffi/moe_site.h"
 
 namespace py = pybind11;
 
@@ -21,6 +26,8 @@ void bind_ffi_targets(py::module_& m) {
         targets["ktjax_argmax"] = py::capsule(reinterpret_cast<void*>(&KtjaxArgmax));
         targets["ktjax_stacked_matvec"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxStackedMatvec));
+        targets["ktjax_moe_submit"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeSubmit));
+        targets["ktjax_moe_wait"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeWait));
         return targets;
       },
       "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");
@@ -31,9 +38,23 @@ void bind_ffi_targets(py::module_& m) {
         targets["ktjax_moe_layered"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeLayeredCuda));
         targets["ktjax_linear_layered"] =
             py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayeredCuda));
+        targets["ktjax_moe_submit"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeSubmitCuda));
+        targets["ktjax_moe_wait"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeWaitCuda));
         return targets;
       },
       "CUDA-platform handlers of the host targets (operands staged through host memory).");
+  m.def(
+      "moe_site_reserve",
+      [](int64_t tokens, int64_t hidden, int64_t top_k, const std::vector<int64_t>& handles, bool pinned) {
+        const MoeSite& s = reserve_moe_site(tokens, hidden, top_k, handles, pinned);
+        return py::make_tuple(s.id, s.pinned);
+      },
+      py::arg("tokens"), py::arg("hidden"), py::arg("top_k"), py::arg("handles"), py::arg("pinned"),
+      "Reserves the host buffers of one ktjax_moe_submit/wait call site: (site id, pinned).");
+  m.def("moe_site_dry_run", &set_moe_dry_run, py::arg("on"),
+        "Measurement switch: host MoE jobs write zeros without computing.");
+  m.def("moe_site_take_error", &take_moe_site_error,
+        "The first error a host MoE job recorded since the last call ('' if none); clears it.");
 }
 
 }  // namespace ktjax

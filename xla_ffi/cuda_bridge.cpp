@@ -4,53 +4,24 @@
 // GPU runs attention and the dense parts, the host CPU the routed experts next to their
 // weights.
 //
-// The CUDA driver is reached through dlopen/dlsym of libcuda.so.1 (loaded already wherever a
-// CUDA jaxlib runs), so the module builds and imports on machines without CUDA; there the
-// handlers fail with an error saying so.
-#include <dlfcn.h>
-
+// The CUDA driver is reached through xla_ffi/cuda_driver.h (dlopen), so the module builds and
+// imports on machines without CUDA; there the handlers fail with an error saying so. This
+// bridge synchronizes the stream twice per call; the routed experts of GPU programs take the
+// stream-ordered path instead (xla_ffi/moe_async_ffi.cpp).
 #include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <vector>
 
+#include "xla_ffi/cuda_driver.h"
 #include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/layered_handlers.h"
-
-struct CUstream_st;
 
 namespace ktjax {
 namespace {
 
 namespace ffi = xla::ffi;
-using CuStream = CUstream_st*;
-
-// The three driver entry points the bridge needs (CUresult is an int enum, 0 = success).
-struct CudaDriver {
-  int (*copy_to_host)(void* dst, uint64_t src, size_t bytes, CuStream stream) = nullptr;
-  int (*copy_to_device)(uint64_t dst, const void* src, size_t bytes, CuStream stream) = nullptr;
-  int (*synchronize)(CuStream stream) = nullptr;
-  std::string error;
-};
-
-const CudaDriver& driver() {
-  static const CudaDriver d = [] {
-    CudaDriver d;
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (lib == nullptr) {
-      d.error = std::string("cannot load the CUDA driver (libcuda.so.1): ") + dlerror();
-      return d;
-    }
-    d.copy_to_host = reinterpret_cast<decltype(d.copy_to_host)>(dlsym(lib, "cuMemcpyDtoHAsync_v2"));
-    d.copy_to_device = reinterpret_cast<decltype(d.copy_to_device)>(dlsym(lib, "cuMemcpyHtoDAsync_v2"));
-    d.synchronize = reinterpret_cast<decltype(d.synchronize)>(dlsym(lib, "cuStreamSynchronize"));
-    if (!d.copy_to_host || !d.copy_to_device || !d.synchronize)
-      d.error = "the CUDA driver lacks cuMemcpyDtoHAsync_v2 / cuMemcpyHtoDAsync_v2 / cuStreamSynchronize";
-    return d;
-  }();
-  return d;
-}
 
 ffi::Error cuda_error(const char* what, int code) {
   return ffi::Error(ffi::ErrorCode::kInternal,
@@ -89,7 +60,7 @@ class Staged {
 // Stages `inputs` on the host, runs `cpu(host inputs..., host result)`, copies the result back.
 template <class Cpu>
 ffi::Error bridge(CuStream stream, std::initializer_list<Staged*> inputs, Staged& result, Cpu cpu) {
-  const CudaDriver& d = driver();
+  const CudaDriver& d = cuda_driver();
   if (!d.error.empty()) return ffi::Error(ffi::ErrorCode::kUnavailable, "host bridge: " + d.error);
   for (Staged* s : inputs)
     if (int rc = d.copy_to_host(s->data(), s->device_ptr(), s->bytes(), stream)) return cuda_error("copy to host", rc);

@@ -21,6 +21,14 @@ extern "C" XLA_FFI_Error* KtjaxStackedMatvec(XLA_FFI_CallFrame* call_frame);
 // ktjax_argmax: x f32[B, V] -> s32[B], first index of each row's maximum.
 extern "C" XLA_FFI_Error* KtjaxArgmax(XLA_FFI_CallFrame* call_frame);
 
+// ktjax_moe_submit: x f32[T, H], ids s32[T, k] (-1: skip), weights f32[T, k], layer s32[],
+// attr site -> token u8[1]; ktjax_moe_wait: token, after, attr site -> f32[T, H]
+// (xla_ffi/moe_async_ffi.cpp), for CPU and, stream-ordered, for CUDA programs.
+extern "C" XLA_FFI_Error* KtjaxMoeSubmit(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* KtjaxMoeWait(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* KtjaxMoeSubmitCuda(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* KtjaxMoeWaitCuda(XLA_FFI_CallFrame* call_frame);
+
 // CUDA-platform handlers of the layered host targets (xla_ffi/cuda_bridge.cpp): operands staged
 // through host memory.
 extern "C" XLA_FFI_Error* KtjaxMoeLayeredCuda(XLA_FFI_CallFrame* call_frame);

@@ -66,6 +66,7 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
                                 std::to_string(T) + " tokens: every token needs at least one expert");
   for (int64_t i = 0; i < T * K; ++i) {
     const int32_t e = a.ids[i];
+    if (e == kSkipExpert) continue;  // its weight is ignored
     if (e < 0 || e >= ex.experts)
       throw std::invalid_argument("expert id " + std::to_string(e) + " at token " + std::to_string(i / K) +
                                   ", slot " + std::to_string(i % K) + " is out of range [0, " +
@@ -87,6 +88,7 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
   int64_t slots = 0;
   for (int64_t i = 0; i < T * K; ++i) {
     const int32_t e = a.ids[i];
+    if (e == kSkipExpert) continue;
     if (s.slot_of[e] < 0) {
       s.slot_of[e] = slots++;
       slot_expert.push_back(e);
@@ -98,6 +100,7 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
     s.pos[i] = static_cast<int64_t>(rows.size());
     rows.push_back(i / K);
   }
+  if (slots == 0) return std::fill(a.out, a.out + T * H, 0.f);  // every slot skipped
   auto mat = [&](int64_t slot, int which) -> const PackedWeight& {
     return *ex.w->mats[3 * slot_expert[slot] + which];
   };
@@ -193,7 +196,8 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
       float* o = a.out + t * H;
       std::fill(o, o + H, 0.f);
       for (int64_t j = 0; j < K; ++j)
-        fk.add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H, H);
+        if (a.ids[t * K + j] != kSkipExpert)
+          fk.add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H, H);
     }
   });
 }

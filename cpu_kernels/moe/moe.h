@@ -19,6 +19,8 @@ struct ExpertSet {
 };
 ExpertSet expert_set(const StoredWeight& w, int64_t handle);
 
+constexpr int32_t kSkipExpert = -1;
+
 struct MoeArgs {
   const float* x;        // [t, hidden]
   const int32_t* ids;    // [t, k]
@@ -27,7 +29,9 @@ struct MoeArgs {
   float* out;            // [t, hidden]
 };
 
-// Throws std::invalid_argument on an expert id out of range, NaN/Inf in x or weights, or no
+// An expert id of kSkipExpert marks a slot the host does not run (hybrid placement: that
+// expert runs on the device); its weight is ignored, and a token whose slots are all skipped
+// gets zeros. Throws std::invalid_argument on any other expert id out of range, NaN/Inf in x or weights, or no
 // expert at all for a token (k = 0). reference: the scalar kernels computing isa's formula.
 void moe_forward(const ExpertSet& experts, const MoeArgs& a, Isa isa, bool reference = false);
 

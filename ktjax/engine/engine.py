@@ -19,6 +19,7 @@ from ktjax.engine.programs import Full, Greedy, ProgramCache, Sampler
 from ktjax.engine.sampler import SamplingBatch, split_seed
 from ktjax.engine.sequence import Sequence
 from ktjax.errors import RequestError
+from ktjax.host.moe_async import raise_host_errors
 from ktjax.models.base import Batch, KVCacheSpec
 from ktjax.sampling_params import SamplingParams
 
@@ -255,6 +256,7 @@ class Engine:
         # Waiting for the results may be interrupted: nothing has changed yet but the cache
         # contents past each row's n_cached, which the next step would write again.
         tokens_, logprobs = np.asarray(tokens_), np.asarray(logprobs)
+        raise_host_errors()  # a host MoE job of this step (or an earlier chunk) failed
         with deferred_interrupts():
             for s, toks in new:
                 s.n_cached += len(toks)
@@ -341,6 +343,7 @@ class Engine:
                 with deferred_interrupts():
                     logprobs, self.kv = program(self.params, self.kv, batch, targets)
                 out.append(np.asarray(logprobs[0, :len(nxt)]))
+                raise_host_errors()
         except BaseException:
             self._recover([])
             raise

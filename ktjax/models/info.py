@@ -6,10 +6,12 @@ from collections import defaultdict
 
 import jax
 
+from ktjax import hybrid_experts
 from ktjax import rules as placement_rules
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from ktjax.models.catalog import resolve_model
+from ktjax.models.moe import EXPERT_KEYS
 
 
 # Approximate bytes per element of the host kernels' packed formats (values + group scales).
@@ -49,6 +51,17 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
     for rule, (d, n, size) in groups.items():
         lines.append(f"  {rule.name:<28} {d.placement:<6} {d.format:<8} "
                      f"{n:>5} tensors {size / 2 ** 20:10.2f} MiB")
+    for stack in sorted({p.rpartition(".")[0] for p, d in placement.items()
+                         if spec.table[p].kind == "experts" and d.placement == "host"}):
+        names = list(zip(*(spec.table[f"{stack}.{k}"].names(spec.config.n_layers)
+                           for k in EXPERT_KEYS)))
+        moved = hybrid_experts.device_expert_bytes(
+            f, names, placement[f"{stack}.{EXPERT_KEYS[0]}"].rule.source,
+            spec.config.n_layers, device_bytes)
+        if moved:  # the rules' `experts:` section: copies on the device, sets kept on the host
+            total["device"] += moved
+            lines.append(f"  {'experts on the device':<28} {'device':<6} {'keep':<8} "
+                         f"{'':>13} {moved / 2 ** 20:10.2f} MiB")
     lines.append("  memory: " + ", ".join(f"{p} {v / 2 ** 20:.2f} MiB" for p, v in total.items()))
     return lines
 

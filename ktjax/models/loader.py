@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.errors import TensorError
+from ktjax import hybrid_experts
 from ktjax.gguf import quants
 from ktjax.gguf.reader import GGUFFile, TensorView
 from ktjax.host import linear as host_linear
@@ -168,6 +169,11 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
                     if d.placement == "host" else \
                     DeviceExperts(*(_load_device(f, spec, f"{stack}.{k}", d.format, dtype,
                                                  device) for k in EXPERT_KEYS))
+                if d.placement == "host":  # part on the device / stream-ordered on GPUs
+                    target[EXPERTS] = hybrid_experts.from_host(
+                        target[EXPERTS], f, [spec.table[f"{stack}.{k}"].names(
+                            spec.config.n_layers) for k in EXPERT_KEYS],
+                        d.rule.source, spec.config.n_layers, dtype, device)
             continue
         if d.placement == "host":
             target[key] = _pack_host(f, names, d.format)

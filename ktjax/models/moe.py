@@ -150,13 +150,16 @@ def moe_ffn(cfg: MoeConfig, lp: dict, h: jax.Array) -> jax.Array:
     b, t, hidden = h.shape
     x = h.reshape(b * t, hidden)
     chosen = route(x, lp["ffn_gate_inp"], cfg, lp.get("exp_probs_b"))
-    y = weights.experts(lp[EXPERTS], x, chosen)
-    if cfg.shared_ffn:
+
+    def shared(x: jax.Array) -> jax.Array:
         s = weights.linear(lp["ffn_down_shexp"],
                            jax.nn.silu(weights.linear(lp["ffn_gate_shexp"], x)) *
                            weights.linear(lp["ffn_up_shexp"], x))
         if cfg.shared_gate:
             gate = _sum_last(x.astype(jnp.float32) * lp["ffn_gate_inp_shexp"].astype(jnp.float32))
             s = s * jax.nn.sigmoid(gate)
-        y = y + s.astype(jnp.float32)
+        return s
+
+    # routed + shared; host experts in GPU programs run while the device computes `shared`
+    y = weights.experts_plus(lp[EXPERTS], x, chosen, shared if cfg.shared_ffn else None)
     return y.reshape(b, t, hidden).astype(h.dtype)

@@ -1,0 +1,261 @@
+"""Routed experts split between the device and the host, with one combined output.
+
+A rules file whose routed-experts rule places them on the host may add an `experts:` section
+that moves some of them to the device (XLA):
+
+    experts:
+      n_cpu_moe: 20        # llama.cpp's --n-cpu-moe: the experts of blocks 0..19 stay on the
+                           # host, every later block's experts go to the device
+      device_blocks: [0, 5]          # or name the blocks whose experts all go to the device
+      hot: {12: [3, 17, 40]}         # per block, experts on the device (the frequent ones:
+                                     # scripts/expert_placement.py measures them)
+
+Every layer keeps its full expert set on the host (what the host runs is chosen per token);
+the device experts live in one pool [S, ...], contiguous per layer, with `slots` [L, E]
+mapping each (layer, expert) to its pool slot or -1. A layer's tokens are routed as usual;
+the pairs whose expert has a slot run on the device, the others on the host (their ids in
+the host call are the skip id), and the two sums add up.
+
+In GPU programs the host part is stream-ordered work (ktjax.host.moe_async): it starts
+before, and is waited for after, the device part and the shared experts, which the device
+computes meanwhile. Without an `experts:` section, host experts in GPU programs take this
+path with an empty pool; CPU programs keep HostExperts unless the section asks for a split.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import struct
+
+from ktjax.errors import RulesError
+from ktjax.gguf import quants
+from ktjax.host.moe_async import SKIP, moe_submit, moe_wait
+
+# Up to this many (token, expert) pairs on the device, each pair's expert is gathered from the
+# pool (decode reads only the experts it runs); above, the layer's window of the pool runs as
+# grouped matmuls (prefill, where most of the layer's device experts have tokens).
+GATHER_PAIRS = 64
+_KEYS = {"n_cpu_moe", "device_blocks", "hot"}
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Per block (GGUF block index), the experts placed on the device."""
+
+    device: dict[int, tuple[int, ...]]
+    source: str
+
+    def for_block(self, block: int) -> tuple[int, ...]:
+        return self.device.get(block, ())
+
+
+def read_placement(rules_file: str | Path, n_blocks: int, n_experts: int,
+                   moe_blocks: list[int]) -> ExpertPlacement | None:
+    """The `experts:` section of a rules file, checked (None if it has none)."""
+    doc = yaml.safe_load(Path(rules_file).read_text()) or {}
+    section = doc.get("experts") if isinstance(doc, dict) else None
+    if section is None:
+        return None
+    where = f"{rules_file}: experts"
+    if not isinstance(section, dict):
+        raise RulesError(f"{where}: expected a mapping with {', '.join(sorted(_KEYS))}")
+    unknown = set(section) - _KEYS
+    if unknown:
+        raise RulesError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                         f"allowed: {', '.join(sorted(_KEYS))}")
+    if "n_cpu_moe" in section and "device_blocks" in section:
+        raise RulesError(f"{where}: give n_cpu_moe or device_blocks, not both")
+
+    def block(b, what: str) -> int:
+        if not isinstance(b, int) or isinstance(b, bool) or b not in moe_blocks:
+            raise RulesError(f"{where}.{what}: block {b!r} is not one of the {len(moe_blocks)} "
+                             f"blocks with routed experts ({moe_blocks[0]}..{moe_blocks[-1]})")
+        return b
+
+    device: dict[int, set[int]] = {}
+    if "n_cpu_moe" in section:
+        n = section["n_cpu_moe"]
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= n_blocks:
+            raise RulesError(f"{where}.n_cpu_moe: expected 0..{n_blocks} blocks, got {n!r}")
+        for b in moe_blocks:
+            if b >= n:
+                device[b] = set(range(n_experts))
+    blocks = section.get("device_blocks", [])
+    if not isinstance(blocks, list):
+        raise RulesError(f"{where}.device_blocks: expected a list of block indices, got {blocks!r}")
+    for b in blocks:
+        device[block(b, "device_blocks")] = set(range(n_experts))
+    hot = section.get("hot", {}) or {}
+    if not isinstance(hot, dict):
+        raise RulesError(f"{where}.hot: expected a mapping block -> expert ids, got {hot!r}")
+    for b, ids in hot.items():
+        b = block(int(b) if isinstance(b, str) and b.isdigit() else b, "hot")
+        if not isinstance(ids, list) or not all(
+                isinstance(e, int) and not isinstance(e, bool) and 0 <= e < n_experts for e in ids):
+            raise RulesError(f"{where}.hot[{b}]: expected a list of expert ids in "
+                             f"[0, {n_experts}), got {ids!r}")
+        device.setdefault(b, set()).update(ids)
+    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e}, str(rules_file))
+
+
+@struct.dataclass
+class HybridExperts:
+    """A stack's routed experts: full expert sets on the host (`handles`, one per layer) and
+    a device pool of some of them (gate, up [S, I, H], down [S, H, I]); `slots` [L, E] is
+    each expert's pool slot or -1, `pool_start` [L] the first slot of each layer's window of
+    `window` slots. Rides the scan over layers whole (scan_whole); `layer` is bound per step."""
+
+    handles: tuple[int, ...] = struct.field(pytree_node=False)
+    window: int = struct.field(pytree_node=False)
+    slots: jax.Array | None = None
+    pool_start: jax.Array | None = None
+    gate: jax.Array | None = None
+    up: jax.Array | None = None
+    down: jax.Array | None = None
+    layer: jax.Array | None = None
+    scan_whole: ClassVar[bool] = True
+
+    def at_layer(self, layer: jax.Array) -> "HybridExperts":
+        return self.replace(layer=layer)
+
+    def with_extra(self, x: jax.Array, route, extra: Callable[[jax.Array], jax.Array] | None
+                   ) -> jax.Array:
+        """Routed experts of x [N, H] (+ extra(x), the shared experts, computed while the host
+        works): float32 [N, H]."""
+        n, hidden = x.shape
+        layer = jnp.zeros((), jnp.int32) if self.layer is None else self.layer
+        ids = route.ids
+        on_device = None
+        if self.window:
+            slot = self.slots[layer][ids]                       # [N, k]
+            on_device = slot >= 0
+            ids = jnp.where(on_device, SKIP, ids)
+        token, site = moe_submit(x.astype(jnp.float32), ids, route.weights, layer, self.handles)
+        # The device's work reads x through a barrier with the token: it is ordered after the
+        # submit, so the host starts first and both run at once.
+        xd, _ = jax.lax.optimization_barrier((x, token))
+        parts = []
+        if on_device is not None:
+            parts.append(self._device_part(xd, route, slot, on_device, layer))
+        if extra is not None:
+            parts.append(extra(xd).astype(jnp.float32))
+        if not parts:
+            return moe_wait(token, site, x, n, hidden)
+        done = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        return moe_wait(token, site, done, n, hidden) + done
+
+    def _device_part(self, x, route, slot, on_device, layer) -> jax.Array:
+        n, k = slot.shape
+        w = jnp.where(on_device, route.weights, 0.0)
+        if n * k <= GATHER_PAIRS:
+            s = jnp.where(on_device, slot, 0).reshape(-1)
+            xs = jnp.repeat(x, k, axis=0).astype(self.gate.dtype)        # pair p = token p // k
+            g = jnp.einsum("ph,pih->pi", xs, self.gate[s], preferred_element_type=jnp.float32)
+            u = jnp.einsum("ph,pih->pi", xs, self.up[s], preferred_element_type=jnp.float32)
+            a = (jax.nn.silu(g) * u).astype(self.down.dtype)
+            y = jnp.einsum("pi,phi->ph", a, self.down[s], preferred_element_type=jnp.float32)
+            y = jnp.where(on_device.reshape(-1, 1), y, 0.0) * w.reshape(-1, 1)
+            return y.reshape(n, k, -1).sum(axis=1)
+        total = self.gate.shape[0]
+        start = jnp.minimum(self.pool_start[layer], total - self.window)   # window in bounds
+        local = jnp.where(on_device, slot - start, self.window)            # off-device: last
+        pool = [jax.lax.dynamic_slice_in_dim(m, start, self.window) for m in
+                (self.gate, self.up, self.down)]
+        return _grouped(pool, x, local, w, self.window)
+
+
+_RAGGED = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])),  # x [M, in] . w [G, out, in] over `in`
+    lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def _grouped(pool, x, local, w, groups: int) -> jax.Array:
+    """Grouped matmuls over `groups` pool experts: pairs sorted by local slot (off-device
+    pairs, slot == groups, last and outside every group), masked out of the sum."""
+    gate, up, down = pool
+    n, k = local.shape
+    flat = local.reshape(-1)
+    order = jnp.argsort(flat)
+    token = order // k
+    sizes = jnp.bincount(flat, length=groups + 1)[:groups].astype(jnp.int32)
+
+    def mm(a, m):
+        return jax.lax.ragged_dot_general(a.astype(m.dtype), m, sizes, _RAGGED,
+                                          preferred_element_type=jnp.float32)
+
+    xs = x[token]
+    y = mm(jax.nn.silu(mm(xs, gate)) * mm(xs, up), down)
+    keep = (flat[order] < groups)[:, None]
+    y = jnp.where(keep, y, 0.0) * w.reshape(-1)[order][:, None]
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
+
+
+def _block_of(name: str) -> int:
+    return int(name.split(".")[1])  # blk.N.ffn_gate_exps.weight
+
+
+def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_file: str,
+          n_blocks: int, dtype, device: jax.Device | None, force: bool) -> HybridExperts | None:
+    """The hybrid expert set of a stack whose per-layer GGUF (gate, up, down) names are
+    `names`, host sets `handles` already packed; None when the rules ask for no split and
+    `force` is off (CPU programs keep HostExperts)."""
+    e = f.tensors[names[0][0]].shape[0]
+    blocks = [_block_of(g) for g, _, _ in names]
+    placement = read_placement(rules_file, n_blocks, e, blocks)
+    if placement is None and not force:
+        return None
+    per_layer = [placement.for_block(b) if placement else () for b in blocks]
+    window = max((len(p) for p in per_layer), default=0)
+    if window == 0:
+        return HybridExperts(handles=handles, window=0)
+    slots = np.full((len(blocks), e), -1, np.int32)
+    start, mats = [], [[], [], []]
+    used = 0
+    for j, (experts, layer_names) in enumerate(zip(per_layer, names)):
+        start.append(used)
+        for i, name in enumerate(layer_names):
+            t = f.tensors[name]
+            if experts:
+                raw = np.asarray(t.data).reshape(t.shape[0], -1)[list(experts)]
+                mats[i].append(quants.dequantize(raw, t.qtype, (len(experts), *t.shape[1:]),
+                                                 dtype=dtype))
+        slots[j, list(experts)] = np.arange(used, used + len(experts), dtype=np.int32)
+        used += len(experts)
+    put = (lambda a: jax.device_put(a, device))
+    gate, up, down = (put(np.concatenate(m)) for m in mats)
+    return HybridExperts(handles=handles, window=window, slots=put(slots),
+                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down)
+
+
+def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,
+                        itemsize: int) -> int:
+    """Device memory the `experts:` section of a rules file takes for one stack (0 without)."""
+    e = f.tensors[names[0][0]].shape[0]
+    placement = read_placement(rules_file, n_blocks, e, [_block_of(g) for g, _, _ in names])
+    if placement is None:
+        return 0
+    total = 0
+    for gate_up_down in names:
+        n = len(placement.for_block(_block_of(gate_up_down[0])))
+        total += n * sum(f.tensors[m].n_elements // e for m in gate_up_down) * itemsize
+    return total
+
+
+def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int, dtype,
+              device: jax.Device | None):
+    """The loader's hook for a stack's host experts (`host`: HostExperts; `per_kind`: the
+    per-layer GGUF names of gate, up and down): a HybridExperts in GPU programs or where the
+    rules file has an `experts:` section, else `host` unchanged."""
+    platform = (device or jax.devices()[0]).platform
+    # KTJAX_HOST_MOE_SYNC=1: the synchronous CUDA bridge instead (for before/after figures)
+    sync = os.environ.get("KTJAX_HOST_MOE_SYNC", "0") == "1"
+    hybrid = build(host.handles, f, list(zip(*per_kind)), rules_file, n_blocks, dtype, device,
+                   force=platform == "gpu" and not sync)
+    return host if hybrid is None else hybrid

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# expected: <= 240 s on the accelerator machine (stages past the budget are skipped and logged)
+# Hybrid GPU + host MoE against ktjax CPU-only and llama.cpp's --n-cpu-moe, same GGUFs, same run:
+# synthetic Qwen3-30B-A3B shape (48 layers, experts Q4_K), then DeepSeek-V2-Lite (27 layers) while
+# the budget lasts. Per model: ktjax hybrid (experts on the host, 16 threads; decode batch 1 with
+# the step against its ideal and the CUDA calls per step from a profile, prefill 512), llama-bench
+# -ngl 99 -ncmoe <all layers> -t 16 -fa 1, ktjax CPU-only, then the same partial placement in
+# both (N_CPU_MOE: the last layers' experts on the GPU), decode batch 8, and output agreement
+# hybrid vs all-GPU on a 4-layer cut of the shape (all-GPU dequantizes every expert).
+# Writes $OUT/hybrid.log and $OUT/hybrid.json. SMOKE=1: tiny model on this machine's CPU.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+LOG="$OUT/hybrid.log"
+J="$OUT/hybrid.jsonl"
+: > "$LOG"; : > "$J"
+export PYTHONUNBUFFERED=1 KTJAX_NO_PROGRESS=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+T0=$(date +%s)
+BUDGET=${BUDGET:-230}
+THREADS=${THREADS:-16}
+D=${SYN_DIR:-/tmp/syn-hybrid}
+mkdir -p "$D"
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# stage NAME MIN_SECONDS LIMIT CMD...: runs CMD (JSON lines to $J, the rest to the log) if at
+# least MIN_SECONDS of the budget remain, for at most LIMIT seconds (or what is left).
+stage() {
+  local name=$1 need=$2 limit=$3; shift 3
+  local l; l=$(left)
+  if [ "$l" -lt "$need" ]; then log "skip $name: ${l}s left, needs ${need}s"; return 1; fi
+  [ "$limit" -gt "$l" ] && limit=$l
+  log "start $name (limit ${limit}s)"
+  timeout "$limit" "$@" > /tmp/stage.out 2>> "$LOG"
+  local rc=$?
+  grep '^{' /tmp/stage.out | sed "s/^{/{\"stage\": \"$name\", /" | tee -a "$J" >> "$LOG"
+  grep -v '^{' /tmp/stage.out | tail -"${TAIL:-5}" >> "$LOG"
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - T0 ))}" >> "$J"
+  log "end $name rc=$rc"
+  return $rc
+}
+llama() {  # llama NAME MODEL NCMOE
+  local name=$1 m=$2 n=$3
+  "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -ncmoe "$n" -t "$THREADS" -fa 1 -p 512 -n 32 -r 2 -o json \
+    | python3 -c "import json,sys; [print(json.dumps({'engine':'llama.cpp','ncmoe':$n,'n_prompt':r['n_prompt'],'n_gen':r['n_gen'],'tps':r['avg_ts']})) for r in json.load(sys.stdin)]"
+}
+BENCH="python3 scripts/bench_hybrid.py --threads $THREADS --json"
+
+python3 -c "from ktjax import _native; _native.moe_site_dry_run" 2>/dev/null || {
+  log "native module lacks the hybrid calls: building"
+  cmake -S . -B /tmp/kb -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
+    -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" > /tmp/configure.log 2>&1 &&
+  timeout 200 cmake --build /tmp/kb -j"$(nproc)" > /tmp/build.log 2>&1 && cp /tmp/kb/_native*.so ktjax/ ||
+  { log "build failed"; tail -20 /tmp/build.log >> "$LOG"; exit 1; }
+}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  MODELS="tiny:2"
+  PROMPT=32; GEN=8; CUT=2
+  python3 -c "
+import sys; sys.path.insert(0, 'tests')
+from tiny_models import write_tiny_gguf
+write_tiny_gguf('$D/tiny-2.gguf', 'qwen3moe', n_experts=8, n_used=2, n_layers=2, context_length=1024)
+write_tiny_gguf('$D/tiny-cut.gguf', 'qwen3moe', n_experts=8, n_used=2, n_layers=2, context_length=1024)"
+else
+  MODELS=${MODELS:-qwen3-30b-a3b:48 deepseek-v2-lite:27}
+  PROMPT=512; GEN=32; CUT=4
+fi
+
+for spec in $MODELS; do
+  IFS=: read -r shape layers <<< "$spec"
+  m="$D/$shape-$layers.gguf"
+  if [ "$shape" != tiny ]; then
+    stage "gen-$shape" 60 120 python3 scripts/make_synthetic_gguf.py --shape "$shape" --layers "$layers" \
+      --experts-qtype Q4_K "$m" || continue
+    [ -f "$m" ] || continue
+  fi
+  profile=$(python3 -c "from ktjax.gguf.reader import GGUFFile; print(GGUFFile('$m').architecture)")
+  # 1. experts all on the host, the rest on the GPU (the family's GPU profile)
+  stage "ktjax-hybrid-$shape-b1" 40 120 $BENCH --model "$m" --rules "$profile" --prompt-tokens $PROMPT \
+    --gen-tokens $GEN --profile
+  if [ -n "${LLAMA_BIN:-}" ]; then
+    stage "llama-ncmoe-all-$shape" 20 60 llama "$shape" "$m" "$layers"
+  fi
+  stage "ktjax-cpu-$shape-b1" 40 100 env JAX_PLATFORMS=cpu $BENCH --model "$m" --rules cpu \
+    --prompt-tokens $PROMPT --gen-tokens $GEN
+  # The CUDA handlers, the captured step and the error path (skipped without a GPU), once.
+  if [ -z "${TESTED:-}" ]; then
+    TESTED=1 TAIL=12 stage gpu-tests 30 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
+    TESTED=1
+  fi
+  # before: the synchronous bridge (pageable copies, two stream syncs per layer)
+  stage "ktjax-syncbridge-$shape-b1" 40 90 env KTJAX_HOST_MOE_SYNC=1 $BENCH --model "$m" --rules "$profile" \
+    --prompt-tokens $PROMPT --gen-tokens $GEN
+  # 2. the same partial placement in both: the experts of the last layers on the GPU
+  n=$(( layers - ${GPU_LAYERS:-6} )); [ $n -lt 0 ] && n=0
+  cp "rules/$profile.yaml" "$D/partial.yaml"; printf 'experts:\n  n_cpu_moe: %d\n' "$n" >> "$D/partial.yaml"
+  stage "ktjax-partial-$shape" 50 90 $BENCH --model "$m" --rules "$D/partial.yaml" --prompt-tokens $PROMPT \
+    --gen-tokens $GEN
+  if [ -n "${LLAMA_BIN:-}" ]; then
+    stage "llama-ncmoe-$n-$shape" 20 60 llama "$shape" "$m" "$n"
+    stage "llama-ncmoe-0-$shape" 20 60 llama "$shape" "$m" 0
+  fi
+  stage "ktjax-hybrid-$shape-b8" 40 90 $BENCH --model "$m" --rules "$profile" --batch 8 \
+    --prompt-tokens $PROMPT --gen-tokens $GEN
+  # 3. outputs: hybrid vs all-GPU on a cut of the shape
+  c="$D/$shape-cut.gguf"
+  [ "$shape" = tiny ] && c="$D/tiny-cut.gguf"
+  if [ "$shape" = tiny ] || stage "gen-cut-$shape" 30 40 python3 scripts/make_synthetic_gguf.py \
+      --shape "$shape" --layers $CUT --experts-qtype Q4_K "$c"; then
+    stage "agreement-$shape" 40 90 $BENCH --model "$c" --rules "$profile" --prompt-tokens 64 --gen-tokens 8 \
+      --compare device --compare-tokens 256
+  fi
+  rm -f "$m" "$c"
+done
+python3 - "$J" "$OUT/hybrid.json" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+json.dump({"rows": rows}, open(sys.argv[2], "w"), indent=1)
+EOF
+log "done: $(wc -l < "$J") rows"

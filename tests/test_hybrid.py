@@ -1,0 +1,233 @@
+"""Routed experts split between the device and the host (ktjax.hybrid_experts) and the
+stream-ordered host MoE calls (ktjax.host.moe_async): the submit/wait pair against the fused
+kernel, the skip id, failures surfacing as KernelError after the step, bad input, the
+`experts:` rules section, and the combined output against the all-host and all-device
+programs. The gpu tests run the CUDA handlers, inside the captured step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax import LLM, SamplingParams
+from ktjax import hybrid_experts as hx
+from ktjax.errors import KernelError, RulesError
+from ktjax.gguf.reader import GGUFFile
+from ktjax.host import moe as hm
+from ktjax.host.linear import release
+from ktjax.host import moe_async as ma
+from ktjax.weights import Route
+from tiny_models import write_tiny_gguf
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+E, H, I, K = 8, 64, 32, 2
+
+
+@pytest.fixture(scope="module")
+def expert_sets():
+    rng = np.random.default_rng(0)
+    sets = [hm.pack_experts_float(*(rng.standard_normal(s, np.float32) * 0.1 for s in
+                                    ((E, I, H), (E, I, H), (E, H, I)))) for _ in range(2)]
+    yield tuple(sets)
+    for h in sets:
+        release(h)
+
+
+def _routing(rng, t):
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(t)]).astype(np.int32)
+    return rng.standard_normal((t, H), np.float32), ids, rng.random((t, K), np.float32)
+
+
+def _submit_wait(handles, t):
+    def f(x, ids, w, layer):
+        token, site = ma.moe_submit(x, ids, w, layer, handles)
+        return ma.moe_wait(token, site, x, t, H)
+    return jax.jit(f)
+
+
+def test_submit_wait_is_the_fused_kernel_and_skips_minus_one(expert_sets):
+    rng = np.random.default_rng(1)
+    x, ids, w = _routing(rng, 5)
+    f = _submit_wait(expert_sets, 5)
+    got = np.asarray(f(x, ids, w, jnp.int32(1)))
+    np.testing.assert_array_equal(got, hm.moe_forward(x, ids, w, expert_sets[1]))
+    skipped = ids.copy()
+    skipped[:, 1] = ma.SKIP
+    skipped[0, :] = ma.SKIP               # a token with every slot on the device: zeros
+    got = np.asarray(f(x, skipped, w, jnp.int32(0)))
+    want = hm.moe_forward(x, ids[:, :1], w[:, :1], expert_sets[0])
+    want[0] = 0
+    np.testing.assert_array_equal(got, want)
+    ma.raise_host_errors()  # nothing recorded
+
+
+def test_a_failing_host_job_is_a_kernel_error_after_the_step(expert_sets):
+    rng = np.random.default_rng(2)
+    x, ids, w = _routing(rng, 3)
+    f = _submit_wait(expert_sets, 3)
+    out = np.asarray(f(x, ids, w, jnp.int32(7)))       # no expert set 7: zeros, error recorded
+    assert not out.any()
+    with pytest.raises(KernelError, match=r"layer 7\): layer index 7 outside the 2 expert sets"):
+        ma.raise_host_errors()
+    ma.raise_host_errors()                              # taken once; the next step is clean
+    np.testing.assert_array_equal(np.asarray(f(x, ids, w, jnp.int32(0))),
+                                  hm.moe_forward(x, ids, w, expert_sets[0]))
+
+
+def test_bad_input_names_the_problem(expert_sets):
+    with pytest.raises(KernelError, match="no expert sets"):
+        ma.reserve_site(4, H, K, ())
+    with pytest.raises(KernelError, match="must be positive"):
+        ma.reserve_site(0, H, K, expert_sets)
+    x = jnp.zeros((3, H), jnp.float32)
+    with pytest.raises(KernelError, match=r"must both be \[3, k\]"):
+        ma.moe_submit(x, jnp.zeros((3, 2), jnp.int32), jnp.zeros((3, 3), jnp.float32),
+                      jnp.int32(0), expert_sets)
+    call = jax.ffi.ffi_call("ktjax_moe_wait", jax.ShapeDtypeStruct((3, H), np.float32))
+    with pytest.raises(Exception, match="no host MoE site 999999 was reserved"):
+        jax.jit(lambda t: call(t, t, site=np.int64(999999)))(jnp.zeros((1,), jnp.uint8))
+    site = ma.reserve_site(3, H, K, expert_sets)
+    submit = jax.ffi.ffi_call("ktjax_moe_submit", jax.ShapeDtypeStruct((1,), np.uint8))
+    with pytest.raises(Exception, match=r"x: expected dimension 1 = 64 \(hidden size of site"):
+        jax.jit(lambda: submit(jnp.zeros((3, 32), jnp.float32), jnp.zeros((3, K), jnp.int32),
+                               jnp.zeros((3, K), jnp.float32), jnp.int32(0),
+                               site=np.int64(site)))()
+
+
+# ---- placement ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("h") / "m.gguf", "qwen2moe", n_experts=E,
+                           n_used=K, shared_ffn=32, n_layers=3, hidden=H, expert_ffn=I)
+
+
+def _names(moe_path):
+    return [tuple(f"blk.{b}.ffn_{m}_exps.weight" for m in ("gate", "up", "down"))
+            for b in range(3)]
+
+
+def _rules(tmp_path, section: str) -> str:
+    from ktjax.rules import rules_path
+    p = tmp_path / "r.yaml"
+    p.write_text(rules_path("qwen2moe").read_text() + section)
+    return str(p)
+
+
+@pytest.mark.parametrize("section, match", [
+    ("experts: {gpu: 1}", "unknown key.*gpu"),
+    ("experts: {n_cpu_moe: 4}", r"n_cpu_moe: expected 0..3 blocks, got 4"),
+    ("experts: {n_cpu_moe: 1, device_blocks: [2]}", "not both"),
+    ("experts: {device_blocks: [3]}", r"device_blocks: block 3 is not one of the 3 blocks"),
+    ("experts: {hot: {1: [8]}}", r"hot\[1\]: expected a list of expert ids in \[0, 8\)"),
+    ("experts: [1]", "expected a mapping"),
+])
+def test_rules_errors_name_the_section(tmp_path, moe_path, section, match):
+    with pytest.raises(RulesError, match=match):
+        hx.read_placement(_rules(tmp_path, section + "\n"), 3, E, [0, 1, 2])
+
+
+def _reference(f, names, hybrid, layer, x, ids, w):
+    """Device pairs in float64 from the GGUF weights, host pairs through the fused kernel."""
+    from ktjax.gguf import quants
+    g, u, d = (quants.dequantize(f.tensors[n].data, f.tensors[n].qtype, f.tensors[n].shape)
+               .astype(np.float64) for n in names[layer])
+    slots = np.asarray(hybrid.slots)[layer]
+    on_dev = slots[ids] >= 0
+    host = hm.moe_forward(x, np.where(on_dev, ma.SKIP, ids), w, hybrid.handles[layer])
+    out = host.astype(np.float64)
+    for t in range(x.shape[0]):
+        for j in range(K):
+            if on_dev[t, j]:
+                e = ids[t, j]
+                a = g[e] @ x[t]
+                out[t] += w[t, j] * (d[e] @ (a / (1 + np.exp(-a)) * (u[e] @ x[t])))
+    return out
+
+
+@pytest.mark.parametrize("tokens", [4, 40])   # the gathered (decode) and grouped paths
+def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens):
+    f = GGUFFile(moe_path)
+    names = _names(moe_path)
+    rules = _rules(tmp_path, "experts: {device_blocks: [2], hot: {0: [1, 3], 1: [5]}}\n")
+    handles = tuple(hm.pack_experts_gguf(*((f.tensors[n].data, int(f.tensors[n].qtype))
+                                           for n in ns), E, H, I) for ns in names)
+    hybrid = hx.build(handles, f, names, rules, 3, np.float32, None, force=False)
+    assert hybrid.window == E and hybrid.gate.shape == (2 + 1 + E, I, H)
+    rng = np.random.default_rng(3)
+    x, ids, w = _routing(rng, tokens)
+    run = jax.jit(lambda hy, x, ids, w: hy.with_extra(x, Route(ids, w), None))
+    for layer in range(3):
+        got = np.asarray(run(hybrid.at_layer(jnp.int32(layer)), x, ids, w))
+        np.testing.assert_allclose(got, _reference(f, names, hybrid, layer, x, ids, w),
+                                   rtol=1e-4, atol=1e-5)
+    for h in handles:
+        release(h)
+
+
+def _scores(path, rules, ids, **kw):
+    llm = LLM(str(path), rules=rules, max_model_len=128, **kw)
+    out = llm.generate([ids[:6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    return llm.score(ids), out[0].token_ids, llm
+
+
+def test_combined_output_spans_the_all_host_and_all_device_programs(tmp_path, moe_path):
+    ids = list(range(5, 40))
+    host, host_tok, _ = _scores(moe_path, "qwen2moe", ids)
+    dev, dev_tok, _ = _scores(moe_path, "device", ids)
+    all_dev, all_dev_tok, llm = _scores(moe_path, _rules(tmp_path, "experts: {n_cpu_moe: 0}\n"), ids)
+    assert isinstance(llm.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
+    np.testing.assert_allclose(all_dev, dev, atol=1e-5)
+    assert all_dev_tok == dev_tok
+    all_host, all_host_tok, _ = _scores(moe_path, _rules(tmp_path, "experts: {n_cpu_moe: 3}\n"), ids)
+    np.testing.assert_allclose(all_host, host, atol=1e-5)
+    assert all_host_tok == host_tok
+    mixed, _, _ = _scores(moe_path, _rules(
+        tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3], 1: [0, 2, 4, 6]}}\n"), ids)
+    # between the two: host pairs carry the host kernels' int8 activation error, device pairs not
+    assert 0 < np.abs(mixed - host).max() and 0 < np.abs(mixed - dev).max()
+    assert np.abs(mixed - dev).max() < np.abs(host - dev).max()
+
+
+def test_info_shows_device_expert_memory(tmp_path, moe_path):
+    from ktjax.models.info import describe
+    rules = _rules(tmp_path, "experts: {device_blocks: [2]}\n")
+    lines = describe(str(moe_path), rules).splitlines()
+    moved = [ln for ln in lines if "experts on the device" in ln]
+    assert len(moved) == 1
+    per_expert = 3 * H * I * 4   # float32 on CPU programs
+    assert f"{E * per_expert / 2 ** 20:.2f} MiB" in moved[0]
+
+
+# ---- CUDA --------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_cuda_handlers_match_the_cpu_kernel(expert_sets, tokens):
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
+    rng = np.random.default_rng(4)
+    x, ids, w = _routing(rng, tokens)
+    gpu_dev = [d for d in jax.devices() if d.platform == "gpu"][0]
+    args = [jax.device_put(a, gpu_dev) for a in (x, ids, w, np.int32(1))]
+    got = np.asarray(_submit_wait(expert_sets, tokens)(*args))
+    np.testing.assert_array_equal(got, hm.moe_forward(x, ids, w, expert_sets[1]))
+    # failure inside the (captured) step: zeros and an error after it, never a hang
+    args[3] = jax.device_put(np.int32(9), gpu_dev)
+    f = _submit_wait(expert_sets, tokens)
+    assert not np.asarray(f(*args)).any()
+    with pytest.raises(KernelError, match="layer index 9"):
+        ma.raise_host_errors()
+
+
+@pytest.mark.gpu
+def test_cuda_hybrid_step_matches_all_device(tmp_path, moe_path):
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
+    ids = list(range(5, 40))
+    dev, dev_tok, _ = _scores(moe_path, "device", ids, dtype="float32")
+    mixed, mixed_tok, llm = _scores(moe_path, _rules(
+        tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
+    assert isinstance(llm.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
+    host, _, _ = _scores(moe_path, "qwen2moe", ids, dtype="float32")  # all host, stream-ordered
+    assert np.abs(mixed - dev).max() < 0.1 and np.abs(host - dev).max() < 0.1
+    assert mixed_tok[:3] == dev_tok[:3]
