@@ -1,4 +1,4 @@
-"""The `ktjax` command: generate, chat, info."""
+"""The `ktjax` command: generate, chat, info, serve."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,30 @@ def cmd_info(a: argparse.Namespace) -> None:
     print(describe(a.model_path, a.rules))
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from ktjax.server.app import serve
+    serve(a.model_path, host=a.host, port=a.port, api_key=a.api_key or None,
+          model_name=a.served_model_name, max_model_len=a.max_model_len,
+          kv_cache_tokens=a.kv_cache_tokens, rules=a.rules)
+
+
+def _serve_parser(sub) -> None:
+    import os
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install ktjax[serve])")
+    s.add_argument("model_path", metavar="MODEL", nargs="?", default=None,
+                   help="GGUF path or catalog name (default: smollm2-135m)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("KTJAX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $KTJAX_API_KEY)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the `model` clients send (default: catalog name or file name)")
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--kv-cache-tokens", type=int, default=None)
+    s.add_argument("--rules", default=None, help="placement rules file or profile")
+    s.set_defaults(fn=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ktjax", description="Run GGUF language models with JAX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -96,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--rules", default=None,
                    help="placement rules file or profile: print each group's placement")
     i.set_defaults(fn=cmd_info)
+    _serve_parser(sub)
     a = ap.parse_args(argv)
     try:
         a.fn(a)
