@@ -145,3 +145,16 @@ def test_top_logprobs_needs_logprobs():
         SamplingParams(top_logprobs=2)
     with pytest.raises(RequestError, match="top_logprobs"):
         SamplingParams(logprobs=True, top_logprobs=21)
+
+
+def test_submit_alongside_the_blocking_stream_api(tiny_llm):
+    """Steps run by LLM.stream advance submitted requests too; their handles still end."""
+    handle = tiny_llm.submit([5, 6, 7], GREEDY)
+    text = "".join(tiny_llm.stream([8, 9, 10], SamplingParams(temperature=0, max_tokens=30,
+                                                               ignore_eos=True)))
+    done = threading.Thread(target=handle.result, daemon=True)
+    done.start()
+    done.join(30)
+    assert not done.is_alive() and handle.output().token_ids == \
+        tiny_llm.generate([[5, 6, 7]], GREEDY)[0].token_ids and text
+    _assert_pages_free(tiny_llm.engine)

@@ -196,16 +196,16 @@ class EngineLoop:
             self._emit()
 
     def _step_once(self) -> bool:
-        if not self.engine.has_work():
-            return False
         error = None
-        try:
-            self.engine.step()
-        except Exception as e:  # the engine aborted the step's requests and stays usable
-            log.exception("engine step failed")
-            self.failed_steps += 1
-            error = f"{type(e).__name__}: {e}"
-        self._emit(error)
+        if self.engine.has_work():
+            try:
+                self.engine.step()
+            except Exception as e:  # the engine aborted the step's requests, stays usable
+                log.exception("engine step failed")
+                self.failed_steps += 1
+                error = f"{type(e).__name__}: {e}"
+        if self._live:  # also what another caller's steps (LLM.stream) produced
+            self._emit(error)
         return self.engine.has_work()
 
     def _emit(self, error: str | None = None) -> None:
