@@ -4,6 +4,7 @@ Every field is checked here, before anything is queued, so a bad request gets a 
 field (`param`) instead of a failure inside a step."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,7 +72,6 @@ class GenerationRequest:
 
 
 def _replace_seed(p: SamplingParams, seed: int) -> SamplingParams:
-    import dataclasses
     return dataclasses.replace(p, seed=seed)
 
 
