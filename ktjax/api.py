@@ -64,10 +64,30 @@ class LLM:
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
                              config=ec)
-        # One caller drives the engine at a time (a thread-safe submit API comes with serving).
-        # Not reentrant: a stream closed by the garbage collector inside a call only requests
+        # One caller drives the engine at a time: generate/stream/score here, or the engine
+        # loop thread behind submit() between its steps. Not reentrant: a stream closed by the garbage collector inside a call only requests
         # its abort (Engine.request_abort) instead of changing the engine mid-step.
         self._lock = threading.Lock()
+        self._engine_loop = None
+
+    # ---- concurrent submission -------------------------------------------------------------
+    def engine_loop(self):
+        """The thread that steps the engine for submit() and AsyncLLM (started on first use)."""
+        from ktjax.serving.engine_loop import EngineLoop
+        with self._lock:
+            if self._engine_loop is None:
+                self._engine_loop = EngineLoop(self.engine, self._lock)
+            return self._engine_loop
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None):
+        """Queue one request from any thread and return its RequestHandle at once: iterate it
+        for Deltas (new token ids, text, finish_reason), `.result()` for the RequestOutput,
+        `.abort()` to end it. Requests submitted together share the engine's steps."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be SamplingParams")
+        return self.engine_loop().submit(self._encode(prompt), params,
+                                         prompt if isinstance(prompt, str) else None)
 
     # ---- generation -------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:

@@ -394,7 +394,34 @@ def add_rules(sub) -> None:
     p.set_defaults(fn=cmd_rules)
 
 
-COMMANDS = [add_generate, add_chat, add_batch, add_eval, add_info, add_models, add_rules]
+def cmd_serve(a: argparse.Namespace) -> None:
+    from ktjax.server.app import serve
+    serve(a.model_path, host=a.host, port=a.port, api_key=a.api_key or None,
+          model_name=a.served_model_name, max_model_len=a.max_model_len,
+          kv_cache_tokens=a.kv_cache_tokens, rules=a.rules)
+
+
+def add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install ktjax[serve])",
+                       formatter_class=_Formatter)
+    s.add_argument("model_path", metavar="MODEL", nargs="?", default=None,
+                   help="GGUF path or catalog name (default: smollm2-135m)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--api-key", default=os.environ.get("KTJAX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $KTJAX_API_KEY)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the `model` clients send (default: catalog name or file name)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="context length per request (default: the engine's)")
+    s.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool size in tokens, shared by all requests (default: the engine's)")
+    s.add_argument("--rules", default=None, help="placement rules file or profile")
+    s.set_defaults(fn=cmd_serve)
+
+
+COMMANDS = [add_generate, add_chat, add_batch, add_eval, add_info, add_models, add_rules,
+            add_serve]
 
 
 def _version() -> str:

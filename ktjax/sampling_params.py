@@ -18,7 +18,9 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 disables top-k. Penalties look at the last
     `penalty_last_n` tokens of prompt + output (llama.cpp's window; 0 = none, -1 = all).
     `logprobs=True` returns the model's log-probability of each chosen token (before any
-    penalty, temperature or filter). `seed` makes sampling reproducible per request.
+    penalty, temperature or filter); `top_logprobs=k` (with logprobs) also the k most likely
+    tokens of each step and their log-probabilities. `seed` makes sampling reproducible per
+    request.
     """
 
     max_tokens: int = 256
@@ -35,12 +37,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         # Types first (a str max_tokens or an int stop string failed later, inside a step),
         # normalized to Python int / float / bool; then ranges, including what the on-device
         # sampler holds: float32 parameters, an int32 top_k.
-        for name in ("max_tokens", "top_k", "penalty_last_n"):
+        for name in ("max_tokens", "top_k", "penalty_last_n", "top_logprobs"):
             self._set(name, _integer(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
@@ -65,6 +68,9 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("penalty_last_n", self.penalty_last_n >= -1, "must be >= -1 (-1: all tokens)"),
             ("seed", self.seed is None or 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("top_logprobs", self.logprobs or not self.top_logprobs, "needs logprobs=True"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -75,6 +81,7 @@ class SamplingParams:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_TOP_LOGPROBS = 20  # alternatives per token; steps that return any return this many
 
 
 def _fail(name: str, rule: str, value) -> NoReturn:

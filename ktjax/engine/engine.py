@@ -21,7 +21,7 @@ from ktjax.engine.sequence import Sequence
 from ktjax.errors import RequestError
 from ktjax.host.moe_async import raise_host_errors
 from ktjax.models.base import Batch, KVCacheSpec
-from ktjax.sampling_params import SamplingParams
+from ktjax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 PENALTY_WINDOW = 64
 
@@ -44,9 +44,11 @@ def _penalty_window(seqs: list[Sequence]) -> int:
 
 def _sampler(seqs: list[Sequence]) -> Sampler:
     """The sampler fused into a step that samples `seqs`: argmax-only when all are greedy."""
+    # one top-k size for every request that asks for alternatives: one program variant
+    top = MAX_TOP_LOGPROBS if any(s.params.top_logprobs for s in seqs) else 0
     if all(s.params.temperature == 0 and not _has_penalty(s.params) for s in seqs):
-        return Greedy(any(s.params.logprobs for s in seqs))
-    return Full(_penalty_window(seqs))
+        return Greedy(any(s.params.logprobs for s in seqs), top)
+    return Full(_penalty_window(seqs), top)
 
 
 class Engine:
@@ -252,18 +254,22 @@ class Engine:
             (self._sampling_batch(seqs, bucket.rows, sampler.window, self.programs.vocab),)
         program = self.programs.step(bucket, sampler)
         with deferred_interrupts():  # the cache is donated: take the new one back at once
-            tokens_, logprobs, self.kv = program(self.params, self.kv, batch, *operands)
+            tokens_, logprobs, *top, self.kv = program(self.params, self.kv, batch, *operands)
         # Waiting for the results may be interrupted: nothing has changed yet but the cache
         # contents past each row's n_cached, which the next step would write again.
         tokens_, logprobs = np.asarray(tokens_), np.asarray(logprobs)
         raise_host_errors()  # a host MoE job of this step (or an earlier chunk) failed
+        top_ids, top_lps = (np.asarray(top[0]), np.asarray(top[1])) if top else (None, None)
         with deferred_interrupts():
             for s, toks in new:
                 s.n_cached += len(toks)
             for r, s in enumerate(seqs):
                 if s is None:
                     continue
-                s.append(int(tokens_[r]), float(logprobs[r]))
+                k = s.params.top_logprobs
+                s.append(int(tokens_[r]), float(logprobs[r]),
+                         list(zip(top_ids[r, :k].tolist(), top_lps[r, :k].tolist()))
+                         if k else None)
                 if s.finished:
                     self._release(s)
             self.running = [s for s in self.running if not s.finished]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ktjax import progress
 from ktjax.engine.buckets import Bucket
-from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy
+from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy, top_alternatives
 from ktjax.models.base import Batch, KVCache
 
 _CACHE_DIR = os.environ.get("KTJAX_CACHE_DIR",
@@ -52,16 +52,20 @@ def _spec_of(tree):
 
 @dataclass(frozen=True)
 class Greedy:
-    """Fused argmax; the log-softmax pass over the vocabulary only when `logprobs`."""
+    """Fused argmax; the log-softmax pass over the vocabulary only when `logprobs`; `top` > 0
+    also returns each row's `top` most likely tokens (ids, log-probs)."""
 
     logprobs: bool
+    top: int = 0
 
 
 @dataclass(frozen=True)
 class Full:
-    """Fused `sample` with a SamplingBatch operand whose penalty window is `window` tokens."""
+    """Fused `sample` with a SamplingBatch operand whose penalty window is `window` tokens;
+    `top` as Greedy's."""
 
     window: int
+    top: int = 0
 
 
 # What a step program does after forward: None returns the logits (a step that samples no
@@ -81,17 +85,19 @@ def _scorer(forward: Callable) -> Callable:
 def _greedy_step(forward: Callable) -> Callable:
     """forward, then sample_greedy of each row's first logit row, in one executable: the
     logits never leave it and the step is one dispatch."""
-    def step(params, kv, batch, with_logprobs):
+    def step(params, kv, batch, with_logprobs, top):
         logits, kv = forward(params, kv, batch)
-        return *sample_greedy(logits[:, 0], with_logprobs), kv
+        top_ = top_alternatives(logits[:, 0], top) if top else ()
+        return *sample_greedy(logits[:, 0], with_logprobs), *top_, kv
     return step
 
 
 def _full_step(forward: Callable) -> Callable:
     """forward, then sample of each row's first logit row, in one executable."""
-    def step(params, kv, batch, sb):
+    def step(params, kv, batch, sb, top):
         logits, kv = forward(params, kv, batch)
-        return *sample(logits[:, 0], sb), kv
+        top_ = top_alternatives(logits[:, 0], top) if top else ()
+        return *sample(logits[:, 0], sb), *top_, kv
     return step
 
 
@@ -103,8 +109,8 @@ class ProgramCache:
     def __init__(self, forward: Callable, params: dict, kv: KVCache, vocab: int):
         self.vocab = vocab
         self._forward = jax.jit(forward, donate_argnums=(1,))
-        self._greedy = jax.jit(_greedy_step(forward), donate_argnums=(1,), static_argnums=(3,))
-        self._full = jax.jit(_full_step(forward), donate_argnums=(1,))
+        self._greedy = jax.jit(_greedy_step(forward), donate_argnums=(1,), static_argnums=(3, 4))
+        self._full = jax.jit(_full_step(forward), donate_argnums=(1,), static_argnums=(4,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
@@ -113,8 +119,8 @@ class ProgramCache:
         self.compile_seconds = 0.0
 
     def step(self, bucket: Bucket, sampler: Sampler = None) -> jax.stages.Compiled:
-        """(params, kv, batch[, SamplingBatch for Full]) -> (tokens, logprobs, kv), or
-        (logits, kv) with no sampler."""
+        """(params, kv, batch[, SamplingBatch for Full]) -> (tokens, logprobs[, top ids,
+        top logprobs when sampler.top], kv), or (logits, kv) with no sampler."""
         if (bucket, sampler) not in self._steps:
             self.compile([(bucket, sampler)])
         return self._steps[bucket, sampler]
@@ -145,8 +151,8 @@ class ProgramCache:
         if sampler is None:
             return self._forward.lower(*args)
         if isinstance(sampler, Greedy):
-            return self._greedy.lower(*args, sampler.logprobs)
-        return self._full.lower(*args, sampling_spec(bucket.rows, sampler.window))
+            return self._greedy.lower(*args, sampler.logprobs, sampler.top)
+        return self._full.lower(*args, sampling_spec(bucket.rows, sampler.window), sampler.top)
 
     def _timed(self, fn):
         t0 = time.perf_counter()

@@ -114,5 +114,12 @@ def sample_greedy(logits: jax.Array, with_logprobs: bool) -> tuple[jax.Array, ja
     return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
+def top_alternatives(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k most likely tokens of each row and their model log-probabilities (before
+    penalties, temperature or filters, as the chosen token's): ids [B, k] int32, [B, k]."""
+    values, ids = jax.lax.top_k(logits, k)
+    return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def split_seed(seed: int) -> np.ndarray:
     return np.array([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], np.uint32)

@@ -24,6 +24,7 @@ class Sequence:
         self.n_cached = 0          # tokens whose K/V are in the cache
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # when params.top_logprobs
         self.text = ""
         self._emitted = 0          # characters of `text` already streamed
         self.finish_reason: str | None = None
@@ -40,10 +41,14 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def append(self, token: int, logprob: float) -> None:
-        """Record a sampled token and decide whether the sequence is done."""
+    def append(self, token: int, logprob: float,
+               top: list[tuple[int, float]] | None = None) -> None:
+        """Record a sampled token (with its step's most likely alternatives when asked) and
+        decide whether the sequence is done."""
         self.output_ids.append(token)
         self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
         if token in self.stop_ids:
             self.finish_reason = "stop"
             self.text += self.decoder.flush()
@@ -79,4 +84,6 @@ class Sequence:
                              prompt_token_ids=self.prompt_ids, text=self.text,
                              token_ids=list(self.output_ids),
                              finish_reason=self.finish_reason or "length",
-                             logprobs=list(self.logprobs) if self.params.logprobs else None)
+                             logprobs=list(self.logprobs) if self.params.logprobs else None,
+                             top_logprobs=list(self.top_logprobs)
+                             if self.params.top_logprobs else None)
