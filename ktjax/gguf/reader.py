@@ -161,6 +161,7 @@ class GGUFFile:
 
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         data_start = -(-cur.pos // alignment) * alignment
+        self.data_start = data_start  # bytes before it: header, metadata, tensor index
         self.tensors: dict[str, TensorView] = _Tensors(self.path)
         spans = []
         for name, dims, type_id, offset in infos:
