@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ktjax.errors import KtjaxError
+from ktjax.export import cli as export_cli
 from ktjax.sampling_params import SamplingParams
 
 
@@ -36,14 +37,18 @@ def _params(a: argparse.Namespace) -> SamplingParams:
 
 def _llm(a: argparse.Namespace):
     from ktjax.api import LLM
-    from ktjax.engine.config import EngineConfig
-    return LLM(a.model, EngineConfig(max_model_len=a.max_model_len, rules=a.rules))
+    # options, not a whole EngineConfig: with --artifacts, unset fields take the artifacts'
+    settings = {k: v for k, v in (("max_model_len", a.max_model_len), ("rules", a.rules))
+                if v is not None}
+    return LLM(a.model, **settings, **export_cli.warm_options(a))
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
     params = _params(a)  # validate before the model loads
     llm = _llm(a)
     prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    if a.precompile:
+        export_cli.precompile_generate(llm, llm._encode(prompt), params)
     for piece in llm.stream(prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -53,6 +58,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_chat(a: argparse.Namespace) -> None:
     params = _params(a)
     llm = _llm(a)
+    if a.precompile:
+        export_cli.precompile_chat(llm, params)
     history = [{"role": "system", "content": a.system}] if a.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -86,16 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _sampling_args(g)
+    export_cli.add_warm_args(g, precompile_default=True)
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
     c.add_argument("--system", default=None, help="system message")
     _sampling_args(c)
+    export_cli.add_warm_args(c, precompile_default=False)
     c.set_defaults(fn=cmd_chat)
     i = sub.add_parser("info", help="architecture, parameters, quant mix, memory estimate")
     i.add_argument("model_path", metavar="MODEL", help="GGUF path or catalog name")
     i.add_argument("--rules", default=None,
                    help="placement rules file or profile: print each group's placement")
     i.set_defaults(fn=cmd_info)
+    export_cli.add_export_parser(sub)
     a = ap.parse_args(argv)
     try:
         a.fn(a)

@@ -9,6 +9,7 @@ truncated, stale and foreign artifacts, not a malicious one (docs/kernel-notes.m
 warm reload")."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -69,6 +70,21 @@ def _trees(programs: ProgramCache, key: Key):
     return jax.tree.structure((tuple(args), {})), jax.tree.structure(out)
 
 
+@contextlib.contextmanager
+def _cache_off():
+    """The persistent cache off (JAX decides once per process whether to use it; resetting
+    its state makes it decide again)."""
+    from jax._src import compilation_cache
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        compilation_cache.reset_cache()
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -104,7 +120,10 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
         t0 = time.perf_counter()
         lowered = programs.lower(key)
         targets.update(a or b for a, b in _FFI_TARGET.findall(lowered.as_text()))
-        compiled = lowered.compile()
+        # Compiled afresh: an XLA CPU executable read from the persistent cache serializes
+        # without its kernels' code ("Function wrapped_iota not found" at load).
+        with _cache_off():
+            compiled = lowered.compile()
         seconds = time.perf_counter() - t0
         data, in_tree, out_tree = serialize_executable.serialize(compiled)
         if (in_tree, out_tree) != _trees(programs, key):

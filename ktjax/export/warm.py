@@ -63,9 +63,14 @@ def attach(programs: ProgramCache, artifacts: Artifacts | None, ec: EngineConfig
     if artifacts is not None:
         programs.source = artifacts.source(programs, ec.device)
     if precompile:
-        spec = precompile if isinstance(precompile, ProgramSpec) else ProgramSpec()
-        keys = reachable(spec, ec.max_model_len, ec.page_size)
-        programs.compile([k[1:] for k in keys if k[0] == "step"])
-        for k in keys:
-            if k[0] == "score":
-                programs.scorer(k[1])
+        compile_all(programs, ec, precompile if isinstance(precompile, ProgramSpec)
+                    else ProgramSpec())
+
+
+def compile_all(programs: ProgramCache, ec: EngineConfig, spec: ProgramSpec) -> None:
+    """Load or compile every program `spec` reaches under `ec`, under one progress bar."""
+    keys = reachable(spec, ec.max_model_len, ec.page_size)
+    programs.compile([k[1:] for k in keys if k[0] == "step"])
+    for k in keys:
+        if k[0] == "score":
+            programs.scorer(k[1])
