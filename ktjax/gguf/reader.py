@@ -63,7 +63,9 @@ class _Cursor:
     """Bounds-checked little-endian reads over the mapped file."""
 
     def __init__(self, buf: np.ndarray, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
+        # a memoryview: slicing a np.memmap per value made the tokenizer's 10^5 strings cost
+        # seconds (docs/kernel-notes.md, "Export and warm reload")
+        self.buf, self.pos, self.path = memoryview(buf), 0, path
         self.what = "the header"
 
     def take(self, n: int) -> memoryview:
