@@ -68,13 +68,41 @@ def _prompt_tokens(model: str) -> int:
                .encode(PROMPT))
 
 
+def _summary(model: str, settings: dict, rows: dict, export_s: float | None, size: int) -> dict:
+    med = {k: {f: statistics.median(r[f] for r in rs)
+               for f in ("to_first_token", "cpu", "interpreter", "import", "load",
+                         "first_step", "compiles")}
+           for k, rs in rows.items() if rs}
+    out = {"model": model, "settings": settings, "runs": len(rows["cold"]),
+           "export_seconds": export_s, "artifact_bytes": size, "median": med}
+    if "cold" in med and "artifacts" in med:
+        out["speedup_vs_cold"] = med["cold"]["to_first_token"] / \
+            med["artifacts"]["to_first_token"]
+    return out
+
+
 def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
-                work: str) -> dict:
+                work: str, partial=lambda summary: None) -> dict:
+    """Cold starts first, then the export, then starts from artifacts and with the cache the
+    cold starts filled (the order keeps the most telling figures first when time is short;
+    `partial` gets the summary after each start)."""
     art = os.path.join(work, "artifacts")
     spec = f"kinds={tuple(kinds.split(','))!r}"
     if exact:  # only the benchmark request's programs: its prompt's prefill, one decode
         n = _prompt_tokens(model)
         spec += f", prompt_tokens={n}, max_tokens={n + 2}"
+    rows: dict[str, list[dict]] = {"cold": [], "artifacts": [], "cache": []}
+    export_s, size = None, 0
+
+    def ran(kind: str, result: dict) -> None:
+        rows[kind].append(result)
+        print(f"{model}: {kind} start {result['to_first_token']:.1f} s "
+              f"(cpu {result['cpu']:.1f} s, {result['compiles']} compiles)",
+              file=sys.stderr, flush=True)
+        partial(_summary(model, settings, rows, export_s, size))
+
+    for i in range(runs):
+        ran("cold", _child(model, None, settings, os.path.join(work, f"cache{i}")))
     t = time.time()
     # the export runs in a child too: this process keeps its store handles free
     code = (f"from ktjax.export.artifacts import export; from ktjax.engine.config import "
@@ -85,24 +113,16 @@ def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
            "KTJAX_NO_PROGRESS": "1", "PYTHONPATH": _ROOT}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=3600)
     export_s = time.time() - t
-    rows: dict[str, list[dict]] = {"cold": [], "cache": [], "artifacts": []}
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(art) for f in fs)
+    print(f"{model}: exported in {export_s:.1f} s ({size / 2**20:.0f} MiB)", file=sys.stderr,
+          flush=True)
     for i in range(runs):
-        cache = os.path.join(work, f"cache{i}")
-        rows["cold"].append(_child(model, None, settings, cache))
-        rows["cache"].append(_child(model, None, settings, cache))
-        rows["artifacts"].append(_child(model, art, settings, os.path.join(work, f"empty{i}")))
+        ran("artifacts", _child(model, art, settings, os.path.join(work, f"empty{i}")))
+        ran("cache", _child(model, None, settings, os.path.join(work, f"cache{i}")))
     tokens = {r["token"] for rs in rows.values() for r in rs}
     if len(tokens) != 1:
-        raise SystemExit(f"{model}: the three starts sampled different first tokens {tokens}")
-    med = {k: {f: statistics.median(r[f] for r in rs)
-               for f in ("to_first_token", "cpu", "interpreter", "import", "load",
-                         "first_step", "compiles")}
-           for k, rs in rows.items()}
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(art) for f in fs)
-    return {"model": model, "settings": settings, "runs": runs, "export_seconds": export_s,
-            "artifact_bytes": size, "median": med,
-            "speedup_vs_cold": med["cold"]["to_first_token"] /
-            med["artifacts"]["to_first_token"]}
+        raise SystemExit(f"{model}: the starts sampled different first tokens {tokens}")
+    return _summary(model, settings, rows, export_s, size)
 
 
 def main() -> None:
@@ -120,11 +140,17 @@ def main() -> None:
     settings = {"max_model_len": a.max_model_len}
     if a.rules:
         settings["rules"] = a.rules
-    results = []
+    results: list[dict] = []
+
+    def save(partial: dict | None = None) -> None:
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(results + ([partial] if partial else []), fh, indent=1)
+
     for model in a.model:
         work = tempfile.mkdtemp(prefix="ktjax-startup-")
         try:
-            r = bench_model(model, settings, a.runs, a.kinds, a.exact, work)
+            r = bench_model(model, settings, a.runs, a.kinds, a.exact, work, save)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         results.append(r)
@@ -137,9 +163,7 @@ def main() -> None:
                   f"{m['interpreter']:>6.2f}s {m['import']:>6.2f}s {m['load']:>5.2f}s "
                   f"{m['first_step']:>7.2f}s {m['compiles']:>8.0f}")
         print(f"  artifacts vs cold: {r['speedup_vs_cold']:.1f}x")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        save()
 
 
 if __name__ == "__main__":

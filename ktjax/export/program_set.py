@@ -80,13 +80,17 @@ def reachable(spec: ProgramSpec, max_model_len: int, page_size: int) -> list[Key
     token_buckets = sorted({bk.round_up(bk.PREFILL_TOKENS, n) for n in pieces})
     samplers = _samplers(spec.kinds, spec.windows)
     keys: set[Key] = set()
+    # a step with no row finishing its prompt (every row a full chunk, more to come) samples
+    # nothing: the forward-only program, at the chunk's size
+    unfinished = {pages(s) for s in starts if s + chunk < prompt}
     for tokens in token_buckets:
         most = max(1, min(spec.batch, bk.PREFILL_ROWS[-1], bk.MAX_PREFILL_BATCH_TOKENS // tokens))
         for rows in _rows(bk.PREFILL_ROWS, most):
             for p in {pages(s) for s in starts}:
                 bucket = bk.Bucket(rows, tokens, p)
-                keys.add(("step", bucket, None))
                 keys.update(("step", bucket, s) for s in samplers)
+                if tokens == chunk and p in unfinished:
+                    keys.add(("step", bucket, None))
     decode_pages = {pages(n) for n in range(0, longest, page_size)}
     for rows in _rows(bk.DECODE_ROWS, min(spec.batch, bk.DECODE_ROWS[-1])):
         for p in decode_pages:
