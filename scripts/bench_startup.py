@@ -110,7 +110,8 @@ def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
             f"m = export({model!r}, {art!r}, EngineConfig(**{settings!r}), "
             f"ProgramSpec({spec}))")
     env = {**os.environ, "KTJAX_CACHE_DIR": os.path.join(work, "export-cache"),
-           "KTJAX_NO_PROGRESS": "1", "PYTHONPATH": _ROOT}
+           "KTJAX_NO_PROGRESS": "1",
+           "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=3600)
     export_s = time.time() - t
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(art) for f in fs)
