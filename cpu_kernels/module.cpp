@@ -8,4 +8,5 @@ PYBIND11_MODULE(_native, m) {
   ktjax::bind_linear(m);
   ktjax::bind_moe(m);
   ktjax::bind_roofline(m);
+  ktjax::bind_store_io(m);
 }

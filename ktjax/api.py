@@ -1,13 +1,11 @@
 """The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, `.stream`, `.chat`."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import weakref
 from typing import Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from ktjax import rules as placement_rules
@@ -16,6 +14,8 @@ from ktjax.engine.engine import Engine
 from ktjax.engine.interrupts import deferred_interrupts
 from ktjax.engine.programs import enable_persistent_cache
 from ktjax.errors import KtjaxError, RequestError
+from ktjax.export import warm
+from ktjax.export.program_set import ProgramSpec
 from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
 from ktjax.gguf.tokenizer import Tokenizer
@@ -34,6 +34,13 @@ class LLM:
     model: a GGUF path, a catalog name ('smollm2-135m', 'gemma3-270m') or None for the default.
     config: an EngineConfig (context, KV pool, dtype, attention, placement rules, device);
       keyword arguments set its fields (`LLM(path, max_model_len=512, rules="cpu")`).
+    artifacts: a folder `ktjax export` wrote: packed weights and compiled programs are loaded
+      from it (its engine settings are the defaults); artifacts made for another model,
+      rules, settings, software or machine raise ArtifactMismatchError naming the fields,
+      or with fallback="compile" warn and load and compile as without them. A program
+      the folder lacks compiles when first needed (logged on "ktjax.export").
+    precompile: compile (or load) every program a ProgramSpec reaches now (True: one
+      sequence at a time, greedy and sampled), so none compiles mid-stream.
 
     One LLM may be shared by threads: its calls are serialized (generate() holds the engine
     for the whole call, stream() for each step), so they wait for each other. An exception or
@@ -41,32 +48,37 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike | None = None,
-                 config: EngineConfig | None = None, **options):
+                 config: EngineConfig | None = None, *,
+                 artifacts: str | os.PathLike | None = None, fallback: str = "error",
+                 precompile: bool | ProgramSpec = False, **options):
         enable_persistent_cache()
+        self.artifacts = warm.open_artifacts(artifacts, fallback)
         self.model_path = resolve_model(model)
         gguf_file = GGUFFile(self.model_path)
         self.spec = loader.inspect(gguf_file)
         self.config = self.spec.config
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-        self.engine_config = dataclasses.replace(config or EngineConfig(), **options).resolve(
+        self.engine_config = warm.engine_config(self.artifacts, config, options).resolve(
             self.config.context_length)
         ec = self.engine_config
         # The rules check refuses host placement outside CPU and CUDA programs (naming the rule).
-        rules = placement_rules.rules_for(self.config.architecture, ec.device.platform,
-                                          ec.rules, ec.host_linears)
+        self.rules_file = placement_rules.rules_for(self.config.architecture, ec.device.platform,
+                                                    ec.rules, ec.host_linears)
         self.placement = placement_rules.place(gguf_file, self.spec.table, self.config.n_layers,
-                                               rules, ec.device.platform)
-        params = loader.load_params(gguf_file, self.spec, self.placement,
-                                    jnp.dtype(ec.dtype), ec.device)
+                                               self.rules_file, ec.device.platform)
+        params, self.artifacts = warm.load_params(self.artifacts, fallback, gguf_file, self.spec,
+                                                  self.placement, self.rules_file, ec)
         weakref.finalize(self, loader.release_host_weights, params)
         backend = get_backend(ec.attention, ec.device.platform)
         forward = self.spec.family.make_forward(self.config, backend)
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
                              config=ec)
+        warm.attach(self.engine.programs, self.artifacts, ec, precompile)
         # One caller drives the engine at a time: generate/stream/score here, or the engine
-        # loop thread behind submit() between its steps. Not reentrant: a stream closed by the garbage collector inside a call only requests
-        # its abort (Engine.request_abort) instead of changing the engine mid-step.
+        # loop thread behind submit() between its steps. Not reentrant: a stream closed by the
+        # garbage collector inside a call only requests its abort (Engine.request_abort)
+        # instead of changing the engine mid-step.
         self._lock = threading.Lock()
         self._engine_loop = None
 

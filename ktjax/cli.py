@@ -15,6 +15,7 @@ from importlib import metadata
 from ktjax import __version__
 from ktjax.errors import KtjaxError
 from ktjax.progress import StreamWriter
+from ktjax.export import cli as export_cli
 from ktjax.sampling_params import SamplingParams
 
 # The command line samples as llama.cpp's tools do by default; the Python API's
@@ -42,7 +43,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30)
 
 
-def _model_args(ap: argparse.ArgumentParser) -> None:
+def _model_args(ap: argparse.ArgumentParser, precompile: bool = False) -> None:
     g = ap.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, metavar="MODEL",
                    help="GGUF file or catalog name, see `ktjax models` "
@@ -54,6 +55,7 @@ def _model_args(ap: argparse.ArgumentParser) -> None:
                         "(default: cpu on a CPU, the family's profile on a GPU)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no status lines or progress bars on stderr")
+    export_cli.add_warm_args(ap, precompile_default=precompile)
 
 
 def _sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -121,10 +123,12 @@ def _llm(a: argparse.Namespace, path: str | None = None, **config):
     _status(a, f"loading {os.path.basename(path)} ({size:.2f} GiB)")
     t0 = time.perf_counter()
     from ktjax.api import LLM
-    from ktjax.engine.config import EngineConfig
-    options = {"max_model_len": getattr(a, "max_model_len", None),
-               "rules": getattr(a, "rules", None), **config}
-    llm = LLM(path, EngineConfig(**options))
+    # options, not a whole EngineConfig: with --artifacts, unset fields take the artifacts'
+    settings = {k: v for k, v in (("max_model_len", getattr(a, "max_model_len", None)),
+                                  ("rules", getattr(a, "rules", None))) if v is not None}
+    settings.update(config)
+    warm = export_cli.warm_options(a) if hasattr(a, "artifacts") else {}
+    llm = LLM(path, **settings, **warm)
     ec = llm.engine_config
     _status(a, f"loaded in {time.perf_counter() - t0:.1f} s: {llm.config.architecture}, "
                f"context {ec.max_model_len}, {ec.device.platform}")
@@ -173,6 +177,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}], template)
     else:
         prompt = a.prompt
+    if a.precompile:
+        export_cli.precompile_generate(llm, llm._encode(prompt), params)
     _stream(llm, prompt, params, StreamWriter())
 
 
@@ -185,7 +191,7 @@ def add_generate(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="send PROMPT as a user message in the model's chat template")
     _chat_template_arg(p)
-    _model_args(p)
+    _model_args(p, precompile=True)
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -196,6 +202,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
     path = _model_path(a)
     template = _chat_template(a, path)
     llm = _llm(a, path)
+    if a.precompile:
+        export_cli.precompile_chat(llm, params)
     history = [{"role": "system", "content": a.system}] if a.system else []
     interactive = sys.stdin.isatty()
     writer = StreamWriter()
@@ -421,7 +429,7 @@ def add_serve(sub) -> None:
 
 
 COMMANDS = [add_generate, add_chat, add_batch, add_eval, add_info, add_models, add_rules,
-            add_serve]
+            add_serve, export_cli.add_export_parser]
 
 
 def _version() -> str:

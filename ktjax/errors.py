@@ -31,3 +31,12 @@ class RulesError(KtjaxError):
 
 class KernelError(KtjaxError):
     """A native kernel rejected its inputs (shape, dtype, handle, values)."""
+
+
+class ArtifactError(KtjaxError):
+    """Exported artifacts (ktjax export) are corrupt, truncated or unusable here."""
+
+
+class ArtifactMismatchError(ArtifactError):
+    """Exported artifacts were made for another model, rules, engine settings, software or
+    machine (the message names each field that differs)."""

@@ -380,7 +380,7 @@ void check_shape(int64_t n, int64_t k) {
 }  // namespace
 
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
-                                          int group, int64_t n, int64_t k, int hi_bits) {
+                                          int group, int64_t n, int64_t k, int hi_bits, bool fill) {
   check_shape(n, k);
   // The layouts the kernels are built for: int8 in groups of 32; int4 in groups of 16 or 32,
   // 6-bit (2 planes) in groups of 16 (Q6_K), 5-bit (1 plane) in groups of 32 (Q5_*).
@@ -420,7 +420,7 @@ std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool ha
   void* p = std::aligned_alloc(64, total);
   if (!p) throw std::bad_alloc();
   // Several memory nodes: node k's share of the row blocks lives in node k's memory, where
-  // node k's threads read it (parallel_for_nodes); the memset below places the pages.
+  // node k's threads read it (parallel_for_nodes); the first writes place the pages.
   const std::vector<int> nodes = node_ids();
   if (nodes.size() > 1)
     for (size_t k = 0; k < nodes.size(); ++k) {
@@ -428,8 +428,9 @@ std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool ha
       bind_to_node(static_cast<uint8_t*>(p) + b * w->block_stride, static_cast<size_t>((e - b) * w->block_stride),
                    nodes[k]);
     }
-  std::memset(p, 0, total);
   w->data.reset(static_cast<uint8_t*>(p));
+  if (!fill) return w;
+  std::memset(p, 0, total);
   // Biased int8: padding must decode to q = 0, i.e. byte 128.
   if (kind == WeightKind::Int8)
     for (int64_t rb = 0; rb < w->row_blocks(); ++rb)

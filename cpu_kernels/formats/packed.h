@@ -126,9 +126,12 @@ struct PackedWeight {
   std::string describe() const;
 };
 
-// Lays out an empty (zeroed) PackedWeight of the given shape and encoding.
+// Lays out an empty (zeroed) PackedWeight of the given shape and encoding; with
+// fill = false the data is left uninitialized, for a caller that writes every byte of it
+// (store/serialize.cpp: weights read back from an exported file).
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
-                                          int group, int64_t n, int64_t k, int hi_bits = 0);
+                                          int group, int64_t n, int64_t k, int hi_bits = 0,
+                                          bool fill = true);
 
 // Value of element (n, k) as float: the exact decoding of the packed format.
 float packed_value(const PackedWeight& w, int64_t n, int64_t k);

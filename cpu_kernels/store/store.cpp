@@ -33,6 +33,25 @@ int64_t store_put(std::shared_ptr<const StoredWeight> w) {
   return h;
 }
 
+int64_t store_put_at(int64_t handle, std::shared_ptr<const StoredWeight> w) {
+  if (handle < 1 || handle >= (int64_t{1} << 62))
+    throw std::invalid_argument("weight handle " + std::to_string(handle) + " is outside [1, 2^62)");
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.items.emplace(handle, std::move(w)).second)
+    throw std::invalid_argument("weight handle " + std::to_string(handle) + " is taken");
+  if (s.next <= handle) s.next = handle + 1;
+  return handle;
+}
+
+void store_advance(int64_t first) {
+  if (first < 1 || first >= (int64_t{1} << 62))
+    throw std::invalid_argument("weight handle " + std::to_string(first) + " is outside [1, 2^62)");
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.next < first) s.next = first;
+}
+
 std::shared_ptr<const StoredWeight> store_get(int64_t handle) {
   Store& s = store();
   std::lock_guard<std::mutex> lock(s.mu);

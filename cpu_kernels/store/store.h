@@ -18,6 +18,12 @@ struct StoredWeight {
 };
 
 int64_t store_put(std::shared_ptr<const StoredWeight> w);
+// Stores `w` under the given handle number, as a program compiled in another process names
+// it; throws std::invalid_argument when the handle is taken or outside [1, 2^62).
+int64_t store_put_at(int64_t handle, std::shared_ptr<const StoredWeight> w);
+// Handles given out from now on are at least `first` (an export gives each model its own
+// range, so its programs' handle numbers are free in a later process that loads others too).
+void store_advance(int64_t first);
 // Throws std::invalid_argument("unknown or released weight handle N") when absent.
 std::shared_ptr<const StoredWeight> store_get(int64_t handle);
 // Same error for an unknown handle.

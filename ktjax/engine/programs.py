@@ -24,6 +24,13 @@ def enable_persistent_cache(path: str = _CACHE_DIR) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX's extra XLA caches (GPU autotuning, kernels) put the absolute cache path into the
+    # compile options that feed the cache key: a cache moved to another folder or home then
+    # misses every entry (docs/kernel-notes.md, "Export and warm reload").
+    try:
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+    except AttributeError:  # a JAX without the option writes no path into the key
+        pass
 
 
 def batch_spec(b: Bucket) -> Batch:
@@ -117,6 +124,10 @@ class ProgramCache:
         self._steps: dict[tuple[Bucket, Sampler], jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
+        self.compiles = 0
+        # Where executables come from before compiling (ktjax.export: loaded artifacts):
+        # source(key) -> Compiled or None, key = ("step", bucket, sampler) | ("score", bucket).
+        self.source: Callable[[tuple], jax.stages.Compiled | None] | None = None
 
     def step(self, bucket: Bucket, sampler: Sampler = None) -> jax.stages.Compiled:
         """(params, kv, batch[, SamplingBatch for Full]) -> (tokens, logprobs[, top ids,
@@ -127,10 +138,7 @@ class ProgramCache:
 
     def scorer(self, bucket: Bucket) -> jax.stages.Compiled:
         if bucket not in self._scorers:
-            targets = jax.ShapeDtypeStruct((bucket.rows, bucket.logit_rows), jnp.int32)
-            self._scorers[bucket] = self._timed(
-                lambda: self._score.lower(self._params_spec, self._kv_spec, batch_spec(bucket),
-                                          targets).compile())
+            self._scorers[bucket] = self._load_or_compile(("score", bucket))
         return self._scorers[bucket]
 
     def compile(self, steps: Iterable[tuple[Bucket, Sampler]]) -> None:
@@ -143,19 +151,28 @@ class ProgramCache:
                    disable=not progress.bars_enabled())
         for bucket, sampler in bar:
             bar.set_postfix_str(f"{bucket} {sampler}")
-            self._steps[bucket, sampler] = self._timed(
-                lambda: self._lower(bucket, sampler).compile())
+            self._steps[bucket, sampler] = self._load_or_compile(("step", bucket, sampler))
 
-    def _lower(self, bucket: Bucket, sampler: Sampler) -> jax.stages.Lowered:
-        args = (self._params_spec, self._kv_spec, batch_spec(bucket))
+    def lower(self, key: tuple) -> jax.stages.Lowered:
+        """The program of `key`: ("step", bucket, sampler) or ("score", bucket)."""
+        args = (self._params_spec, self._kv_spec, batch_spec(key[1]))
+        if key[0] == "score":
+            bucket = key[1]
+            return self._score.lower(*args, jax.ShapeDtypeStruct(
+                (bucket.rows, bucket.logit_rows), jnp.int32))
+        bucket, sampler = key[1:]
         if sampler is None:
             return self._forward.lower(*args)
         if isinstance(sampler, Greedy):
             return self._greedy.lower(*args, sampler.logprobs, sampler.top)
         return self._full.lower(*args, sampling_spec(bucket.rows, sampler.window), sampler.top)
 
-    def _timed(self, fn):
+    def _load_or_compile(self, key: tuple) -> jax.stages.Compiled:
+        compiled = self.source(key) if self.source is not None else None
+        if compiled is not None:
+            return compiled
         t0 = time.perf_counter()
-        out = fn()
+        compiled = self.lower(key).compile()
         self.compile_seconds += time.perf_counter() - t0
-        return out
+        self.compiles += 1
+        return compiled

@@ -63,7 +63,9 @@ class _Cursor:
     """Bounds-checked little-endian reads over the mapped file."""
 
     def __init__(self, buf: np.ndarray, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
+        # a memoryview: slicing a np.memmap per value made the tokenizer's 10^5 strings cost
+        # seconds (docs/kernel-notes.md, "Export and warm reload")
+        self.buf, self.pos, self.path = memoryview(buf), 0, path
         self.what = "the header"
 
     def take(self, n: int) -> memoryview:
@@ -161,6 +163,7 @@ class GGUFFile:
 
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         data_start = -(-cur.pos // alignment) * alignment
+        self.data_start = data_start  # bytes before it: header, metadata, tensor index
         self.tensors: dict[str, TensorView] = _Tensors(self.path)
         spans = []
         for name, dims, type_id, offset in infos:

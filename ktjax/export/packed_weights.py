@@ -1,0 +1,233 @@
+"""A loaded model's weights as one memory-mappable file: the host kernels' packed matrices
+byte for byte, and the XLA arrays as they went to the device, so a later process neither
+dequantizes nor repacks.
+
+Layout: magic (8 bytes) | header length (u64 LE) | header (JSON) | sections, each 4096-byte
+aligned. The header holds the params tree (dicts; arrays, host weights, expert sets and layer
+stacks naming their sections) and every section's offset, size and XXH64 digest. The file is
+untrusted input: the header is parsed and bounds-checked before any section is touched, every
+section is hashed before use, and packed matrices are rebuilt only from layouts the packers
+make (cpu_kernels/store/serialize.h)."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, BinaryIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax import _native
+from ktjax.errors import ArtifactError, KernelError
+from ktjax.host.native import native_call
+from ktjax.weights import DeviceExperts, HostExperts, HostWeight, LayerStack
+
+MAGIC = b"KTJAXPW1"
+ALIGN = 4096
+HASH_CHUNK = 1 << 22
+MAX_HEADER = 1 << 28
+_DTYPES = ("float32", "bfloat16", "float16", "int32")
+
+
+class HandleTaken(ArtifactError):
+    """A recorded weight handle is in use in this process (another model holds it)."""
+
+
+class _Writer:
+    def __init__(self, fh: BinaryIO, start: int):
+        self.fh, self.pos, self.sections = fh, start, []
+
+    def add(self, buf: np.ndarray) -> int:
+        buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+        self.pos = -(-self.pos // ALIGN) * ALIGN
+        self.fh.seek(self.pos)
+        self.fh.write(memoryview(buf))
+        digest = native_call(_native.hash64, buf, HASH_CHUNK)
+        self.sections.append({"offset": self.pos, "size": int(buf.nbytes), "xxh64": digest})
+        self.pos += buf.nbytes
+        return len(self.sections) - 1
+
+
+def _encode(node: Any, w: _Writer) -> dict:
+    if isinstance(node, dict):
+        return {"dict": {str(k): _encode(v, w) for k, v in node.items()}}
+    if isinstance(node, LayerStack):
+        return {"layer_stack": _encode(node.stack, w)}
+    if isinstance(node, DeviceExperts):
+        return {"device_experts": {k: _encode(getattr(node, k), w) for k in ("gate", "up", "down")}}
+    if isinstance(node, (HostWeight, HostExperts)):
+        mats = []
+        for h in node.handles:
+            layouts = native_call(_native.packed_layout, h)
+            for i, lay in enumerate(layouts):
+                lay["section"] = w.add(native_call(_native.packed_bytes, h, i))
+            mats.append(layouts)
+        if isinstance(node, HostExperts):
+            return {"host_experts": {"handles": list(node.handles), "mats": mats}}
+        return {"host_weight": {"handles": list(node.handles), "mats": mats,
+                                "out_features": node.out_features, "splits": list(node.splits)}}
+    if isinstance(node, jax.Array):
+        a = np.asarray(node)
+        if a.dtype.name not in _DTYPES:
+            raise ArtifactError(f"cannot export an array of dtype {a.dtype}")
+        return {"array": {"dtype": a.dtype.name, "shape": list(a.shape), "section": w.add(a)}}
+    raise ArtifactError(f"cannot export a params node of type {type(node).__name__}")
+
+
+def _data_start(header_len: int) -> int:
+    return -(-(16 + header_len) // ALIGN) * ALIGN
+
+
+def write(path: str | os.PathLike, params: dict) -> dict:
+    """Write `params` (ktjax.models.loader.load_params) to `path` (through a temporary file,
+    so a reader never sees half of one); returns {"size", "header_xxh64"} for the manifest."""
+    path = os.fspath(path)
+    body_path, tmp = f"{path}.body.tmp", f"{path}.tmp"
+    try:
+        with open(body_path, "wb") as body:  # sections first: the header names their places
+            w = _Writer(body, 0)
+            tree = _encode(params, w)
+        header = json.dumps({"tree": tree, "sections": w.sections, "chunk": HASH_CHUNK}).encode()
+        with open(tmp, "wb") as fh, open(body_path, "rb") as body:
+            fh.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            fh.seek(_data_start(len(header)))
+            while block := body.read(1 << 24):
+                fh.write(block)
+        os.replace(tmp, path)
+    finally:
+        for p in (body_path, tmp):
+            if os.path.exists(p):
+                os.unlink(p)
+    return {"size": os.path.getsize(path),
+            "header_xxh64": native_call(_native.hash64, np.frombuffer(header, np.uint8))}
+
+
+def _header(buf: np.ndarray, path: str) -> tuple[dict, int]:
+    if len(buf) < 16 or bytes(buf[:8]) != MAGIC:
+        raise ArtifactError(f"{path}: not a ktjax packed-weights file (bad magic)")
+    (n,) = struct.unpack("<Q", bytes(buf[8:16]))
+    if n > MAX_HEADER or 16 + n > len(buf):
+        raise ArtifactError(f"{path}: truncated: its header of {n} bytes does not fit the "
+                            f"file's {len(buf)} bytes")
+    try:
+        header = json.loads(bytes(buf[16:16 + n]))
+    except ValueError as e:
+        raise ArtifactError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("sections"), list) \
+            or not isinstance(header.get("tree"), dict) or header.get("chunk") != HASH_CHUNK:
+        raise ArtifactError(f"{path}: the header lacks its tree, sections or hash chunk size")
+    return header, _data_start(n)
+
+
+class _Reader:
+    """Sections of a mapped file, each bounds-checked and hashed once, on first use."""
+
+    def __init__(self, path: str, buf: np.ndarray, sections: list, start: int):
+        self.path, self.buf, self.sections, self.start = path, buf, sections, start
+        self.adopted: list[int] = []  # store handles made so far (released if reading fails)
+
+    def section(self, i: Any, hashed: bool = True) -> tuple[np.ndarray, int]:
+        """(bytes of section i, its recorded digest); `hashed`: checked here."""
+        if not isinstance(i, int) or not 0 <= i < len(self.sections):
+            raise ArtifactError(f"{self.path}: the header names section {i!r}, which it lacks")
+        s = self.sections[i]
+        try:
+            off, size, digest = int(s["offset"]), int(s["size"]), int(s["xxh64"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{self.path}: section {i} lacks offset, size or digest") from None
+        begin = self.start + off
+        if off < 0 or size < 0 or not 0 <= digest < 2 ** 64 or begin + size > len(self.buf):
+            raise ArtifactError(f"{self.path}: truncated: section {i} ({size} bytes at {begin}) "
+                                f"ends past the file's {len(self.buf)} bytes")
+        view = self.buf[begin:begin + size]
+        if hashed and native_call(_native.hash64, view, HASH_CHUNK) != digest:
+            raise ArtifactError(f"{self.path}: section {i} does not match its digest (corrupt)")
+        return view, digest
+
+
+def _field(node: dict, key: str, kind: type, path: str):
+    v = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(v, kind) or isinstance(v, bool) and kind is int:
+        raise ArtifactError(f"{path}: a params node lacks a valid {key!r}")
+    return v
+
+
+def _decode(node: Any, r: _Reader, device, handles: str) -> Any:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ArtifactError(f"{r.path}: malformed params tree node")
+    (kind, body), = node.items()
+    if kind == "dict":
+        if not isinstance(body, dict):
+            raise ArtifactError(f"{r.path}: malformed params dict")
+        return {k: _decode(v, r, device, handles) for k, v in body.items()}
+    if kind == "layer_stack":
+        return LayerStack(_decode(body, r, device, handles))
+    if kind == "device_experts":
+        return DeviceExperts(*(_decode(_field(body, k, dict, r.path), r, device, handles)
+                               for k in ("gate", "up", "down")))
+    if kind == "array":
+        dtype = _field(body, "dtype", str, r.path)
+        shape = _field(body, "shape", list, r.path)
+        if dtype not in _DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ArtifactError(f"{r.path}: an array has dtype {dtype!r} and shape {shape}")
+        data, _ = r.section(_field(body, "section", int, r.path))
+        dt = jnp.dtype(dtype)
+        if data.nbytes != int(np.prod(shape, dtype=object)) * dt.itemsize:
+            raise ArtifactError(f"{r.path}: an array of shape {shape} {dtype} has "
+                                f"{data.nbytes} bytes")
+        return jax.device_put(data.view(dt).reshape(shape), device)
+    if kind in ("host_weight", "host_experts"):
+        recorded = _field(body, "handles", list, r.path)
+        mats = _field(body, "mats", list, r.path)
+        if len(mats) != len(recorded) or not recorded:
+            raise ArtifactError(f"{r.path}: a host weight has {len(recorded)} handles and "
+                                f"{len(mats)} matrix lists")
+        out = tuple(_adopt(r, h, m, handles) for h, m in zip(recorded, mats))
+        if kind == "host_experts":
+            return HostExperts(handles=out)
+        splits = _field(body, "splits", list, r.path)
+        return HostWeight(handles=out, out_features=_field(body, "out_features", int, r.path),
+                          splits=tuple(int(x) for x in splits))
+    raise ArtifactError(f"{r.path}: unknown params node kind {kind!r}")
+
+
+def _adopt(r: _Reader, handle: Any, layouts: Any, handles: str) -> int:
+    if not isinstance(handle, int) or not isinstance(layouts, list) or not layouts:
+        raise ArtifactError(f"{r.path}: a host weight's handle or matrices are malformed")
+    buffers, digests = [], []
+    for lay in layouts:
+        data, digest = r.section(_field(lay, "section", int, r.path), hashed=False)
+        buffers.append(data)
+        digests.append(digest)  # adopt_packed hashes while it reads
+    at = handle if handles == "recorded" else 0
+    try:
+        h = native_call(_native.adopt_packed, layouts, buffers, digests, at, HASH_CHUNK)
+        r.adopted.append(h)
+        return h
+    except KernelError as e:
+        if "is taken" in str(e):
+            raise HandleTaken(f"{r.path}: weight handle {handle} is in use in this process "
+                              "(another model is loaded)") from None
+        raise ArtifactError(f"{r.path}: {e}") from None
+
+
+def read(path: str | os.PathLike, device: jax.Device, handles: str = "recorded") -> dict:
+    """The params tree of `path`, arrays on `device`, packed weights in the native store
+    under their recorded handle numbers (`handles="recorded"`, what exported programs name;
+    HandleTaken if one is in use) or fresh ones ("fresh")."""
+    path = os.fspath(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else \
+        np.zeros(0, np.uint8)
+    header, start = _header(buf, path)
+    reader = _Reader(path, buf, header["sections"], start)
+    try:
+        params = _decode(header["tree"], reader, device, handles)
+        if not isinstance(params, dict):
+            raise ArtifactError(f"{path}: the params tree is not a dict")
+    except BaseException:
+        for h in reader.adopted:
+            _native.release_weight(h)
+        raise
+    return params

@@ -1,0 +1,171 @@
+"""Process start to first token, three ways: cold (empty persistent compilation cache), warm
+(the cache a first process filled) and from artifacts (`ktjax export`, loaded with a fresh
+empty cache). Each run is its own process; the time runs from just before the process is
+spawned to the first generated token, so it includes Python's and JAX's start-up.
+
+  python scripts/bench_startup.py --model smollm2-135m --model gemma3-270m --runs 3
+  python scripts/bench_startup.py --model /tmp/moe.gguf --max-model-len 256 --json out.json
+
+Prints a table (median of --runs; child CPU seconds beside the wall time, since a shared
+machine's wall time varies with its load) and the load / first-step split of each start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROMPT = "The capital of France is"
+
+_CHILD = r"""
+import json, os, resource, sys, time
+t0 = time.time()
+import jax
+from ktjax import LLM, SamplingParams
+t_import = time.time()
+args = json.loads(sys.argv[1])
+llm = LLM(args["model"], artifacts=args["artifacts"], **args["settings"])
+t_load = time.time()
+out = llm.generate(args["prompt"], SamplingParams(max_tokens=1, temperature=0))
+t_first = time.time()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print("RESULT " + json.dumps({
+    "python_start": t0, "import": t_import - t0, "load": t_load - t_import,
+    "first_step": t_first - t_load, "end": t_first, "token": out[0].token_ids[0],
+    "cpu": ru.ru_utime + ru.ru_stime, "compiles": llm.engine.programs.compiles}))
+"""
+
+
+def _child(model: str, artifacts: str | None, settings: dict, cache: str) -> dict:
+    env = {**os.environ, "KTJAX_CACHE_DIR": cache, "KTJAX_NO_PROGRESS": "1",
+           "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    spawn = time.time()
+    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(
+        {"model": model, "artifacts": artifacts, "settings": settings, "prompt": PROMPT})],
+        capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"child failed:\n{r.stderr[-4000:]}")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    res = json.loads(line[len("RESULT "):])
+    res["to_first_token"] = res["end"] - spawn
+    res["interpreter"] = res["python_start"] - spawn
+    return res
+
+
+def _prompt_tokens(model: str) -> int:
+    from ktjax.gguf.reader import GGUFFile
+    from ktjax.gguf.tokenizer import Tokenizer
+    from ktjax.models.catalog import resolve_model
+    return len(Tokenizer.from_gguf_metadata(GGUFFile(resolve_model(model)).metadata)
+               .encode(PROMPT))
+
+
+def _summary(model: str, settings: dict, rows: dict, export_s: float | None, size: int) -> dict:
+    med = {k: {f: statistics.median(r[f] for r in rs)
+               for f in ("to_first_token", "cpu", "interpreter", "import", "load",
+                         "first_step", "compiles")}
+           for k, rs in rows.items() if rs}
+    out = {"model": model, "settings": settings, "runs": len(rows["cold"]),
+           "export_seconds": export_s, "artifact_bytes": size, "median": med}
+    if "cold" in med and "artifacts" in med:
+        out["speedup_vs_cold"] = med["cold"]["to_first_token"] / \
+            med["artifacts"]["to_first_token"]
+    return out
+
+
+def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
+                work: str, partial=lambda summary: None) -> dict:
+    """Cold starts first, then the export, then starts from artifacts and with the cache the
+    cold starts filled (the order keeps the most telling figures first when time is short;
+    `partial` gets the summary after each start)."""
+    art = os.path.join(work, "artifacts")
+    spec = f"kinds={tuple(kinds.split(','))!r}"
+    if exact:  # only the benchmark request's programs: its prompt's prefill, one decode
+        n = _prompt_tokens(model)
+        spec += f", prompt_tokens={n}, max_tokens={n + 2}"
+    rows: dict[str, list[dict]] = {"cold": [], "artifacts": [], "cache": []}
+    export_s, size = None, 0
+
+    def ran(kind: str, result: dict) -> None:
+        rows[kind].append(result)
+        print(f"{model}: {kind} start {result['to_first_token']:.1f} s "
+              f"(cpu {result['cpu']:.1f} s, {result['compiles']} compiles)",
+              file=sys.stderr, flush=True)
+        partial(_summary(model, settings, rows, export_s, size))
+
+    for i in range(runs):
+        ran("cold", _child(model, None, settings, os.path.join(work, f"cache{i}")))
+    t = time.time()
+    # the export runs in a child too: this process keeps its store handles free
+    code = (f"from ktjax.export.artifacts import export; from ktjax.engine.config import "
+            f"EngineConfig; from ktjax.export.program_set import ProgramSpec; "
+            f"m = export({model!r}, {art!r}, EngineConfig(**{settings!r}), "
+            f"ProgramSpec({spec}))")
+    env = {**os.environ, "KTJAX_CACHE_DIR": os.path.join(work, "export-cache"),
+           "KTJAX_NO_PROGRESS": "1",
+           "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=3600)
+    export_s = time.time() - t
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(art) for f in fs)
+    print(f"{model}: exported in {export_s:.1f} s ({size / 2**20:.0f} MiB)", file=sys.stderr,
+          flush=True)
+    for i in range(runs):
+        ran("artifacts", _child(model, art, settings, os.path.join(work, f"empty{i}")))
+        ran("cache", _child(model, None, settings, os.path.join(work, f"cache{i}")))
+    tokens = {r["token"] for rs in rows.values() for r in rs}
+    if len(tokens) != 1:
+        raise SystemExit(f"{model}: the starts sampled different first tokens {tokens}")
+    return _summary(model, settings, rows, export_s, size)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--rules", default=None)
+    ap.add_argument("--kinds", default="greedy,sample", help="program kinds exported")
+    ap.add_argument("--exact", action="store_true",
+                    help="export only the benchmark request's programs (a big model's export "
+                         "otherwise compiles every prefill and decode bucket)")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    a = ap.parse_args()
+    settings = {"max_model_len": a.max_model_len}
+    if a.rules:
+        settings["rules"] = a.rules
+    results: list[dict] = []
+
+    def save(partial: dict | None = None) -> None:
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(results + ([partial] if partial else []), fh, indent=1)
+
+    for model in a.model:
+        work = tempfile.mkdtemp(prefix="ktjax-startup-")
+        try:
+            r = bench_model(model, settings, a.runs, a.kinds, a.exact, work, save)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results.append(r)
+        print(f"\n{model}  (max_model_len {a.max_model_len}; export {r['export_seconds']:.0f} s, "
+              f"{r['artifact_bytes'] / 2**20:.0f} MiB; median of {a.runs})")
+        print(f"  {'start':<10} {'first token':>11} {'cpu':>6} {'python':>7} {'import':>7} "
+              f"{'load':>6} {'1st step':>8} {'compiles':>8}")
+        for k, m in r["median"].items():
+            print(f"  {k:<10} {m['to_first_token']:>10.2f}s {m['cpu']:>5.1f}s "
+                  f"{m['interpreter']:>6.2f}s {m['import']:>6.2f}s {m['load']:>5.2f}s "
+                  f"{m['first_step']:>7.2f}s {m['compiles']:>8.0f}")
+        print(f"  artifacts vs cold: {r['speedup_vs_cold']:.1f}x")
+        save()
+
+
+if __name__ == "__main__":
+    main()
