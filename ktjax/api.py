@@ -59,7 +59,7 @@ class LLM:
         params = loader.load_params(gguf_file, self.spec, self.placement,
                                     jnp.dtype(ec.dtype), ec.device)
         weakref.finalize(self, loader.release_host_weights, params)
-        backend = get_backend(ec.attention, ec.device.platform)
+        backend = get_backend(ec.attention, ec.device.platform, ec.kv_cache_dtype)
         forward = self.spec.family.make_forward(self.config, backend)
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,

@@ -25,6 +25,8 @@ def _sampling_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--rules", default=None,
                     help="placement rules file or profile (default: by device and family)")
+    ap.add_argument("--kv-cache-dtype", default=None, choices=("float32", "bfloat16", "int8"),
+                    help="KV cache pages (default: the model dtype; int8 halves bfloat16's)")
 
 
 def _params(a: argparse.Namespace) -> SamplingParams:
@@ -37,7 +39,8 @@ def _params(a: argparse.Namespace) -> SamplingParams:
 def _llm(a: argparse.Namespace):
     from ktjax.api import LLM
     from ktjax.engine.config import EngineConfig
-    return LLM(a.model, EngineConfig(max_model_len=a.max_model_len, rules=a.rules))
+    return LLM(a.model, EngineConfig(max_model_len=a.max_model_len, rules=a.rules,
+                                     kv_cache_dtype=a.kv_cache_dtype))
 
 
 def cmd_generate(a: argparse.Namespace) -> None:

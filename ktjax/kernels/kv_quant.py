@@ -13,7 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ktjax.errors import KtjaxError
+
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def check_dtype(kv_dtype: str) -> str:
+    """kv_dtype if it names a KV cache dtype, else a KtjaxError listing them."""
+    if kv_dtype not in KV_CACHE_DTYPES:
+        raise KtjaxError(f"kv_cache_dtype {kv_dtype!r} is not one of "
+                         f"{', '.join(KV_CACHE_DTYPES)}")
+    return kv_dtype
 
 
 @struct.dataclass

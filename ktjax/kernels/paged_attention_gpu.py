@@ -87,11 +87,15 @@ def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, bl
     q_parts = [q_ref[:, pl.ds(off, w)] for off, w in parts]      # [bm, w] each
     cache_len, window = len_ref[0], win_ref[0]
 
+    # float32 operands stay float32 (a GPU would otherwise round them to TF32)
+    exact = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+    dot = functools.partial(pallas_triton.dot, precision=exact)
+
     def fold(carry, k_parts, v, kp, k_scale, v_scale):
         acc, m, l = carry
-        s = pl.dot(q_parts[0], k_parts[0].astype(compute_dtype), trans_b=True)
+        s = dot(q_parts[0], k_parts[0].astype(compute_dtype), trans_b=True)
         for qx, kx in zip(q_parts[1:], k_parts[1:]):
-            s += pl.dot(qx, kx.astype(compute_dtype), trans_b=True)  # [bm, bk] float32
+            s += dot(qx, kx.astype(compute_dtype), trans_b=True)  # [bm, bk] float32
         if k_scale is not None:
             s = s * k_scale[None, :]
         if softcap:
@@ -105,8 +109,7 @@ def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, bl
         l = l * correction + p.sum(axis=1)
         if v_scale is not None:
             p = p * v_scale[None, :]
-        acc = acc * correction[:, None] + pl.dot(p.astype(compute_dtype),
-                                                 v.astype(compute_dtype))
+        acc = acc * correction[:, None] + dot(p.astype(compute_dtype), v.astype(compute_dtype))
         return acc, m_new, l
 
     # The cached context: skip pages wholly before every query's window, share the rest

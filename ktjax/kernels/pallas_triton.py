@@ -16,6 +16,9 @@ warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is depreca
                         category=DeprecationWarning)
 
 
+dot = pl_triton.dot   # 2-D matmul with float32 results (jax.experimental.pallas.dot moved here)
+
+
 def compiler_params(num_warps: int, num_stages: int):
     """Triton compiler parameters (the same class name on jax 0.10 and 0.11)."""
     return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
