@@ -173,7 +173,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
                     sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None, logit_softcap: float | None = None,
                     n_splits: int | None = None, pages_per_block: int | None = None,
-                    block_m: int | None = None, interpret: bool | None = None) -> jax.Array:
+                    block_m: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                    interpret: bool | None = None) -> jax.Array:
     """paged_attention_ref.paged_attention's contract as a Pallas kernel. The keyword-only
     tuning knobs default by shape (tests force them to sweep splits and blocks); interpret
     defaults to True off a GPU."""
@@ -275,7 +276,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
         out_shape=[jax.ShapeDtypeStruct((*part_shape, dv), jnp.float32),
                    jax.ShapeDtypeStruct(part_shape, jnp.float32),
                    jax.ShapeDtypeStruct(part_shape, jnp.float32)],
-        compiler_params=pallas_triton.compiler_params(num_warps=4, num_stages=2),
+        compiler_params=pallas_triton.compiler_params(num_warps, num_stages),
         interpret=interpret, name=f"paged_attention_m{block_m}_p{pages_per_block}",
     )(*inputs)
     return _combine(o, m, l, t, rep).astype(q.dtype)
