@@ -49,6 +49,8 @@ CASES = {
     "group3_many_splits": Case((31,), (1,), heads=9, kv_heads=3, splits=8, page=8),
     # MLA: one latent "head" of 32 + 16 rope dims, values = the first 32
     "mla": Case((21, 0), (1, 3), heads=4, kv_heads=1, head_dim=48, value_dim=32, splits=2),
+    # ... and of 32 + 8 (the tiny DeepSeek's): the rope part is read widened to 16
+    "mla_narrow_rope": Case((18,), (1,), heads=2, kv_heads=1, head_dim=40, value_dim=32),
     "bf16": Case((19, 35), (2, 1), kv_dtype="bfloat16"),
     "int8_decode": Case((0, 47, 64), (1, 1, 1), heads=8, kv_dtype="int8", splits=2),
     "int8_prefill_window": Case((26,), (4,), kv_dtype="int8", window=10),
@@ -129,7 +131,8 @@ def test_auto_backend_on_gpu_is_pallas():
 def test_key_parts_are_powers_of_two():
     assert paged_attention_gpu.key_parts(128, None) == ((0, 128),)
     assert paged_attention_gpu.key_parts(576, 512) == ((0, 512), (512, 64))
-    assert paged_attention_gpu.key_parts(112, 64) == ((0, 64), (64, 32), (96, 16))
+    assert paged_attention_gpu.key_parts(40, 32) == ((0, 32), (24, 16))   # reads 8 twice
+    assert paged_attention_gpu.key_parts(112, 64) == ((0, 64), (48, 64))
 
 
 def test_unsupported_shape_falls_back_to_reference_with_a_warning():

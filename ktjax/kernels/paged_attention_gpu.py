@@ -17,7 +17,9 @@ int8 pages (kv_quant.Int8Pages): the key scale multiplies the score column and t
 scale the probability column, so the int8 rows are converted, never dequantized in memory.
 MLA (`values_in_keys` = d): the latent cache is read once; the values are the keys' first d
 dims. A key of d + rope dims (512 + 64) is read as two power-of-2 parts (Triton's blocks
-must be powers of 2).
+must be powers of 2): the value dims, then the rope dims widened to the next power of 2 (at
+least 16, what Triton's dot needs) by reading back into the value dims, where the query's
+part holds zeros (DeepSeek's 512 + 64 reads nothing twice; a test model's 32 + 8 reads 8).
 """
 from __future__ import annotations
 
@@ -44,15 +46,27 @@ def _next_pow2(n: int) -> int:
 
 
 def key_parts(head_dim: int, values_in_keys: int | None) -> tuple[tuple[int, int], ...]:
-    """(offset, width) slices of a key, each a power of 2 >= 16: the whole key, or (MLA) the
-    value dims then the rest, the rest split by its binary digits."""
+    """(offset in the key, width) of the key's parts, each a power of 2: the whole key, or
+    (MLA) the d value dims then the rest widened to a power of 2 >= 16 that ends at the key's
+    end (its first columns overlap the value dims; the query's copy of them is zero)."""
     d = values_in_keys or head_dim
-    parts, off, rest = [(0, d)], d, head_dim - d
-    while rest:
-        w = 1 << (rest.bit_length() - 1)
-        parts.append((off, w))
-        off, rest = off + w, rest - w
-    return tuple(parts)
+    rest = head_dim - d
+    if rest == 0:
+        return ((0, d),)
+    w = max(_next_pow2(rest), MIN_BLOCK)
+    return ((0, d), (head_dim - w, w))
+
+
+def _query_parts(q: jax.Array, head_dim: int, values_in_keys: int | None) -> jax.Array:
+    """q [..., head_dim] laid out as key_parts reads the key: widened parts zero-padded in
+    front, so the overlapped key columns add nothing to the score."""
+    parts = key_parts(head_dim, values_in_keys)
+    if len(parts) == 1:
+        return q
+    (_, d), (_, w) = parts
+    rest = q[..., d:]
+    pad = jnp.zeros((*q.shape[:-1], w - rest.shape[-1]), q.dtype)
+    return jnp.concatenate([q[..., :d], pad, rest], axis=-1)
 
 
 def unsupported_reason(head_dim: int, value_dim: int, page_size: int,
@@ -62,9 +76,8 @@ def unsupported_reason(head_dim: int, value_dim: int, page_size: int,
         return f"page size {page_size} is not a power of 2"
     if not _pow2(value_dim) or value_dim < MIN_BLOCK:
         return f"value dim {value_dim} is not a power of 2 >= {MIN_BLOCK}"
-    for _, w in key_parts(head_dim, values_in_keys):
-        if w < MIN_BLOCK:
-            return f"head dim {head_dim} splits into a part of {w} dims (< {MIN_BLOCK})"
+    if key_parts(head_dim, values_in_keys)[-1][0] < 0:
+        return f"head dim {head_dim} is narrower than its widened rope part"
     return None
 
 
@@ -84,7 +97,8 @@ def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, bl
     block_k = pages_per_block * page_size
     dv = o_ref.shape[-1]
     qp = qpos_ref[...]                                           # [bm] (-1: padding)
-    q_parts = [q_ref[:, pl.ds(off, w)] for off, w in parts]      # [bm, w] each
+    q_offsets = [sum(w for _, w in parts[:i]) for i in range(len(parts))]
+    q_parts = [q_ref[:, pl.ds(qo, w)] for qo, (_, w) in zip(q_offsets, parts)]  # [bm, w]
     cache_len, window = len_ref[0], win_ref[0]
 
     # float32 operands stay float32 (a GPU would otherwise round them to TF32)
@@ -204,7 +218,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
                       else MIN_BLOCK)
     n_mblocks = -(-rows // block_m)
     rows_pad = n_mblocks * block_m
-    qg = _group_rows((q.astype(jnp.float32) * scale).astype(compute_dtype), n_kv, rows_pad)
+    qg = _query_parts((q.astype(jnp.float32) * scale).astype(compute_dtype), hd, values_in_keys)
+    qg = _group_rows(qg, n_kv, rows_pad)
     q_positions = q_positions.astype(jnp.int32)
     qpos = jnp.repeat(q_positions, rep, axis=1)
     qpos = jnp.pad(qpos, ((0, 0), (0, rows_pad - rows)), constant_values=-1)
@@ -237,7 +252,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
     row = lambda bi, g, mi, s: (bi, 0)                                      # noqa: E731
     grid = (b, n_kv, n_mblocks, n_splits)
     inputs = [qg, qpos, knew]
-    specs = [pl.BlockSpec((None, None, block_m, hd), lambda bi, g, mi, s: (bi, g, mi, 0)),
+    specs = [pl.BlockSpec((None, None, block_m, qg.shape[-1]),
+                          lambda bi, g, mi, s: (bi, g, mi, 0)),
              pl.BlockSpec((None, block_m), lambda bi, g, mi, s: (bi, mi)),
              pl.BlockSpec((None, None, t_pad, hd), lambda bi, g, mi, s: (bi, g, 0, 0))]
     if not mla:
