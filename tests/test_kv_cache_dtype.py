@@ -58,3 +58,19 @@ def test_bad_kv_dtype_and_cpu_kernel_refuse_by_name(tiny_llama_path):
         _llm(tiny_llama_path, "int4")
     with pytest.raises(KernelError, match="int8"):
         _llm(tiny_llama_path, "int8", attention="cpu")
+
+
+def test_cli_flag_sets_the_kv_cache_dtype(tiny_llama_path, capsys, monkeypatch):
+    from ktjax import cli
+    seen = []
+
+    def capture(self, model, config):     # the config the CLI built, then no model load
+        seen.append(config)
+        raise KtjaxError("stop after the config")
+    monkeypatch.setattr("ktjax.api.LLM.__init__", capture)
+    assert cli.main(["generate", "hi", "-m", str(tiny_llama_path),
+                     "--kv-cache-dtype", "int8"]) == 2
+    assert seen[0].kv_cache_dtype == "int8"
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "hi", "--kv-cache-dtype", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from collections import defaultdict
 import jax
 
 from ktjax import rules as placement_rules
+from ktjax.engine import kv_cache
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from ktjax.models.catalog import resolve_model
@@ -71,9 +72,10 @@ def describe(model: str, rules: str | None = None) -> str:
             f"{name}: {n} tensors, {100 * el / n_params:.1f}% of weights"
             for name, (n, el) in sorted(mix.items(), key=lambda kv: -kv[1][1])),
         "memory        weights {:.2f} GiB as float32 (CPU) / {:.2f} GiB as bfloat16 (GPU); "
-        "KV cache {:.1f} KiB per token as float32, {:.2f} GiB for 4 x {} tokens".format(
+        "KV cache {:.1f} KiB per token as float32, {:.2f} GiB for 4 x {} tokens "
+        "(kv_cache_dtype int8: {:.1f} KiB per token)".format(
             n_params * 4 / gib, n_params * 2 / gib, kv_per_token * 4 / 1024,
-            4 * ctx * kv_per_token * 4 / gib, ctx),
+            4 * ctx * kv_per_token * 4 / gib, ctx, kv_cache.bytes_per_token(cache, "int8") / 1024),
     ]
     moe = getattr(cfg, "moe", None)   # only mixture-of-experts families have one
     if moe:
