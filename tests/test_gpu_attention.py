@@ -123,9 +123,15 @@ def test_kernel_matches_reference_on_gpu(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-def test_auto_backend_on_gpu_is_pallas():
-    assert backends.pallas_probe_failure() is None
-    assert backends.get_backend("auto", "gpu").name == "pallas"
+@pytest.mark.parametrize("kv_dtype", kv_quant.KV_CACHE_DTYPES)
+def test_auto_backend_on_gpu_is_pallas(kv_dtype):
+    assert backends.pallas_probe_failure(kv_dtype) is None
+    assert backends.get_backend("auto", "gpu", kv_dtype).name == "pallas"
+
+
+def test_probe_passes_interpreted():
+    """The probe itself (it runs wherever the default device is; here interpreted)."""
+    assert backends.pallas_probe_failure("int8") is None
 
 
 def test_key_parts_are_powers_of_two():
