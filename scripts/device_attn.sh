@@ -12,9 +12,9 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   date -u; nvidia-smi -L 2>/dev/null
   python3 -c "import jax, sys; print(sys.version.split()[0], jax.__version__, jax.devices())"
   t0=$(date +%s)
-  timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu_attention.py
+  timeout 50 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu_attention.py
   rc=$?; echo "gpu tests $(( $(date +%s) - t0 )) s (rc $rc)"
   t0=$(date +%s)
-  timeout 70 python3 scripts/bench_attention.py --gpu --json "$OUT/attn.json"
+  timeout 62 python3 scripts/bench_attention.py --gpu --json "$OUT/attn.json"
   echo "bench $(( $(date +%s) - t0 )) s"
 } 2>&1 | tee "$OUT/attn.log"
