@@ -81,7 +81,7 @@ def unsupported_reason(head_dim: int, value_dim: int, page_size: int,
     return None
 
 
-def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, block_new,
+def _kernel(*refs, parts, page_size, pages_per_block, pages_per_layer, n_splits, rep, block_m, block_new,
             softcap, int8, mla, compute_dtype):
     it = iter(refs)
     q_ref, qpos_ref, knew_ref = next(it), next(it), next(it)
@@ -90,7 +90,7 @@ def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, bl
     ks_ref = next(it) if int8 else None
     vc_ref = None if mla else next(it)
     vs_ref = next(it) if int8 and not mla else None
-    tab_ref, len_ref, win_ref = next(it), next(it), next(it)
+    tab_ref, len_ref, win_ref, layer_ref = next(it), next(it), next(it), next(it)
     o_ref, m_ref, l_ref = next(it), next(it), next(it)
 
     block_i, split = pl.program_id(2), pl.program_id(3)
@@ -100,6 +100,7 @@ def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, bl
     q_offsets = [sum(w for _, w in parts[:i]) for i in range(len(parts))]
     q_parts = [q_ref[:, pl.ds(qo, w)] for qo, (_, w) in zip(q_offsets, parts)]  # [bm, w]
     cache_len, window = len_ref[0], win_ref[0]
+    first_of_layer = layer_ref[0] * pages_per_layer      # the cache is [L * n_pages, ...]
 
     # float32 operands stay float32 (a GPU would otherwise round them to TF32)
     exact = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
@@ -138,7 +139,7 @@ def _kernel(*refs, parts, page_size, pages_per_block, n_splits, rep, block_m, bl
 
     def context_block(i, carry):
         page0 = first_page + (blk_lo + i) * pages_per_block
-        pages = tab_ref[pl.ds(page0, pages_per_block)]           # [ppb] global page ids
+        pages = tab_ref[pl.ds(page0, pages_per_block)] + first_of_layer   # [ppb]
         k_parts = [kc_ref[pages, :, pl.ds(off, w)].reshape(block_k, w) for off, w in parts]
         v = k_parts[0] if mla else vc_ref[pages].reshape(block_k, dv)
         kp = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
@@ -232,7 +233,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
     kpos = jnp.pad(q_positions, ((0, 0), (0, t_pad - t)), constant_values=-1)
 
     # The cache as [L * n_pages, page_size, n_kv, d]: a layer's page p is page
-    # layer * n_pages + p, so the block tables carry the layer and no layer is sliced out.
+    # layer * n_pages + p (added in the kernel), so no layer is sliced out and the padded
+    # tables stay the same for every layer (XLA hoists them out of the layer loop).
     if pages_per_block is None:
         pages_per_block = max(1, (64 if hd <= 256 else 32) // page_size)
     p_max = block_tables.shape[1]
@@ -240,7 +242,6 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
     # Padded with the scratch page (0), so a block may run past the table's end.
     tables = jnp.pad(block_tables.astype(jnp.int32),
                      ((0, 0), (0, (max_blocks + 1) * pages_per_block - p_max)))
-    tables = tables + jnp.asarray(layer, jnp.int32) * n_pages
     if n_splits is None:
         n_splits = choose_splits(b * n_kv * n_mblocks, max_blocks)
     window = jnp.reshape(jnp.asarray(0 if sliding_window is None else sliding_window,
@@ -272,13 +273,16 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
         else:
             inputs.append(flat(cache))
             specs.append(page_spec(d))
-    inputs += [tables, cache_lens.astype(jnp.int32), window]
+    inputs += [tables, cache_lens.astype(jnp.int32), window,
+               jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))]
     specs += [pl.BlockSpec((None, tables.shape[1]), row),
               pl.BlockSpec((1,), lambda bi, g, mi, s: (bi,)),
+              pl.BlockSpec((1,), lambda bi, g, mi, s: (0,)),
               pl.BlockSpec((1,), lambda bi, g, mi, s: (0,))]
 
     kernel = functools.partial(
         _kernel, parts=parts, page_size=page_size, pages_per_block=pages_per_block,
+        pages_per_layer=n_pages,
         n_splits=n_splits, rep=rep, block_m=block_m, block_new=block_new,
         softcap=logit_softcap, int8=int8, mla=mla, compute_dtype=compute_dtype)
     part_shape = (n_splits, b, n_kv, rows_pad)
