@@ -69,7 +69,7 @@ class LLM:
         params, self.artifacts = warm.load_params(self.artifacts, fallback, gguf_file, self.spec,
                                                   self.placement, self.rules_file, ec)
         weakref.finalize(self, loader.release_host_weights, params)
-        backend = get_backend(ec.attention, ec.device.platform)
+        backend = get_backend(ec.attention, ec.device.platform, ec.kv_cache_dtype)
         forward = self.spec.family.make_forward(self.config, backend)
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,

@@ -55,6 +55,8 @@ def _model_args(ap: argparse.ArgumentParser, precompile: bool = False) -> None:
                         "(default: cpu on a CPU, the family's profile on a GPU)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no status lines or progress bars on stderr")
+    g.add_argument("--kv-cache-dtype", default=None, choices=("float32", "bfloat16", "int8"),
+                   help="KV cache pages (default: the model dtype; int8 halves bfloat16's)")
     export_cli.add_warm_args(ap, precompile_default=precompile)
 
 
@@ -125,7 +127,9 @@ def _llm(a: argparse.Namespace, path: str | None = None, **config):
     from ktjax.api import LLM
     # options, not a whole EngineConfig: with --artifacts, unset fields take the artifacts'
     settings = {k: v for k, v in (("max_model_len", getattr(a, "max_model_len", None)),
-                                  ("rules", getattr(a, "rules", None))) if v is not None}
+                                  ("rules", getattr(a, "rules", None)),
+                                  ("kv_cache_dtype", getattr(a, "kv_cache_dtype", None)))
+                if v is not None}
     settings.update(config)
     warm = export_cli.warm_options(a) if hasattr(a, "artifacts") else {}
     llm = LLM(path, **settings, **warm)

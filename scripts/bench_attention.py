@@ -7,17 +7,29 @@ before), interleaved in one process, best of `--repeats` rounds of 5 calls each.
 
 Shapes: SmolLM2-135M (9 heads, 3 KV heads, head dim 64) and Gemma 3 270M (4, 1, 256); one
 row, pages of 16 tokens, float32 cache. Prints ms per call and kernel / reference.
+
+    python scripts/bench_attention.py --gpu [--contexts 4096,32768,131072] [--json out.json]
+
+GPU mode: decode attention of the Llama-3-8B shape (32 heads, 8 KV heads, head dim 128, 32
+layers, pages of 16) with the Pallas kernel over bfloat16 and int8 pages, one sequence at
+each context; the cache is allocated by the engine's kv_cache code. The KV read bandwidth
+(bytes of every layer's context / time of the 32 layers) is set against the HBM bandwidth
+measured in the same run (a read-only reduction over 4 GiB). With int8 at the longest
+context a bfloat16 stand-in for the 8B weights (16 GB) is allocated beside the cache, which
+shows the model with that context fits on the GPU. SMOKE=1 shrinks every size (CPU check).
 """
 from __future__ import annotations
 
 import argparse
 import time
+import traceback
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax.kernels import paged_attention_cpu, paged_attention_ref
+from ktjax.kernels import paged_attention_cpu, paged_attention_gpu, paged_attention_ref
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "gemma3-270m": (4, 1, 256)}
 PAGE = 16
@@ -45,13 +57,117 @@ def best_of(fn, args, calls: int = 5) -> float:
     return best
 
 
+def hbm_read_bandwidth(n_bytes: int) -> float:
+    """Bytes/s of a read-only reduction over n_bytes of bfloat16 (best of 10)."""
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    seconds = best_of(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), (x,), calls=10)
+    del x
+    return n_bytes / seconds
+
+
+def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
+               reference: bool = False, **knobs) -> dict:
+    """Decode attention of one sequence at `ctx` cached tokens over all n_layers layers of
+    an 8B-shaped cache; with weights_bytes, that much bfloat16 is held beside the cache.
+    `knobs`: the kernel's tuning arguments; reference: time the jnp reference instead."""
+    from ktjax.engine import kv_cache
+    from ktjax.models.base import KVCacheSpec
+    heads, kv, hd, page = 32, 8, 128, 16
+    spec = KVCacheSpec(n_layers, kv, hd, hd)
+    n_pages = ctx // page + 1
+    weights = jnp.zeros((weights_bytes // 2,), jnp.bfloat16) if weights_bytes else None
+    cache = kv_cache.make_kv_cache(spec, n_pages, page, kv_dtype)
+    rng = np.random.default_rng(0)
+    tables = jnp.asarray(rng.permutation(np.arange(1, n_pages))[None], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((1, 1, heads, hd)), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((1, 1, kv, hd)), jnp.bfloat16)
+    lens, positions = jnp.asarray([ctx], jnp.int32), jnp.asarray([[ctx]], jnp.int32)
+
+    @jax.jit
+    def step(q, k_cache, v_cache):
+        def layer(acc, i):
+            attend = paged_attention_ref.paged_attention if reference else \
+                partial(paged_attention_gpu.paged_attention, **knobs)
+            out = attend(q, k_new, k_new, k_cache, v_cache, i, tables, lens, positions,
+                         scale=hd ** -0.5)
+            return acc + out.astype(jnp.float32), None
+        acc, _ = jax.lax.scan(layer, jnp.zeros(q.shape, jnp.float32),
+                              jnp.arange(n_layers, dtype=jnp.int32))
+        return acc
+
+    seconds = best_of(step, (q, cache.k, cache.v), calls=6)
+    read = n_layers * paged_attention_gpu.kv_read_bytes(ctx, kv, hd, hd, kv_dtype)
+    held = kv_cache.cache_bytes(spec, n_pages, page, kv_dtype) + weights_bytes
+    del cache, weights
+    return dict(context=ctx, kv_dtype=kv_dtype, layers=n_layers,
+                kernel="reference" if reference else "pallas", knobs=knobs,
+                us_per_layer=seconds / n_layers * 1e6, kv_bytes_read=read,
+                kv_read_GBps=read / seconds / 1e9, bytes_held=held)
+
+
+def main_gpu(args) -> None:
+    import json
+    import os
+    smoke = os.environ.get("SMOKE") == "1"
+    n_layers = 2 if smoke else 32
+    contexts = [64, 256] if smoke else [int(c) for c in args.contexts.split(",")]
+    device = jax.devices()[0]
+    result = dict(device=str(device.device_kind), jax=jax.__version__, layers=n_layers,
+                  shape="llama3-8b: 32 heads, 8 kv heads, head_dim 128, page 16")
+    hbm = hbm_read_bandwidth(2 ** 20 if smoke else 4 * 2 ** 30)
+    result["hbm_read_GBps"] = hbm / 1e9
+    print(f"{device.device_kind}: HBM read {hbm / 1e9:.0f} GB/s (bfloat16 sum)")
+    runs = result["decode"] = []
+
+    def save():   # after every run: a timeout keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    def run(ctx, kv_dtype, weights=0, **kw):
+        try:
+            r = gpu_decode(ctx, kv_dtype, n_layers, weights, **kw)
+        except Exception as e:  # noqa: BLE001 -- record the failure, measure the rest
+            traceback.print_exc()
+            runs.append(dict(context=ctx, kv_dtype=kv_dtype, knobs=kw,
+                             error=f"{type(e).__name__}: {e}"[:3000]))
+            return save()
+        r["fraction_of_hbm"] = r["kv_read_GBps"] * 1e9 / hbm
+        stats = getattr(device, "memory_stats", lambda: None)() or {}
+        r["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+        runs.append(r)
+        save()
+        print(f"decode ctx {ctx:>6} {kv_dtype:>8} {r['kernel']} {kw or ''}: "
+              f"{r['us_per_layer']:8.1f} us/layer, KV read {r['kv_read_GBps']:6.0f} GB/s = "
+              f"{100 * r['fraction_of_hbm']:.0f}% of HBM"
+              + (f"; held {r['bytes_held'] / 1e9:.1f} GB (cache + 8B bf16 weights) on one GPU"
+                 if weights else ""))
+
+    for kv_dtype in ("bfloat16", "int8"):
+        for ctx in contexts:
+            longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
+            run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
+    run(contexts[0], "bfloat16", reference=True)
+    # Tuning points at the middle context: pages per block, splits, warps.
+    mid = contexts[len(contexts) // 2]
+    sweep = ({"pages_per_block": 8}, {"pages_per_block": 2}, {"n_splits": 96},
+             {"num_warps": 8}, {"num_stages": 3})
+    for knobs in sweep[:2] if smoke else sweep:
+        run(mid, "bfloat16", **knobs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="512,128")
     ap.add_argument("--cached", default="0,512")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gpu", action="store_true", help="Pallas decode on the GPU (see above)")
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--json", default=None, help="GPU mode: write the figures here")
     args = ap.parse_args()
+    if args.gpu:
+        return main_gpu(args)
     for name, (heads, kv, hd) in SHAPES.items():
         scale = hd ** -0.5
         kernel = jax.jit(lambda *a: paged_attention_cpu.paged_attention(*a, scale=scale))

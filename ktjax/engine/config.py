@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import jax
 
+from ktjax.kernels import kv_quant
+
 DEFAULT_MAX_MODEL_LEN = 4096
 
 
@@ -19,9 +21,12 @@ class EngineConfig:
     max_model_len: context per sequence (default: the model's, capped at 4096).
     kv_cache_tokens: size of the shared KV page pool in tokens (default: 4 x max_model_len).
     page_size: tokens per KV page.
-    dtype: weights and KV cache, 'float32' (default on CPU) or 'bfloat16' (default on GPU).
-    attention: 'auto' (the native host kernel for decode on CPU, the jnp reference
-      elsewhere), 'cpu' or 'reference'.
+    dtype: weights (and by default the KV cache), 'float32' (default on CPU) or 'bfloat16'
+      (default on GPU).
+    kv_cache_dtype: the KV pages, 'float32', 'bfloat16' or 'int8' (per-token-per-head
+      float32 scales beside the pages: about half of bfloat16's bytes); default: dtype.
+    attention: 'auto' (on CPU the native host kernel, or the reference for int8 pages; on a
+      CUDA GPU the Pallas kernels), 'cpu', 'pallas' or 'reference'.
     rules: a placement rules file or profile name (ktjax.rules; default: the CPU-only profile
       on CPU, the family's profile elsewhere).
     host_linears: shorthand for rules: True = the CPU-only profile (matrices in the host
@@ -33,6 +38,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     page_size: int = 16
     dtype: str | None = None
+    kv_cache_dtype: str | None = None
     attention: str = "auto"
     rules: str | os.PathLike | None = None
     host_linears: bool | None = None
@@ -42,7 +48,8 @@ class EngineConfig:
         """This config with every default filled in, for a model of `context_length`."""
         device = self.device or jax.devices()[0]
         max_model_len = min(self.max_model_len or DEFAULT_MAX_MODEL_LEN, context_length)
+        dtype = self.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
         return dataclasses.replace(
             self, device=device, max_model_len=max_model_len,
-            kv_cache_tokens=self.kv_cache_tokens or 4 * max_model_len,
-            dtype=self.dtype or ("float32" if device.platform == "cpu" else "bfloat16"))
+            kv_cache_tokens=self.kv_cache_tokens or 4 * max_model_len, dtype=dtype,
+            kv_cache_dtype=kv_quant.check_dtype(self.kv_cache_dtype or dtype))

@@ -14,7 +14,8 @@ import numpy as np
 from ktjax.engine import buckets as bk
 from ktjax.engine.config import EngineConfig
 from ktjax.engine.interrupts import deferred_interrupts
-from ktjax.engine.kv_cache import SCRATCH_PAGE, BlockTable, PagePool, make_kv_cache
+from ktjax.engine.kv_cache import (SCRATCH_PAGE, BlockTable, PagePool, cache_bytes,
+                                   make_kv_cache)
 from ktjax.engine.programs import Full, Greedy, ProgramCache, Sampler
 from ktjax.engine.sampler import SamplingBatch, split_seed
 from ktjax.engine.sequence import Sequence
@@ -64,8 +65,9 @@ class Engine:
         self.max_pages = -(-self.max_model_len // self.page_size)
         n_pages = -(-config.kv_cache_tokens // self.page_size) + 1  # + the scratch page
         self.pool = PagePool(n_pages, self.page_size)
-        self.kv = make_kv_cache(cache, n_pages, self.page_size, jnp.dtype(config.dtype),
+        self.kv = make_kv_cache(cache, n_pages, self.page_size, config.kv_cache_dtype,
                                 config.device)
+        self.kv_cache_bytes = cache_bytes(cache, n_pages, self.page_size, config.kv_cache_dtype)
         self.programs = ProgramCache(forward, params, self.kv, vocab_size)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ktjax.errors import OutOfMemoryError
+from ktjax.kernels import kv_quant
 from ktjax.models.base import KVCache, KVCacheSpec
 
 SCRATCH_PAGE = 0  # padding tokens write here; never part of a sequence's context
@@ -93,10 +94,30 @@ class BlockTable:
         self.pages = []
 
 
-def make_kv_cache(spec: KVCacheSpec, n_pages: int, page_size: int, dtype,
+def bytes_per_token(spec: KVCacheSpec, kv_dtype: str) -> int:
+    """KV bytes one token takes over all layers (int8: its float32 scales included)."""
+    per_head = kv_quant.bytes_per_token_head(spec.head_dim, kv_dtype) + \
+        kv_quant.bytes_per_token_head(spec.value_dim, kv_dtype)
+    return spec.n_layers * spec.n_kv_heads * per_head
+
+
+def cache_bytes(spec: KVCacheSpec, n_pages: int, page_size: int, kv_dtype: str) -> int:
+    """Device bytes of a pool of n_pages pages (the scratch page included)."""
+    return n_pages * page_size * bytes_per_token(spec, kv_dtype)
+
+
+def pages_within(spec: KVCacheSpec, budget_bytes: int, page_size: int, kv_dtype: str) -> int:
+    """How many pages of kv_dtype a byte budget holds: int8 pages are ~half of bfloat16's."""
+    return budget_bytes // (page_size * bytes_per_token(spec, kv_dtype))
+
+
+def make_kv_cache(spec: KVCacheSpec, n_pages: int, page_size: int, kv_dtype,
                   device: jax.Device | None = None) -> KVCache:
-    """Zeroed keys [L, n_pages, page_size, n_kv, head_dim] and values [..., value_dim]."""
+    """Zeroed keys [L, n_pages, page_size, n_kv, head_dim] and values [..., value_dim], stored
+    as kv_dtype ('float32', 'bfloat16', or 'int8' = kv_quant.Int8Pages with scales)."""
+    kv_dtype = kv_quant.check_dtype(jnp.dtype(kv_dtype).name if not isinstance(kv_dtype, str)
+                              else kv_dtype)
     shape = (spec.n_layers, n_pages, page_size, spec.n_kv_heads)
     with jax.default_device(device) if device is not None else nullcontext():
-        return KVCache(k=jnp.zeros((*shape, spec.head_dim), dtype),
-                       v=jnp.zeros((*shape, spec.value_dim), dtype))
+        return KVCache(k=kv_quant.zeros((*shape, spec.head_dim), kv_dtype),
+                       v=kv_quant.zeros((*shape, spec.value_dim), kv_dtype))

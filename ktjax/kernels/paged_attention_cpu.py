@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax.errors import KernelError
 from ktjax.host.ffi import register_targets
+from ktjax.kernels import kv_quant
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
@@ -22,7 +24,11 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
                     block_tables: jax.Array, cache_lens: jax.Array, q_positions: jax.Array, *,
                     scale: float, sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None) -> jax.Array:
-    """paged_attention_ref.paged_attention's contract, run by the host kernel."""
+    """paged_attention_ref.paged_attention's contract, run by the host kernel (float32 or
+    bfloat16 pages; int8 pages are refused)."""
+    if kv_quant.is_int8(k_cache):
+        raise KernelError("the host attention kernel reads float32 or bfloat16 KV pages, not "
+                          "int8 (kv_cache_dtype int8 needs attention 'reference' or 'pallas')")
     register_targets()
     b, t, h, _ = q.shape
     value_dim = values_in_keys or v_cache.shape[-1]

@@ -8,36 +8,52 @@ gather whole pages (contiguous blocks), not single slots.
 A step's own keys/values are attended from registers (`k_new`, `v_new`) and written to the
 cache once, after all layers, for every layer at a time: inside the layer loop the cache is
 read-only, which lets XLA keep the donated buffer in place instead of copying it per layer.
+
+A cache leaf may be `kv_quant.Int8Pages` (kv_cache_dtype int8): writes quantize each token's
+head row, reads dequantize the gathered pages.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from ktjax.kernels import kv_quant
 
-def write_kv(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, k: jax.Array,
-             v: jax.Array) -> tuple[jax.Array, jax.Array]:
+
+def write_kv(k_cache, v_cache, slots: jax.Array, k: jax.Array, v: jax.Array):
     """Store every layer's new keys/values k, v [L, B, T, n_kv, hd] at `slots` [B, T]."""
     page_size = k_cache.shape[2]
     pages, offsets = slots.reshape(-1) // page_size, slots.reshape(-1) % page_size
     n_layers = k.shape[0]
     n = pages.shape[0]  # explicit: a width-0 value cache (MLA) cannot infer -1
-    k = k.reshape(n_layers, n, *k.shape[3:]).astype(k_cache.dtype)
-    v = v.reshape(n_layers, n, *v.shape[3:]).astype(v_cache.dtype)
-    return k_cache.at[:, pages, offsets].set(k), v_cache.at[:, pages, offsets].set(v)
+
+    def store(cache, x):
+        x = x.reshape(n_layers, n, *x.shape[3:])
+        if kv_quant.is_int8(cache):
+            q, scale = kv_quant.quantize(x)
+            return kv_quant.Int8Pages(cache.values.at[:, pages, offsets].set(q),
+                                      cache.scales.at[:, pages, offsets].set(scale))
+        return cache.at[:, pages, offsets].set(x.astype(cache.dtype))
+    return store(k_cache, k), store(v_cache, v)
 
 
-def gather_context(cache: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """[B, P] page ids -> the layer's cached rows [B, P * page_size, n_kv, hd], in order."""
-    pages = cache[layer, block_tables]                                # [B, P, ps, n_kv, hd]
+def gather_context(cache, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """[B, P] page ids -> the layer's cached rows [B, P * page_size, n_kv, hd], in order
+    (float32 when the cache is int8)."""
+    if kv_quant.is_int8(cache):
+        pages = kv_quant.dequantize(cache.values[layer, block_tables],
+                                    cache.scales[layer, block_tables])
+    else:
+        pages = cache[layer, block_tables]                            # [B, P, ps, n_kv, hd]
     return pages.reshape(pages.shape[0], -1, *pages.shape[3:])
 
 
-def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
-                    v_cache: jax.Array, layer: jax.Array, block_tables: jax.Array,
-                    cache_lens: jax.Array, q_positions: jax.Array, *, scale: float,
+def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache, v_cache,
+                    layer: jax.Array, block_tables: jax.Array, cache_lens: jax.Array,
+                    q_positions: jax.Array, *, scale: float,
                     sliding_window: jax.Array | int | None = None,
-                    values_in_keys: int | None = None) -> jax.Array:
+                    values_in_keys: int | None = None,
+                    logit_softcap: float | None = None) -> jax.Array:
     """Causal attention of a step's queries over the cached context plus the step's own keys.
 
     q [B, T, H, hd]; k_new/v_new [B, T, n_kv, hd]; q_positions [B, T] (-1 for padding);
@@ -45,7 +61,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     [B, P]. `sliding_window` (0 or None = unlimited) limits each query to the last
     `sliding_window` positions, as Gemma's local layers do. `values_in_keys` = d (MLA's
     latent cache): the values are the first d dims of the keys and v_new/v_cache (width 0)
-    are not read. Returns [B, T, H, value dim].
+    are not read. `logit_softcap` = c bounds the scaled scores to c * tanh(s / c) (Gemma 2's
+    attention soft-capping). Returns [B, T, H, value dim].
     """
     b, t, h, hd = q.shape
     n_kv = k_new.shape[2]
@@ -66,6 +83,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     # scores nor the probabilities get transposed (two copies per layer in long prefill).
     qg = (q.astype(jnp.float32) * scale).reshape(b, t, n_kv, h // n_kv, hd)
     scores = jnp.einsum("bsgd,btgrd->bgsrt", k, qg)
+    if logit_softcap:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
     qp = q_positions[:, None, :]                                      # [B, 1, T]
     kp = key_pos[:, :, None]                                          # [B, S+T, 1]
     visible = (kp >= 0) & (kp <= qp)                                  # [B, S+T, T]

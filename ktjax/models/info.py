@@ -8,6 +8,7 @@ import jax
 
 from ktjax import hybrid_experts
 from ktjax import rules as placement_rules
+from ktjax.engine import kv_cache
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from ktjax.models.catalog import resolve_model
@@ -96,9 +97,11 @@ def describe(model: str, rules: str | None = None) -> str:
             for name, (n, el) in sorted(mix.items(), key=lambda kv: -kv[1][1])),
         "memory        weights {:.2f} GiB on CPU (matrices as GGUF blocks in the host "
         "kernels) / {:.2f} GiB all as bfloat16 (GPU); "
-        "KV cache {:.1f} KiB per token as float32, {:.2f} GiB for 4 x {} tokens".format(
+        "KV cache {:.1f} KiB per token as float32, {:.2f} GiB for 4 x {} tokens "
+        "(kv_cache_dtype int8: {:.1f} KiB per token)".format(
             sum(cpu_memory.values()) / gib, n_params * 2 / gib, kv_per_token * 4 / 1024,
-            4 * ctx * kv_per_token * 4 / gib, ctx),
+            4 * ctx * kv_per_token * 4 / gib, ctx,
+            kv_cache.bytes_per_token(cache, "int8") / 1024),
     ]
     moe = getattr(cfg, "moe", None)   # only mixture-of-experts families have one
     if moe:

@@ -1,0 +1,186 @@
+"""The Pallas paged attention kernel (kernels/paged_attention_gpu.py) against the jnp reference:
+interpreted on CPU (CI), compiled on a CUDA GPU (marked gpu). Each case is one step of the
+engine's layout: pages scattered in a two-layer cache, the kernel reading layer 1."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax.errors import KernelError
+from ktjax.kernels import backends, kv_quant, paged_attention_gpu, paged_attention_ref
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+
+@dataclass(frozen=True)
+class Case:
+    """One step: rows with cache_lens and n_new new tokens each (the rest padding)."""
+
+    cache_lens: tuple[int, ...]
+    n_new: tuple[int, ...]
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    value_dim: int | None = None     # MLA: values_in_keys
+    page: int = 16
+    kv_dtype: str = "float32"
+    window: int = 0
+    softcap: float | None = None
+    splits: int | None = None
+    pages_per_block: int | None = None
+
+
+CASES = {
+    # decode rows at 0, odd and page-boundary lengths, group of 2, split-K over 3
+    "decode": Case((0, 17, 48), (1, 1, 1), splits=3, pages_per_block=1),
+    # a chunk of 5 over 20 cached tokens (causal within the chunk), head_dim 128, group 4
+    "chunked_prefill": Case((20,), (5,), heads=8, head_dim=128, pages_per_block=2),
+    # one decode row and one prefill chunk in the same step (padding after each row's tokens)
+    "mixed": Case((33, 16), (1, 6), heads=6, kv_heads=2),
+    # MQA over a head of 256, Gemma's sliding window and soft-capping
+    "window_softcap": Case((40, 9), (3, 2), heads=4, kv_heads=1, head_dim=256, window=8,
+                           softcap=5.0, splits=2),
+    # group of 3 (SmolLM2), more splits than the context has blocks (empty splits)
+    "group3_many_splits": Case((31,), (1,), heads=9, kv_heads=3, splits=8, page=8),
+    # MLA: one latent "head" of 32 + 16 rope dims, values = the first 32
+    "mla": Case((21, 0), (1, 3), heads=4, kv_heads=1, head_dim=48, value_dim=32, splits=2),
+    # ... and of 32 + 8 (the tiny DeepSeek's): the rope part is read widened to 16
+    "mla_narrow_rope": Case((18,), (1,), heads=2, kv_heads=1, head_dim=40, value_dim=32),
+    "bf16": Case((19, 35), (2, 1), kv_dtype="bfloat16"),
+    "int8_decode": Case((0, 47, 64), (1, 1, 1), heads=8, kv_dtype="int8", splits=2),
+    "int8_prefill_window": Case((26,), (4,), kv_dtype="int8", window=10),
+    "int8_mla": Case((37,), (2,), heads=8, kv_heads=1, head_dim=48, value_dim=32,
+                     kv_dtype="int8"),
+}
+
+
+def _cache(rng, shape, kv_dtype):
+    x = rng.standard_normal(shape, np.float32)
+    if kv_dtype == "int8":
+        return kv_quant.Int8Pages(*kv_quant.quantize(jnp.asarray(x)))
+    return jnp.asarray(x, kv_dtype)
+
+
+def make_step(case: Case, seed: int = 0):
+    """(args, kwargs) of one attention call in the engine's layout."""
+    rng = np.random.default_rng(seed)
+    b, t = len(case.cache_lens), max(case.n_new)
+    mla = case.value_dim is not None
+    n_tables = max(1, max(-(-n // case.page) for n in case.cache_lens))
+    n_pages = 1 + b * n_tables + 3
+    pages = rng.permutation(np.arange(1, n_pages))[:b * n_tables].reshape(b, n_tables)
+    for i, n in enumerate(case.cache_lens):              # unused table entries: page 0
+        pages[i, -(-n // case.page):] = 0
+    positions = np.full((b, t), -1, np.int32)
+    for i, (n, k) in enumerate(zip(case.cache_lens, case.n_new)):
+        positions[i, :k] = n + np.arange(k)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32))  # noqa: E731
+    vd = 0 if mla else case.head_dim
+    cache_shape = (2, n_pages, case.page, case.kv_heads)
+    k_cache = _cache(rng, (*cache_shape, case.head_dim), case.kv_dtype)
+    v_cache = jnp.zeros((*cache_shape, 0), jnp.float32) if mla else \
+        _cache(rng, (*cache_shape, vd), case.kv_dtype)
+    args = (f(b, t, case.heads, case.head_dim), f(b, t, case.kv_heads, case.head_dim),
+            None if mla else f(b, t, case.kv_heads, vd), k_cache, v_cache, jnp.int32(1),
+            jnp.asarray(pages, jnp.int32), jnp.asarray(case.cache_lens, jnp.int32),
+            jnp.asarray(positions))
+    kw = dict(scale=case.head_dim ** -0.5, sliding_window=case.window,
+              logit_softcap=case.softcap)
+    if mla:
+        kw["values_in_keys"] = case.value_dim
+    return args, kw
+
+
+def check_case(case: Case, interpret: bool) -> None:
+    args, kw = make_step(case)
+    want = np.asarray(paged_attention_ref.paged_attention(*args, **kw))
+    got = np.asarray(jax.jit(lambda *a: paged_attention_gpu.paged_attention(
+        *a, **kw, n_splits=case.splits, pages_per_block=case.pages_per_block,
+        interpret=interpret))(*args))
+    tol = 2e-2 if case.kv_dtype == "bfloat16" and not interpret else 2e-4
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+    padding = np.asarray(args[-1]) < 0
+    assert not got[padding].any()                     # padding queries come out zero
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_matches_reference_interpreted(name):
+    check_case(CASES[name], interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_matches_reference_on_gpu(name):
+    with jax.default_device(jax.devices("gpu")[0]):
+        check_case(CASES[name], interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_dtype", kv_quant.KV_CACHE_DTYPES)
+def test_auto_backend_on_gpu_is_pallas(kv_dtype):
+    assert backends.pallas_probe_failure(kv_dtype) is None
+    assert backends.get_backend("auto", "gpu", kv_dtype).name == "pallas"
+
+
+def test_probe_passes_interpreted():
+    """The probe itself (it runs wherever the default device is; here interpreted)."""
+    assert backends.pallas_probe_failure("int8") is None
+
+
+def test_key_parts_are_powers_of_two():
+    assert paged_attention_gpu.key_parts(128, None) == ((0, 128),)
+    assert paged_attention_gpu.key_parts(576, 512) == ((0, 512), (512, 64))
+    assert paged_attention_gpu.key_parts(40, 32) == ((0, 32), (24, 16))   # reads 8 twice
+    assert paged_attention_gpu.key_parts(112, 64) == ((0, 64), (48, 64))
+
+
+def test_unsupported_shape_falls_back_to_reference_with_a_warning():
+    case = Case((13,), (2,), page=12)               # page size 12: no power-of-2 block
+    args, kw = make_step(case)
+    assert "page size 12" in paged_attention_gpu.unsupported_reason(64, 64, 12, None)
+    with pytest.raises(KernelError, match="page size 12"):
+        paged_attention_gpu.paged_attention(*args, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = backends.PALLAS.attend(*args, **kw)
+    assert any("page size 12" in str(w.message) for w in caught)
+    np.testing.assert_allclose(got, paged_attention_ref.paged_attention(*args, **kw))
+
+
+def test_int8_write_roundtrip_and_cpu_refusal():
+    rng = np.random.default_rng(1)
+    cache = kv_quant.zeros((1, 3, 4, 2, 32), "int8")
+    new = jnp.asarray(rng.standard_normal((1, 1, 2, 2, 32), np.float32))
+    slots = jnp.asarray([[5, 6]], jnp.int32)                 # page 1, offsets 1 and 2
+    k, _ = paged_attention_ref.write_kv(cache, cache, slots, new, new)
+    back = kv_quant.dequantize(k.values[0, 1, 1:3], k.scales[0, 1, 1:3])
+    err = np.abs(np.asarray(back) - np.asarray(new[0, 0]))
+    assert err.max() <= np.abs(np.asarray(new)).max() / 127 / 2 + 1e-6
+    with pytest.raises(KernelError, match="int8"):
+        backends.get_backend("cpu", "cpu", "int8")
+    assert backends.get_backend("auto", "cpu", "int8").name == "reference"
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_engine_generates_with_the_pallas_backend(tiny_llama_path, kv_dtype):
+    """The kernel inside the engine's scanned layers (traced layer index, padded buckets,
+    prefill then decode steps) gives the reference backend's tokens and log-probabilities."""
+    from ktjax import LLM, SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=True, ignore_eos=True)
+    prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9, 11, 13, 17, 19, 23, 29, 31, 37], [3, 1, 4]]
+    outs = {}
+    for attention in ("reference", "pallas"):
+        llm = LLM(str(tiny_llama_path), max_model_len=64, kv_cache_tokens=256,
+                  host_linears=False, dtype="float32", attention=attention,
+                  kv_cache_dtype=kv_dtype)
+        outs[attention] = llm.generate(prompts, params)
+    for ref, got in zip(outs["reference"], outs["pallas"]):
+        assert got.token_ids == ref.token_ids
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
