@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import jax
 
+from ktjax import device_quant
 from ktjax import rules as placement_rules
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
@@ -18,8 +19,10 @@ _HOST_BYTES = {"int8": 1.125, "int8_row": 1.0, "int4": 0.625, "bf16": 2.0}
 
 def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
                     device_bytes: int) -> list[str]:
-    """One line per rule: placement, format, tensors and their memory per device."""
+    """One line per rule: placement, format, tensors and their memory per device (device
+    matrices kept quantized: the exact bytes of the arrays the loader makes)."""
     placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
+    keep_quantized = platform != "cpu"    # as loader.keeps_quantized for that device
     groups: dict = {}
     for path, d in placement.items():
         tspec = spec.table[path]
@@ -28,7 +31,12 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
                    if n in f.tensors or path == "output"]
         g = groups.setdefault(d.rule, [d, 0, 0.0])
         g[1] += len(tensors)
+        quantized = d.placement == "device" and tspec.kind == "matrix" and \
+            loader.device_quantized(f, [t.name for t in tensors], d.format, keep_quantized)
         for t in tensors:
+            if quantized:
+                g[2] += device_quant.packed_nbytes(t.qtype, t.shape, d.format)
+                continue
             if d.placement == "host":
                 g[2] += t.data.nbytes if d.format == "keep" and t.qtype.name not in \
                     ("F32", "F16", "BF16") else t.n_elements * _HOST_BYTES.get(d.format, 1.125)
