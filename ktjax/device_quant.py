@@ -138,8 +138,10 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
     n = qm.shape[-2]
     x2 = x.reshape(rows, k)
     if rows <= reduce_max_rows():
-        # one fusion: codes -> values -> products -> sums over K; the weight is read once
-        y = jnp.sum(x2.astype(jnp.float32)[:, None, :] * dequantize(qm)[None], axis=-1)
+        # one fusion: codes -> values -> products -> sums over K. Output rows ordered
+        # [N, rows]: the reductions of one weight row are neighbours, so its codes come from
+        # HBM once and from cache for the other rows.
+        y = jnp.sum(dequantize(qm)[:, None, :] * x2.astype(jnp.float32)[None], axis=-1).T
     else:
         w = dequantize(qm, x.dtype if x.dtype != jnp.float32 else jnp.float32)
         y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())),

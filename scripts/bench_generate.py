@@ -95,7 +95,7 @@ class Bench:
         max_len = max(per_seq, args.prefill_tokens + 16)
         t0 = time.perf_counter()
         self.llm = LLM(args.model, max_model_len=max_len,
-                       kv_cache_tokens=max(4 * max_len, max(batches) * (per_seq + 32)))
+                       kv_cache_tokens=max(4 * max_len, max(batches, default=1) * (per_seq + 32)))
         self.load_s = time.perf_counter() - t0
         self.tensors = GGUFFile(self.llm.model_path).tensors
         self.engine = self.llm.engine
@@ -239,7 +239,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF path or catalog name (default model)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--batch", default="1", help="comma-separated batch sizes, one case each")
+    ap.add_argument("--batch", default="1",
+                    help="comma-separated batch sizes, one decode case each ('' for none)")
     ap.add_argument("--prefill-tokens", type=int, default=0,
                     help="also time a batch-1 prompt of this many tokens (TFLOPS on a GPU)")
     ap.add_argument("--repeats", type=int, default=3)
