@@ -70,6 +70,7 @@ class QuantMatrix:
     scale_group: int = struct.field(pytree_node=False, default=32)
     offset: int = struct.field(pytree_node=False, default=0)
     format: str = struct.field(pytree_node=False, default="")
+    splits: tuple[int, ...] = struct.field(pytree_node=False, default=())  # fused: rows each
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -83,6 +84,28 @@ class QuantMatrix:
     def arrays(self) -> list:
         return [a for a in (self.codes, self.scale, self.sub_scale, self.min_scale,
                             self.sub_min, self.bias) if a is not None]
+
+
+_LAYOUT = ("bits", "half", "group", "scale_group", "offset", "format")
+
+
+def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix | None:
+    """Matrices of one layout and input size stacked along their output rows, with `splits`
+    (several projections of one input as one matmul: one kernel instead of several), or None
+    when their layouts differ."""
+    first = mats[0]
+    if any(getattr(m, f) != getattr(first, f) for m in mats for f in _LAYOUT) or \
+            any(m.shape[:-2] != first.shape[:-2] or m.shape[-1] != first.shape[-1] or
+                m.splits for m in mats):
+        return None
+    fields = {}
+    for name in ("codes", "scale", "sub_scale", "min_scale", "sub_min", "bias"):
+        parts = [getattr(m, name) for m in mats]
+        if any((p is None) != (parts[0] is None) or
+               (p is not None and p.dtype != parts[0].dtype) for p in parts):
+            return None
+        fields[name] = None if parts[0] is None else jnp.concatenate(parts, axis=-2)
+    return first.replace(**fields, splits=tuple(m.shape[-2] for m in mats))
 
 
 # ---- dequantization (jnp: the step's fusion and the oracle for any kernel) -----------------

@@ -86,6 +86,16 @@ def test_int_formats(fmt, k, tol):
     assert qm.nbytes == dq.packed_nbytes(T.F32, w.shape, fmt)
 
 
+def test_concat_rows_needs_one_layout():
+    rng = np.random.default_rng(2)
+    a = _device(dq.pack_gguf(_random_blocks(rng, T.Q4_K, 4, 256), T.Q4_K, (4, 256)), "keep")
+    b = _device(dq.pack_gguf(_random_blocks(rng, T.Q6_K, 4, 256), T.Q6_K, (4, 256)), "keep")
+    assert dq.concat_rows([a, b]) is None
+    ab = dq.concat_rows([a, a])
+    np.testing.assert_array_equal(np.asarray(dq.dequantize(ab)),
+                                  np.tile(np.asarray(dq.dequantize(a)), (2, 1)))
+
+
 def test_int4_needs_whole_groups():
     with pytest.raises(Exception, match="multiple of 32"):
         dq.quantize_int4(np.zeros((2, 48), np.float32))
@@ -139,11 +149,14 @@ def q4k_path(tmp_path_factory):
 
 
 def test_model_keep_quantized_matches_dequantized(tmp_path, q4k_path):
-    """GPU default (keep stays quantized): the same logits as the dequantized path; a tied
-    Q8_0 head is a quantized copy of the embedding."""
+    """GPU default (keep stays quantized): the same logits as the dequantized path; q/k/v
+    and gate/up fused into one matrix each; a tied Q8_0 head is a quantized copy of the
+    embedding."""
     params, quant = _logits(q4k_path, IDS, "device", True)
-    assert isinstance(params["layers"]["attn_q"], dq.QuantMatrix)
-    assert params["layers"]["attn_q"].codes.shape == (2, 256, 128)    # layers stacked
+    qkv = params["layers"]["attn_q+attn_k+attn_v"]
+    assert isinstance(qkv, dq.QuantMatrix) and qkv.splits == (256, 128, 128)
+    assert qkv.codes.shape == (2, 512, 128)                           # layers stacked
+    assert "attn_q" not in params["layers"] and "ffn_gate+ffn_up" in params["layers"]
     assert isinstance(params["output"], dq.QuantMatrix)
     _, dense = _logits(q4k_path, IDS, "device", False)
     np.testing.assert_allclose(quant, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
@@ -162,6 +175,7 @@ def test_model_int_formats_near_dequantized(tmp_path, q4k_path, fmt, tol):
                      f"format: {fmt}}}\n")
     params, quant = _logits(q4k_path, IDS, str(rules), False)
     assert params["layers"]["ffn_down"].format == fmt
+    assert params["layers"]["ffn_gate+ffn_up"].format == fmt
     _, dense = _logits(q4k_path, IDS, "device", False)
     assert np.abs(quant - dense).max() <= tol * np.abs(dense).max()
 
@@ -178,7 +192,7 @@ def test_info_reports_the_arrays_bytes(tmp_path, q4k_path, monkeypatch):
                                                    re.M)}
     params, _ = _logits(q4k_path, IDS[:2], str(rules), True, jnp.bfloat16)
     layers = params["layers"]
-    ffn = sum(layers[k].nbytes for k in ("ffn_gate", "ffn_up", "ffn_down"))
+    ffn = sum(layers[k].nbytes for k in ("ffn_gate+ffn_up", "ffn_down"))
     rest = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params)) - ffn
     assert mib["ffn"] == pytest.approx(ffn / 2 ** 20, abs=0.006)
     assert mib["rest"] == pytest.approx(rest / 2 ** 20, abs=0.006)

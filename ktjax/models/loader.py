@@ -170,6 +170,20 @@ def _load_quant(f: GGUFFile, names: list[str], fmt: str, stacked: bool,
         raise TensorError(f"{f.path}: {names[0]}: {e}") from e
 
 
+def _fuse_quant_projections(stack: dict) -> None:
+    """Projections of one input that are all QuantMatrix of one layout become one (as the
+    host weights fuse theirs): one matmul kernel per group in a step instead of several."""
+    for members in FUSIBLE_PROJECTIONS:
+        mats = [stack.get(m) for m in members]
+        if not all(isinstance(m, device_quant.QuantMatrix) for m in mats):
+            continue
+        fused = device_quant.concat_rows(mats)
+        if fused is not None:
+            for m in members:
+                del stack[m]
+            stack[fused_name(members)] = fused
+
+
 def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"],
                 dtype=np.float32, device: jax.Device | None = None,
                 keep_quantized: bool | None = None) -> dict:
@@ -220,6 +234,8 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
             value = LayerStack(value)  # read in place by decode steps (see LayerStack)
         target[key] = value
     head = placement.get("output")
+    for stack in [v for v in params.values() if isinstance(v, dict)]:
+        _fuse_quant_projections(stack)
     embd = [spec.table["token_embd"].gguf_name]
     if "output" not in params and head is not None and head.placement == "host":
         params["output"] = _pack_host(f, embd, head.format)
