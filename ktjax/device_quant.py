@@ -39,6 +39,9 @@ T = gguf.GGMLQuantizationType
 QK_K = 256
 # GGUF types `keep` repacks; other quantized types are dequantized to the engine dtype.
 KEEP_QTYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K)
+# K-quants that may mix across the layers of one parameter (Q4_K_M / Q5_K_M files give some
+# layers' attn_v / ffn_down Q6_K): such a parameter is held in one common 8-bit layout.
+K_MIX_QTYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 QUANT_FORMATS = ("int8", "int4")
 INT8_GROUP = 128
 INT4_GROUP = 32
@@ -259,6 +262,25 @@ def pack_gguf(raw: np.ndarray, qtype: T, shape: tuple[int, int]) -> tuple[dict, 
     return _PACKERS[qtype](_blocks(raw, qtype, (n, k)), n, k)
 
 
+def widen_to_k8(packed: tuple[dict, dict], n: int, k: int) -> tuple[dict, dict]:
+    """A packed Q4_K / Q5_K / Q6_K matrix in the layout all three share, losslessly: int8
+    codes, f16 d and dmin per 256, int8 sub-scale and uint8 sub-min per 16 (Q6_K: mins 0,
+    and S*q - 0*0 = S*q exactly), so layers of mixed K-quant types stack."""
+    arrays, st = packed
+    codes = arrays["codes"]
+    if st["bits"] == 4:
+        c = codes.reshape(n, k // (2 * st["half"]), 1, st["half"])
+        codes = np.concatenate([c & 15, c >> 4], axis=2).reshape(n, k).astype(np.int8)
+    r = st["group"] // 16
+    sub_min = arrays.get("sub_min")
+    out = dict(codes=codes, scale=arrays["scale"],
+               sub_scale=np.repeat(arrays["sub_scale"].astype(np.int8), r, axis=-1),
+               min_scale=arrays.get("min_scale", np.zeros_like(arrays["scale"])),
+               sub_min=np.zeros((n, k // 16), np.uint8) if sub_min is None else
+               np.repeat(sub_min, r, axis=-1))
+    return out, dict(bits=8, group=16, scale_group=QK_K)
+
+
 def quantize_int8(w: np.ndarray) -> tuple[dict, dict]:
     """A float32 [N, K] matrix -> symmetric int8 codes, float32 scale per group of 128."""
     n, k = w.shape
@@ -303,10 +325,13 @@ def stack_to_device(per_layer: list[tuple[dict, dict]], fmt: str, stacked: bool,
                        **statics, format=fmt)
 
 
-def packed_nbytes(qtype: T, shape: tuple[int, int], fmt: str) -> int:
+def packed_nbytes(qtype: T, shape: tuple[int, int], fmt: str, k_mixed: bool = False) -> int:
     """Bytes of the device arrays the loader makes for one [N, K] matrix in `fmt` (keep:
-    from a GGUF tensor of `qtype`) — what `ktjax info --rules` reports."""
+    from a GGUF tensor of `qtype`; `k_mixed`: in the common layout of mixed K-quant layers)
+    — what `ktjax info --rules` reports."""
     n, k = shape
+    if fmt == "keep" and k_mixed:
+        return n * k + 2 * n * (k // 16) + 4 * n * (k // QK_K)
     if fmt == "int8":
         return n * k + n * (k // (INT8_GROUP if k % INT8_GROUP == 0 else k)) * 4
     if fmt == "int4":

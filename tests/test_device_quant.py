@@ -54,6 +54,19 @@ def test_keep_is_bit_identical_to_gguf(qtype):
     assert qm.nbytes == dq.packed_nbytes(qtype, (n, k), "keep")
 
 
+@pytest.mark.parametrize("qtype", dq.K_MIX_QTYPES, ids=lambda q: q.name)
+def test_k_quants_widen_losslessly(qtype):
+    """The common layout of mixed K-quant layers dequantizes bit-identically too."""
+    rng = np.random.default_rng(10 + int(qtype))
+    n, k = 4, 512
+    raw = _random_blocks(rng, qtype, n, k)
+    qm = _device(dq.widen_to_k8(dq.pack_gguf(raw, qtype, (n, k)), n, k), "keep")
+    got = np.asarray(jax.jit(dq.dequantize)(qm))
+    np.testing.assert_array_equal(got.view(np.uint32),
+                                  gguf.quants.dequantize(raw, qtype).view(np.uint32))
+    assert qm.nbytes == dq.packed_nbytes(qtype, (n, k), "keep", k_mixed=True)
+
+
 def _np_dequant_int(arrays, statics):
     """int8 / int4 in plain numpy from the stored codes (the formats' definition)."""
     g = statics["group"]
@@ -164,6 +177,20 @@ def test_model_keep_quantized_matches_dequantized(tmp_path, q4k_path):
     params, quant = _logits(tied, IDS, "device", True)
     assert params["output"].format == "keep" and params["output"].codes.dtype == np.int8
     _, dense = _logits(tied, IDS, "device", False)
+    np.testing.assert_allclose(quant, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+
+
+def test_model_mixed_k_quant_layers(tmp_path):
+    """A Q4_K_M-style file (one layer's ffn_down in Q6_K) keeps that parameter quantized in
+    the common layout, with the dequantized path's logits."""
+    rng = np.random.default_rng(5)
+    q6 = _random_blocks(rng, T.Q6_K, DIMS["hidden"], DIMS["ffn"])
+    path = write_tiny_gguf(tmp_path / "mix.gguf", "llama", T.Q4_K, tied=False,
+                           extra={"blk.1.ffn_down.weight": (q6, T.Q6_K)}, **DIMS)
+    params, quant = _logits(path, IDS, "device", True)
+    down = params["layers"]["ffn_down"]
+    assert isinstance(down, dq.QuantMatrix) and down.codes.dtype == np.int8 and down.group == 16
+    _, dense = _logits(path, IDS, "device", False)
     np.testing.assert_allclose(quant, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
 
 

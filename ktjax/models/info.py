@@ -35,7 +35,8 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
             loader.device_quantized(f, [t.name for t in tensors], d.format, keep_quantized)
         for t in tensors:
             if quantized:
-                g[2] += device_quant.packed_nbytes(t.qtype, t.shape, d.format)
+                mixed = len({x.qtype for x in tensors}) > 1
+                g[2] += device_quant.packed_nbytes(t.qtype, t.shape, d.format, mixed)
                 continue
             if d.placement == "host":
                 g[2] += t.data.nbytes if d.format == "keep" and t.qtype.name not in \

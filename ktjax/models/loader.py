@@ -145,19 +145,26 @@ def keeps_quantized(device: jax.Device | None) -> bool:
 
 def device_quantized(f: GGUFFile, names: list[str], fmt: str, keep_quantized: bool) -> bool:
     """Whether a device matrix (all its layers) becomes a QuantMatrix: formats int8 / int4
-    always; keep when every layer has one quant type that has a packed layout (other types,
-    or layers of mixed types, are dequantized to the engine dtype)."""
+    always; keep when every layer has one quant type that has a packed layout, or the layers
+    mix K-quants (held in their common 8-bit layout); other types are dequantized to the
+    engine dtype."""
     if fmt in device_quant.QUANT_FORMATS:
         return True
     qtypes = {f.tensors[n].qtype for n in names}
-    return fmt == "keep" and keep_quantized and len(qtypes) == 1 and \
-        next(iter(qtypes)) in device_quant.KEEP_QTYPES
+    return fmt == "keep" and keep_quantized and (
+        (len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES) or
+        qtypes <= set(device_quant.K_MIX_QTYPES))
 
 
 def _load_quant(f: GGUFFile, names: list[str], fmt: str, stacked: bool,
                 device: jax.Device | None) -> device_quant.QuantMatrix:
     """A device matrix as codes and scales (ktjax.device_quant), layers stacked."""
+    mixed = len({f.tensors[n].qtype for n in names}) > 1
+
     def pack(t: TensorView):
+        if fmt == "keep" and mixed:
+            return device_quant.widen_to_k8(device_quant.pack_gguf(t.data, t.qtype, t.shape),
+                                            *t.shape)
         if fmt == "keep":
             return device_quant.pack_gguf(t.data, t.qtype, t.shape)
         w = _dequantize(t, np.float32)
