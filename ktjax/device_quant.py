@@ -18,8 +18,9 @@ or  S * q + bias  (Q4_1 / int4). 4-bit codes keep GGUF's nibble order: byte j of
 int4 and 32 for Q4_K, so the K-quant's bytes are taken as they are.
 
 `linear(qm, x)` picks the matmul form by the number of rows (a static shape): few rows (decode)
-multiply and reduce in one fusion that reads the codes once; more rows dequantize to the
-activation dtype and run a dot (see docs/kernel-notes.md, "GPU quantized weights").
+multiply and reduce in one fusion that reads the codes once (or, with
+KTJAX_QUANT_KERNEL=pallas, the Pallas GEMV of ktjax/kernels/quant_matmul.py); more rows
+dequantize to the activation dtype and run a dot (docs/kernel-notes.md, "gpu-quant").
 """
 from __future__ import annotations
 
@@ -163,6 +164,11 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     n = qm.shape[-2]
     x2 = x.reshape(rows, k)
+    if rows <= reduce_max_rows() and os.environ.get("KTJAX_QUANT_KERNEL") == "pallas":
+        from ktjax.kernels import quant_matmul   # imports this module
+        if quant_matmul.supported(qm, rows):
+            y = quant_matmul.gemv(qm, x2, interpret=jax.default_backend() != "gpu")
+            return y.reshape(*lead, n)
     if rows <= reduce_max_rows():
         # one fusion: codes -> values -> products -> sums over K. Output rows ordered
         # [N, rows]: the reductions of one weight row are neighbours, so its codes come from

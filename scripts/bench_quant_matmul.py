@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Quantized device matmuls (ktjax.device_quant) against the dense bf16 dot, per form and row
-count: the reduction form (codes -> values -> products -> sums in one fusion) and the
-dequantize + dot form, on a Llama-3-8B FFN matrix.
+count: the reduction form (codes -> values -> products -> sums in one fusion), the
+dequantize + dot form and the Pallas GEMV (ktjax/kernels/quant_matmul.py; GPU only, rows
+<= 16), on a Llama-3-8B FFN matrix.
 
   python scripts/bench_quant_matmul.py --json            # on the GPU
   python scripts/bench_quant_matmul.py --n 512 --k 256   # small, anywhere
@@ -13,6 +14,7 @@ the figure a bandwidth-bound decode matmul is judged by.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax import device_quant as dq
+from ktjax.kernels import quant_matmul
 
 T = gguf.GGMLQuantizationType
 F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q4_K: (0, 2), T.Q5_K: (0, 2),
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16,64,512")
     ap.add_argument("--qtypes", default="Q4_K,Q8_0,Q6_K")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--block-rows", type=int, default=32, help="Pallas GEMV rows per program")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -81,10 +85,19 @@ def main() -> None:
                 s = timed(f, qm, x, calls=args.calls, repeats=args.repeats)
                 row[f"{form}_us"] = s * 1e6
                 row[f"{form}_weight_gbps"] = qm.nbytes / s / 1e9
+            if quant_matmul.supported(qm, m, args.block_rows):
+                try:
+                    g = jax.jit(functools.partial(quant_matmul.gemv, block_rows=args.block_rows))
+                    s = timed(g, qm, x, calls=args.calls, repeats=args.repeats)
+                    row["pallas_us"] = s * 1e6
+                    row["pallas_weight_gbps"] = qm.nbytes / s / 1e9
+                except Exception as e:  # noqa: BLE001 - a lowering failure is a result here
+                    row["pallas_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             s = timed(dense_dot, dense, x, calls=args.calls, repeats=args.repeats)
             row["bf16_dot_us"] = s * 1e6
             row["bf16_weight_gbps"] = dense.nbytes / s / 1e9
-            row["best"] = min(("reduce", "dot"), key=lambda f: row[f"{f}_us"])
+            row["best"] = min((f for f in ("reduce", "dot", "pallas") if f"{f}_us" in row),
+                              key=lambda f: row[f"{f}_us"])
             results.append(row)
             if not args.json:
                 print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"

@@ -71,7 +71,7 @@ import json, sys
 rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
 best = 0
 for m in sorted({r["rows"] for r in rows}):
-    if all(r["best"] == "reduce" for r in rows if r["rows"] == m):
+    if all(r["reduce_us"] <= r["dot_us"] for r in rows if r["rows"] == m):
         best = m
     else:
         break
@@ -79,6 +79,16 @@ print(best if rows else "")
 PY
 )
 [ -n "$ROWS" ] && export KTJAX_QUANT_REDUCE_ROWS=$ROWS && log "KTJAX_QUANT_REDUCE_ROWS=$ROWS (measured)"
+# the Pallas GEMV gets model runs of its own (at the end) if it beat the XLA forms at 1 row
+PALLAS=$(python3 - "$J" <<'PY' 2>> "$LOG"
+import json, sys
+rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
+one = [r for r in rows if r["rows"] == 1]
+print(1 if one and all(r["best"] == "pallas" for r in one) else 0)
+PY
+)
+[ "${SMOKE:-0}" = 1 ] && PALLAS=1     # exercise the branch (interpret mode on CPU)
+log "Pallas GEMV fastest at 1 row: ${PALLAS:-0}"
 
 record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
   --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
@@ -100,6 +110,12 @@ for dev in gpu cpu; do
     scripts/perplexity.py "$D/small-q8.gguf" ARCHITECTURE.md --ctx $PPL_CTX --chunks 4 2>&1 \
     | grep -v "^compiling" | tee "$OUT/ppl-$dev.txt" | tail -1 | tee -a "$LOG"
 done
+if [ "${PALLAS:-0}" = 1 ]; then
+  KTJAX_QUANT_KERNEL=pallas record small_q8_0_pallas 40 python3 scripts/bench_generate.py \
+    --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
+  KTJAX_QUANT_KERNEL=pallas record big_q4_k_b1_pallas 60 python3 scripts/bench_generate.py \
+    --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline --json
+fi
 python3 - "$J" "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, re, sys
 out = {}

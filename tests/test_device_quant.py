@@ -223,3 +223,33 @@ def test_info_reports_the_arrays_bytes(tmp_path, q4k_path, monkeypatch):
     rest = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params)) - ffn
     assert mib["ffn"] == pytest.approx(ffn / 2 ** 20, abs=0.006)
     assert mib["rest"] == pytest.approx(rest / 2 ** 20, abs=0.006)
+
+
+@pytest.mark.parametrize("qtype,rows", [(T.Q4_K, 1), (T.Q8_0, 4), (T.Q6_K, 2), (T.Q4_1, 1)])
+def test_pallas_gemv_matches_reference(qtype, rows):
+    """The Pallas decode GEMV (interpret mode here) against the jnp dequantized matmul."""
+    from ktjax.kernels import quant_matmul
+    rng = np.random.default_rng(rows)
+    n, k = 64, 512
+    qm = _device(dq.pack_gguf(_random_blocks(rng, qtype, n, k), qtype, (n, k)), "keep")
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    want = x.astype(np.float64) @ np.asarray(dq.dequantize(qm), np.float64).T
+    got = np.asarray(quant_matmul.gemv(qm, jnp.asarray(x), block_rows=16, interpret=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert not quant_matmul.supported(qm, 3) and not quant_matmul.supported(qm, 1, 128)
+
+
+def test_model_with_pallas_gemv(q4k_path, monkeypatch):
+    """Decode-sized steps through the Pallas GEMV inside the scan: the reduction form's
+    logits."""
+    from ktjax.kernels import quant_matmul
+    ids = IDS[:1]
+    _, want = _logits(q4k_path, ids, "device", True)
+    calls = []
+    gemv = quant_matmul.gemv
+    monkeypatch.setattr(quant_matmul, "gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
+    monkeypatch.setenv("KTJAX_QUANT_KERNEL", "pallas")
+    _, got = _logits(q4k_path, ids, "device", True)
+    assert len(calls) == 4      # qkv, o, gate+up, down: traced once in the scan (head: N=261)
+
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
