@@ -51,6 +51,10 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+_DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Source", "Framework",
+                  "TensorFlow")
+
+
 def device_stats(events: list[dict], steps: int) -> dict | None:
     """Kernels per step and their time from the GPU process's stream lines; None without
     device events (CPU)."""
@@ -61,18 +65,21 @@ def device_stats(events: list[dict], steps: int) -> dict | None:
     gpu = {pid for pid, name in procs.items() if "/device:GPU" in name}
     if not gpu:
         return None
-    kernels, copies = [], 0
+    kernels, copies, lines = [], 0, collections.Counter()
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in gpu:
             continue
-        if "stream" not in threads.get((e["pid"], e.get("tid")), "").lower():
-            continue      # derived lines (XLA Ops / Modules) repeat the stream's events
+        line = threads.get((e["pid"], e.get("tid")), "")
+        if line.startswith(_DERIVED_LINES):
+            continue      # derived lines (XLA Ops / Modules, steps) repeat the stream's events
+        lines[line] += 1
         if e["name"].lower().startswith(("memcpy", "memset")):
             copies += 1
             continue
         kernels.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     return {"kernels_per_step": len(kernels) / steps, "copies_per_step": copies / steps,
-            "kernel_ms_per_step": _union_us(kernels) / steps / 1e3}
+            "kernel_ms_per_step": _union_us(kernels) / steps / 1e3,
+            "device_lines": dict(lines.most_common(6))}
 
 
 def host_ops(events: list[dict], steps: int) -> dict[str, tuple[float, float]]:
