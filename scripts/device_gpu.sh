@@ -7,7 +7,7 @@
 # depend on depth) batch 1; perplexity GPU vs CPU on the SmolLM2 shape. Each beside
 # $LLAMA_BIN/llama-bench / llama-batched-bench (-ngl 99 -fa 1) when present.
 # Writes $OUT/gpu.log (human log) and $OUT/gpu.json (figures). Every step has a time limit
-# and steps stop being started once $BUDGET seconds are spent.
+# and steps stop being started once $BUDGET seconds are spent (most important first).
 # SMOKE=1: tiny shapes, runs anywhere (CPU too) to catch errors.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -38,7 +38,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   P=16; G=8; PF=64; BATCHES=4; MM="--n 512 --k 512 --rows 1,16 --calls 3 --repeats 1"; PPL_CTX=64
 else
   SMALL="--shape smollm2-135m"; BIG="--shape llama3-8b"; BIG_BF16="--shape llama3-8b --layers 8"
-  P=128; G=64; PF=2048; BATCHES=8,64; MM=""; PPL_CTX=256
+  P=128; G=64; PF=2048; BATCHES=8,64; MM="--rows 1,4,16,64"; PPL_CTX=256
 fi
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>/dev/null | tee -a "$LOG"
@@ -92,17 +92,9 @@ log "Pallas GEMV fastest at 1 row: ${PALLAS:-0}"
 
 record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
   --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
-KTJAX_COMMAND_BUFFERS=0 record small_q8_0_no_graphs 35 python3 scripts/bench_generate.py \
-  --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
 wait $gen; log "big GGUFs written"; ls -la "$D" >> "$LOG"
 record big_q4_k_b1 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --prompt-tokens $P \
   --gen-tokens $G --batch 1 --repeats 2 --roofline --profile-steps 10 $LB --json
-record big_q4_k_batched 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" \
-  --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
-record big_q4_k_prefill 50 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
-  --prefill-tokens $PF --repeats 2 $LB --json
-record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
-  --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline $LB --json
 # perplexity: the GPU path (bf16) against the CPU path (float32, host kernels) on one text
 for dev in gpu cpu; do
   left=$(( BUDGET - ($(date +%s) - t0) )); [ "$left" -lt 15 ] && { log "ppl $dev: skipped, budget spent"; continue; }
@@ -110,6 +102,14 @@ for dev in gpu cpu; do
     scripts/perplexity.py "$D/small-q8.gguf" ARCHITECTURE.md --ctx $PPL_CTX --chunks 4 2>&1 \
     | grep -v "^compiling" | tee "$OUT/ppl-$dev.txt" | tail -1 | tee -a "$LOG"
 done
+record big_q4_k_batched 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" \
+  --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
+KTJAX_COMMAND_BUFFERS=0 record small_q8_0_no_graphs 30 python3 scripts/bench_generate.py \
+  --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
+record big_q4_k_prefill 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
+  --prefill-tokens $PF --repeats 2 $LB --json
+record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
+  --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline $LB --json
 if [ "${PALLAS:-0}" = 1 ]; then
   KTJAX_QUANT_KERNEL=pallas record small_q8_0_pallas 40 python3 scripts/bench_generate.py \
     --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
