@@ -1,4 +1,8 @@
 """ktjax: GGUF language models as ahead-of-time compiled JAX programs."""
+from ktjax.engine import xla_flags as _xla_flags
+
+_xla_flags.apply()  # before anything starts jax's backend: XLA reads its flags once
+
 from ktjax.errors import KtjaxError
 from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams

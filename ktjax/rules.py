@@ -11,11 +11,14 @@ What may go where follows the tensor's kind, which the family's table declares
 (`TensorSpec.kind`): matrices and routed experts run on the device or in the host kernels;
 embeddings, vectors and per-head weights (MLA's absorbed up-projections) only on the device.
 
-Formats: `keep` = the GGUF blocks as they are (host: repacked losslessly; device: dequantized to
-the engine's dtype); bf16 / f32 = dense; int8 / int8_row / int4 = the host kernels' packed
-formats (quantized GGUF tensors are dequantized and requantized; int8_row has one scale per
-row, which lets AMX accumulate all of K in its tiles). Vectors (norms, biases) are always
-float32 on the device. A tied output head is placed by the rule matching `output.weight`.
+Formats: `keep` = the GGUF blocks as they are (host: repacked losslessly; device: on a GPU a
+matrix stays in its quantization, repacked losslessly into ktjax.device_quant's layout, and
+other tensors, or any tensor in CPU programs, are dequantized to the engine's dtype);
+bf16 / f32 = dense; int8 / int4 = requantized (quantized GGUF tensors are dequantized first):
+the host kernels' packed formats, or device matrices as codes and group scales dequantized
+inside the step's matmuls; int8_row = host only, one scale per row, which lets AMX accumulate
+all of K in its tiles. Vectors (norms, biases) are always float32 on the device. A tied
+output head is placed by the rule matching `output.weight`.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ from ktjax.models.base import TensorSpec
 
 PLACEMENTS = ("device", "host")
 FORMATS = ("keep", "bf16", "f32", "int8", "int8_row", "int4")
-HOST_ONLY_FORMATS = ("int8", "int8_row", "int4")
+HOST_ONLY_FORMATS = ("int8_row",)
+# Formats the device holds only for matrices (ktjax.device_quant's QuantMatrix).
+DEVICE_MATRIX_FORMATS = ("int8", "int4")
 # Device platforms whose programs can call the host kernels (GPU: through the CUDA bridge).
 HOST_KERNEL_PLATFORMS = ("cpu", "gpu")
 # The tensor kinds (TensorSpec.kind) the host kernels run: the linear and the fused MoE kernel.
@@ -215,5 +220,10 @@ def _decide(rule: Rule, kind: str, name: str, platform: str) -> Decision:
                          "not f32")
     if rule.placement == "device" and rule.format in HOST_ONLY_FORMATS and kind != "vector":
         raise RulesError(f"{rule}: format {rule.format} needs the host kernels; device "
-                         "tensors are keep, bf16 or f32")
+                         "tensors are keep, bf16, f32, or int8 / int4 for matrices")
+    if rule.placement == "device" and rule.format in DEVICE_MATRIX_FORMATS and \
+            kind not in ("matrix", "vector"):
+        raise RulesError(f"{rule} places {name!r} ({kind}) on the device in {rule.format}, "
+                         "which the device holds only for matrices; place it keep, bf16 "
+                         "or f32 (a rule before this one)")
     return Decision(rule.placement, rule.format, rule)

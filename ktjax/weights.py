@@ -11,6 +11,8 @@ picks from the placement decision (ktjax.rules):
 - `DeviceExperts`: routed experts as grouped matmuls (ragged_dot) in XLA;
 - `HybridExperts` (ktjax.hybrid_experts): routed experts split between a device pool and the
   host, the host part stream-ordered in GPU programs.
+- `QuantMatrix` (ktjax.device_quant): codes and scales on the device, dequantized inside the
+  step's fusions.
 
 Per-layer handles ride through the scan over layers; `bind_layer` gives each the scanned
 layer index.
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ktjax import device_quant
+from ktjax.device_quant import QuantMatrix
 from ktjax.host.linear import linear_layered
 from ktjax.host.moe import moe_layered
 from ktjax.host.stacked import stacked_matvec
@@ -153,6 +157,8 @@ def linear(w, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
                            w.out_features)
     elif isinstance(w, LayerStack):
         y = per_head_linear(LayerStack(w.stack[:, None], w.layer), x[..., None, :])[..., 0, :]
+    elif isinstance(w, QuantMatrix):
+        y = device_quant.linear(w, x)
     else:
         y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)

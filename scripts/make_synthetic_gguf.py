@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Write a GGUF with random weights in a real model's shapes (optionally fewer layers), for
-benchmarks: routed experts in Q4_K or Q8_0, other matrices Q8_0, norms and routers F32, and a
-byte-level BPE tokenizer padded to the real vocabulary so `ktjax.LLM` loads it.
+benchmarks, with a byte-level BPE tokenizer padded to the real vocabulary so `ktjax.LLM`
+(and llama.cpp) load it. MoE shapes: routed experts in Q4_K or Q8_0 (--experts-qtype), other
+matrices Q8_0, norms and routers F32. Dense llama shapes: every matrix in --qtype (Q4_K as a
+Q4_K_M file has it, with the output head in Q6_K), norms F32.
 
   python scripts/make_synthetic_gguf.py --shape qwen3-30b-a3b --layers 48 \
       --experts-qtype Q4_K /tmp/qwen3-30b-a3b-q4k.gguf
+  python scripts/make_synthetic_gguf.py --shape llama3-8b --qtype Q4_K /tmp/llama3-8b-q4k.gguf
+  python scripts/make_synthetic_gguf.py --shape smollm2-135m --qtype Q8_0 /tmp/smollm2-q8.gguf
 
 Quantized tensors are a tiled pool of random raw blocks whose scale fields are small finite
 f16 values (a valid tensor of that type, written at disk speed); values repeat across
@@ -24,7 +28,9 @@ from ktjax.gguf.synthetic import add_byte_level_tokenizer
 T = gguf.GGMLQuantizationType
 POOL_BYTES = 16 << 20
 # f16 scale fields per block type: (byte offsets, value).
-_SCALES = {T.Q8_0: ((0,), 5e-4), T.Q4_K: ((0, 2), 1e-4)}
+_SCALES = {T.Q8_0: ((0,), 5e-4), T.Q4_K: ((0, 2), 1e-4), T.Q6_K: ((208,), 5e-4)}
+# Dense shapes: the matrices' type -> (token embedding, output head) types.
+_DENSE_TYPES = {T.Q4_K: (T.Q4_K, T.Q6_K), T.Q8_0: (T.Q8_0, T.Q8_0), T.BF16: (T.BF16, T.BF16)}
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,16 @@ class Shape:
     kv_heads: int = 0         # qwen3moe
     head_dim: int = 0
     mla: dict = field(default_factory=dict)   # deepseek2 metadata and sizes
+    tied: bool = False        # dense llama: output head = token embedding
 
 
 SHAPES = {
+    "smollm2-135m": Shape("llama", 49152, 576, 30, 9, 1536, 0, 0, 0, 8192, 100000.0,
+                          kv_heads=3, head_dim=64, tied=True),
+    "llama3-8b": Shape("llama", 128256, 4096, 32, 32, 14336, 0, 0, 0, 8192, 500000.0,
+                       kv_heads=8, head_dim=128),
+    "llama-tiny": Shape("llama", 512, 256, 2, 4, 512, 0, 0, 0, 2048, 10000.0,   # smoke runs
+                        kv_heads=2, head_dim=64),
     "qwen3-30b-a3b": Shape("qwen3moe", 151936, 2048, 48, 32, 6144, 128, 8, 768, 40960, 1e6,
                            kv_heads=4, head_dim=128),
     "deepseek-v2-lite": Shape(
@@ -62,6 +75,9 @@ SHAPES = {
 
 
 def _pool(qtype: T, rng: np.random.Generator) -> np.ndarray:
+    if qtype == T.BF16:   # random normal values (random bytes would hold NaNs)
+        x = (0.02 * rng.standard_normal(POOL_BYTES // 4)).astype(np.float32)
+        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(POOL_BYTES // block_bytes, block_bytes), dtype=np.uint8)
     offsets, value = _SCALES[qtype]
@@ -80,6 +96,24 @@ def _tiled(pool: np.ndarray, size: int) -> np.ndarray:
         n = min(filled, out.size - filled)
         out[filled:filled + n] = out[:n]
         filled += n
+    return out
+
+
+def dense_tensor_list(s: Shape, n_layers: int, qtype: T) -> list[tuple[str, tuple, T]]:
+    """A dense llama's tensors: (name, numpy shape, type), in file order."""
+    h, f32 = s.hidden, T.F32
+    embd_qtype, head_qtype = _DENSE_TYPES[qtype]
+    hq, hkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    out = [("token_embd.weight", (s.vocab, h), embd_qtype), ("output_norm.weight", (h,), f32)]
+    if not s.tied:
+        out.append(("output.weight", (s.vocab, h), head_qtype))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", (h,), f32), (p + "ffn_norm.weight", (h,), f32),
+                (p + "attn_q.weight", (hq, h), qtype), (p + "attn_k.weight", (hkv, h), qtype),
+                (p + "attn_v.weight", (hkv, h), qtype), (p + "attn_output.weight", (h, hq), qtype),
+                (p + "ffn_gate.weight", (s.ffn, h), qtype), (p + "ffn_up.weight", (s.ffn, h), qtype),
+                (p + "ffn_down.weight", (h, s.ffn), qtype)]
     return out
 
 
@@ -135,12 +169,13 @@ def tensor_list(s: Shape, n_layers: int, experts_qtype: T) -> list[tuple[str, tu
 
 
 def write(path: str, shape: str, n_layers: int, experts_qtype: T, seed: int = 0) -> None:
+    """experts_qtype: the routed experts' type (MoE shapes) or every matrix's (dense)."""
     s = SHAPES[shape]
     n_layers = n_layers or s.layers
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, s.arch)
     a = lambda key: f"{s.arch}.{key}"
-    w.add_name(f"synthetic {shape} ({n_layers} layers, experts {experts_qtype.name})")
+    w.add_name(f"synthetic {shape} ({n_layers} layers, {experts_qtype.name})")
     w.add_context_length(s.context)
     w.add_embedding_length(s.hidden)
     w.add_block_count(n_layers)
@@ -149,11 +184,12 @@ def write(path: str, shape: str, n_layers: int, experts_qtype: T, seed: int = 0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(s.rope_base)
     w.add_vocab_size(s.vocab)
-    w.add_expert_count(s.experts)
-    w.add_expert_used_count(s.used)
-    w.add_expert_feed_forward_length(s.expert_ffn)
+    if s.experts:
+        w.add_expert_count(s.experts)
+        w.add_expert_used_count(s.used)
+        w.add_expert_feed_forward_length(s.expert_ffn)
     m = s.mla
-    if s.arch == "qwen3moe":
+    if s.arch in ("qwen3moe", "llama"):
         w.add_head_count_kv(s.kv_heads)
         w.add_key_length(s.head_dim)
         w.add_value_length(s.head_dim)
@@ -180,7 +216,8 @@ def write(path: str, shape: str, n_layers: int, experts_qtype: T, seed: int = 0)
         w.add_float32(a("rope.scaling.yarn_log_multiplier"), m["yarn_log_mul"])
     add_byte_level_tokenizer(w, pad_to=s.vocab, eos_id=0)
 
-    tensors = tensor_list(s, n_layers, experts_qtype)
+    tensors = dense_tensor_list(s, n_layers, experts_qtype) if s.arch == "llama" else \
+        tensor_list(s, n_layers, experts_qtype)
     for name, shp, qt in tensors:
         if qt == T.F32:
             w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
@@ -192,7 +229,7 @@ def write(path: str, shape: str, n_layers: int, experts_qtype: T, seed: int = 0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    pools = {qt: _pool(qt, rng) for qt in _SCALES}
+    pools = {qt: _pool(qt, rng) for qt in {*_SCALES, T.BF16}}
     for name, shp, qt in tensors:
         if qt == T.F32:
             center = 0.0 if name.endswith(".bias") else 1.0
@@ -212,14 +249,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
     ap.add_argument("--layers", type=int, default=0, help="layers to write (default: all)")
-    ap.add_argument("--experts-qtype", choices=("Q4_K", "Q8_0"), default="Q4_K")
+    ap.add_argument("--experts-qtype", choices=("Q4_K", "Q8_0"), default="Q4_K",
+                    help="MoE shapes: the routed experts' type")
+    ap.add_argument("--qtype", choices=("Q4_K", "Q8_0", "BF16"), default=None,
+                    help="dense shapes: every matrix's type (default Q4_K)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("out")
     args = ap.parse_args()
     t = time.perf_counter()
-    write(args.out, args.shape, args.layers, T[args.experts_qtype], args.seed)
+    qtype = args.qtype or "Q4_K" if SHAPES[args.shape].arch == "llama" else args.experts_qtype
+    write(args.out, args.shape, args.layers, T[qtype], args.seed)
     print(f"{args.out}: {args.shape}, {args.layers or SHAPES[args.shape].layers} layers, "
-          f"experts {args.experts_qtype}, {time.perf_counter() - t:.1f} s")
+          f"{qtype}, {time.perf_counter() - t:.1f} s")
 
 
 if __name__ == "__main__":

@@ -83,8 +83,10 @@ def test_family_default_and_first_match(moe_path):
     ("rules:\n- {name: first, match: 'blk\\.0\\..*', placement: host, format: keep}\n"
      "- {name: rest, match: '.*', placement: device, format: keep}\n",
      r"placed by .*rule 0 \('first'\) but .* by .*rule 1 \('rest'\)"),
-    ("rules:\n- {name: packed, match: '.*', placement: device, format: int8}\n",
-     r"rule 0 \('packed'\): format int8 needs the host kernels"),
+    ("rules:\n- {name: packed, match: '.*', placement: device, format: int8_row}\n",
+     r"rule 0 \('packed'\): format int8_row needs the host kernels"),
+    ("rules:\n- {name: packed, match: '.*', placement: device, format: int4}\n",
+     r"rule 0 \('packed'\) places 'token_embd\.weight' \(embedding\) on the device in int4"),
     ("rules:\n- {name: ex, match: '.*_exps.*', placement: host, format: keep, kernel: moe}\n"
      "- {match: '.*', placement: device, format: keep}\n",
      r"rule 0 \('ex'\): unknown key\(s\) kernel"),

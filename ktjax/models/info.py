@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import jax
 
-from ktjax import hybrid_experts
+from ktjax import device_quant, hybrid_experts
 from ktjax import rules as placement_rules
 from ktjax.engine import kv_cache
 from ktjax.gguf.reader import GGUFFile
@@ -21,8 +21,10 @@ _HOST_BYTES = {"int8": 1.125, "int8_row": 1.0, "int4": 0.625, "bf16": 2.0}
 
 def placement_memory(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: str,
                      device_bytes: int) -> tuple[dict, dict[str, float]]:
-    """Per rule [decision, tensors, bytes], and the bytes on each of device and host."""
+    """Per rule [decision, tensors, bytes], and the bytes on each of device and host (device
+    matrices kept quantized: the exact bytes of the arrays the loader makes)."""
     placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
+    keep_quantized = platform != "cpu"    # as loader.keeps_quantized for that device
     groups: dict = {}
     for path, d in placement.items():
         tspec = spec.table[path]
@@ -31,7 +33,13 @@ def placement_memory(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: 
                    if n in f.tensors or path == "output"]
         g = groups.setdefault(d.rule, [d, 0, 0.0])
         g[1] += len(tensors)
+        quantized = d.placement == "device" and tspec.kind == "matrix" and \
+            loader.device_quantized(f, [t.name for t in tensors], d.format, keep_quantized)
         for t in tensors:
+            if quantized:
+                mixed = len({x.qtype for x in tensors}) > 1
+                g[2] += device_quant.packed_nbytes(t.qtype, t.shape, d.format, mixed)
+                continue
             if d.placement == "host":
                 g[2] += t.data.nbytes if d.format == "keep" and t.qtype.name not in \
                     ("F32", "F16", "BF16") else t.n_elements * _HOST_BYTES.get(d.format, 1.125)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax import device_quant
 from ktjax.errors import TensorError
 from ktjax import hybrid_experts
 from ktjax.gguf import quants
@@ -137,17 +138,76 @@ def _fusible_groups(f: GGUFFile, spec: ModelSpec, host_keep: set[str]
     return groups
 
 
+def keeps_quantized(device: jax.Device | None) -> bool:
+    """Whether format `keep` leaves a device matrix in its GGUF quantization (GPUs: the
+    default) rather than dequantizing it (CPU programs, whose device matrices are few)."""
+    return (device or jax.devices()[0]).platform != "cpu"
+
+
+def device_quantized(f: GGUFFile, names: list[str], fmt: str, keep_quantized: bool) -> bool:
+    """Whether a device matrix (all its layers) becomes a QuantMatrix: formats int8 / int4
+    always; keep when every layer has one quant type that has a packed layout, or the layers
+    mix K-quants (held in their common 8-bit layout); other types are dequantized to the
+    engine dtype."""
+    if fmt in device_quant.QUANT_FORMATS:
+        return True
+    qtypes = {f.tensors[n].qtype for n in names}
+    return fmt == "keep" and keep_quantized and (
+        (len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES) or
+        qtypes <= set(device_quant.K_MIX_QTYPES))
+
+
+def _load_quant(f: GGUFFile, names: list[str], fmt: str, stacked: bool,
+                device: jax.Device | None) -> device_quant.QuantMatrix:
+    """A device matrix as codes and scales (ktjax.device_quant), layers stacked."""
+    mixed = len({f.tensors[n].qtype for n in names}) > 1
+
+    def pack(t: TensorView):
+        if fmt == "keep" and mixed:
+            return device_quant.widen_to_k8(device_quant.pack_gguf(t.data, t.qtype, t.shape),
+                                            *t.shape)
+        if fmt == "keep":
+            return device_quant.pack_gguf(t.data, t.qtype, t.shape)
+        w = _dequantize(t, np.float32)
+        return device_quant.quantize_int8(w) if fmt == "int8" else \
+            device_quant.quantize_int4(w)
+    try:
+        return device_quant.stack_to_device([pack(f.tensors[n]) for n in names], fmt, stacked,
+                                            device)
+    except TensorError as e:
+        raise TensorError(f"{f.path}: {names[0]}: {e}") from e
+
+
+def _fuse_quant_projections(stack: dict) -> None:
+    """Projections of one input that are all QuantMatrix of one layout become one (as the
+    host weights fuse theirs): one matmul kernel per group in a step instead of several."""
+    for members in FUSIBLE_PROJECTIONS:
+        mats = [stack.get(m) for m in members]
+        if not all(isinstance(m, device_quant.QuantMatrix) for m in mats):
+            continue
+        fused = device_quant.concat_rows(mats)
+        if fused is not None:
+            for m in members:
+                del stack[m]
+            stack[fused_name(members)] = fused
+
+
 def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"],
-                dtype=np.float32, device: jax.Device | None = None) -> dict:
+                dtype=np.float32, device: jax.Device | None = None,
+                keep_quantized: bool | None = None) -> dict:
     """Place every tensor of the table as `placement` (ktjax.rules.place) says: device
-    tensors dequantized to `dtype` (format keep) or the rule's bf16/f32 (vectors stay
-    float32) on `device`, stacked per layer into [n_layers, ...]; host tensors repacked into
+    matrices in int8 / int4, or in format keep on a GPU (`keep_quantized`, default: not on
+    CPU), as QuantMatrix codes and scales; other device tensors dequantized to `dtype`
+    (format keep) or the rule's bf16/f32 (vectors stay float32) on `device`, stacked per
+    layer into [n_layers, ...]; host tensors repacked into
     the native store (HostWeight), run by the host kernels through FFI. A stack's routed
     experts become one expert set under moe.EXPERTS (HostExperts or DeviceExperts). A tied
     output head placed on the host is packed from the embedding. Release the handles with
     `release_host_weights`.
     """
     params: dict = {"layers": {}}
+    if keep_quantized is None:
+        keep_quantized = keeps_quantized(device)
     fused = _fusible_groups(f, spec, {p for p, d in placement.items()
                                       if d.placement == "host" and d.format == "keep"})
     for name, per_layer in fused.items():
@@ -178,14 +238,23 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
         if d.placement == "host":
             target[key] = _pack_host(f, names, d.format)
             continue
+        if tspec.kind == "matrix" and device_quantized(f, names, d.format, keep_quantized):
+            target[key] = _load_quant(f, names, d.format, tspec.per_layer, device)
+            continue
         value = _load_device(f, spec, path, d.format, dtype, device)
         if tspec.per_layer and tspec.kind in ("matrix", "per_head") and \
                 value.device.platform == "cpu":
             value = LayerStack(value)  # read in place by decode steps (see LayerStack)
         target[key] = value
     head = placement.get("output")
+    for stack in [v for v in params.values() if isinstance(v, dict)]:
+        _fuse_quant_projections(stack)
+    embd = [spec.table["token_embd"].gguf_name]
     if "output" not in params and head is not None and head.placement == "host":
-        params["output"] = _pack_host(f, [spec.table["token_embd"].gguf_name], head.format)
+        params["output"] = _pack_host(f, embd, head.format)
+    elif "output" not in params and head is not None and \
+            device_quantized(f, embd, head.format, keep_quantized):
+        params["output"] = _load_quant(f, embd, head.format, False, device)  # tied head
     return params
 
 

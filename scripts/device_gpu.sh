@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# GPU path vs llama.cpp CUDA (issue 27 sections 2-4): expected ~240 s, never more than $BUDGET (300) s.
+# Writes synthetic GGUFs of real shapes into /tmp, then on the same files: HBM bandwidth and
+# the quantized matmul forms; SmolLM2-135M Q8_0 batch-1 decode (CUDA graph flags on and off);
+# Llama-3-8B Q4_K batch 1 (+ step profile: kernels per step, gap to wall time), batch 8/64,
+# prefill 2048 (TFLOPS); Llama-3-8B bf16 (8 of 32 layers: the roofline fraction does not
+# depend on depth) batch 1; perplexity GPU vs CPU on the SmolLM2 shape. Each beside
+# $LLAMA_BIN/llama-bench / llama-batched-bench (-ngl 99 -fa 1) when present.
+# Writes $OUT/gpu.log (human log) and $OUT/gpu.json (figures). Every step has a time limit
+# and steps stop being started once $BUDGET seconds are spent (most important first).
+# SMOKE=1: tiny shapes, runs anywhere (CPU too) to catch errors.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG="$OUT/gpu.log"; J="$OUT/gpu.jsonl"; : > "$LOG"; : > "$J"
+export KTJAX_NO_PROGRESS=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/scripts:${PYTHONPATH:-}
+D=${SYN_DIR:-/tmp/ktjax-gpu}; mkdir -p "$D"
+BUDGET=${BUDGET:-300}
+t0=$(date +%s)
+log() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
+LB=""; [ -n "${LLAMA_BIN:-}" ] && [ -x "$LLAMA_BIN/llama-bench" ] && LB="--llama-bench $LLAMA_BIN/llama-bench"
+[ -z "$LB" ] && log "llama-bench not found (LLAMA_BIN=${LLAMA_BIN:-unset}): peer figures skipped"
+
+# record NAME LIMIT CMD...: runs CMD (at most LIMIT s, and within the budget), keeps its
+# last JSON line in $J under NAME
+record() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - t0) ))
+  if [ "$left" -lt 15 ]; then log "$name: skipped, budget spent"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  log "$name (limit $limit s): $*"
+  local line
+  line=$(timeout "$limit" "$@" 2> >(grep -v "^compiling" >> "$LOG") | tee -a "$LOG" | grep '^{' | tail -1)
+  if [ -n "$line" ]; then echo "{\"$name\": $line}" >> "$J"; else log "$name: no result (time limit or error)"; fi
+}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  SMALL="--shape smollm2-135m --layers 2"; BIG="--shape llama-tiny"; BIG_BF16="--shape llama-tiny"
+  P=16; G=8; PF=64; BATCHES=4; MM="--n 512 --k 512 --rows 1,16 --calls 3 --repeats 1"; PPL_CTX=64
+else
+  SMALL="--shape smollm2-135m"; BIG="--shape llama3-8b"; BIG_BF16="--shape llama3-8b --layers 8"
+  P=128; G=64; PF=2048; BATCHES=8,64; MM="--rows 1,4,16,64"; PPL_CTX=256
+fi
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>/dev/null | tee -a "$LOG"
+
+python3 scripts/make_synthetic_gguf.py $SMALL --qtype Q8_0 "$D/small-q8.gguf" 2>&1 | tee -a "$LOG"
+# the big files are written while the small model runs
+( python3 scripts/make_synthetic_gguf.py $BIG --qtype Q4_K "$D/big-q4k.gguf" &&
+  python3 scripts/make_synthetic_gguf.py $BIG_BF16 --qtype BF16 "$D/big-bf16.gguf" ) >> "$LOG" 2>&1 &
+gen=$!
+
+# The graph flags (ktjax/engine/xla_flags.py) capture while loops as CUDA conditional nodes;
+# if this XLA / driver cannot run such a program, the rest runs with XLA's default flags.
+if ! timeout 60 python3 - >> "$LOG" 2>&1 <<'PY'
+import ktjax, jax, jax.numpy as jnp
+w = jnp.ones((4, 256, 256), jnp.bfloat16)
+f = jax.jit(lambda x: jax.lax.scan(lambda c, wl: (jnp.tanh(c @ wl), None), x, w)[0])
+x = jnp.ones((1, 256), jnp.bfloat16)
+for _ in range(3):
+    y = f(x).block_until_ready()
+print("graph flags ok:", float(y.sum()))
+PY
+then log "graph flags failed: continuing with KTJAX_COMMAND_BUFFERS=0"; export KTJAX_COMMAND_BUFFERS=0
+fi
+
+record quant_matmul 40 python3 scripts/bench_quant_matmul.py $MM --json
+# the matmul form per row count as measured: reduction up to the largest row count below
+# which it beat dequantize + dot for every row count of every type
+ROWS=$(python3 - "$J" <<'PY' 2>> "$LOG"
+import json, sys
+rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
+best = 0
+for m in sorted({r["rows"] for r in rows}):
+    if all(r["reduce_us"] <= r["dot_us"] for r in rows if r["rows"] == m):
+        best = m
+    else:
+        break
+print(best if rows else "")
+PY
+)
+[ -n "$ROWS" ] && export KTJAX_QUANT_REDUCE_ROWS=$ROWS && log "KTJAX_QUANT_REDUCE_ROWS=$ROWS (measured)"
+# the Pallas GEMV gets model runs of its own (at the end) if it beat the XLA forms at 1 row
+PALLAS=$(python3 - "$J" <<'PY' 2>> "$LOG"
+import json, sys
+rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
+one = [r for r in rows if r["rows"] == 1]
+print(1 if one and all(r["best"] == "pallas" for r in one) else 0)
+PY
+)
+[ "${SMOKE:-0}" = 1 ] && PALLAS=1     # exercise the branch (interpret mode on CPU)
+log "Pallas GEMV fastest at 1 row: ${PALLAS:-0}"
+
+record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
+  --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
+wait $gen; log "big GGUFs written"; ls -la "$D" >> "$LOG"
+record big_q4_k_b1 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --prompt-tokens $P \
+  --gen-tokens $G --batch 1 --repeats 2 --roofline --profile-steps 10 $LB --json
+# perplexity: the GPU path (bf16) against the CPU path (float32, host kernels) on one text
+for dev in gpu cpu; do
+  left=$(( BUDGET - ($(date +%s) - t0) )); [ "$left" -lt 15 ] && { log "ppl $dev: skipped, budget spent"; continue; }
+  env $( [ $dev = cpu ] && echo JAX_PLATFORMS=cpu ) timeout $(( left < 45 ? left : 45 )) python3 \
+    scripts/perplexity.py "$D/small-q8.gguf" ARCHITECTURE.md --ctx $PPL_CTX --chunks 4 2>&1 \
+    | grep -v "^compiling" | tee "$OUT/ppl-$dev.txt" | tail -1 | tee -a "$LOG"
+done
+record big_q4_k_batched 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" \
+  --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
+KTJAX_COMMAND_BUFFERS=0 record small_q8_0_no_graphs 30 python3 scripts/bench_generate.py \
+  --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
+record big_q4_k_prefill 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
+  --prefill-tokens $PF --repeats 2 $LB --json
+record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
+  --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline $LB --json
+if [ "${PALLAS:-0}" = 1 ]; then
+  KTJAX_QUANT_KERNEL=pallas record small_q8_0_pallas 40 python3 scripts/bench_generate.py \
+    --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
+  KTJAX_QUANT_KERNEL=pallas record big_q4_k_b1_pallas 60 python3 scripts/bench_generate.py \
+    --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline --json
+fi
+python3 - "$J" "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
+import json, os, re, sys
+out = {}
+for line in open(sys.argv[1]):
+    out.update(json.loads(line))
+ppl = {}
+for dev in ("gpu", "cpu"):
+    p = f"{sys.argv[2]}/ppl-{dev}.txt"
+    m = re.search(r"PPL = ([\d.]+)", open(p).read()) if os.path.exists(p) else None
+    if m:
+        ppl[dev] = float(m.group(1))
+if len(ppl) == 2:
+    ppl["relative_difference"] = abs(ppl["gpu"] - ppl["cpu"]) / ppl["cpu"]
+out["perplexity"] = ppl
+out["env"] = {k: os.environ.get(k) for k in ("KTJAX_COMMAND_BUFFERS", "KTJAX_QUANT_REDUCE_ROWS")}
+json.dump(out, open(f"{sys.argv[2]}/gpu.json", "w"), indent=1)
+nan = float("nan")
+for name, r in out.items():
+    if not isinstance(r, dict):
+        continue
+    for c in r.get("cases", []):
+        print(f"{name} b={c['batch']}: {c['decode_tok_s']:.1f} tok/s, step {c['step_ms']:.3f} ms, "
+              f"roofline {c.get('decode_roofline_fraction', nan):.2f}, "
+              f"x llama.cpp {c.get('decode_ratio', nan):.2f}")
+    if "prefill" in r:
+        p = r["prefill"]
+        print(f"{name} prefill {p['prefill_tokens']}: {p['prefill_tok_s']:.0f} tok/s, "
+              f"{p['tflops']:.1f} TFLOPS ({p.get('fraction_of_peak', nan):.2f} of peak), "
+              f"x llama.cpp {p.get('prefill_ratio', nan):.2f}")
+    if "profile" in r:
+        p = r["profile"]
+        print(f"{name} profile: {p.get('kernels_per_step')} kernels/step, "
+              f"{p.get('kernel_ms_per_step')} ms kernels, wall {p['wall_ms_per_step']:.3f} ms, "
+              f"gap {p.get('gap_fraction')}")
+    if "peer_error" in r:
+        print(f"{name} peer error: {r['peer_error']}")
+print("perplexity", ppl)
+PY
+rm -rf "$D"
+log "done"
