@@ -64,13 +64,13 @@ def test_cli_flag_sets_the_kv_cache_dtype(tiny_llama_path, capsys, monkeypatch):
     from ktjax import cli
     seen = []
 
-    def capture(self, model, config):     # the config the CLI built, then no model load
-        seen.append(config)
+    def capture(self, model, config=None, **fields):  # the settings the CLI gave, no load
+        seen.append(fields)
         raise KtjaxError("stop after the config")
     monkeypatch.setattr("ktjax.api.LLM.__init__", capture)
     assert cli.main(["generate", "hi", "-m", str(tiny_llama_path),
                      "--kv-cache-dtype", "int8"]) == 2
-    assert seen[0].kv_cache_dtype == "int8"
+    assert seen[0]["kv_cache_dtype"] == "int8"
     with pytest.raises(SystemExit):
         cli.main(["generate", "hi", "--kv-cache-dtype", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err

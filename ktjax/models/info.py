@@ -56,6 +56,7 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
                     device_bytes: int) -> list[str]:
     """One line per rule: placement, format, tensors and their memory per device."""
     groups, total = placement_memory(f, spec, rules, platform, device_bytes)
+    placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
     lines = [f"placement     {rules} ({platform})"]
     for rule, (d, n, size) in groups.items():
         lines.append(f"  {rule.name:<28} {d.placement:<6} {d.format:<8} "
