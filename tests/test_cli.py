@@ -184,8 +184,10 @@ def test_compile_bar_never_draws_over_streamed_text_on_a_terminal(tiny_llama_pat
 
     from ktjax import LLM
     params = SamplingParams(**{**cli.CLI_SAMPLING, "max_tokens": 200, "temperature": 0})
-    expected = LLM(str(tiny_llama_path)).generate("hello", params)[0].text
-    assert len(LLM(str(tiny_llama_path)).tokenizer.encode("hello" + expected)) > 128
+    llm = LLM(str(tiny_llama_path))                 # the command's configuration
+    out = llm.generate("hello", params)[0]
+    expected = out.text
+    assert len(out.prompt_token_ids) + len(out.token_ids) > 128
 
     main_fd, child_fd = pty.openpty()
     fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
