@@ -59,6 +59,7 @@ def test_chat_replies_to_each_line_with_the_history(tiny_llama_path):
 def test_info_and_errors(tiny_llama_path, tmp_path):
     r = _ktjax(["info", str(tiny_llama_path)])
     assert r.returncode == 0 and "architecture  llama" in r.stdout and "F32" in r.stdout
+    assert "chat template none" in r.stdout
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00")
     r = _ktjax(["info", str(bad)])
