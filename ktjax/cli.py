@@ -14,6 +14,7 @@ from importlib import metadata
 
 from ktjax import __version__
 from ktjax.errors import KtjaxError
+from ktjax import progress
 from ktjax.progress import StreamWriter
 from ktjax.export import cli as export_cli
 from ktjax.sampling_params import SamplingParams
@@ -255,7 +256,7 @@ def cmd_batch(a: argparse.Namespace) -> None:
             raise refusal
         return llm.chat_prompt(messages, template)
 
-    s = run_batch(llm, a.input, a.output, params, progress=not a.quiet,
+    s = run_batch(llm, a.input, a.output, params, progress=progress.bars_enabled(),
                   chat_prompt=chat_prompt)
     print(f"{s.done} result(s) written to {a.output} ({s.errors} error(s), {s.skipped} "
           f"already there) in {s.seconds:.1f} s: {s.done / max(s.seconds, 1e-9):.2f} req/s, "
@@ -294,7 +295,7 @@ def cmd_eval_choices(a: argparse.Namespace) -> None:
     items = read_items(a.file, a.format, a.limit)
     llm = _llm(a)
     with tqdm(total=sum(len(i.choices) for i in items), unit="seq", desc="scoring",
-              disable=a.quiet, file=sys.stderr) as bar:
+              disable=not progress.bars_enabled(), file=sys.stderr) as bar:
         report = evaluate(llm, items, a.delimiter, bar.update)
     if a.output:
         with open(a.output, "w", encoding="utf-8") as f:

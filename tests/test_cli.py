@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from ktjax import SamplingParams, __version__
@@ -60,6 +59,7 @@ def test_chat_replies_to_each_line_with_the_history(tiny_llama_path):
 def test_info_and_errors(tiny_llama_path, tmp_path):
     r = _ktjax(["info", str(tiny_llama_path)])
     assert r.returncode == 0 and "architecture  llama" in r.stdout and "F32" in r.stdout
+    assert "chat template none" in r.stdout
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00")
     r = _ktjax(["info", str(bad)])
@@ -97,8 +97,8 @@ def test_help_documents_the_prompt_and_every_sampling_flag_with_its_default(caps
 
 
 def test_version_models_and_rule_profiles(capsys):
-    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    assert __version__ == pyproject["project"]["version"]
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert f'\nversion = "{__version__}"\n' in pyproject
     code, out, _ = _run(capsys, "--version")
     assert code == 0 and out.startswith(f"ktjax {__version__} (jax ")
     code, out, _ = _run(capsys, "models")
@@ -171,3 +171,50 @@ def test_batch_and_eval_commands(capsys, tiny_llama_path, tmp_path):
     assert re.search(r"^PPL = [\d.]+$", stdout, re.M) and "[1] " in stdout
     code, _, err = _run(capsys, "eval", "choices", str(tmp_path / "none.jsonl"), *model)
     assert code == 2 and "no such file" in err
+
+
+def test_compile_bar_never_draws_over_streamed_text_on_a_terminal(tiny_llama_path, tmp_path):
+    """stdout and stderr on one pseudo-terminal, as in a shell: 200 tokens pass the
+    128-token context bucket, so a decode program compiles mid-stream. Each line of the
+    streamed text arrives whole (no bar frame inside it), and a bar was drawn before it."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    from ktjax import LLM
+    params = SamplingParams(**{**cli.CLI_SAMPLING, "max_tokens": 200, "temperature": 0})
+    llm = LLM(str(tiny_llama_path))                 # the command's configuration
+    out = llm.generate("hello", params)[0]
+    expected = out.text
+    assert len(out.prompt_token_ids) + len(out.token_ids) > 128
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "KTJAX_NO_PROGRESS"}
+    env["KTJAX_CACHE_DIR"] = str(tmp_path / "xla")      # compiles happen: bars are drawn
+    proc = subprocess.Popen([sys.executable, "-m", "ktjax.cli", "generate", "hello",
+                             "--model", str(tiny_llama_path), "-n", "200", "-t", "0"],
+                            stdout=child_fd, stderr=child_fd, stdin=subprocess.DEVNULL,
+                            env=env, cwd=os.path.expanduser("~"))
+    os.close(child_fd)
+    data = b""
+    while True:
+        ready, _, _ = select.select([main_fd], [], [], 600)
+        try:
+            chunk = os.read(main_fd, 65536) if ready else b""
+        except OSError:                                  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    os.close(main_fd)
+    assert proc.wait(timeout=60) == 0, data[-2000:]
+    text = data.decode("utf-8", "replace").replace("\r\n", "\n")   # the terminal's newlines
+    lines = expected.split("\n")
+    assert lines[0] in text, f"a bar broke the streamed line: {text!r:.3000}"
+    start = text.index(lines[0])
+    assert "compiling:" in text[:start]
+    for line in lines[1:]:
+        assert line in text[start:], f"a bar broke the streamed line: {text[start:]!r:.3000}"

@@ -101,6 +101,8 @@ def describe(model: str, rules: str | None = None) -> str:
         f"(kv {cache.n_kv_heads}) x {cache.head_dim}, ffn {cfg.intermediate_size}",
         f"vocabulary    {cfg.vocab_size}",
         f"context       {cfg.context_length}",
+        "chat template " + ("yes" if f.metadata.get("tokenizer.chat_template") else
+                            "none (a base model? --chat needs --chat-template)"),
         "quant mix     " + ", ".join(
             f"{name}: {n} tensors, {100 * el / n_params:.1f}% of weights"
             for name, (n, el) in sorted(mix.items(), key=lambda kv: -kv[1][1])),
