@@ -135,11 +135,13 @@ def start_servers(path: str, name: str, args) -> dict[str, tuple[subprocess.Pope
                   "--kv-cache-tokens", str(ctx * slots)],
         "llama-server": [os.path.join(args.llama_bin, "llama-server"), "-m", path,
                          "--port", str(args.port + 1), "--alias", name, "-np", str(slots),
-                         "-c", str(ctx * slots), "-t", str(args.threads),
-                         "-tb", str(args.threads)],
+                         "-c", str(ctx * slots), "-t", str(args.llama_threads),
+                         "-tb", str(args.llama_threads), *args.llama_args.split()],
     }
     servers = {}
     env = dict(os.environ, KTJAX_NO_PROGRESS="1")
+    if args.ktjax_threads:
+        env["KTJAX_NUM_THREADS"] = str(args.ktjax_threads)
     for i, (kind, cmd) in enumerate(cmds.items()):
         if kind not in args.servers:
             continue
@@ -187,9 +189,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
     ap.add_argument("--min-requests", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    # On a machine loaded by other jobs llama.cpp's threads, which meet at a barrier after
+    # every graph node, lose a time slice at each: -t 1 is its best setting there.
+    ap.add_argument("--llama-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--ktjax-threads", type=int, default=None,
+                    help="KTJAX_NUM_THREADS of the ktjax server (default: its own)")
     ap.add_argument("--port", type=int, default=8400, help="ktjax; llama-server gets port + 1")
     ap.add_argument("--llama-bin", default=".peers/llama.cpp/build/bin")
+    ap.add_argument("--llama-args", default="",
+                    help="more llama-server options, e.g. '--poll 0' on a loaded machine")
     ap.add_argument("--servers", nargs="+", default=["ktjax", "llama-server"])
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
