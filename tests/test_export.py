@@ -182,6 +182,16 @@ def test_truncated_or_corrupt_weights_are_refused(artifacts, model, tmp_path):
     gc.collect()
 
 
+def test_corrupt_tokenizer_is_refused(artifacts, model, tmp_path):
+    folder = _copy(artifacts, tmp_path)
+    path = folder / "tokenizer.json"
+    text = path.read_text()
+    assert '"a"' in text
+    path.write_text(text.replace('"a"', '"b"', 1))   # same size, other content
+    with pytest.raises(ArtifactError, match="tokenizer.json: its SHA-256"):
+        ktjax.LLM(model, artifacts=folder)
+
+
 def test_truncated_or_corrupt_program_is_refused(artifacts, model, tmp_path):
     folder = _copy(artifacts, tmp_path)
     program = folder / "programs" / "step-decode-B1-T1-P2-R1-greedy.xla"

@@ -33,6 +33,7 @@ from ktjax.gguf.reader import GGUFFile
 log = logging.getLogger("ktjax.export")
 
 WEIGHTS_FILE = "weights.ktw"
+TOKENIZER_FILE = "tokenizer.json"
 PROGRAMS_DIR = "programs"
 ENGINE_FIELDS = ("max_model_len", "kv_cache_tokens", "page_size", "dtype", "attention",
                  "kv_cache_dtype")
@@ -114,6 +115,9 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
     os.makedirs(os.path.join(out_dir, PROGRAMS_DIR), exist_ok=True)
     ec, programs = llm.engine_config, llm.engine.programs
     weights = packed_weights.write(os.path.join(out_dir, WEIGHTS_FILE), llm.engine.params)
+    tokenizer = llm.tokenizer.hf_json().encode()
+    with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as fh:
+        fh.write(tokenizer)
     keys = reachable(spec, ec.max_model_len, ec.page_size)
     entries, targets = {}, set()
     for i, key in enumerate(keys):
@@ -141,7 +145,10 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          **current_identity(GGUFFile(llm.model_path), llm.rules_file, llm.placement, ec),
          "ffi_targets": sorted(targets), "program_spec": dataclasses.asdict(spec),
-         "weights": {"file": WEIGHTS_FILE, **weights}, "programs": entries}
+         "weights": {"file": WEIGHTS_FILE, **weights},
+         "tokenizer": {"file": TOKENIZER_FILE, "size": len(tokenizer),
+                       "sha256": _sha256(tokenizer)},
+         "programs": entries}
     manifest.write(out_dir, m)
     return m
 
@@ -180,6 +187,24 @@ class Artifacts:
         if missing:
             raise ArtifactError(f"{self.folder}: the programs call FFI targets this build "
                                 f"lacks: {', '.join(missing)}")
+
+    def tokenizer_json(self, f: GGUFFile) -> str | None:
+        """The exported `tokenizers` model when the artifacts are of this model file and the
+        file is intact; None otherwise (the tokenizer is then built from the metadata, and a
+        foreign model is refused by `check`)."""
+        entry = self.manifest.get("tokenizer")
+        if not isinstance(entry, dict) or \
+                self.manifest["model"] != identity.model_identity(f):
+            return None
+        path = os.path.join(self.folder, TOKENIZER_FILE)
+        if not os.path.isfile(path) or os.path.getsize(path) != entry.get("size"):
+            raise ArtifactError(f"{path}: missing, or not the {entry.get('size')} bytes the "
+                                "manifest records")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if _sha256(data) != entry.get("sha256"):
+            raise ArtifactError(f"{path}: its SHA-256 does not match the manifest (corrupt)")
+        return data.decode()
 
     def load_params(self, device: jax.Device, handles: str = "recorded") -> dict:
         w = self.manifest["weights"]
