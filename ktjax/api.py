@@ -18,7 +18,6 @@ from ktjax.export import warm
 from ktjax.export.program_set import ProgramSpec
 from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
-from ktjax.gguf.tokenizer import Tokenizer
 from ktjax.kernels.backends import get_backend
 from ktjax.models import loader
 from ktjax.models.catalog import resolve_model
@@ -57,7 +56,7 @@ class LLM:
         gguf_file = GGUFFile(self.model_path)
         self.spec = loader.inspect(gguf_file)
         self.config = self.spec.config
-        self.tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+        self.tokenizer = warm.tokenizer(self.artifacts, fallback, gguf_file)
         self.engine_config = warm.engine_config(self.artifacts, config, options).resolve(
             self.config.context_length)
         ec = self.engine_config

@@ -136,6 +136,18 @@ def test_other_engine_settings_or_rules_are_refused(artifacts, model):
         ktjax.LLM(model, artifacts=artifacts, rules="device")
 
 
+def test_programs_for_other_shapes_are_refused(artifacts, model, tmp_path):
+    """A manifest edited to other engine settings passes the identity check (its settings
+    are this load's defaults) but not the programs' argument check."""
+    folder = _copy(artifacts, tmp_path)
+    _edit_manifest(folder, lambda m: m["engine"].__setitem__("kv_cache_tokens", 64))
+    llm = ktjax.LLM(model, artifacts=folder)
+    with pytest.raises(ArtifactError, match="other argument shapes"):
+        llm.generate(PROMPT, GREEDY)
+    del llm
+    gc.collect()
+
+
 def test_another_model_is_refused(artifacts, tmp_path):
     from tiny_models import T, write_tiny_gguf
     other = write_tiny_gguf(tmp_path / "other.gguf", "llama", T.Q8_0, context_length=128, seed=1)
@@ -168,6 +180,16 @@ def test_truncated_or_corrupt_weights_are_refused(artifacts, model, tmp_path):
     llm = ktjax.LLM(model, artifacts=artifacts)
     del llm
     gc.collect()
+
+
+def test_corrupt_tokenizer_is_refused(artifacts, model, tmp_path):
+    folder = _copy(artifacts, tmp_path)
+    path = folder / "tokenizer.json"
+    text = path.read_text()
+    assert '"a"' in text
+    path.write_text(text.replace('"a"', '"b"', 1))   # same size, other content
+    with pytest.raises(ArtifactError, match="tokenizer.json: its SHA-256"):
+        ktjax.LLM(model, artifacts=folder)
 
 
 def test_truncated_or_corrupt_program_is_refused(artifacts, model, tmp_path):

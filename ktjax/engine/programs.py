@@ -153,19 +153,26 @@ class ProgramCache:
             bar.set_postfix_str(f"{bucket} {sampler}")
             self._steps[bucket, sampler] = self._load_or_compile(("step", bucket, sampler))
 
-    def lower(self, key: tuple) -> jax.stages.Lowered:
-        """The program of `key`: ("step", bucket, sampler) or ("score", bucket)."""
+    def lower_args(self, key: tuple) -> tuple:
+        """Argument specs of the program of `key` (static arguments left out)."""
         args = (self._params_spec, self._kv_spec, batch_spec(key[1]))
         if key[0] == "score":
-            bucket = key[1]
-            return self._score.lower(*args, jax.ShapeDtypeStruct(
-                (bucket.rows, bucket.logit_rows), jnp.int32))
-        bucket, sampler = key[1:]
+            return (*args, jax.ShapeDtypeStruct((key[1].rows, key[1].logit_rows), jnp.int32))
+        if isinstance(key[2], Full):
+            return (*args, sampling_spec(key[1].rows, key[2].window))
+        return args
+
+    def lower(self, key: tuple) -> jax.stages.Lowered:
+        """The program of `key`: ("step", bucket, sampler) or ("score", bucket)."""
+        args = self.lower_args(key)
+        if key[0] == "score":
+            return self._score.lower(*args)
+        sampler = key[2]
         if sampler is None:
             return self._forward.lower(*args)
         if isinstance(sampler, Greedy):
             return self._greedy.lower(*args, sampler.logprobs, sampler.top)
-        return self._full.lower(*args, sampling_spec(bucket.rows, sampler.window), sampler.top)
+        return self._full.lower(*args, sampler.top)
 
     def _load_or_compile(self, key: tuple) -> jax.stages.Compiled:
         compiled = self.source(key) if self.source is not None else None

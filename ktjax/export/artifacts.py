@@ -24,7 +24,7 @@ import jax
 from jax.experimental import serialize_executable
 
 from ktjax.engine.config import EngineConfig
-from ktjax.engine.programs import ProgramCache, batch_spec, sampling_spec
+from ktjax.engine.programs import ProgramCache
 from ktjax.errors import ArtifactError
 from ktjax.export import identity, manifest, packed_weights
 from ktjax.export.program_set import Key, ProgramSpec, key_name, reachable
@@ -33,6 +33,7 @@ from ktjax.gguf.reader import GGUFFile
 log = logging.getLogger("ktjax.export")
 
 WEIGHTS_FILE = "weights.ktw"
+TOKENIZER_FILE = "tokenizer.json"
 PROGRAMS_DIR = "programs"
 ENGINE_FIELDS = ("max_model_len", "kv_cache_tokens", "page_size", "dtype", "attention",
                  "kv_cache_dtype")
@@ -56,18 +57,9 @@ def current_identity(f: GGUFFile, rules_file: os.PathLike, placement, ec: Engine
 def _trees(programs: ProgramCache, key: Key):
     """(in_tree, out_tree) of a program, rebuilt from the engine's own specs: pytree
     definitions are not serializable, and never unpickled from a file."""
-    bucket = key[1]
-    args = [programs._params_spec, programs._kv_spec, batch_spec(bucket)]
-    if key[0] == "score":
-        args.append(jax.ShapeDtypeStruct((bucket.rows, bucket.logit_rows), "int32"))
-        out = (0, programs._kv_spec)
-    elif key[2] is None:
-        out = (0, programs._kv_spec)
-    else:
-        if hasattr(key[2], "window"):
-            args.append(sampling_spec(bucket.rows, key[2].window))
-        out = (0, 0, programs._kv_spec)
-    return jax.tree.structure((tuple(args), {})), jax.tree.structure(out)
+    out = (0, programs._kv_spec) if key[0] == "score" or key[2] is None else \
+        (0, 0, programs._kv_spec)
+    return jax.tree.structure((programs.lower_args(key), {})), jax.tree.structure(out)
 
 
 @contextlib.contextmanager
@@ -83,6 +75,18 @@ def _cache_off():
     finally:
         jax.config.update("jax_enable_compilation_cache", was)
         compilation_cache.reset_cache()
+
+
+def _check_arguments(compiled: jax.stages.Compiled, programs: ProgramCache, key: Key,
+                     folder: str, name: str) -> None:
+    """The executable takes the shapes and dtypes this engine passes (a manifest edited to
+    other engine settings must not reach a step)."""
+    want = [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(programs.lower_args(key))]
+    got = [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(compiled.args_info)]
+    if got != want:
+        diff = next(((g, w) for g, w in zip(got, want) if g != w), (len(got), len(want)))
+        raise ArtifactError(f"{folder}: program {name} was compiled for other argument "
+                            f"shapes than this engine's (e.g. {diff[0]} for {diff[1]})")
 
 
 def _sha256(data: bytes) -> str:
@@ -111,6 +115,9 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
     os.makedirs(os.path.join(out_dir, PROGRAMS_DIR), exist_ok=True)
     ec, programs = llm.engine_config, llm.engine.programs
     weights = packed_weights.write(os.path.join(out_dir, WEIGHTS_FILE), llm.engine.params)
+    tokenizer = llm.tokenizer.hf_json().encode()
+    with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as fh:
+        fh.write(tokenizer)
     keys = reachable(spec, ec.max_model_len, ec.page_size)
     entries, targets = {}, set()
     for i, key in enumerate(keys):
@@ -138,7 +145,10 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          **current_identity(GGUFFile(llm.model_path), llm.rules_file, llm.placement, ec),
          "ffi_targets": sorted(targets), "program_spec": dataclasses.asdict(spec),
-         "weights": {"file": WEIGHTS_FILE, **weights}, "programs": entries}
+         "weights": {"file": WEIGHTS_FILE, **weights},
+         "tokenizer": {"file": TOKENIZER_FILE, "size": len(tokenizer),
+                       "sha256": _sha256(tokenizer)},
+         "programs": entries}
     manifest.write(out_dir, m)
     return m
 
@@ -159,6 +169,10 @@ class Artifacts:
             return dataclasses.replace(base, **options)
         recorded = {k: v for k, v in self.manifest["engine"].items()
                     if k in {f.name for f in dataclasses.fields(EngineConfig)}}
+        bad = {k: v for k, v in recorded.items()
+               if not (v is None or isinstance(v, (str, int)) and not isinstance(v, bool))}
+        if bad:
+            raise ArtifactError(f"{self.folder}: malformed engine settings {bad}")
         return EngineConfig(**{**recorded, **options})
 
     def check(self, f: GGUFFile, rules_file, placement, ec: EngineConfig) -> None:
@@ -173,6 +187,24 @@ class Artifacts:
         if missing:
             raise ArtifactError(f"{self.folder}: the programs call FFI targets this build "
                                 f"lacks: {', '.join(missing)}")
+
+    def tokenizer_json(self, f: GGUFFile) -> str | None:
+        """The exported `tokenizers` model when the artifacts are of this model file and the
+        file is intact; None otherwise (the tokenizer is then built from the metadata, and a
+        foreign model is refused by `check`)."""
+        entry = self.manifest.get("tokenizer")
+        if not isinstance(entry, dict) or \
+                self.manifest["model"] != identity.model_identity(f):
+            return None
+        path = os.path.join(self.folder, TOKENIZER_FILE)
+        if not os.path.isfile(path) or os.path.getsize(path) != entry.get("size"):
+            raise ArtifactError(f"{path}: missing, or not the {entry.get('size')} bytes the "
+                                "manifest records")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if _sha256(data) != entry.get("sha256"):
+            raise ArtifactError(f"{path}: its SHA-256 does not match the manifest (corrupt)")
+        return data.decode()
 
     def load_params(self, device: jax.Device, handles: str = "recorded") -> dict:
         w = self.manifest["weights"]
@@ -198,9 +230,11 @@ class Artifacts:
                 log.warning("%s: no program %s in the artifacts; compiling it", self.folder, name)
                 self.compiled.append(name)
                 return None
+            in_tree, out_tree = _trees(programs, key)
             compiled = serialize_executable.deserialize_and_load(
-                self._program_bytes(name, entry), *_trees(programs, key),
+                self._program_bytes(name, entry), in_tree, out_tree,
                 backend=device.client, execution_devices=[device])
+            _check_arguments(compiled, programs, key, self.folder, name)
             self.loaded.append(name)
             return compiled
         return load

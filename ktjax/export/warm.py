@@ -12,6 +12,7 @@ from ktjax.errors import ArtifactError
 from ktjax.export.artifacts import Artifacts
 from ktjax.export.packed_weights import HandleTaken
 from ktjax.export.program_set import ProgramSpec, reachable
+from ktjax.gguf.tokenizer import Tokenizer
 from ktjax.models import loader
 
 FALLBACKS = ("error", "compile")
@@ -21,6 +22,18 @@ def open_artifacts(folder: str | os.PathLike | None, fallback: str) -> Artifacts
     if fallback not in FALLBACKS:
         raise ArtifactError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     return None if folder is None else Artifacts(folder)
+
+
+def tokenizer(artifacts: Artifacts | None, fallback: str, gguf_file) -> Tokenizer:
+    """The model's tokenizer, its `tokenizers` model read from the artifacts when they hold
+    this model's (building Gemma's vocabulary takes seconds)."""
+    hf_json = None
+    if artifacts is not None:
+        try:
+            hf_json = artifacts.tokenizer_json(gguf_file)
+        except ArtifactError as e:
+            _fall_back(e, fallback)
+    return Tokenizer.from_gguf_metadata(gguf_file.metadata, hf_json)
 
 
 def engine_config(artifacts: Artifacts | None, config: EngineConfig | None,

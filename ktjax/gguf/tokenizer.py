@@ -124,10 +124,15 @@ class Tokenizer:
     chat_template: str | None
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
-        return cls(meta)
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], hf_json: str | None = None) -> Tokenizer:
+        """hf_json: the `tokenizers` model this metadata builds, as `hf_json()` wrote it for
+        the same metadata (exported artifacts keep it: building Gemma's takes seconds)."""
+        return cls(meta, hf_json)
 
-    def __init__(self, meta: Mapping[str, Any]) -> None:
+    def hf_json(self) -> str:
+        return self._hf.to_str()
+
+    def __init__(self, meta: Mapping[str, Any], hf_json: str | None = None) -> None:
         model = _require(meta, "tokenizer.ggml.model")
         if model not in ("gpt2", "llama"):
             raise UnsupportedModelError(
@@ -169,7 +174,9 @@ class Tokenizer:
                           key=lambda i: (-len(tokens[i].encode()), i))
         self._specials_all = self._index_specials(specials)
         self._specials_user = self._index_specials([i for i in specials if types[i] == USER_DEFINED])
-        if pre is None:
+        if hf_json is not None:
+            self._hf = HFTokenizer.from_str(hf_json)
+        elif pre is None:
             self._hf = self._build_spm(meta, tokens, vocab)
         else:
             self._hf = self._build_bpe(meta, vocab, _PRE_REGEXES[pre], pre in _LLAMA3_PRES)
