@@ -16,7 +16,9 @@ each context; the cache is allocated by the engine's kv_cache code. The KV read 
 (bytes of every layer's context / time of the 32 layers) is set against the HBM bandwidth
 measured in the same run (a read-only reduction over 4 GiB). With int8 at the longest
 context a bfloat16 stand-in for the 8B weights (16 GB) is allocated beside the cache, which
-shows the model with that context fits on the GPU. SMOKE=1 shrinks every size (CPU check).
+shows the model with that context fits on the GPU. Then a prefill chunk (512 tokens over
+1536 cached: attention TFLOP/s, kernel and reference) and a sweep of the kernel's knobs at
+the middle context. SMOKE=1 shrinks every size (CPU check).
 """
 from __future__ import annotations
 
@@ -105,6 +107,41 @@ def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
                 kv_read_GBps=read / seconds / 1e9, bytes_held=held)
 
 
+def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False) -> dict:
+    """A prefill chunk of `tokens` over `cached` tokens (8B shape, bf16 pages): time per
+    layer and attention TFLOP/s (QK and PV, causal: only the visible pairs count)."""
+    from ktjax.engine import kv_cache
+    from ktjax.models.base import KVCacheSpec
+    heads, kv, hd, page = 32, 8, 128, 16
+    spec = KVCacheSpec(n_layers, kv, hd, hd)
+    n_pages = -(-(cached + tokens) // page) + 1
+    cache = kv_cache.make_kv_cache(spec, n_pages, page, "bfloat16")
+    rng = np.random.default_rng(0)
+    tables = jnp.asarray(np.arange(1, n_pages)[None], jnp.int32)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    q, k_new, v_new = f(1, tokens, heads, hd), f(1, tokens, kv, hd), f(1, tokens, kv, hd)
+    lens = jnp.asarray([cached], jnp.int32)
+    positions = jnp.asarray(cached + np.arange(tokens)[None], jnp.int32)
+    attend = paged_attention_ref.paged_attention if reference else \
+        paged_attention_gpu.paged_attention
+
+    @jax.jit
+    def step(q, k_cache, v_cache):
+        def layer(acc, i):
+            out = attend(q, k_new, v_new, k_cache, v_cache, i, tables, lens, positions,
+                         scale=hd ** -0.5)
+            return acc + out.astype(jnp.float32), None
+        return jax.lax.scan(layer, jnp.zeros(q.shape, jnp.float32),
+                            jnp.arange(n_layers, dtype=jnp.int32))[0]
+
+    seconds = best_of(step, (q, cache.k, cache.v), calls=4) / n_layers
+    pairs = tokens * cached + tokens * (tokens + 1) // 2
+    del cache
+    return dict(prefill_tokens=tokens, cached=cached, kernel="reference" if reference
+                else "pallas", us_per_layer=seconds * 1e6,
+                attention_TFLOPs=4 * heads * hd * pairs / seconds / 1e12)
+
+
 def main_gpu(args) -> None:
     import json
     import os
@@ -148,6 +185,16 @@ def main_gpu(args) -> None:
             longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
             run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
     run(contexts[0], "bfloat16", reference=True)
+    for reference in (False, True):
+        try:
+            p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers, reference)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            p = dict(kernel="reference" if reference else "pallas",
+                     error=f"{type(e).__name__}: {e}"[:3000])
+        result.setdefault("prefill", []).append(p)
+        save()
+        print(f"prefill {p}")
     # Tuning points at the middle context: pages per block, splits, warps.
     mid = contexts[len(contexts) // 2]
     sweep = ({"pages_per_block": 8}, {"pages_per_block": 2}, {"n_splits": 96},
