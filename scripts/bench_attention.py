@@ -68,22 +68,23 @@ def hbm_read_bandwidth(n_bytes: int) -> float:
 
 
 def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
-               reference: bool = False, **knobs) -> dict:
-    """Decode attention of one sequence at `ctx` cached tokens over all n_layers layers of
-    an 8B-shaped cache; with weights_bytes, that much bfloat16 is held beside the cache.
+               reference: bool = False, batch: int = 1, **knobs) -> dict:
+    """Decode attention of `batch` sequences at `ctx` cached tokens each over all n_layers
+    layers of an 8B-shaped cache; with weights_bytes, that much bfloat16 is held beside.
     `knobs`: the kernel's tuning arguments; reference: time the jnp reference instead."""
     from ktjax.engine import kv_cache
     from ktjax.models.base import KVCacheSpec
     heads, kv, hd, page = 32, 8, 128, 16
     spec = KVCacheSpec(n_layers, kv, hd, hd)
-    n_pages = ctx // page + 1
+    n_pages = batch * ctx // page + 1
     weights = jnp.zeros((weights_bytes // 2,), jnp.bfloat16) if weights_bytes else None
     cache = kv_cache.make_kv_cache(spec, n_pages, page, kv_dtype)
     rng = np.random.default_rng(0)
-    tables = jnp.asarray(rng.permutation(np.arange(1, n_pages))[None], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((1, 1, heads, hd)), jnp.bfloat16)
-    k_new = jnp.asarray(rng.standard_normal((1, 1, kv, hd)), jnp.bfloat16)
-    lens, positions = jnp.asarray([ctx], jnp.int32), jnp.asarray([[ctx]], jnp.int32)
+    tables = jnp.asarray(rng.permutation(np.arange(1, n_pages)).reshape(batch, -1), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, hd)), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((batch, 1, kv, hd)), jnp.bfloat16)
+    lens = jnp.full((batch,), ctx, jnp.int32)
+    positions = jnp.full((batch, 1), ctx, jnp.int32)
 
     @jax.jit
     def step(q, k_cache, v_cache):
@@ -98,10 +99,10 @@ def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
         return acc
 
     seconds = best_of(step, (q, cache.k, cache.v), calls=6)
-    read = n_layers * paged_attention_gpu.kv_read_bytes(ctx, kv, hd, hd, kv_dtype)
+    read = batch * n_layers * paged_attention_gpu.kv_read_bytes(ctx, kv, hd, hd, kv_dtype)
     held = kv_cache.cache_bytes(spec, n_pages, page, kv_dtype) + weights_bytes
     del cache, weights
-    return dict(context=ctx, kv_dtype=kv_dtype, layers=n_layers,
+    return dict(context=ctx, batch=batch, kv_dtype=kv_dtype, layers=n_layers,
                 kernel="reference" if reference else "pallas", knobs=knobs,
                 us_per_layer=seconds / n_layers * 1e6, kv_bytes_read=read,
                 kv_read_GBps=read / seconds / 1e9, bytes_held=held)
@@ -185,6 +186,8 @@ def main_gpu(args) -> None:
             longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
             run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
     run(contexts[0], "bfloat16", reference=True)
+    for kv_dtype in ("bfloat16", "int8"):      # serving: 8 rows at the shortest context
+        run(contexts[0], kv_dtype, batch=8)
     for reference in (False, True):
         try:
             p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers, reference)
@@ -197,8 +200,7 @@ def main_gpu(args) -> None:
         print(f"prefill {p}")
     # Tuning points at the middle context: pages per block, splits, warps.
     mid = contexts[len(contexts) // 2]
-    sweep = ({"pages_per_block": 8}, {"pages_per_block": 2}, {"n_splits": 96},
-             {"num_warps": 8}, {"num_stages": 3})
+    sweep = ({"pages_per_block": 8}, {"n_splits": 96}, {"num_warps": 8}, {"num_stages": 3})
     for knobs in sweep[:2] if smoke else sweep:
         run(mid, "bfloat16", **knobs)
 
