@@ -108,7 +108,8 @@ def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
                 kv_read_GBps=read / seconds / 1e9, bytes_held=held)
 
 
-def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False) -> dict:
+def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False,
+                **knobs) -> dict:
     """A prefill chunk of `tokens` over `cached` tokens (8B shape, bf16 pages): time per
     layer and attention TFLOP/s (QK and PV, causal: only the visible pairs count)."""
     from ktjax.engine import kv_cache
@@ -124,7 +125,7 @@ def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False
     lens = jnp.asarray([cached], jnp.int32)
     positions = jnp.asarray(cached + np.arange(tokens)[None], jnp.int32)
     attend = paged_attention_ref.paged_attention if reference else \
-        paged_attention_gpu.paged_attention
+        partial(paged_attention_gpu.paged_attention, **knobs)
 
     @jax.jit
     def step(q, k_cache, v_cache):
@@ -139,7 +140,7 @@ def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False
     pairs = tokens * cached + tokens * (tokens + 1) // 2
     del cache
     return dict(prefill_tokens=tokens, cached=cached, kernel="reference" if reference
-                else "pallas", us_per_layer=seconds * 1e6,
+                else "pallas", knobs=knobs, us_per_layer=seconds * 1e6,
                 attention_TFLOPs=4 * heads * hd * pairs / seconds / 1e12)
 
 
@@ -185,12 +186,13 @@ def main_gpu(args) -> None:
         for ctx in contexts:
             longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
             run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
-    run(contexts[0], "bfloat16", reference=True)
     for kv_dtype in ("bfloat16", "int8"):      # serving: 8 rows at the shortest context
         run(contexts[0], kv_dtype, batch=8)
-    for reference in (False, True):
+    for reference, knobs in ((False, {}), (True, {}), (False, {"block_m": 128, "num_warps": 8}),
+                             (False, {"num_warps": 8})):
         try:
-            p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers, reference)
+            p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers, reference,
+                            **knobs)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             p = dict(kernel="reference" if reference else "pallas",
@@ -198,6 +200,7 @@ def main_gpu(args) -> None:
         result.setdefault("prefill", []).append(p)
         save()
         print(f"prefill {p}")
+    run(contexts[0], "bfloat16", reference=True)
     # Tuning points at the middle context: pages per block, splits, warps.
     mid = contexts[len(contexts) // 2]
     sweep = ({"pages_per_block": 8}, {"n_splits": 96}, {"num_warps": 8}, {"num_stages": 3})
