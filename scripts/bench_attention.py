@@ -16,7 +16,9 @@ each context; the cache is allocated by the engine's kv_cache code. The KV read 
 (bytes of every layer's context / time of the 32 layers) is set against the HBM bandwidth
 measured in the same run (a read-only reduction over 4 GiB). With int8 at the longest
 context a bfloat16 stand-in for the 8B weights (16 GB) is allocated beside the cache, which
-shows the model with that context fits on the GPU. SMOKE=1 shrinks every size (CPU check).
+shows the model with that context fits on the GPU. Then a prefill chunk (512 tokens over
+1536 cached: attention TFLOP/s, kernel and reference) and a sweep of the kernel's knobs at
+the middle context. SMOKE=1 shrinks every size (CPU check).
 """
 from __future__ import annotations
 
@@ -66,22 +68,23 @@ def hbm_read_bandwidth(n_bytes: int) -> float:
 
 
 def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
-               reference: bool = False, **knobs) -> dict:
-    """Decode attention of one sequence at `ctx` cached tokens over all n_layers layers of
-    an 8B-shaped cache; with weights_bytes, that much bfloat16 is held beside the cache.
+               reference: bool = False, batch: int = 1, **knobs) -> dict:
+    """Decode attention of `batch` sequences at `ctx` cached tokens each over all n_layers
+    layers of an 8B-shaped cache; with weights_bytes, that much bfloat16 is held beside.
     `knobs`: the kernel's tuning arguments; reference: time the jnp reference instead."""
     from ktjax.engine import kv_cache
     from ktjax.models.base import KVCacheSpec
     heads, kv, hd, page = 32, 8, 128, 16
     spec = KVCacheSpec(n_layers, kv, hd, hd)
-    n_pages = ctx // page + 1
+    n_pages = batch * ctx // page + 1
     weights = jnp.zeros((weights_bytes // 2,), jnp.bfloat16) if weights_bytes else None
     cache = kv_cache.make_kv_cache(spec, n_pages, page, kv_dtype)
     rng = np.random.default_rng(0)
-    tables = jnp.asarray(rng.permutation(np.arange(1, n_pages))[None], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((1, 1, heads, hd)), jnp.bfloat16)
-    k_new = jnp.asarray(rng.standard_normal((1, 1, kv, hd)), jnp.bfloat16)
-    lens, positions = jnp.asarray([ctx], jnp.int32), jnp.asarray([[ctx]], jnp.int32)
+    tables = jnp.asarray(rng.permutation(np.arange(1, n_pages)).reshape(batch, -1), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, hd)), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((batch, 1, kv, hd)), jnp.bfloat16)
+    lens = jnp.full((batch,), ctx, jnp.int32)
+    positions = jnp.full((batch, 1), ctx, jnp.int32)
 
     @jax.jit
     def step(q, k_cache, v_cache):
@@ -96,13 +99,49 @@ def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
         return acc
 
     seconds = best_of(step, (q, cache.k, cache.v), calls=6)
-    read = n_layers * paged_attention_gpu.kv_read_bytes(ctx, kv, hd, hd, kv_dtype)
+    read = batch * n_layers * paged_attention_gpu.kv_read_bytes(ctx, kv, hd, hd, kv_dtype)
     held = kv_cache.cache_bytes(spec, n_pages, page, kv_dtype) + weights_bytes
     del cache, weights
-    return dict(context=ctx, kv_dtype=kv_dtype, layers=n_layers,
+    return dict(context=ctx, batch=batch, kv_dtype=kv_dtype, layers=n_layers,
                 kernel="reference" if reference else "pallas", knobs=knobs,
                 us_per_layer=seconds / n_layers * 1e6, kv_bytes_read=read,
                 kv_read_GBps=read / seconds / 1e9, bytes_held=held)
+
+
+def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False,
+                **knobs) -> dict:
+    """A prefill chunk of `tokens` over `cached` tokens (8B shape, bf16 pages): time per
+    layer and attention TFLOP/s (QK and PV, causal: only the visible pairs count)."""
+    from ktjax.engine import kv_cache
+    from ktjax.models.base import KVCacheSpec
+    heads, kv, hd, page = 32, 8, 128, 16
+    spec = KVCacheSpec(n_layers, kv, hd, hd)
+    n_pages = -(-(cached + tokens) // page) + 1
+    cache = kv_cache.make_kv_cache(spec, n_pages, page, "bfloat16")
+    rng = np.random.default_rng(0)
+    tables = jnp.asarray(np.arange(1, n_pages)[None], jnp.int32)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    q, k_new, v_new = f(1, tokens, heads, hd), f(1, tokens, kv, hd), f(1, tokens, kv, hd)
+    lens = jnp.asarray([cached], jnp.int32)
+    positions = jnp.asarray(cached + np.arange(tokens)[None], jnp.int32)
+    attend = paged_attention_ref.paged_attention if reference else \
+        partial(paged_attention_gpu.paged_attention, **knobs)
+
+    @jax.jit
+    def step(q, k_cache, v_cache):
+        def layer(acc, i):
+            out = attend(q, k_new, v_new, k_cache, v_cache, i, tables, lens, positions,
+                         scale=hd ** -0.5)
+            return acc + out.astype(jnp.float32), None
+        return jax.lax.scan(layer, jnp.zeros(q.shape, jnp.float32),
+                            jnp.arange(n_layers, dtype=jnp.int32))[0]
+
+    seconds = best_of(step, (q, cache.k, cache.v), calls=4) / n_layers
+    pairs = tokens * cached + tokens * (tokens + 1) // 2
+    del cache
+    return dict(prefill_tokens=tokens, cached=cached, kernel="reference" if reference
+                else "pallas", knobs=knobs, us_per_layer=seconds * 1e6,
+                attention_TFLOPs=4 * heads * hd * pairs / seconds / 1e12)
 
 
 def main_gpu(args) -> None:
@@ -147,11 +186,24 @@ def main_gpu(args) -> None:
         for ctx in contexts:
             longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
             run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
+    for kv_dtype in ("bfloat16", "int8"):      # serving: 8 rows at the shortest context
+        run(contexts[0], kv_dtype, batch=8)
+    for reference, knobs in ((False, {}), (True, {}), (False, {"block_m": 128, "num_warps": 8}),
+                             (False, {"num_warps": 8})):
+        try:
+            p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers, reference,
+                            **knobs)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            p = dict(kernel="reference" if reference else "pallas",
+                     error=f"{type(e).__name__}: {e}"[:3000])
+        result.setdefault("prefill", []).append(p)
+        save()
+        print(f"prefill {p}")
     run(contexts[0], "bfloat16", reference=True)
     # Tuning points at the middle context: pages per block, splits, warps.
     mid = contexts[len(contexts) // 2]
-    sweep = ({"pages_per_block": 8}, {"pages_per_block": 2}, {"n_splits": 96},
-             {"num_warps": 8}, {"num_stages": 3})
+    sweep = ({"pages_per_block": 8}, {"n_splits": 96}, {"num_warps": 8}, {"num_stages": 3})
     for knobs in sweep[:2] if smoke else sweep:
         run(mid, "bfloat16", **knobs)
 

@@ -81,8 +81,8 @@ def unsupported_reason(head_dim: int, value_dim: int, page_size: int,
     return None
 
 
-def _kernel(*refs, parts, page_size, pages_per_block, pages_per_layer, n_splits, rep, block_m, block_new,
-            softcap, int8, mla, compute_dtype):
+def _kernel(*refs, parts, page_size, pages_per_block, pages_per_layer, n_splits, rep,
+            block_m, block_new, softcap, int8, mla, compute_dtype):
     it = iter(refs)
     q_ref, qpos_ref, knew_ref = next(it), next(it), next(it)
     vnew_ref = None if mla else next(it)
@@ -282,8 +282,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_c
 
     kernel = functools.partial(
         _kernel, parts=parts, page_size=page_size, pages_per_block=pages_per_block,
-        pages_per_layer=n_pages,
-        n_splits=n_splits, rep=rep, block_m=block_m, block_new=block_new,
+        pages_per_layer=n_pages, n_splits=n_splits, rep=rep, block_m=block_m,
+        block_new=block_new,
         softcap=logit_softcap, int8=int8, mla=mla, compute_dtype=compute_dtype)
     part_shape = (n_splits, b, n_kv, rows_pad)
     out_block = lambda bi, g, mi, s: (s, bi, g, mi)                         # noqa: E731
