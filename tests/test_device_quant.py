@@ -237,6 +237,7 @@ def test_pallas_gemv_matches_reference(qtype, rows):
     got = np.asarray(quant_matmul.gemv(qm, jnp.asarray(x), block_rows=16, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert not quant_matmul.supported(qm, 3) and not quant_matmul.supported(qm, 1, 128)
+    assert quant_matmul.block_rows_for(4096) == 16 and quant_matmul.block_rows_for(28672) == 32
 
 
 def test_model_with_pallas_gemv(q4k_path, monkeypatch):
