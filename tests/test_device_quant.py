@@ -254,3 +254,22 @@ def test_model_with_pallas_gemv(q4k_path, monkeypatch):
     assert len(calls) == 4      # qkv, o, gate+up, down: traced once in the scan (head: N=261)
 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q8_0, T.Q6_K])
+def test_gpu_forms_and_pallas_gemv(qtype, monkeypatch):
+    """On the GPU: both XLA forms and the Triton-lowered GEMV against float64."""
+    from ktjax.kernels import quant_matmul
+    rng = np.random.default_rng(4)
+    n, k = 256, 1024
+    qm = _device(dq.pack_gguf(_random_blocks(rng, qtype, n, k), qtype, (n, k)), "keep")
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    want = x.astype(np.float64) @ np.asarray(dq.dequantize(qm), np.float64).T
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(quant_matmul.gemv(qm, jnp.asarray(x))), want, **tol)
+    for limit in (0, 64):
+        monkeypatch.setenv("KTJAX_QUANT_REDUCE_ROWS", str(limit))
+        np.testing.assert_allclose(np.asarray(jax.jit(dq.linear)(qm, jnp.asarray(x))), want,
+                                   **tol)
