@@ -63,6 +63,9 @@ PY
 then log "graph flags failed: continuing with KTJAX_COMMAND_BUFFERS=0"; export KTJAX_COMMAND_BUFFERS=0
 fi
 
+# correctness on the device first: XLA forms and the Pallas GEMV against float64
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_quant.py -k gpu 2>&1 \
+  | tail -15 > "$OUT/gpu_tests.txt"; log "GPU tests: $(tail -1 "$OUT/gpu_tests.txt")"
 record quant_matmul 40 python3 scripts/bench_quant_matmul.py $MM --json
 # the matmul form per row count as measured: reduction up to the largest row count below
 # which it beat dequantize + dot for every row count of every type
