@@ -1,5 +1,6 @@
 """Decode GEMV over a QuantMatrix as a Pallas kernel (Triton lowering): y [M, N] = x [M, K] .
-W.T for few rows M, reading each weight's codes once and dequantizing in registers.
+W.T for few rows M (<= 64), reading each weight's codes once and dequantizing in registers;
+from 16 rows the tiles go through Triton's dot (tensor cores), below that plain FMA.
 
 The oracle is ktjax.device_quant.linear / dequantize (jnp); tests run this kernel in
 interpret mode against it. Each program owns `block_rows` weight rows (block_rows_for) and walks K one code
@@ -18,6 +19,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from ktjax.device_quant import QuantMatrix
 
@@ -25,6 +27,10 @@ warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is depreca
                         category=DeprecationWarning)
 
 _FIELDS = ("scale", "sub_scale", "min_scale", "sub_min", "bias")
+MAX_ROWS_POW2 = (1, 2, 4, 8, 16, 32, 64)
+# From this many rows the tiles multiply on the tensor cores (Triton dot needs M >= 16);
+# below, FMA math (decode is bandwidth-bound, and wgmma would waste most of its M).
+DOT_ROWS = 16
 
 
 def block_rows_for(n: int) -> int:
@@ -40,7 +46,7 @@ def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool
     """Whether the kernel takes this matrix (one layer: 2-D codes) and row count."""
     n = qm.shape[-2]
     block_rows = block_rows or block_rows_for(n)
-    return qm.codes.ndim == 2 and rows in (1, 2, 4, 8, 16) and block_rows > 0 and \
+    return qm.codes.ndim == 2 and rows in MAX_ROWS_POW2 and block_rows > 0 and \
         n % block_rows == 0
 
 
@@ -77,6 +83,10 @@ def _kernel(x_ref, codes_ref, *refs, present, qm_static, block_rows, unroll, k):
         return w
 
     def dot_rows(w, xs):          # [block_rows, t] . [m, t] -> [m, block_rows]
+        if m >= DOT_ROWS:
+            dt = x_ref.dtype         # bf16 activations: bf16 tiles; float32: full precision
+            return pl_triton.dot(xs.astype(dt), w.astype(dt), trans_b=True,
+                                 precision=jax.lax.Precision.HIGHEST)
         return jnp.sum(w[None, :, :] * xs[:, None, :], axis=-1)
 
     if bits == 4:
@@ -125,7 +135,6 @@ def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None, unroll: i
         qm_static=(qm.bits, qm.half, qm.group, qm.scale_group, qm.offset))
     extra = {}
     if not interpret:
-        from jax.experimental.pallas import triton as pl_triton
         extra["compiler_params"] = pl_triton.CompilerParams(num_warps=4, num_stages=3)
     return pl.pallas_call(
         kernel, grid=(n // block_rows,),
