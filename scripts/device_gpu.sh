@@ -82,16 +82,20 @@ print(best if rows else "")
 PY
 )
 [ -n "$ROWS" ] && export KTJAX_QUANT_REDUCE_ROWS=$ROWS && log "KTJAX_QUANT_REDUCE_ROWS=$ROWS (measured)"
-# the Pallas GEMV gets model runs of its own (at the end) if it beat the XLA forms at 1 row
-PALLAS=$(python3 - "$J" <<'PY' 2>> "$LOG"
+# the Pallas GEMV gets model runs of its own (at the end) at the row counts where it beat
+# the XLA forms for every type (1 -> batch-1 runs, 64 -> a batch-64 run)
+PALLAS_ROWS=$(python3 - "$J" <<'PY' 2>> "$LOG"
 import json, sys
 rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
-one = [r for r in rows if r["rows"] == 1]
-print(1 if one and all(r["best"] == "pallas" for r in one) else 0)
+won = [m for m in sorted({r["rows"] for r in rows})
+       if all(r["best"] == "pallas" for r in rows if r["rows"] == m)]
+print(" ".join(map(str, won)))
 PY
 )
-[ "${SMOKE:-0}" = 1 ] && PALLAS=1     # exercise the branch (interpret mode on CPU)
-log "Pallas GEMV fastest at 1 row: ${PALLAS:-0}"
+PALLAS=0; [[ " $PALLAS_ROWS " == *" 1 "* ]] && PALLAS=1
+PALLAS64=0; [[ " $PALLAS_ROWS " == *" 64 "* ]] && PALLAS64=1
+[ "${SMOKE:-0}" = 1 ] && PALLAS=1 && PALLAS64=1    # exercise the branches (interpret on CPU)
+log "Pallas GEMV fastest at rows: ${PALLAS_ROWS:-none}"
 
 record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
   --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
@@ -118,6 +122,11 @@ if [ "${PALLAS:-0}" = 1 ]; then
     --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
   KTJAX_QUANT_KERNEL=pallas record big_q4_k_b1_pallas 60 python3 scripts/bench_generate.py \
     --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline --json
+fi
+if [ "$PALLAS64" = 1 ]; then
+  KTJAX_QUANT_KERNEL=pallas record big_q4_k_b64_pallas 60 python3 scripts/bench_generate.py \
+    --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --batch ${BATCHES##*,} \
+    --repeats 1 --roofline --json
 fi
 python3 - "$J" "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, re, sys
