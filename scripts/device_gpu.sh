@@ -113,6 +113,9 @@ record big_q4_k_batched 60 python3 scripts/bench_generate.py --model "$D/big-q4k
   --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
 KTJAX_COMMAND_BUFFERS=0 record small_q8_0_no_graphs 30 python3 scripts/bench_generate.py \
   --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
+# graphs kept on under the profiler: the step's graph launches and other CUDA calls
+XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true" record small_profile_graphs_on 40 \
+  python3 scripts/profile_step.py --model "$D/small-q8.gguf" --prompt-tokens $P --steps 10 --json
 record big_q4_k_prefill 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
   --prefill-tokens $PF --repeats 2 $LB --json
 record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
@@ -157,11 +160,14 @@ for name, r in out.items():
         print(f"{name} prefill {p['prefill_tokens']}: {p['prefill_tok_s']:.0f} tok/s, "
               f"{p['tflops']:.1f} TFLOPS ({p.get('fraction_of_peak', nan):.2f} of peak), "
               f"x llama.cpp {p.get('prefill_ratio', nan):.2f}")
+    if "cuda_calls_per_step" in r:
+        print(f"{name}: CUDA calls per step {r['cuda_calls_per_step']}, "
+              f"kernels {r.get('kernels_per_step')}, wall {r['wall_ms_per_step']:.3f} ms")
     if "profile" in r:
         p = r["profile"]
         print(f"{name} profile: {p.get('kernels_per_step')} kernels/step, "
               f"{p.get('kernel_ms_per_step')} ms kernels, wall {p['wall_ms_per_step']:.3f} ms, "
-              f"gap {p.get('gap_fraction')}")
+              f"gap {p.get('gap_fraction')}, CUDA calls {p.get('cuda_calls_per_step')}")
     if "peer_error" in r:
         print(f"{name} peer error: {r['peer_error']}")
 print("perplexity", ppl)
