@@ -164,7 +164,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     n = qm.shape[-2]
     x2 = x.reshape(rows, k)
-    if rows <= reduce_max_rows() and os.environ.get("KTJAX_QUANT_KERNEL") == "pallas":
+    if os.environ.get("KTJAX_QUANT_KERNEL") == "pallas":
         from ktjax.kernels import quant_matmul   # imports this module
         if quant_matmul.supported(qm, rows):
             y = quant_matmul.gemv(qm, x2, interpret=jax.default_backend() != "gpu")

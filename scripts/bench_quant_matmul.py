@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16,64,512")
     ap.add_argument("--qtypes", default="Q4_K,Q8_0,Q6_K")
     ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--block-rows", type=int, default=32, help="Pallas GEMV rows per program")
+    ap.add_argument("--block-rows", type=int, default=0,
+                    help="Pallas GEMV rows per program (0: the kernel's choice for N)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -85,9 +86,10 @@ def main() -> None:
                 s = timed(f, qm, x, calls=args.calls, repeats=args.repeats)
                 row[f"{form}_us"] = s * 1e6
                 row[f"{form}_weight_gbps"] = qm.nbytes / s / 1e9
-            if quant_matmul.supported(qm, m, args.block_rows):
+            if quant_matmul.supported(qm, m, args.block_rows or None):
                 try:
-                    g = jax.jit(functools.partial(quant_matmul.gemv, block_rows=args.block_rows))
+                    g = jax.jit(functools.partial(quant_matmul.gemv,
+                                                  block_rows=args.block_rows or None))
                     s = timed(g, qm, x, calls=args.calls, repeats=args.repeats)
                     row["pallas_us"] = s * 1e6
                     row["pallas_weight_gbps"] = qm.nbytes / s / 1e9

@@ -63,6 +63,9 @@ PY
 then log "graph flags failed: continuing with KTJAX_COMMAND_BUFFERS=0"; export KTJAX_COMMAND_BUFFERS=0
 fi
 
+# correctness on the device first: XLA forms and the Pallas GEMV against float64
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_quant.py -k gpu 2>&1 \
+  | tail -15 > "$OUT/gpu_tests.txt"; log "GPU tests: $(tail -1 "$OUT/gpu_tests.txt")"
 record quant_matmul 40 python3 scripts/bench_quant_matmul.py $MM --json
 # the matmul form per row count as measured: reduction up to the largest row count below
 # which it beat dequantize + dot for every row count of every type
@@ -79,16 +82,20 @@ print(best if rows else "")
 PY
 )
 [ -n "$ROWS" ] && export KTJAX_QUANT_REDUCE_ROWS=$ROWS && log "KTJAX_QUANT_REDUCE_ROWS=$ROWS (measured)"
-# the Pallas GEMV gets model runs of its own (at the end) if it beat the XLA forms at 1 row
-PALLAS=$(python3 - "$J" <<'PY' 2>> "$LOG"
+# the Pallas GEMV gets model runs of its own (at the end) at the row counts where it beat
+# the XLA forms for every type (1 -> batch-1 runs, 64 -> a batch-64 run)
+PALLAS_ROWS=$(python3 - "$J" <<'PY' 2>> "$LOG"
 import json, sys
 rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
-one = [r for r in rows if r["rows"] == 1]
-print(1 if one and all(r["best"] == "pallas" for r in one) else 0)
+won = [m for m in sorted({r["rows"] for r in rows})
+       if all(r["best"] == "pallas" for r in rows if r["rows"] == m)]
+print(" ".join(map(str, won)))
 PY
 )
-[ "${SMOKE:-0}" = 1 ] && PALLAS=1     # exercise the branch (interpret mode on CPU)
-log "Pallas GEMV fastest at 1 row: ${PALLAS:-0}"
+PALLAS=0; [[ " $PALLAS_ROWS " == *" 1 "* ]] && PALLAS=1
+PALLAS64=0; [[ " $PALLAS_ROWS " == *" 64 "* ]] && PALLAS64=1
+[ "${SMOKE:-0}" = 1 ] && PALLAS=1 && PALLAS64=1    # exercise the branches (interpret on CPU)
+log "Pallas GEMV fastest at rows: ${PALLAS_ROWS:-none}"
 
 record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
   --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
@@ -106,6 +113,9 @@ record big_q4_k_batched 60 python3 scripts/bench_generate.py --model "$D/big-q4k
   --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
 KTJAX_COMMAND_BUFFERS=0 record small_q8_0_no_graphs 30 python3 scripts/bench_generate.py \
   --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
+# graphs kept on under the profiler: the step's graph launches and other CUDA calls
+XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true" record small_profile_graphs_on 40 \
+  python3 scripts/profile_step.py --model "$D/small-q8.gguf" --prompt-tokens $P --steps 10 --json
 record big_q4_k_prefill 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
   --prefill-tokens $PF --repeats 2 $LB --json
 record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
@@ -115,6 +125,11 @@ if [ "${PALLAS:-0}" = 1 ]; then
     --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
   KTJAX_QUANT_KERNEL=pallas record big_q4_k_b1_pallas 60 python3 scripts/bench_generate.py \
     --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline --json
+fi
+if [ "$PALLAS64" = 1 ]; then
+  KTJAX_QUANT_KERNEL=pallas record big_q4_k_b64_pallas 60 python3 scripts/bench_generate.py \
+    --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --batch ${BATCHES##*,} \
+    --repeats 1 --roofline --json
 fi
 python3 - "$J" "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, re, sys
@@ -145,11 +160,14 @@ for name, r in out.items():
         print(f"{name} prefill {p['prefill_tokens']}: {p['prefill_tok_s']:.0f} tok/s, "
               f"{p['tflops']:.1f} TFLOPS ({p.get('fraction_of_peak', nan):.2f} of peak), "
               f"x llama.cpp {p.get('prefill_ratio', nan):.2f}")
+    if "cuda_calls_per_step" in r:
+        print(f"{name}: CUDA calls per step {r['cuda_calls_per_step']}, "
+              f"kernels {r.get('kernels_per_step')}, wall {r['wall_ms_per_step']:.3f} ms")
     if "profile" in r:
         p = r["profile"]
         print(f"{name} profile: {p.get('kernels_per_step')} kernels/step, "
               f"{p.get('kernel_ms_per_step')} ms kernels, wall {p['wall_ms_per_step']:.3f} ms, "
-              f"gap {p.get('gap_fraction')}")
+              f"gap {p.get('gap_fraction')}, CUDA calls {p.get('cuda_calls_per_step')}")
     if "peer_error" in r:
         print(f"{name} peer error: {r['peer_error']}")
 print("perplexity", ppl)

@@ -16,6 +16,9 @@ that overlap count once). XLA runs kernels one by one while a profile is recorde
 buffers off), so these are the kernels a step's CUDA graph holds. `wall_ms_per_step` is timed
 apart, without the profiler (graphs on), over the same number of steps; `gap_fraction` =
 1 - kernel time / wall time: launch, Python and synchronization overhead of a step.
+`cuda_calls_per_step`: the CUDA API calls seen on the host (with
+XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true the graphs stay on while
+profiling, and cuGraphLaunch counts the step's graph launches).
 """
 from __future__ import annotations
 
@@ -82,6 +85,21 @@ def device_stats(events: list[dict], steps: int) -> dict | None:
             "device_lines": dict(lines.most_common(6))}
 
 
+_CUDA_CALLS = ("Launch", "Memcpy", "Synchronize", "EventRecord", "StreamWait")
+
+
+def cuda_calls(events: list[dict], steps: int) -> dict[str, float]:
+    """CUDA API calls per step the profiler saw on the host (kernel and graph launches,
+    copies, synchronizations): what a step costs the CPU besides Python."""
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    calls = collections.Counter(
+        e["name"] for e in events if e.get("ph") == "X" and
+        "/device:" not in procs.get(e.get("pid"), "") and
+        e["name"].startswith(("cu", "cuda")) and any(c in e["name"] for c in _CUDA_CALLS))
+    return {k: v / steps for k, v in calls.most_common(8)}
+
+
 def host_ops(events: list[dict], steps: int) -> dict[str, tuple[float, float]]:
     """{operation name: (ms per step, calls per step)} from every complete event."""
     total, calls = collections.Counter(), collections.Counter()
@@ -117,7 +135,8 @@ def profile_engine(engine, prompt_tokens: int, steps: int) -> dict:
     events = _trace_events(run)
     while engine.has_work():
         engine.step()
-    out = {"steps": steps, "wall_ms_per_step": wall_ms, "ops": host_ops(events, steps)}
+    out = {"steps": steps, "wall_ms_per_step": wall_ms, "ops": host_ops(events, steps),
+           "cuda_calls_per_step": cuda_calls(events, steps)}
     dev = device_stats(events, steps)
     if dev:
         out.update(dev, gap_fraction=1.0 - dev["kernel_ms_per_step"] / wall_ms)

@@ -225,7 +225,8 @@ def test_info_reports_the_arrays_bytes(tmp_path, q4k_path, monkeypatch):
     assert mib["rest"] == pytest.approx(rest / 2 ** 20, abs=0.006)
 
 
-@pytest.mark.parametrize("qtype,rows", [(T.Q4_K, 1), (T.Q8_0, 4), (T.Q6_K, 2), (T.Q4_1, 1)])
+@pytest.mark.parametrize("qtype,rows", [(T.Q4_K, 1), (T.Q8_0, 4), (T.Q6_K, 2), (T.Q4_1, 1),
+                                        (T.Q4_K, 16)])
 def test_pallas_gemv_matches_reference(qtype, rows):
     """The Pallas decode GEMV (interpret mode here) against the jnp dequantized matmul."""
     from ktjax.kernels import quant_matmul
@@ -237,6 +238,7 @@ def test_pallas_gemv_matches_reference(qtype, rows):
     got = np.asarray(quant_matmul.gemv(qm, jnp.asarray(x), block_rows=16, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert not quant_matmul.supported(qm, 3) and not quant_matmul.supported(qm, 1, 128)
+    assert quant_matmul.block_rows_for(4096) == 16 and quant_matmul.block_rows_for(28672) == 32
 
 
 def test_model_with_pallas_gemv(q4k_path, monkeypatch):
@@ -253,3 +255,24 @@ def test_model_with_pallas_gemv(q4k_path, monkeypatch):
     assert len(calls) == 4      # qkv, o, gate+up, down: traced once in the scan (head: N=261)
 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q8_0, T.Q6_K])
+def test_gpu_forms_and_pallas_gemv(qtype, monkeypatch):
+    """On the GPU: both XLA forms and the Triton-lowered GEMV against float64."""
+    from ktjax.kernels import quant_matmul
+    rng = np.random.default_rng(4)
+    n, k = 256, 1024
+    qm = _device(dq.pack_gguf(_random_blocks(rng, qtype, n, k), qtype, (n, k)), "keep")
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    want = x.astype(np.float64) @ np.asarray(dq.dequantize(qm), np.float64).T
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    for rows in (4, 16):                                    # FMA tiles, tensor-core tiles
+        np.testing.assert_allclose(np.asarray(quant_matmul.gemv(qm, jnp.asarray(x[:rows]))),
+                                   want[:rows], **tol)
+    for limit in (0, 64):
+        monkeypatch.setenv("KTJAX_QUANT_REDUCE_ROWS", str(limit))
+        np.testing.assert_allclose(np.asarray(jax.jit(dq.linear)(qm, jnp.asarray(x))), want,
+                                   **tol)

@@ -1,11 +1,12 @@
 """Decode GEMV over a QuantMatrix as a Pallas kernel (Triton lowering): y [M, N] = x [M, K] .
-W.T for few rows M, reading each weight's codes once and dequantizing in registers.
+W.T for few rows M (<= 64), reading each weight's codes once and dequantizing in registers;
+from 16 rows the tiles go through Triton's dot (tensor cores), below that plain FMA.
 
 The oracle is ktjax.device_quant.linear / dequantize (jnp); tests run this kernel in
-interpret mode against it. Each program owns `block_rows` weight rows and walks K one code
+interpret mode against it. Each program owns `block_rows` weight rows (block_rows_for) and walks K one code
 group at a time (4-bit: one chunk of 2h values, low and high nibbles as two [rows, h] tiles,
 so no tile is reshaped or concatenated), `unroll` groups per loop step. Tiles are powers of
-two, as Triton needs: the engine's row buckets are, and N must divide by block_rows.
+two, as Triton needs: the engine's row buckets are, and N must divide by 8.
 
 Used by device_quant.linear only when KTJAX_QUANT_KERNEL=pallas (the default stays the XLA
 fusion until this measures faster on a GPU; docs/kernel-notes.md, "gpu-quant").
@@ -18,6 +19,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from ktjax.device_quant import QuantMatrix
 
@@ -25,11 +27,27 @@ warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is depreca
                         category=DeprecationWarning)
 
 _FIELDS = ("scale", "sub_scale", "min_scale", "sub_min", "bias")
+MAX_ROWS_POW2 = (1, 2, 4, 8, 16, 32, 64)
+# From this many rows the tiles multiply on the tensor cores (Triton dot needs M >= 16);
+# below, FMA math (decode is bandwidth-bound, and wgmma would waste most of its M).
+DOT_ROWS = 16
 
 
-def supported(qm: QuantMatrix, rows: int, block_rows: int = 32) -> bool:
+def block_rows_for(n: int) -> int:
+    """Weight rows per program: 32, or fewer so a matrix of few rows still gives the GPU's
+    SMs a few programs each (>= 256 programs where N allows); 0 if N has no such divisor."""
+    for b in (32, 16, 8):
+        if n % b == 0 and (n // b >= 256 or b == 8):
+            return b
+    return next((b for b in (32, 16, 8) if n % b == 0), 0)
+
+
+def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool:
     """Whether the kernel takes this matrix (one layer: 2-D codes) and row count."""
-    return qm.codes.ndim == 2 and rows in (1, 2, 4, 8, 16) and qm.shape[-2] % block_rows == 0
+    n = qm.shape[-2]
+    block_rows = block_rows or block_rows_for(n)
+    return qm.codes.ndim == 2 and rows in MAX_ROWS_POW2 and block_rows > 0 and \
+        n % block_rows == 0
 
 
 def _kernel(x_ref, codes_ref, *refs, present, qm_static, block_rows, unroll, k):
@@ -65,6 +83,10 @@ def _kernel(x_ref, codes_ref, *refs, present, qm_static, block_rows, unroll, k):
         return w
 
     def dot_rows(w, xs):          # [block_rows, t] . [m, t] -> [m, block_rows]
+        if m >= DOT_ROWS:
+            dt = x_ref.dtype         # bf16 activations: bf16 tiles; float32: full precision
+            return pl_triton.dot(xs.astype(dt), w.astype(dt), trans_b=True,
+                                 precision=jax.lax.Precision.HIGHEST)
         return jnp.sum(w[None, :, :] * xs[:, None, :], axis=-1)
 
     if bits == 4:
@@ -97,11 +119,13 @@ def _kernel(x_ref, codes_ref, *refs, present, qm_static, block_rows, unroll, k):
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "unroll", "interpret"))
-def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int = 32, unroll: int = 2,
+def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None, unroll: int = 2,
          interpret: bool = False) -> jax.Array:
-    """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes)."""
+    """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes);
+    block_rows None: block_rows_for(N)."""
     m, k = x.shape
     n = qm.shape[-2]
+    block_rows = block_rows or block_rows_for(n)
     step = 2 * qm.half if qm.bits == 4 else qm.group
     while unroll > 1 and (k // step) % unroll:
         unroll //= 2
@@ -111,7 +135,6 @@ def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int = 32, unroll: int = 2,
         qm_static=(qm.bits, qm.half, qm.group, qm.scale_group, qm.offset))
     extra = {}
     if not interpret:
-        from jax.experimental.pallas import triton as pl_triton
         extra["compiler_params"] = pl_triton.CompilerParams(num_warps=4, num_stages=3)
     return pl.pallas_call(
         kernel, grid=(n // block_rows,),

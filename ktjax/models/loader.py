@@ -199,11 +199,11 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
     matrices in int8 / int4, or in format keep on a GPU (`keep_quantized`, default: not on
     CPU), as QuantMatrix codes and scales; other device tensors dequantized to `dtype`
     (format keep) or the rule's bf16/f32 (vectors stay float32) on `device`, stacked per
-    layer into [n_layers, ...]; host tensors repacked into
-    the native store (HostWeight), run by the host kernels through FFI. A stack's routed
+    layer into [n_layers, ...]; host tensors repacked into the native store (HostWeight),
+    run by the host kernels through FFI. A stack's routed
     experts become one expert set under moe.EXPERTS (HostExperts or DeviceExperts). A tied
-    output head placed on the host is packed from the embedding. Release the handles with
-    `release_host_weights`.
+    output head placed on the host, or quantized on the device, is packed from the
+    embedding. Release the handles with `release_host_weights`.
     """
     params: dict = {"layers": {}}
     if keep_quantized is None:
@@ -246,9 +246,9 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
                 value.device.platform == "cpu":
             value = LayerStack(value)  # read in place by decode steps (see LayerStack)
         target[key] = value
-    head = placement.get("output")
     for stack in [v for v in params.values() if isinstance(v, dict)]:
         _fuse_quant_projections(stack)
+    head = placement.get("output")
     embd = [spec.table["token_embd"].gguf_name]
     if "output" not in params and head is not None and head.placement == "host":
         params["output"] = _pack_host(f, embd, head.format)
