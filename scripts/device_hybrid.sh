@@ -89,6 +89,11 @@ for spec in $MODELS; do
     TESTED=1 TAIL=12 stage gpu-tests 30 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
     TESTED=1
   fi
+  # prefill of one layer: host experts vs streaming the layer's experts to the GPU
+  if [ "$shape" != tiny ]; then
+    stage "prefill-probe-$shape" 25 45 python3 scripts/prefill_probe.py --shape "$shape" \
+      --tokens 128,512,2048 --threads "$THREADS" --json
+  fi
   # before: the synchronous bridge (pageable copies, two stream syncs per layer)
   stage "ktjax-syncbridge-$shape-b1" 40 90 env KTJAX_HOST_MOE_SYNC=1 $BENCH --model "$m" --rules "$profile" \
     --prompt-tokens $PROMPT --gen-tokens $GEN
