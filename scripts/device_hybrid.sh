@@ -8,7 +8,7 @@
 # -ngl 99 -ncmoe <all layers> -t 16 -fa 1, ktjax CPU-only, then the same partial placement in
 # both (GPU_LAYERS: the last layers' experts on the GPU), one layer's prefill on the host vs
 # streamed to the GPU, the synchronous bridge (before), and output agreement
-# hybrid vs all-GPU on a 4-layer cut of the shape (all-GPU dequantizes every expert).
+# hybrid vs all-GPU on a 2-layer cut of the shape (all-GPU dequantizes every expert).
 # Writes $OUT/hybrid.log and $OUT/hybrid.json. SMOKE=1: tiny model on this machine's CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -66,7 +66,7 @@ write_tiny_gguf('$D/tiny-2.gguf', 'qwen3moe', n_experts=8, n_used=2, n_layers=2,
 write_tiny_gguf('$D/tiny-cut.gguf', 'qwen3moe', n_experts=8, n_used=2, n_layers=2, context_length=1024)"
 else
   MODELS=${MODELS:-qwen3-30b-a3b:48 deepseek-v2-lite:27}
-  PROMPT=512; GEN=32; CUT=4
+  PROMPT=512; GEN=32; CUT=2
 fi
 
 for spec in $MODELS; do
