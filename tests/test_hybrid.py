@@ -73,6 +73,24 @@ def test_a_failing_host_job_is_a_kernel_error_after_the_step(expert_sets):
                                   hm.moe_forward(x, ids, w, expert_sets[0]))
 
 
+def test_worker_path_of_the_cuda_handlers(expert_sets):
+    """The host side of the CUDA handlers without CUDA: the job handed to the worker thread
+    and waited for, many times (the counters pair each wait with its submit), and a failure
+    (zeros, an error, the next job fine)."""
+    from ktjax import _native
+    rng = np.random.default_rng(5)
+    site = ma.reserve_site(3, H, K, expert_sets)
+    for i in range(50):
+        x, ids, w = _routing(rng, 3)
+        got = _native.moe_site_run_async(site, x, ids, w, i % 2)
+        np.testing.assert_array_equal(got, hm.moe_forward(x, ids, w, expert_sets[i % 2]))
+    assert not _native.moe_site_run_async(site, x, ids, w, 2).any()
+    with pytest.raises(KernelError, match="layer index 2 outside the 2 expert sets"):
+        ma.raise_host_errors()
+    np.testing.assert_array_equal(_native.moe_site_run_async(site, x, ids, w, 1),  # recovers
+                                  hm.moe_forward(x, ids, w, expert_sets[1]))
+
+
 def test_bad_input_names_the_problem(expert_sets):
     with pytest.raises(KernelError, match="no expert sets"):
         ma.reserve_site(4, H, K, ())
