@@ -238,40 +238,19 @@ def test_cuda_handlers_match_the_cpu_kernel(expert_sets, tokens):
 
 
 @pytest.mark.gpu
-def test_cuda_hybrid_step_matches_all_device(tmp_path, moe_path):
+def test_cuda_hybrid_step_matches_the_cpu_program(tmp_path, moe_path):
+    """The GPU step with host experts (stream-ordered, captured) scores like the CPU program
+    of the same rules (same host kernel; the rest float32 on either device), and a split
+    placement like the all-device GPU program within the host kernels' int8 error."""
     if not HAS_GPU:
         pytest.skip("needs a CUDA GPU")
     ids = list(range(5, 40))
-    dev, dev_tok, _ = _scores(moe_path, "device", ids, dtype="float32")
-    mixed, mixed_tok, llm = _scores(moe_path, _rules(
-        tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
+    cpu = jax.devices("cpu")[0]
+    host_cpu, _, _ = _scores(moe_path, "qwen2moe", ids, dtype="float32", device=cpu)
+    host_gpu, _, llm = _scores(moe_path, "qwen2moe", ids, dtype="float32")
     assert isinstance(llm.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
-    host, _, _ = _scores(moe_path, "qwen2moe", ids, dtype="float32")  # all host, stream-ordered
-    assert np.abs(mixed - dev).max() < 0.1 and np.abs(host - dev).max() < 0.1
-    assert mixed_tok[:3] == dev_tok[:3]
-
-
-def test_a_failing_host_job_fails_the_request_not_the_engine(tmp_path, moe_path):
-    """A layer's host expert set gone from the store: generate raises KernelError after the
-    step (no crash, no hang), the step's request is aborted and its pages freed, and the
-    engine takes the next request (which fails the same way, cleanly)."""
-    import weakref
-    from ktjax.weights import host_handles
-    llm = LLM(str(moe_path), rules=_rules(tmp_path, "experts: {hot: {0: [1]}}\n"),
-              max_model_len=64)
-    handles = list(host_handles(llm.engine.params))
-    gone = llm.engine.params["layers"]["ffn_exps"].handles[2]
-    release(gone)
-    free = llm.engine.pool.free_pages
-    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    for _ in range(2):
-        with pytest.raises(KernelError, match=r"host MoE \(site \d+, layer 2\): .*handle"):
-            llm.generate([[5, 6, 7]], greedy)
-        assert not llm.engine.has_work() and llm.engine.pool.free_pages == free
-    ma.raise_host_errors()  # nothing left over
-    for fin in list(weakref.finalize._registry):  # release the rest here, not `gone` twice
-        if fin.peek() is not None and fin.peek()[0] is llm:
-            fin.detach()
-    for h in handles:
-        if h != gone:
-            release(h)
+    np.testing.assert_allclose(host_gpu, host_cpu, atol=1e-2)   # int8 roundings may flip
+    dev, _, _ = _scores(moe_path, "device", ids, dtype="float32")
+    mixed, _, _ = _scores(moe_path, _rules(
+        tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
+    assert np.abs(mixed - dev).max() < np.abs(host_gpu - dev).max() + 1e-3
