@@ -2,7 +2,7 @@
 """Hybrid GPU + host MoE: decode and prefill throughput of one placement, the decode step
 against its ideal, launches per step, and agreement with another placement.
 
-    python scripts/bench_hybrid.py --model m.gguf --rules qwen3moe --batch 1 --json
+    python scripts/bench_hybrid.py --model m.gguf --rules qwen3moe --batch 1,8 --json
     ... --rules rules.yaml --compare device     # + agreement with the all-device program
 
 One JSON line (--json) per run. The step's ideal is the GPU part (the same step with the host
@@ -116,27 +116,28 @@ def run(args) -> Iterator[dict]:
             engine.step()
         return t_prefill, time.perf_counter() - t
 
-    row = {"model": os.path.basename(args.model), "rules": args.rules, "batch": args.batch,
-           "threads": args.threads, "load_s": load_s, "platform": llm_platform()}
-    one_pass(args.batch, args.prompt_tokens)               # compiles
-    t_prefill, t_decode = one_pass(args.batch, args.prompt_tokens)
-    steps = args.gen_tokens - 1
-    row.update(prefill_tps=args.batch * args.prompt_tokens / t_prefill,
-               decode_tps=args.batch * steps / t_decode, step_ms=1e3 * t_decode / steps)
-    bw = max(_native.read_bandwidth_gbps(0, 3) for _ in range(2))
-    host_bytes = host_expert_bytes(engine.params, args.batch, moe.n_used)
-    row.update(read_bw_gbps=bw, host_expert_mb_per_step=host_bytes / 1e6,
-               host_bw_ms=1e3 * host_bytes / (bw * 1e9))
-    if hasattr(_native, "moe_site_dry_run") and row["platform"] == "gpu":
-        _native.moe_site_dry_run(True)
-        try:
-            _, t_dry = one_pass(args.batch, args.prompt_tokens)   # compiled buckets
-        finally:
-            _native.moe_site_dry_run(False)
-        row["gpu_part_ms"] = 1e3 * t_dry / steps
-        row["ideal_ms"] = row["gpu_part_ms"] + row["host_bw_ms"]
-        row["step_over_ideal"] = row["step_ms"] / row["ideal_ms"]
-    yield row
+    for batch in (int(b) for b in str(args.batch).split(",")):
+        row = {"model": os.path.basename(args.model), "rules": args.rules, "batch": batch,
+               "threads": args.threads, "load_s": load_s, "platform": llm_platform()}
+        one_pass(batch, args.prompt_tokens)               # compiles
+        t_prefill, t_decode = one_pass(batch, args.prompt_tokens)
+        steps = args.gen_tokens - 1
+        row.update(prefill_tps=batch * args.prompt_tokens / t_prefill,
+                   decode_tps=batch * steps / t_decode, step_ms=1e3 * t_decode / steps)
+        bw = max(_native.read_bandwidth_gbps(0, 3) for _ in range(2))
+        host_bytes = host_expert_bytes(engine.params, batch, moe.n_used)
+        row.update(read_bw_gbps=bw, host_expert_mb_per_step=host_bytes / 1e6,
+                   host_bw_ms=1e3 * host_bytes / (bw * 1e9))
+        if hasattr(_native, "moe_site_dry_run") and row["platform"] == "gpu":
+            _native.moe_site_dry_run(True)
+            try:
+                _, t_dry = one_pass(batch, args.prompt_tokens)   # compiled buckets
+            finally:
+                _native.moe_site_dry_run(False)
+            row["gpu_part_ms"] = 1e3 * t_dry / steps
+            row["ideal_ms"] = row["gpu_part_ms"] + row["host_bw_ms"]
+            row["step_over_ideal"] = row["step_ms"] / row["ideal_ms"]
+        yield row
     head = {k: row[k] for k in ("model", "rules", "platform")}
     if args.profile:
         try:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--rules", default=None, help="rules file or profile (default: the platform's)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="decode batch sizes, comma-separated")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())

@@ -2,11 +2,13 @@
 # expected: <= 240 s on the accelerator machine (stages past the budget are skipped and logged)
 # Hybrid GPU + host MoE against ktjax CPU-only and llama.cpp's --n-cpu-moe, same GGUFs, same run:
 # synthetic Qwen3-30B-A3B shape (48 layers, experts Q4_K), then DeepSeek-V2-Lite (27 layers) while
-# the budget lasts. Per model: ktjax hybrid (experts on the host, 16 threads; decode batch 1 with
-# the step against its ideal and the CUDA calls per step from a profile, prefill 512), llama-bench
+# the budget lasts. Per model: ktjax hybrid (experts on the host, 16 threads; decode batch 1 and 8
+# with the step against its ideal, the CUDA calls per step from a profile, prefill 512 and
+# 8 x 512), llama-bench
 # -ngl 99 -ncmoe <all layers> -t 16 -fa 1, ktjax CPU-only, then the same partial placement in
-# both (N_CPU_MOE: the last layers' experts on the GPU), decode batch 8, and output agreement
-# hybrid vs all-GPU on a 4-layer cut of the shape (all-GPU dequantizes every expert).
+# both (GPU_LAYERS: the last layers' experts on the GPU), one layer's prefill on the host vs
+# streamed to the GPU, the synchronous bridge (before), and output agreement
+# hybrid vs all-GPU on a 2-layer cut of the shape (all-GPU dequantizes every expert).
 # Writes $OUT/hybrid.log and $OUT/hybrid.json. SMOKE=1: tiny model on this machine's CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -64,7 +66,7 @@ write_tiny_gguf('$D/tiny-2.gguf', 'qwen3moe', n_experts=8, n_used=2, n_layers=2,
 write_tiny_gguf('$D/tiny-cut.gguf', 'qwen3moe', n_experts=8, n_used=2, n_layers=2, context_length=1024)"
 else
   MODELS=${MODELS:-qwen3-30b-a3b:48 deepseek-v2-lite:27}
-  PROMPT=512; GEN=32; CUT=4
+  PROMPT=512; GEN=32; CUT=2
 fi
 
 for spec in $MODELS; do
@@ -77,8 +79,8 @@ for spec in $MODELS; do
   fi
   profile=$(python3 -c "from ktjax.gguf.reader import GGUFFile; print(GGUFFile('$m').architecture)")
   # 1. experts all on the host, the rest on the GPU (the family's GPU profile)
-  stage "ktjax-hybrid-$shape-b1" 40 120 $BENCH --model "$m" --rules "$profile" --prompt-tokens $PROMPT \
-    --gen-tokens $GEN --profile
+  stage "ktjax-hybrid-$shape" 40 130 $BENCH --model "$m" --rules "$profile" --prompt-tokens $PROMPT \
+    --gen-tokens $GEN --profile --batch 1,8
   if [ -n "${LLAMA_BIN:-}" ]; then
     stage "llama-ncmoe-all-$shape" 20 60 llama "$shape" "$m" "$layers"
   fi
@@ -88,6 +90,11 @@ for spec in $MODELS; do
   if [ -z "${TESTED:-}" ]; then
     TESTED=1 TAIL=12 stage gpu-tests 30 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
     TESTED=1
+  fi
+  # prefill of one layer: host experts vs streaming the layer's experts to the GPU
+  if [ "$shape" != tiny ]; then
+    stage "prefill-probe-$shape" 25 45 python3 scripts/prefill_probe.py --shape "$shape" \
+      --tokens 128,512,2048 --threads "$THREADS" --json
   fi
   # before: the synchronous bridge (pageable copies, two stream syncs per layer)
   stage "ktjax-syncbridge-$shape-b1" 40 90 env KTJAX_HOST_MOE_SYNC=1 $BENCH --model "$m" --rules "$profile" \
@@ -101,8 +108,6 @@ for spec in $MODELS; do
     stage "llama-ncmoe-$n-$shape" 20 60 llama "$shape" "$m" "$n"
     stage "llama-ncmoe-0-$shape" 20 60 llama "$shape" "$m" 0
   fi
-  stage "ktjax-hybrid-$shape-b8" 40 90 $BENCH --model "$m" --rules "$profile" --batch 8 \
-    --prompt-tokens $PROMPT --gen-tokens $GEN
   # 3. outputs: hybrid vs all-GPU on a cut of the shape
   c="$D/$shape-cut.gguf"
   [ "$shape" = tiny ] && c="$D/tiny-cut.gguf"

@@ -73,6 +73,24 @@ def test_a_failing_host_job_is_a_kernel_error_after_the_step(expert_sets):
                                   hm.moe_forward(x, ids, w, expert_sets[0]))
 
 
+def test_worker_path_of_the_cuda_handlers(expert_sets):
+    """The host side of the CUDA handlers without CUDA: the job handed to the worker thread
+    and waited for, many times (the counters pair each wait with its submit), and a failure
+    (zeros, an error, the next job fine)."""
+    from ktjax import _native
+    rng = np.random.default_rng(5)
+    site = ma.reserve_site(3, H, K, expert_sets)
+    for i in range(50):
+        x, ids, w = _routing(rng, 3)
+        got = _native.moe_site_run_async(site, x, ids, w, i % 2)
+        np.testing.assert_array_equal(got, hm.moe_forward(x, ids, w, expert_sets[i % 2]))
+    assert not _native.moe_site_run_async(site, x, ids, w, 2).any()
+    with pytest.raises(KernelError, match="layer index 2 outside the 2 expert sets"):
+        ma.raise_host_errors()
+    np.testing.assert_array_equal(_native.moe_site_run_async(site, x, ids, w, 1),  # recovers
+                                  hm.moe_forward(x, ids, w, expert_sets[1]))
+
+
 def test_bad_input_names_the_problem(expert_sets):
     with pytest.raises(KernelError, match="no expert sets"):
         ma.reserve_site(4, H, K, ())
@@ -220,14 +238,19 @@ def test_cuda_handlers_match_the_cpu_kernel(expert_sets, tokens):
 
 
 @pytest.mark.gpu
-def test_cuda_hybrid_step_matches_all_device(tmp_path, moe_path):
+def test_cuda_hybrid_step_matches_the_cpu_program(tmp_path, moe_path):
+    """The GPU step with host experts (stream-ordered, captured) scores like the CPU program
+    of the same rules (same host kernel; the rest float32 on either device), and a split
+    placement like the all-device GPU program within the host kernels' int8 error."""
     if not HAS_GPU:
         pytest.skip("needs a CUDA GPU")
     ids = list(range(5, 40))
-    dev, dev_tok, _ = _scores(moe_path, "device", ids, dtype="float32")
-    mixed, mixed_tok, llm = _scores(moe_path, _rules(
-        tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
+    cpu = jax.devices("cpu")[0]
+    host_cpu, _, _ = _scores(moe_path, "qwen2moe", ids, dtype="float32", device=cpu)
+    host_gpu, _, llm = _scores(moe_path, "qwen2moe", ids, dtype="float32")
     assert isinstance(llm.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
-    host, _, _ = _scores(moe_path, "qwen2moe", ids, dtype="float32")  # all host, stream-ordered
-    assert np.abs(mixed - dev).max() < 0.1 and np.abs(host - dev).max() < 0.1
-    assert mixed_tok[:3] == dev_tok[:3]
+    np.testing.assert_allclose(host_gpu, host_cpu, atol=1e-2)   # int8 roundings may flip
+    dev, _, _ = _scores(moe_path, "device", ids, dtype="float32")
+    mixed, _, _ = _scores(moe_path, _rules(
+        tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
+    assert np.abs(mixed - dev).max() < np.abs(host_gpu - dev).max() + 1e-3

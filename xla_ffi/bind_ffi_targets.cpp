@@ -1,7 +1,10 @@
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu_kernels/bindings.h"
@@ -51,6 +54,33 @@ void bind_ffi_targets(py::module_& m) {
       },
       py::arg("tokens"), py::arg("hidden"), py::arg("top_k"), py::arg("handles"), py::arg("pinned"),
       "Reserves the host buffers of one ktjax_moe_submit/wait call site: (site id, pinned).");
+  m.def(
+      "moe_site_run_async",
+      [](int64_t site_id, py::array_t<float, py::array::c_style | py::array::forcecast> x,
+         py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
+         py::array_t<float, py::array::c_style | py::array::forcecast> weights, int32_t layer,
+         double timeout_s) {
+        MoeSite* s = find_moe_site(site_id);
+        if (s == nullptr) throw std::invalid_argument("no host MoE site " + std::to_string(site_id));
+        if (x.size() != s->tokens * s->hidden || ids.size() != s->tokens * s->top_k ||
+            weights.size() != ids.size())
+          throw std::invalid_argument("operand sizes do not match site " + std::to_string(site_id));
+        std::memcpy(s->x, x.data(), s->x_bytes());
+        std::memcpy(s->ids, ids.data(), s->route_bytes());
+        std::memcpy(s->weights, weights.data(), s->route_bytes());
+        *s->layer = layer;
+        py::array_t<float> out({s->tokens, s->hidden});
+        {
+          py::gil_scoped_release nogil;
+          submit_moe_job(s);  // what the CUDA host functions call, in their order
+          wait_moe_job(s, timeout_s);
+        }
+        std::memcpy(out.mutable_data(), s->out, s->x_bytes());
+        return out;
+      },
+      py::arg("site"), py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("layer"),
+      py::arg("timeout_s") = 120.0,
+      "The CUDA path's host side without CUDA: fill the site, submit to the worker, wait.");
   m.def("moe_site_dry_run", &set_moe_dry_run, py::arg("on"),
         "Measurement switch: host MoE jobs write zeros without computing.");
   m.def("moe_site_take_error", &take_moe_site_error,

@@ -138,6 +138,9 @@ void MoeSite::run() {
     std::fill(out, out + tokens * hidden, 0.f);
     record_moe_site_error("host MoE (site " + std::to_string(id) + ", layer " + std::to_string(*layer) +
                           "): " + e.what());
+  } catch (...) {  // nothing may escape the worker thread
+    std::fill(out, out + tokens * hidden, 0.f);
+    record_moe_site_error("host MoE (site " + std::to_string(id) + "): unknown failure");
   }
 }
 

@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax import device_quant
+from ktjax import device_quant, hybrid_experts
 from ktjax.errors import TensorError
-from ktjax import hybrid_experts
 from ktjax.gguf import quants
 from ktjax.gguf.reader import GGUFFile, TensorView
 from ktjax.host import linear as host_linear
