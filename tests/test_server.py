@@ -230,3 +230,31 @@ def test_64_concurrent_streams_lose_no_token(server, tiny_llm):
     for (text, tokens, reason), want in zip(results, alone):
         assert (text, tokens, reason) == (want.text, 8, "length")
     _assert_pages_free(tiny_llm.engine)
+
+
+def test_disconnect_before_a_whole_response_aborts_it(server, tiny_llm):
+    loop = tiny_llm.engine_loop()
+    generated = loop.generated_tokens
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 600, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nAuthorization: Bearer " + KEY.encode() +
+                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while loop.generated_tokens == generated:  # running: now hang up
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    _assert_pages_free(tiny_llm.engine)
+    assert loop.generated_tokens - generated < 600
+
+
+def test_serve_command_passes_its_options(monkeypatch):
+    import ktjax.server.app
+    from ktjax.cli import main
+    seen = {}
+    monkeypatch.setattr(ktjax.server.app, "serve", lambda model, **kw: seen.update(kw, model=model))
+    assert main(["serve", "smollm2-135m", "--port", "8123", "--api-key", "k",
+                 "--max-model-len", "512"]) == 0
+    assert seen["model"] == "smollm2-135m" and seen["port"] == 8123 and \
+        seen["api_key"] == "k" and seen["host"] == "127.0.0.1" and seen["max_model_len"] == 512
