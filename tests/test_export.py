@@ -162,6 +162,11 @@ def test_fallback_compile_warns_and_generates(artifacts, model, tmp_path, refere
         llm = ktjax.LLM(model, artifacts=folder, fallback="compile", max_model_len=MAX_LEN)
     assert llm.generate(PROMPT, GREEDY)[0].token_ids == reference
     assert llm.artifacts is None
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        ktjax.LLM(model, artifacts=folder)
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        ktjax.LLM(model, artifacts=folder, fallback="compile", max_model_len=MAX_LEN)
 
 
 def test_truncated_or_corrupt_weights_are_refused(artifacts, model, tmp_path):

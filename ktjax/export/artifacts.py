@@ -66,15 +66,19 @@ def _trees(programs: ProgramCache, key: Key):
 def _cache_off():
     """The persistent cache off (JAX decides once per process whether to use it; resetting
     its state makes it decide again)."""
-    from jax._src import compilation_cache
+    try:
+        from jax._src.compilation_cache import reset_cache
+    except ImportError:  # a JAX without it: the flag alone, read at each compile
+        def reset_cache() -> None:
+            pass
     was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
+    reset_cache()
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", was)
-        compilation_cache.reset_cache()
+        reset_cache()
 
 
 def _check_arguments(compiled: jax.stages.Compiled, programs: ProgramCache, key: Key,

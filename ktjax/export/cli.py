@@ -46,6 +46,16 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def add_export_parser(sub) -> None:
     from ktjax.engine.config import EngineConfig
     e = sub.add_parser("export", help="compile a configuration's programs and write them with "
@@ -53,9 +63,9 @@ def add_export_parser(sub) -> None:
     e.add_argument("model", metavar="MODEL", help="GGUF path or catalog name")
     e.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact folder")
     e.add_argument("--rules", default=None, help="placement rules file or profile")
-    e.add_argument("--max-model-len", type=int, default=None,
+    e.add_argument("--max-model-len", type=_positive, default=None,
                    help="context per sequence (default: the model's, at most 4096)")
-    e.add_argument("--batch", type=int, default=1,
+    e.add_argument("--batch", type=_positive, default=1,
                    help="most sequences running together (default: 1)")
     e.add_argument("--kinds", type=_kinds, default=DEFAULT_KINDS,
                    help=f"programs to build, some of {','.join(SAMPLER_KINDS)} "

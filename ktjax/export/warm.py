@@ -21,7 +21,13 @@ FALLBACKS = ("error", "compile")
 def open_artifacts(folder: str | os.PathLike | None, fallback: str) -> Artifacts | None:
     if fallback not in FALLBACKS:
         raise ArtifactError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-    return None if folder is None else Artifacts(folder)
+    if folder is None:
+        return None
+    try:
+        return Artifacts(folder)
+    except ArtifactError as e:  # no manifest, or an unreadable one
+        _fall_back(e, fallback)
+        return None
 
 
 def tokenizer(artifacts: Artifacts | None, fallback: str, gguf_file) -> Tokenizer:
