@@ -12,6 +12,7 @@ import numpy as np
 
 from ktjax import rules as placement_rules
 from ktjax.engine.config import EngineConfig
+from ktjax.engine.drafters import make_drafter
 from ktjax.engine.engine import Engine
 from ktjax.engine.interrupts import deferred_interrupts
 from ktjax.engine.programs import enable_persistent_cache
@@ -26,6 +27,12 @@ from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+
+
+def _file_identity(path: str | os.PathLike) -> bytes:
+    """The model file as the prefix cache's keys see it: path, size and modification time."""
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()
 
 
 class LLM:
@@ -63,7 +70,8 @@ class LLM:
         forward = self.spec.family.make_forward(self.config, backend)
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
-                             config=ec)
+                             config=ec, identity=_file_identity(self.model_path),
+                             drafter=make_drafter(ec, self))
         # One caller drives the engine at a time (a thread-safe submit API comes with serving).
         # Not reentrant: a stream closed by the garbage collector inside a call only requests
         # its abort (Engine.request_abort) instead of changing the engine mid-step.

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from ktjax.engine.buckets import Bucket
+from ktjax.engine.buckets import Bucket, StepBucket
 from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy
+from ktjax.engine.spec_decode import verify_sample
 from ktjax.models.base import Batch, KVCache
 
 _CACHE_DIR = os.environ.get("KTJAX_CACHE_DIR",
@@ -25,8 +26,15 @@ def enable_persistent_cache(path: str = _CACHE_DIR) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def batch_spec(b: Bucket) -> Batch:
+def batch_spec(b: Bucket | StepBucket) -> Batch:
     i32 = jnp.int32
+    if isinstance(b, StepBucket):
+        flat = jax.ShapeDtypeStruct((1, b.tokens), i32)
+        return Batch(tokens=flat, positions=flat, slots=flat,
+                     block_tables=jax.ShapeDtypeStruct((b.rows, b.pages), i32),
+                     cache_lens=jax.ShapeDtypeStruct((b.rows,), i32),
+                     logits_index=jax.ShapeDtypeStruct((1, b.logit_rows), i32),
+                     segments=b.segments)
     return Batch(tokens=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
                  positions=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
                  slots=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
@@ -63,9 +71,25 @@ class Full:
     window: int
 
 
+@dataclass(frozen=True)
+class Verify:
+    """`Full`'s sample of every logit row, plus the speculative-decoding rejection rule
+    against one draft token per logit row (spec_decode.verify_sample); `draft_probs`: the
+    drafter's distributions [R, V] are an operand (a draft model), else drafts are certain
+    (prompt lookup)."""
+
+    window: int
+    draft_probs: bool = False
+
+
 # What a step program does after forward: None returns the logits (a step that samples no
 # row, e.g. a prefill chunk that completes no prompt).
-Sampler = Greedy | Full | None
+Sampler = Greedy | Full | Verify | None
+
+
+def _sampled_rows(logits: jax.Array, batch: Batch) -> jax.Array:
+    """[rows, V]: each row's first logit row, or every logit row of a packed step."""
+    return logits[0] if batch.segments is not None else logits[:, 0]
 
 
 def _scorer(forward: Callable) -> Callable:
@@ -82,7 +106,7 @@ def _greedy_step(forward: Callable) -> Callable:
     logits never leave it and the step is one dispatch."""
     def step(params, kv, batch, with_logprobs):
         logits, kv = forward(params, kv, batch)
-        return *sample_greedy(logits[:, 0], with_logprobs), kv
+        return *sample_greedy(_sampled_rows(logits, batch), with_logprobs), kv
     return step
 
 
@@ -90,7 +114,16 @@ def _full_step(forward: Callable) -> Callable:
     """forward, then sample of each row's first logit row, in one executable."""
     def step(params, kv, batch, sb):
         logits, kv = forward(params, kv, batch)
-        return *sample(logits[:, 0], sb), kv
+        return *sample(_sampled_rows(logits, batch), sb), kv
+    return step
+
+
+def _verify_step(forward: Callable) -> Callable:
+    """forward, then sample and the rejection rule of every logit row, in one executable."""
+    def step(params, kv, batch, sb, draft, draft_probs=None):
+        logits, kv = forward(params, kv, batch)
+        rows = _sampled_rows(logits, batch)
+        return (*sample(rows, sb), verify_sample(rows, sb, draft, draft_probs), kv)
     return step
 
 
@@ -104,16 +137,24 @@ class ProgramCache:
         self._forward = jax.jit(forward, donate_argnums=(1,))
         self._greedy = jax.jit(_greedy_step(forward), donate_argnums=(1,), static_argnums=(3,))
         self._full = jax.jit(_full_step(forward), donate_argnums=(1,))
+        self._verify = jax.jit(_verify_step(forward), donate_argnums=(1,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
-        self._steps: dict[tuple[Bucket, Sampler], jax.stages.Compiled] = {}
+        self._steps: dict[tuple[Bucket | StepBucket, Sampler], jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
 
-    def step(self, bucket: Bucket, sampler: Sampler = None) -> jax.stages.Compiled:
+    @property
+    def n_step_programs(self) -> int:
+        """Step programs compiled so far (the bucket set bounds them)."""
+        return len(self._steps)
+
+    def step(self, bucket: Bucket | StepBucket, sampler: Sampler = None
+             ) -> jax.stages.Compiled:
         """(params, kv, batch[, SamplingBatch for Full]) -> (tokens, logprobs, kv), or
-        (logits, kv) with no sampler."""
+        (logits, kv) with no sampler; Verify: (params, kv, batch, SamplingBatch, draft[,
+        draft_probs]) -> (tokens, logprobs, Verdict, kv)."""
         if (bucket, sampler) not in self._steps:
             self.compile([(bucket, sampler)])
         return self._steps[bucket, sampler]
@@ -126,10 +167,10 @@ class ProgramCache:
                                           targets).compile())
         return self._scorers[bucket]
 
-    def compile(self, steps: Iterable[tuple[Bucket, Sampler]]) -> None:
+    def compile(self, steps: Iterable[tuple[Bucket | StepBucket, Sampler]]) -> None:
         """Compile the missing (bucket, sampler) step programs ahead of time, with a
         progress bar."""
-        todo = sorted(set(steps) - self._steps.keys(), key=lambda k: (k[0], repr(k[1])))
+        todo = sorted(set(steps) - self._steps.keys(), key=lambda k: (str(k[0]), repr(k[1])))
         if not todo:
             return
         bar = tqdm(todo, desc="compiling", unit="bucket", leave=False,
@@ -139,13 +180,19 @@ class ProgramCache:
             self._steps[bucket, sampler] = self._timed(
                 lambda: self._lower(bucket, sampler).compile())
 
-    def _lower(self, bucket: Bucket, sampler: Sampler) -> jax.stages.Lowered:
+    def _lower(self, bucket: Bucket | StepBucket, sampler: Sampler) -> jax.stages.Lowered:
         args = (self._params_spec, self._kv_spec, batch_spec(bucket))
+        rows = bucket.logit_rows if isinstance(bucket, StepBucket) else bucket.rows
         if sampler is None:
             return self._forward.lower(*args)
         if isinstance(sampler, Greedy):
             return self._greedy.lower(*args, sampler.logprobs)
-        return self._full.lower(*args, sampling_spec(bucket.rows, sampler.window))
+        if isinstance(sampler, Verify):
+            draft = jax.ShapeDtypeStruct((rows,), jnp.int32)
+            probs = (jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32),) \
+                if sampler.draft_probs else ()
+            return self._verify.lower(*args, sampling_spec(rows, sampler.window), draft, *probs)
+        return self._full.lower(*args, sampling_spec(rows, sampler.window))
 
     def _timed(self, fn):
         t0 = time.perf_counter()
