@@ -71,7 +71,7 @@ class LLM:
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
                              config=ec, identity=_file_identity(self.model_path),
-                             drafter=make_drafter(ec, self))
+                             drafter=make_drafter(ec, self.config.vocab_size))
         # One caller drives the engine at a time (a thread-safe submit API comes with serving).
         # Not reentrant: a stream closed by the garbage collector inside a call only requests
         # its abort (Engine.request_abort) instead of changing the engine mid-step.

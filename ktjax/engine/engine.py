@@ -30,7 +30,7 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
-def _penalty_window(seqs: list[Sequence]) -> int:
+def penalty_window(seqs: list[Sequence]) -> int:
     """Penalty window of a step: PENALTY_WINDOW, or a power of two holding a longer one."""
     window = PENALTY_WINDOW
     for s in seqs:
@@ -46,7 +46,7 @@ def _sampler(seqs: list[Sequence]) -> Sampler:
     """The sampler fused into a step that samples `seqs`: argmax-only when all are greedy."""
     if all(s.params.temperature == 0 and not _has_penalty(s.params) for s in seqs):
         return Greedy(any(s.params.logprobs for s in seqs))
-    return Full(_penalty_window(seqs))
+    return Full(penalty_window(seqs))
 
 
 class Engine:
