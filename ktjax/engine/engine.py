@@ -168,6 +168,16 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for monitoring: queue lengths, KV pages in use, prefix-cache
+        hits (pages looked up / found), preemptions, compiled step programs."""
+        prefix = self.pool.prefix
+        return {"waiting": len(self.waiting), "running": len(self.running),
+                "kv_pages_used": self.pool.used_pages, "kv_pages_total": self.pool.n_pages - 1,
+                "prefix_queried_pages": prefix.queried_pages, "prefix_hit_pages": prefix.hit_pages,
+                "preemptions": self.scheduler.preemptions,
+                "step_programs": self.programs.n_step_programs}
+
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that received tokens.
@@ -287,9 +297,8 @@ class Engine:
                 if row_seqs[first_chunk_row + i] is not None:
                     s.append(int(tokens[first_chunk_row + i]),
                              float(logprobs[first_chunk_row + i]))
-            for s in plan.seqs:
-                if not s.finished:
-                    self.scheduler.register_full_pages(s)
+            for s in plan.seqs:  # finished ones too: their pages hold valid KV
+                self.scheduler.register_full_pages(s)
             done = [s for s in plan.seqs if s.finished]
             if done:
                 self.scheduler.retire(done)

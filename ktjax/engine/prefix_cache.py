@@ -36,14 +36,16 @@ class PrefixCache:
     def idle_pages(self) -> int:
         return len(self._idle)
 
-    def lookup(self, keys: list[bytes]) -> list[int]:
-        """The pages of the longest registered prefix of `keys` (counted for the hit rate)."""
+    def lookup(self, keys: list[bytes], align: int = 1) -> list[int]:
+        """The pages of the longest registered prefix of `keys` whose length is a multiple of
+        `align` pages (counted for the hit rate)."""
         pages = []
         for k in keys:
             page = self._page_of.get(k)
             if page is None:
                 break
             pages.append(page)
+        del pages[len(pages) // align * align:]
         self.queried_pages += len(keys)
         self.hit_pages += len(pages)
         return pages
