@@ -28,14 +28,13 @@ def ttft(llm, prompt: list[int]) -> float:
 def measure(model: str, system_tokens: int, prefix_caching: bool, repeats: int) -> dict:
     from ktjax import LLM, SamplingParams
     llm = LLM(model, max_model_len=system_tokens + 256, prefix_caching=prefix_caching)
-    rng = np.random.default_rng(0)
     vocab = llm.engine.programs.vocab
-    tokens = lambda n: rng.integers(100, vocab - 100, n).tolist()  # noqa: E731
-    question = [tokens(24) for _ in range(2 + repeats)]
-    warm_system = tokens(system_tokens)
+    rng = np.random.default_rng(0)  # the same prompts whatever `repeats` is
+    warm_system, system = (rng.integers(100, vocab - 100, system_tokens).tolist()
+                           for _ in range(2))
+    question = [rng.integers(100, vocab - 100, 24).tolist() for _ in range(2 + repeats)]
     for q in question[:2]:   # compiles the cold and the cached shapes on other tokens
         ttft(llm, warm_system + q)
-    system = tokens(system_tokens)
     cold = ttft(llm, system + question[0])
     cached = [ttft(llm, system + q) for q in question[2:]]
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
