@@ -68,9 +68,10 @@ def test_abort_frees_pages_at_once(tiny_llm):
 
 def test_prefix_cache_outputs_identical_and_prefill_only_the_rest(tiny_llama_path,
                                                                    monkeypatch):
-    """Requests sharing a 300-token system prompt: from the second on, its first 256 tokens
-    (16 pages, where a chunk ends) are hits, shared while both run and revived from the LRU
-    after; tokens and log-probabilities equal bit for bit those of an engine without the
+    """Requests sharing a 300-token system prompt: from the second on, its full pages are
+    hits (18; the third request, the first one's prompt again, also the page holding the
+    end of the system prompt and its question), shared while both run and revived from the
+    LRU after; tokens and log-probabilities equal bit for bit those of an engine without the
     cache."""
     system = _prompt(300, 4)
     prompts = [system + _prompt(9, 5), system + _prompt(17, 6), system + _prompt(9, 5)]
@@ -89,11 +90,11 @@ def test_prefix_cache_outputs_identical_and_prefill_only_the_rest(tiny_llama_pat
                         or buckets[-1])
     seqs = [eng.add_request(p, params) for p in prompts[1:]]
     eng.step()
-    assert prefix.hit_pages == 32  # 16 pages each
-    assert eng.stats()["prefix_hit_pages"] == 32 and eng.stats()["running"] == 2
-    # both prompts' rests (53 and 61 tokens) prefilled in one step of 64-token chunks
+    assert prefix.hit_pages == 18 + 19
+    assert eng.stats()["prefix_hit_pages"] == 37 and eng.stats()["running"] == 2
+    # both prompts' rests (29 and 5 tokens) prefilled in one step of 32-token chunks
     assert [s.n_cached for s in seqs] == [len(prompts[1]), len(prompts[2])]
-    assert buckets[0].chunk_rows == 2 and buckets[0].chunk_tokens == 64
+    assert buckets[0].chunk_rows == 2 and buckets[0].chunk_tokens == 32
     for _ in eng.run_until_done():
         pass
     outs = [first] + [s.output() for s in seqs]

@@ -6,7 +6,6 @@ back, its tokens recomputed when it is admitted again). Full pages are offered t
 cache, and a request's prompt starts from the longest cached prefix."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ktjax.engine import buckets as bk
@@ -49,14 +48,13 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.spec_tokens = spec_tokens
         self.identity = identity
-        # Chunks end at multiples of chunk_unit, whatever else the step holds, and a cached
-        # prefix is used up to such a multiple: where a prompt is cut shapes its last float
-        # bits, so its output depends neither on the rows beside its chunks nor on the
-        # cache. A quarter of the budget leaves room for decode rows, and bounds the prompt
-        # a cache hit still computes (docs/kernel-notes.md#scheduler).
+        # Chunks end at multiples of chunk_unit, whatever else the step holds (a quarter of
+        # the budget leaves room for decode rows). Where a prompt is cut does not change its
+        # bits on CPU (the host attention kernel folds keys by position, wherever they come
+        # from), but elsewhere it may: fixed cuts keep a prompt's output independent of its
+        # neighbours there too (docs/kernel-notes.md#scheduler).
         self.chunk_unit = max([t for t in bk.PREFILL_TOKENS if t <= max_step_tokens // 4] or
                               [bk.PREFILL_TOKENS[0]])
-        self._hit_unit = math.lcm(self.chunk_unit, pool.page_size)  # tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -160,15 +158,14 @@ class Scheduler:
         return s
 
     def _cached_prefix(self, s: Sequence) -> list[int]:
-        """Pages of the longest cached prefix of the tokens `s` must write, ending where a
-        chunk of it would, leaving at least one to run (its logits start the generation)."""
+        """Pages of the longest cached prefix of the tokens `s` must write, leaving at least
+        one to run (its logits start the generation)."""
         if self.identity is None:
             return []
         ps = self.pool.page_size
         s.page_keys = chain_hashes(s.all_ids[: s.prefill_target], ps, self.identity,
                                    s.page_keys)
-        usable = (s.prefill_target - 1) // self._hit_unit * self._hit_unit
-        return self.pool.prefix.lookup(s.page_keys[: usable // ps], self._hit_unit // ps)
+        return self.pool.prefix.lookup(s.page_keys[: (s.prefill_target - 1) // ps])
 
     def _make_room(self, s: Sequence, n_tokens: int) -> bool:
         """Pages for `s` up to n_tokens, preempting the newest requests while the pool is
