@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# expected: ~240 s (tests ~150 s, prefix TTFT ~60 s, spec ~30 s). SMOKE=1: tiny shapes on CPU.
+# expected: ~240 s, at most 360 s (tests <= 200 s, prefix TTFT <= 150 s). SMOKE=1: tiny shapes on CPU.
 # Scheduler, prefix cache and speculative decoding on the accelerator (jax 0.11, reference
 # attention with packed mixed steps): their tests on the GPU, then time to first token with a
 # 2,000-token shared system prompt on a SmolLM2-shaped random model. Writes $OUT/sched.*.
