@@ -6,6 +6,7 @@ import pytest
 from ktjax import LLM, SamplingParams
 from ktjax.engine.kv_cache import PagePool
 from ktjax.engine.prefix_cache import chain_hashes
+from ktjax.errors import KtjaxError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -131,7 +132,6 @@ def test_bucket_set_stays_bounded(tiny_llm):
     assert tiny_llm.engine.programs.n_step_programs < 60
 
 
-@pytest.mark.parametrize("budget", [8])
-def test_budget_too_small_is_refused(tiny_llama_path, budget):
-    with pytest.raises(ValueError, match="max_step_tokens"):
-        LLM(str(tiny_llama_path), max_model_len=256, max_step_tokens=budget)
+def test_budget_too_small_is_refused(tiny_llama_path):
+    with pytest.raises(KtjaxError, match="max_step_tokens 8 leaves no room"):
+        LLM(str(tiny_llama_path), max_model_len=256, max_step_tokens=8)

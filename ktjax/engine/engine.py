@@ -304,7 +304,7 @@ class Engine:
                 self.scheduler.retire(done)
                 if self.drafter is not None:
                     self.drafter.forget(done)
-        return to_sample and list(dict.fromkeys(to_sample))
+        return list(dict.fromkeys(to_sample))  # a row of several tokens counts once
 
     def _apply_decode(self, s: Sequence, toks: list[int], row: int, tokens: np.ndarray,
                       logprobs: np.ndarray, verdict) -> None:

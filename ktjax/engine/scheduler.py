@@ -13,6 +13,7 @@ from ktjax.engine.interrupts import deferred_interrupts
 from ktjax.engine.kv_cache import PagePool
 from ktjax.engine.prefix_cache import chain_hashes
 from ktjax.engine.sequence import Sequence
+from ktjax.errors import KtjaxError
 
 MAX_RUNNING = bk.DECODE_ROWS[-1]   # every running request decodes in each step
 
@@ -42,7 +43,7 @@ class Scheduler:
     def __init__(self, pool: PagePool, *, max_step_tokens: int, spec_tokens: int = 0,
                  identity: bytes | None = None):
         if max_step_tokens < bk.PREFILL_TOKENS[0] + (1 + spec_tokens):
-            raise ValueError(f"max_step_tokens {max_step_tokens} leaves no room for a prefill "
+            raise KtjaxError(f"max_step_tokens {max_step_tokens} leaves no room for a prefill "
                              f"chunk of {bk.PREFILL_TOKENS[0]} tokens beside a decode row")
         self.pool = pool
         self.max_step_tokens = max_step_tokens
