@@ -129,3 +129,14 @@ def test_draft_model_vocab_mismatch_is_refused(draft_path):
     with pytest.raises(UnsupportedModelError, match="vocabulary of 261 tokens, the target's "
                                                      "has 300"):
         make_drafter(config, vocab_size=300)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(speculative="ngram", spec_tokens=0), "spec_tokens=0"),
+    (dict(speculative=3), "speculative=3: expected 'ngram'"),
+    (dict(speculative="/nonexistent/draft.gguf"), "no such GGUF file"),
+])
+def test_bad_speculative_settings_are_errors(tiny_llama_path, options, match):
+    from ktjax.errors import KtjaxError
+    with pytest.raises(KtjaxError, match=match):
+        LLM(str(tiny_llama_path), max_model_len=128, **options)

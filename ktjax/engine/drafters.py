@@ -3,6 +3,7 @@ tokens the target then verifies in one step (ktjax.engine.spec_decode)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import jax
@@ -18,7 +19,7 @@ from ktjax.engine.sampler import _row_key, argmax_last
 from ktjax.engine.scheduler import StepPlan
 from ktjax.engine.sequence import Sequence
 from ktjax.engine.spec_decode import target_logprobs
-from ktjax.errors import UnsupportedModelError
+from ktjax.errors import KtjaxError, UnsupportedModelError
 
 _DRAFT_STREAM = 0x5EC3
 
@@ -180,6 +181,12 @@ def make_drafter(config, vocab_size: int) -> NgramDrafter | DraftModelDrafter | 
     target's settings (its vocabulary must be the target's)."""
     if config.speculative is None:
         return None
+    if not isinstance(config.speculative, (str, os.PathLike)):
+        raise KtjaxError(f"speculative={config.speculative!r}: expected 'ngram' or the path "
+                         f"of a draft GGUF")
+    if not isinstance(config.spec_tokens, int) or config.spec_tokens < 1:
+        raise KtjaxError(f"spec_tokens={config.spec_tokens!r}: speculative decoding needs at "
+                         f"least 1 draft token per step")
     if str(config.speculative) == "ngram":
         return NgramDrafter()
     from ktjax.api import LLM  # the draft is loaded as a model of its own
