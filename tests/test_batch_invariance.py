@@ -223,9 +223,7 @@ def test_tiny_model_alone_equals_together(tmp_path, arch, kw):
 
     from ktjax import LLM
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, context_length=1024, **kw)
-    # no prefix cache: the runs alone would start from the pages the run together cached,
-    # in other chunks (a chunk boundary moves the last float bits, as chunked prefill does)
-    llm = LLM(str(path), max_model_len=1024, kv_cache_tokens=4096, prefix_caching=False)
+    llm = LLM(str(path), max_model_len=1024, kv_cache_tokens=4096)
     prompts = _prompts(np.random.default_rng(10), (3, 17, 40, 9, 700), llm.engine.programs.vocab)
     assert_alone_equals_together(llm, prompts, 12)
 
@@ -235,7 +233,7 @@ def test_smollm2_alone_equals_together():
     than alone when the attention switched to XLA for chunks over 16 tokens, key splits
     followed the step's size and XLA's RMSNorm reduced rows in an order set by the batch."""
     from ktjax import LLM
-    llm = LLM("smollm2-135m", max_model_len=1024, kv_cache_tokens=4096, prefix_caching=False)
+    llm = LLM("smollm2-135m", max_model_len=1024, kv_cache_tokens=4096)
     texts = ["The capital of France is", "def fibonacci(n):",
              "Explain how a transistor works in simple terms, for a curious child who likes "
              "building things and asks why a lot.", "1, 2, 3, 4,",
