@@ -10,6 +10,7 @@ import numpy as np
 
 from ktjax import rules as placement_rules
 from ktjax.engine.config import EngineConfig
+from ktjax.engine.drafters import make_drafter
 from ktjax.engine.engine import Engine
 from ktjax.engine.interrupts import deferred_interrupts
 from ktjax.engine.programs import enable_persistent_cache
@@ -25,6 +26,12 @@ from ktjax.outputs import RequestOutput
 from ktjax.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+
+
+def _file_identity(path: str | os.PathLike) -> bytes:
+    """The model file as the prefix cache's keys see it: path, size and modification time."""
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()
 
 
 class LLM:
@@ -72,7 +79,8 @@ class LLM:
         forward = self.spec.family.make_forward(self.config, backend)
         self.engine = Engine(forward, params, cache=self.config.cache_spec,
                              vocab_size=self.config.vocab_size, tokenizer=self.tokenizer,
-                             config=ec)
+                             config=ec, identity=_file_identity(self.model_path),
+                             drafter=make_drafter(ec, self.config.vocab_size))
         warm.attach(self.engine.programs, self.artifacts, ec, precompile)
         # One caller drives the engine at a time: generate/stream/score here, or the engine
         # loop thread behind submit() between its steps. Not reentrant: a stream closed by the

@@ -125,3 +125,36 @@ def test_bad_input_is_an_error_naming_the_argument():
 
     problem = make_problem(rng, heads=5, kv=2)
     assert "KV heads" in _error(problem, scale=0.1)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 16, 270, 299], ids=lambda c: f"cached-{c}")
+def test_result_follows_position_not_where_the_cache_ends(isa, cut):
+    """A 300-token sequence's queries from `cut` on, attended with keys 0..cut-1 in the cache
+    and the rest as the step's own: every query's result is bit for bit the same as with the
+    whole sequence but itself cached (a decode step), whatever `cut` is (chunk boundaries,
+    prefix-cache hits and draft verification all move it; splits of 256 keys included)."""
+    rng = np.random.default_rng(1)
+    n, ps, kv, hd, heads = 300, 16, 2, 32, 4
+    keys, values = (rng.standard_normal((n, kv, hd)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((n, heads, hd)).astype(np.float32)
+    pages = n // ps + 2
+    table = np.arange(1, pages, dtype=np.int32)[None]            # page i + 1 holds positions i*ps..
+
+    def cache_up_to(length):
+        k = np.zeros((1, pages, ps, kv, hd), np.float32)
+        v = np.zeros_like(k)
+        k[0, 1:].reshape(-1, kv, hd)[:length] = keys[:length]
+        v[0, 1:].reshape(-1, kv, hd)[:length] = values[:length]
+        return jnp.asarray(k), jnp.asarray(v)
+
+    def attend(start, stop):  # queries start..stop-1, cache holding 0..start-1
+        k, v = cache_up_to(start)
+        out = paged_attention_cpu.paged_attention(
+            q[None, start:stop], keys[None, start:stop], values[None, start:stop], k, v,
+            jnp.int32(0), table, jnp.array([start], jnp.int32),
+            jnp.arange(start, stop, dtype=jnp.int32)[None], scale=0.2)
+        return np.asarray(out)[0]
+
+    chunk = attend(cut, n)
+    for p in (cut, (cut + n) // 2, n - 1):
+        np.testing.assert_array_equal(chunk[p - cut], attend(p, p + 1)[0])

@@ -36,7 +36,7 @@ def llm(tiny_llm):
 def _assert_idle(llm, free_pages):
     engine = llm.engine
     assert not engine.waiting and not engine.running
-    assert engine.pool.free_pages == free_pages and engine.pool.reserved_pages == 0
+    assert engine.pool.free_pages == free_pages and engine.pool.used_pages == 0
     assert not any(a.is_deleted() for a in jax.tree.leaves(engine.kv))
 
 
@@ -67,7 +67,7 @@ def test_a_failing_step_aborts_its_requests(llm, monkeypatch, when):
     monkeypatch.setattr(llm.engine.programs, "step", failing_step)
     with pytest.raises(Injected):
         llm.generate(PROMPTS, PARAMS)
-    assert llm.engine.pool.reserved_pages == 0
+    assert llm.engine.pool.used_pages == 0
     assert _tokens(llm) == want
 
 

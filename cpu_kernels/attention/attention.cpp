@@ -20,23 +20,21 @@ void check_finite(const char* arg, const float* x, int64_t n) {
                                   std::to_string(i) + ")");
 }
 
-// Cached keys a query at position qp of row b may see: [begin, end).
-KeyRange visible_context(const AttentionProblem& p, int64_t b, int64_t qp) {
-  if (qp < 0) return {0, 0, false};  // padding query: sees nothing, outputs zeros
-  const int64_t cached = std::min<int64_t>(p.cache_lens[b], p.table_pages * p.page_size);
-  const int64_t end = std::min(cached, qp + 1);
+// Key positions a query at position qp of row b may see: [begin, end).
+KeyRange visible_keys(const AttentionProblem& p, int64_t qp) {
+  if (qp < 0) return {0, 0};  // padding query: sees nothing, outputs zeros
   const int64_t begin = p.sliding_window > 0 ? std::max<int64_t>(0, qp - p.sliding_window + 1) : 0;
-  return {std::min(begin, end), end, true};
+  return {begin, qp + 1};
 }
 
 // How the problem is cut into independent work items: each query (row, token) is split into
 // head chunks (each head reads its KV group; all groups of a token lie together, so a chunk
 // of every head streams the cache front to back) and key splits (partials merged afterwards).
 // Head chunks follow the step's size (a head's result does not depend on its chunk); key
-// splits cut the cached positions at fixed multiples of split_keys, so where a query's keys
-// split (and so its float result) depends on that query's own context alone, never on how
-// many queries or context pages the step has. A query's new keys join the split of its last
-// cached position. Splits past a query's context are empty and merge as nothing.
+// splits cut the key positions (cached or new) at fixed multiples of split_keys, so where a
+// query's keys split (and so its float result) depends on that query's own position alone,
+// never on how many queries or context pages the step has, nor on how many of its keys are
+// cached. Splits past a query's position are empty and merge as nothing.
 // Few queries (decode) make each (query, head chunk, split) a work item and merge the splits
 // after; many make each (query, head chunk) an item that folds its splits one after another
 // and merges them itself, so no step holds every split's partial at once. Both merge the same
@@ -47,7 +45,7 @@ struct Plan {
   int64_t items_per_query() const { return head_chunks * (split_items ? key_splits : 1); }
 };
 
-// Cached positions per key split: a multiple of the page size, so splits cut no page run.
+// Key positions per key split: a multiple of the page size, so splits cut no page run.
 constexpr int64_t kSplitKeys = 256;
 
 Plan make_plan(const AttentionProblem& p) {
@@ -59,19 +57,17 @@ Plan make_plan(const AttentionProblem& p) {
   const int64_t per_chunk = (p.heads + chunks - 1) / chunks;
   const int64_t head_chunks = (p.heads + per_chunk - 1) / per_chunk;
   const int64_t split_keys = (kSplitKeys + p.page_size - 1) / p.page_size * p.page_size;
-  const int64_t cached = p.table_pages * p.page_size;
-  const int64_t splits = std::max<int64_t>(1, (cached + split_keys - 1) / split_keys);
+  int64_t last = 0;  // the furthest query position
+  for (int64_t i = 0; i < queries; ++i) last = std::max<int64_t>(last, p.positions[i]);
+  const int64_t splits = last / split_keys + 1;
   return {head_chunks, per_chunk, splits, split_keys, queries * head_chunks < want};
 }
 
-// Key split s of query bt: its cached keys inside [s, s + 1) * split_keys, and the new keys
-// in the split of its last cached position.
+// Key split s of query bt: its visible key positions inside [s, s + 1) * split_keys.
 KeyRange split_range(const AttentionProblem& p, const Plan& plan, int64_t bt, int64_t s) {
-  const KeyRange keys = visible_context(p, bt / p.tokens, p.positions[bt]);
-  const int64_t lo = s * plan.split_keys, hi = lo + plan.split_keys;
-  const int64_t last = keys.ctx_end > 0 ? keys.ctx_end - 1 : 0;
-  const int64_t begin = std::max(keys.ctx_begin, lo);
-  return {begin, std::max(begin, std::min(keys.ctx_end, hi)), keys.with_new && last / plan.split_keys == s};
+  const KeyRange keys = visible_keys(p, p.positions[bt]);
+  const int64_t begin = std::max(keys.begin, s * plan.split_keys);
+  return {begin, std::max(begin, std::min(keys.end, (s + 1) * plan.split_keys))};
 }
 
 constexpr float kNone = -std::numeric_limits<float>::infinity();
@@ -145,7 +141,7 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
   // Split s of query bt, heads [h0, h0 + n), into part; an empty split is marked so.
   auto fold = [&](int64_t bt, int64_t s, int64_t h0, int64_t n, float* part) {
     const KeyRange keys = split_range(p, plan, bt, s);
-    if (keys.ctx_begin == keys.ctx_end && !keys.with_new) {
+    if (keys.begin == keys.end) {
       std::fill(part, part + n, kNone);
       return;
     }

@@ -33,11 +33,10 @@ struct AttentionProblem {
   int64_t sliding_window = 0;  // <= 0: unlimited
 };
 
-// A contiguous run of visible keys of one query: cached positions [ctx_begin, ctx_end), then
-// (with_new) the step's own keys that are visible to it.
+// A contiguous run of key positions [begin, end) visible to one query: those before its
+// row's cache length are in the cache, the others are the step's own keys.
 struct KeyRange {
-  int64_t ctx_begin, ctx_end;
-  bool with_new;
+  int64_t begin, end;
 };
 
 // Online-softmax partial of a run of query heads over a key range: running max

@@ -32,6 +32,12 @@ class EngineConfig:
     host_linears: shorthand for rules: True = the CPU-only profile (matrices in the host
       kernels, kept in their GGUF quantization), False = all on the device; excludes rules.
     device: the JAX device (default: the first).
+    max_step_tokens: new tokens per engine step (decode rows first, prefill chunks fill the
+      rest): bounds how long one step, and so every stream's next token, waits on prompts.
+    prefix_caching: share the KV pages of equal prompt prefixes between requests.
+    speculative: 'ngram' (prompt lookup) or the path of a smaller GGUF with the same
+      vocabulary (a draft model); None: no speculative decoding.
+    spec_tokens: draft tokens verified per decode row and step.
     """
 
     max_model_len: int | None = None
@@ -43,6 +49,10 @@ class EngineConfig:
     rules: str | os.PathLike | None = None
     host_linears: bool | None = None
     device: jax.Device | None = None
+    max_step_tokens: int = 512
+    prefix_caching: bool = True
+    speculative: str | os.PathLike | None = None
+    spec_tokens: int = 4
 
     def resolve(self, context_length: int) -> "EngineConfig":
         """This config with every default filled in, for a model of `context_length`."""

@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import jax
 import jax.numpy as jnp
 
+from ktjax.engine.prefix_cache import PrefixCache
 from ktjax.errors import OutOfMemoryError
 from ktjax.kernels import kv_quant
 from ktjax.models.base import KVCache, KVCacheSpec
@@ -14,10 +15,11 @@ SCRATCH_PAGE = 0  # padding tokens write here; never part of a sequence's contex
 
 
 class PagePool:
-    """Free list of KV pages. Page 0 is reserved as scratch for padding writes.
+    """KV pages, reference-counted. Page 0 is reserved as scratch for padding writes.
 
-    Capacity is also *reserved* per request at admission (prompt + max new tokens), so a
-    running sequence never runs out of pages halfway through generating.
+    A page is free, held by one or more block tables (shared prefix pages), or idle: full,
+    registered in the prefix cache and held by no table, reused only when no free page is
+    left (least recently used first). Idle pages count as free for the scheduler.
     """
 
     def __init__(self, n_pages: int, page_size: int):
@@ -26,7 +28,8 @@ class PagePool:
         self.n_pages = n_pages
         self.page_size = page_size
         self._free = list(range(n_pages - 1, SCRATCH_PAGE, -1))
-        self._reserved = 0
+        self._refs = [0] * n_pages
+        self.prefix = PrefixCache()
 
     @property
     def capacity_tokens(self) -> int:
@@ -34,14 +37,20 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages a table can take now: free ones and idle prefix pages."""
+        return len(self._free) + self.prefix.idle_pages
 
     @property
-    def reserved_pages(self) -> int:
-        return self._reserved
+    def used_pages(self) -> int:
+        """Pages held by at least one block table."""
+        return self.n_pages - 1 - self.free_pages
 
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
+
+    def is_idle(self, page: int) -> bool:
+        """Held by no table (a prefix-cache page waiting in the LRU, when registered)."""
+        return self._refs[page] == 0
 
     def check_fits(self, n_tokens: int) -> None:
         """A sequence that could never fit, even alone, is an error rather than a wait."""
@@ -51,39 +60,63 @@ class PagePool:
                 f"a sequence of {n_tokens} tokens needs {need} KV pages but the pool has "
                 f"{self.n_pages - 1} ({self.capacity_tokens} tokens); raise kv_cache_tokens")
 
-    def try_reserve(self, n_tokens: int) -> bool:
-        """Reserve room for a sequence of up to n_tokens; False if it must wait."""
-        self.check_fits(n_tokens)
-        need = self.pages_for(n_tokens)
-        if self._reserved + need > self.n_pages - 1:
-            return False
-        self._reserved += need
-        return True
-
-    def release_reservation(self, n_tokens: int) -> None:
-        self._reserved -= self.pages_for(n_tokens)
-
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfMemoryError(f"KV pool exhausted: {n} pages wanted, {len(self._free)} free")
-        pages, self._free = self._free[-n:], self._free[:-n]
-        return pages[::-1]
+        """n private pages: free ones first, then the least recently used idle ones."""
+        if n > self.free_pages:
+            raise OutOfMemoryError(f"KV pool exhausted: {n} pages wanted, "
+                                   f"{self.free_pages} free")
+        take = min(n, len(self._free))
+        pages = self._free[len(self._free) - take:][::-1]
+        del self._free[len(self._free) - take:]
+        pages += [self.prefix.evict() for _ in range(n - take)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def share(self, pages: list[int]) -> None:
+        """Hold prefix-cache pages found by lookup (reviving idle ones)."""
+        for p in pages:
+            if self._refs[p] == 0:
+                self.prefix.revive(p)
+            self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        """Drop one hold of each page: unheld registered pages go idle, others free."""
+        for p in reversed(pages):
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                if self.prefix.holds(p):
+                    self.prefix.park(p)
+                else:
+                    self._free.append(p)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page (the KV contents were lost)."""
+        self._free.extend(self.prefix.reset())
 
 
 class BlockTable:
-    """The pages of one sequence, grown on demand as tokens are written."""
+    """The pages of one sequence, grown on demand as tokens are written; its first pages may
+    be shared with other sequences (prefix cache hits)."""
 
     def __init__(self, pool: PagePool):
         self.pool = pool
         self.pages: list[int] = []
 
+    def missing(self, n_tokens: int) -> int:
+        """Pages to allocate before `n_tokens` tokens fit."""
+        return max(0, self.pool.pages_for(n_tokens) - len(self.pages))
+
     def ensure(self, n_tokens: int) -> None:
-        missing = self.pool.pages_for(n_tokens) - len(self.pages)
-        if missing > 0:
+        missing = self.missing(n_tokens)
+        if missing:
             self.pages += self.pool.allocate(missing)
+
+    def share(self, pages: list[int]) -> None:
+        """Start the (empty) table with cached pages."""
+        assert not self.pages
+        self.pool.share(pages)
+        self.pages = list(pages)
 
     def slot(self, position: int) -> int:
         page, offset = divmod(position, self.pool.page_size)

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from ktjax import progress
-from ktjax.engine.buckets import Bucket
+from ktjax.engine.buckets import Bucket, StepBucket
 from ktjax.engine.sampler import SamplingBatch, sample, sample_greedy, top_alternatives
+from ktjax.engine.spec_decode import verify_sample
 from ktjax.models.base import Batch, KVCache
 
 _CACHE_DIR = os.environ.get("KTJAX_CACHE_DIR",
@@ -33,8 +34,15 @@ def enable_persistent_cache(path: str = _CACHE_DIR) -> None:
         pass
 
 
-def batch_spec(b: Bucket) -> Batch:
+def batch_spec(b: Bucket | StepBucket) -> Batch:
     i32 = jnp.int32
+    if isinstance(b, StepBucket):
+        flat = jax.ShapeDtypeStruct((1, b.tokens), i32)
+        return Batch(tokens=flat, positions=flat, slots=flat,
+                     block_tables=jax.ShapeDtypeStruct((b.rows, b.pages), i32),
+                     cache_lens=jax.ShapeDtypeStruct((b.rows,), i32),
+                     logits_index=jax.ShapeDtypeStruct((1, b.logit_rows), i32),
+                     segments=b.segments)
     return Batch(tokens=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
                  positions=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
                  slots=jax.ShapeDtypeStruct((b.rows, b.tokens), i32),
@@ -75,9 +83,25 @@ class Full:
     top: int = 0
 
 
+@dataclass(frozen=True)
+class Verify:
+    """`Full`'s sample of every logit row, plus the speculative-decoding rejection rule
+    against one draft token per logit row (spec_decode.verify_sample); `draft_probs`: the
+    drafter's distributions [R, V] are an operand (a draft model), else drafts are certain
+    (prompt lookup)."""
+
+    window: int
+    draft_probs: bool = False
+
+
 # What a step program does after forward: None returns the logits (a step that samples no
 # row, e.g. a prefill chunk that completes no prompt).
-Sampler = Greedy | Full | None
+Sampler = Greedy | Full | Verify | None
+
+
+def _sampled_rows(logits: jax.Array, batch: Batch) -> jax.Array:
+    """[rows, V]: each row's first logit row, or every logit row of a packed step."""
+    return logits[0] if batch.segments is not None else logits[:, 0]
 
 
 def _scorer(forward: Callable) -> Callable:
@@ -94,8 +118,9 @@ def _greedy_step(forward: Callable) -> Callable:
     logits never leave it and the step is one dispatch."""
     def step(params, kv, batch, with_logprobs, top):
         logits, kv = forward(params, kv, batch)
-        top_ = top_alternatives(logits[:, 0], top) if top else ()
-        return *sample_greedy(logits[:, 0], with_logprobs), *top_, kv
+        rows = _sampled_rows(logits, batch)
+        top_ = top_alternatives(rows, top) if top else ()
+        return *sample_greedy(rows, with_logprobs), *top_, kv
     return step
 
 
@@ -103,8 +128,18 @@ def _full_step(forward: Callable) -> Callable:
     """forward, then sample of each row's first logit row, in one executable."""
     def step(params, kv, batch, sb, top):
         logits, kv = forward(params, kv, batch)
-        top_ = top_alternatives(logits[:, 0], top) if top else ()
-        return *sample(logits[:, 0], sb), *top_, kv
+        rows = _sampled_rows(logits, batch)
+        top_ = top_alternatives(rows, top) if top else ()
+        return *sample(rows, sb), *top_, kv
+    return step
+
+
+def _verify_step(forward: Callable) -> Callable:
+    """forward, then sample and the rejection rule of every logit row, in one executable."""
+    def step(params, kv, batch, sb, draft, draft_probs=None):
+        logits, kv = forward(params, kv, batch)
+        rows = _sampled_rows(logits, batch)
+        return (*sample(rows, sb), verify_sample(rows, sb, draft, draft_probs), kv)
     return step
 
 
@@ -118,10 +153,11 @@ class ProgramCache:
         self._forward = jax.jit(forward, donate_argnums=(1,))
         self._greedy = jax.jit(_greedy_step(forward), donate_argnums=(1,), static_argnums=(3, 4))
         self._full = jax.jit(_full_step(forward), donate_argnums=(1,), static_argnums=(4,))
+        self._verify = jax.jit(_verify_step(forward), donate_argnums=(1,))
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
-        self._steps: dict[tuple[Bucket, Sampler], jax.stages.Compiled] = {}
+        self._steps: dict[tuple[Bucket | StepBucket, Sampler], jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self.compiles = 0
@@ -129,9 +165,16 @@ class ProgramCache:
         # source(key) -> Compiled or None, key = ("step", bucket, sampler) | ("score", bucket).
         self.source: Callable[[tuple], jax.stages.Compiled | None] | None = None
 
-    def step(self, bucket: Bucket, sampler: Sampler = None) -> jax.stages.Compiled:
+    @property
+    def n_step_programs(self) -> int:
+        """Step programs compiled so far (the bucket set bounds them)."""
+        return len(self._steps)
+
+    def step(self, bucket: Bucket | StepBucket, sampler: Sampler = None
+             ) -> jax.stages.Compiled:
         """(params, kv, batch[, SamplingBatch for Full]) -> (tokens, logprobs[, top ids,
-        top logprobs when sampler.top], kv), or (logits, kv) with no sampler."""
+        top logprobs when sampler.top], kv), or (logits, kv) with no sampler; Verify: (params,
+        kv, batch, SamplingBatch, draft[, draft_probs]) -> (tokens, logprobs, Verdict, kv)."""
         if (bucket, sampler) not in self._steps:
             self.compile([(bucket, sampler)])
         return self._steps[bucket, sampler]
@@ -141,10 +184,10 @@ class ProgramCache:
             self._scorers[bucket] = self._load_or_compile(("score", bucket))
         return self._scorers[bucket]
 
-    def compile(self, steps: Iterable[tuple[Bucket, Sampler]]) -> None:
+    def compile(self, steps: Iterable[tuple[Bucket | StepBucket, Sampler]]) -> None:
         """Compile the missing (bucket, sampler) step programs ahead of time, with a
         progress bar."""
-        todo = sorted(set(steps) - self._steps.keys(), key=lambda k: (k[0], repr(k[1])))
+        todo = sorted(set(steps) - self._steps.keys(), key=lambda k: (str(k[0]), repr(k[1])))
         if not todo:
             return
         bar = tqdm(todo, desc="compiling", unit="bucket", leave=False,
@@ -155,11 +198,19 @@ class ProgramCache:
 
     def lower_args(self, key: tuple) -> tuple:
         """Argument specs of the program of `key` (static arguments left out)."""
-        args = (self._params_spec, self._kv_spec, batch_spec(key[1]))
+        bucket = key[1]
+        args = (self._params_spec, self._kv_spec, batch_spec(bucket))
         if key[0] == "score":
-            return (*args, jax.ShapeDtypeStruct((key[1].rows, key[1].logit_rows), jnp.int32))
-        if isinstance(key[2], Full):
-            return (*args, sampling_spec(key[1].rows, key[2].window))
+            return (*args, jax.ShapeDtypeStruct((bucket.rows, bucket.logit_rows), jnp.int32))
+        sampler = key[2]
+        rows = bucket.logit_rows if isinstance(bucket, StepBucket) else bucket.rows
+        if isinstance(sampler, Verify):
+            draft = jax.ShapeDtypeStruct((rows,), jnp.int32)
+            probs = (jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32),) \
+                if sampler.draft_probs else ()
+            return (*args, sampling_spec(rows, sampler.window), draft, *probs)
+        if isinstance(sampler, Full):
+            return (*args, sampling_spec(rows, sampler.window))
         return args
 
     def lower(self, key: tuple) -> jax.stages.Lowered:
@@ -172,6 +223,8 @@ class ProgramCache:
             return self._forward.lower(*args)
         if isinstance(sampler, Greedy):
             return self._greedy.lower(*args, sampler.logprobs, sampler.top)
+        if isinstance(sampler, Verify):
+            return self._verify.lower(*args)
         return self._full.lower(*args, sampler.top)
 
     def _load_or_compile(self, key: tuple) -> jax.stages.Compiled:

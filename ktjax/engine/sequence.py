@@ -20,8 +20,12 @@ class Sequence:
             frozenset(params.stop_token_ids)
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_model_len)
         self.seed = seed
-        self.reserved = False      # holds an admission reservation (and pages) in the pool
         self.n_cached = 0          # tokens whose K/V are in the cache
+        self.page_keys: list[bytes] = []   # prefix-cache keys of its full pages (so far)
+        self.n_registered = 0      # of its pages, those offered to the prefix cache
+        self.preempted = 0         # times its pages were taken back (recomputed after)
+        self.drafted = 0           # draft tokens proposed for it, and accepted
+        self.accepted = 0
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # when params.top_logprobs
@@ -30,8 +34,14 @@ class Sequence:
         self.finish_reason: str | None = None
 
     @property
+    def prefill_target(self) -> int:
+        """Tokens to write before it decodes: the prompt; after a preemption every token but
+        the last, which the next decode step feeds."""
+        return len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+
+    @property
     def in_prefill(self) -> bool:
-        return self.n_cached < len(self.prompt_ids)
+        return self.n_cached < self.prefill_target
 
     @property
     def finished(self) -> bool:

@@ -24,6 +24,12 @@ class Batch:
     (the pages of the cached context; unused entries 0), cache_lens [B] (tokens already cached
     before this step), logits_index [B, R] (the row's tokens whose logits are wanted: R = 1
     when sampling, all positions when scoring).
+
+    A packed step (`segments` set, static) holds rows of different lengths: tokens, positions
+    and slots are [1, N], the segments ((rows, tokens), ...) in order, N = sum rows * tokens
+    (decode rows of one token, or of 1 + draft tokens, then prefill chunks). The matmuls run
+    over the N tokens; attention splits them back into each segment's rows. block_tables and
+    cache_lens have one row per segment row; logits_index [1, R] indexes the N tokens.
     """
 
     tokens: jax.Array
@@ -32,6 +38,8 @@ class Batch:
     block_tables: jax.Array
     cache_lens: jax.Array
     logits_index: jax.Array
+    segments: tuple[tuple[int, int], ...] | None = struct.field(pytree_node=False,
+                                                                default=None)
 
 
 @struct.dataclass
@@ -155,10 +163,26 @@ class AttentionContext:
                values_in_keys: int | None = None) -> jax.Array:
         # values_in_keys (MLA) is passed only when used, so backends without it keep working
         extra = {} if values_in_keys is None else {"values_in_keys": values_in_keys}
-        return self.backend.attend(q, k, v, self.kv.k, self.kv.v, self.layer,
-                                   self.batch.block_tables, self.batch.cache_lens,
-                                   self.batch.positions, scale=scale,
-                                   sliding_window=sliding_window, **extra)
+        b = self.batch
+        if b.segments is None:
+            return self.backend.attend(q, k, v, self.kv.k, self.kv.v, self.layer,
+                                       b.block_tables, b.cache_lens, b.positions, scale=scale,
+                                       sliding_window=sliding_window, **extra)
+        # packed: each segment's tokens back to [rows, tokens], attended on their own
+        outs, token, row = [], 0, 0
+        for rows, tokens in b.segments:
+            n = rows * tokens
+
+            def seg(a, token=token, n=n, rows=rows, tokens=tokens):
+                return None if a is None else \
+                    a[0, token:token + n].reshape(rows, tokens, *a.shape[2:])
+            out = self.backend.attend(seg(q), seg(k), seg(v), self.kv.k, self.kv.v, self.layer,
+                                      b.block_tables[row:row + rows],
+                                      b.cache_lens[row:row + rows], seg(b.positions),
+                                      scale=scale, sliding_window=sliding_window, **extra)
+            outs.append(out.reshape(1, n, *out.shape[2:]))
+            token, row = token + n, row + rows
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 # block(layer_params, x, layer, ctx) -> (x, (k_new, v_new)) for one layer.
