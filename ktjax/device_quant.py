@@ -155,7 +155,20 @@ def dequantize(qm: QuantMatrix, dtype=jnp.float32) -> jax.Array:
 
 
 def reduce_max_rows() -> int:
-    return int(os.environ.get("KTJAX_QUANT_REDUCE_ROWS", REDUCE_MAX_ROWS))
+    """KTJAX_QUANT_REDUCE_ROWS (default REDUCE_MAX_ROWS), checked."""
+    value = os.environ.get("KTJAX_QUANT_REDUCE_ROWS", str(REDUCE_MAX_ROWS))
+    if not value.isdigit():
+        raise ValueError(f"KTJAX_QUANT_REDUCE_ROWS must be a row count (0 or more), "
+                         f"got {value!r}")
+    return int(value)
+
+
+def use_pallas_kernel() -> bool:
+    """KTJAX_QUANT_KERNEL: 'xla' (default: the fusions) or 'pallas' (the Pallas GEMV)."""
+    value = os.environ.get("KTJAX_QUANT_KERNEL", "xla")
+    if value not in ("xla", "pallas"):
+        raise ValueError(f"KTJAX_QUANT_KERNEL must be xla or pallas, got {value!r}")
+    return value == "pallas"
 
 
 def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
@@ -164,7 +177,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     n = qm.shape[-2]
     x2 = x.reshape(rows, k)
-    if os.environ.get("KTJAX_QUANT_KERNEL") == "pallas":
+    if use_pallas_kernel():
         from ktjax.kernels import quant_matmul   # imports this module
         if quant_matmul.supported(qm, rows):
             y = quant_matmul.gemv(qm, x2, interpret=jax.default_backend() != "gpu")
