@@ -11,6 +11,8 @@ One handle, `QuantMatrix`, holds every format (ktjax.rules' device formats):
   when K is not a multiple of 128).
 - `int4`: asymmetric 4-bit codes (scale and min, float16) per group of 32 values, the Q4_1
   layout.
+- layers of one parameter that mix K-quants (Q4_K_M files) share one widened layout
+  (`widen_to_k8`: int8 codes, sub-scales and mins per 16), still bit-identical.
 
 A value is  S * (q - offset) - Mn  (K-quants: S = d * sc and Mn = dmin * m per sub-block)
 or  S * q + bias  (Q4_1 / int4). 4-bit codes keep GGUF's nibble order: byte j of a chunk of
@@ -86,10 +88,10 @@ class QuantMatrix:
         return sum(int(a.nbytes) for a in self.arrays())
 
     def arrays(self) -> list:
-        return [a for a in (self.codes, self.scale, self.sub_scale, self.min_scale,
-                            self.sub_min, self.bias) if a is not None]
+        return [a for a in (getattr(self, f) for f in ARRAY_FIELDS) if a is not None]
 
 
+ARRAY_FIELDS = ("codes", "scale", "sub_scale", "min_scale", "sub_min", "bias")
 _LAYOUT = ("bits", "half", "group", "scale_group", "offset", "format")
 
 
@@ -103,7 +105,7 @@ def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix | None:
                 m.splits for m in mats):
         return None
     fields = {}
-    for name in ("codes", "scale", "sub_scale", "min_scale", "sub_min", "bias"):
+    for name in ARRAY_FIELDS:
         parts = [getattr(m, name) for m in mats]
         if any((p is None) != (parts[0] is None) or
                (p is not None and p.dtype != parts[0].dtype) for p in parts):
