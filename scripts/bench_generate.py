@@ -13,6 +13,9 @@ one case (batch > 1 against llama-batched-bench's generation speed at that many 
 against the card's bf16 dense peak).
 
 On a GPU the peer runs with -ngl 99 -fa 1 (all layers on the GPU, flash attention).
+--profile-steps N adds scripts/profile_step.py's figures for N batch-1 decode steps (GPU:
+kernels per step, their time, the gap to the step's wall time). A failing peer leaves
+`peer_error` and ktjax's figures.
 --roofline: on CPU the read bandwidth is probed right before each decode pass and decode is
 compared with scripts/roofline.py's active bytes per token; on a GPU the HBM read bandwidth is
 measured once in this run (a reduction over 2 GiB) and each decode step is compared with the
