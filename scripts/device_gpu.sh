@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU path vs llama.cpp CUDA (issue 27 sections 2-4): expected ~240 s, never more than $BUDGET (300) s.
+# GPU path vs llama.cpp CUDA (issue 27 sections 2-4): expected ~240 s; no stage starts after BUDGET=300 s (worst case ~330 s).
 # Writes synthetic GGUFs of real shapes into /tmp, then on the same files: HBM bandwidth and
 # the quantized matmul forms; SmolLM2-135M Q8_0 batch-1 decode (CUDA graph flags on and off);
 # Llama-3-8B Q4_K batch 1 (+ step profile: kernels per step, gap to wall time), batch 8/64,
