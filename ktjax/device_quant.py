@@ -11,6 +11,8 @@ One handle, `QuantMatrix`, holds every format (ktjax.rules' device formats):
   when K is not a multiple of 128).
 - `int4`: asymmetric 4-bit codes (scale and min, float16) per group of 32 values, the Q4_1
   layout.
+- layers of one parameter that mix K-quants (Q4_K_M files) share one widened layout
+  (`widen_to_k8`: int8 codes, sub-scales and mins per 16), still bit-identical.
 
 A value is  S * (q - offset) - Mn  (K-quants: S = d * sc and Mn = dmin * m per sub-block)
 or  S * q + bias  (Q4_1 / int4). 4-bit codes keep GGUF's nibble order: byte j of a chunk of
@@ -86,10 +88,10 @@ class QuantMatrix:
         return sum(int(a.nbytes) for a in self.arrays())
 
     def arrays(self) -> list:
-        return [a for a in (self.codes, self.scale, self.sub_scale, self.min_scale,
-                            self.sub_min, self.bias) if a is not None]
+        return [a for a in (getattr(self, f) for f in ARRAY_FIELDS) if a is not None]
 
 
+ARRAY_FIELDS = ("codes", "scale", "sub_scale", "min_scale", "sub_min", "bias")
 _LAYOUT = ("bits", "half", "group", "scale_group", "offset", "format")
 
 
@@ -103,7 +105,7 @@ def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix | None:
                 m.splits for m in mats):
         return None
     fields = {}
-    for name in ("codes", "scale", "sub_scale", "min_scale", "sub_min", "bias"):
+    for name in ARRAY_FIELDS:
         parts = [getattr(m, name) for m in mats]
         if any((p is None) != (parts[0] is None) or
                (p is not None and p.dtype != parts[0].dtype) for p in parts):
@@ -155,7 +157,20 @@ def dequantize(qm: QuantMatrix, dtype=jnp.float32) -> jax.Array:
 
 
 def reduce_max_rows() -> int:
-    return int(os.environ.get("KTJAX_QUANT_REDUCE_ROWS", REDUCE_MAX_ROWS))
+    """KTJAX_QUANT_REDUCE_ROWS (default REDUCE_MAX_ROWS), checked."""
+    value = os.environ.get("KTJAX_QUANT_REDUCE_ROWS", str(REDUCE_MAX_ROWS))
+    if not value.isdigit():
+        raise ValueError(f"KTJAX_QUANT_REDUCE_ROWS must be a row count (0 or more), "
+                         f"got {value!r}")
+    return int(value)
+
+
+def use_pallas_kernel() -> bool:
+    """KTJAX_QUANT_KERNEL: 'xla' (default: the fusions) or 'pallas' (the Pallas GEMV)."""
+    value = os.environ.get("KTJAX_QUANT_KERNEL", "xla")
+    if value not in ("xla", "pallas"):
+        raise ValueError(f"KTJAX_QUANT_KERNEL must be xla or pallas, got {value!r}")
+    return value == "pallas"
 
 
 def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
@@ -164,7 +179,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     n = qm.shape[-2]
     x2 = x.reshape(rows, k)
-    if os.environ.get("KTJAX_QUANT_KERNEL") == "pallas":
+    if use_pallas_kernel():
         from ktjax.kernels import quant_matmul   # imports this module
         if quant_matmul.supported(qm, rows):
             y = quant_matmul.gemv(qm, x2, interpret=jax.default_backend() != "gpu")

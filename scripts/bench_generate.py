@@ -13,6 +13,9 @@ one case (batch > 1 against llama-batched-bench's generation speed at that many 
 against the card's bf16 dense peak).
 
 On a GPU the peer runs with -ngl 99 -fa 1 (all layers on the GPU, flash attention).
+--profile-steps N adds scripts/profile_step.py's figures for N batch-1 decode steps (GPU:
+kernels per step, their time, the gap to the step's wall time). A failing peer leaves
+`peer_error` and ktjax's figures.
 --roofline: on CPU the read bandwidth is probed right before each decode pass and decode is
 compared with scripts/roofline.py's active bytes per token; on a GPU the HBM read bandwidth is
 measured once in this run (a reduction over 2 GiB) and each decode step is compared with the
@@ -31,6 +34,7 @@ import time
 
 import numpy as np
 
+PEER_TIMEOUT_S = 600   # one llama.cpp run; a hung peer must not hold the GPU forever
 # bf16 dense tensor-core peak (TFLOPS) by device name, for prefill's fraction of peak.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
                     ("L40S", 362.0), ("L4", 121.0))
@@ -194,7 +198,8 @@ def run_llama_bench(binary: str, model_path: str, prompt: int, gen: int, repeats
         cmd += ["-d", f"0,{prompt}"]
     if gpu:
         cmd += ["-ngl", "99", "-fa", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         timeout=PEER_TIMEOUT_S)
     rows = json.loads(out.stdout)
     pp = next(r for r in rows if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
     tg = next(r for r in rows if r["n_gen"] > 0 and
@@ -223,7 +228,7 @@ def run_llama_batched_bench(binary: str, model_path: str, prompt: int, gen: int,
     err = ""
     for extra in variants:
         cmd = base + extra
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
         rows = [json.loads(line) for line in out.stdout.splitlines()
                 if line.startswith("{") and '"speed_tg"' in line]
         if out.returncode == 0 and rows:
@@ -280,7 +285,7 @@ def main() -> None:
     if args.llama_bench:
         try:
             _add_peer(result, args, bench.llm.model_path, gpu)
-        except (OSError, subprocess.CalledProcessError, RuntimeError, ValueError,
+        except (OSError, subprocess.SubprocessError, RuntimeError, ValueError,
                 StopIteration, KeyError) as e:   # keep ktjax's figures when the peer fails
             err = getattr(e, "stderr", "") or ""
             result["peer_error"] = f"{type(e).__name__}: {e} {err[-300:]}"

@@ -276,3 +276,33 @@ def test_gpu_forms_and_pallas_gemv(qtype, monkeypatch):
         monkeypatch.setenv("KTJAX_QUANT_REDUCE_ROWS", str(limit))
         np.testing.assert_allclose(np.asarray(jax.jit(dq.linear)(qm, jnp.asarray(x))), want,
                                    **tol)
+
+
+def test_bad_input_is_named(monkeypatch, tmp_path):
+    """Unsupported types, mixed layouts, odd widths and bad settings fail with the reason."""
+    from ktjax.errors import TensorError
+    rng = np.random.default_rng(6)
+    raw = rng.integers(0, 256, (2, 84), dtype=np.uint8)
+    with pytest.raises(TensorError, match="no packed layout for Q2_K"):
+        dq.pack_gguf(raw, T.Q2_K, (2, 256))
+    a = dq.pack_gguf(_random_blocks(rng, T.Q4_K, 2, 256), T.Q4_K, (2, 256))
+    b = dq.pack_gguf(_random_blocks(rng, T.Q6_K, 2, 256), T.Q6_K, (2, 256))
+    with pytest.raises(TensorError, match="different layouts"):
+        dq.stack_to_device([a, b], "keep", True, None)
+    # int4 on a model whose matrices are 48 wide: the error names the tensor
+    path = write_tiny_gguf(tmp_path / "w48.gguf", "llama", hidden=48, n_heads=3,
+                           n_kv_heads=1, head_dim=16, ffn=96)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n- {match: 'token_embd\\.weight', placement: device, format: keep}\n"
+                     "- {match: '.*', placement: device, format: int4}\n")
+    with pytest.raises(TensorError, match=r"blk\.0\.attn_q\.weight: format int4 needs .* 32"):
+        _logits(path, IDS[:2], str(rules), False)
+    qm = _device(a, "keep")
+    x = jnp.ones((1, 256), jnp.float32)
+    monkeypatch.setenv("KTJAX_QUANT_REDUCE_ROWS", "many")
+    with pytest.raises(ValueError, match="KTJAX_QUANT_REDUCE_ROWS must be a row count"):
+        dq.linear(qm, x)
+    monkeypatch.setenv("KTJAX_QUANT_REDUCE_ROWS", "8")
+    monkeypatch.setenv("KTJAX_QUANT_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="KTJAX_QUANT_KERNEL must be xla or pallas"):
+        dq.linear(qm, x)

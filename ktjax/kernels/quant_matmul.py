@@ -3,10 +3,11 @@ W.T for few rows M (<= 64), reading each weight's codes once and dequantizing in
 from 16 rows the tiles go through Triton's dot (tensor cores), below that plain FMA.
 
 The oracle is ktjax.device_quant.linear / dequantize (jnp); tests run this kernel in
-interpret mode against it. Each program owns `block_rows` weight rows (block_rows_for) and walks K one code
-group at a time (4-bit: one chunk of 2h values, low and high nibbles as two [rows, h] tiles,
-so no tile is reshaped or concatenated), `unroll` groups per loop step. Tiles are powers of
-two, as Triton needs: the engine's row buckets are, and N must divide by 8.
+interpret mode against it. Each program owns `block_rows` weight rows (block_rows_for) and
+walks K one code group at a time (4-bit: one chunk of 2h values, low and high nibbles as two
+[rows, h] tiles, so no tile is reshaped or concatenated), `unroll` groups per loop step.
+Tiles are powers of two, as Triton needs: the engine's row buckets are, and N must divide
+by 8.
 
 Used by device_quant.linear only when KTJAX_QUANT_KERNEL=pallas (the default stays the XLA
 fusion until this measures faster on a GPU; docs/kernel-notes.md, "gpu-quant").
@@ -21,13 +22,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from ktjax.device_quant import QuantMatrix
+from ktjax.device_quant import ARRAY_FIELDS, QuantMatrix
 
 warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is deprecated",
                         category=DeprecationWarning)
 
-_FIELDS = ("scale", "sub_scale", "min_scale", "sub_min", "bias")
-MAX_ROWS_POW2 = (1, 2, 4, 8, 16, 32, 64)
+_FIELDS = ARRAY_FIELDS[1:]          # the scales and mins a value may need
+SUPPORTED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 # From this many rows the tiles multiply on the tensor cores (Triton dot needs M >= 16);
 # below, FMA math (decode is bandwidth-bound, and wgmma would waste most of its M).
 DOT_ROWS = 16
@@ -35,18 +36,18 @@ DOT_ROWS = 16
 
 def block_rows_for(n: int) -> int:
     """Weight rows per program: 32, or fewer so a matrix of few rows still gives the GPU's
-    SMs a few programs each (>= 256 programs where N allows); 0 if N has no such divisor."""
+    SMs a few programs each (>= 256 programs where N allows); 0 if 8 does not divide N."""
     for b in (32, 16, 8):
         if n % b == 0 and (n // b >= 256 or b == 8):
             return b
-    return next((b for b in (32, 16, 8) if n % b == 0), 0)
+    return 0
 
 
 def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool:
     """Whether the kernel takes this matrix (one layer: 2-D codes) and row count."""
     n = qm.shape[-2]
     block_rows = block_rows or block_rows_for(n)
-    return qm.codes.ndim == 2 and rows in MAX_ROWS_POW2 and block_rows > 0 and \
+    return qm.codes.ndim == 2 and rows in SUPPORTED_ROWS and block_rows > 0 and \
         n % block_rows == 0
 
 
