@@ -216,6 +216,32 @@ def test_info_shows_device_expert_memory(tmp_path, moe_path):
     assert f"{E * per_expert / 2 ** 20:.2f} MiB" in moved[0]
 
 
+def test_a_failing_host_job_fails_the_request_not_the_engine(tmp_path, moe_path):
+    """A layer's host expert set gone from the store: generate raises KernelError after the
+    step (no crash, no hang), the step's request is aborted and its pages freed, and the
+    engine takes the next request (which fails the same way, cleanly)."""
+    import weakref
+    from ktjax.weights import host_handles
+    llm = LLM(str(moe_path), rules=_rules(tmp_path, "experts: {hot: {0: [1]}}\n"),
+              max_model_len=64)
+    handles = list(host_handles(llm.engine.params))
+    gone = llm.engine.params["layers"]["ffn_exps"].handles[2]
+    release(gone)
+    free = llm.engine.pool.free_pages
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for _ in range(2):
+        with pytest.raises(KernelError, match=r"host MoE \(site \d+, layer 2\): .*handle"):
+            llm.generate([[5, 6, 7]], greedy)
+        assert not llm.engine.has_work() and llm.engine.pool.free_pages == free
+    ma.raise_host_errors()  # nothing left over
+    for fin in list(weakref.finalize._registry):  # release the rest here, not `gone` twice
+        if fin.peek() is not None and fin.peek()[0] is llm:
+            fin.detach()
+    for h in handles:
+        if h != gone:
+            release(h)
+
+
 # ---- CUDA --------------------------------------------------------------------------------
 
 @pytest.mark.gpu
