@@ -105,10 +105,21 @@ def test_bad_input_names_the_problem(expert_sets):
         jax.jit(lambda t: call(t, t, site=np.int64(999999)))(jnp.zeros((1,), jnp.uint8))
     site = ma.reserve_site(3, H, K, expert_sets)
     submit = jax.ffi.ffi_call("ktjax_moe_submit", jax.ShapeDtypeStruct((1,), np.uint8))
-    with pytest.raises(Exception, match=r"x: expected dimension 1 = 64 \(hidden size of site"):
-        jax.jit(lambda: submit(jnp.zeros((3, 32), jnp.float32), jnp.zeros((3, K), jnp.int32),
-                               jnp.zeros((3, K), jnp.float32), jnp.int32(0),
-                               site=np.int64(site)))()
+    bad = {  # operand -> (value, the error naming it)
+        "x": (jnp.zeros((3, 32), jnp.float32), r"x: expected dimension 1 = 64 \(hidden size of site"),
+        "ids": (jnp.zeros((3, 3), jnp.int32), r"expert_weights: expected the shape of expert_ids"),
+        "ids_dtype": (jnp.zeros((3, K), jnp.float32), r"expert_ids: expected dtype int32, got float32"),
+        "layer": (jnp.zeros((2,), jnp.int32), r"layer: expected a scalar, got shape \[2\]"),
+    }
+    for name, (value, match) in bad.items():
+        ops = [jnp.zeros((3, H), jnp.float32), jnp.zeros((3, K), jnp.int32),
+               jnp.zeros((3, K), jnp.float32), jnp.int32(0)]
+        ops[{"x": 0, "ids": 1, "ids_dtype": 1, "layer": 3}[name]] = value
+        with pytest.raises(Exception, match=match):
+            jax.jit(lambda *a: submit(*a, site=np.int64(site)))(*ops)
+    wait = jax.ffi.ffi_call("ktjax_moe_wait", jax.ShapeDtypeStruct((4, H), np.float32))
+    with pytest.raises(Exception, match=r"out: expected dimension 0 = 3 \(tokens of site"):
+        jax.jit(lambda t: wait(t, t, site=np.int64(site)))(jnp.zeros((1,), jnp.uint8))
 
 
 # ---- placement ---------------------------------------------------------------------------
