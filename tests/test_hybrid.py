@@ -236,6 +236,27 @@ def test_combined_output_spans_the_all_host_and_all_device_programs(tmp_path, mo
     assert np.abs(mixed - dev).max() < np.abs(host - dev).max()
 
 
+def test_expert_placement_writes_the_hot_experts_within_the_budget(tmp_path, moe_path):
+    """scripts/expert_placement.py: routing counts on a text -> the most chosen experts on
+    the device within the byte budget; the rules file it writes loads as a split."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "expert_placement.py"
+    spec = importlib.util.spec_from_file_location("expert_placement", path)
+    ep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ep)
+    counts = {(0, 1): 9, (0, 2): 1, (1, 5): 7, (2, 0): 3}
+    assert ep.hot_section(counts, 100, 250) == {0: [1], 1: [5]}
+    out = tmp_path / "hot.yaml"
+    budget = 4 * 3 * H * I * 2 / 2 ** 30          # four experts in bfloat16
+    assert ep.main(["--model", str(moe_path), "--tokens", "64", "--budget-gib", str(budget),
+                    "--out", str(out)]) == 0
+    placement = hx.read_placement(out, 3, E, [0, 1, 2])
+    assert sum(len(v) for v in placement.device.values()) == 4
+    llm = LLM(str(moe_path), rules=str(out), max_model_len=64)
+    assert isinstance(llm.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
+
+
 def test_info_shows_device_expert_memory(tmp_path, moe_path):
     from ktjax.models.info import describe
     rules = _rules(tmp_path, "experts: {device_blocks: [2]}\n")
