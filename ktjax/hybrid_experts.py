@@ -50,7 +50,6 @@ class ExpertPlacement:
     """Per block (GGUF block index), the experts placed on the device."""
 
     device: dict[int, tuple[int, ...]]
-    source: str
 
     def for_block(self, block: int) -> tuple[int, ...]:
         return self.device.get(block, ())
@@ -102,7 +101,7 @@ def read_placement(rules_file: str | Path, n_blocks: int, n_experts: int,
             raise RulesError(f"{where}.hot[{b}]: expected a list of expert ids in "
                              f"[0, {n_experts}), got {ids!r}")
         device.setdefault(b, set()).update(ids)
-    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e}, str(rules_file))
+    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e})
 
 
 @struct.dataclass

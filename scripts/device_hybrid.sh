@@ -33,18 +33,25 @@ stage() {
   if [ "$l" -lt "$need" ]; then log "skip $name: ${l}s left, needs ${need}s"; return 1; fi
   [ "$limit" -gt "$l" ] && limit=$l
   log "start $name (limit ${limit}s)"
-  timeout "$limit" "$@" > /tmp/stage.out 2>> "$LOG"
+  timeout -k 10 "$limit" "$@" > /tmp/stage.out 2>> "$LOG"
   local rc=$?
   grep '^{' /tmp/stage.out | sed "s/^{/{\"stage\": \"$name\", /" | tee -a "$J" >> "$LOG"
   grep -v '^{' /tmp/stage.out | tail -"${TAIL:-5}" >> "$LOG"
   echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - T0 ))}" >> "$J"
+  write_json
   log "end $name rc=$rc"
   return $rc
 }
-llama() {  # llama NAME MODEL NCMOE
-  local name=$1 m=$2 n=$3
-  "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -ncmoe "$n" -t "$THREADS" -fa 1 -p 512 -n 32 -r 2 -o json \
-    | python3 -c "import json,sys; [print(json.dumps({'engine':'llama.cpp','ncmoe':$n,'n_prompt':r['n_prompt'],'n_gen':r['n_gen'],'tps':r['avg_ts']})) for r in json.load(sys.stdin)]"
+# hybrid.json: every row so far (rewritten after each stage, so a cut-off run still has it)
+write_json() {
+  python3 -c "
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+json.dump({'rows': rows}, open(sys.argv[2], 'w'), indent=1)" "$J" "$OUT/hybrid.json" 2>> "$LOG"
+}
+# llama-bench's rows as JSON lines (a command line for `stage`: timeout runs no shell functions)
+llama_cmd() {  # llama_cmd MODEL NCMOE
+  echo "\"$LLAMA_BIN/llama-bench\" -m \"$1\" -ngl 99 -ncmoe $2 -t $THREADS -fa 1 -p 512 -n 32 -r 2 -o json | python3 -c \"import json,sys; [print(json.dumps({'engine': 'llama.cpp', 'ncmoe': $2, 'n_prompt': r['n_prompt'], 'n_gen': r['n_gen'], 'tps': r['avg_ts']})) for r in json.load(sys.stdin)]\""
 }
 BENCH="python3 scripts/bench_hybrid.py --threads $THREADS --json"
 
@@ -82,7 +89,7 @@ for spec in $MODELS; do
   stage "ktjax-hybrid-$shape" 40 130 $BENCH --model "$m" --rules "$profile" --prompt-tokens $PROMPT \
     --gen-tokens $GEN --profile --batch 1,8
   if [ -n "${LLAMA_BIN:-}" ]; then
-    stage "llama-ncmoe-all-$shape" 20 60 llama "$shape" "$m" "$layers"
+    stage "llama-ncmoe-all-$shape" 20 60 bash -c "$(llama_cmd "$m" "$layers")"
   fi
   stage "ktjax-cpu-$shape-b1" 40 100 env JAX_PLATFORMS=cpu $BENCH --model "$m" --rules cpu \
     --prompt-tokens $PROMPT --gen-tokens $GEN
@@ -105,8 +112,8 @@ for spec in $MODELS; do
   stage "ktjax-partial-$shape" 50 90 $BENCH --model "$m" --rules "$D/partial.yaml" --prompt-tokens $PROMPT \
     --gen-tokens $GEN
   if [ -n "${LLAMA_BIN:-}" ]; then
-    stage "llama-ncmoe-$n-$shape" 20 60 llama "$shape" "$m" "$n"
-    stage "llama-ncmoe-0-$shape" 20 60 llama "$shape" "$m" 0
+    stage "llama-ncmoe-$n-$shape" 20 60 bash -c "$(llama_cmd "$m" "$n")"
+    [ "$n" -gt 0 ] && stage "llama-ncmoe-0-$shape" 20 60 bash -c "$(llama_cmd "$m" 0)"
   fi
   # 3. outputs: hybrid vs all-GPU on a cut of the shape
   c="$D/$shape-cut.gguf"
@@ -118,9 +125,5 @@ for spec in $MODELS; do
   fi
   rm -f "$m" "$c"
 done
-python3 - "$J" "$OUT/hybrid.json" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-json.dump({"rows": rows}, open(sys.argv[2], "w"), indent=1)
-EOF
+write_json
 log "done: $(wc -l < "$J") rows"

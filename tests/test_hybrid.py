@@ -60,6 +60,25 @@ def test_submit_wait_is_the_fused_kernel_and_skips_minus_one(expert_sets):
     ma.raise_host_errors()  # nothing recorded
 
 
+def test_skip_id_at_every_isa_level(expert_sets, isa):
+    """Expert id -1 drops its slot in the fused kernel (its weight ignored, even NaN): the
+    same as a zero weight, at each ISA level this machine has and in the scalar reference
+    (AMX: within the tiles' bf16 rounding)."""
+    rng = np.random.default_rng(6)
+    x, ids, w = _routing(rng, 24)
+    skipped, w_nan = ids.copy(), w.copy()
+    skipped[::2, 0] = ma.SKIP
+    w_nan[::2, 0] = np.nan
+    for reference in (False, True):
+        got = hm.moe_forward(x, skipped, w_nan, expert_sets[0], isa=isa, reference=reference)
+        want = hm.moe_forward(x, ids, np.where(skipped == ma.SKIP, 0, w), expert_sets[0],
+                              isa=isa, reference=reference)
+        if isa == "amx":  # tiles take experts by token count, which the skip changes
+            np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3 * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
 def test_a_failing_host_job_is_a_kernel_error_after_the_step(expert_sets):
     rng = np.random.default_rng(2)
     x, ids, w = _routing(rng, 3)
@@ -105,10 +124,21 @@ def test_bad_input_names_the_problem(expert_sets):
         jax.jit(lambda t: call(t, t, site=np.int64(999999)))(jnp.zeros((1,), jnp.uint8))
     site = ma.reserve_site(3, H, K, expert_sets)
     submit = jax.ffi.ffi_call("ktjax_moe_submit", jax.ShapeDtypeStruct((1,), np.uint8))
-    with pytest.raises(Exception, match=r"x: expected dimension 1 = 64 \(hidden size of site"):
-        jax.jit(lambda: submit(jnp.zeros((3, 32), jnp.float32), jnp.zeros((3, K), jnp.int32),
-                               jnp.zeros((3, K), jnp.float32), jnp.int32(0),
-                               site=np.int64(site)))()
+    bad = {  # operand -> (value, the error naming it)
+        "x": (jnp.zeros((3, 32), jnp.float32), r"x: expected dimension 1 = 64 \(hidden size of site"),
+        "ids": (jnp.zeros((3, 3), jnp.int32), r"expert_weights: expected the shape of expert_ids"),
+        "ids_dtype": (jnp.zeros((3, K), jnp.float32), r"expert_ids: expected dtype int32, got float32"),
+        "layer": (jnp.zeros((2,), jnp.int32), r"layer: expected a scalar, got shape \[2\]"),
+    }
+    for name, (value, match) in bad.items():
+        ops = [jnp.zeros((3, H), jnp.float32), jnp.zeros((3, K), jnp.int32),
+               jnp.zeros((3, K), jnp.float32), jnp.int32(0)]
+        ops[{"x": 0, "ids": 1, "ids_dtype": 1, "layer": 3}[name]] = value
+        with pytest.raises(Exception, match=match):
+            jax.jit(lambda *a: submit(*a, site=np.int64(site)))(*ops)
+    wait = jax.ffi.ffi_call("ktjax_moe_wait", jax.ShapeDtypeStruct((4, H), np.float32))
+    with pytest.raises(Exception, match=r"out: expected dimension 0 = 3 \(tokens of site"):
+        jax.jit(lambda t: wait(t, t, site=np.int64(site)))(jnp.zeros((1,), jnp.uint8))
 
 
 # ---- placement ---------------------------------------------------------------------------
@@ -206,6 +236,27 @@ def test_combined_output_spans_the_all_host_and_all_device_programs(tmp_path, mo
     assert np.abs(mixed - dev).max() < np.abs(host - dev).max()
 
 
+def test_expert_placement_writes_the_hot_experts_within_the_budget(tmp_path, moe_path):
+    """scripts/expert_placement.py: routing counts on a text -> the most chosen experts on
+    the device within the byte budget; the rules file it writes loads as a split."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "expert_placement.py"
+    spec = importlib.util.spec_from_file_location("expert_placement", path)
+    ep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ep)
+    counts = {(0, 1): 9, (0, 2): 1, (1, 5): 7, (2, 0): 3}
+    assert ep.hot_section(counts, 100, 250) == {0: [1], 1: [5]}
+    out = tmp_path / "hot.yaml"
+    budget = 4 * 3 * H * I * 2 / 2 ** 30          # four experts in bfloat16
+    assert ep.main(["--model", str(moe_path), "--tokens", "64", "--budget-gib", str(budget),
+                    "--out", str(out)]) == 0
+    placement = hx.read_placement(out, 3, E, [0, 1, 2])
+    assert sum(len(v) for v in placement.device.values()) == 4
+    llm = LLM(str(moe_path), rules=str(out), max_model_len=64)
+    assert isinstance(llm.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
+
+
 def test_info_shows_device_expert_memory(tmp_path, moe_path):
     from ktjax.models.info import describe
     rules = _rules(tmp_path, "experts: {device_blocks: [2]}\n")
@@ -214,6 +265,32 @@ def test_info_shows_device_expert_memory(tmp_path, moe_path):
     assert len(moved) == 1
     per_expert = 3 * H * I * 4   # float32 on CPU programs
     assert f"{E * per_expert / 2 ** 20:.2f} MiB" in moved[0]
+
+
+def test_a_failing_host_job_fails_the_request_not_the_engine(tmp_path, moe_path):
+    """A layer's host expert set gone from the store: generate raises KernelError after the
+    step (no crash, no hang), the step's request is aborted and its pages freed, and the
+    engine takes the next request (which fails the same way, cleanly)."""
+    import weakref
+    from ktjax.weights import host_handles
+    llm = LLM(str(moe_path), rules=_rules(tmp_path, "experts: {hot: {0: [1]}}\n"),
+              max_model_len=64)
+    handles = list(host_handles(llm.engine.params))
+    gone = llm.engine.params["layers"]["ffn_exps"].handles[2]
+    release(gone)
+    free = llm.engine.pool.free_pages
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for _ in range(2):
+        with pytest.raises(KernelError, match=r"host MoE \(site \d+, layer 2\): .*handle"):
+            llm.generate([[5, 6, 7]], greedy)
+        assert not llm.engine.has_work() and llm.engine.pool.free_pages == free
+    ma.raise_host_errors()  # nothing left over
+    for fin in list(weakref.finalize._registry):  # release the rest here, not `gone` twice
+        if fin.peek() is not None and fin.peek()[0] is llm:
+            fin.detach()
+    for h in handles:
+        if h != gone:
+            release(h)
 
 
 # ---- CUDA --------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ void bind_ffi_targets(py::module_& m) {
         return out;
       },
       py::arg("site"), py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("layer"),
-      py::arg("timeout_s") = 120.0,
+      py::arg("timeout_s") = 30.0,
       "The CUDA path's host side without CUDA: fill the site, submit to the worker, wait.");
   m.def("moe_site_dry_run", &set_moe_dry_run, py::arg("on"),
         "Measurement switch: host MoE jobs write zeros without computing.");

@@ -105,12 +105,12 @@ class Worker {
   std::atomic<int64_t> pending_{0};
 };
 
-}  // namespace
-
 void record_moe_site_error(const std::string& what) {
   std::lock_guard<std::mutex> lock(g_error_mu);
   if (g_error.empty()) g_error = what;
 }
+
+}  // namespace
 
 std::string take_moe_site_error() {
   std::lock_guard<std::mutex> lock(g_error_mu);

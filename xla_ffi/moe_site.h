@@ -50,8 +50,9 @@ MoeSite* find_moe_site(int64_t id);
 // Hands the job to the host MoE worker thread and returns at once (a CUDA host function).
 void submit_moe_job(MoeSite* site);
 // Waits for the site's last submitted job (a CUDA host function; blocks its stream). Past
-// `timeout_s` the wait gives up, zeroes `out` and records an error rather than hang.
-void wait_moe_job(MoeSite* site, double timeout_s = 120.0);
+// `timeout_s` the wait gives up, zeroes `out` and records an error rather than hang (one
+// layer's job takes milliseconds, a prefill chunk's well under a second).
+void wait_moe_job(MoeSite* site, double timeout_s = 30.0);
 
 // Dry run (for measurements): jobs write zeros without running the kernel, so a step's time
 // is everything but the host experts' compute.
@@ -59,6 +60,5 @@ void set_moe_dry_run(bool on);
 
 // The first error recorded by a job since the last call ("" if none), cleared by the call.
 std::string take_moe_site_error();
-void record_moe_site_error(const std::string& what);
 
 }  // namespace ktjax
