@@ -44,16 +44,48 @@ print("RESULT " + json.dumps({
 """
 
 
-def _child(model: str, artifacts: str | None, settings: dict, cache: str) -> dict:
-    env = {**os.environ, "KTJAX_CACHE_DIR": cache, "KTJAX_NO_PROGRESS": "1",
-           "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    spawn = time.time()
-    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(
-        {"model": model, "artifacts": artifacts, "settings": settings, "prompt": PROMPT})],
-        capture_output=True, text=True, env=env, timeout=1800)
+class StageFailed(Exception):
+    """A child process failed or ran out of time; the message says which and how."""
+
+
+class Deadline:
+    """Seconds left of the run (--deadline): each child gets at most what is left, and is
+    killed when it overruns, so nothing outlives the run."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.time() + seconds
+
+    def left(self) -> float:
+        return 24 * 3600 if self.end is None else self.end - time.time()
+
+
+def _run(args: list[str], env: dict, deadline: Deadline, what: str) -> str:
+    left = deadline.left()
+    if left < 1:
+        raise StageFailed(f"{what}: no time left")
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=left)
+    except subprocess.TimeoutExpired:  # subprocess.run killed it
+        raise StageFailed(f"{what}: killed at the deadline after {left:.0f} s") from None
     if r.returncode != 0:
-        raise SystemExit(f"child failed:\n{r.stderr[-4000:]}")
-    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+        raise StageFailed(f"{what}: exit {r.returncode}: {r.stderr[-3000:]}")
+    return r.stdout
+
+
+def _env(cache: str) -> dict:
+    return {**os.environ, "KTJAX_CACHE_DIR": cache, "KTJAX_NO_PROGRESS": "1",
+            "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _child(model: str, artifacts: str | None, settings: dict, cache: str,
+           deadline: Deadline, what: str) -> dict:
+    spawn = time.time()
+    out = _run([sys.executable, "-c", _CHILD, json.dumps(
+        {"model": model, "artifacts": artifacts, "settings": settings, "prompt": PROMPT})],
+        _env(cache), deadline, what)
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise StageFailed(f"{what}: printed no result")
     res = json.loads(line[len("RESULT "):])
     res["to_first_token"] = res["end"] - spawn
     res["interpreter"] = res["python_start"] - spawn
@@ -68,62 +100,76 @@ def _prompt_tokens(model: str) -> int:
                .encode(PROMPT))
 
 
-def _summary(model: str, settings: dict, rows: dict, export_s: float | None, size: int) -> dict:
+def _summary(model: str, settings: dict, rows: dict, export_s: float | None, size: int,
+             errors: list[str]) -> dict:
     med = {k: {f: statistics.median(r[f] for r in rs)
                for f in ("to_first_token", "cpu", "interpreter", "import", "load",
                          "first_step", "compiles")}
            for k, rs in rows.items() if rs}
     out = {"model": model, "settings": settings, "runs": len(rows["cold"]),
-           "export_seconds": export_s, "artifact_bytes": size, "median": med}
+           "export_seconds": export_s, "artifact_bytes": size, "median": med,
+           "errors": list(errors)}
     if "cold" in med and "artifacts" in med:
         out["speedup_vs_cold"] = med["cold"]["to_first_token"] / \
             med["artifacts"]["to_first_token"]
+    tokens = {r["token"] for rs in rows.values() for r in rs}
+    if len(tokens) > 1:
+        out["errors"].append(f"the starts sampled different first tokens {sorted(tokens)}")
     return out
 
 
 def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
-                work: str, partial=lambda summary: None) -> dict:
+                work: str, deadline: Deadline, partial=lambda summary: None) -> dict:
     """Cold starts first, then the export, then starts from artifacts and with the cache the
-    cold starts filled (the order keeps the most telling figures first when time is short;
-    `partial` gets the summary after each start)."""
+    cold starts filled (the order keeps the most telling figures first when time is short).
+    A failed stage is recorded in "errors" and the stages that do not need it still run;
+    `partial` gets the summary after each stage."""
     art = os.path.join(work, "artifacts")
     spec = f"kinds={tuple(kinds.split(','))!r}"
     if exact:  # only the benchmark request's programs: its prompt's prefill, one decode
         n = _prompt_tokens(model)
         spec += f", prompt_tokens={n}, max_tokens={n + 2}"
     rows: dict[str, list[dict]] = {"cold": [], "artifacts": [], "cache": []}
+    errors: list[str] = []
     export_s, size = None, 0
 
-    def ran(kind: str, result: dict) -> None:
-        rows[kind].append(result)
-        print(f"{model}: {kind} start {result['to_first_token']:.1f} s "
-              f"(cpu {result['cpu']:.1f} s, {result['compiles']} compiles)",
-              file=sys.stderr, flush=True)
-        partial(_summary(model, settings, rows, export_s, size))
+    def stage(kind: str, artifacts: str | None, cache: str) -> None:
+        try:
+            r = _child(model, artifacts, settings, cache, deadline, f"{kind} start")
+        except StageFailed as e:
+            errors.append(str(e))
+            print(f"{model}: {e}", file=sys.stderr, flush=True)
+        else:
+            rows[kind].append(r)
+            print(f"{model}: {kind} start {r['to_first_token']:.1f} s (cpu {r['cpu']:.1f} s, "
+                  f"{r['compiles']} compiles)", file=sys.stderr, flush=True)
+        partial(_summary(model, settings, rows, export_s, size, errors))
 
     for i in range(runs):
-        ran("cold", _child(model, None, settings, os.path.join(work, f"cache{i}")))
+        stage("cold", None, os.path.join(work, f"cache{i}"))
     t = time.time()
     # the export runs in a child too: this process keeps its store handles free
     code = (f"from ktjax.export.artifacts import export; from ktjax.engine.config import "
             f"EngineConfig; from ktjax.export.program_set import ProgramSpec; "
             f"m = export({model!r}, {art!r}, EngineConfig(**{settings!r}), "
             f"ProgramSpec({spec}))")
-    env = {**os.environ, "KTJAX_CACHE_DIR": os.path.join(work, "export-cache"),
-           "KTJAX_NO_PROGRESS": "1",
-           "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=3600)
-    export_s = time.time() - t
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(art) for f in fs)
-    print(f"{model}: exported in {export_s:.1f} s ({size / 2**20:.0f} MiB)", file=sys.stderr,
-          flush=True)
+    try:
+        _run([sys.executable, "-c", code], _env(os.path.join(work, "export-cache")), deadline,
+             "export")
+        export_s = time.time() - t
+        size = sum(os.path.getsize(os.path.join(dp, f))
+                   for dp, _, fs in os.walk(art) for f in fs)
+        print(f"{model}: exported in {export_s:.1f} s ({size / 2**20:.0f} MiB)",
+              file=sys.stderr, flush=True)
+    except StageFailed as e:
+        errors.append(str(e))
+        print(f"{model}: {e}", file=sys.stderr, flush=True)
+    partial(_summary(model, settings, rows, export_s, size, errors))
     for i in range(runs):
-        ran("artifacts", _child(model, art, settings, os.path.join(work, f"empty{i}")))
-        ran("cache", _child(model, None, settings, os.path.join(work, f"cache{i}")))
-    tokens = {r["token"] for rs in rows.values() for r in rs}
-    if len(tokens) != 1:
-        raise SystemExit(f"{model}: the starts sampled different first tokens {tokens}")
-    return _summary(model, settings, rows, export_s, size)
+        if export_s is not None:
+            stage("artifacts", art, os.path.join(work, f"empty{i}"))
+        stage("cache", None, os.path.join(work, f"cache{i}"))
+    return _summary(model, settings, rows, export_s, size, errors)
 
 
 def main() -> None:
@@ -136,12 +182,15 @@ def main() -> None:
     ap.add_argument("--exact", action="store_true",
                     help="export only the benchmark request's programs (a big model's export "
                          "otherwise compiles every prefill and decode bucket)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole run: a start still running then is killed")
     ap.add_argument("--json", default=None, help="write the figures here")
     a = ap.parse_args()
     settings = {"max_model_len": a.max_model_len}
     if a.rules:
         settings["rules"] = a.rules
     results: list[dict] = []
+    deadline = Deadline(a.deadline)
 
     def save(partial: dict | None = None) -> None:
         if a.json:
@@ -151,19 +200,23 @@ def main() -> None:
     for model in a.model:
         work = tempfile.mkdtemp(prefix="ktjax-startup-")
         try:
-            r = bench_model(model, settings, a.runs, a.kinds, a.exact, work, save)
+            r = bench_model(model, settings, a.runs, a.kinds, a.exact, work, deadline, save)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         results.append(r)
-        print(f"\n{model}  (max_model_len {a.max_model_len}; export {r['export_seconds']:.0f} s, "
-              f"{r['artifact_bytes'] / 2**20:.0f} MiB; median of {a.runs})")
+        export = f"{r['export_seconds']:.0f} s" if r["export_seconds"] is not None else "failed"
+        print(f"\n{model}  (max_model_len {a.max_model_len}; export {export}, "
+              f"{r['artifact_bytes'] / 2**20:.0f} MiB; median of {r['runs']})")
         print(f"  {'start':<10} {'first token':>11} {'cpu':>6} {'python':>7} {'import':>7} "
               f"{'load':>6} {'1st step':>8} {'compiles':>8}")
         for k, m in r["median"].items():
             print(f"  {k:<10} {m['to_first_token']:>10.2f}s {m['cpu']:>5.1f}s "
                   f"{m['interpreter']:>6.2f}s {m['import']:>6.2f}s {m['load']:>5.2f}s "
                   f"{m['first_step']:>7.2f}s {m['compiles']:>8.0f}")
-        print(f"  artifacts vs cold: {r['speedup_vs_cold']:.1f}x")
+        if "speedup_vs_cold" in r:
+            print(f"  artifacts vs cold: {r['speedup_vs_cold']:.1f}x")
+        for e in r["errors"]:
+            print(f"  error: {e[:300]}")
         save()
 
 

@@ -128,3 +128,84 @@ def test_bad_inputs_are_refused(store):
         adopt(layouts, buffers, digests, h, 4096)
     with pytest.raises(KernelError, match="lacks the field"):
         adopt([{k: v for k, v in layouts[0].items() if k != "n"}], buffers, digests, 0, 4096)
+
+
+def _params_file(tmp_path, store):
+    import jax
+    import jax.numpy as jnp
+
+    from ktjax.export import packed_weights
+    from ktjax.weights import HostWeight
+    h = hl.pack_float_weight(np.random.default_rng(3).standard_normal((32, 64)), "int4")
+    store.append(h)
+    params = {"norm": jnp.arange(8, dtype=jnp.float32),
+              "layers": {"w": HostWeight(handles=(h,), out_features=32)}}
+    path = tmp_path / "w.ktw"
+    packed_weights.write(path, params)
+    return path, jax.devices()[0]
+
+
+def _header(path):
+    import json
+    import struct
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[8:16])
+    return json.loads(data[16:16 + n]), data, n
+
+
+def _rewrite(path, header, data, n):
+    import json
+    import struct
+    from ktjax.export.packed_weights import ALIGN
+    text = json.dumps(header).encode()
+    start = -(-(16 + n) // ALIGN) * ALIGN    # where the sections begin
+    assert 16 + len(text) <= start            # the header still fits before them
+    head = data[:8] + struct.pack("<Q", len(text)) + text
+    path.write_bytes(head + bytes(start - len(head)) + data[start:])
+
+
+def test_params_file_round_trip_under_fresh_handles(tmp_path, store):
+    from ktjax.export import packed_weights
+    path, device = _params_file(tmp_path, store)
+    params = packed_weights.read(path, device, handles="fresh")
+    w = params["layers"]["w"]
+    store.extend(w.handles)
+    np.testing.assert_array_equal(np.asarray(params["norm"]), np.arange(8, dtype=np.float32))
+    assert w.out_features == 32
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: h["sections"].pop(), "lacks"),
+    (lambda h: h["sections"][0].__setitem__("size", 10 ** 12), "truncated"),
+    (lambda h: h["sections"][0].__setitem__("offset", -4096), "truncated"),
+    (lambda h: h["tree"]["dict"].__setitem__("x", {"bogus": 1}), "unknown params node kind"),
+    (lambda h: h["tree"]["dict"]["norm"]["array"].__setitem__("shape", [9]), "has 32 bytes"),
+    (lambda h: h["tree"]["dict"]["norm"]["array"].__setitem__("dtype", "object"), "dtype"),
+    (lambda h: h["tree"]["dict"]["layers"]["dict"]["w"]["host_weight"]["mats"][0][0]
+     .__setitem__("n", 64), "bytes given"),
+    (lambda h: h.__setitem__("chunk", 7), "hash chunk"),
+])
+def test_crafted_params_headers_are_refused(tmp_path, store, edit, message):
+    from ktjax.errors import ArtifactError
+    from ktjax.export import packed_weights
+    path, device = _params_file(tmp_path, store)
+    header, data, n = _header(path)
+    edit(header)
+    _rewrite(path, header, data, n)
+    before = _native.store_size()
+    with pytest.raises(ArtifactError, match=message):
+        packed_weights.read(path, device, handles="fresh")
+    assert _native.store_size() == before   # nothing adopted stays behind
+
+
+def test_not_a_params_file(tmp_path):
+    from ktjax.errors import ArtifactError
+    from ktjax.export import packed_weights
+    import jax
+    bad = tmp_path / "x.ktw"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ArtifactError, match="bad magic"):
+        packed_weights.read(bad, jax.devices()[0])
+    bad.write_bytes(b"KTJAXPW1" + (10 ** 6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ArtifactError, match="truncated"):
+        packed_weights.read(bad, jax.devices()[0])

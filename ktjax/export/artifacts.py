@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import time
-import warnings
 from typing import Callable
 
 import jax
@@ -259,6 +258,3 @@ class Artifacts:
             raise ArtifactError(f"{path}: its SHA-256 does not match the manifest (corrupt)")
         return data
 
-
-def warn_fallback(problem: Exception) -> None:
-    warnings.warn(f"{problem} -- loading the model and compiling instead", stacklevel=3)

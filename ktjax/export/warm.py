@@ -1,6 +1,7 @@
 """How LLM starts from artifacts or precompiles: the few calls api.py makes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -45,7 +46,6 @@ def tokenizer(artifacts: Artifacts | None, fallback: str, gguf_file) -> Tokenize
 def engine_config(artifacts: Artifacts | None, config: EngineConfig | None,
                   options: dict) -> EngineConfig:
     """The unresolved config: the artifacts' settings as defaults when there are any."""
-    import dataclasses
     if artifacts is not None:
         return artifacts.engine_config(config, options)
     return dataclasses.replace(config or EngineConfig(), **options)
