@@ -33,6 +33,7 @@ class Case:
     softcap: float | None = None
     splits: int | None = None
     pages_per_block: int | None = None
+    block_m: int | None = None
 
 
 CASES = {
@@ -51,6 +52,8 @@ CASES = {
     "mla": Case((21, 0), (1, 3), heads=4, kv_heads=1, head_dim=48, value_dim=32, splits=2),
     # ... and of 32 + 8 (the tiny DeepSeek's): the rope part is read widened to 16
     "mla_narrow_rope": Case((18,), (1,), heads=2, kv_heads=1, head_dim=40, value_dim=32),
+    # a chunk of 70 in blocks of 16 query rows: several row blocks, 2 blocks of new keys
+    "long_chunk": Case((5,), (70,), heads=2, kv_heads=2, head_dim=16, block_m=16),
     "bf16": Case((19, 35), (2, 1), kv_dtype="bfloat16"),
     "int8_decode": Case((0, 47, 64), (1, 1, 1), heads=8, kv_dtype="int8", splits=2),
     "int8_prefill_window": Case((26,), (4,), kv_dtype="int8", window=10),
@@ -101,7 +104,7 @@ def check_case(case: Case, interpret: bool) -> None:
     want = np.asarray(paged_attention_ref.paged_attention(*args, **kw))
     got = np.asarray(jax.jit(lambda *a: paged_attention_gpu.paged_attention(
         *a, **kw, n_splits=case.splits, pages_per_block=case.pages_per_block,
-        interpret=interpret))(*args))
+        block_m=case.block_m, interpret=interpret))(*args))
     tol = 2e-2 if case.kv_dtype == "bfloat16" and not interpret else 2e-4
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
     padding = np.asarray(args[-1]) < 0
