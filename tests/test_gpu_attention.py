@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktjax.errors import KernelError
+from ktjax.errors import KernelError, KtjaxError
 from ktjax.kernels import backends, kv_quant, paged_attention_gpu, paged_attention_ref
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
@@ -166,6 +166,11 @@ def test_unsupported_shape_falls_back_to_reference_with_a_warning():
         got = backends.PALLAS.attend(*args, **kw)
     assert any("page size 12" in str(w.message) for w in caught)
     np.testing.assert_allclose(got, paged_attention_ref.paged_attention(*args, **kw))
+
+
+def test_unknown_backend_names_the_known_ones():
+    with pytest.raises(KtjaxError, match=r"unknown attention backend 'triton'.*'pallas'"):
+        backends.get_backend("triton", "gpu")
 
 
 def test_int8_write_roundtrip_and_cpu_refusal():
