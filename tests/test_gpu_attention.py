@@ -187,16 +187,21 @@ def test_int8_write_roundtrip_and_cpu_refusal():
     assert backends.get_backend("auto", "cpu", "int8").name == "reference"
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
-def test_engine_generates_with_the_pallas_backend(tiny_llama_path, kv_dtype):
-    """The kernel inside the engine's scanned layers (traced layer index, padded buckets,
-    prefill then decode steps) gives the reference backend's tokens and log-probabilities."""
+@pytest.mark.parametrize("arch,kv_dtype", [("llama", "float32"), ("llama", "int8"),
+                                           ("gemma3", "float32")])
+def test_engine_generates_with_the_pallas_backend(tiny_llama_path, tmp_path, arch, kv_dtype):
+    """The kernel inside the engine's scanned layers (traced layer index and, for Gemma 3,
+    traced window of 8; padded buckets; prefill then decode steps) gives the reference
+    backend's tokens and log-probabilities."""
+    from tiny_models import write_tiny_gguf
+
     from ktjax import LLM, SamplingParams
+    path = tiny_llama_path if arch == "llama" else write_tiny_gguf(tmp_path / "g.gguf", arch)
     params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=True, ignore_eos=True)
     prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9, 11, 13, 17, 19, 23, 29, 31, 37], [3, 1, 4]]
     outs = {}
     for attention in ("reference", "pallas"):
-        llm = LLM(str(tiny_llama_path), max_model_len=64, kv_cache_tokens=256,
+        llm = LLM(str(path), max_model_len=64, kv_cache_tokens=256,
                   host_linears=False, dtype="float32", attention=attention,
                   kv_cache_dtype=kv_dtype)
         outs[attention] = llm.generate(prompts, params)
