@@ -16,7 +16,8 @@ each context; the cache is allocated by the engine's kv_cache code. The KV read 
 (bytes of every layer's context / time of the 32 layers) is set against the HBM bandwidth
 measured in the same run (a read-only reduction over 4 GiB). With int8 at the longest
 context a bfloat16 stand-in for the 8B weights (16 GB) is allocated beside the cache, which
-shows the model with that context fits on the GPU. Then a prefill chunk (512 tokens over
+shows the model with that context fits on the GPU. Then the kernel against the reference on
+random pages at the far end of that cache (offsets past 4 GiB), a prefill chunk (512 tokens over
 1536 cached: attention TFLOP/s, kernel and reference) and a sweep of the kernel's knobs at
 the middle context. SMOKE=1 shrinks every size (CPU check).
 """
@@ -108,6 +109,35 @@ def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
                 kv_read_GBps=read / seconds / 1e9, bytes_held=held)
 
 
+def gpu_far_pages_check(kv_dtype: str, n_layers: int, ctx: int) -> dict:
+    """Kernel against reference on random pages at the far end of a full-size cache (last
+    layer, last pages: byte offsets past 4 GiB, where the Triton lowering switches to 64-bit
+    indexing); the benchmark's zeroed caches would hide a wrong read."""
+    from ktjax.engine import kv_cache
+    from ktjax.models.base import KVCacheSpec
+    heads, kv, hd, page = 32, 8, 128, 16
+    rows = min(1024, ctx // 2)
+    spec = KVCacheSpec(n_layers, kv, hd, hd)
+    n_pages = ctx // page + 1
+    cache = kv_cache.make_kv_cache(spec, n_pages, page, kv_dtype)
+    rng = np.random.default_rng(1)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    slots = jnp.asarray((n_pages - rows // page) * page + np.arange(rows)[None], jnp.int32)
+    k_rows, v_rows = f(n_layers, 1, rows, kv, hd), f(n_layers, 1, rows, kv, hd)
+    k_cache, v_cache = jax.jit(paged_attention_ref.write_kv, donate_argnums=(0, 1))(
+        cache.k, cache.v, slots, k_rows, v_rows)
+    tables = jnp.asarray(np.arange(n_pages - rows // page, n_pages)[None], jnp.int32)
+    args = (f(1, 1, heads, hd), f(1, 1, kv, hd), f(1, 1, kv, hd), k_cache, v_cache,
+            jnp.int32(n_layers - 1), tables, jnp.asarray([rows], jnp.int32),
+            jnp.asarray([[rows]], jnp.int32))
+    got = jax.jit(partial(paged_attention_gpu.paged_attention, scale=hd ** -0.5))(*args)
+    want = jax.jit(partial(paged_attention_ref.paged_attention, scale=hd ** -0.5))(*args)
+    err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
+    del k_cache, v_cache, args
+    return dict(kv_dtype=kv_dtype, context=ctx, layer=n_layers - 1, max_abs_err=err,
+                ok=err < 3e-2)
+
+
 def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False,
                 **knobs) -> dict:
     """A prefill chunk of `tokens` over `cached` tokens (8B shape, bf16 pages): time per
@@ -186,6 +216,15 @@ def main_gpu(args) -> None:
         for ctx in contexts:
             longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
             run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
+    for kv_dtype in ("bfloat16", "int8"):      # correctness past 4 GiB of cache
+        try:
+            c = gpu_far_pages_check(kv_dtype, n_layers, max(contexts))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            c = dict(kv_dtype=kv_dtype, error=f"{type(e).__name__}: {e}"[:3000])
+        result.setdefault("far_pages_check", []).append(c)
+        save()
+        print(f"far pages check {c}")
     for kv_dtype in ("bfloat16", "int8"):      # serving: 8 rows at the shortest context
         run(contexts[0], kv_dtype, batch=8)
     for reference, knobs in ((False, {}), (True, {}), (False, {"block_m": 128, "num_warps": 8}),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktjax.errors import KernelError
+from ktjax.errors import KernelError, KtjaxError
 from ktjax.kernels import backends, kv_quant, paged_attention_gpu, paged_attention_ref
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
@@ -33,6 +33,7 @@ class Case:
     softcap: float | None = None
     splits: int | None = None
     pages_per_block: int | None = None
+    block_m: int | None = None
 
 
 CASES = {
@@ -51,6 +52,8 @@ CASES = {
     "mla": Case((21, 0), (1, 3), heads=4, kv_heads=1, head_dim=48, value_dim=32, splits=2),
     # ... and of 32 + 8 (the tiny DeepSeek's): the rope part is read widened to 16
     "mla_narrow_rope": Case((18,), (1,), heads=2, kv_heads=1, head_dim=40, value_dim=32),
+    # a chunk of 70 in blocks of 16 query rows: several row blocks, 2 blocks of new keys
+    "long_chunk": Case((5,), (70,), heads=2, kv_heads=2, head_dim=16, block_m=16),
     "bf16": Case((19, 35), (2, 1), kv_dtype="bfloat16"),
     "int8_decode": Case((0, 47, 64), (1, 1, 1), heads=8, kv_dtype="int8", splits=2),
     "int8_prefill_window": Case((26,), (4,), kv_dtype="int8", window=10),
@@ -101,7 +104,7 @@ def check_case(case: Case, interpret: bool) -> None:
     want = np.asarray(paged_attention_ref.paged_attention(*args, **kw))
     got = np.asarray(jax.jit(lambda *a: paged_attention_gpu.paged_attention(
         *a, **kw, n_splits=case.splits, pages_per_block=case.pages_per_block,
-        interpret=interpret))(*args))
+        block_m=case.block_m, interpret=interpret))(*args))
     tol = 2e-2 if case.kv_dtype == "bfloat16" and not interpret else 2e-4
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
     padding = np.asarray(args[-1]) < 0
@@ -165,6 +168,11 @@ def test_unsupported_shape_falls_back_to_reference_with_a_warning():
     np.testing.assert_allclose(got, paged_attention_ref.paged_attention(*args, **kw))
 
 
+def test_unknown_backend_names_the_known_ones():
+    with pytest.raises(KtjaxError, match=r"unknown attention backend 'triton'.*'pallas'"):
+        backends.get_backend("triton", "gpu")
+
+
 def test_int8_write_roundtrip_and_cpu_refusal():
     rng = np.random.default_rng(1)
     cache = kv_quant.zeros((1, 3, 4, 2, 32), "int8")
@@ -179,16 +187,21 @@ def test_int8_write_roundtrip_and_cpu_refusal():
     assert backends.get_backend("auto", "cpu", "int8").name == "reference"
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
-def test_engine_generates_with_the_pallas_backend(tiny_llama_path, kv_dtype):
-    """The kernel inside the engine's scanned layers (traced layer index, padded buckets,
-    prefill then decode steps) gives the reference backend's tokens and log-probabilities."""
+@pytest.mark.parametrize("arch,kv_dtype", [("llama", "float32"), ("llama", "int8"),
+                                           ("gemma3", "float32")])
+def test_engine_generates_with_the_pallas_backend(tiny_llama_path, tmp_path, arch, kv_dtype):
+    """The kernel inside the engine's scanned layers (traced layer index and, for Gemma 3,
+    traced window of 8; padded buckets; prefill then decode steps) gives the reference
+    backend's tokens and log-probabilities."""
+    from tiny_models import write_tiny_gguf
+
     from ktjax import LLM, SamplingParams
+    path = tiny_llama_path if arch == "llama" else write_tiny_gguf(tmp_path / "g.gguf", arch)
     params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=True, ignore_eos=True)
     prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9, 11, 13, 17, 19, 23, 29, 31, 37], [3, 1, 4]]
     outs = {}
     for attention in ("reference", "pallas"):
-        llm = LLM(str(tiny_llama_path), max_model_len=64, kv_cache_tokens=256,
+        llm = LLM(str(path), max_model_len=64, kv_cache_tokens=256,
                   host_linears=False, dtype="float32", attention=attention,
                   kv_cache_dtype=kv_dtype)
         outs[attention] = llm.generate(prompts, params)

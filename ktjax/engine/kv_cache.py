@@ -148,8 +148,9 @@ def make_kv_cache(spec: KVCacheSpec, n_pages: int, page_size: int, kv_dtype,
                   device: jax.Device | None = None) -> KVCache:
     """Zeroed keys [L, n_pages, page_size, n_kv, head_dim] and values [..., value_dim], stored
     as kv_dtype ('float32', 'bfloat16', or 'int8' = kv_quant.Int8Pages with scales)."""
-    kv_dtype = kv_quant.check_dtype(jnp.dtype(kv_dtype).name if not isinstance(kv_dtype, str)
-                              else kv_dtype)
+    if not isinstance(kv_dtype, str):          # a numpy/jax dtype, as older callers pass
+        kv_dtype = jnp.dtype(kv_dtype).name
+    kv_dtype = kv_quant.check_dtype(kv_dtype)
     shape = (spec.n_layers, n_pages, page_size, spec.n_kv_heads)
     with jax.default_device(device) if device is not None else nullcontext():
         return KVCache(k=kv_quant.zeros((*shape, spec.head_dim), kv_dtype),

@@ -110,4 +110,3 @@ def get_backend(name: str, platform: str = "cpu",
                           "int8: use kv_cache_dtype float32/bfloat16 or attention "
                           "'reference'/'pallas'")
     return _BACKENDS[name]
-

@@ -41,9 +41,8 @@ class Int8Pages:
     def dtype(self):
         return self.values.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.scales.nbytes
+
+KVPages = jax.Array | Int8Pages   # one cache leaf: plain pages or int8 pages with scales
 
 
 def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:

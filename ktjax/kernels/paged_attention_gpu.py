@@ -182,9 +182,10 @@ def choose_splits(programs: int, max_blocks: int) -> int:
     return max(1, min(-(-TARGET_PROGRAMS // programs), max_blocks))
 
 
-def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None, k_cache, v_cache,
-                    layer: jax.Array, block_tables: jax.Array, cache_lens: jax.Array,
-                    q_positions: jax.Array, *, scale: float,
+def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
+                    k_cache: kv_quant.KVPages, v_cache: kv_quant.KVPages, layer: jax.Array,
+                    block_tables: jax.Array, cache_lens: jax.Array, q_positions: jax.Array, *,
+                    scale: float,
                     sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None, logit_softcap: float | None = None,
                     n_splits: int | None = None, pages_per_block: int | None = None,

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from ktjax.kernels import kv_quant
 
 
-def write_kv(k_cache, v_cache, slots: jax.Array, k: jax.Array, v: jax.Array):
+def write_kv(k_cache: kv_quant.KVPages, v_cache: kv_quant.KVPages, slots: jax.Array,
+             k: jax.Array, v: jax.Array) -> tuple[kv_quant.KVPages, kv_quant.KVPages]:
     """Store every layer's new keys/values k, v [L, B, T, n_kv, hd] at `slots` [B, T]."""
     page_size = k_cache.shape[2]
     pages, offsets = slots.reshape(-1) // page_size, slots.reshape(-1) % page_size
@@ -37,7 +38,8 @@ def write_kv(k_cache, v_cache, slots: jax.Array, k: jax.Array, v: jax.Array):
     return store(k_cache, k), store(v_cache, v)
 
 
-def gather_context(cache, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
+def gather_context(cache: kv_quant.KVPages, layer: jax.Array,
+                   block_tables: jax.Array) -> jax.Array:
     """[B, P] page ids -> the layer's cached rows [B, P * page_size, n_kv, hd], in order
     (float32 when the cache is int8)."""
     if kv_quant.is_int8(cache):
@@ -48,9 +50,10 @@ def gather_context(cache, layer: jax.Array, block_tables: jax.Array) -> jax.Arra
     return pages.reshape(pages.shape[0], -1, *pages.shape[3:])
 
 
-def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache, v_cache,
-                    layer: jax.Array, block_tables: jax.Array, cache_lens: jax.Array,
-                    q_positions: jax.Array, *, scale: float,
+def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                    k_cache: kv_quant.KVPages, v_cache: kv_quant.KVPages, layer: jax.Array,
+                    block_tables: jax.Array, cache_lens: jax.Array, q_positions: jax.Array, *,
+                    scale: float,
                     sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None,
                     logit_softcap: float | None = None) -> jax.Array:
