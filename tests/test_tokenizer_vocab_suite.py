@@ -87,3 +87,22 @@ def test_pre_types_of_the_issue_are_known():
     assert PRE_TOKENIZERS["tekken"].add_bos and PRE_TOKENIZERS["tekken"].ignore_merges
     assert PRE_TOKENIZERS["glm4"].ignore_merges and not PRE_TOKENIZERS["glm4"].add_bos
     assert not PRE_TOKENIZERS["smaug-bpe"].ignore_merges
+
+
+def test_gpt_oss_harmony_tokens():
+    """As llama.cpp for o200k_harmony: <|channel|> & co. are user-defined (always split out,
+    even without parse_special) and <|end|> stops being end-of-generation when <|return|>
+    and <|call|> are."""
+    from ktjax.gguf.synthetic import byte_level_vocab
+    tokens, types = byte_level_vocab()
+    harmony = ["<|return|>", "<|call|>", "<|end|>", "<|channel|>", "<|start|>"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o",
+            "tokenizer.ggml.tokens": tokens + harmony,
+            "tokenizer.ggml.token_type": types + [3] * len(harmony),
+            "tokenizer.ggml.merges": []}
+    tok = Tokenizer.from_gguf_metadata(meta)
+    ret, call, end, channel, start = range(len(tokens), len(tokens) + 5)
+    assert {ret, call} <= tok.stop_ids and end not in tok.stop_ids
+    ids = tok.encode("a<|channel|>b<|end|>", parse_special=False)
+    assert channel in ids and end in ids and tok.decode(ids) == "a<|channel|>b<|end|>"
+    assert start in tok.encode("<|start|>x")

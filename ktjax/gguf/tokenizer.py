@@ -26,7 +26,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"  # SentencePiece's visible space
 
 # Token texts llama.cpp treats as end of generation (and forces to control type). Its
-# exceptions for Gemma 4's </s> is left out: that tokenizer is unsupported.
+# exception for Gemma 4's </s> is left out: that tokenizer is unsupported.
 _EOG_TEXTS = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
     "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
@@ -47,6 +47,7 @@ _FIM_TEXTS: dict[str, tuple[str, ...]] = {
     "sep": ("<|file_sep|>",),
 }
 _FIM_EOG = ("pad", "rep", "sep")
+_HARMONY_USER_DEFINED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -178,6 +179,18 @@ class Tokenizer:
             eog.add(self.eos_id)
         for i in forced:
             types[i] = CONTROL
+        # gpt-oss (o200k_harmony): llama.cpp always renders these, as user-defined tokens ...
+        for text in _HARMONY_USER_DEFINED:
+            if text in vocab:
+                types[vocab[text]] = USER_DEFINED
+        # ... and "<|end|>" does not end generation when "<|return|>" and "<|call|>" do (or
+        # "<|calls|>" and "<|flush|>", solar-open).
+        eog_texts = {tokens[i] for i in eog}
+        has_call = bool(eog_texts & {"<|call|>", "<|calls|>"})
+        if "<|end|>" in eog_texts and has_call and eog_texts & {"<|return|>", "<|flush|>"}:
+            end = vocab["<|end|>"]
+            eog.discard(end)
+            types[end] = USER_DEFINED
         return frozenset(eog)
 
     def _piece_bytes(self, i: int) -> bytes:
