@@ -37,7 +37,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
                     v_cache: jax.Array, layer: jax.Array, block_tables: jax.Array,
                     cache_lens: jax.Array, q_positions: jax.Array, *, scale: float,
                     sliding_window: jax.Array | int | None = None,
-                    values_in_keys: int | None = None) -> jax.Array:
+                    values_in_keys: int | None = None,
+                    sinks: jax.Array | None = None) -> jax.Array:
     """Causal attention of a step's queries over the cached context plus the step's own keys.
 
     q [B, T, H, hd]; k_new/v_new [B, T, n_kv, hd]; q_positions [B, T] (-1 for padding);
@@ -45,7 +46,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     [B, P]. `sliding_window` (0 or None = unlimited) limits each query to the last
     `sliding_window` positions, as Gemma's local layers do. `values_in_keys` = d (MLA's
     latent cache): the values are the first d dims of the keys and v_new/v_cache (width 0)
-    are not read. Returns [B, T, H, value dim].
+    are not read. `sinks` [H] (gpt-oss): one logit per head that joins every query's softmax
+    denominator and contributes no value. Returns [B, T, H, value dim].
     """
     b, t, h, hd = q.shape
     n_kv = k_new.shape[2]
@@ -77,7 +79,14 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     # mask is an additive bias XLA fuses into the softmax instead of a masked copy of scores.
     any_visible = visible.any(axis=1)                                 # [B, T]
     bias = jnp.where(visible | ~any_visible[:, None, :], 0.0, -jnp.inf)
-    probs = jax.nn.softmax(scores + bias[:, None, :, None, :], axis=2)
+    logits = scores + bias[:, None, :, None, :]
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=2)
+    else:
+        sink = sinks.astype(jnp.float32).reshape(1, n_kv, 1, h // n_kv, 1)
+        top = jnp.maximum(logits.max(axis=2, keepdims=True), sink)
+        e = jnp.exp(logits - top)
+        probs = e / (e.sum(axis=2, keepdims=True) + jnp.exp(sink - top))
     out = jnp.einsum("bgsrt,bsgd->btgrd", probs, v)
     out = jnp.where(any_visible[:, :, None, None, None], out, 0.0)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
