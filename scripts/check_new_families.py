@@ -66,21 +66,33 @@ def main() -> None:
     ids = np.random.default_rng(3).integers(3, 259, 40)
     platform = jax.devices()[0].platform
     with tempfile.TemporaryDirectory() as tmp, open(a.out, "w") as out:
+        def emit(row: dict) -> None:   # line by line: a later failure keeps the rows so far
+            print(json.dumps(row), flush=True)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
         for name, (build, profile) in models().items():
-            model, path = build(Path(tmp) / f"{name}.gguf")
-            ref = hf_run(model, ids)
+            try:
+                model, path = build(Path(tmp) / f"{name}.gguf")
+                ref = hf_run(model, ids)
+            except Exception as e:  # noqa: BLE001 (report and go on with the next model)
+                emit({"model": name, "error": f"building the model: {e!r}"[:500]})
+                continue
             for rules in ("device", profile):
                 if rules is None:
                     continue
                 t0 = time.perf_counter()
-                ours = ktjax_logits(path, ids, rules)
-                row = {"model": name, "rules": rules, "platform": platform,
-                       "max_abs_diff": float(np.abs(ours - ref).max()),
-                       "max_abs_logit": float(np.abs(ref).max()),
-                       "top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).mean()),
-                       "seconds": round(time.perf_counter() - t0, 1)}
-                print(json.dumps(row), flush=True)
-                out.write(json.dumps(row) + "\n")
+                try:
+                    ours = ktjax_logits(path, ids, rules)
+                except Exception as e:  # noqa: BLE001
+                    emit({"model": name, "rules": rules, "platform": platform,
+                          "error": repr(e)[:500]})
+                    continue
+                emit({"model": name, "rules": rules, "platform": platform,
+                      "max_abs_diff": float(np.abs(ours - ref).max()),
+                      "max_abs_logit": float(np.abs(ref).max()),
+                      "top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).mean()),
+                      "seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 from hf_gguf_models import (hf_glm4moe, hf_gpt_oss, hf_qwen3_yarn, write_glm4moe_gguf,
                             write_gpt_oss_gguf, write_qwen3_gguf)
 from ktjax import LLM, SamplingParams
-from ktjax.errors import UnsupportedModelError
+from ktjax.errors import TensorError, UnsupportedModelError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from reference import hf_run, ktjax_logits
@@ -113,3 +113,19 @@ def test_qwen3_yarn_logits(tmp_path):
     model = hf_qwen3_yarn()
     path = write_qwen3_gguf(tmp_path / "q3.gguf", model)
     _assert_close(ktjax_logits(path, LONG_IDS), hf_run(model, LONG_IDS))
+
+
+def test_bad_configs_name_the_key_or_tensor(tmp_path):
+    qwen = GGUFFile(write_qwen3_gguf(tmp_path / "q3.gguf", hf_qwen3_yarn()))
+    qwen.metadata["qwen3.rope.scaling.type"] = "longrope"
+    with pytest.raises(UnsupportedModelError, match="qwen3.rope.scaling.type = 'longrope'"):
+        loader.inspect(qwen)
+    path = write_gpt_oss_gguf(tmp_path / "oss.gguf", hf_gpt_oss(n_layers=2))
+    oss = GGUFFile(path)
+    oss.metadata["gpt-oss.expert_used_count"] = 0
+    with pytest.raises(UnsupportedModelError, match="expert_used_count = 0"):
+        loader.inspect(oss)
+    oss = GGUFFile(path)
+    del oss.tensors["blk.1.attn_sinks.weight"]
+    with pytest.raises(TensorError, match="'blk.1.attn_sinks.weight' is missing"):
+        loader.inspect(oss)
