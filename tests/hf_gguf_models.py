@@ -122,8 +122,11 @@ def _rope_meta(c) -> dict:
     rope = c.rope_parameters
     if rope["rope_type"] != "yarn":
         return {}
-    return {"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
+    meta = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
             "rope.scaling.original_context_length": rope["original_max_position_embeddings"]}
+    if rope.get("mscale_all_dim"):  # as llama.cpp's converters (mscale 1 assumed)
+        meta["rope.scaling.yarn_log_multiplier"] = float(rope["mscale_all_dim"])
+    return meta
 
 
 def _write_tensors(w: gguf.GGUFWriter, model, convert=None, names=None,
@@ -217,12 +220,15 @@ def write_gpt_oss_gguf(path: str | Path, model,
     return Path(path)
 
 
-def hf_qwen3_yarn(*, seed: int = 0):
-    """Qwen3 with YaRN (factor 4 over 16 original positions: a 128K model in miniature)."""
+def hf_qwen3_yarn(*, seed: int = 0, mscale_all_dim: float | None = None):
+    """Qwen3 with YaRN (factor 4 over 16 original positions: a 128K model in miniature);
+    `mscale_all_dim` (with mscale 1) changes YaRN's attention factor."""
     import transformers
 
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
             "original_max_position_embeddings": 16}
+    if mscale_all_dim:
+        rope.update(mscale=1.0, mscale_all_dim=mscale_all_dim)
     config = transformers.Qwen3Config(
         vocab_size=len(byte_level_vocab()[0]), hidden_size=64, intermediate_size=96,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -109,8 +109,9 @@ def test_gpt_oss_host_placement(tmp_path):
         ktjax_logits(path, IDS, str(rules))
 
 
-def test_qwen3_yarn_logits(tmp_path):
-    model = hf_qwen3_yarn()
+@pytest.mark.parametrize("mscale_all_dim", [None, 0.707])
+def test_qwen3_yarn_logits(tmp_path, mscale_all_dim):
+    model = hf_qwen3_yarn(mscale_all_dim=mscale_all_dim)
     path = write_qwen3_gguf(tmp_path / "q3.gguf", model)
     _assert_close(ktjax_logits(path, LONG_IDS), hf_run(model, LONG_IDS))
 

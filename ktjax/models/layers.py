@@ -88,9 +88,14 @@ class RopeScaling:
         rope_yarn's 1 + 0.1 ln factor): transformers' YaRN attention_factor."""
         if self.kind != "yarn":
             return self.attn_factor
-        m = 1.0 + 0.1 * math.log(self.factor)
+
+        def get_mscale(m: float) -> float:  # llama_context's, m = transformers' mscale
+            return 1.0 if self.factor <= 1.0 else 0.1 * m * math.log(self.factor) + 1.0
+
+        # yarn_log_multiplier holds mscale_all_dim (deepseek2 has its own reading)
+        m = get_mscale(1.0)
         if self.yarn_log_multiplier:
-            m /= 1.0 + self.yarn_log_multiplier * math.log(self.factor)
+            m /= get_mscale(self.yarn_log_multiplier)
         return self.attn_factor * m
 
 
