@@ -6,6 +6,7 @@ then the family's default rules: routed experts in the host kernels where the fa
 against transformers on the CPU in float32. Writes a JSON line per model and placement.
 
   PYTHONPATH=.:tests python scripts/check_new_families.py --out /tmp/models.json
+  PYTHONPATH=.:tests python scripts/check_new_families.py --write-ggufs /tmp/models_ppl
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def models():
+def models(mtp: bool = True):
     import gguf
     from deepseek_models import hf_deepseek, write_deepseek_gguf
     from hf_gguf_models import (hf_glm4moe, hf_gpt_oss, hf_qwen3_yarn, write_glm4moe_gguf,
@@ -40,7 +41,7 @@ def models():
 
     def glm(path):
         m = hf_glm4moe(qk_norm=True, yarn=True)
-        return m, write_glm4moe_gguf(path, m, mtp_layer=True)
+        return m, write_glm4moe_gguf(path, m, mtp_layer=mtp)
 
     def qwen3(path):
         m = hf_qwen3_yarn()
@@ -50,7 +51,7 @@ def models():
         m = hf_deepseek(3, n_layers=2, n_routed_experts=384, num_experts_per_tok=8, n_group=1,
                         topk_group=1, routed_scaling_factor=2.827, moe_intermediate_size=8,
                         yarn=True)
-        return m, write_deepseek_gguf(path, m, split_kv_b=True, mtp_layer=True)
+        return m, write_deepseek_gguf(path, m, split_kv_b=True, mtp_layer=mtp)
 
     return {"glm4moe": (glm, "glm4moe"), "gpt-oss-mxfp4": (gpt_oss_mxfp4, "gpt-oss"),
             "qwen3-yarn": (qwen3, None), "kimi-k2-shape": (kimi, "deepseek2")}
@@ -58,8 +59,18 @@ def models():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--write-ggufs", metavar="DIR",
+                    help="only write the four files to DIR, without MTP layers (llama.cpp "
+                         "refuses the tests' partial ones), for llama-perplexity")
     a = ap.parse_args()
+    if a.write_ggufs:
+        Path(a.write_ggufs).mkdir(parents=True, exist_ok=True)
+        for name, (build, _) in models(mtp=False).items():
+            print(build(Path(a.write_ggufs) / f"{name}.gguf")[1])
+        return
+    if not a.out:
+        ap.error("--out is required")
     import jax
     from reference import hf_run, ktjax_logits
 

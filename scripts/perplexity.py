@@ -44,9 +44,12 @@ def main() -> None:
     ap.add_argument("textfile")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    ap.add_argument("--all-device", action="store_true",
+                    help="every weight in XLA in float32 (no host kernels, no int8 activations)")
     a = ap.parse_args()
     from ktjax import LLM
-    llm = LLM(a.model, max_model_len=a.ctx + 1, kv_cache_tokens=a.ctx + 16)
+    extra = dict(host_linears=False, dtype="float32") if a.all_device else {}
+    llm = LLM(a.model, max_model_len=a.ctx + 1, kv_cache_tokens=a.ctx + 16, **extra)
     with open(a.textfile, encoding="utf-8") as f:
         text = f.read()
     t0 = time.perf_counter()
