@@ -10,6 +10,9 @@ tests/test_tokenizer_vocab_suite.py compares against when the vocabulary file is
 
     python scripts/make_vocab_pre_fixtures.py --llama-tokenize .peers/llama.cpp/build/bin/llama-tokenize \
         --vocab-dir .peers/llama.cpp/models
+    # the MIT gpt-2 vocabulary (copied into tests/data, so CI checks these types too):
+    python scripts/make_vocab_pre_fixtures.py ... --base ggml-vocab-gpt-2.gguf \
+        --pre deepseek-v3 kimi-k2 glm4 gpt-4o tekken --out tests/data/llama_vocab_pre_fixtures_gpt2.json
 """
 from __future__ import annotations
 
@@ -52,8 +55,8 @@ EXTRA_TEXTS = [
 ]
 
 
-def texts(vocab_dir: Path) -> list[str]:
-    suite = (vocab_dir / (BASE_VOCAB + ".inp")).read_text(encoding="utf-8").split(SEP)
+def texts(vocab_dir: Path, base: str = BASE_VOCAB) -> list[str]:
+    suite = (vocab_dir / (base + ".inp")).read_text(encoding="utf-8").split(SEP)
     return suite + EXTRA_TEXTS
 
 
@@ -87,16 +90,19 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-tokenize", required=True)
     ap.add_argument("--vocab-dir", type=Path, required=True)
+    ap.add_argument("--base", default=BASE_VOCAB, help="the suite's vocabulary file to rewrite")
+    ap.add_argument("--pre", nargs="*", default=PRE_TYPES, help="the types to record")
+    ap.add_argument("--out", type=Path, default=FIXTURE)
     args = ap.parse_args()
-    cases = texts(args.vocab_dir)
-    out = {"base_vocab": BASE_VOCAB, "texts": cases, "ids": {}}
+    cases = texts(args.vocab_dir, args.base)
+    out = {"base_vocab": args.base, "texts": cases, "ids": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for pre in PRE_TYPES:
+        for pre in args.pre:
             model = Path(tmp) / f"{pre}.gguf"
-            with_pre(args.vocab_dir / BASE_VOCAB, pre, model)
+            with_pre(args.vocab_dir / args.base, pre, model)
             out["ids"][pre] = [tokenize(args.llama_tokenize, model, t) for t in cases]
-            print(pre, "done")
-    FIXTURE.write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n")
+            print(pre, "done", flush=True)
+    args.out.write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ files with their .inp / .out cases (no BOS, specials not parsed, as its test-tok
 
 The files come from the llama-cpp-python sdist (../shared/peers/build_llamacpp.sh unpacks it
 into .peers/llama.cpp), or from the folder KTJAX_LLAMA_VOCABS names; tests/data/llama_vocab
-holds the MIT-licensed phi-3 one, so part of the suite always runs. Pre-tokenizer types the
+holds the MIT-licensed phi-3 and gpt-2 ones, so part of the suite always runs. Pre-tokenizer types the
 suite has no file of are checked on its llama-bpe vocabulary with the type rewritten, against
 ids llama-tokenize gave for that (tests/data/llama_vocab_pre_fixtures.json, made by
 scripts/make_vocab_pre_fixtures.py).
@@ -24,8 +24,8 @@ from ktjax.gguf.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEP = "\n__ggml_vocab_test__\n"
-PRE_FIXTURE = json.loads((ROOT / "tests" / "data" / "llama_vocab_pre_fixtures.json")
-                         .read_text(encoding="utf-8"))
+PRE_FIXTURES = {f.stem: json.loads(f.read_text(encoding="utf-8"))
+                for f in sorted((ROOT / "tests" / "data").glob("llama_vocab_pre_fixtures*.json"))}
 # Every vocabulary of the suite with cases (llama-cpp-python 0.3.36), and what ktjax makes of it.
 SUPPORTED = ["command-r", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-bpe",
              "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder"]
@@ -85,14 +85,17 @@ def test_suite_vocab_unsupported_models_are_refused(name):
         Tokenizer.from_gguf_metadata(_metadata(vocab_file(name)))
 
 
-@pytest.mark.parametrize("pre", sorted(PRE_FIXTURE["ids"]))
-def test_pre_tokenizer_types_on_llama_bpe_vocab(pre):
-    """The pre-tokenizer types without a suite file, on the llama-bpe vocabulary."""
-    meta = dict(_metadata(vocab_file(PRE_FIXTURE["base_vocab"][len("ggml-vocab-"):-5])))
+@pytest.mark.parametrize("fixture,pre", [(name, pre) for name, fx in PRE_FIXTURES.items()
+                                         for pre in sorted(fx["ids"])])
+def test_pre_tokenizer_types_on_rewritten_suite_vocab(fixture, pre):
+    """The pre-tokenizer types without a suite file, on a suite vocabulary (llama-bpe; the
+    MIT gpt-2 one, kept in tests/data, for the issue's families) with the type rewritten."""
+    fx = PRE_FIXTURES[fixture]
+    meta = dict(_metadata(vocab_file(fx["base_vocab"][len("ggml-vocab-"):-len(".gguf")])))
     meta["tokenizer.ggml.pre"] = pre
     tok = Tokenizer.from_gguf_metadata(meta)
-    bad = _mismatches(tok, zip(PRE_FIXTURE["texts"], PRE_FIXTURE["ids"][pre]))
-    assert not bad, f"{len(bad)} of {len(PRE_FIXTURE['texts'])} cases differ: {bad[:3]}"
+    bad = _mismatches(tok, zip(fx["texts"], fx["ids"][pre]))
+    assert not bad, f"{len(bad)} of {len(fx['texts'])} cases differ: {bad[:3]}"
 
 
 def test_pre_types_of_the_issue_are_known():
