@@ -316,7 +316,8 @@ def cmd_eval_perplexity(a: argparse.Namespace) -> None:
             text = f.read()
     except OSError as e:
         raise KtjaxError(f"cannot read {a.file}: {e.strerror}") from e
-    llm = _llm(a, max_model_len=a.ctx + 1, kv_cache_tokens=a.ctx + 16)
+    exact = dict(host_linears=False, dtype="float32") if a.all_device else {}
+    llm = _llm(a, max_model_len=a.ctx + 1, kv_cache_tokens=a.ctx + 16, **exact)
     t0 = time.perf_counter()
     ppl, n = perplexity(llm, text, a.ctx, a.chunks,
                         on_chunk=lambda i, p: print(f"[{i}] {p:.4f}", flush=True))
@@ -359,6 +360,9 @@ def add_eval(sub) -> None:
                    help="tokens per chunk (llama-perplexity -c; default: %(default)s)")
     q.add_argument("--chunks", type=int, default=None, metavar="N",
                    help="score at most N chunks (default: all)")
+    q.add_argument("--all-device", action="store_true",
+                   help="every weight in XLA in float32 (no host kernels, no int8 "
+                        "activations): the model's own numbers, to compare with llama.cpp")
     _model_args(q)
     q.set_defaults(fn=cmd_eval_perplexity)
 

@@ -80,7 +80,7 @@ def hf_deepseek(version: int, *, q_lora_rank: int | None = 24, yarn: bool = Fals
 
 
 def write_deepseek_gguf(path: str | Path, model, *, split_kv_b: bool = False,
-                        metadata: dict | None = None) -> Path:
+                        metadata: dict | None = None, mtp_layer: bool = False) -> Path:
     """The model's weights as GGUF `deepseek2` (float32). split_kv_b writes llama.cpp's MLA
     form (attn_k_b transposed / attn_v_b per head, MQA-style key/value lengths); `metadata`
     overrides or adds `deepseek2.*` keys (bad-input tests)."""
@@ -89,7 +89,7 @@ def write_deepseek_gguf(path: str | Path, model, *, split_kv_b: bool = False,
     a = lambda key: f"{ARCH}.{key}"
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
+    w.add_block_count(c.num_hidden_layers + mtp_layer)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -115,6 +115,8 @@ def write_deepseek_gguf(path: str | Path, model, *, split_kv_b: bool = False,
         "expert_weights_scale": float(c.routed_scaling_factor)}
     if c.q_lora_rank:
         meta["attention.q_lora_rank"] = c.q_lora_rank
+    if mtp_layer:
+        meta["nextn_predict_layers"] = 1
     v3 = c.model_type == "deepseek_v3"
     meta["expert_weights_norm"] = bool(v3 and c.norm_topk_prob)
     meta["expert_gating_func"] = 2 if v3 else 1
@@ -151,6 +153,13 @@ def write_deepseek_gguf(path: str | Path, model, *, split_kv_b: bool = False,
             w.add_tensor(p + "attn_v_b.weight", np.ascontiguousarray(v_b))
         else:
             w.add_tensor(p + _LAYER_NAMES[rest], np.ascontiguousarray(x))
+    if mtp_layer:
+        h, n = c.hidden_size, c.num_hidden_layers
+        rng = np.random.default_rng(1)
+        for name, shape in (("nextn.eh_proj.weight", (h, 2 * h)), ("nextn.enorm.weight", (h,)),
+                            ("nextn.hnorm.weight", (h,)), ("attn_norm.weight", (h,)),
+                            ("nextn.shared_head_norm.weight", (h,))):
+            w.add_tensor(f"blk.{n}.{name}", rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

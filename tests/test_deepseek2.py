@@ -42,6 +42,20 @@ def test_logits_match_transformers(tmp_path, case):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_kimi_k2_shape_and_mtp_layer(tmp_path):
+    """Kimi-K2's routing (384 experts, 8 used, one group, sigmoid + bias, scaling 2.827) and a
+    DeepSeek-V3 file that keeps its multi-token-prediction layer: that layer is not loaded,
+    the trunk's logits match transformers."""
+    model = hf_deepseek(3, n_layers=2, n_routed_experts=384, num_experts_per_tok=8,
+                        n_group=1, topk_group=1, routed_scaling_factor=2.827,
+                        moe_intermediate_size=8)
+    path = write_deepseek_gguf(tmp_path / "kimi.gguf", model, split_kv_b=True, mtp_layer=True)
+    spec = loader.inspect(GGUFFile(path))
+    assert (spec.config.n_layers, spec.config.moe.n_experts) == (2, 384)
+    ours, ref = ktjax_logits(path, IDS), _hf_logits(model, IDS)
+    assert np.abs(ours - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
 def test_greedy_32_tokens_and_latent_cache(tmp_path):
     """Prefill then 32 decode steps over the paged latent cache (absorbed attention)."""
     import torch

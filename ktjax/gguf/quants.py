@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ktjax import _native
 from ktjax.errors import GGUFError, UnsupportedModelError
+from ktjax.gguf import mxfp4
 
 _T = GGMLQuantizationType
 
@@ -21,6 +22,7 @@ SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = frozenset({
     _T.F32, _T.F16, _T.BF16,
     _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0,
     _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K,
+    _T.MXFP4,  # numpy (gguf/mxfp4.py): gpt-oss's experts, dequantized for the device
 })
 
 # Byte offsets of the float16 fields (scales, mins) inside one block of each quant type.
@@ -67,6 +69,12 @@ def dequantize(
             f"{name} tensor of shape {shape}: last dimension {shape[-1]} is not a multiple "
             f"of the block size {block_size}")
     raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if qtype == _T.MXFP4:
+        want = math.prod(shape) // block_size * GGML_QUANT_SIZES[_T.MXFP4][1]
+        if raw.size != want:
+            raise GGUFError(f"{name} tensor of shape {shape}: must be {want} bytes, got {raw.size}")
+        flat = mxfp4.dequantize(raw, math.prod(shape)).astype(dtype)
+        return flat.reshape(shape)
     try:
         flat = _native.dequantize(raw, qtype, math.prod(shape), out_dtype)
     except ValueError as e:

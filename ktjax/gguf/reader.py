@@ -121,6 +121,23 @@ class _Tensors(dict):
         raise TensorError(f"{self.path}: required tensor {name!r} is missing")
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a GGUF file alone, without the model checks or tensors (the
+    vocabulary-only files of llama.cpp's tokenizer suite have no tensors)."""
+    path = os.fspath(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(buf, path)
+    if bytes(cur.take(4)) != b"GGUF" or cur.scalar("<I") not in (2, 3):
+        raise GGUFError(f"{path}: not a GGUF file of version 2 or 3")
+    _, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        cur.what = f"metadata entry {i}"
+        key = cur.string()
+        meta[key] = cur.value(cur.scalar("<I"))
+    return meta
+
+
 class GGUFFile:
     """A parsed GGUF file. `metadata` maps keys to str/int/float/bool/list values."""
 

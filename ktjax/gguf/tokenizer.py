@@ -18,38 +18,15 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from ktjax.errors import GGUFError, RequestError, UnsupportedModelError
+from ktjax.gguf.pretokenizers import PRE_TOKENIZERS, onig_regex
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _SPACE = "\u2581"  # SentencePiece's visible space
 
-# Pre-tokenizer regexes from llama.cpp, applied in sequence: each splits the pieces left by
-# the previous one, keeping unmatched spans as pieces of their own.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
-_PRE_REGEXES: dict[str, tuple[str, ...]] = {
-    "default": _DEFAULT,
-    "gpt2": (_GPT2,),  # alias kept for hand-made files; llama.cpp itself spells it "gpt-2"
-    "gpt-2": (_GPT2,),
-    "llama3": (_LLAMA3,),
-    "llama-v3": (_LLAMA3,),
-    "llama-bpe": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
-    "deepseek-r1-qwen": (_QWEN2,),
-    "smollm": (r"\p{N}", _GPT2),
-    "starcoder": (r"\p{N}", _GPT2),
-}
-# llama-bpe: whole pre-tokens found in the vocab skip merging; llama.cpp also adds BOS by default.
-_LLAMA3_PRES = frozenset({"llama3", "llama-v3", "llama-bpe"})
-
 # Token texts llama.cpp treats as end of generation (and forces to control type). Its
-# exceptions for gpt-oss, solar-open and Gemma 4 are left out: their tokenizers are unsupported.
+# exception for Gemma 4's </s> is left out: that tokenizer is unsupported.
 _EOG_TEXTS = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
     "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
@@ -70,6 +47,7 @@ _FIM_TEXTS: dict[str, tuple[str, ...]] = {
     "sep": ("<|file_sep|>",),
 }
 _FIM_EOG = ("pad", "rep", "sep")
+_HARMONY_USER_DEFINED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -148,14 +126,15 @@ class Tokenizer:
         types = _per_token(meta, "tokenizer.ggml.token_type", n, NORMAL)
 
         if self._spm:
-            pre, add_bos, space_prefix = None, True, True
+            pre_tok, add_bos, space_prefix = None, True, True
             defaults = {"bos": 1, "eos": 2}  # llama.cpp's SentencePiece defaults
         else:
             pre = meta.get("tokenizer.ggml.pre") or "default"  # llama.cpp falls back the same way
-            if pre not in _PRE_REGEXES:
+            if pre not in PRE_TOKENIZERS:
                 raise UnsupportedModelError(
-                    f"tokenizer.ggml.pre = {pre!r} is not supported (supported: {', '.join(sorted(_PRE_REGEXES))})")
-            add_bos, space_prefix, defaults = pre in _LLAMA3_PRES, False, {}
+                    f"tokenizer.ggml.pre = {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+            pre_tok = PRE_TOKENIZERS[pre]
+            add_bos, space_prefix, defaults = pre_tok.add_bos, False, {}
         self._space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", space_prefix))
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
         self.bos_id = _token_id(meta, "tokenizer.ggml.bos_token_id", n, defaults.get("bos"))
@@ -176,10 +155,11 @@ class Tokenizer:
         self._specials_user = self._index_specials([i for i in specials if types[i] == USER_DEFINED])
         if hf_json is not None:
             self._hf = HFTokenizer.from_str(hf_json)
-        elif pre is None:
+        elif pre_tok is None:
             self._hf = self._build_spm(meta, tokens, vocab)
         else:
-            self._hf = self._build_bpe(meta, vocab, _PRE_REGEXES[pre], pre in _LLAMA3_PRES)
+            self._hf = self._build_bpe(meta, vocab, [onig_regex(r) for r in pre_tok.regexes],
+                                       pre_tok.ignore_merges)
 
     # -- construction -------------------------------------------------------------------
 
@@ -206,6 +186,18 @@ class Tokenizer:
             eog.add(self.eos_id)
         for i in forced:
             types[i] = CONTROL
+        # gpt-oss (o200k_harmony): llama.cpp always renders these, as user-defined tokens ...
+        for text in _HARMONY_USER_DEFINED:
+            if text in vocab:
+                types[vocab[text]] = USER_DEFINED
+        # ... and "<|end|>" does not end generation when "<|return|>" and "<|call|>" do (or
+        # "<|calls|>" and "<|flush|>", solar-open).
+        eog_texts = {tokens[i] for i in eog}
+        has_call = bool(eog_texts & {"<|call|>", "<|calls|>"})
+        if "<|end|>" in eog_texts and has_call and eog_texts & {"<|return|>", "<|flush|>"}:
+            end = vocab["<|end|>"]
+            eog.discard(end)
+            types[end] = USER_DEFINED
         return frozenset(eog)
 
     def _piece_bytes(self, i: int) -> bytes:

@@ -56,7 +56,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                     scale: float,
                     sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None,
-                    logit_softcap: float | None = None) -> jax.Array:
+                    logit_softcap: float | None = None,
+                    sinks: jax.Array | None = None) -> jax.Array:
     """Causal attention of a step's queries over the cached context plus the step's own keys.
 
     q [B, T, H, hd]; k_new/v_new [B, T, n_kv, hd]; q_positions [B, T] (-1 for padding);
@@ -65,7 +66,8 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
     `sliding_window` positions, as Gemma's local layers do. `values_in_keys` = d (MLA's
     latent cache): the values are the first d dims of the keys and v_new/v_cache (width 0)
     are not read. `logit_softcap` = c bounds the scaled scores to c * tanh(s / c) (Gemma 2's
-    attention soft-capping). Returns [B, T, H, value dim].
+    attention soft-capping). `sinks` [H] (gpt-oss): one logit per head that joins every
+    query's softmax denominator and contributes no value. Returns [B, T, H, value dim].
     """
     b, t, h, hd = q.shape
     n_kv = k_new.shape[2]
@@ -99,7 +101,14 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
     # mask is an additive bias XLA fuses into the softmax instead of a masked copy of scores.
     any_visible = visible.any(axis=1)                                 # [B, T]
     bias = jnp.where(visible | ~any_visible[:, None, :], 0.0, -jnp.inf)
-    probs = jax.nn.softmax(scores + bias[:, None, :, None, :], axis=2)
+    logits = scores + bias[:, None, :, None, :]
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=2)
+    else:
+        sink = sinks.astype(jnp.float32).reshape(1, n_kv, 1, h // n_kv, 1)
+        top = jnp.maximum(logits.max(axis=2, keepdims=True), sink)
+        e = jnp.exp(logits - top)
+        probs = e / (e.sum(axis=2, keepdims=True) + jnp.exp(sink - top))
     out = jnp.einsum("bgsrt,bsgd->btgrd", probs, v)
     out = jnp.where(any_visible[:, :, None, None, None], out, 0.0)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)

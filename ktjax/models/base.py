@@ -160,9 +160,12 @@ class AttentionContext:
     layer: jax.Array
 
     def attend(self, q, k, v, *, scale: float, sliding_window=None,
-               values_in_keys: int | None = None) -> jax.Array:
-        # values_in_keys (MLA) is passed only when used, so backends without it keep working
+               values_in_keys: int | None = None, sinks: jax.Array | None = None) -> jax.Array:
+        # values_in_keys (MLA) and sinks (gpt-oss) are passed only when used, so backends
+        # without them keep working
         extra = {} if values_in_keys is None else {"values_in_keys": values_in_keys}
+        if sinks is not None:
+            extra["sinks"] = sinks
         b = self.batch
         if b.segments is None:
             return self.backend.attend(q, k, v, self.kv.k, self.kv.v, self.layer,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,8 +29,22 @@ from ktjax.models.base import (AttentionContext, Batch, KVCache, KVCacheSpec, Te
                                decoder_forward, gguf_vocab_size)
 
 ARCHITECTURES = ("deepseek2",)
-# YaRN's ramp bounds (rotations), llama.cpp's and transformers' defaults.
-YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+
+
+def trunk_layers(f: GGUFFile) -> int:
+    """block_count less the multi-token-prediction layers the file declares after the trunk."""
+    a = f.architecture
+    total, mtp = int(f.get(f"{a}.block_count")), int(f.get(f"{a}.nextn_predict_layers", 0))
+    if not 0 <= mtp < total:
+        raise UnsupportedModelError(f"{f.path}: {a}.nextn_predict_layers = {mtp} with "
+                                    f"{total} blocks (expected 0..{total - 1})")
+    return total - mtp
+
+
+def mtp_tensors(f: GGUFFile, n_layers: int) -> set[str]:
+    """The file's tensors of layers past the trunk (multi-token prediction), not loaded."""
+    layer_of = (re.match(r"blk\.(\d+)\.", n) for n in f.tensors)
+    return {m.string for m in layer_of if m and int(m.group(1)) >= n_layers}
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,7 @@ class Deepseek2Config:
     def from_gguf(cls, f: GGUFFile) -> "Deepseek2Config":
         a = f.architecture
         get = lambda key, *default: f.get(f"{a}.{key}", *default)
-        n_layers = int(get("block_count"))
+        n_layers = trunk_layers(f)
         rope_dim = int(get("rope.dimension_count"))
         # llama.cpp's MLA files describe the latent MQA view in key/value_length and keep the
         # per-head sizes in key/value_length_mla; older files have only the per-head sizes.
@@ -107,7 +122,7 @@ class Deepseek2Config:
             rope_base=float(get("rope.freq_base", 10000.0)), yarn=_yarn(f),
             context_length=int(get("context_length")),
             split_kv_b=f"blk.{n_layers - 1}.attn_k_b.weight" in f.tensors,
-            moe=_moe_config(f, n_dense))
+            moe=routing_config(f, n_dense))
 
 
 def _yarn(f: GGUFFile) -> Yarn | None:
@@ -124,8 +139,9 @@ def _yarn(f: GGUFFile) -> Yarn | None:
                 attn_factor=float(f.get(f"{a}.rope.scaling.attn_factor", 1.0)))
 
 
-def _moe_config(f: GGUFFile, n_dense: int) -> moe.MoeConfig:
-    """DeepSeek routing from `deepseek2.expert_*`; configs this code cannot run are refused
+def routing_config(f: GGUFFile, n_dense: int, default_gating: int = 1) -> moe.MoeConfig:
+    """DeepSeek-style routing from `{arch}.expert_*` (also GLM-4.5's, whose files may leave
+    the gating function out: `default_gating`); configs this code cannot run are refused
     with the key that makes them so."""
     a = f.architecture
     get = lambda key, default=None: f.get(f"{a}.{key}", default)
@@ -138,7 +154,7 @@ def _moe_config(f: GGUFFile, n_dense: int) -> moe.MoeConfig:
         refuse("expert_count", "deepseek2 needs routed experts")
     if not 0 < n_used <= n_experts:
         refuse("expert_used_count", f"expected 1..{n_experts} (expert_count)")
-    gating = moe.GATING_FUNCS.get(int(get("expert_gating_func", 1)))
+    gating = moe.GATING_FUNCS.get(int(get("expert_gating_func", 0)) or default_gating)
     if gating is None:
         refuse("expert_gating_func", "only 1 (softmax) and 2 (sigmoid) are supported")
     n_groups, n_groups_used = int(get("expert_group_count", 1) or 1), \
@@ -166,6 +182,12 @@ def _moe_config(f: GGUFFile, n_dense: int) -> moe.MoeConfig:
 
 
 CONFIG = Deepseek2Config
+
+
+def ignored_tensors(cfg: Deepseek2Config, f: GGUFFile) -> set[str]:
+    """DeepSeek-V3's multi-token-prediction layer (blk.{n_layers}.*, with its nextn.*
+    tensors) serves speculative decoding only: knowingly not loaded."""
+    return mtp_tensors(f, cfg.n_layers)
 
 
 def tensor_table(cfg: Deepseek2Config) -> dict[str, TensorSpec]:
@@ -216,22 +238,10 @@ def tensor_table(cfg: Deepseek2Config) -> dict[str, TensorSpec]:
 
 
 def yarn_inv_freq(dim: int, base: float, yarn: Yarn | None) -> np.ndarray:
-    """RoPE inverse frequencies [dim // 2]; YaRN blends interpolated (divided by the factor)
-    and original frequencies over a ramp of dimensions, as ggml's rope_yarn and transformers'
-    `_compute_yarn_parameters` (truncated correction range)."""
-    extrapolated = layers.rope_inv_freq(dim, base).astype(np.float64)
+    """RoPE inverse frequencies [dim // 2], YaRN-blended when the file declares it."""
     if yarn is None:
-        return extrapolated.astype(np.float32)
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(yarn.original_context / (rotations * 2 * math.pi)) / \
-            (2 * math.log(base))
-
-    low = max(math.floor(correction_dim(YARN_BETA_FAST)), 0)
-    high = min(math.ceil(correction_dim(YARN_BETA_SLOW)), dim - 1)
-    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0.0, 1.0)
-    keep = 1.0 - ramp   # 1: original frequency (fast dims), 0: interpolated (slow dims)
-    return (extrapolated / yarn.factor * (1 - keep) + extrapolated * keep).astype(np.float32)
+        return layers.rope_inv_freq(dim, base)
+    return layers.yarn_inv_freq(dim, base, yarn.factor, yarn.original_context)
 
 
 def _up_projections(cfg: Deepseek2Config, lp: dict):

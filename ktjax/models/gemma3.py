@@ -42,7 +42,8 @@ class Gemma3Config(GqaConfig):
         return cls(
             **GqaConfig.gguf_fields(f),
             rope_global_base=float(f.get(f"{a}.rope.freq_base", 1_000_000.0)),
-            rope_global_linear_factor=float(f.get(f"{a}.rope.scaling.factor", 1.0)),
+            # Gemma 3 scales its global layers linearly; other scalings are refused.
+            rope_global_linear_factor=layers.RopeScaling.from_gguf(f, ("none", "linear")).factor,
             sliding_window=int(f.get(f"{a}.attention.sliding_window")),
         )
 

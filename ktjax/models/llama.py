@@ -1,7 +1,7 @@
 """The llama family: `llama` (Llama 2/3, SmolLM2, Mistral; Mixtral when it has `ffn_*_exps`),
 `qwen2` (q/k/v bias), `qwen3` (q/k RMSNorm) and their mixture-of-experts variants `qwen2moe`
 (shared expert with a sigmoid gate) and `qwen3moe`. GQA, RoPE with llama3-style frequency
-factors (GGUF tensor rope_freqs) or linear scaling, tied or separate output head."""
+factors (GGUF tensor rope_freqs), linear or YaRN scaling, tied or separate output head."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ _MOE = {"llama": (True, False), "qwen2moe": (False, True), "qwen3moe": (True, Fa
 class LlamaConfig(GqaConfig):
     rope_base: float
     rope_dim: int
-    rope_linear_factor: float
+    rope_scaling: layers.RopeScaling
     moe: moe.MoeConfig | None = None   # every layer's FFN is a mixture of experts
 
     @property
@@ -52,16 +52,12 @@ class LlamaConfig(GqaConfig):
             raise UnsupportedModelError(f"{f.path}: {a} needs {a}.expert_count > 0")
         if n_experts and a not in _MOE:
             raise UnsupportedModelError(f"{a} with {n_experts} experts is not supported")
-        scaling = f.get(f"{a}.rope.scaling.type", "none")
-        if scaling not in ("none", "linear"):
-            raise UnsupportedModelError(f"{a}.rope.scaling.type = {scaling!r} is not supported")
         common = GqaConfig.gguf_fields(f)
         return cls(
             **common,
             rope_base=float(f.get(f"{a}.rope.freq_base", 10000.0)),
             rope_dim=int(f.get(f"{a}.rope.dimension_count", common["head_dim"])),
-            rope_linear_factor=float(f.get(f"{a}.rope.scaling.factor", 1.0))
-            if scaling == "linear" else 1.0,
+            rope_scaling=layers.RopeScaling.from_gguf(f),
             moe=moe.MoeConfig.from_gguf(f, default_ffn=common["intermediate_size"],
                                         norm_topk=_MOE[a][0], shared=_MOE[a][1])
             if n_experts else None,
@@ -116,8 +112,9 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     if cfg.qk_norm:
         q = layers.rms_norm(q, lp["attn_q_norm"], cfg.rms_eps)
         k = layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps)
-    q = layers.apply_rope(q, pos, inv_freq, cfg.rope_neox)
-    k = layers.apply_rope(k, pos, inv_freq, cfg.rope_neox)
+    mscale = cfg.rope_scaling.mscale
+    q = layers.apply_rope(q, pos, inv_freq, cfg.rope_neox, mscale)
+    k = layers.apply_rope(k, pos, inv_freq, cfg.rope_neox, mscale)
     a = ctx.attend(q, k, v, scale=cfg.head_dim ** -0.5)
     x = x + weights.linear(lp["attn_output"], a.reshape(b, t, -1))
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
@@ -130,7 +127,7 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
 
 def make_forward(cfg: LlamaConfig, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
-    base_inv_freq = layers.rope_inv_freq(cfg.rope_dim, cfg.rope_base, cfg.rope_linear_factor)
+    base_inv_freq = cfg.rope_scaling.inv_freq(cfg.rope_dim, cfg.rope_base)
 
     def forward(params: dict, kv: KVCache, batch: Batch):
         inv_freq = jnp.asarray(base_inv_freq)

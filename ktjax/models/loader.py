@@ -39,11 +39,14 @@ def inspect(f: GGUFFile) -> ModelSpec:
     family = family_for(f.architecture)
     config = family.CONFIG.from_gguf(f)
     table = family.tensor_table(config)
-    _check_tensors(f, table, config.n_layers)
+    # tensors a family knowingly leaves unloaded (multi-token-prediction layers)
+    ignored = family.ignored_tensors(config, f) if hasattr(family, "ignored_tensors") else set()
+    _check_tensors(f, table, config.n_layers, ignored)
     return ModelSpec(family, config, table)
 
 
-def _check_tensors(f: GGUFFile, table: dict[str, TensorSpec], n_layers: int) -> None:
+def _check_tensors(f: GGUFFile, table: dict[str, TensorSpec], n_layers: int,
+                   ignored: set[str] = frozenset()) -> None:
     expected: set[str] = set()
     for spec in table.values():
         # Metadata that derives a dimension of 0 or less (a zero FFN width, key_length below
@@ -64,7 +67,7 @@ def _check_tensors(f: GGUFFile, table: dict[str, TensorSpec], n_layers: int) -> 
             if t.qtype not in quants.SUPPORTED_QTYPES:
                 raise TensorError(f"{f.path}: tensor {name!r} uses quant type {t.qtype.name}, "
                                   "which ktjax does not support")
-    unexpected = sorted(set(f.tensors) - expected)
+    unexpected = sorted(set(f.tensors) - expected - ignored)
     if unexpected:
         raise TensorError(f"{f.path}: unexpected tensor(s) for architecture "
                           f"{f.architecture!r}: {', '.join(unexpected[:5])}")

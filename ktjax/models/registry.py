@@ -4,9 +4,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ktjax.errors import UnsupportedModelError
-from ktjax.models import deepseek2, gemma3, llama
+from ktjax.models import deepseek2, gemma3, glm4moe, gpt_oss, llama
 
-_FAMILIES: dict[str, ModuleType] = {arch: m for m in (llama, gemma3, deepseek2) for arch in m.ARCHITECTURES}
+_FAMILIES: dict[str, ModuleType] = {arch: m for m in (llama, gemma3, deepseek2, glm4moe, gpt_oss) for arch in m.ARCHITECTURES}
 
 
 def family_for(architecture: str) -> ModuleType:
