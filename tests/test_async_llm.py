@@ -25,12 +25,10 @@ def _assert_pages_free(engine, timeout=10.0):
     """Every page back in the pool (aborts land at the loop's next step)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if engine.pool.free_pages == engine.pool.n_pages - 1 and \
-                engine.pool.reserved_pages == 0 and not engine.has_work():
+        if engine.pool.used_pages == 0 and not engine.has_work():
             return
         time.sleep(0.02)
-    raise AssertionError(f"{engine.pool.n_pages - 1 - engine.pool.free_pages} pages still "
-                         f"held, {engine.pool.reserved_pages} reserved")
+    raise AssertionError(f"{engine.pool.used_pages} pages still held")
 
 
 def test_submits_from_threads_match_requests_run_alone(tiny_llm):

@@ -191,6 +191,12 @@ class Engine:
                 "preemptions": self.scheduler.preemptions,
                 "step_programs": self.programs.n_step_programs}
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the full prompt pages looked up in the prefix cache that were found."""
+        prefix = self.pool.prefix
+        return prefix.hit_pages / prefix.queried_pages if prefix.queried_pages else 0.0
+
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that received tokens.

@@ -2,13 +2,6 @@
 from __future__ import annotations
 
 
-def prefix_hit_rate(engine) -> float:
-    """The prefix cache's hit rate when the engine has one (`Engine.prefix_hit_rate`, a number
-    or a method), else 0."""
-    rate = getattr(engine, "prefix_hit_rate", 0.0)
-    return float(rate() if callable(rate) else rate)
-
-
 def render(loop, model_name: str) -> str:
     engine = loop.engine
     pool = engine.pool
@@ -20,10 +13,11 @@ def render(loop, model_name: str) -> str:
         ("ktjax_running_requests", "gauge", "Requests being prefilled or decoded.",
          loop.running),
         ("ktjax_kv_pages_used", "gauge", "KV cache pages held by requests.",
-         total - pool.free_pages),
+         pool.used_pages),
         ("ktjax_kv_pages_total", "gauge", "KV cache pages in the pool.", total),
         ("ktjax_prefix_cache_hit_rate", "gauge",
-         "Share of prompt tokens served from the prefix cache.", prefix_hit_rate(engine)),
+         "Share of looked-up full prompt pages found in the prefix cache.",
+         engine.prefix_hit_rate),
         ("ktjax_generation_tokens_per_second", "gauge",
          "Generated tokens per second over the last 10 s.", loop.tokens_per_second()),
         ("ktjax_generation_tokens_total", "counter", "Tokens generated.",
