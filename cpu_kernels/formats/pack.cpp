@@ -12,6 +12,7 @@
 #include "cpu_kernels/quants/blocks.h"
 #include "cpu_kernels/quants/float_bits.h"
 #include "cpu_kernels/quants/ggml_types.h"
+#include "cpu_kernels/quants/iq_groups.h"
 #include "cpu_kernels/numa.h"
 #include "cpu_kernels/thread_pool.h"
 
@@ -377,6 +378,36 @@ void check_shape(int64_t n, int64_t k) {
   checked_mul(n, k, "weight shape (n x k)");
 }
 
+// IQ / ternary / MXFP4 types as int8 groups of 32 (iq_groups.h): exact, one scale per group.
+std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int ggml_type,
+                                      const IqGroupFormat& f, int64_t n, int64_t k) {
+  if (k % f.block != 0)
+    throw std::invalid_argument(ggml_type_label(ggml_type) + " rows need K % " + std::to_string(f.block) +
+                                " == 0, got K=" + std::to_string(k));
+  const int64_t row_bytes = (k / f.block) * f.bytes;
+  const int64_t need = checked_mul(n, row_bytes, "weight bytes");
+  if (raw_bytes != static_cast<size_t>(need))
+    throw std::invalid_argument("GGUF " + ggml_type_label(ggml_type) + " tensor of shape (" + std::to_string(n) +
+                                ", " + std::to_string(k) + ") needs " + std::to_string(need) + " bytes, got " +
+                                std::to_string(raw_bytes));
+  auto w = make_packed(WeightKind::Int8, f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32, false, 32, n, k);
+  w->source_type = ggml_type;
+  PackedWeight& ref = *w;
+  const int groups_per_block = f.block / 32;
+  by_row_blocks(n, [&](int64_t r) {
+    const uint8_t* row = raw + r * row_bytes;
+    for (int64_t g = 0; g < k / 32; ++g) {
+      int8_t q[32];
+      float scale;
+      iq_group_decode(ggml_type, row + (g / groups_per_block) * f.bytes, static_cast<int>(g % groups_per_block), q,
+                      &scale);
+      set_direct(ref, 0, r, g, scale);
+      for (int l = 0; l < 32; ++l) set_q(ref, r, g * 32 + l, q[l]);
+    }
+  });
+  return w;
+}
+
 }  // namespace
 
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
@@ -474,12 +505,20 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
     w->source_type = ggml_type;
     return w;
   }
+  if (const IqGroupFormat* iq = iq_group_format(ggml_type)) return pack_iq(raw, raw_bytes, ggml_type, *iq, n, k);
   const TypeInfo* info = nullptr;
   for (const TypeInfo& ti : kTypes)
     if (ti.type == t) info = &ti;
-  if (!info)
+  if (!info) {
+    const bool per16 = t == GgmlType::IQ2_XS || t == GgmlType::IQ2_S || t == GgmlType::IQ1_M;
     throw std::invalid_argument("GGUF type " + ggml_type_label(ggml_type) +
-                                " cannot be packed for the host linear kernels");
+                                " cannot be packed for the host linear kernels" +
+                                (per16 ? std::string(": it keeps a scale per 16 values, which the host int8 "
+                                                     "layout (groups of 32) cannot hold exactly; give these "
+                                                     "tensors a lossy host format (int8, int4, bf16) or place "
+                                                     "them on the device")
+                                       : std::string()));
+  }
   if (k % info->block != 0)
     throw std::invalid_argument(ggml_type_label(ggml_type) + " rows need K % " +
                                 std::to_string(info->block) + " == 0, got K=" + std::to_string(k));
