@@ -1,5 +1,6 @@
-"""IQ / ternary / MXFP4 weights on the host kernels: repacked losslessly into int8 groups of
-32 (cpu_kernels/quants/iq_groups.h), every ISA path against the scalar reference and against
+"""IQ / ternary / MXFP4 weights on the host kernels, repacked losslessly
+(cpu_kernels/quants/iq_groups.h): IQ4_NL / IQ4_XS / MXFP4 as int4 indices into a 16-entry
+table looked up in registers, the others as int8 groups of 32. Every ISA path against the scalar reference and against
 float64 dequantize(W) @ x (tolerances as in test_host_linear.py); MoE experts too."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ T = gguf.GGMLQuantizationType
 # type -> byte offset of its f16 d (None: MXFP4's e8m0 byte at 0; IQ1_M has no host form)
 HOST_TYPES = {T.IQ4_NL: 0, T.IQ4_XS: 0, T.MXFP4: None, T.IQ2_XXS: 0, T.IQ3_XXS: 0,
               T.IQ3_S: 0, T.IQ1_S: 0, T.TQ1_0: 52, T.TQ2_0: 64}
+LUT_TYPES = (T.IQ4_NL, T.IQ4_XS, T.MXFP4)
 
 
 def random_iq(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -43,6 +45,8 @@ def test_repack_is_exact_and_int8(qtype, store):
     store.append(h)
     info = hl.weight_info(h)
     assert (info["n"], info["k"], info["source_type"]) == (n, k, int(qtype))
+    # 16-level types keep 4-bit table indices; the rest are int8 groups
+    assert info["format"].startswith("int4lut/g32" if qtype in LUT_TYPES else "int8/g32")
     np.testing.assert_array_equal(hl.unpack_weight(h), dequant(raw, qtype, n, k))
 
 

@@ -34,7 +34,8 @@ int PackedWeight::scale_bytes() const {
 std::string PackedWeight::describe() const {
   static const char* kinds[] = {"int8", "int4", "bf16"};
   static const char* encs[] = {"", "f16", "f32", "i8xf32", "row"};
-  std::string s = kind == WeightKind::Int4 ? "int" + std::to_string(4 + hi_bits) : kinds[static_cast<int>(kind)];
+  std::string s = kind == WeightKind::Int4 ? (lut ? "int4lut" : "int" + std::to_string(4 + hi_bits))
+                                           : kinds[static_cast<int>(kind)];
   if (kind != WeightKind::BF16) {
     s += "/g" + std::to_string(group) + "/" + encs[static_cast<int>(scale_enc)];
     if (has_min) s += "+min";
@@ -378,7 +379,8 @@ void check_shape(int64_t n, int64_t k) {
   checked_mul(n, k, "weight shape (n x k)");
 }
 
-// IQ / ternary / MXFP4 types as int8 groups of 32 (iq_groups.h): exact, one scale per group.
+// IQ / ternary / MXFP4 types, exact, one scale per group of 32 (iq_groups.h): the 16-level
+// types as int4 table indices, the others as int8.
 std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int ggml_type,
                                       const IqGroupFormat& f, int64_t n, int64_t k) {
   if (k % f.block != 0)
@@ -390,8 +392,14 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
     throw std::invalid_argument("GGUF " + ggml_type_label(ggml_type) + " tensor of shape (" + std::to_string(n) +
                                 ", " + std::to_string(k) + ") needs " + std::to_string(need) + " bytes, got " +
                                 std::to_string(raw_bytes));
-  auto w = make_packed(WeightKind::Int8, f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32, false, 32, n, k);
+  const int8_t* table = iq_group_table(ggml_type);
+  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32,
+                       false, 32, n, k);
   w->source_type = ggml_type;
+  if (table) {
+    w->lut = true;
+    for (int i = 0; i < 16; ++i) w->lut_biased[i] = static_cast<uint8_t>(table[i] + 128);
+  }
   PackedWeight& ref = *w;
   const int groups_per_block = f.block / 32;
   by_row_blocks(n, [&](int64_t r) {
@@ -399,8 +407,12 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
     for (int64_t g = 0; g < k / 32; ++g) {
       int8_t q[32];
       float scale;
-      iq_group_decode(ggml_type, row + (g / groups_per_block) * f.bytes, static_cast<int>(g % groups_per_block), q,
-                      &scale);
+      const uint8_t* blk = row + (g / groups_per_block) * f.bytes;
+      const int sub = static_cast<int>(g % groups_per_block);
+      if (table)
+        iq_group_indices(ggml_type, blk, sub, reinterpret_cast<uint8_t*>(q), &scale);
+      else
+        iq_group_decode(ggml_type, blk, sub, q, &scale);
       set_direct(ref, 0, r, g, scale);
       for (int l = 0; l < 32; ++l) set_q(ref, r, g * 32 + l, q[l]);
     }
@@ -475,7 +487,8 @@ float packed_value(const PackedWeight& w, int64_t n, int64_t k) {
     std::memcpy(&b, w.block(n / kRowBlock) + data_offset(w, static_cast<int>(n % kRowBlock), k), 2);
     return bf16_to_f32(b);
   }
-  const float q = static_cast<float>(get_q(w, n, k));
+  const int qi = get_q(w, n, k);
+  const float q = static_cast<float>(w.lut ? w.lut_biased[qi] - 128 : qi);
   const float s = group_coef(w, 0, n, k);
   return w.has_min ? s * q + group_coef(w, 1, n, k) : s * q;
 }

@@ -49,7 +49,8 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
   // Group-scaled int weights go to bf16 only in whole 32-k steps (every GGUF type and pack
   // format has them); others keep int8 rows, untiled.
   const bool grouped = w.kind != WeightKind::BF16 && w.scale_enc != ScaleEnc::Row;
-  const bool to_bf16 = grouped && kern.bf16_group_tokens > 0 && n >= kern.bf16_group_tokens && w.kp % 32 == 0;
+  // Table (lut) weights stay on int8 rows: the AMX unit's bf16 dequantization has no lookup.
+  const bool to_bf16 = grouped && !w.lut && kern.bf16_group_tokens > 0 && n >= kern.bf16_group_tokens && w.kp % 32 == 0;
   a->t = t;
   a->kp = w.kp;
   a->group = w.group;

@@ -38,6 +38,17 @@ inline const IqGroupFormat* iq_group_format(int type) {
   return nullptr;
 }
 
+// The 16-entry value table of IQ4_NL / IQ4_XS / MXFP4 (values = scale * table[nibble]),
+// else nullptr.
+inline const int8_t* iq_group_table(int type) {
+  switch (static_cast<GgmlType>(type)) {
+    case GgmlType::IQ4_NL:
+    case GgmlType::IQ4_XS: return kIq4nlValues;
+    case GgmlType::MXFP4: return kMxfp4Values;
+    default: return nullptr;
+  }
+}
+
 namespace iq_detail {
 inline int ksign(uint8_t signs, int j) { return (signs >> j) & 1 ? -1 : 1; }
 inline uint32_t u32_at(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
@@ -149,6 +160,24 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
     default:
       break;
   }
+}
+
+// For a type with iq_group_table: group g's 32 table indices and its scale
+// (iq_group_decode's values are table[idx]).
+inline void iq_group_indices(int type, const uint8_t* blk, int g, uint8_t* idx, float* scale) {
+  static const int8_t kIdentity[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  int8_t q[32];
+  // Decoding through the identity table gives the indices; the scale is the type's own.
+  const uint8_t* qs = nullptr;
+  switch (static_cast<GgmlType>(type)) {
+    case GgmlType::IQ4_NL: qs = reinterpret_cast<const BlockIQ4_NL*>(blk)->qs; break;
+    case GgmlType::MXFP4: qs = reinterpret_cast<const BlockMXFP4*>(blk)->qs; break;
+    case GgmlType::IQ4_XS: qs = reinterpret_cast<const BlockIQ4_XS*>(blk)->qs + 16 * g; break;
+    default: return;
+  }
+  iq_group_decode(type, blk, g, q, scale);
+  iq_detail::nibbles(qs, kIdentity, q);
+  for (int l = 0; l < 32; ++l) idx[l] = static_cast<uint8_t>(q[l]);
 }
 
 }  // namespace ktjax
