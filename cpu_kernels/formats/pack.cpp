@@ -393,8 +393,11 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
                                 ", " + std::to_string(k) + ") needs " + std::to_string(need) + " bytes, got " +
                                 std::to_string(raw_bytes));
   const int8_t* table = iq_group_table(ggml_type);
-  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32,
-                       false, 32, n, k);
+  // IQ4_XS's scales are d (f16) per 256 times a 6-bit integer per 32: the K-quant encoding
+  // (int8 per group, f32 per super-block) holds them in a quarter of the bytes of f32.
+  const bool i8_scales = static_cast<GgmlType>(ggml_type) == GgmlType::IQ4_XS;
+  const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
+  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, enc, false, 32, n, k);
   w->source_type = ggml_type;
   if (table) {
     w->lut = true;
@@ -413,7 +416,15 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
         iq_group_indices(ggml_type, blk, sub, reinterpret_cast<uint8_t*>(q), &scale);
       else
         iq_group_decode(ggml_type, blk, sub, q, &scale);
-      set_direct(ref, 0, r, g, scale);
+      if (i8_scales) {
+        const auto& b = *reinterpret_cast<const BlockIQ4_XS*>(blk);
+        const uint16_t sh = b.scales_h;
+        const int ls = ((b.scales_l[sub / 2] >> (4 * (sub % 2))) & 15) | (((sh >> (2 * sub)) & 3) << 4);
+        *super_slot(ref, 0, r, g * 32) = f16_to_f32(b.d);
+        *reinterpret_cast<int8_t*>(scale_slot(ref, 0, r, g)) = static_cast<int8_t>(ls - 32);
+      } else {
+        set_direct(ref, 0, r, g, scale);
+      }
       for (int l = 0; l < 32; ++l) set_q(ref, r, g * 32 + l, q[l]);
     }
   });
