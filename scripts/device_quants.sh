@@ -17,8 +17,9 @@ else
 fi
 t0=$(date +%s)
 {
-  echo "device_quants: $(python3 -c 'from ktjax import _native as n; print(n.active_isa(), n.num_threads(), "threads")')"
+  echo "device_quants: $(timeout 30 python3 -c 'from ktjax import _native as n; print(n.active_isa(), n.num_threads(), "threads")' 2>&1)"
   timeout 80 python3 scripts/bench_moe.py --shape qwen3-30b-a3b --qlen 1,32 \
     --format q4_k,iq4_xs,mxfp4,iq2_xxs "${ARGS[@]}" --json | tee -a "$JSON"; rc=${PIPESTATUS[0]}
   echo "rc=$rc after $(( $(date +%s) - t0 )) s"
+  echo "{\"measure\": \"device_quants_done\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}" >> "$JSON"
 } 2>&1 | tee "$LOG"
