@@ -102,3 +102,13 @@ def test_per16_scale_types_are_refused_clearly(qtype):
     raw = np.zeros(16 * size, np.uint8)
     with pytest.raises(KernelError, match=f"{qtype.name}.*scale per 16 values.*lossy host format"):
         hl.pack_gguf_weight(raw, int(qtype), (16, block))
+
+
+@pytest.mark.parametrize("qtype", [T.IQ4_XS, T.MXFP4, T.IQ2_XXS], ids=lambda t: t.name)
+def test_bad_sizes_are_refused(qtype):
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    with pytest.raises(KernelError, match=f"{qtype.name} tensor of shape \\(2, {block}\\) needs {2 * size} bytes"):
+        hl.pack_gguf_weight(np.zeros(2 * size - 1, np.uint8), int(qtype), (2, block))
+    if block > 32:
+        with pytest.raises(KernelError, match=f"K % {block}"):
+            hl.pack_gguf_weight(np.zeros(size, np.uint8), int(qtype), (1, block // 2))

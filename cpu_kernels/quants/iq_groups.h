@@ -1,7 +1,9 @@
-// IQ / ternary / MXFP4 blocks as int8 groups of 32 with one float scale: the form the host
-// int8 kernels hold (cpu_kernels/formats). For every type listed, scale * q (float32) equals
-// the dequantized value bit for bit (dequant.cpp), so repacking through this is lossless:
-// grids are small integers, IQ1's +-1/8 delta becomes q = 8 * grid +- 1 with scale / 8.
+// IQ / ternary / MXFP4 blocks as groups of 32 small integers with one float scale: the form
+// the host kernels hold (cpu_kernels/formats/pack.cpp). For every type listed, scale * q
+// (float32) equals the dequantized value bit for bit (dequant.cpp), so repacking through this
+// is lossless: grids are small integers, IQ1's +-1/8 delta becomes q = 8 * grid +- 1 with
+// scale / 8. The 16-level types (iq_group_table) are packed as their 4-bit table indices
+// (iq_group_indices), the others as int8 values (iq_group_decode).
 // IQ2_XS, IQ2_S and IQ1_M keep a scale per 16 values, which a group of 32 cannot hold.
 #pragma once
 
@@ -165,9 +167,6 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
 // For a type with iq_group_table: group g's 32 table indices and its scale
 // (iq_group_decode's values are table[idx]).
 inline void iq_group_indices(int type, const uint8_t* blk, int g, uint8_t* idx, float* scale) {
-  static const int8_t kIdentity[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  int8_t q[32];
-  // Decoding through the identity table gives the indices; the scale is the type's own.
   const uint8_t* qs = nullptr;
   switch (static_cast<GgmlType>(type)) {
     case GgmlType::IQ4_NL: qs = reinterpret_cast<const BlockIQ4_NL*>(blk)->qs; break;
@@ -175,9 +174,12 @@ inline void iq_group_indices(int type, const uint8_t* blk, int g, uint8_t* idx, 
     case GgmlType::IQ4_XS: qs = reinterpret_cast<const BlockIQ4_XS*>(blk)->qs + 16 * g; break;
     default: return;
   }
-  iq_group_decode(type, blk, g, q, scale);
-  iq_detail::nibbles(qs, kIdentity, q);
-  for (int l = 0; l < 32; ++l) idx[l] = static_cast<uint8_t>(q[l]);
+  int8_t values[32];
+  iq_group_decode(type, blk, g, values, scale);  // for the scale
+  for (int j = 0; j < 16; ++j) {  // low nibbles are values 0..15, high nibbles 16..31
+    idx[j] = qs[j] & 15;
+    idx[j + 16] = qs[j] >> 4;
+  }
 }
 
 }  // namespace ktjax
