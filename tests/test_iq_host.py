@@ -1,6 +1,7 @@
 """IQ / ternary / MXFP4 weights on the host kernels, repacked losslessly
 (cpu_kernels/quants/iq_groups.h): IQ4_NL / IQ4_XS / MXFP4 as int4 indices into a 16-entry
-table looked up in registers, the others as int8 groups of 32. Every ISA path against the scalar reference and against
+table looked up in registers, IQ2_XS / IQ2_S / IQ1_M as int8 groups of 16, the others as
+int8 groups of 32. Every ISA path against the scalar reference and against
 float64 dequantize(W) @ x (tolerances as in test_host_linear.py); MoE experts too."""
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ from ktjax.host import moe as hm
 
 T = gguf.GGMLQuantizationType
 
-# type -> byte offset of its f16 d (None: MXFP4's e8m0 byte at 0; IQ1_M has no host form)
+# type -> byte offset of its f16 d (None: MXFP4's e8m0 byte; IQ1_M: d in 4 nibbles at 48..55)
 HOST_TYPES = {T.IQ4_NL: 0, T.IQ4_XS: 0, T.MXFP4: None, T.IQ2_XXS: 0, T.IQ3_XXS: 0,
-              T.IQ3_S: 0, T.IQ1_S: 0, T.TQ1_0: 52, T.TQ2_0: 64}
+              T.IQ3_S: 0, T.IQ1_S: 0, T.TQ1_0: 52, T.TQ2_0: 64, T.IQ2_XS: 0, T.IQ2_S: 0,
+              T.IQ1_M: 48}
 LUT_TYPES = (T.IQ4_NL, T.IQ4_XS, T.MXFP4)
+GROUP16 = (T.IQ2_XS, T.IQ2_S, T.IQ1_M)  # a scale per 16 values: int8 groups of 16
+
+
+def host_format(qtype: T) -> str:
+    return "int4lut/g32" if qtype in LUT_TYPES else "int8/g16" if qtype in GROUP16 else "int8/g32"
 
 
 def random_iq(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -33,7 +40,13 @@ def random_iq(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
         raw[:, 0] = rng.integers(119, 124, nb)
     else:
         d = (rng.uniform(0.5, 2.0, nb) * 2.0 ** rng.integers(-12, -6, nb)).astype(np.float16)
-        raw[:, off:off + 2] = d.view(np.uint8).reshape(nb, 2)
+        if qtype == T.IQ1_M:  # d's nibbles in the top 4 bits of the 4 scale words
+            words = raw[:, off:off + 8].copy().view(np.uint16)
+            for i in range(4):
+                words[:, i] = (words[:, i] & 0x0FFF) | (((d.view(np.uint16) >> (4 * i)) & 0xF) << 12)
+            raw[:, off:off + 8] = words.view(np.uint8)
+        else:
+            raw[:, off:off + 2] = d.view(np.uint8).reshape(nb, 2)
     return raw.reshape(-1)
 
 
@@ -46,7 +59,7 @@ def test_repack_is_exact_and_int8(qtype, store):
     info = hl.weight_info(h)
     assert (info["n"], info["k"], info["source_type"]) == (n, k, int(qtype))
     # 16-level types keep 4-bit table indices; the rest are int8 groups
-    assert info["format"].startswith("int4lut/g32" if qtype in LUT_TYPES else "int8/g32")
+    assert info["format"].startswith(host_format(qtype))
     np.testing.assert_array_equal(hl.unpack_weight(h), dequant(raw, qtype, n, k))
 
 
@@ -59,14 +72,15 @@ def test_linear_all_isas(qtype, tokens, store):
     store.append(h)
     w = hl.unpack_weight(h)
     x = np.random.default_rng(tokens).standard_normal((tokens, k)).astype(np.float32)
-    check_close(hl.linear_reference(x, h), x, w, 32)
+    group = 16 if qtype in GROUP16 else 32
+    check_close(hl.linear_reference(x, h), x, w, group)
     for isa in SIMD_ISAS:
         y = hl.linear_forward(x, h, isa)
-        check_close(y, x, w, 32, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
-        check_close(y, x, w, 32)
+        check_close(y, x, w, group, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
+        check_close(y, x, w, group)
 
 
-@pytest.mark.parametrize("qtype", [T.IQ4_XS, T.MXFP4, T.IQ2_XXS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS], ids=lambda t: t.name)
 def test_moe_experts_all_isas(qtype, store):
     e, hidden, inter, tokens, top = 4, 256, 512, 3, 2
     gate, up = (random_iq(qtype, e * inter, hidden, seed=s) for s in (1, 2))
@@ -94,14 +108,6 @@ def test_moe_experts_all_isas(qtype, store):
     for isa in SIMD_ISAS:
         y = hm.moe_forward(x, ids, wts, h, isa=isa)
         np.testing.assert_allclose(y, hm.moe_reference(x, ids, wts, h, like=isa), rtol=0, atol=1e-4 * scale)
-
-
-@pytest.mark.parametrize("qtype", [T.IQ2_XS, T.IQ2_S, T.IQ1_M], ids=lambda t: t.name)
-def test_per16_scale_types_are_refused_clearly(qtype):
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = np.zeros(16 * size, np.uint8)
-    with pytest.raises(KernelError, match=f"{qtype.name}.*scale per 16 values.*lossy host format"):
-        hl.pack_gguf_weight(raw, int(qtype), (16, block))
 
 
 @pytest.mark.parametrize("qtype", [T.IQ4_XS, T.MXFP4, T.IQ2_XXS], ids=lambda t: t.name)

@@ -379,8 +379,8 @@ void check_shape(int64_t n, int64_t k) {
   checked_mul(n, k, "weight shape (n x k)");
 }
 
-// IQ / ternary / MXFP4 types, exact, one scale per group of 32 (iq_groups.h): the 16-level
-// types as int4 table indices, the others as int8.
+// IQ / ternary / MXFP4 types, exact, one scale per group of 32 (IQ2_XS, IQ2_S, IQ1_M: 16)
+// (iq_groups.h): the 16-level types as int4 table indices, the others as int8.
 std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int ggml_type,
                                       const IqGroupFormat& f, int64_t n, int64_t k) {
   if (k % f.block != 0)
@@ -397,17 +397,18 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
   // (int8 per group, f32 per super-block) holds them in a quarter of the bytes of f32.
   const bool i8_scales = static_cast<GgmlType>(ggml_type) == GgmlType::IQ4_XS;
   const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
-  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, enc, false, 32, n, k);
+  const int G = f.group;
+  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, enc, false, G, n, k);
   w->source_type = ggml_type;
   if (table) {
     w->lut = true;
     for (int i = 0; i < 16; ++i) w->lut_biased[i] = static_cast<uint8_t>(table[i] + 128);
   }
   PackedWeight& ref = *w;
-  const int groups_per_block = f.block / 32;
+  const int groups_per_block = f.block / G;
   by_row_blocks(n, [&](int64_t r) {
     const uint8_t* row = raw + r * row_bytes;
-    for (int64_t g = 0; g < k / 32; ++g) {
+    for (int64_t g = 0; g < k / G; ++g) {
       int8_t q[32];
       float scale;
       const uint8_t* blk = row + (g / groups_per_block) * f.bytes;
@@ -425,7 +426,7 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
       } else {
         set_direct(ref, 0, r, g, scale);
       }
-      for (int l = 0; l < 32; ++l) set_q(ref, r, g * 32 + l, q[l]);
+      for (int l = 0; l < G; ++l) set_q(ref, r, g * G + l, q[l]);
     }
   });
   return w;
@@ -436,9 +437,10 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
                                           int group, int64_t n, int64_t k, int hi_bits) {
   check_shape(n, k);
-  // The layouts the kernels are built for: int8 in groups of 32; int4 in groups of 16 or 32,
+  // The layouts the kernels are built for: int8 in groups of 32 (16: IQ2_XS / IQ2_S / IQ1_M,
+  // never on AMX tiles); int4 in groups of 16 or 32,
   // 6-bit (2 planes) in groups of 16 (Q6_K), 5-bit (1 plane) in groups of 32 (Q5_*).
-  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && group == 32 && hi_bits == 0) ||
+  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && (group == 32 || group == 16) && hi_bits == 0) ||
                      (kind == WeightKind::Int4 && (group == 16 || group == 32) &&
                       (hi_bits == 0 || hi_bits == (group == 32 ? 1 : 2)));
   if (!built)
@@ -533,16 +535,9 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
   const TypeInfo* info = nullptr;
   for (const TypeInfo& ti : kTypes)
     if (ti.type == t) info = &ti;
-  if (!info) {
-    const bool per16 = t == GgmlType::IQ2_XS || t == GgmlType::IQ2_S || t == GgmlType::IQ1_M;
+  if (!info)
     throw std::invalid_argument("GGUF type " + ggml_type_label(ggml_type) +
-                                " cannot be packed for the host linear kernels" +
-                                (per16 ? std::string(": it keeps a scale per 16 values, which the host int8 "
-                                                     "layout (groups of 32) cannot hold exactly; give these "
-                                                     "tensors a lossy host format (int8, int4, bf16) or place "
-                                                     "them on the device")
-                                       : std::string()));
-  }
+                                " cannot be packed for the host linear kernels");
   if (k % info->block != 0)
     throw std::invalid_argument(ggml_type_label(ggml_type) + " rows need K % " +
                                 std::to_string(info->block) + " == 0, got K=" + std::to_string(k));

@@ -1,10 +1,10 @@
-// IQ / ternary / MXFP4 blocks as groups of 32 small integers with one float scale: the form
+// IQ / ternary / MXFP4 blocks as groups of 32 (or 16) small integers with one float scale: the form
 // the host kernels hold (cpu_kernels/formats/pack.cpp). For every type listed, scale * q
 // (float32) equals the dequantized value bit for bit (dequant.cpp), so repacking through this
 // is lossless: grids are small integers, IQ1's +-1/8 delta becomes q = 8 * grid +- 1 with
 // scale / 8. The 16-level types (iq_group_table) are packed as their 4-bit table indices
 // (iq_group_indices), the others as int8 values (iq_group_decode).
-// IQ2_XS, IQ2_S and IQ1_M keep a scale per 16 values, which a group of 32 cannot hold.
+// IQ2_XS, IQ2_S and IQ1_M keep a scale per 16 values: int8 groups of 16.
 #pragma once
 
 #include <cstdint>
@@ -21,9 +21,10 @@ struct IqGroupFormat {
   int block;  // values per GGUF block
   int bytes;  // bytes per GGUF block
   bool f16_scale;  // every scale is an f16 value (else f32 is needed)
+  int group = 32;  // values per scale
 };
 
-// The format of a type that decodes into int8 groups of 32, or nullptr.
+// The format of a type that decodes into groups of small integers, or nullptr.
 inline const IqGroupFormat* iq_group_format(int type) {
   switch (static_cast<GgmlType>(type)) {
     case GgmlType::IQ4_NL: { static const IqGroupFormat f{QK4_NL, sizeof(BlockIQ4_NL), true}; return &f; }
@@ -35,6 +36,9 @@ inline const IqGroupFormat* iq_group_format(int type) {
     case GgmlType::IQ1_S: { static const IqGroupFormat f{QK_K, sizeof(BlockIQ1_S), false}; return &f; }
     case GgmlType::TQ1_0: { static const IqGroupFormat f{QK_K, sizeof(BlockTQ1_0), true}; return &f; }
     case GgmlType::TQ2_0: { static const IqGroupFormat f{QK_K, sizeof(BlockTQ2_0), true}; return &f; }
+    case GgmlType::IQ2_XS: { static const IqGroupFormat f{QK_K, sizeof(BlockIQ2_XS), false, 16}; return &f; }
+    case GgmlType::IQ2_S: { static const IqGroupFormat f{QK_K, sizeof(BlockIQ2_S), false, 16}; return &f; }
+    case GgmlType::IQ1_M: { static const IqGroupFormat f{QK_K, sizeof(BlockIQ1_M), false, 16}; return &f; }
     default: break;
   }
   return nullptr;
@@ -68,8 +72,8 @@ inline int8_t trit(uint8_t byte, int p) {
 }
 }  // namespace iq_detail
 
-// Group g (0 .. block/32 - 1) of one block of a type iq_group_format accepts: its 32 values
-// as q[0..31] and the scale they share.
+// Group g (0 .. block/group - 1) of one block of a type iq_group_format accepts: its values
+// as q[0 .. group - 1] and the scale they share.
 inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, float* scale) {
   using namespace iq_detail;
   switch (static_cast<GgmlType>(type)) {
@@ -149,6 +153,44 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
         q[i] = e < 160 ? trit(b.qs[e % 32], e / 32)
              : e < 240 ? trit(b.qs[32 + (e - 160) % 16], (e - 160) / 16)
                        : trit(b.qh[(e - 240) % 4], (e - 240) / 4);
+      }
+      return;
+    }
+    case GgmlType::IQ2_XS: {  // groups of 16: two 8-value units of 9-bit grid index + 7 signs
+      const auto& b = *reinterpret_cast<const BlockIQ2_XS*>(blk);
+      const int ls = (b.scales[g / 2] >> (4 * (g % 2))) & 15;
+      *scale = f16_to_f32(b.d) * (0.5f + static_cast<float>(ls)) * 0.25f;
+      for (int u = 0; u < 2; ++u) {
+        const uint16_t v = u16_at(reinterpret_cast<const uint8_t*>(b.qs) + 2 * (2 * g + u));
+        const uint8_t signs = kKsigns[v >> 9];
+        for (int j = 0; j < 8; ++j) q[8 * u + j] = static_cast<int8_t>(kIq2xsGrid[v & 511][j] * ksign(signs, j));
+      }
+      return;
+    }
+    case GgmlType::IQ2_S: {
+      const auto& b = *reinterpret_cast<const BlockIQ2_S*>(blk);
+      const int ls = (b.scales[g / 2] >> (4 * (g % 2))) & 15;
+      *scale = f16_to_f32(b.d) * (0.5f + static_cast<float>(ls)) * 0.25f;
+      for (int u = 0; u < 2; ++u) {
+        const int i = 2 * g + u;
+        const int idx = b.qs[i] | (((b.qh[i / 4] >> (2 * (i % 4))) & 3) << 8);
+        for (int j = 0; j < 8; ++j) q[8 * u + j] = static_cast<int8_t>(kIq2sGrid[idx][j] * ksign(b.signs[i], j));
+      }
+      return;
+    }
+    case GgmlType::IQ1_M: {
+      const auto& b = *reinterpret_cast<const BlockIQ1_M*>(blk);
+      uint16_t sc[4];
+      std::memcpy(sc, b.scales, 8);
+      const uint16_t d_bits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
+                                                    ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+      // As IQ1_S: (dl / 8) * (8 * grid +- 1), the delta sign per 8 values.
+      *scale = f16_to_f32(d_bits) * static_cast<float>(2 * ((sc[g / 4] >> (3 * (g % 4))) & 7) + 1) * 0.125f;
+      for (int u = 0; u < 2; ++u) {
+        const int i = 2 * g + u;
+        const int h = b.qh[i / 2] >> (4 * (i % 2));
+        const int8_t* grid = kIq1sGrid[b.qs[i] | ((h & 7) << 8)];
+        for (int j = 0; j < 8; ++j) q[8 * u + j] = static_cast<int8_t>(8 * grid[j] + ((h & 8) ? -1 : 1));
       }
       return;
     }
