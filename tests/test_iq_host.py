@@ -30,7 +30,8 @@ def host_format(qtype: T) -> str:
     return "int4lut/g32" if qtype in LUT_TYPES else "int8/g16" if qtype in GROUP16 else "int8/g32"
 
 
-def random_iq(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
+def random_iq(qtype: T, n: int, k: int, seed: int = 0, d_exp: tuple[int, int] = (-12, -6)) -> np.ndarray:
+    """Random blocks of qtype with f16 d in [0.5, 2) * 2^[d_exp) (MXFP4: 2^-9 .. 2^-4)."""
     rng = np.random.default_rng(seed)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = n * k // block
@@ -39,7 +40,7 @@ def random_iq(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
     if off is None:  # weights ~2^-7 .. 2^-4
         raw[:, 0] = rng.integers(119, 124, nb)
     else:
-        d = (rng.uniform(0.5, 2.0, nb) * 2.0 ** rng.integers(-12, -6, nb)).astype(np.float16)
+        d = (rng.uniform(0.5, 2.0, nb) * 2.0 ** rng.integers(*d_exp, nb)).astype(np.float16)
         if qtype == T.IQ1_M:  # d's nibbles in the top 4 bits of the 4 scale words
             words = raw[:, off:off + 8].copy().view(np.uint16)
             for i in range(4):
