@@ -29,7 +29,9 @@ MODELS = {
                     "down": (640, 2048), "lm_head": (262144, 640)},
 }
 GGUF_FORMATS = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0,
-                "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
+                "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K,
+                "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS, "mxfp4": T.MXFP4, "iq2_xxs": T.IQ2_XXS,
+                "iq3_xxs": T.IQ3_XXS, "iq3_s": T.IQ3_S, "iq1_s": T.IQ1_S, "tq2_0": T.TQ2_0}
 FLOAT_FORMATS = ("int8", "int8_row", "int4", "bf16")
 
 

@@ -86,27 +86,28 @@ def test_unexpected_tensor(tmp_path):
 
 def test_loader_refuses_unsupported_quant_type(tmp_path):
     """A model whose tensor uses a GGML type ktjax has no kernels for is refused when loaded,
-    naming the tensor and the type (IQ2_XXS: 256 values in 66 bytes per block)."""
-    raw = np.zeros((256, 66), np.uint8)
+    naming the tensor and the type (Q8_K, llama.cpp's internal activation type: 256 values
+    in 292 bytes per block)."""
+    raw = np.zeros((256, 292), np.uint8)
     path = write_tiny_gguf(tmp_path / "iq.gguf", "llama", hidden=256, head_dim=64, ffn=256,
-                           extra={"blk.1.ffn_up.weight": (raw, T.IQ2_XXS)})
+                           extra={"blk.1.ffn_up.weight": (raw, T.Q8_K)})
     assert GGUFFile(path).tensors["blk.1.ffn_up.weight"].shape == (256, 256)  # shape is right
-    with pytest.raises(TensorError, match=r"'blk\.1\.ffn_up\.weight' uses quant type IQ2_XXS"):
+    with pytest.raises(TensorError, match=r"'blk\.1\.ffn_up\.weight' uses quant type Q8_K"):
         LLM(str(path))
 
 
 def test_dequantize_refuses_unsupported_quant_type(tmp_path):
     path = tmp_path / "iq.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    raw = np.zeros((4, 66), np.uint8)           # 4 rows of one IQ2_XXS block (256 values)
-    w.add_tensor("token_embd.weight", raw, raw_dtype=T.IQ2_XXS)
+    raw = np.zeros((4, 292), np.uint8)          # 4 rows of one Q8_K block (256 values)
+    w.add_tensor("token_embd.weight", raw, raw_dtype=T.Q8_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     from ktjax.gguf import quants
     t = GGUFFile(path).tensors["token_embd.weight"]
-    with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
+    with pytest.raises(UnsupportedModelError, match="Q8_K"):
         quants.dequantize(t.data, t.qtype, t.shape)
 
 

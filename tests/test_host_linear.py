@@ -236,7 +236,7 @@ def test_store_handles_and_bad_input():
     with pytest.raises(KernelError, match="K % 256"):
         hl.pack_gguf_weight(np.zeros(144, np.uint8), int(T.Q4_K), (1, 128))
     with pytest.raises(KernelError, match="cannot be packed"):
-        hl.pack_gguf_weight(np.zeros(100, np.uint8), int(T.IQ2_XXS), (1, 256))
+        hl.pack_gguf_weight(np.zeros(100, np.uint8), int(T.Q8_K), (1, 256))
     with pytest.raises(KernelError, match="non-finite"):
         hl.pack_float_weight(np.full((2, 32), np.nan, np.float32))
     h = hl.pack_float_weight(np.ones((4, 32), np.float32))

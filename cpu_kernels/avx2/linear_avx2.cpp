@@ -36,6 +36,12 @@ struct V256x2 {
   static __m256i lo4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0f)); }
   static I nib_lo(I v) { return {lo4(v.a), lo4(v.b)}; }
   static I nib_hi(I v) { return {lo4(_mm256_srli_epi16(v.a, 4)), lo4(_mm256_srli_epi16(v.b, 4))}; }
+  // A 16-byte table in every 128-bit lane, and its entries at byte indices 0..15.
+  static I load_lut(const uint8_t* t) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+    return {v, v};
+  }
+  static I lut16(I table, I idx) { return {_mm256_shuffle_epi8(table.a, idx.a), _mm256_shuffle_epi8(table.b, idx.b)}; }
   // Bytes 0x00 / 0xff from the 32 bits of m (byte i: bit i).
   static __m256i bits_to_bytes(uint32_t m) {
     const __m256i spread = _mm256_shuffle_epi8(  // byte i takes byte i / 8 of m

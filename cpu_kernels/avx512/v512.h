@@ -31,6 +31,11 @@ struct V512 {
   }
   static I nib_lo(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }
   static I nib_hi(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f)); }
+  // A 16-byte table in every 128-bit lane, and its entries at byte indices 0..15.
+  static I load_lut(const uint8_t* t) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+  }
+  static I lut16(I table, I idx) { return _mm512_shuffle_epi8(table, idx); }
   // v with bit `bit` added to byte i where bit i of the 8 bytes at plane is set.
   static I add_bit(I v, const uint8_t* plane, int bit) {
     uint64_t m;

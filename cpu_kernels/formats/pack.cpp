@@ -12,6 +12,7 @@
 #include "cpu_kernels/quants/blocks.h"
 #include "cpu_kernels/quants/float_bits.h"
 #include "cpu_kernels/quants/ggml_types.h"
+#include "cpu_kernels/quants/iq_groups.h"
 #include "cpu_kernels/numa.h"
 #include "cpu_kernels/thread_pool.h"
 
@@ -33,7 +34,8 @@ int PackedWeight::scale_bytes() const {
 std::string PackedWeight::describe() const {
   static const char* kinds[] = {"int8", "int4", "bf16"};
   static const char* encs[] = {"", "f16", "f32", "i8xf32", "row"};
-  std::string s = kind == WeightKind::Int4 ? "int" + std::to_string(4 + hi_bits) : kinds[static_cast<int>(kind)];
+  std::string s = kind == WeightKind::Int4 ? (lut ? "int4lut" : "int" + std::to_string(4 + hi_bits))
+                                           : kinds[static_cast<int>(kind)];
   if (kind != WeightKind::BF16) {
     s += "/g" + std::to_string(group) + "/" + encs[static_cast<int>(scale_enc)];
     if (has_min) s += "+min";
@@ -377,14 +379,68 @@ void check_shape(int64_t n, int64_t k) {
   checked_mul(n, k, "weight shape (n x k)");
 }
 
+// IQ / ternary / MXFP4 types, exact, one scale per group of 32 (IQ2_XS, IQ2_S, IQ1_M: 16)
+// (iq_groups.h): the 16-level types as int4 table indices, the others as int8.
+std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int ggml_type,
+                                      const IqGroupFormat& f, int64_t n, int64_t k) {
+  if (k % f.block != 0)
+    throw std::invalid_argument(ggml_type_label(ggml_type) + " rows need K % " + std::to_string(f.block) +
+                                " == 0, got K=" + std::to_string(k));
+  const int64_t row_bytes = (k / f.block) * f.bytes;
+  const int64_t need = checked_mul(n, row_bytes, "weight bytes");
+  if (raw_bytes != static_cast<size_t>(need))
+    throw std::invalid_argument("GGUF " + ggml_type_label(ggml_type) + " tensor of shape (" + std::to_string(n) +
+                                ", " + std::to_string(k) + ") needs " + std::to_string(need) + " bytes, got " +
+                                std::to_string(raw_bytes));
+  const int8_t* table = iq_group_table(ggml_type);
+  // IQ4_XS's scales are d (f16) per 256 times a 6-bit integer per 32: the K-quant encoding
+  // (int8 per group, f32 per super-block) holds them in a quarter of the bytes of f32.
+  const bool i8_scales = static_cast<GgmlType>(ggml_type) == GgmlType::IQ4_XS;
+  const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
+  const int G = f.group;
+  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, enc, false, G, n, k);
+  w->source_type = ggml_type;
+  if (table) {
+    w->lut = true;
+    for (int i = 0; i < 16; ++i) w->lut_biased[i] = static_cast<uint8_t>(table[i] + 128);
+  }
+  PackedWeight& ref = *w;
+  const int groups_per_block = f.block / G;
+  by_row_blocks(n, [&](int64_t r) {
+    const uint8_t* row = raw + r * row_bytes;
+    for (int64_t g = 0; g < k / G; ++g) {
+      int8_t q[32];
+      float scale;
+      const uint8_t* blk = row + (g / groups_per_block) * f.bytes;
+      const int sub = static_cast<int>(g % groups_per_block);
+      if (table)
+        iq_group_indices(ggml_type, blk, sub, reinterpret_cast<uint8_t*>(q), &scale);
+      else
+        iq_group_decode(ggml_type, blk, sub, q, &scale);
+      if (i8_scales) {
+        const auto& b = *reinterpret_cast<const BlockIQ4_XS*>(blk);
+        const uint16_t sh = b.scales_h;
+        const int ls = ((b.scales_l[sub / 2] >> (4 * (sub % 2))) & 15) | (((sh >> (2 * sub)) & 3) << 4);
+        *super_slot(ref, 0, r, g * 32) = f16_to_f32(b.d);
+        *reinterpret_cast<int8_t*>(scale_slot(ref, 0, r, g)) = static_cast<int8_t>(ls - 32);
+      } else {
+        set_direct(ref, 0, r, g, scale);
+      }
+      for (int l = 0; l < G; ++l) set_q(ref, r, g * G + l, q[l]);
+    }
+  });
+  return w;
+}
+
 }  // namespace
 
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
                                           int group, int64_t n, int64_t k, int hi_bits, bool fill) {
   check_shape(n, k);
-  // The layouts the kernels are built for: int8 in groups of 32; int4 in groups of 16 or 32,
+  // The layouts the kernels are built for: int8 in groups of 32 (16: IQ2_XS / IQ2_S / IQ1_M,
+  // never on AMX tiles); int4 in groups of 16 or 32,
   // 6-bit (2 planes) in groups of 16 (Q6_K), 5-bit (1 plane) in groups of 32 (Q5_*).
-  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && group == 32 && hi_bits == 0) ||
+  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && (group == 32 || group == 16) && hi_bits == 0) ||
                      (kind == WeightKind::Int4 && (group == 16 || group == 32) &&
                       (hi_bits == 0 || hi_bits == (group == 32 ? 1 : 2)));
   if (!built)
@@ -445,7 +501,8 @@ float packed_value(const PackedWeight& w, int64_t n, int64_t k) {
     std::memcpy(&b, w.block(n / kRowBlock) + data_offset(w, static_cast<int>(n % kRowBlock), k), 2);
     return bf16_to_f32(b);
   }
-  const float q = static_cast<float>(get_q(w, n, k));
+  const int qi = get_q(w, n, k);
+  const float q = static_cast<float>(w.lut ? w.lut_biased[qi] - 128 : qi);
   const float s = group_coef(w, 0, n, k);
   return w.has_min ? s * q + group_coef(w, 1, n, k) : s * q;
 }
@@ -475,6 +532,7 @@ std::unique_ptr<PackedWeight> pack_gguf(const uint8_t* raw, size_t raw_bytes, in
     w->source_type = ggml_type;
     return w;
   }
+  if (const IqGroupFormat* iq = iq_group_format(ggml_type)) return pack_iq(raw, raw_bytes, ggml_type, *iq, n, k);
   const TypeInfo* info = nullptr;
   for (const TypeInfo& ti : kTypes)
     if (ti.type == t) info = &ti;

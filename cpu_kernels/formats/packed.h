@@ -13,6 +13,7 @@
 // quad's 64), so a kernel adds a plane to the unpacked nibbles with one masked add.
 // int8 values are stored biased (q + 128, uint8) so that vpdpbusd's unsigned operand is
 // the weight; kernels subtract 128 * sum(x).
+// Int4 with a table (PackedWeight::lut): nibbles index 16 int8 values, no min.
 // bf16 has no groups: pairs of k per row, 16 rows x 2 values per 64 bytes (vdpbf16ps).
 //
 // Scales come in three encodings, chosen at pack time to keep GGUF data exact and small:
@@ -94,6 +95,11 @@ struct PackedWeight {
   int group = 32;        // values per scale group (16 or 32); 32 for bf16 padding
   int hi_bits = 0;       // Int4 only: bit planes above the nibbles (1: group 32, 2: group 16)
   int source_type = -1;  // ggml type id it came from, or -1 for float input
+  // Int4 only: the nibbles are indices into this 16-entry table of int8 values, stored biased
+  // (value + 128) like int8 weights, so kernels look them up in registers (a byte shuffle)
+  // and take the int8 path: IQ4_NL / IQ4_XS / MXFP4 keep 4 bits a weight, exactly.
+  bool lut = false;
+  uint8_t lut_biased[16] = {};
   int64_t n = 0, k = 0;  // logical shape
   int64_t np = 0, kp = 0;  // padded shape
 

@@ -16,6 +16,7 @@ int stored_q(const PackedWeight& w, const uint8_t* blk, int r, int64_t k) {
   const uint8_t* rec = blk + w.group_off(g);
   const uint8_t v = rec[(quad / 2) * 64 + r * 4 + j];
   int q = quad % 2 ? v >> 4 : v & 0x0f;
+  if (w.lut) return w.lut_biased[q] - 128;
   for (int b = 0; b < w.hi_bits; ++b) {  // plane b: bit (quad * 64 + r * 4 + j) is bit 4 + b
     const int64_t i = quad * 64 + r * 4 + j;
     q |= ((rec[plane_offset(w.group, b) + i / 8] >> (i % 8)) & 1) << (4 + b);

@@ -90,8 +90,10 @@ void unpack_int4(const PackedWeight& w, int64_t rb, uint8_t* out) {
 // int32 and is scaled once, y = s_w * (d * C - 128 * row_bsum) with C the biased weights'
 // products, as the AMX tiles compute it, so a token's result is the same whichever path its
 // call's token count picks (and on every ISA level).
+// kLut (int4 with a table, no planes): nibbles become biased int8 weights by a register
+// lookup (V::lut16) and take the int8 products.
 template <class V, int RB, int TT, bool kInt4, int G, int kHi, bool kPrefetch, bool kUnpacked = false,
-          bool kRow = false>
+          bool kRow = false, bool kLut = false>
 void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0, float* y,
               int64_t ldy, const uint8_t* unpacked = nullptr) {
   using I = typename V::I;
@@ -114,6 +116,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
                    // dependent dot products stay one group long; int adds are exact)
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TT; ++t) itot[r][t] = V::zero_i();
+  const I table = kLut ? V::load_lut(w.lut_biased) : V::zero_i();
   for (int64_t g = 0; g < groups; ++g) {
     I iacc[RB][TT];
     const uint8_t* rec[RB];
@@ -137,6 +140,10 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
             const I v = V::load_i(rec[r] + p * 64);
             lo[r] = V::nib_lo(v);
             hi[r] = V::nib_hi(v);
+            if constexpr (kLut) {
+              lo[r] = V::lut16(table, lo[r]);
+              hi[r] = V::lut16(table, hi[r]);
+            }
             for (int b = 0; b < kHi; ++b) {  // plane b: 8 bytes per quad, quads 2p and 2p + 1
               const uint8_t* plane = rec[r] + plane_offset(G, b) + p * 16;
               lo[r] = V::add_bit(lo[r], plane, 4 + b);
@@ -148,7 +155,10 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
           const I x0 = V::bcast4(xq[t] + g * G + p * 8);
           const I x1 = V::bcast4(xq[t] + g * G + p * 8 + 4);
           for (int r = 0; r < RB; ++r) {
-            iacc[r][t] = V::dot_u4x2(iacc[r][t], lo[r], x0, hi[r], x1);
+            if constexpr (kLut)
+              iacc[r][t] = V::dot_i8(V::dot_i8(iacc[r][t], lo[r], x0), hi[r], x1);
+            else
+              iacc[r][t] = V::dot_u4x2(iacc[r][t], lo[r], x0, hi[r], x1);
           }
         }
       }
@@ -171,7 +181,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       const F s = load_coef<V>(w, blk[r], rec[r], g, 0);
       F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
       // Biased int8 dot products carry 128 * sum(q_x): fold -128 * scale into the min.
-      if (!kInt4 && V::kInt8DotBiased) m = V::fmadd(s, V::set1(-128.f), m);
+      if ((!kInt4 || kLut) && V::kInt8DotBiased) m = V::fmadd(s, V::set1(-128.f), m);
       for (int t = 0; t < TT; ++t) {
         acc[r][t] = V::fmadd(V::cvt(iacc[r][t]), V::mul(s, V::set1(xs[t * groups + g])), acc[r][t]);
         acc[r][t] = V::fmadd(m, V::set1(xb[t * groups + g]), acc[r][t]);
@@ -235,7 +245,10 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   // planes) or 32 (5-bit with a plane).
   if (w.kind == WeightKind::Int8 && w.scale_enc == ScaleEnc::Row)
     return tile_int<V, RB, TT, false, 32, 0, kPrefetch, false, true>(w, a, rb0, t0, y, ldy);
-  if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
+  if (w.kind == WeightKind::Int8)
+    return w.group == 16 ? tile_int<V, RB, TT, false, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy)
+                         : tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
+  if (w.lut) return tile_int<V, RB, TT, true, 32, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy);
   if (w.group == 16)
     return w.hi_bits ? tile_int<V, RB, TT, true, 16, 2, kPrefetch>(w, a, rb0, t0, y, ldy)
                      : tile_int<V, RB, TT, true, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy);

@@ -25,7 +25,8 @@ void gather_acts(const QuantActs& src, const std::vector<int64_t>& rows, QuantAc
 }
 
 bool same_layout(const PackedWeight& a, const PackedWeight& b) {
-  return a.kind == b.kind && a.group == b.group && a.kp == b.kp && a.k == b.k;
+  return a.kind == b.kind && a.group == b.group && a.kp == b.kp && a.k == b.k && a.lut == b.lut &&
+         std::memcmp(a.lut_biased, b.lut_biased, sizeof(a.lut_biased)) == 0;
 }
 
 // Per-call scratch, reused across calls on the same thread.

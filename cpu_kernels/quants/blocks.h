@@ -60,4 +60,53 @@ static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block size");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K block size");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K block size");
 
+// IQ types (i-quants): values come from lookup grids (iq_tables.h).
+struct __attribute__((packed)) BlockIQ2_XXS { half_bits d; uint16_t qs[QK_K / 8]; };
+struct __attribute__((packed)) BlockIQ2_XS {
+  half_bits d; uint16_t qs[QK_K / 8]; uint8_t scales[QK_K / 32];
+};
+struct __attribute__((packed)) BlockIQ2_S {
+  half_bits d; uint8_t qs[QK_K / 8]; uint8_t signs[QK_K / 8]; uint8_t qh[QK_K / 32];
+  uint8_t scales[QK_K / 32];
+};
+struct __attribute__((packed)) BlockIQ3_XXS {
+  half_bits d; uint8_t qs[QK_K / 4]; uint8_t scales_signs[QK_K / 8];  // 8 uint32 after qs
+};
+struct __attribute__((packed)) BlockIQ3_S {
+  half_bits d; uint8_t qs[QK_K / 4]; uint8_t qh[QK_K / 32]; uint8_t signs[QK_K / 8];
+  uint8_t scales[QK_K / 64];
+};
+struct __attribute__((packed)) BlockIQ1_S { half_bits d; uint8_t qs[QK_K / 8]; uint16_t qh[QK_K / 32]; };
+struct __attribute__((packed)) BlockIQ1_M {
+  uint8_t qs[QK_K / 8]; uint8_t qh[QK_K / 16];
+  uint16_t scales[4];  // 16 three-bit scales; the top nibbles hold the f16 d
+};
+constexpr int QK4_NL = 32, QK_MXFP4 = 32;
+struct __attribute__((packed)) BlockIQ4_NL { half_bits d; uint8_t qs[QK4_NL / 2]; };
+struct __attribute__((packed)) BlockIQ4_XS {
+  half_bits d; uint16_t scales_h; uint8_t scales_l[QK_K / 64]; uint8_t qs[QK_K / 2];
+};
+// Ternary types: values in {-1, 0, 1} times d.
+struct __attribute__((packed)) BlockTQ1_0 {
+  uint8_t qs[(QK_K - 4 * QK_K / 64) / 5];  // 5 trits per byte
+  uint8_t qh[QK_K / 64];                   // 4 trits per byte
+  half_bits d;
+};
+struct __attribute__((packed)) BlockTQ2_0 { uint8_t qs[QK_K / 4]; half_bits d; };
+// MXFP4: e2m1 values with a shared e8m0 exponent.
+struct __attribute__((packed)) BlockMXFP4 { uint8_t e; uint8_t qs[QK_MXFP4 / 2]; };
+
+static_assert(sizeof(BlockIQ2_XXS) == 66, "IQ2_XXS block size");
+static_assert(sizeof(BlockIQ2_XS) == 74, "IQ2_XS block size");
+static_assert(sizeof(BlockIQ2_S) == 82, "IQ2_S block size");
+static_assert(sizeof(BlockIQ3_XXS) == 98, "IQ3_XXS block size");
+static_assert(sizeof(BlockIQ3_S) == 110, "IQ3_S block size");
+static_assert(sizeof(BlockIQ1_S) == 50, "IQ1_S block size");
+static_assert(sizeof(BlockIQ1_M) == 56, "IQ1_M block size");
+static_assert(sizeof(BlockIQ4_NL) == 18, "IQ4_NL block size");
+static_assert(sizeof(BlockIQ4_XS) == 136, "IQ4_XS block size");
+static_assert(sizeof(BlockTQ1_0) == 54, "TQ1_0 block size");
+static_assert(sizeof(BlockTQ2_0) == 66, "TQ2_0 block size");
+static_assert(sizeof(BlockMXFP4) == 17, "MXFP4 block size");
+
 }  // namespace ktjax

@@ -7,6 +7,7 @@
 
 #include "cpu_kernels/quants/blocks.h"
 #include "cpu_kernels/quants/float_bits.h"
+#include "cpu_kernels/quants/iq_tables.h"
 #include "cpu_kernels/thread_pool.h"
 
 // Loops are written for the auto-vectoriser; each range function is cloned per ISA and
@@ -166,6 +167,169 @@ KT_INLINE void block_q6_k(const BlockQ6_K& b, float* y) {
   }
 }
 
+// ---- IQ, ternary and MXFP4 types: scalar loops in gguf's order of operations ----
+// Signs multiply as +-1.0f, as gguf does: x86 returns a NaN operand unchanged, so a NaN
+// scale keeps its sign. Built from bits so that GCC cannot fold x * -1.0f into -x.
+
+KT_INLINE float sign_of(uint8_t bits, int j) {
+  return bits_f32(0x3f800000u | (uint32_t((bits >> j) & 1) << 31));
+}
+KT_INLINE uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+
+KT_INLINE void block_iq2_xxs(const BlockIQ2_XXS& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  const auto* qs = reinterpret_cast<const uint8_t*>(b.qs);
+  for (int ib = 0; ib < 8; ++ib) {  // 32 values: 4 grid bytes, then 4 x 7 sign bits + 4-bit scale
+    const uint32_t aux1 = load_u32(qs + 8 * ib + 4);
+    const float db = d * (0.5f + static_cast<float>(aux1 >> 28)) * 0.25f;
+    for (int l = 0; l < 4; ++l) {
+      const int8_t* g = kIq2xxsGrid[qs[8 * ib + l]];
+      const uint8_t signs = kKsigns[(aux1 >> (7 * l)) & 127];
+      for (int j = 0; j < 8; ++j) y[32 * ib + 8 * l + j] = db * static_cast<float>(g[j]) * sign_of(signs, j);
+    }
+  }
+}
+
+KT_INLINE void block_iq2_xs(const BlockIQ2_XS& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  const auto* qs = reinterpret_cast<const uint8_t*>(b.qs);
+  for (int i = 0; i < 32; ++i) {  // 8 values: 9-bit grid index, 7 sign bits; scale per 16
+    const uint16_t q = load_u16(qs + 2 * i);
+    const int ls = (b.scales[i / 4] >> (4 * ((i / 2) % 2))) & 15;
+    const float db = d * (0.5f + static_cast<float>(ls)) * 0.25f;
+    const int8_t* g = kIq2xsGrid[q & 511];
+    const uint8_t signs = kKsigns[q >> 9];
+    for (int j = 0; j < 8; ++j) y[8 * i + j] = db * static_cast<float>(g[j]) * sign_of(signs, j);
+  }
+}
+
+KT_INLINE void block_iq2_s(const BlockIQ2_S& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  for (int i = 0; i < 32; ++i) {  // 8 values: 10-bit grid index, a sign byte; scale per 16
+    const int q = b.qs[i] | (((b.qh[i / 4] >> (2 * (i % 4))) & 3) << 8);
+    const int ls = (b.scales[i / 4] >> (4 * ((i / 2) % 2))) & 15;
+    const float db = d * (0.5f + static_cast<float>(ls)) * 0.25f;
+    const int8_t* g = kIq2sGrid[q];
+    for (int j = 0; j < 8; ++j) y[8 * i + j] = db * static_cast<float>(g[j]) * sign_of(b.signs[i], j);
+  }
+}
+
+KT_INLINE void block_iq3_xxs(const BlockIQ3_XXS& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  for (int ib = 0; ib < 8; ++ib) {  // 32 values: 8 grid bytes of 4; aux as in IQ2_XXS
+    const uint32_t aux = load_u32(b.scales_signs + 4 * ib);
+    const float db = d * (0.5f + static_cast<float>(aux >> 28)) * 0.5f;
+    for (int l = 0; l < 4; ++l) {
+      const uint8_t signs = kKsigns[(aux >> (7 * l)) & 127];
+      for (int m = 0; m < 2; ++m) {
+        const int8_t* g = kIq3xxsGrid[b.qs[8 * ib + 2 * l + m]];
+        for (int t = 0; t < 4; ++t)
+          y[32 * ib + 8 * l + 4 * m + t] = db * static_cast<float>(g[t]) * sign_of(signs, 4 * m + t);
+      }
+    }
+  }
+}
+
+KT_INLINE void block_iq3_s(const BlockIQ3_S& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  for (int i = 0; i < 64; ++i) {  // 4 values: 9-bit grid index; sign bits in order; scale per 32
+    const int q = b.qs[i] | (((b.qh[i / 8] >> (i % 8)) & 1) << 8);
+    const int ls = (b.scales[i / 16] >> (4 * ((i / 8) % 2))) & 15;
+    const float db = d * static_cast<float>(1 + 2 * ls);
+    const int8_t* g = kIq3sGrid[q];
+    for (int t = 0; t < 4; ++t) {
+      const int e = 4 * i + t;
+      y[e] = db * static_cast<float>(g[t]) * sign_of(b.signs[e / 8], e % 8);
+    }
+  }
+}
+
+constexpr float kIq1Delta = 0.125f;
+
+KT_INLINE void block_iq1_s(const BlockIQ1_S& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  for (int ib = 0; ib < 8; ++ib) {  // 32 values: qh holds 4 x 3 index bits, scale, delta sign
+    const uint16_t h = load_u16(reinterpret_cast<const uint8_t*>(b.qh) + 2 * ib);
+    const float dl = d * static_cast<float>(2 * ((h >> 12) & 7) + 1);
+    const float delta = (h & 0x8000) ? -kIq1Delta : kIq1Delta;
+    for (int l = 0; l < 4; ++l) {
+      const int8_t* g = kIq1sGrid[b.qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8)];
+      for (int j = 0; j < 8; ++j) y[32 * ib + 8 * l + j] = dl * (static_cast<float>(g[j]) + delta);
+    }
+  }
+}
+
+KT_INLINE void block_iq1_m(const BlockIQ1_M& b, float* y) {
+  uint16_t sc[4];
+  std::memcpy(sc, b.scales, 8);
+  const uint16_t d_bits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
+                                                ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+  const float d = f16_to_f32(d_bits);
+  for (int i = 0; i < 32; ++i) {  // 8 values: 11-bit grid index, delta sign per 8, scale per 16
+    const int s = i / 2;
+    const float dl = d * static_cast<float>(2 * ((sc[s / 4] >> (3 * (s % 4))) & 7) + 1);
+    const int h = b.qh[i / 2] >> (4 * (i % 2));
+    const float delta = (h & 8) ? -kIq1Delta : kIq1Delta;
+    const int8_t* g = kIq1sGrid[b.qs[i] | ((h & 7) << 8)];
+    for (int j = 0; j < 8; ++j) y[8 * i + j] = dl * (static_cast<float>(g[j]) + delta);
+  }
+}
+
+// 32 values from 16 bytes of nibble indices into a 16-entry table (low nibbles first).
+KT_INLINE void table_nibbles(const uint8_t* qs, const int8_t* table, float scale, float* y) {
+  for (int j = 0; j < 16; ++j) {
+    y[j] = scale * static_cast<float>(table[qs[j] & 15]);
+    y[j + 16] = scale * static_cast<float>(table[qs[j] >> 4]);
+  }
+}
+
+KT_INLINE void block_iq4_nl(const BlockIQ4_NL& b, float* y) {
+  table_nibbles(b.qs, kIq4nlValues, f16_to_f32(b.d), y);
+}
+
+KT_INLINE void block_iq4_xs(const BlockIQ4_XS& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  const uint16_t scales_h = b.scales_h;
+  for (int ib = 0; ib < 8; ++ib) {
+    const int ls = ((b.scales_l[ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
+    table_nibbles(b.qs + 16 * ib, kIq4nlValues, d * static_cast<float>(ls - 32), y + 32 * ib);
+  }
+}
+
+// ggml_e8m0_to_fp32_half: 2^(e - 128) as a float32 (subnormal for e < 2).
+KT_INLINE float e8m0_half(uint8_t e) {
+  return bits_f32(e < 2 ? uint32_t{0x00200000} << e : uint32_t(e - 1) << 23);
+}
+
+KT_INLINE void block_mxfp4(const BlockMXFP4& b, float* y) {
+  table_nibbles(b.qs, kMxfp4Values, e8m0_half(b.e), y);
+}
+
+KT_INLINE void block_tq1_0(const BlockTQ1_0& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  static constexpr uint8_t kPow3[5] = {1, 3, 9, 27, 81};
+  // A byte holds trits as a base-3 fixed-point fraction: trit p is the top "digit" of
+  // byte * 3^p (mod 256), read as (x * 3) >> 8.
+  auto trit = [](uint8_t byte, int p) {
+    const uint8_t x = static_cast<uint8_t>(byte * kPow3[p]);
+    return static_cast<float>(((x * 3) >> 8) - 1);
+  };
+  for (int p = 0; p < 5; ++p)
+    for (int i = 0; i < 32; ++i) y[32 * p + i] = d * trit(b.qs[i], p);
+  for (int p = 0; p < 5; ++p)
+    for (int i = 0; i < 16; ++i) y[160 + 16 * p + i] = d * trit(b.qs[32 + i], p);
+  for (int p = 0; p < 4; ++p)
+    for (int i = 0; i < 4; ++i) y[240 + 4 * p + i] = d * trit(b.qh[i], p);
+}
+
+KT_INLINE void block_tq2_0(const BlockTQ2_0& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  for (int h = 0; h < 2; ++h)
+    for (int s = 0; s < 4; ++s)
+      for (int l = 0; l < 32; ++l)
+        y[128 * h + 32 * s + l] = d * static_cast<float>(((b.qs[32 * h + l] >> (2 * s)) & 3) - 1);
+}
+
 // ---- ranges: `count` blocks from src into dst ----
 
 using RangeFn = void (*)(const uint8_t* __restrict src, float* __restrict dst, int64_t count);
@@ -206,6 +370,18 @@ KT_BLOCK_RANGE(range_q3_k, BlockQ3_K, block_q3_k, QK_K)
 KT_BLOCK_RANGE(range_q4_k, BlockQ4_K, block_q4_k, QK_K)
 KT_BLOCK_RANGE(range_q5_k, BlockQ5_K, block_q5_k, QK_K)
 KT_BLOCK_RANGE(range_q6_k, BlockQ6_K, block_q6_k, QK_K)
+KT_BLOCK_RANGE(range_iq2_xxs, BlockIQ2_XXS, block_iq2_xxs, QK_K)
+KT_BLOCK_RANGE(range_iq2_xs, BlockIQ2_XS, block_iq2_xs, QK_K)
+KT_BLOCK_RANGE(range_iq2_s, BlockIQ2_S, block_iq2_s, QK_K)
+KT_BLOCK_RANGE(range_iq3_xxs, BlockIQ3_XXS, block_iq3_xxs, QK_K)
+KT_BLOCK_RANGE(range_iq3_s, BlockIQ3_S, block_iq3_s, QK_K)
+KT_BLOCK_RANGE(range_iq1_s, BlockIQ1_S, block_iq1_s, QK_K)
+KT_BLOCK_RANGE(range_iq1_m, BlockIQ1_M, block_iq1_m, QK_K)
+KT_BLOCK_RANGE(range_iq4_nl, BlockIQ4_NL, block_iq4_nl, QK4_NL)
+KT_BLOCK_RANGE(range_iq4_xs, BlockIQ4_XS, block_iq4_xs, QK_K)
+KT_BLOCK_RANGE(range_tq1_0, BlockTQ1_0, block_tq1_0, QK_K)
+KT_BLOCK_RANGE(range_tq2_0, BlockTQ2_0, block_tq2_0, QK_K)
+KT_BLOCK_RANGE(range_mxfp4, BlockMXFP4, block_mxfp4, QK_MXFP4)
 #undef KT_BLOCK_RANGE
 
 KT_CLONES void f32_to_bf16_range(const float* src, uint16_t* dst, int64_t count) {
@@ -231,6 +407,18 @@ const Entry kEntries[] = {
     {{12, QK_K, sizeof(BlockQ4_K)}, range_q4_k},
     {{13, QK_K, sizeof(BlockQ5_K)}, range_q5_k},
     {{14, QK_K, sizeof(BlockQ6_K)}, range_q6_k},
+    {{16, QK_K, sizeof(BlockIQ2_XXS)}, range_iq2_xxs},
+    {{17, QK_K, sizeof(BlockIQ2_XS)}, range_iq2_xs},
+    {{18, QK_K, sizeof(BlockIQ3_XXS)}, range_iq3_xxs},
+    {{19, QK_K, sizeof(BlockIQ1_S)}, range_iq1_s},
+    {{20, QK4_NL, sizeof(BlockIQ4_NL)}, range_iq4_nl},
+    {{21, QK_K, sizeof(BlockIQ3_S)}, range_iq3_s},
+    {{22, QK_K, sizeof(BlockIQ2_S)}, range_iq2_s},
+    {{23, QK_K, sizeof(BlockIQ4_XS)}, range_iq4_xs},
+    {{29, QK_K, sizeof(BlockIQ1_M)}, range_iq1_m},
+    {{34, QK_K, sizeof(BlockTQ1_0)}, range_tq1_0},
+    {{35, QK_K, sizeof(BlockTQ2_0)}, range_tq2_0},
+    {{39, QK_MXFP4, sizeof(BlockMXFP4)}, range_mxfp4},
 };
 
 const Entry* find_entry(int type) {

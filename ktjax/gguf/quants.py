@@ -14,7 +14,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ktjax import _native
 from ktjax.errors import GGUFError, UnsupportedModelError
-from ktjax.gguf import mxfp4
 
 _T = GGMLQuantizationType
 
@@ -22,13 +21,18 @@ SUPPORTED_QTYPES: frozenset[GGMLQuantizationType] = frozenset({
     _T.F32, _T.F16, _T.BF16,
     _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0,
     _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K,
-    _T.MXFP4,  # numpy (gguf/mxfp4.py): gpt-oss's experts, dequantized for the device
+    _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M,
+    _T.IQ4_NL, _T.IQ4_XS, _T.TQ1_0, _T.TQ2_0, _T.MXFP4,
 })
 
 # Byte offsets of the float16 fields (scales, mins) inside one block of each quant type.
 F16_FIELD_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
     _T.Q4_0: (0,), _T.Q4_1: (0, 2), _T.Q5_0: (0,), _T.Q5_1: (0, 2), _T.Q8_0: (0,),
     _T.Q2_K: (80, 82), _T.Q3_K: (108,), _T.Q4_K: (0, 2), _T.Q5_K: (0, 2), _T.Q6_K: (208,),
+    _T.IQ2_XXS: (0,), _T.IQ2_XS: (0,), _T.IQ2_S: (0,), _T.IQ3_XXS: (0,), _T.IQ3_S: (0,),
+    _T.IQ1_S: (0,), _T.IQ4_NL: (0,), _T.IQ4_XS: (0,), _T.TQ1_0: (52,), _T.TQ2_0: (64,),
+    # IQ1_M spreads its d over the top nibbles of its scale words; MXFP4's e8m0 is always finite.
+    _T.IQ1_M: (), _T.MXFP4: (),
 }
 
 _OUT_DTYPES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
@@ -69,12 +73,6 @@ def dequantize(
             f"{name} tensor of shape {shape}: last dimension {shape[-1]} is not a multiple "
             f"of the block size {block_size}")
     raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if qtype == _T.MXFP4:
-        want = math.prod(shape) // block_size * GGML_QUANT_SIZES[_T.MXFP4][1]
-        if raw.size != want:
-            raise GGUFError(f"{name} tensor of shape {shape}: must be {want} bytes, got {raw.size}")
-        flat = mxfp4.dequantize(raw, math.prod(shape)).astype(dtype)
-        return flat.reshape(shape)
     try:
         flat = _native.dequantize(raw, qtype, math.prod(shape), out_dtype)
     except ValueError as e:

@@ -25,9 +25,10 @@ def pack_gguf_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, int],
                      float_format: str = "int8") -> int:
     """Repacks a GGUF tensor's bytes (numpy shape ``shape`` = (N out, K in)) into the store.
 
-    Quantized types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) are repacked exactly; F32,
-    F16 and BF16 are converted once to ``float_format`` (int8 in groups of 32 by default;
-    int4 or bf16). Returns the weight's handle.
+    Quantized types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K; IQ4_NL, IQ4_XS, MXFP4 as
+    4-bit table indices; the other IQ, TQ1_0 and TQ2_0 as int8 groups of 32 or 16) are
+    repacked exactly; F32, F16 and BF16 are converted once to ``float_format`` (int8 in
+    groups of 32 by default; int4 or bf16). Returns the weight's handle.
     """
     n, k = (int(s) for s in shape)
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
