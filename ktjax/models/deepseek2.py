@@ -10,7 +10,6 @@ into the query and W_UV into the output, so no per-token key or value is ever ex
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -219,22 +218,8 @@ def tensor_table(cfg: Deepseek2Config) -> dict[str, TensorSpec]:
         attn["attn_kv_b"] = TensorSpec("blk.{}.attn_kv_b.weight",
                                        (n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), r),
                                        kind="per_head")
-    ff = cfg.intermediate_size
-    dense = dict(attn, ffn_gate=TensorSpec("blk.{}.ffn_gate.weight", (ff, h)),
-                 ffn_up=TensorSpec("blk.{}.ffn_up.weight", (ff, h)),
-                 ffn_down=TensorSpec("blk.{}.ffn_down.weight", (h, ff)))
-    routed = dict(attn, **{k.split(".", 1)[1]: v for k, v in moe.tensor_table(cfg.moe, h).items()})
-    t = {
-        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h), kind="embedding"),
-        "output_norm": TensorSpec("output_norm.weight", (h,)),
-        "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
-    }
-    for stack, specs, span in (("dense", dense, (0, cfg.n_dense_layers)),
-                               ("layers", routed, (cfg.n_dense_layers, cfg.n_layers))):
-        if span[0] < span[1]:
-            t.update({f"{stack}.{k}": dataclasses.replace(v, layer_range=span)
-                      for k, v in specs.items()})
-    return t
+    return moe.leading_dense_table(attn, cfg.moe, h, cfg.intermediate_size, cfg.vocab_size,
+                                   cfg.n_dense_layers, cfg.n_layers)
 
 
 def yarn_inv_freq(dim: int, base: float, yarn: Yarn | None) -> np.ndarray:

@@ -8,7 +8,6 @@ tensors blk.{n_layers}.*) serve speculative decoding only; they are knowingly sk
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -84,22 +83,8 @@ def tensor_table(cfg: Glm4MoeConfig) -> dict[str, TensorSpec]:
     if cfg.qk_norm:
         attn["attn_q_norm"] = TensorSpec("blk.{}.attn_q_norm.weight", (d,))
         attn["attn_k_norm"] = TensorSpec("blk.{}.attn_k_norm.weight", (d,))
-    ff = cfg.intermediate_size
-    dense = dict(attn, ffn_gate=TensorSpec("blk.{}.ffn_gate.weight", (ff, h)),
-                 ffn_up=TensorSpec("blk.{}.ffn_up.weight", (ff, h)),
-                 ffn_down=TensorSpec("blk.{}.ffn_down.weight", (h, ff)))
-    routed = dict(attn, **{k.split(".", 1)[1]: v for k, v in moe.tensor_table(cfg.moe, h).items()})
-    t = {
-        "token_embd": TensorSpec("token_embd.weight", (cfg.vocab_size, h), kind="embedding"),
-        "output_norm": TensorSpec("output_norm.weight", (h,)),
-        "output": TensorSpec("output.weight", (cfg.vocab_size, h), optional=True),
-    }
-    for stack, specs, span in (("dense", dense, (0, cfg.n_dense_layers)),
-                               ("layers", routed, (cfg.n_dense_layers, cfg.n_layers))):
-        if span[0] < span[1]:
-            t.update({f"{stack}.{k}": dataclasses.replace(v, layer_range=span)
-                      for k, v in specs.items()})
-    return t
+    return moe.leading_dense_table(attn, cfg.moe, h, cfg.intermediate_size, cfg.vocab_size,
+                                   cfg.n_dense_layers, cfg.n_layers)
 
 
 def _block(cfg: Glm4MoeConfig, inv_freq: jax.Array, routed: bool, lp: dict, x: jax.Array,

@@ -4,6 +4,7 @@ routed experts through `weights.experts` (grouped matmuls on the device or the h
 kernel, as placed), optional shared expert with a sigmoid gate."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -163,3 +164,25 @@ def moe_ffn(cfg: MoeConfig, lp: dict, h: jax.Array) -> jax.Array:
     # routed + shared; host experts in GPU programs run while the device computes `shared`
     y = weights.experts_plus(lp[EXPERTS], x, chosen, shared if cfg.shared_ffn else None)
     return y.reshape(b, t, hidden).astype(h.dtype)
+
+
+def leading_dense_table(attn: dict[str, TensorSpec], cfg: MoeConfig, hidden: int, ffn: int,
+                        vocab: int, n_dense: int, n_layers: int) -> dict[str, TensorSpec]:
+    """The tensor table of a model whose first `n_dense` layers have a dense FFN (stack
+    "dense") and the rest routed experts (stack "layers"), both with the `attn` tensors
+    (keys without a stack prefix), as DeepSeek and GLM-4.5 files lay them out."""
+    dense = dict(attn, ffn_gate=TensorSpec("blk.{}.ffn_gate.weight", (ffn, hidden)),
+                 ffn_up=TensorSpec("blk.{}.ffn_up.weight", (ffn, hidden)),
+                 ffn_down=TensorSpec("blk.{}.ffn_down.weight", (hidden, ffn)))
+    routed = dict(attn, **{k.split(".", 1)[1]: v for k, v in tensor_table(cfg, hidden).items()})
+    t = {
+        "token_embd": TensorSpec("token_embd.weight", (vocab, hidden), kind="embedding"),
+        "output_norm": TensorSpec("output_norm.weight", (hidden,)),
+        "output": TensorSpec("output.weight", (vocab, hidden), optional=True),
+    }
+    for stack, specs, span in (("dense", dense, (0, n_dense)),
+                               ("layers", routed, (n_dense, n_layers))):
+        if span[0] < span[1]:
+            t.update({f"{stack}.{k}": dataclasses.replace(v, layer_range=span)
+                      for k, v in specs.items()})
+    return t
