@@ -80,8 +80,8 @@ def test_manifest_records_identity_and_every_reachable_program(artifacts):
     # prefill of 16 and 32 tokens and decode, 2 pages of 16 (prompts fit one chunk: every
     # prefill step samples)
     assert sorted(m["programs"]) == [
-        "step-decode-B1-T1-P2-R1-greedy", "step-prefill-B1-T16-P2-R1-greedy",
-        "step-prefill-B1-T32-P2-R1-greedy"]
+        "step-D0x1-C1x16-P2-greedy", "step-D0x1-C1x32-P2-greedy",
+        "step-D1x1-C0x0-P2-greedy"]
     for name, entry in m["programs"].items():
         assert (artifacts / entry["file"]).stat().st_size == entry["size"] > 0
 
@@ -104,7 +104,7 @@ print(json.dumps({{"tokens": tokens, "compiles": len(compiles) - at_load,
     got = json.loads(out.strip().splitlines()[-1])
     assert got["tokens"] == reference
     assert got["compiles"] == 0 and got["programs_compiled"] == 0   # not even a cache lookup
-    assert "step-decode-B1-T1-P2-R1-greedy" in got["loaded"]
+    assert "step-D1x1-C0x0-P2-greedy" in got["loaded"]
 
 
 @pytest.mark.parametrize("section,field,value", [
@@ -198,7 +198,7 @@ def test_corrupt_tokenizer_is_refused(artifacts, model, tmp_path):
 
 def test_truncated_or_corrupt_program_is_refused(artifacts, model, tmp_path):
     folder = _copy(artifacts, tmp_path)
-    program = folder / "programs" / "step-decode-B1-T1-P2-R1-greedy.xla"
+    program = folder / "programs" / "step-D1x1-C0x0-P2-greedy.xla"
     data = bytearray(program.read_bytes())
     data[len(data) // 2] ^= 0xFF
     program.write_bytes(data)
@@ -215,7 +215,7 @@ def test_truncated_or_corrupt_program_is_refused(artifacts, model, tmp_path):
 def test_missing_program_compiles_on_demand_and_says_so(artifacts, model, tmp_path, reference,
                                                         caplog):
     folder = _copy(artifacts, tmp_path)
-    name = "step-decode-B1-T1-P2-R1-greedy"
+    name = "step-D1x1-C0x0-P2-greedy"
     (folder / "programs" / f"{name}.xla").unlink()
     _edit_manifest(folder, lambda m: m["programs"].pop(name))
     llm = ktjax.LLM(model, artifacts=folder)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)   # new tokens per row in a prefill step
 PREFILL_ROWS = (1, 2, 4, 8)
+MAX_PREFILL_BATCH_TOKENS = 2048                 # rows * tokens of one prefill step (scoring)
 DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64)
 MIN_CONTEXT_PAGES = 8                           # smallest context bucket, in pages
 

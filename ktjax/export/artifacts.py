@@ -121,7 +121,7 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
     tokenizer = llm.tokenizer.hf_json().encode()
     with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as fh:
         fh.write(tokenizer)
-    keys = reachable(spec, ec.max_model_len, ec.page_size)
+    keys = reachable(spec, ec.max_model_len, ec.page_size, ec.max_step_tokens)
     entries, targets = {}, set()
     for i, key in enumerate(keys):
         name = key_name(key)

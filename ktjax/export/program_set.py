@@ -1,9 +1,10 @@
 """The step and scoring programs an engine configuration can reach, named for files: what
 `ktjax export` compiles and writes, and what `LLM(..., precompile=True)` compiles up front.
 
-It follows the engine's shape choices (ktjax.engine.engine: prefill chunks of at most
-PREFILL_TOKENS[-1] tokens, rows bounded by MAX_PREFILL_BATCH_TOKENS, context pages by
-page_bucket); a program outside the set still compiles on demand when a step needs it."""
+It follows the scheduler's shape choices (ktjax.engine.scheduler: prefill chunks ending at
+multiples of a quarter of the step's token budget, one chunk beside decode rows, context
+pages by page_bucket); a program outside the set (speculative verification, top log-prob
+variants) still compiles on demand when a step needs it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ SAMPLER_KINDS = ("greedy", "greedy-logprobs", "sample", "score")
 DEFAULT_KINDS = ("greedy", "sample")
 PENALTY_WINDOW = 64  # the engine's smallest penalty window (engine.PENALTY_WINDOW)
 
-Key = tuple  # ("step", Bucket, Sampler) | ("score", Bucket)
+Key = tuple  # ("step", StepBucket, Sampler) | ("score", Bucket)
 
 
 @dataclass(frozen=True)
@@ -63,39 +64,46 @@ def _rows(choices: tuple[int, ...], most: int) -> list[int]:
     return sorted({bk.round_up(choices, r) for r in range(1, most + 1)})
 
 
-def reachable(spec: ProgramSpec, max_model_len: int, page_size: int) -> list[Key]:
-    """Every program key a run within `spec` can ask for, in a stable order."""
+def reachable(spec: ProgramSpec, max_model_len: int, page_size: int,
+              max_step_tokens: int = 512) -> list[Key]:
+    """Every program key a run within `spec` can ask for, in a stable order (the scheduler's
+    choices: ktjax.engine.scheduler, Engine._bucket)."""
     max_pages = -(-max_model_len // page_size)
     longest = min(spec.max_tokens or max_model_len, max_model_len)
     pages = lambda cached: bk.page_bucket(-(-cached // page_size), max_pages)  # noqa: E731
-    chunk = bk.PREFILL_TOKENS[-1]
+    unit = max([t for t in bk.PREFILL_TOKENS if t <= max_step_tokens // 4] or
+               [bk.PREFILL_TOKENS[0]])  # Scheduler.chunk_unit: chunks end at its multiples
     prompt = min(spec.prompt_tokens or longest - 1, longest - 1, max_model_len - 1)
-    # a prefill step's rows have cached whole chunks before it; its tokens are the largest
-    # remaining piece, rounded up
-    starts = range(0, max(prompt, 1), chunk)
+    starts = range(0, max(prompt, 1), unit)
     if spec.prompt_tokens:
-        pieces = {min(prompt - s, chunk) for s in starts}
+        pieces = {min(prompt - s, unit) for s in starts}
     else:
-        pieces = set(range(1, min(prompt, chunk) + 1))
+        pieces = set(range(1, min(prompt, unit) + 1))
     token_buckets = sorted({bk.round_up(bk.PREFILL_TOKENS, n) for n in pieces})
     samplers = _samplers(spec.kinds, spec.windows)
     keys: set[Key] = set()
-    # a step with no row finishing its prompt (every row a full chunk, more to come) samples
-    # nothing: the forward-only program, at the chunk's size
-    unfinished = {pages(s) for s in starts if s + chunk < prompt}
+    # a prefill step with no row finishing its prompt samples nothing: forward alone
+    unfinished = {pages(s) for s in starts if s + unit < prompt}
+    prefill_pages = {pages(s) for s in starts}
     for tokens in token_buckets:
-        most = max(1, min(spec.batch, bk.PREFILL_ROWS[-1], bk.MAX_PREFILL_BATCH_TOKENS // tokens))
+        most = max(1, min(spec.batch, bk.PREFILL_ROWS[-1], max_step_tokens // tokens))
         for rows in _rows(bk.PREFILL_ROWS, most):
-            for p in {pages(s) for s in starts}:
-                bucket = bk.Bucket(rows, tokens, p)
+            for p in prefill_pages:
+                bucket = bk.StepBucket(0, rows, tokens, p)
                 keys.update(("step", bucket, s) for s in samplers)
-                if tokens == chunk and p in unfinished:
+                if tokens == unit and p in unfinished:
                     keys.add(("step", bucket, None))
     decode_pages = {pages(n) for n in range(0, longest, page_size)}
     for rows in _rows(bk.DECODE_ROWS, min(spec.batch, bk.DECODE_ROWS[-1])):
         for p in decode_pages:
-            keys.update(("step", bk.Bucket(rows, 1, p), s) for s in samplers)
+            keys.update(("step", bk.StepBucket(rows, 0, 0, p), s) for s in samplers)
+            if rows < spec.batch:  # a decode step beside one prefill chunk of another request
+                for tokens in token_buckets:
+                    if rows + tokens <= max_step_tokens:
+                        keys.update(("step", bk.StepBucket(rows, 1, tokens, p), s)
+                                    for s in samplers)
     if "score" in spec.kinds:
+        chunk = bk.PREFILL_TOKENS[-1]  # Engine.score's chunks
         for start in range(0, max(longest - 1, 1), chunk):
             for tokens in {bk.round_up(bk.PREFILL_TOKENS, n)
                            for n in range(1, min(longest - 1 - start, chunk) + 1)}:
@@ -112,9 +120,9 @@ def sampler_name(sampler: Sampler) -> str:
 
 
 def key_name(key: Key) -> str:
-    """A file-safe name: step-prefill-B1-T16-P8-R1-greedy, score-B1-T64-P8-R64."""
+    """A file-safe name: step-D1x1-C0x0-P8-greedy, score-B1-T64-P8-R64."""
     b = key[1]
-    shape = f"B{b.rows}-T{b.tokens}-P{b.pages}-R{b.logit_rows}"
     if key[0] == "score":
-        return f"score-{shape}"
-    return f"step-{b.kind}-{shape}-{sampler_name(key[2])}"
+        return f"score-B{b.rows}-T{b.tokens}-P{b.pages}-R{b.logit_rows}"
+    shape = f"D{b.decode}x{b.verify}-C{b.chunk_rows}x{b.chunk_tokens}-P{b.pages}"
+    return f"step-{shape}-{sampler_name(key[2])}"

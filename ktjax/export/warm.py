@@ -88,7 +88,7 @@ def attach(programs: ProgramCache, artifacts: Artifacts | None, ec: EngineConfig
 
 def compile_all(programs: ProgramCache, ec: EngineConfig, spec: ProgramSpec) -> None:
     """Load or compile every program `spec` reaches under `ec`, under one progress bar."""
-    keys = reachable(spec, ec.max_model_len, ec.page_size)
+    keys = reachable(spec, ec.max_model_len, ec.page_size, ec.max_step_tokens)
     programs.compile([k[1:] for k in keys if k[0] == "step"])
     for k in keys:
         if k[0] == "score":
