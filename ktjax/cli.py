@@ -56,9 +56,32 @@ def _model_args(ap: argparse.ArgumentParser, precompile: bool = False) -> None:
                         "(default: cpu on a CPU, the family's profile on a GPU)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no status lines or progress bars on stderr")
+    _engine_args(g)
+    export_cli.add_warm_args(ap, precompile_default=precompile)
+
+
+# EngineConfig fields the commands set, besides the model options above
+ENGINE_OPTIONS = ("kv_cache_dtype", "max_step_tokens", "speculative", "spec_tokens",
+                  "prefix_caching")
+
+
+def _engine_args(g) -> None:
     g.add_argument("--kv-cache-dtype", default=None, choices=("float32", "bfloat16", "int8"),
                    help="KV cache pages (default: the model dtype; int8 halves bfloat16's)")
-    export_cli.add_warm_args(ap, precompile_default=precompile)
+    g.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
+                   help="new tokens per engine step: running decodes first, prefill chunks "
+                        "fill the rest (default: 512)")
+    g.add_argument("--speculative", default=None, metavar="DRAFT",
+                   help="speculative decoding: `ngram` (prompt lookup) or a smaller GGUF with "
+                        "the same vocabulary (default: off)")
+    g.add_argument("--spec-tokens", type=int, default=None, metavar="K",
+                   help="draft tokens verified per step with --speculative (default: 4)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   default=None, help="do not share the KV pages of equal prompt prefixes")
+
+
+def _engine_settings(a: argparse.Namespace) -> dict:
+    return {k: getattr(a, k) for k in ENGINE_OPTIONS if getattr(a, k, None) is not None}
 
 
 def _sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -128,9 +151,8 @@ def _llm(a: argparse.Namespace, path: str | None = None, **config):
     from ktjax.api import LLM
     # options, not a whole EngineConfig: with --artifacts, unset fields take the artifacts'
     settings = {k: v for k, v in (("max_model_len", getattr(a, "max_model_len", None)),
-                                  ("rules", getattr(a, "rules", None)),
-                                  ("kv_cache_dtype", getattr(a, "kv_cache_dtype", None)))
-                if v is not None}
+                                  ("rules", getattr(a, "rules", None))) if v is not None}
+    settings.update(_engine_settings(a))
     settings.update(config)
     warm = export_cli.warm_options(a) if hasattr(a, "artifacts") else {}
     llm = LLM(path, **settings, **warm)
@@ -415,7 +437,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from ktjax.server.app import serve
     serve(a.model_path, host=a.host, port=a.port, api_key=a.api_key or None,
           model_name=a.served_model_name, max_model_len=a.max_model_len,
-          kv_cache_tokens=a.kv_cache_tokens, rules=a.rules)
+          kv_cache_tokens=a.kv_cache_tokens, rules=a.rules, **_engine_settings(a))
 
 
 def add_serve(sub) -> None:
@@ -434,6 +456,7 @@ def add_serve(sub) -> None:
     s.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool size in tokens, shared by all requests (default: the engine's)")
     s.add_argument("--rules", default=None, help="placement rules file or profile")
+    _engine_args(s)
     s.set_defaults(fn=cmd_serve)
 
 

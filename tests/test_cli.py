@@ -218,3 +218,23 @@ def test_compile_bar_never_draws_over_streamed_text_on_a_terminal(tiny_llama_pat
     assert "compiling:" in text[:start]
     for line in lines[1:]:
         assert line in text[start:], f"a bar broke the streamed line: {text[start:]!r:.3000}"
+
+
+def test_engine_options_reach_the_engine_config(tiny_llama_path, monkeypatch):
+    from ktjax.errors import KtjaxError
+    seen = []
+
+    def capture(self, model, config=None, **fields):  # the settings the CLI gave, no load
+        seen.append(fields)
+        raise KtjaxError("stop after the settings")
+    monkeypatch.setattr("ktjax.api.LLM.__init__", capture)
+    assert cli.main(["generate", "hi", "-m", str(tiny_llama_path), "--speculative", "ngram",
+                     "--spec-tokens", "2", "--max-step-tokens", "256",
+                     "--no-prefix-caching"]) == 2
+    assert {k: seen[0][k] for k in ("speculative", "spec_tokens", "max_step_tokens",
+                                    "prefix_caching")} == {
+        "speculative": "ngram", "spec_tokens": 2, "max_step_tokens": 256,
+        "prefix_caching": False}
+    assert cli.main(["generate", "hi", "-m", str(tiny_llama_path)]) == 2
+    assert not {"speculative", "spec_tokens", "max_step_tokens", "prefix_caching"} & \
+        set(seen[1])
