@@ -128,8 +128,9 @@ def test_bucket_set_stays_bounded(tiny_llm):
     """Mixed traffic compiles at most a few programs per (decode rows, chunk) shape."""
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 259, int(n)).tolist() for n in rng.integers(3, 300, 12)]
+    before = tiny_llm.engine.programs.n_step_programs  # the fixture is shared with other tests
     tiny_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-    assert tiny_llm.engine.programs.n_step_programs < 60
+    assert tiny_llm.engine.programs.n_step_programs - before < 60
 
 
 def test_budget_too_small_is_refused(tiny_llama_path):
