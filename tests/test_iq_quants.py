@@ -11,7 +11,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ktjax.gguf.quants import dequantize
-from tests.test_quants import assert_bits_equal, reference
+from test_quants import assert_bits_equal, reference
 
 T = GGMLQuantizationType
 NEW_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M,
