@@ -22,6 +22,7 @@ from ktjax.models import layers, moe
 from ktjax.models.base import (AttentionContext, Batch, GqaConfig, KVCache, TensorSpec,
                                decoder_forward)
 from ktjax.models.deepseek2 import mtp_tensors, routing_config, trunk_layers
+from ktjax.models.llama import attention
 
 ARCHITECTURES = ("glm4moe",)
 
@@ -89,21 +90,7 @@ def tensor_table(cfg: Glm4MoeConfig) -> dict[str, TensorSpec]:
 
 def _block(cfg: Glm4MoeConfig, inv_freq: jax.Array, routed: bool, lp: dict, x: jax.Array,
            layer: jax.Array, ctx: AttentionContext):
-    b, t, _ = x.shape
-    pos = ctx.batch.positions
-    h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q, k, v = weights.project(lp, ("attn_q", "attn_k", "attn_v"), h)
-    q = q.reshape(b, t, cfg.n_heads, -1)
-    k = k.reshape(b, t, cfg.n_kv_heads, -1)
-    v = v.reshape(b, t, cfg.n_kv_heads, -1)
-    if cfg.qk_norm:
-        q = layers.rms_norm(q, lp["attn_q_norm"], cfg.rms_eps)
-        k = layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps)
-    mscale = cfg.rope_scaling.mscale
-    q = layers.apply_rope(q, pos, inv_freq, neox=True, mscale=mscale)
-    k = layers.apply_rope(k, pos, inv_freq, neox=True, mscale=mscale)
-    a = ctx.attend(q, k, v, scale=cfg.head_dim ** -0.5)
-    x = x + weights.linear(lp["attn_output"], a.reshape(b, t, -1))
+    x, k, v = attention(cfg, inv_freq, lp, x, ctx, neox=True)
     h = layers.rms_norm(x, lp["post_attention_norm"], cfg.rms_eps)
     if routed:
         y = moe.moe_ffn(cfg.moe, lp, h)

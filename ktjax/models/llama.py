@@ -100,10 +100,11 @@ def tensor_table(cfg: LlamaConfig) -> dict[str, TensorSpec]:
     return t
 
 
-def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer: jax.Array,
-           ctx: AttentionContext):
+def attention(cfg: GqaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array,
+              ctx: AttentionContext, neox: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pre-norm GQA attention (optional q/k RMSNorm, rope): x plus the attention output,
+    and the step's keys and values. Llama's and GLM-4.5's layers share it."""
     b, t, _ = x.shape
-    pos = ctx.batch.positions
     h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_eps)
     q, k, v = weights.project(lp, ("attn_q", "attn_k", "attn_v"), h)
     q = q.reshape(b, t, cfg.n_heads, -1)
@@ -112,11 +113,16 @@ def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer:
     if cfg.qk_norm:
         q = layers.rms_norm(q, lp["attn_q_norm"], cfg.rms_eps)
         k = layers.rms_norm(k, lp["attn_k_norm"], cfg.rms_eps)
-    mscale = cfg.rope_scaling.mscale
-    q = layers.apply_rope(q, pos, inv_freq, cfg.rope_neox, mscale)
-    k = layers.apply_rope(k, pos, inv_freq, cfg.rope_neox, mscale)
+    pos, mscale = ctx.batch.positions, cfg.rope_scaling.mscale
+    q = layers.apply_rope(q, pos, inv_freq, neox, mscale)
+    k = layers.apply_rope(k, pos, inv_freq, neox, mscale)
     a = ctx.attend(q, k, v, scale=cfg.head_dim ** -0.5)
-    x = x + weights.linear(lp["attn_output"], a.reshape(b, t, -1))
+    return x + weights.linear(lp["attn_output"], a.reshape(b, t, -1)), k, v
+
+
+def _block(cfg: LlamaConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer: jax.Array,
+           ctx: AttentionContext):
+    x, k, v = attention(cfg, inv_freq, lp, x, ctx, cfg.rope_neox)
     h = layers.rms_norm(x, lp["ffn_norm"], cfg.rms_eps)
     if cfg.moe:
         return x + moe.moe_ffn(cfg.moe, lp, h), (k, v)
