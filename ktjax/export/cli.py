@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
-from ktjax.export.program_set import DEFAULT_KINDS, SAMPLER_KINDS, ProgramSpec
+from ktjax.export.kinds import DEFAULT_KINDS, SAMPLER_KINDS
+
+if TYPE_CHECKING:  # program_set imports jax: only where a command runs
+    from ktjax.export.program_set import ProgramSpec
 
 
 def add_warm_args(ap: argparse.ArgumentParser, precompile_default: bool) -> None:
@@ -82,6 +86,7 @@ def cmd_export(a: argparse.Namespace) -> None:
         sys.stderr.write(f"\r\x1b[Kcompiling {i + 1}/{n} {name}")
         sys.stderr.flush()
 
+    from ktjax.export.program_set import ProgramSpec
     m = export(a.model, a.output, _engine_config(a), ProgramSpec(batch=a.batch, kinds=a.kinds),
                on_program=progress)
     seconds = sum(p["compile_seconds"] for p in m["programs"].values())
@@ -92,6 +97,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 def generate_spec(llm, prompt_ids: list[int], params) -> ProgramSpec:
     """The programs one `ktjax generate` run reaches: its prompt's prefill and the decode
     steps up to prompt + max_tokens, with its sampler."""
+    from ktjax.export.program_set import ProgramSpec
     greedy = params.temperature == 0 and params.repetition_penalty == 1 and \
         params.presence_penalty == 0 and params.frequency_penalty == 0
     return ProgramSpec(batch=1, kinds=("greedy",) if greedy else ("sample",),
@@ -106,6 +112,7 @@ def precompile_generate(llm, prompt_ids: list[int], params) -> None:
 
 def precompile_chat(llm, params) -> None:
     """Every program of one conversation with `params`' sampler, any prompt length."""
+    from ktjax.export.program_set import ProgramSpec
     from ktjax.export.warm import compile_all
     kinds = generate_spec(llm, [0], params).kinds
     compile_all(llm.engine.programs, llm.engine_config, ProgramSpec(batch=1, kinds=kinds))

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 from ktjax.engine import buckets as bk
 from ktjax.engine.programs import Full, Greedy, Sampler
+from ktjax.export.kinds import DEFAULT_KINDS, SAMPLER_KINDS
 
-# What a program does after forward, as the export command names it.
-SAMPLER_KINDS = ("greedy", "greedy-logprobs", "sample", "score")
-DEFAULT_KINDS = ("greedy", "sample")
 PENALTY_WINDOW = 64  # the engine's smallest penalty window (engine.PENALTY_WINDOW)
 
 Key = tuple  # ("step", StepBucket, Sampler) | ("score", Bucket)
