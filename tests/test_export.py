@@ -24,10 +24,12 @@ _TREE = str(Path(ktjax.__file__).resolve().parents[1])  # the ktjax these tests 
 
 
 def _python(code: str, env: dict | None = None) -> str:
-    """Run `code` in a fresh interpreter importing this ktjax; its stdout."""
+    """Run `code` in a fresh interpreter importing this ktjax; its stdout. The cwd is _TREE:
+    `python -c` puts the cwd first on sys.path, and a checkout without a built module there
+    would shadow the installed ktjax."""
     env = {**os.environ, "PYTHONPATH": _TREE, "KTJAX_NO_PROGRESS": "1", **(env or {})}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=600)
+                       timeout=600, cwd=_TREE)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -254,7 +256,7 @@ print(len(hits))
     def run(cache, home):
         env = {**os.environ, "PYTHONPATH": _TREE, "HOME": str(home)}
         r = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True,
-                           text=True, env=env, timeout=300)
+                           text=True, env=env, timeout=300, cwd=_TREE)
         assert r.returncode == 0, r.stderr[-2000:]
         return int(r.stdout.split()[-1])
 
