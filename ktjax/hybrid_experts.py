@@ -164,12 +164,12 @@ class HybridExperts:
         if n * k <= GATHER_PAIRS:
             s = jnp.where(on_device, slot, 0).reshape(-1)
             xs = jnp.repeat(x, k, axis=0).astype(self.gate.dtype)        # pair p = token p // k
-            bias = lambda b: 0.0 if b is None else b[s]  # noqa: E731
+            biased = lambda v, b: v if b is None else v + b[s]  # noqa: E731
             g = jnp.einsum("ph,pih->pi", xs, self.gate[s], preferred_element_type=jnp.float32)
             u = jnp.einsum("ph,pih->pi", xs, self.up[s], preferred_element_type=jnp.float32)
-            a = self.activation.apply(g + bias(self.gate_bias), u + bias(self.up_bias))
-            y = jnp.einsum("pi,phi->ph", a.astype(self.down.dtype), self.down[s],
-                           preferred_element_type=jnp.float32) + bias(self.down_bias)
+            a = self.activation.apply(biased(g, self.gate_bias), biased(u, self.up_bias))
+            y = biased(jnp.einsum("pi,phi->ph", a.astype(self.down.dtype), self.down[s],
+                                  preferred_element_type=jnp.float32), self.down_bias)
             y = jnp.where(on_device.reshape(-1, 1), y, 0.0) * w.reshape(-1, 1)
             return y.reshape(n, k, -1).sum(axis=1)
         total = self.gate.shape[0]

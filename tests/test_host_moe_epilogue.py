@@ -84,8 +84,9 @@ def check_all_isas(x, ids, wts, h, ref64, bound):
         close(y, ref64, near64)
 
 
-@pytest.mark.parametrize("act", [OAI, SILU], ids=lambda a: a.kind)
-@pytest.mark.parametrize("fmt,tokens", [("int8", 1), ("int8", 33), ("bf16", 5), ("int4", 17)])
+@pytest.mark.parametrize("act,fmt,tokens", [
+    (OAI, "int8", 1), (OAI, "int8", 33), (OAI, "bf16", 5), (OAI, "int4", 17),
+    (SILU, "int8", 33), (SILU, "bf16", 5)], ids=lambda v: getattr(v, "kind", v))
 def test_biased_experts_every_isa(act, fmt, tokens, store):
     rng = np.random.default_rng(tokens)
     E, H, I, k = 5, 96, 72, 2  # rows not multiples of 16: the vector tails run too
