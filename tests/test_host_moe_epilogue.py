@@ -3,9 +3,11 @@ the clamped SwiGLU (ktjax.expert_activation), on every ISA level against the ref
 kernels computing that level's formula and against a float64 numpy MoE over the exactly
 decoded weights; MXFP4 experts (what gpt-oss ships); the FFI call under jit; bad epilogues.
 
-Tolerances: SIMD vs reference |dy| <= 1e-4 * B (as tests/test_host_moe.py), B the MoE of
-absolute values (|x|, |W|, |b|; the activation's factors |g| and |u| + 1 unclamped), an upper
-bound of every contribution's size; any path vs float64 |dy| <= 0.03 * max |y64|: int8
+The reference is scalar code (linear kernels and the element-wise steps) computing each
+level's formula, bit-identical to the generic level. Tolerances: SIMD vs reference
+|dy| <= 1e-4 * B (as tests/test_host_moe.py), B the MoE of absolute values (|x|, |W|, |b|;
+the activation's factors |g| and |u| + 1 unclamped), an upper bound of every contribution's
+size; any path vs float64 |dy| <= 0.03 * max |y64|: int8
 activations and weights land within 0.01 of it, while leaving out any one bias, the clamp or
 the activation's kind moves the output by >= 0.06 of it (measured on these shapes).
 """
@@ -77,7 +79,10 @@ def check_all_isas(x, ids, wts, h, ref64, bound):
         err = np.abs(y.astype(np.float64) - ref)
         assert np.all(err <= tol), f"max err {err.max()}, worst ratio {(err / tol).max()}"
     near64 = 0.03 * np.abs(ref64).max()
-    close(hm.moe_reference(x, ids, wts, h), ref64, near64)
+    ref = hm.moe_reference(x, ids, wts, h)
+    close(ref, ref64, near64)
+    # the scalar reference is the generic level's formula exactly (no FMA there)
+    np.testing.assert_array_equal(hm.moe_forward(x, ids, wts, h, isa="generic"), ref)
     for isa in SIMD_ISAS:
         y = hm.moe_forward(x, ids, wts, h, isa=isa)
         close(y, hm.moe_reference(x, ids, wts, h, like=isa), 1e-4 * bound + 1e-6)

@@ -10,6 +10,7 @@
 
 #include "cpu_kernels/float_kernels.h"
 #include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/moe/activation_reference.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
@@ -194,7 +195,10 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
     s.yd[sl].resize(ntok(sl) * H);
     first_row[sl + 1] = first_row[sl] + ntok(sl);
   }
-  const FloatKernels& fk = float_kernels(reference ? Isa::Generic : isa);
+  const FloatKernels& fk = float_kernels(isa);
+  // reference: the element-wise steps in scalar code too
+  const auto gated_activation = reference ? &activation_reference::gated_activation : fk.gated_activation;
+  const auto add_scaled = reference ? &activation_reference::add_scaled : fk.add_scaled;
   const ExpertEpilogue* epi = ex.w->epilogue.get();
   const GatedActivation act = epi ? epi->act : GatedActivation{};
   parallel_for_balanced(first_row[slots], [&](int64_t b, int64_t e) {
@@ -208,9 +212,9 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
       const float* gb = epi ? epi->row(0, slot_expert[sl]) : nullptr;
       const float* ub = epi ? epi->row(1, slot_expert[sl]) : nullptr;
       if (!gb && !ub)  // no bias: the slot's rows as one run
-        fk.gated_activation(act, g + r0 * n, u + r0 * n, nullptr, nullptr, (r1 - r0) * n);
+        gated_activation(act, g + r0 * n, u + r0 * n, nullptr, nullptr, (r1 - r0) * n);
       else
-        for (int64_t r = r0; r < r1; ++r) fk.gated_activation(act, g + r * n, u + r * n, gb, ub, n);
+        for (int64_t r = r0; r < r1; ++r) gated_activation(act, g + r * n, u + r * n, gb, ub, n);
       if (!kern.prepare(mat(sl, 2), g, r0, r1, n, &s.acts_h[sl]))
         throw std::invalid_argument("moe: expert activations overflowed to NaN or Inf");
     }
@@ -229,7 +233,7 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
       for (int64_t j = 0; j < K; ++j) {
         const int32_t ej = a.ids[t * K + j];
         if (ej == kSkipExpert) continue;
-        fk.add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[ej]].data() + s.pos[t * K + j] * H,
+        add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[ej]].data() + s.pos[t * K + j] * H,
                       epi ? epi->row(2, ej) : nullptr, H);
       }
     }
