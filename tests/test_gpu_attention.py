@@ -208,3 +208,87 @@ def test_engine_generates_with_the_pallas_backend(tiny_llama_path, tmp_path, arc
     for ref, got in zip(outs["reference"], outs["pallas"]):
         assert got.token_ids == ref.token_ids
         np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+
+
+# --- tiling against shared memory (the first GPU run: head_dim 256 asked for 278528 bytes) --
+
+H100_SMEM = 227 * 1024
+SM86_SMEM = 99 * 1024
+
+
+def _shape(head_dim, value_dim, values_in_keys, kv_dtype, compute_dtype, page=16):
+    return dict(page_size=page, head_dim=head_dim, value_dim=value_dim,
+                values_in_keys=values_in_keys, kv_itemsize=jnp.dtype(kv_dtype).itemsize,
+                new_itemsize=jnp.dtype(compute_dtype).itemsize,
+                compute_itemsize=jnp.dtype(compute_dtype).itemsize,
+                int8=jnp.dtype(kv_dtype) == jnp.int8)
+
+
+def test_estimate_covers_what_triton_asked_on_the_h100():
+    """window_softcap's tiling before the fit (head_dim 256, float32, 16 rows, 4 pages of
+    16 keys, 16 new keys, 2 stages): Triton asked for 278528 bytes."""
+    blocks = paged_attention_gpu.Blocks(16, 4, 16, num_warps=4, num_stages=2)
+    need = paged_attention_gpu.shared_memory_bytes(
+        blocks, **_shape(256, 256, None, jnp.float32, jnp.float32))
+    assert 278528 <= need <= 278528 * 1.1
+
+
+@pytest.mark.parametrize("head_dim,values_in_keys", [(64, None), (128, None), (256, None),
+                                                     (576, 512)])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
+def test_chosen_blocks_fit_shared_memory(head_dim, values_in_keys, kv_dtype):
+    """Every tiling the engine can get (decode rows of a group of 8, a 512-token chunk) fits
+    the H100's and an sm_86's shared memory; on the H100 the bf16/int8 defaults stand."""
+    dv = values_in_keys or head_dim
+    compute = jnp.float32 if kv_dtype == "float32" else jnp.bfloat16
+    shape = _shape(head_dim, dv, values_in_keys, kv_dtype, compute)
+    for rows, tokens in ((8, 1), (8 * 512, 512)):
+        for limit in (H100_SMEM, SM86_SMEM):
+            blocks = paged_attention_gpu.choose_blocks(
+                rows, tokens, 16, head_dim, dv, values_in_keys, kv_dtype=kv_dtype,
+                new_dtype=compute, compute_dtype=compute, limit=limit)
+            assert paged_attention_gpu.shared_memory_bytes(blocks, **shape) <= limit
+            default = paged_attention_gpu.default_blocks(rows, tokens, 16, head_dim, dv)
+            if paged_attention_gpu.shared_memory_bytes(default, **shape) <= limit:
+                assert blocks == default
+            else:
+                smaller = [getattr(blocks, f) <= getattr(default, f) for f in
+                           ("block_m", "pages_per_block", "block_new", "num_stages")]
+                assert all(smaller) and blocks != default
+            if kv_dtype != "float32" and limit == H100_SMEM:
+                assert blocks == default
+
+
+def test_head_dim_256_float32_is_shrunk_on_the_h100():
+    blocks = paged_attention_gpu.choose_blocks(12, 3, 16, 256, 256, None,
+                                               kv_dtype=jnp.float32, new_dtype=jnp.float32,
+                                               compute_dtype=jnp.float32, limit=H100_SMEM)
+    assert blocks.pages_per_block == 2 and blocks.num_stages == 2
+
+
+def test_given_knobs_are_kept_and_an_oversized_tiling_is_refused():
+    kw = dict(kv_dtype=jnp.float32, new_dtype=jnp.float32, compute_dtype=jnp.float32,
+              limit=H100_SMEM)
+    blocks = paged_attention_gpu.choose_blocks(12, 3, 16, 256, 256, None, pages_per_block=4,
+                                               **kw)
+    assert blocks.pages_per_block == 4 and blocks.num_stages == 1    # stages gave way
+    with pytest.raises(KernelError, match="shared memory"):
+        paged_attention_gpu.choose_blocks(12, 3, 16, 256, 256, None, pages_per_block=4,
+                                          num_stages=2, **kw)
+
+
+def test_a_page_too_big_for_shared_memory_is_unsupported():
+    assert paged_attention_gpu.unsupported_reason(576, 512, 16, 512) is None
+    reason = paged_attention_gpu.unsupported_reason(576, 512, 128, 512, kv_itemsize=4)
+    assert "shared memory" in reason and "232448" in reason
+
+
+def test_shared_memory_table_by_compute_capability():
+    from ktjax.kernels import pallas_triton
+    assert pallas_triton.limit_for_capability("9.0") == 232448
+    assert pallas_triton.limit_for_capability("8.6") == 101376
+    assert pallas_triton.limit_for_capability("8.0") == 166912
+    assert pallas_triton.limit_for_capability("13.7") == pallas_triton.UNKNOWN_GPU_SHARED_MEMORY
+    assert pallas_triton.limit_for_capability(None) == pallas_triton.UNKNOWN_GPU_SHARED_MEMORY
+    if not HAS_GPU:
+        assert pallas_triton.shared_memory_limit() == 232448

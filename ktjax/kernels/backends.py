@@ -30,7 +30,9 @@ def _pallas_attend(q, k_new, v_new, k_cache, v_cache, *args, values_in_keys=None
     reference instead, with a RuntimeWarning naming the shape (once per shape)."""
     from ktjax.kernels import paged_attention_gpu as gpu
     value_dim = values_in_keys or v_cache.shape[-1]
-    reason = gpu.unsupported_reason(q.shape[-1], value_dim, k_cache.shape[2], values_in_keys)
+    reason = gpu.unsupported_reason(q.shape[-1], value_dim, k_cache.shape[2], values_in_keys,
+                                    kv_itemsize=k_cache.dtype.itemsize,
+                                    q_itemsize=q.dtype.itemsize)
     extra = {} if values_in_keys is None else {"values_in_keys": values_in_keys}
     if reason:
         _warn_once(f"pallas attention: {reason}; this layer runs the jnp reference")

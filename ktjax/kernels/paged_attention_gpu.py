@@ -24,6 +24,7 @@ part holds zeros (DeepSeek's 512 + 64 reads nothing twice; a test model's 32 + 8
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +70,98 @@ def _query_parts(q: jax.Array, head_dim: int, values_in_keys: int | None) -> jax
     return jnp.concatenate([q[..., :d], pad, rest], axis=-1)
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """One launch's tiling: query rows per program, pages per step of the context loop, new
+    keys per step of the step's own loop, and Triton's warps and pipeline stages."""
+
+    block_m: int
+    pages_per_block: int
+    block_new: int
+    num_warps: int
+    num_stages: int
+
+
+def shared_memory_bytes(blocks: Blocks, *, page_size: int, head_dim: int, value_dim: int,
+                        values_in_keys: int | None, kv_itemsize: int, new_itemsize: int,
+                        compute_itemsize: int, int8: bool) -> int:
+    """An upper estimate of the shared memory the Triton kernel asks for: each loop's loads
+    are buffered num_stages deep (the context loop's K and V tiles, their int8 scales, the
+    page ids; the step's own keys and values; the loops run one after the other, so Triton
+    reuses one loop's buffers for the next), plus the query tile, the converted K/V tiles of
+    int8 pages and the probabilities' layout change for the second dot. Checked against the
+    first GPU run: head_dim 256, float32, 16 rows, 64 keys, 2 stages asked for 278528 bytes
+    (two K+V stages and the query tile; this gives that plus the 4096-byte p tile)."""
+    width = sum(w for _, w in key_parts(head_dim, values_in_keys))
+    dv = 0 if values_in_keys is not None else value_dim
+    block_k = blocks.pages_per_block * page_size
+    context = block_k * (width + dv) * kv_itemsize + 4 * blocks.pages_per_block
+    if int8:
+        context += block_k * 4 * (1 if values_in_keys is not None else 2)
+    new = blocks.block_new * (width + dv) * new_itemsize
+    total = blocks.num_stages * max(context, new)
+    total += blocks.block_m * width * compute_itemsize               # the query tile
+    total += blocks.block_m * max(block_k, blocks.block_new) * 4     # p for the second dot
+    if int8:
+        total += block_k * (width + dv) * compute_itemsize           # int8 -> compute dtype
+    return total
+
+
+def default_blocks(rows: int, new_tokens: int, page_size: int, head_dim: int,
+                   value_dim: int) -> Blocks:
+    """The tiling measured best on the H100 for a shape, before the shared-memory fit."""
+    block_m = min(_next_pow2(max(rows, MIN_BLOCK)),
+                  64 if value_dim <= 128 else 32 if value_dim <= 256 else MIN_BLOCK)
+    pages_per_block = max(1, (64 if head_dim <= 256 else 32) // page_size)
+    block_new = min(_next_pow2(max(new_tokens, MIN_BLOCK)), 64)
+    return Blocks(block_m, pages_per_block, block_new, num_warps=4, num_stages=2)
+
+
+def fit_blocks(blocks: Blocks, limit: int, fixed: frozenset[str] = frozenset(),
+               **shape) -> Blocks | None:
+    """`blocks` shrunk until shared_memory_bytes(**shape) fits `limit`, leaving the fields
+    named in `fixed` (the caller's knobs) alone: first fewer keys per step of either loop
+    (down to 32, a page at least), then fewer stages (1: no pipelining, the last resort for
+    speed), then fewer query rows and new keys, then single pages. None if nothing fits."""
+    def fits(b: Blocks) -> bool:
+        return shared_memory_bytes(b, **shape) <= limit
+
+    page_size = shape["page_size"]
+    steps = (("pages_per_block", lambda b: b.pages_per_block > 1
+              and b.pages_per_block * page_size > 32),
+             ("block_new", lambda b: b.block_new > 32),
+             ("num_stages", lambda b: b.num_stages > 1),
+             ("block_m", lambda b: b.block_m > MIN_BLOCK),
+             ("block_new", lambda b: b.block_new > MIN_BLOCK),
+             ("pages_per_block", lambda b: b.pages_per_block > 1))
+    for field, can_shrink in steps:
+        while not fits(blocks) and field not in fixed and can_shrink(blocks):
+            value = getattr(blocks, field)
+            blocks = replace(blocks, **{field: value - 1 if field == "num_stages"
+                                        else value // 2})
+    return blocks if fits(blocks) else None
+
+
 def unsupported_reason(head_dim: int, value_dim: int, page_size: int,
-                       values_in_keys: int | None) -> str | None:
-    """Why this kernel cannot run a shape (Triton blocks are powers of 2), or None."""
+                       values_in_keys: int | None, kv_itemsize: int = 4,
+                       q_itemsize: int = 4) -> str | None:
+    """Why this kernel cannot run a shape (Triton blocks are powers of 2; the smallest
+    tiling must fit the GPU's shared memory), or None."""
     if not _pow2(page_size):
         return f"page size {page_size} is not a power of 2"
     if not _pow2(value_dim) or value_dim < MIN_BLOCK:
         return f"value dim {value_dim} is not a power of 2 >= {MIN_BLOCK}"
     if key_parts(head_dim, values_in_keys)[-1][0] < 0:
         return f"head dim {head_dim} is narrower than its widened rope part"
+    smallest = Blocks(MIN_BLOCK, 1, MIN_BLOCK, num_warps=4, num_stages=1)
+    need = shared_memory_bytes(smallest, page_size=page_size, head_dim=head_dim,
+                               value_dim=value_dim, values_in_keys=values_in_keys,
+                               kv_itemsize=kv_itemsize, new_itemsize=q_itemsize,
+                               compute_itemsize=q_itemsize, int8=kv_itemsize == 1)
+    limit = pallas_triton.shared_memory_limit()
+    if need > limit:
+        return (f"a page of {page_size} tokens x head dim {head_dim} needs {need} bytes of "
+                f"shared memory, over this GPU's {limit}")
     return None
 
 
@@ -170,6 +254,29 @@ def _kernel(*refs, parts, page_size, pages_per_block, pages_per_layer, n_splits,
     l_ref[...] = l
 
 
+def choose_blocks(rows: int, new_tokens: int, page_size: int, head_dim: int, value_dim: int,
+                  values_in_keys: int | None, *, kv_dtype, new_dtype, compute_dtype,
+                  limit: int | None = None, **knobs: int | None) -> Blocks:
+    """The tiling of one call: default_blocks with the knobs given (not None) put in, the
+    rest shrunk by fit_blocks to `limit` (default: the GPU's shared memory). A KernelError
+    when even the smallest tiling the knobs allow does not fit."""
+    given = {k: v for k, v in knobs.items() if v is not None}
+    blocks = replace(default_blocks(rows, new_tokens, page_size, head_dim, value_dim),
+                     **given)
+    limit = pallas_triton.shared_memory_limit() if limit is None else limit
+    shape = dict(page_size=page_size, head_dim=head_dim, value_dim=value_dim,
+                 values_in_keys=values_in_keys, kv_itemsize=jnp.dtype(kv_dtype).itemsize,
+                 new_itemsize=jnp.dtype(new_dtype).itemsize,
+                 compute_itemsize=jnp.dtype(compute_dtype).itemsize,
+                 int8=jnp.dtype(kv_dtype) == jnp.int8)
+    fitted = fit_blocks(blocks, limit, frozenset(given), **shape)
+    if fitted is None:
+        raise KernelError(f"paged_attention_gpu: {blocks} needs "
+                          f"{shared_memory_bytes(blocks, **shape)} bytes of shared memory, "
+                          f"over this GPU's {limit}")
+    return fitted
+
+
 def _group_rows(x: jax.Array, n_kv: int, rows_pad: int) -> jax.Array:
     """[B, T, n_kv * rep, d] -> [B, n_kv, rows_pad, d], rows = (token, head of the group)."""
     b, t, h, d = x.shape
@@ -189,11 +296,13 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
                     sliding_window: jax.Array | int | None = None,
                     values_in_keys: int | None = None, logit_softcap: float | None = None,
                     n_splits: int | None = None, pages_per_block: int | None = None,
-                    block_m: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                    block_m: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None,
                     interpret: bool | None = None) -> jax.Array:
     """paged_attention_ref.paged_attention's contract as a Pallas kernel. The keyword-only
-    tuning knobs default by shape (tests force them to sweep splits and blocks); interpret
-    defaults to True off a GPU."""
+    tuning knobs default by shape, shrunk to fit the GPU's shared memory (choose_blocks);
+    a knob given is kept, and a tiling over the limit is a KernelError. interpret defaults
+    to True off a GPU."""
     b, t, h, hd = q.shape
     n_kv = k_new.shape[2]
     rep = h // n_kv
@@ -215,9 +324,12 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
 
     # Query rows: (token, head) pairs of a KV group, padded to whole blocks.
     rows = t * rep
-    if block_m is None:
-        block_m = min(_next_pow2(max(rows, MIN_BLOCK)), 64 if dv <= 128 else 32 if dv <= 256
-                      else MIN_BLOCK)
+    blocks = choose_blocks(rows, t, page_size, hd, dv, values_in_keys, kv_dtype=k_cache.dtype,
+                           new_dtype=compute_dtype, compute_dtype=compute_dtype,
+                           block_m=block_m, pages_per_block=pages_per_block,
+                           num_warps=num_warps, num_stages=num_stages)
+    block_m, pages_per_block, block_new = blocks.block_m, blocks.pages_per_block, \
+        blocks.block_new
     n_mblocks = -(-rows // block_m)
     rows_pad = n_mblocks * block_m
     qg = _query_parts((q.astype(jnp.float32) * scale).astype(compute_dtype), hd, values_in_keys)
@@ -227,7 +339,6 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
     qpos = jnp.pad(qpos, ((0, 0), (0, rows_pad - rows)), constant_values=-1)
 
     # The step's keys, padded to whole blocks (position -1: nothing sees them).
-    block_new = min(_next_pow2(max(t, MIN_BLOCK)), 64)
     t_pad = -(-t // block_new) * block_new
     pad_t = ((0, 0), (0, 0), (0, t_pad - t), (0, 0))
     knew = jnp.pad(k_new.astype(compute_dtype).transpose(0, 2, 1, 3), pad_t)
@@ -236,8 +347,6 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
     # The cache as [L * n_pages, page_size, n_kv, d]: a layer's page p is page
     # layer * n_pages + p (added in the kernel), so no layer is sliced out and the padded
     # tables stay the same for every layer (XLA hoists them out of the layer loop).
-    if pages_per_block is None:
-        pages_per_block = max(1, (64 if hd <= 256 else 32) // page_size)
     p_max = block_tables.shape[1]
     max_blocks = -(-p_max // pages_per_block)
     # Padded with the scratch page (0), so a block may run past the table's end.
@@ -297,7 +406,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
         out_shape=[jax.ShapeDtypeStruct((*part_shape, dv), jnp.float32),
                    jax.ShapeDtypeStruct(part_shape, jnp.float32),
                    jax.ShapeDtypeStruct(part_shape, jnp.float32)],
-        compiler_params=pallas_triton.compiler_params(num_warps, num_stages),
+        compiler_params=pallas_triton.compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret, name=f"paged_attention_m{block_m}_p{pages_per_block}",
     )(*inputs)
     return _combine(o, m, l, t, rep).astype(q.dtype)
