@@ -34,6 +34,8 @@ class Case:
     splits: int | None = None
     pages_per_block: int | None = None
     block_m: int | None = None
+    sinks: bool = False              # gpt-oss: a learned logit per head
+    combine: str = "pallas"
 
 
 CASES = {
@@ -59,6 +61,12 @@ CASES = {
     "int8_prefill_window": Case((26,), (4,), kv_dtype="int8", window=10),
     "int8_mla": Case((37,), (2,), heads=8, kv_heads=1, head_dim=48, value_dim=32,
                      kv_dtype="int8"),
+    # gpt-oss: sinks over split partials (counted once) with a window, and in one split
+    "sinks_decode": Case((0, 17, 48), (1, 1, 1), heads=8, splits=3, window=16, sinks=True,
+                         pages_per_block=1),
+    "sinks_prefill_bf16": Case((20,), (5,), heads=8, kv_dtype="bfloat16", sinks=True),
+    # the split partials merged by XLA (the benchmark's comparison knob)
+    "xla_combine": Case((29, 3), (1, 2), heads=6, kv_heads=2, splits=2, combine="xla"),
 }
 
 
@@ -94,6 +102,8 @@ def make_step(case: Case, seed: int = 0):
             jnp.asarray(positions))
     kw = dict(scale=case.head_dim ** -0.5, sliding_window=case.window,
               logit_softcap=case.softcap)
+    if case.sinks:     # around the scores' size, so the sink takes a real share
+        kw["sinks"] = jnp.asarray(rng.standard_normal(case.heads) * 2, jnp.float32)
     if mla:
         kw["values_in_keys"] = case.value_dim
     return args, kw
@@ -104,7 +114,7 @@ def check_case(case: Case, interpret: bool) -> None:
     want = np.asarray(paged_attention_ref.paged_attention(*args, **kw))
     got = np.asarray(jax.jit(lambda *a: paged_attention_gpu.paged_attention(
         *a, **kw, n_splits=case.splits, pages_per_block=case.pages_per_block,
-        block_m=case.block_m, interpret=interpret))(*args))
+        block_m=case.block_m, combine=case.combine, interpret=interpret))(*args))
     tol = 2e-2 if case.kv_dtype == "bfloat16" and not interpret else 2e-4
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
     padding = np.asarray(args[-1]) < 0
@@ -124,7 +134,8 @@ def test_kernel_matches_reference_on_gpu(name):
         check_case(CASES[name], interpret=False)
 
 
-@pytest.mark.parametrize("name", ["window_softcap", "int8_mla"])
+@pytest.mark.parametrize("name", ["window_softcap", "int8_mla", "sinks_decode",
+                                  "sinks_prefill_bf16"])
 def test_triton_lowering_succeeds_without_a_gpu(name):
     """Lowering for CUDA runs the Triton lowering rules here too: an op the rules lack, or
     a block that is not a power of 2, fails in CI instead of on the GPU machine."""
@@ -292,3 +303,43 @@ def test_shared_memory_table_by_compute_capability():
     assert pallas_triton.limit_for_capability(None) == pallas_triton.UNKNOWN_GPU_SHARED_MEMORY
     if not HAS_GPU:
         assert pallas_triton.shared_memory_limit() == 232448
+
+
+# --- what XLA runs around the kernel: nothing but free reshapes ---------------------------
+
+def _ops_around_the_kernel(b: int, t: int, kv_dtype: str, **knobs) -> tuple[int, list[str]]:
+    """(Pallas custom calls, the other StableHLO ops but constants) of one 8B-shaped layer
+    lowered for CUDA."""
+    import re
+    heads, kv, hd, page, ctx = 32, 8, 128, 16, 4096
+    shape = (2, b * ctx // page + 1, page, kv, hd)
+    S = jax.ShapeDtypeStruct
+    cache = kv_quant.Int8Pages(S(shape, jnp.int8), S(shape[:-1], jnp.float32)) \
+        if kv_dtype == "int8" else S(shape, jnp.bfloat16)
+    args = (S((b, t, heads, hd), jnp.bfloat16), S((b, t, kv, hd), jnp.bfloat16),
+            S((b, t, kv, hd), jnp.bfloat16), cache, cache, S((), jnp.int32),
+            S((b, ctx // page), jnp.int32), S((b,), jnp.int32), S((b, t), jnp.int32),
+            S((heads,), jnp.bfloat16))
+    f = jax.jit(lambda *a: paged_attention_gpu.paged_attention(
+        *a[:-1], scale=hd ** -0.5, sinks=a[-1], interpret=False, **knobs))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    ops = re.findall(r"= \"?(stablehlo\.[a-z_]+)", text)
+    return ops.count("stablehlo.custom_call"), sorted(
+        o for o in ops if o not in ("stablehlo.custom_call", "stablehlo.constant"))
+
+
+@pytest.mark.parametrize("b,t,kv_dtype,kernels", [(1, 1, "bfloat16", 2), (1, 1, "int8", 2),
+                                                  (64, 1, "bfloat16", 1),
+                                                  (1, 512, "bfloat16", 1)])
+def test_no_copies_around_the_kernel(b, t, kv_dtype, kernels):
+    """q, the step's keys, positions and tables are read in place and the output written in
+    place: no pad, transpose or convert of anything (a copy of the cache would be fatal),
+    only reshapes XLA makes bitcasts. Split decode adds the combine kernel; the version
+    before had 49 ops around one kernel (5 pads, 4 transposes, the combine in jnp)."""
+    n_calls, others = _ops_around_the_kernel(b, t, kv_dtype)
+    assert n_calls == kernels
+    assert set(others) <= {"stablehlo.reshape"}, others
+    assert len(others) <= 8
+    n_calls, others = _ops_around_the_kernel(b, t, kv_dtype, combine="xla")
+    if kernels == 2:      # the comparison knob: XLA's combine shows as ops again
+        assert n_calls == 1 and "stablehlo.reduce" in others

@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is depreca
 
 
 dot = pl_triton.dot   # 2-D matmul with float32 results (jax.experimental.pallas.dot moved here)
+store = pl_triton.store   # a store with a mask (the same signature on jax 0.10 and 0.11)
 
 
 def compiler_params(num_warps: int, num_stages: int):
