@@ -235,6 +235,31 @@ def _shape(head_dim, value_dim, values_in_keys, kv_dtype, compute_dtype, page=16
                 int8=jnp.dtype(kv_dtype) == jnp.int8)
 
 
+# The tilings nearest the shared-memory limit: head_dim 256 (Gemma 3) and MLA's 512 + 64,
+# decode and 64-token chunks, every page dtype; too slow to interpret at these sizes.
+FITTED = {
+    "hd256_f32_chunk": Case((40,), (64,), heads=8, kv_heads=1, head_dim=256),
+    "hd256_int8_chunk": Case((100,), (64,), heads=8, kv_heads=2, head_dim=256,
+                             kv_dtype="int8"),
+    "hd256_bf16_decode": Case((300, 17), (1, 1), heads=8, kv_heads=1, head_dim=256,
+                              kv_dtype="bfloat16"),
+    "mla576_bf16_chunk": Case((50,), (64,), heads=16, kv_heads=1, head_dim=576,
+                              value_dim=512, kv_dtype="bfloat16"),
+    "mla576_f32_decode": Case((300,), (1,), heads=16, kv_heads=1, head_dim=576,
+                              value_dim=512),
+    "mla576_int8_chunk": Case((70,), (64,), heads=16, kv_heads=1, head_dim=576,
+                              value_dim=512, kv_dtype="int8"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_tilings_run_on_gpu(name):
+    with jax.default_device(jax.devices("gpu")[0]):
+        check_case(FITTED[name], interpret=False)
+
+
 def test_estimate_covers_what_triton_asked_on_the_h100():
     """window_softcap's tiling before the fit (head_dim 256, float32, 16 rows, 4 pages of
     16 keys, 16 new keys, 2 stages): Triton asked for 278528 bytes."""
