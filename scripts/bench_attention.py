@@ -287,7 +287,8 @@ def main_gpu(args) -> None:
     save()
     for b in result["best"]:
         print(f"best ctx {b['context']:>6} {b['kv_dtype']:>8}: {b['us_per_layer']:8.1f} "
-              f"us/layer = {100 * b['fraction_of_hbm']:.0f}% of HBM with {b['knobs'] or 'defaults'}")
+              f"us/layer = {100 * b['fraction_of_hbm']:.0f}% of HBM with "
+              f"{b['knobs'] or 'defaults'}")
 
 
 def main() -> None:
