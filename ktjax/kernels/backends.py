@@ -56,8 +56,8 @@ _BACKENDS = {b.name: b for b in (REFERENCE, CPU, PALLAS)}
 def pallas_probe_failure(kv_cache_dtype: str = "float32") -> str | None:
     """Compile and run the Pallas kernel on a tiny decode + prefill step of the default
     device, with pages of kv_cache_dtype (and bfloat16 queries unless float32), in one split
-    and in two (the combine kernel), and compare with the reference; the failure as text,
-    or None when it works."""
+    and in two (the combine kernel, with sinks), and compare with the reference; the failure
+    as text, or None when it works."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -75,11 +75,12 @@ def pallas_probe_failure(kv_cache_dtype: str = "float32") -> str | None:
                 f(2, 2, 2, 64).astype(dtype), *cache, np.int32(0),
                 np.array([[1, 2], [3, 4]], np.int32), np.array([20, 0], np.int32),
                 np.array([[20, -1], [0, 1]], np.int32))
-        want = paged_attention_ref.paged_attention(*args, scale=0.125)
-        # one split (the output written by the kernel) and two (the combine kernel's too)
-        for n_splits in (None, 2):
+        # one split (the output written by the kernel) and two (the combine kernel's too,
+        # with gpt-oss's sinks)
+        for n_splits, extra in ((None, {}), (2, {"sinks": f(4)})):
+            want = paged_attention_ref.paged_attention(*args, scale=0.125, **extra)
             got = jax.jit(functools.partial(gpu.paged_attention, scale=0.125,
-                                            n_splits=n_splits))(*args)
+                                            n_splits=n_splits, **extra))(*args)
             err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
             if not err < 5e-2:
                 return (f"the probe ({n_splits or 1} split) differs from the reference by "
