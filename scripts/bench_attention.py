@@ -179,14 +179,15 @@ def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False
 
 
 # Variants of the kernel's knobs, each timed at every context (bf16 pages; the int8 ones
-# with int8 pages): the combine (XLA's fusions against the kernel), split counts against the
-# default (~264 programs), keys per loop step, pipeline depth, warps.
-SWEEP_BF16 = ({"combine": "xla"}, {"n_splits": 8}, {"n_splits": 16}, {"n_splits": 66},
-              {"min_blocks_per_split": 4}, {"pages_per_block": 2}, {"pages_per_block": 8},
-              {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 8},
-              {"pages_per_block": 8, "num_stages": 3})
-SWEEP_INT8 = ({"pages_per_block": 8}, {"pages_per_block": 16}, {"num_stages": 3},
-              {"num_warps": 8}, {"n_splits": 16})
+# with int8 pages): the combine (XLA's fusions against the kernel), the cache addressed per
+# key, split counts against the default (~264 programs), keys per loop step, pipeline depth,
+# warps.
+SWEEP_BF16 = ({"combine": "xla"}, {"key_rows": True}, {"n_splits": 8}, {"n_splits": 16},
+              {"n_splits": 66}, {"min_blocks_per_split": 4}, {"pages_per_block": 2},
+              {"pages_per_block": 8}, {"num_stages": 3}, {"num_stages": 4},
+              {"num_warps": 8}, {"pages_per_block": 8, "num_stages": 3})
+SWEEP_INT8 = ({"key_rows": True}, {"pages_per_block": 8}, {"pages_per_block": 16},
+              {"num_stages": 3}, {"num_warps": 8}, {"n_splits": 16})
 PARTS = ("decode", "far", "batch", "prefill", "reference", "sweep")
 
 

@@ -36,6 +36,7 @@ class Case:
     block_m: int | None = None
     sinks: bool = False              # gpt-oss: a learned logit per head
     combine: str = "pallas"
+    key_rows: bool = False           # the cache addressed per key (a sweep knob)
 
 
 CASES = {
@@ -68,6 +69,9 @@ CASES = {
     # 33 splits of a 4-token chunk: the combine's tile holds 8 of the 16 rows and 16 of the
     # 64 dims (row and column blocks), most splits empty
     "combine_tiles": Case((40,), (4,), heads=8, kv_heads=2, splits=33, pages_per_block=1),
+    # the cache addressed per key instead of per page, int8 with splits and a window
+    "key_rows_int8": Case((26, 47), (1, 1), heads=8, kv_dtype="int8", window=20, splits=2,
+                          key_rows=True),
     # the split partials merged by XLA (the benchmark's comparison knob)
     "xla_combine": Case((29, 3), (1, 2), heads=6, kv_heads=2, splits=2, combine="xla"),
 }
@@ -117,7 +121,8 @@ def check_case(case: Case, interpret: bool) -> None:
     want = np.asarray(paged_attention_ref.paged_attention(*args, **kw))
     got = np.asarray(jax.jit(lambda *a: paged_attention_gpu.paged_attention(
         *a, **kw, n_splits=case.splits, pages_per_block=case.pages_per_block,
-        block_m=case.block_m, combine=case.combine, interpret=interpret))(*args))
+        block_m=case.block_m, combine=case.combine, key_rows=case.key_rows,
+        interpret=interpret))(*args))
     tol = 2e-2 if case.kv_dtype == "bfloat16" and not interpret else 2e-4
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
     padding = np.asarray(args[-1]) < 0
@@ -138,14 +143,14 @@ def test_kernel_matches_reference_on_gpu(name):
 
 
 @pytest.mark.parametrize("name", ["window_softcap", "int8_mla", "sinks_decode",
-                                  "sinks_prefill_bf16", "mla576_int8_chunk"])
+                                  "sinks_prefill_bf16", "mla576_int8_chunk", "key_rows_int8"])
 def test_triton_lowering_succeeds_without_a_gpu(name):
     """Lowering for CUDA runs the Triton lowering rules here too: an op the rules lack, or
     a block that is not a power of 2, fails in CI instead of on the GPU machine."""
     case = CASES.get(name) or FITTED[name]
     args, kw = make_step(case)
     f = jax.jit(lambda *a: paged_attention_gpu.paged_attention(
-        *a, **kw, n_splits=case.splits, interpret=False))
+        *a, **kw, n_splits=case.splits, key_rows=case.key_rows, interpret=False))
     assert "__gpu$xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 

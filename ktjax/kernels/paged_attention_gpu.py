@@ -169,7 +169,7 @@ class _Rows:
 
 
 def _kernel(*refs, parts, page_size, blocks, pages_per_layer, n_splits, rep, t, n_heads,
-            scale, softcap, int8, mla, sinks, final, compute_dtype):
+            scale, softcap, int8, mla, sinks, final, key_rows, compute_dtype):
     it = iter(refs)
     q_ref, qpos_ref, knew_ref = next(it), next(it), next(it)
     vnew_ref = None if mla else next(it)
@@ -237,18 +237,30 @@ def _kernel(*refs, parts, page_size, blocks, pages_per_layer, n_splits, rep, t, 
         page0 = first_page + (blk_lo + i) * ppb
         # table entries past the table's end (a last partial block) read its last entry:
         # their keys lie past cache_len, so they are masked
-        entry = jnp.minimum(page0 + jnp.arange(ppb, dtype=jnp.int32), n_table - 1)
-        pages = tab_ref[entry] + first_of_layer                              # [ppb]
-        k_parts = [kc_ref[pages, :, pl.ds(off, w)].reshape(block_k, w) for off, w in parts]
-        v = k_parts[0] if mla else vc_ref[pages].reshape(block_k, dv)
+        if key_rows:   # a page id per key: [block_k, w] loads, no reshape of the tile
+            key = jnp.arange(block_k, dtype=jnp.int32)
+            entry = jnp.minimum(page0 + key // page_size, n_table - 1)
+            at = (tab_ref[entry] + first_of_layer, key % page_size)          # [bk] each
+        else:          # [ppb, page_size, w] loads reshaped to [block_k, w]
+            entry = jnp.minimum(page0 + jnp.arange(ppb, dtype=jnp.int32), n_table - 1)
+            at = (tab_ref[entry] + first_of_layer,)                          # [ppb]
+
+        def rows(ref, *cols):     # the block's keys of ref, [block_k, *cols]
+            if key_rows:
+                return ref[(*at, *cols)]
+            x = ref[(*at, slice(None), *cols)]
+            return x.reshape(block_k, *x.shape[2:])
+        k_parts = [rows(kc_ref, pl.ds(off, w)) for off, w in parts]
+        v = k_parts[0] if mla else rows(vc_ref, slice(None))
         kp = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
         kp = jnp.where(kp < cache_len, kp, -1)
-        k_scale = ks_ref[pages].reshape(block_k) if int8 else None
-        v_scale = (k_scale if mla else vs_ref[pages].reshape(block_k)) if int8 else None
+        k_scale = rows(ks_ref) if int8 else None
+        v_scale = (k_scale if mla else rows(vs_ref)) if int8 else None
         return fold(carry, k_parts, v, kp, k_scale, v_scale)
 
-    # A sink (gpt-oss) is a logit of value 0 seen by every query: the running max starts at
-    # it and the sum at exp(0) = 1; split 0 holds it, so the combine counts it once.
+    # A sink (gpt-oss) is a learned logit per head that every query sees and that carries no
+    # value: the running max starts at it and the sum at exp(sink - sink) = 1; split 0
+    # holds it, so the combine counts it once.
     m0 = jnp.full((block_m,), MASK, jnp.float32)
     l0 = jnp.zeros((block_m,), jnp.float32)
     if sinks:
@@ -358,11 +370,15 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
                     n_splits: int | None = None, min_blocks_per_split: int = 1,
                     pages_per_block: int | None = None, block_m: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None,
-                    combine: str = "pallas", interpret: bool | None = None) -> jax.Array:
+                    combine: str = "pallas", key_rows: bool = False,
+                    interpret: bool | None = None) -> jax.Array:
     """paged_attention_ref.paged_attention's contract as a Pallas kernel. The keyword-only
     tuning knobs default by shape, shrunk to fit the GPU's shared memory (choose_blocks);
     a knob given is kept, and a tiling over the limit is a KernelError. combine: how split
     partials are merged, "pallas" (a second small kernel) or "xla" (jnp, for comparison).
+    key_rows: address the cache per key (page id and slot of each of the block's keys, a
+    [keys, dims] load) instead of per page ([pages, page_size, dims] reshaped), a knob for
+    the GPU sweep.
     interpret defaults to True off a GPU.
 
     Every operand is read where it lies (q, the step's keys, positions, tables: no padded
@@ -459,7 +475,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
     kernel = functools.partial(
         _kernel, parts=parts, page_size=page_size, blocks=blocks, pages_per_layer=n_pages,
         n_splits=n_splits, rep=rep, t=t, n_heads=h, scale=scale, softcap=logit_softcap,
-        int8=int8, mla=mla, sinks=sinks is not None, final=final,
+        int8=int8, mla=mla, sinks=sinks is not None, final=final, key_rows=key_rows,
         compute_dtype=compute_dtype)
     res = pl.pallas_call(
         kernel, grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shape,
