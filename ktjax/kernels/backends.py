@@ -32,7 +32,8 @@ def _pallas_attend(q, k_new, v_new, k_cache, v_cache, *args, values_in_keys=None
     value_dim = values_in_keys or v_cache.shape[-1]
     reason = gpu.unsupported_reason(q.shape[-1], value_dim, k_cache.shape[2], values_in_keys,
                                     kv_itemsize=k_cache.dtype.itemsize,
-                                    q_itemsize=q.dtype.itemsize)
+                                    q_itemsize=max(q.dtype.itemsize,
+                                                   k_cache.dtype.itemsize))
     extra = {} if values_in_keys is None else {"values_in_keys": values_in_keys}
     if reason:
         _warn_once(f"pallas attention: {reason}; this layer runs the jnp reference")

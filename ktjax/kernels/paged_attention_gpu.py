@@ -1,8 +1,10 @@
 """Paged attention for CUDA programs: one Pallas kernel (Triton lowering) for every step.
 
 The same kernel serves decode (one query per row), prefill chunks and steps that mix both,
-GQA/MQA of any group size, sliding windows, soft-capping, MLA's latent cache and int8 pages:
-paged_attention_ref.paged_attention's contract, read where the pages lie instead of gathered.
+GQA/MQA of any group size, sliding windows, soft-capping, gpt-oss's sinks, MLA's latent cache
+and int8 pages: paged_attention_ref.paged_attention's contract, read where the pages lie
+instead of gathered. Every operand is read where it lies and the output written in place
+(a pad or transpose around the kernel would be one more launch per layer).
 
 Work split: one program per (row, KV head, block of query rows, split of the context). The
 query rows of a program are the (token, head) pairs of one KV group, so a page of keys is
@@ -11,7 +13,8 @@ tokens x heads), and the scores are one [rows, keys] matmul. A program folds its
 an online softmax: first its share of the cached pages (pages_per_block pages per step, via
 the row's block table), then, in split 0 only, the step's own keys (k_new, causal). Splits
 (flash-decoding) let one long sequence fill the GPU; their partial results (unnormalized
-output, running max, sum) are combined in jnp afterwards.
+output, running max, sum) are merged by a second small kernel (_combine_kernel). Tiles are
+sized by choose_blocks to fit the GPU's shared memory (shared_memory_bytes estimates it).
 
 int8 pages (kv_quant.Int8Pages): the key scale multiplies the score column and the value
 scale the probability column, so the int8 rows are converted, never dequantized in memory.
@@ -134,7 +137,8 @@ def unsupported_reason(head_dim: int, value_dim: int, page_size: int,
                        values_in_keys: int | None, kv_itemsize: int = 4,
                        q_itemsize: int = 4) -> str | None:
     """Why this kernel cannot run a shape (Triton blocks are powers of 2; the smallest
-    tiling must fit the GPU's shared memory), or None."""
+    tiling must fit the GPU's shared memory: kv_itemsize of the pages, q_itemsize of the
+    queries and step keys as computed, the wider of q's and the pages'), or None."""
     if not _pow2(page_size):
         return f"page size {page_size} is not a power of 2"
     if not _pow2(value_dim) or value_dim < MIN_BLOCK:
@@ -245,17 +249,17 @@ def _kernel(*refs, parts, page_size, blocks, pages_per_layer, n_splits, rep, t, 
             entry = jnp.minimum(page0 + jnp.arange(ppb, dtype=jnp.int32), n_table - 1)
             at = (tab_ref[entry] + first_of_layer,)                          # [ppb]
 
-        def rows(ref, *cols):     # the block's keys of ref, [block_k, *cols]
+        def tile(ref, *cols):     # the block's keys of ref, [block_k, *cols]
             if key_rows:
                 return ref[(*at, *cols)]
             x = ref[(*at, slice(None), *cols)]
             return x.reshape(block_k, *x.shape[2:])
-        k_parts = [rows(kc_ref, pl.ds(off, w)) for off, w in parts]
-        v = k_parts[0] if mla else rows(vc_ref, slice(None))
+        k_parts = [tile(kc_ref, pl.ds(off, w)) for off, w in parts]
+        v = k_parts[0] if mla else tile(vc_ref, slice(None))
         kp = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
         kp = jnp.where(kp < cache_len, kp, -1)
-        k_scale = rows(ks_ref) if int8 else None
-        v_scale = (k_scale if mla else rows(vs_ref)) if int8 else None
+        k_scale = tile(ks_ref) if int8 else None
+        v_scale = (k_scale if mla else tile(vs_ref)) if int8 else None
         return fold(carry, k_parts, v, kp, k_scale, v_scale)
 
     # A sink (gpt-oss) is a learned logit per head that every query sees and that carries no
@@ -391,7 +395,9 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
     int8 = kv_quant.is_int8(k_cache)
     n_layers, n_pages, page_size = k_cache.shape[:3]
     dv = values_in_keys if mla else v_cache.shape[-1]
-    reason = unsupported_reason(hd, dv, page_size, values_in_keys)
+    reason = unsupported_reason(hd, dv, page_size, values_in_keys,
+                                kv_itemsize=k_cache.dtype.itemsize,
+                                q_itemsize=max(q.dtype.itemsize, k_cache.dtype.itemsize))
     if reason:
         raise KernelError(f"paged_attention_gpu: {reason}")
     if combine not in ("pallas", "xla"):
