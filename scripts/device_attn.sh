@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# expected: ~400 s (565 s at most, plus ~15 s of start-up). Pallas paged attention on the GPU (issue 27 section 1):
+# expected: ~400 s (565 s at most, plus ~15 s of start-up). Pallas paged attention on the
+# GPU (issue 27 section 1):
 # 1. the gpu-marked kernel tests compiled (not interpreted), the fitted tilings of head_dim
 #    256/576 included (the shared-memory fit);
 # 2. bench_attention --gpu: decode attention of the 8B shape at 4K/32K/128K over bf16 and
