@@ -66,7 +66,7 @@ CASES = {
     "sinks_decode": Case((0, 17, 48), (1, 1, 1), heads=8, splits=3, window=16, sinks=True,
                          pages_per_block=1),
     "sinks_prefill_bf16": Case((20,), (5,), heads=8, kv_dtype="bfloat16", sinks=True),
-    # 33 splits of a 4-token chunk: the combine's tile holds 8 of the 16 rows and 16 of the
+    # 33 splits of a 4-token chunk: the combine's tile holds 4 of the 16 rows and 16 of the
     # 64 dims (row and column blocks), most splits empty
     "combine_tiles": Case((40,), (4,), heads=8, kv_heads=2, splits=33, pages_per_block=1),
     # the cache addressed per key instead of per page, int8 with splits and a window

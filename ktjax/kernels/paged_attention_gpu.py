@@ -500,7 +500,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
     return out.reshape(b, t, h, dv)
 
 
-COMBINE_ELEMENTS = 8192    # a combine program's [splits, rows, dims] tile: 64 floats a thread
+COMBINE_ELEMENTS = 4096    # a combine program's [splits, rows, dims] tile: 32 floats a thread
 
 
 def _combine_splits(o: jax.Array, m: jax.Array, l: jax.Array, *, t: int, rep: int,
