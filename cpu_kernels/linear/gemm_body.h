@@ -248,7 +248,9 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
   if (w.kind == WeightKind::Int8)
     return w.group == 16 ? tile_int<V, RB, TT, false, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy)
                          : tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
-  if (w.lut) return tile_int<V, RB, TT, true, 32, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy);
+  if (w.lut)
+    return w.group == 16 ? tile_int<V, RB, TT, true, 16, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy)
+                         : tile_int<V, RB, TT, true, 32, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy);
   if (w.group == 16)
     return w.hi_bits ? tile_int<V, RB, TT, true, 16, 2, kPrefetch>(w, a, rb0, t0, y, ldy)
                      : tile_int<V, RB, TT, true, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
