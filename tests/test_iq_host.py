@@ -23,7 +23,7 @@ HOST_TYPES = {T.IQ4_NL: 0, T.IQ4_XS: 0, T.MXFP4: None, T.IQ2_XXS: 0, T.IQ3_XXS: 
               T.IQ3_S: 0, T.IQ1_S: 0, T.TQ1_0: 52, T.TQ2_0: 64, T.IQ2_XS: 0, T.IQ2_S: 0,
               T.IQ1_M: 48}
 GROUP16 = (T.IQ2_XS, T.IQ2_S, T.IQ1_M)  # a scale per 16 values
-SCALES = {T.IQ4_NL: "f16", T.MXFP4: "f32"}  # the others: i8xf32
+SCALES = {T.IQ4_NL: "f16", T.MXFP4: "e8m0"}  # the others: i8xf32
 
 
 def host_format(qtype: T) -> str:
@@ -78,6 +78,32 @@ def test_linear_all_isas(qtype, tokens, store):
         y = hl.linear_forward(x, h, isa)
         check_close(y, x, w, group, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
         check_close(y, x, w, group)
+
+
+def test_mxfp4_every_exponent(store):
+    """MXFP4's e8m0 bytes stay bytes (2^(e - 128)): every e unpacks exactly, and each ISA's
+    vector decode of the smallest (subnormal 2^-128, 2^-127) and of large exponents matches
+    the scalar reference's, with activations sized to keep the products normal and finite
+    (up to 2^111: the kernels' -128 * scale bias correction overflows float above 2^120)."""
+    n, k = 16, 256
+    raw = random_iq(T.MXFP4, 2 * n, k).reshape(-1, 17)
+    raw[:, 0] = np.arange(raw.shape[0]) % 256
+    h = hl.pack_gguf_weight(raw.reshape(-1), int(T.MXFP4), (2 * n, k))
+    store.append(h)
+    assert hl.weight_info(h)["format"] == "int4lut/g32/e8m0"
+    with np.errstate(over="ignore"):  # gguf's doubled values at 2^127 overflow to inf, as ours do
+        want = dequant(raw.reshape(-1), T.MXFP4, 2 * n, k)
+    np.testing.assert_array_equal(hl.unpack_weight(h), want)
+    x = np.random.default_rng(3).standard_normal((1, k)).astype(np.float32)
+    for lo, x_scale in ((0, 2.0 ** 60), (224, 2.0 ** -90)):
+        blocks = np.random.default_rng(lo).integers(0, 256, (n * k // 32, 17), dtype=np.uint8)
+        blocks[:, 0] = lo + np.arange(blocks.shape[0]) % 16
+        h = hl.pack_gguf_weight(blocks.reshape(-1), int(T.MXFP4), (n, k))
+        store.append(h)
+        xs = x * np.float32(x_scale)
+        for isa in SIMD_ISAS:
+            np.testing.assert_allclose(hl.linear_forward(xs, h, isa), hl.linear_reference(xs, h, like=isa),
+                                       rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("qtype", [T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS], ids=lambda t: t.name)

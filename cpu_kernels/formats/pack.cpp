@@ -24,7 +24,8 @@ int PackedWeight::scale_bytes() const {
   switch (scale_enc) {
     case ScaleEnc::F16: return 2;
     case ScaleEnc::F32: return 4;
-    case ScaleEnc::I8: return 1;
+    case ScaleEnc::I8:
+    case ScaleEnc::E8M0: return 1;
     case ScaleEnc::Row:  // no per-group coefficients
     case ScaleEnc::None: return 0;
   }
@@ -33,7 +34,7 @@ int PackedWeight::scale_bytes() const {
 
 std::string PackedWeight::describe() const {
   static const char* kinds[] = {"int8", "int4", "bf16"};
-  static const char* encs[] = {"", "f16", "f32", "i8xf32", "row"};
+  static const char* encs[] = {"", "f16", "f32", "i8xf32", "row", "e8m0"};
   std::string s = kind == WeightKind::Int4 ? (lut ? "int4lut" : "int" + std::to_string(4 + hi_bits))
                                            : kinds[static_cast<int>(kind)];
   if (kind != WeightKind::BF16) {
@@ -146,6 +147,7 @@ float group_coef(const PackedWeight& w, int which, int64_t n, int64_t k) {
     case ScaleEnc::F32: { float f; std::memcpy(&f, p, 4); return f; }
     case ScaleEnc::I8: return *super_slot(mw, which, n, k) * static_cast<float>(static_cast<int8_t>(*p));
     case ScaleEnc::Row: return *super_slot(mw, which, n, k);
+    case ScaleEnc::E8M0: return e8m0_half_to_f32(*p);
     case ScaleEnc::None: break;
   }
   return 0.f;
@@ -382,7 +384,7 @@ void check_shape(int64_t n, int64_t k) {
 // IQ / ternary / MXFP4 types, exact, one scale per group of 32 (IQ2_XS, IQ2_S, IQ1_M: 16)
 // (iq_groups.h): int4 indices into the type's 16-entry table; scales in the K-quant encoding
 // (int8 per group, f32 per 256) where they are small integers times the block's d, else
-// f16 (IQ4_NL) or f32 (MXFP4: 2^(e - 128) spans more than f16).
+// f16 (IQ4_NL) or MXFP4's own exponent bytes (E8M0).
 std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int ggml_type,
                                       const IqGroupFormat& f, int64_t n, int64_t k) {
   if (k % f.block != 0)
@@ -398,7 +400,8 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
   int mult;
   float factor;
   const bool i8_scales = f.block == kSuperBlock && iq_group_int_scale(ggml_type, raw, 0, &mult, &factor);
-  const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
+  const bool mxfp4 = static_cast<GgmlType>(ggml_type) == GgmlType::MXFP4;
+  const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : mxfp4 ? ScaleEnc::E8M0 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
   const int G = f.group;
   auto w = make_packed(WeightKind::Int4, enc, false, G, n, k);
   w->source_type = ggml_type;
@@ -420,6 +423,8 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
         iq_group_int_scale(ggml_type, blk, sub, &m, &d);
         *super_slot(ref, 0, r, g * G) = d;
         *reinterpret_cast<int8_t*>(scale_slot(ref, 0, r, g)) = static_cast<int8_t>(m);
+      } else if (mxfp4) {
+        *scale_slot(ref, 0, r, g) = reinterpret_cast<const BlockMXFP4*>(blk)->e;
       } else {
         set_direct(ref, 0, r, g, scale);
       }

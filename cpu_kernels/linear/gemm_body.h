@@ -23,6 +23,7 @@ inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const 
   switch (w.scale_enc) {
     case ScaleEnc::F16: return V::load_f16(p);
     case ScaleEnc::F32: return V::load_f32(reinterpret_cast<const float*>(p));
+    case ScaleEnc::E8M0: return V::load_e8m0(p);
     case ScaleEnc::I8:
       return V::mul(V::load_i8(p), V::load_f32(reinterpret_cast<const float*>(blk + w.super_off(g) + which * 64)));
     case ScaleEnc::Row: return V::load_f32(reinterpret_cast<const float*>(blk + which * 64));

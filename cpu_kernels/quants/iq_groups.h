@@ -105,7 +105,7 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
     }
     case GgmlType::MXFP4: {
       const auto& b = *reinterpret_cast<const BlockMXFP4*>(blk);
-      *scale = bits_f32(b.e < 2 ? uint32_t{0x00200000} << b.e : uint32_t(b.e - 1) << 23);
+      *scale = e8m0_half_to_f32(b.e);
       nibbles(b.qs, kMxfp4Values, q);
       return;
     }

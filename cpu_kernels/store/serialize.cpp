@@ -29,7 +29,8 @@ bool produced_by_packers(const PackedLayout& l) {
     case WeightKind::Int4:
       if (!l.has_min)  // indices into the source type's table (pack_iq)
         return iq_group_table(l.source_type) != nullptr && l.hi_bits == 0 &&
-               (l.group == 32 || (l.group == 16 && e == ScaleEnc::I8)) && (f16_or_f32 || e == ScaleEnc::I8);
+               (l.group == 32 || (l.group == 16 && e == ScaleEnc::I8)) &&
+               (f16_or_f32 || e == ScaleEnc::I8 || e == ScaleEnc::E8M0);
       if (f16_or_f32) return l.group == 32 && (l.hi_bits == 0 || l.hi_bits == 1);
       if (e == ScaleEnc::I8)
         return (l.group == 16 && (l.hi_bits == 0 || l.hi_bits == 2)) ||
