@@ -439,10 +439,10 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
                                           int group, int64_t n, int64_t k, int hi_bits, bool fill) {
   check_shape(n, k);
-  // The layouts the kernels are built for: int8 in groups of 32 (16 is allowed, never on
-  // AMX tiles); int4 in groups of 16 or 32 (with a table: the IQ types),
+  // The layouts the kernels are built for: int8 in groups of 32; int4 in groups of 16 or 32
+  // (with a table: the IQ types),
   // 6-bit (2 planes) in groups of 16 (Q6_K), 5-bit (1 plane) in groups of 32 (Q5_*).
-  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && (group == 32 || group == 16) && hi_bits == 0) ||
+  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && group == 32 && hi_bits == 0) ||
                      (kind == WeightKind::Int4 && (group == 16 || group == 32) &&
                       (hi_bits == 0 || hi_bits == (group == 32 ? 1 : 2)));
   if (!built)

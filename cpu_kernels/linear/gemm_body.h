@@ -243,12 +243,10 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
     return tile_int<V, RB, TT, true, 32, 0, kPrefetch, true>(w, a, rb0, t0, y, ldy, unpacked);
   }
   // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
-  // planes) or 32 (5-bit with a plane).
+  // planes) or 32 (5-bit with a plane), with a table (lut: the IQ types) in either.
   if (w.kind == WeightKind::Int8 && w.scale_enc == ScaleEnc::Row)
     return tile_int<V, RB, TT, false, 32, 0, kPrefetch, false, true>(w, a, rb0, t0, y, ldy);
-  if (w.kind == WeightKind::Int8)
-    return w.group == 16 ? tile_int<V, RB, TT, false, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy)
-                         : tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
+  if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
   if (w.lut)
     return w.group == 16 ? tile_int<V, RB, TT, true, 16, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy)
                          : tile_int<V, RB, TT, true, 32, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy);
