@@ -46,12 +46,13 @@ T = gguf.GGMLQuantizationType
 # converted at load, as kt-kernel's int8), int4/g32+min, bf16; q4_k, q5_k and q6_k as real
 # Q4_K_M / Q5_K_M files hold their experts (int4/g32 + min, int5/g32 + min, int6/g16 + min,
 # K-quant scales).
-# IQ4_XS / IQ4_NL / MXFP4 pack to int4 table indices (int4lut/g32), the other IQ and TQ types
-# to int8/g32 (IQ2_XS, IQ2_S: int8/g16), exactly (cpu_kernels/quants/iq_groups.h).
+# The IQ, TQ and MXFP4 types pack to int4 indices into their 16-entry tables (int4lut/g32;
+# IQ2_XS, IQ2_S, IQ1_M: g16), exactly (cpu_kernels/quants/iq_groups.h).
 RAW_TYPES = {"int8": T.Q8_0, "int8_row": T.BF16, "int4": T.Q4_0, "bf16": T.BF16, "q4_k": T.Q4_K,
              "q5_k": T.Q5_K, "q6_k": T.Q6_K, "iq4_xs": T.IQ4_XS, "iq4_nl": T.IQ4_NL,
              "mxfp4": T.MXFP4, "iq2_xxs": T.IQ2_XXS, "iq3_xxs": T.IQ3_XXS, "iq3_s": T.IQ3_S,
-             "iq1_s": T.IQ1_S, "tq2_0": T.TQ2_0, "iq2_xs": T.IQ2_XS, "iq2_s": T.IQ2_S}
+             "iq1_s": T.IQ1_S, "iq1_m": T.IQ1_M, "tq1_0": T.TQ1_0, "tq2_0": T.TQ2_0, "iq2_xs": T.IQ2_XS,
+             "iq2_s": T.IQ2_S}
 
 
 def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -65,6 +66,12 @@ def random_raw(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.n
         raw[:, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     if qtype == T.MXFP4:  # e8m0 exponent: values near 2^-7
         raw[:, 0] = 120
+    if qtype == T.IQ1_M:  # f16 d = 0.01 in the top nibbles of the four scale words at 48..55
+        d = int(np.float16(0.01).view(np.uint16))
+        words = raw[:, 48:56].copy().view(np.uint16)
+        for i in range(4):
+            words[:, i] = (words[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
+        raw[:, 48:56] = words.view(np.uint8)
     return raw
 
 
