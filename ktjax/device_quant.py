@@ -34,8 +34,8 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from ktjax import pytree
 from ktjax.errors import TensorError
 
 T = gguf.GGMLQuantizationType
@@ -53,7 +53,7 @@ INT4_GROUP = 32
 REDUCE_MAX_ROWS = 8
 
 
-@struct.dataclass
+@pytree.dataclass
 class QuantMatrix:
     """A [.., N, K] matrix (leading axes: stacked layers) as codes and scales.
 
@@ -70,13 +70,13 @@ class QuantMatrix:
     min_scale: jax.Array | None = None
     sub_min: jax.Array | None = None
     bias: jax.Array | None = None
-    bits: int = struct.field(pytree_node=False, default=8)
-    half: int = struct.field(pytree_node=False, default=0)
-    group: int = struct.field(pytree_node=False, default=32)
-    scale_group: int = struct.field(pytree_node=False, default=32)
-    offset: int = struct.field(pytree_node=False, default=0)
-    format: str = struct.field(pytree_node=False, default="")
-    splits: tuple[int, ...] = struct.field(pytree_node=False, default=())  # fused: rows each
+    bits: int = pytree.field(pytree_node=False, default=8)
+    half: int = pytree.field(pytree_node=False, default=0)
+    group: int = pytree.field(pytree_node=False, default=32)
+    scale_group: int = pytree.field(pytree_node=False, default=32)
+    offset: int = pytree.field(pytree_node=False, default=0)
+    format: str = pytree.field(pytree_node=False, default="")
+    splits: tuple[int, ...] = pytree.field(pytree_node=False, default=())  # fused: rows each
 
     @property
     def shape(self) -> tuple[int, ...]:

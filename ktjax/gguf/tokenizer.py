@@ -146,7 +146,12 @@ class Tokenizer:
         self.stop_ids = self._resolve_special(meta, tokens, types, vocab)
         self._types = types
         self._tokens = tokens
-        self._pieces = [self._piece_bytes(i) for i in range(n)]
+        # Pieces are made on first use (most of a vocabulary never is: 0.1-0.3 s a start);
+        # byte tokens are checked now, so a malformed one fails the load, not a request.
+        self._pieces: list[bytes | None] = [None] * n
+        for i, t in enumerate(types):
+            if t == BYTE:
+                self._piece(i)
         self._hidden = frozenset(i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN))
         # llama.cpp matches longer special texts first (by UTF-8 length); ties go by id.
         specials = sorted((i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN)),
@@ -311,7 +316,13 @@ class Tokenizer:
         """The bytes of one token; may be part of a UTF-8 character."""
         if skip_special and self._check_id(i) in self._hidden:
             return b""
-        return self._pieces[self._check_id(i)]
+        return self._piece(self._check_id(i))
+
+    def _piece(self, i: int) -> bytes:
+        piece = self._pieces[i]
+        if piece is None:
+            piece = self._pieces[i] = self._piece_bytes(i)
+        return piece
 
     def token_to_piece(self, i: int) -> str:
         """Text of one token for display (specials shown; partial UTF-8 shown as U+FFFD)."""
