@@ -30,15 +30,15 @@ import math
 import os
 from typing import Callable
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ktjax import pytree
 from ktjax.errors import TensorError
+from ktjax.gguf.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
-T = gguf.GGMLQuantizationType
+T = GGMLQuantizationType
 QK_K = 256
 # GGUF types `keep` repacks; other quantized types are dequantized to the engine dtype.
 KEEP_QTYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K)
@@ -200,7 +200,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
 
 def _blocks(raw: np.ndarray, qtype: T, shape: tuple[int, int]) -> np.ndarray:
     """A [N, K] tensor's bytes as blocks [N, K/block, block_bytes]."""
-    elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
     n, k = shape
     return np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(n, k // elems, nbytes)
 

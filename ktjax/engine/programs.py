@@ -9,7 +9,6 @@ from typing import Callable, Iterable, Protocol
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from ktjax import progress
 from ktjax.engine.buckets import Bucket, StepBucket
@@ -143,6 +142,13 @@ def _verify_step(forward: Callable) -> Callable:
     return step
 
 
+def tqdm(*args, **kwargs):
+    """tqdm.auto's bar, imported when a compile first needs one (a start from artifacts
+    compiles nothing)."""
+    from tqdm.auto import tqdm as bar
+    return bar(*args, **kwargs)
+
+
 class ProgramSource(Protocol):
     """Executables made elsewhere (ktjax.export's artifacts), by key: ("step", bucket,
     sampler) | ("score", bucket)."""
@@ -190,7 +196,10 @@ class ProgramCache:
         top logprobs when sampler.top], kv), or (logits, kv) with no sampler; Verify: (params,
         kv, batch, SamplingBatch, draft[, draft_probs]) -> (tokens, logprobs, Verdict, kv)."""
         if (bucket, sampler) not in self._steps:
-            self.compile([(bucket, sampler)])
+            if self.sourced(("step", bucket, sampler)):   # a load: no compile bar
+                self._steps[bucket, sampler] = self._load_or_compile(("step", bucket, sampler))
+            else:
+                self.compile([(bucket, sampler)])
         return self._steps[bucket, sampler]
 
     def scorer(self, bucket: Bucket) -> jax.stages.Compiled:

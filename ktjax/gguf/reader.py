@@ -1,8 +1,8 @@
 """GGUF file access: metadata as plain Python values, tensors as memory-mapped views.
 
-The layout constants (value types, quant block sizes) come from the `gguf` package; the parse
-is our own because gguf.GGUFReader builds one numpy object per vocabulary string, which takes
-tens of seconds on a 262k-token vocabulary. Nothing is copied: tensor bytes stay in the page
+The layout constants (value types, quant block sizes) are the `gguf` package's, copied in
+ggml_types; the parse is our own because gguf.GGUFReader builds one numpy object per
+vocabulary string, which takes tens of seconds on a 262k-token vocabulary. Nothing is copied: tensor bytes stay in the page
 cache until the loader converts them. Every structural problem (bad magic, truncation,
 duplicate tensors or keys, unknown types, misaligned or overlapping tensor data, sizes past
 64 bits) is a GGUFError naming the file and the key or tensor; so is a metadata key that ktjax
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ktjax.errors import GGUFError, TensorError, UnsupportedModelError
+from ktjax.gguf.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from ktjax.gguf.metadata_schema import check_metadata
 
 _MISSING = object()
