@@ -17,7 +17,6 @@ from ktjax.engine.programs import enable_persistent_cache
 from ktjax.errors import KtjaxError, RequestError
 from ktjax.export import warm
 from ktjax.export.program_set import ProgramSpec
-from ktjax.gguf.chat import default_template, render_chat
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import get_backend
 from ktjax.models import loader
@@ -201,6 +200,7 @@ class LLM:
         chat template; a model file without one (a base model, usually) gets ChatML, or
         Gemma's turn format for Gemma models, which base models follow poorly (the
         command line refuses them instead: `--chat-template`)."""
+        from ktjax.gguf.chat import default_template, render_chat  # jinja2: not on every start
         tok = self.tokenizer
         template = template or tok.chat_template or default_template(self.config.architecture)
         text = render_chat(template, messages,

@@ -30,15 +30,15 @@ import math
 import os
 from typing import Callable
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from ktjax import pytree
 from ktjax.errors import TensorError
+from ktjax.gguf.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
-T = gguf.GGMLQuantizationType
+T = GGMLQuantizationType
 QK_K = 256
 # GGUF types `keep` repacks; other quantized types are dequantized to the engine dtype.
 KEEP_QTYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K)
@@ -53,7 +53,7 @@ INT4_GROUP = 32
 REDUCE_MAX_ROWS = 8
 
 
-@struct.dataclass
+@pytree.dataclass
 class QuantMatrix:
     """A [.., N, K] matrix (leading axes: stacked layers) as codes and scales.
 
@@ -70,13 +70,13 @@ class QuantMatrix:
     min_scale: jax.Array | None = None
     sub_min: jax.Array | None = None
     bias: jax.Array | None = None
-    bits: int = struct.field(pytree_node=False, default=8)
-    half: int = struct.field(pytree_node=False, default=0)
-    group: int = struct.field(pytree_node=False, default=32)
-    scale_group: int = struct.field(pytree_node=False, default=32)
-    offset: int = struct.field(pytree_node=False, default=0)
-    format: str = struct.field(pytree_node=False, default="")
-    splits: tuple[int, ...] = struct.field(pytree_node=False, default=())  # fused: rows each
+    bits: int = pytree.field(pytree_node=False, default=8)
+    half: int = pytree.field(pytree_node=False, default=0)
+    group: int = pytree.field(pytree_node=False, default=32)
+    scale_group: int = pytree.field(pytree_node=False, default=32)
+    offset: int = pytree.field(pytree_node=False, default=0)
+    format: str = pytree.field(pytree_node=False, default="")
+    splits: tuple[int, ...] = pytree.field(pytree_node=False, default=())  # fused: rows each
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -200,7 +200,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
 
 def _blocks(raw: np.ndarray, qtype: T, shape: tuple[int, int]) -> np.ndarray:
     """A [N, K] tensor's bytes as blocks [N, K/block, block_bytes]."""
-    elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
     n, k = shape
     return np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(n, k // elems, nbytes)
 

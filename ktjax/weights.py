@@ -19,26 +19,25 @@ layer index.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from ktjax import device_quant
+from ktjax import device_quant, pytree
 from ktjax.device_quant import QuantMatrix
 from ktjax.host.linear import linear_layered
 from ktjax.host.moe import moe_layered
 from ktjax.host.stacked import stacked_matvec
-from ktjax.hybrid_experts import HybridExperts
 
 
 def _layer_or_zero(layer: jax.Array | None) -> jax.Array:
     return jnp.zeros((), jnp.int32) if layer is None else layer
 
 
-@struct.dataclass
+@pytree.dataclass
 class HostWeight:
     """A linear weight in the native host store.
 
@@ -48,30 +47,40 @@ class HostWeight:
     (several projections of one input) has the rows of each in `splits`.
     """
 
-    handles: tuple[int, ...] = struct.field(pytree_node=False)
-    out_features: int = struct.field(pytree_node=False)
+    handles: tuple[int, ...] = pytree.field(pytree_node=False)
+    out_features: int = pytree.field(pytree_node=False)
     layer: jax.Array | None = None
-    splits: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    splits: tuple[int, ...] = pytree.field(pytree_node=False, default=())
 
     def at_layer(self, layer: jax.Array) -> "HostWeight":
         return self.replace(layer=layer)
 
 
-@struct.dataclass
+@pytree.dataclass
 class HostExperts:
     """A stack's routed experts in the native host store (one expert set per layer), run by
     the fused MoE kernel; a leafless scan passenger like HostWeight."""
 
-    handles: tuple[int, ...] = struct.field(pytree_node=False)
+    handles: tuple[int, ...] = pytree.field(pytree_node=False)
     layer: jax.Array | None = None
 
     def at_layer(self, layer: jax.Array) -> "HostExperts":
         return self.replace(layer=layer)
 
 
-HOST_NODES = (HostWeight, HostExperts, HybridExperts)
+def _hybrid() -> tuple[type, ...]:
+    """(HybridExperts,) once ktjax.hybrid_experts is imported, else (): no params node can be
+    one before (the loader imports it to make one). Not imported here: it pulls in flax, a
+    quarter second of every start (docs/kernel-notes.md, "Start-up from artifacts")."""
+    module = sys.modules.get("ktjax.hybrid_experts")
+    return (module.HybridExperts,) if module is not None else ()
 
-@struct.dataclass
+
+def _host_nodes() -> tuple[type, ...]:
+    """The params node types whose weights live in the native host store."""
+    return (HostWeight, HostExperts, *_hybrid())
+
+@pytree.dataclass
 class LayerStack:
     """A per-layer float matrix kept whole, [L, ...], through the scan over layers, for CPU
     programs: inside a scan XLA copies each layer's slice of a scanned weight before using it
@@ -87,7 +96,7 @@ class LayerStack:
         return self.replace(layer=layer)
 
 
-@struct.dataclass
+@pytree.dataclass
 class DeviceExperts:
     """Routed experts on the device: gate and up [E, inter, hidden], down [E, hidden, inter]
     (stacked per layer, [L, E, ...], until the scan slices them)."""
@@ -104,16 +113,13 @@ class Route(NamedTuple):
     weights: jax.Array
 
 
-_LAYER_BOUND = (*HOST_NODES, LayerStack)
-
-
 def _is_bound(node) -> bool:
-    return isinstance(node, _LAYER_BOUND)
+    return isinstance(node, (*_host_nodes(), LayerStack))
 
 
 def split_scanned(params: dict) -> tuple[dict, dict]:
     """(weights that ride the scan over layers whole: LayerStacks, the rest: sliced per layer)."""
-    whole = {k: v for k, v in params.items() if isinstance(v, (LayerStack, HybridExperts))}
+    whole = {k: v for k, v in params.items() if isinstance(v, (LayerStack, *_hybrid()))}
     return whole, {k: v for k, v in params.items() if k not in whole}
 
 
@@ -126,8 +132,9 @@ def bind_layer(tree, layer: jax.Array):
 
 def host_handles(params) -> Iterator[int]:
     """Every native store handle in a tree of params (to release them)."""
-    for w in jax.tree.leaves(params, is_leaf=lambda n: isinstance(n, HOST_NODES)):
-        if isinstance(w, HOST_NODES):
+    nodes = _host_nodes()
+    for w in jax.tree.leaves(params, is_leaf=lambda n: isinstance(n, nodes)):
+        if isinstance(w, nodes):
             yield from w.handles
 
 
@@ -225,7 +232,7 @@ def experts_plus(w, x: jax.Array, route: Route, extra: Callable[[jax.Array], jax
                  ) -> jax.Array:
     """experts(w, x, route) + extra(x) in float32; `extra` (the shared experts) runs on the
     device while the host runs the routed experts of a HybridExperts."""
-    if isinstance(w, HybridExperts):
+    if isinstance(w, _hybrid()):
         return w.with_extra(x, route, extra)
     y = experts(w, x, route)
     return y if extra is None else y + extra(x).astype(jnp.float32)

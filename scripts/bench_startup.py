@@ -7,7 +7,10 @@ spawned to the first generated token, so it includes Python's and JAX's start-up
   python scripts/bench_startup.py --model /tmp/moe.gguf --max-model-len 256 --json out.json
 
 Prints a table (median of --runs; child CPU seconds beside the wall time, since a shared
-machine's wall time varies with its load) and the load / first-step split of each start.
+machine's wall time varies with its load) with each start's split: interpreter, `import jax`,
+the rest of ktjax's imports, load, first step; and the floor, a process that only starts JAX
+(imports it and its CPU backend), whose ratio to cold bounds what artifacts can reach.
+Children import ktjax with its bytecode cached, as an installed package does.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ _CHILD = r"""
 import json, os, resource, sys, time
 t0 = time.time()
 import jax
+t_jax = time.time()
 from ktjax import LLM, SamplingParams
 t_import = time.time()
 args = json.loads(sys.argv[1])
@@ -38,9 +42,22 @@ out = llm.generate(args["prompt"], SamplingParams(max_tokens=1, temperature=0))
 t_first = time.time()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print("RESULT " + json.dumps({
-    "python_start": t0, "import": t_import - t0, "load": t_load - t_import,
+    "python_start": t0, "import_jax": t_jax - t0, "import": t_import - t0,
+    "load": t_load - t_import,
     "first_step": t_first - t_load, "end": t_first, "token": out[0].token_ids[0],
     "cpu": ru.ru_utime + ru.ru_stime, "compiles": llm.engine.programs.compiles}))
+"""
+
+
+# The floor under any start: Python, `import jax` and its CPU backend, nothing of ktjax.
+_FLOOR = r"""
+import json, resource, time
+t0 = time.time()
+import jax
+jax.devices()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print("RESULT " + json.dumps({"python_start": t0, "import_jax": time.time() - t0,
+    "end": time.time(), "cpu": ru.ru_utime + ru.ru_stime}))
 """
 
 
@@ -72,17 +89,26 @@ def _run(args: list[str], env: dict, deadline: Deadline, what: str) -> str:
     return r.stdout
 
 
-def _env(cache: str) -> dict:
-    return {**os.environ, "KTJAX_CACHE_DIR": cache, "KTJAX_NO_PROGRESS": "1",
+def _env(cache: str, pycache: str) -> dict:
+    """Children import ktjax with its bytecode cached (in `pycache`, warmed by _warm_bytecode),
+    as an installed package is: compiling its sources is not part of a start."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "KTJAX_CACHE_DIR": cache, "KTJAX_NO_PROGRESS": "1",
+            "PYTHONPYCACHEPREFIX": pycache,
             "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def _child(model: str, artifacts: str | None, settings: dict, cache: str,
+def _warm_bytecode(pycache: str, deadline: Deadline) -> None:
+    _run([sys.executable, "-c", "import ktjax.api, ktjax.export.artifacts"],
+         _env(os.path.join(pycache, "xla"), pycache), deadline, "bytecode warm-up")
+
+
+def _child(model: str, artifacts: str | None, settings: dict, cache: str, pycache: str,
            deadline: Deadline, what: str) -> dict:
     spawn = time.time()
-    out = _run([sys.executable, "-c", _CHILD, json.dumps(
-        {"model": model, "artifacts": artifacts, "settings": settings, "prompt": PROMPT})],
-        _env(cache), deadline, what)
+    code = [_FLOOR] if model is None else [_CHILD, json.dumps(
+        {"model": model, "artifacts": artifacts, "settings": settings, "prompt": PROMPT})]
+    out = _run([sys.executable, "-c", *code], _env(cache, pycache), deadline, what)
     line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise StageFailed(f"{what}: printed no result")
@@ -102,9 +128,9 @@ def _prompt_tokens(model: str) -> int:
 
 def _summary(model: str, settings: dict, rows: dict, export_s: float | None, size: int,
              errors: list[str]) -> dict:
-    med = {k: {f: statistics.median(r[f] for r in rs)
-               for f in ("to_first_token", "cpu", "interpreter", "import", "load",
-                         "first_step", "compiles")}
+    fields = ("to_first_token", "cpu", "interpreter", "import_jax", "import", "load",
+              "first_step", "compiles")
+    med = {k: {f: statistics.median(r[f] for r in rs) for f in fields if f in rs[0]}
            for k, rs in rows.items() if rs}
     out = {"model": model, "settings": settings, "runs": len(rows["cold"]),
            "export_seconds": export_s, "artifact_bytes": size, "median": med,
@@ -112,7 +138,9 @@ def _summary(model: str, settings: dict, rows: dict, export_s: float | None, siz
     if "cold" in med and "artifacts" in med:
         out["speedup_vs_cold"] = med["cold"]["to_first_token"] / \
             med["artifacts"]["to_first_token"]
-    tokens = {r["token"] for rs in rows.values() for r in rs}
+    if "cold" in med and "jax" in med:  # what a start that did nothing but start JAX gets
+        out["ceiling_vs_cold"] = med["cold"]["to_first_token"] / med["jax"]["to_first_token"]
+    tokens = {r["token"] for rs in rows.values() for r in rs if "token" in r}
     if len(tokens) > 1:
         out["errors"].append(f"the starts sampled different first tokens {sorted(tokens)}")
     return out
@@ -120,33 +148,38 @@ def _summary(model: str, settings: dict, rows: dict, export_s: float | None, siz
 
 def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
                 work: str, deadline: Deadline, partial=lambda summary: None) -> dict:
-    """Cold starts first, then the export, then starts from artifacts and with the cache the
-    cold starts filled (the order keeps the most telling figures first when time is short).
-    A failed stage is recorded in "errors" and the stages that do not need it still run;
-    `partial` gets the summary after each stage."""
-    art = os.path.join(work, "artifacts")
+    """A cold start, the export, then rounds of starts from artifacts, with the cache the
+    round's cold start filled, and of JAX alone (the floor), each round after the first
+    opening with its cold start (the first cold start comes before the export, so that it is
+    measured when time is short). A failed stage is recorded in "errors" and the stages that do
+    not need it still run; `partial` gets the summary after each stage."""
+    art, pycache = os.path.join(work, "artifacts"), os.path.join(work, "pycache")
     spec = f"kinds={tuple(kinds.split(','))!r}"
     if exact:  # only the benchmark request's programs: its prompt's prefill, one decode
         n = _prompt_tokens(model)
         spec += f", prompt_tokens={n}, max_tokens={n + 2}"
-    rows: dict[str, list[dict]] = {"cold": [], "artifacts": [], "cache": []}
+    rows: dict[str, list[dict]] = {"cold": [], "artifacts": [], "cache": [], "jax": []}
     errors: list[str] = []
     export_s, size = None, 0
 
     def stage(kind: str, artifacts: str | None, cache: str) -> None:
         try:
-            r = _child(model, artifacts, settings, cache, deadline, f"{kind} start")
+            r = _child(None if kind == "jax" else model, artifacts, settings, cache, pycache,
+                       deadline, f"{kind} start")
         except StageFailed as e:
             errors.append(str(e))
             print(f"{model}: {e}", file=sys.stderr, flush=True)
         else:
             rows[kind].append(r)
-            print(f"{model}: {kind} start {r['to_first_token']:.1f} s (cpu {r['cpu']:.1f} s, "
-                  f"{r['compiles']} compiles)", file=sys.stderr, flush=True)
+            print(f"{model}: {kind} start {r['to_first_token']:.2f} s (cpu {r['cpu']:.2f} s, "
+                  f"{r.get('compiles', 0)} compiles)", file=sys.stderr, flush=True)
         partial(_summary(model, settings, rows, export_s, size, errors))
 
-    for i in range(runs):
-        stage("cold", None, os.path.join(work, f"cache{i}"))
+    try:
+        _warm_bytecode(pycache, deadline)
+    except StageFailed as e:
+        errors.append(str(e))
+    stage("cold", None, os.path.join(work, "cache0"))
     t = time.time()
     # the export runs in a child too: this process keeps its store handles free
     code = (f"from ktjax.export.artifacts import export; from ktjax.engine.config import "
@@ -154,8 +187,8 @@ def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
             f"m = export({model!r}, {art!r}, EngineConfig(**{settings!r}), "
             f"ProgramSpec({spec}))")
     try:
-        _run([sys.executable, "-c", code], _env(os.path.join(work, "export-cache")), deadline,
-             "export")
+        _run([sys.executable, "-c", code], _env(os.path.join(work, "export-cache"), pycache),
+             deadline, "export")
         export_s = time.time() - t
         size = sum(os.path.getsize(os.path.join(dp, f))
                    for dp, _, fs in os.walk(art) for f in fs)
@@ -165,10 +198,13 @@ def bench_model(model: str, settings: dict, runs: int, kinds: str, exact: bool,
         errors.append(str(e))
         print(f"{model}: {e}", file=sys.stderr, flush=True)
     partial(_summary(model, settings, rows, export_s, size, errors))
-    for i in range(runs):
+    for i in range(runs):  # each round's starts close in time: a shared machine's load drifts
+        if i:
+            stage("cold", None, os.path.join(work, f"cache{i}"))
         if export_s is not None:
             stage("artifacts", art, os.path.join(work, f"empty{i}"))
         stage("cache", None, os.path.join(work, f"cache{i}"))
+        stage("jax", None, os.path.join(work, f"empty{i}"))
     return _summary(model, settings, rows, export_s, size, errors)
 
 
@@ -207,14 +243,18 @@ def main() -> None:
         export = f"{r['export_seconds']:.0f} s" if r["export_seconds"] is not None else "failed"
         print(f"\n{model}  (max_model_len {a.max_model_len}; export {export}, "
               f"{r['artifact_bytes'] / 2**20:.0f} MiB; median of {r['runs']})")
-        print(f"  {'start':<10} {'first token':>11} {'cpu':>6} {'python':>7} {'import':>7} "
-              f"{'load':>6} {'1st step':>8} {'compiles':>8}")
+        print(f"  {'start':<10} {'first token':>11} {'cpu':>6} {'python':>7} {'jax':>6} "
+              f"{'ktjax':>6} {'load':>6} {'1st step':>8} {'compiles':>8}")
         for k, m in r["median"].items():
-            print(f"  {k:<10} {m['to_first_token']:>10.2f}s {m['cpu']:>5.1f}s "
-                  f"{m['interpreter']:>6.2f}s {m['import']:>6.2f}s {m['load']:>5.2f}s "
-                  f"{m['first_step']:>7.2f}s {m['compiles']:>8.0f}")
+            rest = "" if k == "jax" else (
+                f"{m['import'] - m['import_jax']:>5.2f}s {m['load']:>5.2f}s "
+                f"{m['first_step']:>7.2f}s {m['compiles']:>8.0f}")
+            print(f"  {k:<10} {m['to_first_token']:>10.2f}s {m['cpu']:>5.2f}s "
+                  f"{m['interpreter']:>6.2f}s {m['import_jax']:>5.2f}s {rest}")
         if "speedup_vs_cold" in r:
             print(f"  artifacts vs cold: {r['speedup_vs_cold']:.1f}x")
+        if "ceiling_vs_cold" in r:
+            print(f"  ceiling (cold / starting JAX alone): {r['ceiling_vs_cold']:.1f}x")
         for e in r["errors"]:
             print(f"  error: {e[:300]}")
         save()

@@ -90,6 +90,27 @@ def test_round_trip_decodes_to_the_same_matrix(fmt, store):
     np.testing.assert_array_equal(hl.linear_forward(x, h2), hl.linear_forward(x, h))
 
 
+@pytest.mark.parametrize("qtype", ["IQ2_XXS", "IQ2_XS", "MXFP4"])
+def test_table_layouts_round_trip(qtype, store):
+    """IQ weights (int4 indices into their type's table) come back with the table."""
+    import gguf
+    from test_iq_host import random_iq
+    t = gguf.GGMLQuantizationType[qtype]
+    h = hl.pack_gguf_weight(random_iq(t, 20, 256), int(t), (20, 256))
+    store.append(h)
+    layouts, buffers, digests = _export(h)
+    h2 = native_call(_native.adopt_packed, layouts, buffers, digests, 0, 4096)
+    store.append(h2)
+    assert hl.weight_info(h2)["format"] == hl.weight_info(h)["format"]
+    np.testing.assert_array_equal(hl.unpack_weight(h2), hl.unpack_weight(h))
+    x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
+    np.testing.assert_array_equal(hl.linear_forward(x, h2), hl.linear_forward(x, h))
+    # a table layout whose type has no table (Q4_0) is none a packer makes
+    with pytest.raises(KernelError, match="no packer makes"):
+        native_call(_native.adopt_packed, [{**layouts[0], "source_type": int(gguf.GGMLQuantizationType.Q4_0)}],
+                    buffers, digests, 0, 4096)
+
+
 def test_expert_set_round_trip_and_view_is_read_only(store):
     rng = np.random.default_rng(2)
     gate, up = (rng.standard_normal((3, 32, 64)).astype(np.float32) for _ in range(2))

@@ -165,12 +165,13 @@ class Engine:
             tokens, rows = padded, rows + 1
         completes = any(n <= unit for n in lens[:rows])
         decode_pages = self._context_pages(max(lens))
-        self.programs.compile([
-            (bk.StepBucket(0, bk.round_up(bk.PREFILL_ROWS, rows), tokens,
-                           self._context_pages(0)), sampler if completes else None),
-            (bk.StepBucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])),
-                           0, 0, decode_pages), sampler),
-        ])
+        first = [(bk.StepBucket(0, bk.round_up(bk.PREFILL_ROWS, rows), tokens,
+                                self._context_pages(0)), sampler if completes else None),
+                 (bk.StepBucket(bk.round_up(bk.DECODE_ROWS, min(len(seqs), bk.DECODE_ROWS[-1])),
+                                0, 0, decode_pages), sampler)]
+        # Programs exported artifacts hold are loaded when first stepped instead: a load
+        # takes milliseconds, and the first token waits only for the prefill's.
+        self.programs.compile([k for k in first if not self.programs.sourced(("step", *k))])
 
     def _context_pages(self, cached: int) -> int:
         """The page bucket of a step whose rows hold up to `cached` tokens before it: attention

@@ -1,8 +1,6 @@
 """KV page pool and per-sequence block tables. Paging lives here, outside the model."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import jax
 import jax.numpy as jnp
 
@@ -152,6 +150,5 @@ def make_kv_cache(spec: KVCacheSpec, n_pages: int, page_size: int, kv_dtype,
         kv_dtype = jnp.dtype(kv_dtype).name
     kv_dtype = kv_quant.check_dtype(kv_dtype)
     shape = (spec.n_layers, n_pages, page_size, spec.n_kv_heads)
-    with jax.default_device(device) if device is not None else nullcontext():
-        return KVCache(k=kv_quant.zeros((*shape, spec.head_dim), kv_dtype),
-                       v=kv_quant.zeros((*shape, spec.value_dim), kv_dtype))
+    return KVCache(k=kv_quant.zeros((*shape, spec.head_dim), kv_dtype, device),
+                   v=kv_quant.zeros((*shape, spec.value_dim), kv_dtype, device))

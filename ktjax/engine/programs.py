@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from ktjax import progress
 from ktjax.engine.buckets import Bucket, StepBucket
@@ -143,6 +142,24 @@ def _verify_step(forward: Callable) -> Callable:
     return step
 
 
+def tqdm(*args, **kwargs):
+    """tqdm.auto's bar, imported when a compile first needs one (a start from artifacts
+    compiles nothing)."""
+    from tqdm.auto import tqdm as bar
+    return bar(*args, **kwargs)
+
+
+class ProgramSource(Protocol):
+    """Executables made elsewhere (ktjax.export's artifacts), by key: ("step", bucket,
+    sampler) | ("score", bucket)."""
+
+    def __call__(self, key: tuple) -> jax.stages.Compiled | None:
+        """The executable, or None when this source lacks it (it is then compiled)."""
+
+    def holds(self, key: tuple) -> bool:
+        """Whether __call__ would give an executable for `key`."""
+
+
 class ProgramCache:
     """Compiled executables: step programs keyed by (bucket, sampler) (forward + KV update,
     then the sampler's (tokens [B], logprobs [B]) or, with no sampler, the logits; KV
@@ -161,9 +178,12 @@ class ProgramCache:
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self.compiles = 0
-        # Where executables come from before compiling (ktjax.export: loaded artifacts):
-        # source(key) -> Compiled or None, key = ("step", bucket, sampler) | ("score", bucket).
-        self.source: Callable[[tuple], jax.stages.Compiled | None] | None = None
+        # Where executables come from before compiling (ktjax.export: loaded artifacts).
+        self.source: ProgramSource | None = None
+
+    def sourced(self, key: tuple) -> bool:
+        """Whether the source holds the program of `key` (it loads without compiling)."""
+        return self.source is not None and self.source.holds(key)
 
     @property
     def n_step_programs(self) -> int:
@@ -176,7 +196,10 @@ class ProgramCache:
         top logprobs when sampler.top], kv), or (logits, kv) with no sampler; Verify: (params,
         kv, batch, SamplingBatch, draft[, draft_probs]) -> (tokens, logprobs, Verdict, kv)."""
         if (bucket, sampler) not in self._steps:
-            self.compile([(bucket, sampler)])
+            if self.sourced(("step", bucket, sampler)):   # a load: no compile bar
+                self._steps[bucket, sampler] = self._load_or_compile(("step", bucket, sampler))
+            else:
+                self.compile([(bucket, sampler)])
         return self._steps[bucket, sampler]
 
     def scorer(self, bucket: Bucket) -> jax.stages.Compiled:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from ktjax import pytree
 from ktjax.host.ffi import register_targets
 
 CANDIDATES = 256
 
 
-@struct.dataclass
+@pytree.dataclass
 class SamplingBatch:
     """Per-row sampling state, [B] unless noted. recent [B, W]: penalty window (-1 = empty)."""
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from ktjax import pytree
 from ktjax.engine.sampler import CANDIDATES, SamplingBatch, _row_key, apply_penalties, argmax_last
 
 # fold_in constants: the rule's uniforms and residual draws are independent of `sample`'s
@@ -23,7 +23,7 @@ _ACCEPT_STREAM = 0x5EC1
 _RESIDUAL_STREAM = 0x5EC2
 
 
-@struct.dataclass
+@pytree.dataclass
 class Verdict:
     """Per logit row: whether its draft token passes, the residual sample to emit at a
     rejection, and the model log-probs of the draft and residual tokens."""

@@ -23,7 +23,7 @@ import jax
 from jax.experimental import serialize_executable
 
 from ktjax.engine.config import EngineConfig
-from ktjax.engine.programs import ProgramCache
+from ktjax.engine.programs import ProgramCache, ProgramSource
 from ktjax.errors import ArtifactError
 from ktjax.export import identity, manifest, packed_weights
 from ktjax.export.program_set import Key, ProgramSpec, key_name, reachable
@@ -219,28 +219,12 @@ class Artifacts:
                                 f"records {w.get('size')} (truncated or replaced)")
         return packed_weights.read(path, device, handles)
 
-    def source(self, programs: ProgramCache, device: jax.Device
-               ) -> Callable[[Key], jax.stages.Compiled | None]:
+    def source(self, programs: ProgramCache, device: jax.Device) -> ProgramSource:
         """ProgramCache.source: a program from the folder, or None (logged) when the folder
         lacks it, so the cache compiles it."""
         from ktjax.host.ffi import register_targets
         register_targets()  # the executables call them; XLA resolves them as it loads one
-
-        def load(key: Key) -> jax.stages.Compiled | None:
-            name = key_name(key)
-            entry = self.manifest["programs"].get(name)
-            if entry is None:
-                log.warning("%s: no program %s in the artifacts; compiling it", self.folder, name)
-                self.compiled.append(name)
-                return None
-            in_tree, out_tree = _trees(programs, key)
-            compiled = serialize_executable.deserialize_and_load(
-                self._program_bytes(name, entry), in_tree, out_tree,
-                backend=device.client, execution_devices=[device])
-            _check_arguments(compiled, programs, key, self.folder, name)
-            self.loaded.append(name)
-            return compiled
-        return load
+        return _Source(self, programs, device)
 
     def _program_bytes(self, name: str, entry) -> bytes:
         if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or \
@@ -258,3 +242,27 @@ class Artifacts:
             raise ArtifactError(f"{path}: its SHA-256 does not match the manifest (corrupt)")
         return data
 
+
+class _Source:
+    """An artifact folder's programs as ProgramCache.source."""
+
+    def __init__(self, artifacts: Artifacts, programs: ProgramCache, device: jax.Device):
+        self.artifacts, self.programs, self.device = artifacts, programs, device
+
+    def holds(self, key: Key) -> bool:
+        return key_name(key) in self.artifacts.manifest["programs"]
+
+    def __call__(self, key: Key) -> jax.stages.Compiled | None:
+        a, name = self.artifacts, key_name(key)
+        entry = a.manifest["programs"].get(name)
+        if entry is None:
+            log.warning("%s: no program %s in the artifacts; compiling it", a.folder, name)
+            a.compiled.append(name)
+            return None
+        in_tree, out_tree = _trees(self.programs, key)
+        compiled = serialize_executable.deserialize_and_load(
+            a._program_bytes(name, entry), in_tree, out_tree,
+            backend=self.device.client, execution_devices=[self.device])
+        _check_arguments(compiled, self.programs, key, a.folder, name)
+        a.loaded.append(name)
+        return compiled

@@ -4,15 +4,16 @@ are compared field by field (ktjax.export.manifest), so a refusal names what dif
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
+import weakref
 from typing import Any, Mapping
 
 import jax
 import jaxlib
 
+import ktjax
 from ktjax import _native
 from ktjax.gguf.reader import GGUFFile
 
@@ -28,7 +29,17 @@ _SAMPLE_BYTES = 1 << 16
 def model_identity(f: GGUFFile) -> dict[str, Any]:
     """Size, a digest of everything before the tensor data (header, metadata, tensor index:
     names, shapes, types, offsets) and of 16 evenly spaced 64 KiB samples of the data. Content
-    only: a copy of the file elsewhere is the same model."""
+    only: a copy of the file elsewhere is the same model. Measured once per GGUFFile (a load
+    asks twice: for the tokenizer and for the check)."""
+    if f not in _measured:
+        _measured[f] = _model_identity(f)
+    return dict(_measured[f])
+
+
+_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _model_identity(f: GGUFFile) -> dict[str, Any]:
     size = os.path.getsize(f.path)
     with open(f.path, "rb") as fh:
         header = hashlib.sha256(fh.read(f.data_start)).hexdigest()
@@ -72,11 +83,7 @@ def cpu_features() -> list[str]:
 
 
 def software_identity() -> dict[str, Any]:
-    try:
-        version = importlib.metadata.version("ktjax")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return {"ktjax": version, "native_sha256": _native_sha256(), "jax": jax.__version__,
+    return {"ktjax": ktjax.__version__, "native_sha256": _native_sha256(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__}
 
 

@@ -10,10 +10,10 @@ import math
 
 import ml_dtypes
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ktjax import _native
 from ktjax.errors import GGUFError, UnsupportedModelError
+from ktjax.gguf.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _T = GGMLQuantizationType
 

@@ -119,7 +119,7 @@ class Tokenizer:
         # llama.cpp renames empty token texts so every text maps to exactly one id.
         tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(_require(meta, "tokenizer.ggml.tokens"))]
         n = self.vocab_size = len(tokens)
-        vocab = {t: i for i, t in enumerate(tokens)}
+        vocab = dict(zip(tokens, range(n)))
         if len(vocab) != n:
             dup = next(t for i, t in enumerate(tokens) if vocab[t] != i)
             raise GGUFError(f"tokenizer.ggml.tokens holds {dup!r} twice (ids {tokens.index(dup)} and {vocab[dup]})")
@@ -146,11 +146,22 @@ class Tokenizer:
         self.stop_ids = self._resolve_special(meta, tokens, types, vocab)
         self._types = types
         self._tokens = tokens
-        self._pieces = [self._piece_bytes(i) for i in range(n)]
-        self._hidden = frozenset(i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN))
+        # Pieces are made on first use (most of a vocabulary never is: 0.1-0.3 s a start);
+        # byte tokens are checked now, so a malformed one fails the load, not a request.
+        self._pieces: list[bytes | None] = [None] * n
+        hidden, specials = [], []
+        for i, t in enumerate(types):   # one pass: Gemma's 262k tokens
+            if t == NORMAL:
+                continue
+            if t == BYTE:
+                self._piece(i)
+            if t in (CONTROL, UNKNOWN):
+                hidden.append(i)
+            if t in (CONTROL, USER_DEFINED, UNKNOWN):
+                specials.append(i)
+        self._hidden = frozenset(hidden)
         # llama.cpp matches longer special texts first (by UTF-8 length); ties go by id.
-        specials = sorted((i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN)),
-                          key=lambda i: (-len(tokens[i].encode()), i))
+        specials.sort(key=lambda i: (-len(tokens[i].encode()), i))
         self._specials_all = self._index_specials(specials)
         self._specials_user = self._index_specials([i for i in specials if types[i] == USER_DEFINED])
         if hf_json is not None:
@@ -311,7 +322,13 @@ class Tokenizer:
         """The bytes of one token; may be part of a UTF-8 character."""
         if skip_special and self._check_id(i) in self._hidden:
             return b""
-        return self._pieces[self._check_id(i)]
+        return self._piece(self._check_id(i))
+
+    def _piece(self, i: int) -> bytes:
+        piece = self._pieces[i]
+        if piece is None:
+            piece = self._pieces[i] = self._piece_bytes(i)
+        return piece
 
     def token_to_piece(self, i: int) -> str:
         """Text of one token for display (specials shown; partial UTF-8 shown as U+FFFD)."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+import numpy as np
 
+from ktjax import pytree
 from ktjax.errors import KtjaxError
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
@@ -26,7 +27,7 @@ def check_dtype(kv_dtype: str) -> str:
     return kv_dtype
 
 
-@struct.dataclass
+@pytree.dataclass
 class Int8Pages:
     """int8 KV pages and their float32 per-token-per-head scales."""
 
@@ -62,12 +63,23 @@ def is_int8(cache) -> bool:
     return isinstance(cache, Int8Pages)
 
 
-def zeros(shape: tuple[int, ...], kv_dtype: str):
+def zeros(shape: tuple[int, ...], kv_dtype: str, device: jax.Device | None = None):
     """A zeroed cache leaf of `shape` stored as kv_dtype (a width-0 leaf stays a plain array:
-    MLA's value cache holds nothing to scale)."""
+    MLA's value cache holds nothing to scale), on `device` (None: the default device)."""
     if kv_dtype == "int8" and shape[-1] > 0:
-        return Int8Pages(jnp.zeros(shape, jnp.int8), jnp.ones(shape[:-1], jnp.float32))
-    return jnp.zeros(shape, jnp.int8 if kv_dtype == "int8" else jnp.dtype(kv_dtype))
+        return Int8Pages(_full(shape, jnp.int8, 0, device),
+                         _full(shape[:-1], jnp.float32, 1, device))
+    return _full(shape, jnp.int8 if kv_dtype == "int8" else jnp.dtype(kv_dtype), 0, device)
+
+
+def _full(shape: tuple[int, ...], dtype, value: int, device: jax.Device | None) -> jax.Array:
+    """On a CPU device a numpy array handed to XLA: jnp.full compiles a program per shape,
+    0.1 s of a start from artifacts. Elsewhere jnp.full, which fills device memory in place
+    (a host array would cross the bus)."""
+    if device is not None and device.platform == "cpu":
+        host = np.zeros(shape, dtype) if value == 0 else np.full(shape, value, dtype)
+        return jax.device_put(host, device)
+    return jnp.full(shape, value, dtype, device=device)
 
 
 def bytes_per_token_head(d: int, kv_dtype: str) -> int:

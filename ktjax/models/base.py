@@ -8,15 +8,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from ktjax import weights
+from ktjax import pytree, weights
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
 
 
-@struct.dataclass
+@pytree.dataclass
 class Batch:
     """One engine step, padded to its bucket: B rows of T new tokens each.
 
@@ -38,11 +37,11 @@ class Batch:
     block_tables: jax.Array
     cache_lens: jax.Array
     logits_index: jax.Array
-    segments: tuple[tuple[int, int], ...] | None = struct.field(pytree_node=False,
+    segments: tuple[tuple[int, int], ...] | None = pytree.field(pytree_node=False,
                                                                 default=None)
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
     """Paged keys [L, n_pages, page_size, n_kv, head_dim] and values [..., value_dim], as
     the family's KVCacheSpec says."""

@@ -104,13 +104,16 @@ def _block(cfg: Gemma3Config, inv_local: jax.Array, inv_global: jax.Array, lp: d
 
 def make_forward(cfg: Gemma3Config, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
-    inv_local = jnp.asarray(layers.rope_inv_freq(cfg.head_dim, LOCAL_ROPE_BASE))
-    inv_global = jnp.asarray(layers.rope_inv_freq(cfg.head_dim, cfg.rope_global_base,
-                                                  cfg.rope_global_linear_factor))
+    # numpy here, constants of the trace below: jnp.asarray outside a trace compiles a
+    # program (0.1 s of a start from artifacts, which traces nothing)
+    inv_local = layers.rope_inv_freq(cfg.head_dim, LOCAL_ROPE_BASE)
+    inv_global = layers.rope_inv_freq(cfg.head_dim, cfg.rope_global_base,
+                                      cfg.rope_global_linear_factor)
 
     def forward(params: dict, kv: KVCache, batch: Batch):
         return decoder_forward(params, kv, batch,
-                               block=partial(_block, cfg, inv_local, inv_global),
+                               block=partial(_block, cfg, jnp.asarray(inv_local),
+                                             jnp.asarray(inv_global)),
                                backend=backend, rms_eps=cfg.rms_eps,
                                embed_scale=cfg.hidden_size ** 0.5)
     return forward

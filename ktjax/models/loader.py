@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax import device_quant, hybrid_experts
+from ktjax import device_quant
 from ktjax.errors import TensorError
 from ktjax.expert_activation import SILU, ExpertActivation
 from ktjax.gguf import quants
@@ -251,6 +251,7 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
                     DeviceExperts(*(_load_device(f, spec, f"{stack}.{k}", d.format, dtype,
                                                  device) for k in EXPERT_KEYS))
                 if d.placement == "host":  # part on the device / stream-ordered on GPUs
+                    from ktjax import hybrid_experts  # MoE only: it imports flax (slow)
                     target[EXPERTS] = hybrid_experts.from_host(
                         target[EXPERTS], f, [spec.table[f"{stack}.{k}"].names(
                             spec.config.n_layers) for k in EXPERT_KEYS],
