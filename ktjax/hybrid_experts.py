@@ -14,7 +14,8 @@ Every layer keeps its full expert set on the host (what the host runs is chosen 
 the device experts live in one pool [S, ...], contiguous per layer, with `slots` [L, E]
 mapping each (layer, expert) to its pool slot or -1. A layer's tokens are routed as usual;
 the pairs whose expert has a slot run on the device, the others on the host (their ids in
-the host call are the skip id), and the two sums add up.
+the host call are the skip id), and the two sums add up. A family's expert activation and
+biases (gpt-oss) hold on both sides: stored with the host sets, gathered into the pool.
 
 In GPU programs the host part is stream-ordered work (ktjax.host.moe_async): it starts
 before, and is waited for after, the device part and the shared experts, which the device
@@ -35,6 +36,7 @@ import yaml
 from flax import struct
 
 from ktjax.errors import RulesError
+from ktjax.expert_activation import SILU, ExpertActivation
 from ktjax.gguf import quants
 from ktjax.host.moe_async import SKIP, moe_submit, moe_wait
 
@@ -109,15 +111,21 @@ class HybridExperts:
     """A stack's routed experts: full expert sets on the host (`handles`, one per layer) and
     a device pool of some of them (gate, up [S, I, H], down [S, H, I]); `slots` [L, E] is
     each expert's pool slot or -1, `pool_start` [L] the first slot of each layer's window of
-    `window` slots. Rides the scan over layers whole (scan_whole); `layer` is bound per step."""
+    `window` slots. Rides the scan over layers whole (scan_whole); `layer` is bound per step.
+    `activation` and the pool's expert biases (gate/up [S, I], down [S, H], or None) are the
+    family's (gpt-oss); the host sets hold their own."""
 
     handles: tuple[int, ...] = struct.field(pytree_node=False)
     window: int = struct.field(pytree_node=False)
+    activation: ExpertActivation = struct.field(pytree_node=False, default=SILU)
     slots: jax.Array | None = None
     pool_start: jax.Array | None = None
     gate: jax.Array | None = None
     up: jax.Array | None = None
     down: jax.Array | None = None
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
     layer: jax.Array | None = None
     scan_whole: ClassVar[bool] = True
 
@@ -156,18 +164,22 @@ class HybridExperts:
         if n * k <= GATHER_PAIRS:
             s = jnp.where(on_device, slot, 0).reshape(-1)
             xs = jnp.repeat(x, k, axis=0).astype(self.gate.dtype)        # pair p = token p // k
+            biased = lambda v, b: v if b is None else v + b[s]  # noqa: E731
             g = jnp.einsum("ph,pih->pi", xs, self.gate[s], preferred_element_type=jnp.float32)
             u = jnp.einsum("ph,pih->pi", xs, self.up[s], preferred_element_type=jnp.float32)
-            a = (jax.nn.silu(g) * u).astype(self.down.dtype)
-            y = jnp.einsum("pi,phi->ph", a, self.down[s], preferred_element_type=jnp.float32)
+            a = self.activation.apply(biased(g, self.gate_bias), biased(u, self.up_bias))
+            y = biased(jnp.einsum("pi,phi->ph", a.astype(self.down.dtype), self.down[s],
+                                  preferred_element_type=jnp.float32), self.down_bias)
             y = jnp.where(on_device.reshape(-1, 1), y, 0.0) * w.reshape(-1, 1)
             return y.reshape(n, k, -1).sum(axis=1)
         total = self.gate.shape[0]
         start = jnp.minimum(self.pool_start[layer], total - self.window)   # window in bounds
         local = jnp.where(on_device, slot - start, self.window)            # off-device: last
-        pool = [jax.lax.dynamic_slice_in_dim(m, start, self.window) for m in
-                (self.gate, self.up, self.down)]
-        return _grouped(pool, x, local, w, self.window)
+        window = lambda m: None if m is None else \
+            jax.lax.dynamic_slice_in_dim(m, start, self.window)  # noqa: E731
+        pool = [window(m) for m in (self.gate, self.up, self.down)]
+        biases = [window(b) for b in (self.gate_bias, self.up_bias, self.down_bias)]
+        return _grouped(pool, x, local, w, self.window, biases, self.activation)
 
 
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(
@@ -175,7 +187,8 @@ _RAGGED = jax.lax.RaggedDotDimensionNumbers(
     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
-def _grouped(pool, x, local, w, groups: int) -> jax.Array:
+def _grouped(pool, x, local, w, groups: int, biases=(None, None, None),
+             activation: ExpertActivation = SILU) -> jax.Array:
     """Grouped matmuls over `groups` pool experts: pairs sorted by local slot (off-device
     pairs, slot == groups, last and outside every group), masked out of the sum."""
     gate, up, down = pool
@@ -184,13 +197,16 @@ def _grouped(pool, x, local, w, groups: int) -> jax.Array:
     order = jnp.argsort(flat)
     token = order // k
     sizes = jnp.bincount(flat, length=groups + 1)[:groups].astype(jnp.int32)
+    pair_slot = jnp.minimum(flat[order], groups - 1)  # off-device pairs: any row, masked below
 
-    def mm(a, m):
-        return jax.lax.ragged_dot_general(a.astype(m.dtype), m, sizes, _RAGGED,
-                                          preferred_element_type=jnp.float32)
+    def mm(a, m, b):
+        y = jax.lax.ragged_dot_general(a.astype(m.dtype), m, sizes, _RAGGED,
+                                       preferred_element_type=jnp.float32)
+        return y if b is None else y + b[pair_slot]
 
     xs = x[token]
-    y = mm(jax.nn.silu(mm(xs, gate)) * mm(xs, up), down)
+    bg, bu, bd = biases
+    y = mm(activation.apply(mm(xs, gate, bg), mm(xs, up, bu)), down, bd)
     keep = (flat[order] < groups)[:, None]
     y = jnp.where(keep, y, 0.0) * w.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
@@ -201,10 +217,14 @@ def _block_of(name: str) -> int:
 
 
 def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_file: str,
-          n_blocks: int, dtype, device: jax.Device | None, force: bool) -> HybridExperts | None:
+          n_blocks: int, dtype, device: jax.Device | None, force: bool,
+          activation: ExpertActivation = SILU,
+          bias_names: list[list[str] | None] = (None, None, None)) -> HybridExperts | None:
     """The hybrid expert set of a stack whose per-layer GGUF (gate, up, down) names are
     `names`, host sets `handles` already packed; None when the rules ask for no split and
-    `force` is off (CPU programs keep HostExperts)."""
+    `force` is off (CPU programs keep HostExperts). `bias_names`: per projection, the
+    per-layer names of the experts' biases [E, rows] (or None), gathered into the pool as
+    float32."""
     e = f.tensors[names[0][0]].shape[0]
     blocks = [_block_of(g) for g, _, _ in names]
     placement = read_placement(rules_file, n_blocks, e, blocks)
@@ -213,9 +233,9 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
     per_layer = [placement.for_block(b) if placement else () for b in blocks]
     window = max((len(p) for p in per_layer), default=0)
     if window == 0:
-        return HybridExperts(handles=handles, window=0)
+        return HybridExperts(handles=handles, window=0, activation=activation)
     slots = np.full((len(blocks), e), -1, np.int32)
-    start, mats = [], [[], [], []]
+    start, mats, biases = [], [[], [], []], [[], [], []]
     used = 0
     for j, (experts, layer_names) in enumerate(zip(per_layer, names)):
         start.append(used)
@@ -225,12 +245,18 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
                 raw = np.asarray(t.data).reshape(t.shape[0], -1)[list(experts)]
                 mats[i].append(quants.dequantize(raw, t.qtype, (len(experts), *t.shape[1:]),
                                                  dtype=dtype))
+                if bias_names[i] is not None:
+                    b = f.tensors[bias_names[i][j]]
+                    biases[i].append(quants.dequantize(b.data, b.qtype, b.shape,
+                                                       dtype=np.float32)[list(experts)])
         slots[j, list(experts)] = np.arange(used, used + len(experts), dtype=np.int32)
         used += len(experts)
     put = (lambda a: jax.device_put(a, device))
     gate, up, down = (put(np.concatenate(m)) for m in mats)
-    return HybridExperts(handles=handles, window=window, slots=put(slots),
-                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down)
+    gate_b, up_b, down_b = (put(np.concatenate(b)) if b else None for b in biases)
+    return HybridExperts(handles=handles, window=window, activation=activation, slots=put(slots),
+                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down,
+                         gate_bias=gate_b, up_bias=up_b, down_bias=down_b)
 
 
 def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,
@@ -248,13 +274,16 @@ def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n
 
 
 def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int, dtype,
-              device: jax.Device | None):
+              device: jax.Device | None, activation: ExpertActivation = SILU,
+              bias_names: list[list[str] | None] = (None, None, None)):
     """The loader's hook for a stack's host experts (`host`: HostExperts; `per_kind`: the
-    per-layer GGUF names of gate, up and down): a HybridExperts in GPU programs or where the
-    rules file has an `experts:` section, else `host` unchanged."""
+    per-layer GGUF names of gate, up and down; the family's expert activation and bias names,
+    as build takes them): a HybridExperts in GPU programs or where the rules file has an
+    `experts:` section, else `host` unchanged."""
     platform = (device or jax.devices()[0]).platform
     # KTJAX_HOST_MOE_SYNC=1: the synchronous CUDA bridge instead (for before/after figures)
     sync = os.environ.get("KTJAX_HOST_MOE_SYNC", "0") == "1"
     hybrid = build(host.handles, f, list(zip(*per_kind)), rules_file, n_blocks, dtype, device,
-                   force=platform == "gpu" and not sync)
+                   force=platform == "gpu" and not sync, activation=activation,
+                   bias_names=bias_names)
     return host if hybrid is None else hybrid

@@ -40,6 +40,8 @@ SHAPES = {  # hidden, intermediate, experts in the model, top-k
     "qwen3-30b-a3b": (2048, 768, 128, 8),
     "deepseek-v2-lite": (2048, 1408, 64, 6),
     "mixtral-8x7b": (4096, 14336, 8, 2),
+    "gpt-oss-20b": (2880, 2880, 32, 4),
+    "gpt-oss-120b": (2880, 2880, 128, 4),
 }
 T = gguf.GGMLQuantizationType
 # Random GGUF data of these types packs to the format: int8/g32 (Q8_0 as is), int8/row (bf16
@@ -82,16 +84,29 @@ def random_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random
             random_raw(qt, experts * hidden, inter, rng)]
 
 
-def pack_layer(native, fmt: str, raw: list[np.ndarray], experts: int, hidden: int, inter: int) -> int:
-    """Packs random_layer's data in `native` (a build of the native module) as `fmt`."""
+def pack_layer(native, fmt: str, raw: list[np.ndarray], experts: int, hidden: int, inter: int,
+               epilogue: dict | None = None) -> int:
+    """Packs random_layer's data in `native` (a build of the native module) as `fmt`, with
+    an expert epilogue (activation and biases) where given."""
     qt = RAW_TYPES[fmt]
+    extra = {} if epilogue is None else {"epilogue": epilogue}  # older builds lack it
     return native.pack_experts_gguf(raw[0].reshape(-1), int(qt), raw[1].reshape(-1), int(qt),
                                     raw[2].reshape(-1), int(qt), experts, hidden, inter,
-                                    fmt if qt == T.BF16 else "int8")
+                                    fmt if qt == T.BF16 else "int8", **extra)
 
 
-def make_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.Generator) -> int:
-    return pack_layer(_native, fmt, random_layer(fmt, experts, hidden, inter, rng), experts, hidden, inter)
+def gpt_oss_epilogue(experts: int, hidden: int, inter: int, rng: np.random.Generator) -> dict:
+    """gpt-oss's clamped SwiGLU and random biases of every projection."""
+    b = lambda rows: rng.standard_normal((experts, rows)).astype(np.float32) * 0.1  # noqa: E731
+    return {"activation": "swiglu_oai", "alpha": 1.702, "limit": 7.0,
+            "gate_bias": b(inter), "up_bias": b(inter), "down_bias": b(hidden)}
+
+
+def make_layer(fmt: str, experts: int, hidden: int, inter: int, rng: np.random.Generator,
+               epilogue: bool = False) -> int:
+    ep = gpt_oss_epilogue(experts, hidden, inter, rng) if epilogue else None
+    return pack_layer(_native, fmt, random_layer(fmt, experts, hidden, inter, rng), experts, hidden,
+                      inter, ep)
 
 
 def layers_for_rotation(experts: int, top_k: int, qlen: int, expert_bytes: float, llc: int,
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                          "every format's layers are built first and the rounds interleave them; medians reported")
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    ap.add_argument("--epilogue", default="none",
+                    help="comma list of none, swiglu_oai (gpt-oss's biased, clamped SwiGLU experts)")
     ap.add_argument("--overhead", action="store_true",
                     help="also measure the per-call overhead: an empty parallel_for and a tiny MoE call")
     args = ap.parse_args(argv)
@@ -162,17 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     if args.overhead:
         report_overhead(top_k, bw, args.json)
-    formats = args.format.split(",")
+    for epilogue in args.epilogue.split(","):
+        if epilogue not in ("none", "swiglu_oai"):
+            ap.error(f"--epilogue: unknown {epilogue!r}")
+    # (format, epilogue) pairs, labelled "Q4_K" or "Q4_K+swiglu_oai"
+    variants = {f if e == "none" else f"{f}+{e}": (f, e)
+                for f in args.format.split(",") for e in args.epilogue.split(",")}
+    formats = list(variants)
 
-    def build(fmt: str) -> dict:
+    def build(label: str) -> dict:
+        fmt, epilogue = variants[label]
+        biased = epilogue != "none"
         raw = random_layer(fmt, experts, hidden, inter, rng)
         file_bytes = sum(r.nbytes for r in raw) / experts  # the GGUF bytes of one expert
-        layers = [pack_layer(_native, fmt, raw, experts, hidden, inter)]
+        ep = gpt_oss_epilogue(experts, hidden, inter, rng) if biased else None
+        layers = [pack_layer(_native, fmt, raw, experts, hidden, inter, ep)]
         del raw
         expert_bytes = _native.weight_info(layers[0])["bytes"] / experts
         count = args.layers or layers_for_rotation(experts, top_k, min(qlens), expert_bytes, llc,
                                                    args.min_rotation_gib * 2**30)
-        layers += [make_layer(fmt, experts, hidden, inter, rng) for _ in range(count - 1)]
+        layers += [make_layer(fmt, experts, hidden, inter, rng, biased) for _ in range(count - 1)]
         calls = {}
         for qlen in qlens:
             # Each layer routes differently, so a rotation touches distinct experts.
@@ -200,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         touched = float(np.mean([len(np.unique(i)) for i in ids]))
         fractions = [touched * expert_bytes / s / 1e9 / b for s, b in zip(secs, bws)]
         sec, bw = float(np.median(secs)), float(np.median(bws))
-        row = {"shape": args.shape, "format": fmt, "qlen": qlen, "threads": _native.num_threads(),
+        row = {"shape": args.shape, "format": variants[fmt][0], "epilogue": variants[fmt][1],
+               "qlen": qlen, "threads": _native.num_threads(),
                "isa": _native.active_isa(), "experts_per_layer": experts, "layers": len(layers),
                "touched_bytes_per_rotation": touched * expert_bytes * len(layers),
                "rotation_over_llc": touched * expert_bytes * len(layers) / llc,

@@ -12,6 +12,7 @@ import numpy as np
 
 from ktjax import device_quant
 from ktjax.errors import TensorError
+from ktjax.expert_activation import SILU, ExpertActivation
 from ktjax.gguf import quants
 from ktjax.gguf.reader import GGUFFile, TensorView
 from ktjax.host import linear as host_linear
@@ -93,20 +94,38 @@ def _pack_host(f: GGUFFile, names: list[str], fmt: str = "keep") -> HostWeight:
                       out_features=f.tensors[names[0]].shape[0])
 
 
+def expert_bias_names(spec: "ModelSpec", stack: str) -> list[list[str] | None]:
+    """Per projection (gate, up, down), the per-layer GGUF names of the routed experts'
+    biases [E, rows] (table keys `<stack>.ffn_*_exps_bias`, gpt-oss), or None without."""
+    n = spec.config.n_layers
+    return [spec.table[f"{stack}.{k}_bias"].names(n) if f"{stack}.{k}_bias" in spec.table
+            else None for k in EXPERT_KEYS]
+
+
+def expert_activation(spec: "ModelSpec") -> ExpertActivation:
+    """The family's expert activation (its module's EXPERT_ACTIVATION; SiLU by default)."""
+    return getattr(spec.family, "EXPERT_ACTIVATION", SILU)
+
+
 def _pack_experts(f: GGUFFile, spec: "ModelSpec", stack: str, fmt: str) -> HostExperts:
-    """One native expert set per layer of `stack` from the layer's ffn_{gate,up,down}_exps."""
+    """One native expert set per layer of `stack` from the layer's ffn_{gate,up,down}_exps,
+    with the family's activation and the layer's expert biases stored with it."""
     handles = []
     per_kind = [spec.table[f"{stack}.{k}"].names(spec.config.n_layers) for k in EXPERT_KEYS]
-    for names in zip(*per_kind):
+    bias_names = expert_bias_names(spec, stack)
+    activation = expert_activation(spec)
+    for layer, names in enumerate(zip(*per_kind)):
         ts = [f.tensors[n] for n in names]
         e, inter, hidden = ts[0].shape
+        biases = tuple(None if b is None else _dequantize(f.tensors[b[layer]], np.float32)
+                       for b in bias_names)
         if fmt == "keep" or all(t.qtype.name in _FLOAT_QTYPES for t in ts):
             handles.append(host_moe.pack_experts_gguf(
                 *((t.data, int(t.qtype)) for t in ts), e, hidden, inter,
-                "int8" if fmt == "keep" else fmt))
+                "int8" if fmt == "keep" else fmt, activation, biases))
         else:
             handles.append(host_moe.pack_experts_float(
-                *(_dequantize(t, np.float32) for t in ts), fmt))
+                *(_dequantize(t, np.float32) for t in ts), fmt, activation, biases))
     return HostExperts(handles=tuple(handles))
 
 
@@ -236,7 +255,8 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
                     target[EXPERTS] = hybrid_experts.from_host(
                         target[EXPERTS], f, [spec.table[f"{stack}.{k}"].names(
                             spec.config.n_layers) for k in EXPERT_KEYS],
-                        d.rule.source, spec.config.n_layers, dtype, device)
+                        d.rule.source, spec.config.n_layers, dtype, device,
+                        expert_activation(spec), expert_bias_names(spec, stack))
             continue
         if d.placement == "host":
             target[key] = _pack_host(f, names, d.format)
