@@ -248,11 +248,10 @@ def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n
 
 
 def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int, dtype,
-              device: jax.Device | None):
+              device: jax.Device | None, platform: str):
     """The loader's hook for a stack's host experts (`host`: HostExperts; `per_kind`: the
-    per-layer GGUF names of gate, up and down): a HybridExperts in GPU programs or where the
-    rules file has an `experts:` section, else `host` unchanged."""
-    platform = (device or jax.devices()[0]).platform
+    per-layer GGUF names of gate, up and down): a HybridExperts in GPU programs (`platform`
+    "gpu") or where the rules file has an `experts:` section, else `host` unchanged."""
     # KTJAX_HOST_MOE_SYNC=1: the synchronous CUDA bridge instead (for before/after figures)
     sync = os.environ.get("KTJAX_HOST_MOE_SYNC", "0") == "1"
     hybrid = build(host.handles, f, list(zip(*per_kind)), rules_file, n_blocks, dtype, device,

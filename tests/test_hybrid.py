@@ -331,3 +331,75 @@ def test_cuda_hybrid_step_matches_the_cpu_program(tmp_path, moe_path):
     mixed, _, _ = _scores(moe_path, _rules(
         tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
     assert np.abs(mixed - dev).max() < np.abs(host_gpu - dev).max() + 1e-3
+
+
+# ---- GPU programs lowered on this machine ------------------------------------------------
+
+def _synthetic(tmp_path_factory, shape: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_gguf.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_gguf", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_synthetic_gguf", mod)    # its dataclasses look it up
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("syn") / f"{shape}.gguf"
+    mod.write(str(out), shape, 0, mod.T.Q4_K)
+    return out
+
+
+def _custom_calls(f, lowering: str, bucket, placed_for: str):
+    """The custom_call targets of a step program of `f` lowered for `lowering` ("cuda"
+    without a GPU), its params placed by the loader for programs of `placed_for`."""
+    import re
+    from ktjax import rules as placement_rules
+    from ktjax.engine.kv_cache import make_kv_cache
+    from ktjax.engine.programs import ProgramCache
+    from ktjax.kernels.backends import get_backend
+    from ktjax.models import loader
+    spec = loader.inspect(f)
+    rules = placement_rules.rules_for(f.architecture, placed_for, None)
+    placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, placed_for)
+    params = loader.load_params(f, spec, placement, np.float32, platform=placed_for)
+    kv = make_kv_cache(spec.config.cache_spec, 9, 16, "float32")
+    programs = ProgramCache(spec.family.make_forward(spec.config, get_backend("reference")),
+                            params, kv, spec.config.vocab_size)
+    traced = programs._forward.trace(*programs.lower_args(("step", bucket, None)))
+    text = traced.lower(lowering_platforms=(lowering,)).as_text()
+    loader.release_host_weights(params)
+    return set(re.findall(r"custom_call @([\w.$]+)", text))
+
+
+@pytest.mark.parametrize("shape", ["qwen3moe-tiny", "deepseek2-tiny"])
+def test_cuda_programs_call_only_targets_with_cuda_handlers(tmp_path_factory, shape):
+    """The first GPU run failed because a GPU step called ktjax_stacked_matvec, a host target
+    with no CUDA handler: the params of GPU programs (placed for platform "gpu") lowered for
+    CUDA, decode and prefill, call only targets that have one, the routed experts through
+    the stream-ordered submit/wait pair. The same program with CPU-placed params does call
+    CPU-only targets (LayerStack's matvec), which this check catches."""
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    cuda_targets = set(_native.cuda_ffi_targets())
+    f = GGUFFile(_synthetic(tmp_path_factory, shape))
+    for bucket in (StepBucket(1, 0, 0, 8), StepBucket(0, 1, 32, 8)):
+        calls = _custom_calls(f, "cuda", bucket, placed_for="gpu")
+        assert {"ktjax_moe_submit", "ktjax_moe_wait"} <= calls
+        assert calls <= cuda_targets, calls - cuda_targets
+    cpu_placed = _custom_calls(f, "cuda", StepBucket(1, 0, 0, 8), placed_for="cpu")
+    assert "ktjax_stacked_matvec" in cpu_placed - cuda_targets
+
+
+def test_step_programs_are_built_for_the_engines_device(moe_path):
+    """Programs are lowered for the device holding the engine's params and KV cache, not
+    JAX's default backend: on a GPU host an engine given the CPU compiled its steps (with
+    their CPU-only host calls) for CUDA, the first GPU run's failure."""
+    from ktjax.engine.buckets import StepBucket
+    from ktjax.engine.programs import Greedy
+    cpu = jax.devices("cpu")[0]
+    llm = LLM(str(moe_path), rules="qwen2moe", max_model_len=64, device=cpu)
+    args = llm.engine.programs.lower_args(("step", StepBucket(1, 0, 0, 8), Greedy(False)))
+    leaves = jax.tree.leaves(args, is_leaf=lambda n: isinstance(n, jax.ShapeDtypeStruct))
+    shapes = [s for s in leaves if isinstance(s, jax.ShapeDtypeStruct)]
+    assert shapes and all(s.sharding is not None and s.sharding.device_set == {cpu}
+                          for s in shapes)

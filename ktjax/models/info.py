@@ -24,7 +24,7 @@ def placement_memory(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: 
     """Per rule [decision, tensors, bytes], and the bytes on each of device and host (device
     matrices kept quantized: the exact bytes of the arrays the loader makes)."""
     placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
-    keep_quantized = platform != "cpu"    # as loader.keeps_quantized for that device
+    keep_quantized = loader.keeps_quantized(platform)
     groups: dict = {}
     for path, d in placement.items():
         tspec = spec.table[path]
