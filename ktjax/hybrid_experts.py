@@ -9,6 +9,8 @@ that moves some of them to the device (XLA):
       device_blocks: [0, 5]          # or name the blocks whose experts all go to the device
       hot: {12: [3, 17, 40]}         # per block, experts on the device (the frequent ones:
                                      # scripts/expert_placement.py measures them)
+      defer: 2             # KTransformers' expert deferral: each token's 2 lowest-weighted
+                           # host experts of a layer join the next layer's output (below)
 
 Every layer keeps its full expert set on the host (what the host runs is chosen per token);
 the device experts live in one pool [S, ...], contiguous per layer, with `slots` [L, E]
@@ -20,6 +22,13 @@ In GPU programs the host part is stream-ordered work (ktjax.host.moe_async): it 
 before, and is waited for after, the device part and the shared experts, which the device
 computes meanwhile. Without an `experts:` section, host experts in GPU programs take this
 path with an empty pool; CPU programs keep HostExperts unless the section asks for a split.
+
+Expert deferral (`defer: N`): of each token's top-k experts that run on the host, the N with
+the lowest routing weights are a second host job, submitted after the layer's own and waited
+for in the next layer, whose output they join (the last layer's after the scan): the host
+computes them while the device runs the next layer's attention. The next layer's input lacks
+them, which is the accuracy cost (docs/kernel-notes.md, "hybrid"). The job's token is state
+carried by the scan over layers (`Deferral`).
 """
 from __future__ import annotations
 
@@ -36,20 +45,22 @@ from flax import struct
 
 from ktjax.errors import RulesError
 from ktjax.gguf import quants
-from ktjax.host.moe_async import SKIP, moe_submit, moe_wait
+from ktjax.host.moe_async import SKIP, moe_submit, moe_wait, reserve_site
 
 # Up to this many (token, expert) pairs on the device, each pair's expert is gathered from the
 # pool (decode reads only the experts it runs); above, the layer's window of the pool runs as
 # grouped matmuls (prefill, where most of the layer's device experts have tokens).
 GATHER_PAIRS = 64
-_KEYS = {"n_cpu_moe", "device_blocks", "hot"}
+_KEYS = {"n_cpu_moe", "device_blocks", "hot", "defer"}
 
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Per block (GGUF block index), the experts placed on the device."""
+    """Per block (GGUF block index), the experts placed on the device; `defer`: host experts
+    per token deferred to the next layer."""
 
     device: dict[int, tuple[int, ...]]
+    defer: int = 0
 
     def for_block(self, block: int) -> tuple[int, ...]:
         return self.device.get(block, ())
@@ -101,7 +112,10 @@ def read_placement(rules_file: str | Path, n_blocks: int, n_experts: int,
             raise RulesError(f"{where}.hot[{b}]: expected a list of expert ids in "
                              f"[0, {n_experts}), got {ids!r}")
         device.setdefault(b, set()).update(ids)
-    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e})
+    defer = section.get("defer", 0)
+    if not isinstance(defer, int) or isinstance(defer, bool) or defer < 0:
+        raise RulesError(f"{where}.defer: expected a number of experts >= 0, got {defer!r}")
+    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e}, defer)
 
 
 @struct.dataclass
@@ -119,6 +133,11 @@ class HybridExperts:
     up: jax.Array | None = None
     down: jax.Array | None = None
     layer: jax.Array | None = None
+    defer: int = struct.field(pytree_node=False, default=0)
+    # bound per layer by Deferral.bind: the previous layer's deferred job and where this
+    # layer hands its own on
+    pending: jax.Array | None = None
+    deferral: "Deferral | None" = struct.field(pytree_node=False, default=None)
     scan_whole: ClassVar[bool] = True
 
     def at_layer(self, layer: jax.Array) -> "HybridExperts":
@@ -136,6 +155,9 @@ class HybridExperts:
             slot = self.slots[layer][ids]                       # [N, k]
             on_device = slot >= 0
             ids = jnp.where(on_device, SKIP, ids)
+        deferred = None
+        if self.deferral is not None:
+            ids, deferred = _split_lowest(ids, route.weights, self.defer)
         token, site = moe_submit(x.astype(jnp.float32), ids, route.weights, layer, self.handles)
         # The device's work reads x through a barrier with the token: it is ordered after the
         # submit, so the host starts first and both run at once.
@@ -146,9 +168,13 @@ class HybridExperts:
         if extra is not None:
             parts.append(extra(xd).astype(jnp.float32))
         if not parts:
-            return moe_wait(token, site, x, n, hidden)
-        done = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        return moe_wait(token, site, done, n, hidden) + done
+            y = moe_wait(token, site, x, n, hidden)
+        else:
+            done = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            y = moe_wait(token, site, done, n, hidden) + done
+        if deferred is not None:
+            y = y + self.deferral.hand_on(self, x, y, deferred, layer)
+        return y
 
     def _device_part(self, x, route, slot, on_device, layer) -> jax.Array:
         n, k = slot.shape
@@ -168,6 +194,70 @@ class HybridExperts:
         pool = [jax.lax.dynamic_slice_in_dim(m, start, self.window) for m in
                 (self.gate, self.up, self.down)]
         return _grouped(pool, x, local, w, self.window)
+
+
+def _split_lowest(ids: jax.Array, w: jax.Array, defer: int
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(ids with each token's `defer` lowest-weighted host slots SKIP, (those slots' ids
+    [N, defer], weights [N, defer])). Slots already SKIP (device pairs) rank lowest, so a
+    token defers only host experts and defers fewer when fewer run on the host."""
+    rank = jnp.where(ids == SKIP, -jnp.inf, w)
+    order = jnp.argsort(-rank, axis=1, stable=True)
+    last = order[:, ids.shape[1] - defer:]
+    later = jnp.take_along_axis(ids, last, axis=1), jnp.take_along_axis(w, last, axis=1)
+    now = jnp.where(jnp.any(jnp.arange(ids.shape[1])[None, :, None] == last[:, None, :], -1),
+                    SKIP, ids)
+    return now, later
+
+
+class Deferral:
+    """The deferred host job's state through one scan over a stack's layers (one per traced
+    scan: its site is that program's): the job submitted before the scan (zeros: nothing to
+    defer yet) or by the previous layer, whose token the scan carries; `bind` gives a layer
+    its token, `hand_on` waits for it and submits the layer's own, `finish` waits for the
+    last layer's."""
+
+    def __init__(self, experts: HybridExperts, x: jax.Array):
+        n, hidden = x.shape
+        self.shape = (n, hidden)
+        self.site = reserve_site(n, hidden, experts.defer, experts.handles)
+        self.token, _ = moe_submit(jnp.zeros((n, hidden), jnp.float32),
+                                   jnp.full((n, experts.defer), SKIP, jnp.int32),
+                                   jnp.zeros((n, experts.defer), jnp.float32),
+                                   jnp.zeros((), jnp.int32), experts.handles, site=self.site)
+        self.submitted: jax.Array | None = None
+
+    @staticmethod
+    def of_stack(whole: dict, x: jax.Array) -> tuple[str, "Deferral"] | None:
+        """(params key, Deferral) for a stack whose routed experts defer, else None."""
+        for key, w in whole.items():
+            if isinstance(w, HybridExperts) and w.defer:
+                return key, Deferral(w, x.reshape(-1, x.shape[-1]))
+        return None
+
+    def bind(self, experts: HybridExperts, pending: jax.Array) -> HybridExperts:
+        self.submitted = None
+        return experts.replace(pending=pending, deferral=self)
+
+    def hand_on(self, experts: HybridExperts, x: jax.Array, after: jax.Array,
+                deferred: tuple[jax.Array, jax.Array], layer: jax.Array) -> jax.Array:
+        """The previous layer's deferred result (waited for once `after`, this layer's own
+        experts, is done), and this layer's deferred pairs submitted (after that wait: they
+        reuse the site's buffers)."""
+        prev = moe_wait(experts.pending, self.site, after, *self.shape)
+        ids, w = deferred
+        self.submitted, _ = moe_submit(x.astype(jnp.float32), ids, w, layer, experts.handles,
+                                       site=self.site, after=prev)
+        return prev
+
+    def take_submitted(self) -> jax.Array:
+        if self.submitted is None:
+            raise RuntimeError("a deferring layer ran no routed experts")  # a family bug
+        return self.submitted
+
+    def finish(self, token: jax.Array, x: jax.Array) -> jax.Array:
+        """The last layer's deferred result, in x's shape and dtype."""
+        return moe_wait(token, self.site, x, *self.shape).reshape(x.shape).astype(x.dtype)
 
 
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(
@@ -212,8 +302,13 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
         return None
     per_layer = [placement.for_block(b) if placement else () for b in blocks]
     window = max((len(p) for p in per_layer), default=0)
+    defer = placement.defer if placement else 0
+    k = int(f.get(f"{f.architecture}.expert_used_count"))
+    if defer >= k:
+        raise RulesError(f"{rules_file}: experts.defer: {defer} of the {k} experts a token "
+                         f"uses leaves none for its own layer (expected 0..{k - 1})")
     if window == 0:
-        return HybridExperts(handles=handles, window=0)
+        return HybridExperts(handles=handles, window=0, defer=defer)
     slots = np.full((len(blocks), e), -1, np.int32)
     start, mats = [], [[], [], []]
     used = 0
@@ -230,7 +325,8 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
     put = (lambda a: jax.device_put(a, device))
     gate, up, down = (put(np.concatenate(m)) for m in mats)
     return HybridExperts(handles=handles, window=window, slots=put(slots),
-                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down)
+                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down,
+                         defer=defer)
 
 
 def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,

@@ -132,7 +132,7 @@ def test_bad_input_names_the_problem(expert_sets):
     }
     for name, (value, match) in bad.items():
         ops = [jnp.zeros((3, H), jnp.float32), jnp.zeros((3, K), jnp.int32),
-               jnp.zeros((3, K), jnp.float32), jnp.int32(0)]
+               jnp.zeros((3, K), jnp.float32), jnp.int32(0), jnp.int32(0)]
         ops[{"x": 0, "ids": 1, "ids_dtype": 1, "layer": 3}[name]] = value
         with pytest.raises(Exception, match=match):
             jax.jit(lambda *a: submit(*a, site=np.int64(site)))(*ops)
@@ -349,9 +349,10 @@ def _synthetic(tmp_path_factory, shape: str):
     return out
 
 
-def _custom_calls(f, lowering: str, bucket, placed_for: str):
+def _custom_calls(f, lowering: str, bucket, placed_for: str, rules: str | None = None):
     """The custom_call targets of a step program of `f` lowered for `lowering` ("cuda"
-    without a GPU), its params placed by the loader for programs of `placed_for`."""
+    without a GPU), its params placed by the loader for programs of `placed_for` (by
+    `rules`, default the platform's)."""
     import re
     from ktjax import rules as placement_rules
     from ktjax.engine.kv_cache import make_kv_cache
@@ -359,7 +360,7 @@ def _custom_calls(f, lowering: str, bucket, placed_for: str):
     from ktjax.kernels.backends import get_backend
     from ktjax.models import loader
     spec = loader.inspect(f)
-    rules = placement_rules.rules_for(f.architecture, placed_for, None)
+    rules = placement_rules.rules_for(f.architecture, placed_for, rules)
     placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, placed_for)
     params = loader.load_params(f, spec, placement, np.float32, platform=placed_for)
     kv = make_kv_cache(spec.config.cache_spec, 9, 16, "float32")
@@ -403,3 +404,66 @@ def test_step_programs_are_built_for_the_engines_device(moe_path):
     shapes = [s for s in leaves if isinstance(s, jax.ShapeDtypeStruct)]
     assert shapes and all(s.sharding is not None and s.sharding.device_set == {cpu}
                           for s in shapes)
+
+
+# ---- expert deferral ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen3moe_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q3")
+    kw = dict(n_experts=E, n_used=4, hidden=H, expert_ffn=I, seed=3)
+    return (write_tiny_gguf(d / "one.gguf", "qwen3moe", n_layers=1, **kw),
+            write_tiny_gguf(d / "four.gguf", "qwen3moe", n_layers=4, **kw))
+
+
+def _rules_of(tmp_path, arch: str, section: str) -> str:
+    from ktjax.rules import rules_path
+    p = tmp_path / f"{arch}-{abs(hash(section))}.yaml"
+    p.write_text(rules_path(arch).read_text() + section)
+    return str(p)
+
+
+def test_deferral_zero_is_unchanged_and_n_moves_experts_a_layer_on(tmp_path, qwen3moe_paths):
+    """defer 0 scores exactly as the plain host experts. defer 2 of a one-layer model only
+    moves the deferred sum after the layer (the same logits within float rounding); of a
+    four-layer model it changes the logits (the next layers miss those experts) but not
+    beyond a perturbation, and generates."""
+    ids = list(range(5, 45))
+    one, four = qwen3moe_paths
+    for path, close in ((one, True), (four, False)):
+        plain = LLM(str(path), rules="qwen3moe", max_model_len=64).score(ids)
+        zero = LLM(str(path), rules=_rules_of(tmp_path, "qwen3moe", "experts: {defer: 0}\n"),
+                   max_model_len=64)
+        assert isinstance(zero.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
+        np.testing.assert_array_equal(zero.score(ids), plain)
+        two = LLM(str(path), rules=_rules_of(tmp_path, "qwen3moe", "experts: {defer: 2}\n"),
+                  max_model_len=64)
+        deferred = two.score(ids)
+        gap = np.abs(deferred - plain).max()
+        if close:
+            assert gap < 1e-4
+        else:
+            assert 1e-3 < gap < 2.0
+        out = two.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert len(out[0].token_ids) == 4
+        ma.raise_host_errors()
+
+
+def test_deferral_in_deepseek2_and_rules_errors(tmp_path_factory, tmp_path):
+    """DeepSeek's leading dense layer, then routed layers with a shared expert, deferring:
+    runs and differs from no deferral; its CUDA program still calls only CUDA targets. A
+    defer of k or a negative one is refused naming the key."""
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    path = _synthetic(tmp_path_factory, "deepseek2-tiny")
+    ids = list(range(5, 40))
+    plain = LLM(str(path), max_model_len=64).score(ids)
+    rules = _rules_of(tmp_path, "deepseek2", "experts: {defer: 1}\n")
+    deferred = LLM(str(path), rules=rules, max_model_len=64).score(ids)
+    assert np.isfinite(deferred).all() and np.abs(deferred - plain).max() > 0
+    calls = _custom_calls(GGUFFile(path), "cuda", StepBucket(1, 0, 0, 8), "gpu", rules)
+    assert calls <= set(_native.cuda_ffi_targets())
+    for section, match in (("experts: {defer: 4}\n", r"defer: 4 of the 4 experts"),
+                           ("experts: {defer: -1}\n", r"defer: expected a number")):
+        with pytest.raises(RulesError, match=match):
+            LLM(str(path), rules=_rules_of(tmp_path, "deepseek2", section), max_model_len=64)

@@ -2,8 +2,9 @@
 // order, split so the device computes what lies between (the shared experts) while the host
 // computes the routed ones.
 //
-//   token u8[1] = ktjax_moe_submit(x f32[T, H], ids s32[T, k], weights f32[T, k], layer s32[];
-//                                  attr site)
+//   token u8[1] = ktjax_moe_submit(x f32[T, H], ids s32[T, k], weights f32[T, k], layer s32[],
+//                                  after; attr site)      `after`: as the wait's (a deferred
+//                                                          job reusing a site: its last wait)
 //   out f32[T, H] = ktjax_moe_wait(token, after; attr site)      `after`: any operand the wait
 //                                                                  is ordered after
 //
@@ -64,7 +65,7 @@ ffi::Error check_wait(const MoeSite& s, const ffi::AnyBuffer& out) {
 // ---- CPU --------------------------------------------------------------------------------
 
 ffi::Error submit_cpu(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights, ffi::AnyBuffer layer,
-                      ffi::Result<ffi::AnyBuffer> /*token*/, int64_t site_id) {
+                      ffi::AnyBuffer /*after*/, ffi::Result<ffi::AnyBuffer> /*token*/, int64_t site_id) {
   MoeSite* s = nullptr;
   KT_FFI_CHECK(site_of(site_id, &s));
   KT_FFI_CHECK(check_submit(*s, x, ids, weights, layer));
@@ -108,7 +109,8 @@ void wait_host_fn(void* site) { wait_moe_job(static_cast<MoeSite*>(site)); }
 uint64_t dptr(const ffi::AnyBuffer& b) { return reinterpret_cast<uint64_t>(b.untyped_data()); }
 
 ffi::Error submit_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
-                       ffi::AnyBuffer layer, ffi::Result<ffi::AnyBuffer> /*token*/, int64_t site_id) {
+                       ffi::AnyBuffer layer, ffi::AnyBuffer /*after*/, ffi::Result<ffi::AnyBuffer> /*token*/,
+                       int64_t site_id) {
   MoeSite* s = nullptr;
   KT_FFI_CHECK(site_of(site_id, &s));
   KT_FFI_CHECK(check_submit(*s, x, ids, weights, layer));
@@ -142,6 +144,7 @@ auto bind_submit(B b) {
       .template Arg<ffi::AnyBuffer>()  // expert_ids
       .template Arg<ffi::AnyBuffer>()  // expert_weights
       .template Arg<ffi::AnyBuffer>()  // layer
+      .template Arg<ffi::AnyBuffer>()  // after (ordering only)
       .template Ret<ffi::AnyBuffer>()  // token
       .template Attr<int64_t>("site");
 }
