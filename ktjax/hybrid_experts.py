@@ -11,6 +11,8 @@ that moves some of them to the device (XLA):
                                      # scripts/expert_placement.py measures them)
       defer: 2             # KTransformers' expert deferral: each token's 2 lowest-weighted
                            # host experts of a layer join the next layer's output (below)
+      device_prefill_min_tokens: 256   # steps of >= 256 tokens run every routed expert on
+                           # the device, the layer's weights streamed from host memory (below)
 
 Every layer keeps its full expert set on the host (what the host runs is chosen per token);
 the device experts live in one pool [S, ...], contiguous per layer, with `slots` [L, E]
@@ -28,14 +30,24 @@ the lowest routing weights are a second host job, submitted after the layer's ow
 for in the next layer, whose output they join (the last layer's after the scan): the host
 computes them while the device runs the next layer's attention. The next layer's input lacks
 them, which is the accuracy cost (docs/kernel-notes.md, "hybrid"). The job's token is state
-carried by the scan over layers (`Deferral`).
+carried by the scan over layers (`ExpertCarry`).
+
+Prefill on the device (`device_prefill_min_tokens: M`, llama.cpp offloads batches of 32+
+tokens, KTransformers has gpu-prefill-token-threshold): every layer's experts are also held in
+host memory (the `pinned_host` memory space, GGUF blocks kept as QuantMatrix codes), and a
+step program of M tokens or more (the choice is static: the bucket's token count) copies each
+layer's experts to the device and runs them there as grouped matmuls. The copy of layer i+1
+is issued at the top of layer i and carried by the scan (double buffering): it depends on
+nothing layer i computes, so XLA's scheduler may run it as an async copy under layer i's
+work. Smaller steps (decode) run the host experts. 0 (the default) never streams: the host
+copy takes as much memory again as the experts' file bytes.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +55,8 @@ import numpy as np
 import yaml
 from flax import struct
 
+from ktjax import device_quant
+from ktjax.device_quant import QuantMatrix
 from ktjax.errors import RulesError
 from ktjax.gguf import quants
 from ktjax.host.moe_async import SKIP, moe_submit, moe_wait, reserve_site
@@ -51,16 +65,18 @@ from ktjax.host.moe_async import SKIP, moe_submit, moe_wait, reserve_site
 # pool (decode reads only the experts it runs); above, the layer's window of the pool runs as
 # grouped matmuls (prefill, where most of the layer's device experts have tokens).
 GATHER_PAIRS = 64
-_KEYS = {"n_cpu_moe", "device_blocks", "hot", "defer"}
+_KEYS = {"n_cpu_moe", "device_blocks", "hot", "defer", "device_prefill_min_tokens"}
 
 
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Per block (GGUF block index), the experts placed on the device; `defer`: host experts
-    per token deferred to the next layer."""
+    per token deferred to the next layer; `prefill_min_tokens`: steps of at least this many
+    tokens stream every layer's experts to the device (0: never)."""
 
     device: dict[int, tuple[int, ...]]
     defer: int = 0
+    prefill_min_tokens: int = 0
 
     def for_block(self, block: int) -> tuple[int, ...]:
         return self.device.get(block, ())
@@ -112,10 +128,14 @@ def read_placement(rules_file: str | Path, n_blocks: int, n_experts: int,
             raise RulesError(f"{where}.hot[{b}]: expected a list of expert ids in "
                              f"[0, {n_experts}), got {ids!r}")
         device.setdefault(b, set()).update(ids)
-    defer = section.get("defer", 0)
-    if not isinstance(defer, int) or isinstance(defer, bool) or defer < 0:
-        raise RulesError(f"{where}.defer: expected a number of experts >= 0, got {defer!r}")
-    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e}, defer)
+    counts = {}
+    for key, what in (("defer", "experts"), ("device_prefill_min_tokens", "tokens")):
+        v = section.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise RulesError(f"{where}.{key}: expected a number of {what} >= 0, got {v!r}")
+        counts[key] = v
+    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e},
+                           counts["defer"], counts["device_prefill_min_tokens"])
 
 
 @struct.dataclass
@@ -134,20 +154,42 @@ class HybridExperts:
     down: jax.Array | None = None
     layer: jax.Array | None = None
     defer: int = struct.field(pytree_node=False, default=0)
-    # bound per layer by Deferral.bind: the previous layer's deferred job and where this
-    # layer hands its own on
-    pending: jax.Array | None = None
-    deferral: "Deferral | None" = struct.field(pytree_node=False, default=None)
+    # every layer's (gate, up, down) in host memory, [L, E * out, in] (QuantMatrix or
+    # arrays), streamed to the device by steps of >= prefill_min_tokens tokens
+    stream: tuple | None = None
+    prefill_min_tokens: int = struct.field(pytree_node=False, default=0)
+    n_experts: int = struct.field(pytree_node=False, default=0)
+    dtype: str = struct.field(pytree_node=False, default="float32")
+    # bound per layer by ExpertCarry.bind: the state the previous layer handed on (its
+    # deferred job's token, or this layer's streamed weights) and the carry to hand on to
+    carried: Any = None
+    carry: "ExpertCarry | None" = struct.field(pytree_node=False, default=None)
     scan_whole: ClassVar[bool] = True
 
     def at_layer(self, layer: jax.Array) -> "HybridExperts":
         return self.replace(layer=layer)
+
+    def streams(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens (static: its bucket's) runs every expert on the
+        device from streamed weights."""
+        return self.stream is not None and 0 < self.prefill_min_tokens <= tokens
+
+    def fetch(self, layer: jax.Array):
+        """Layer `layer`'s streamed (gate, up, down), copied to device memory."""
+        n = jax.tree.leaves(self.stream)[0].shape[0]
+        i = jnp.minimum(layer, n - 1)
+        return jax.tree.map(lambda a: jax.device_put(
+            jax.lax.dynamic_index_in_dim(a, i, keepdims=False), jax.memory.Space.Device),
+            self.stream)
 
     def with_extra(self, x: jax.Array, route, extra: Callable[[jax.Array], jax.Array] | None
                    ) -> jax.Array:
         """Routed experts of x [N, H] (+ extra(x), the shared experts, computed while the host
         works): float32 [N, H]."""
         n, hidden = x.shape
+        if self.carry is not None and self.carry.streaming:
+            y = self._streamed_part(x, route)
+            return y if extra is None else y + extra(x).astype(jnp.float32)
         layer = jnp.zeros((), jnp.int32) if self.layer is None else self.layer
         ids = route.ids
         on_device = None
@@ -156,7 +198,7 @@ class HybridExperts:
             on_device = slot >= 0
             ids = jnp.where(on_device, SKIP, ids)
         deferred = None
-        if self.deferral is not None:
+        if self.carry is not None:
             ids, deferred = _split_lowest(ids, route.weights, self.defer)
         token, site = moe_submit(x.astype(jnp.float32), ids, route.weights, layer, self.handles)
         # The device's work reads x through a barrier with the token: it is ordered after the
@@ -173,8 +215,16 @@ class HybridExperts:
             done = parts[0] if len(parts) == 1 else parts[0] + parts[1]
             y = moe_wait(token, site, done, n, hidden) + done
         if deferred is not None:
-            y = y + self.deferral.hand_on(self, x, y, deferred, layer)
+            y = y + self.carry.hand_on(self, x, y, deferred, layer)
         return y
+
+    def _streamed_part(self, x: jax.Array, route) -> jax.Array:
+        """Every routed expert on the device, from this layer's streamed weights."""
+        mats = []
+        for m in self.carried:
+            w = device_quant.dequantize(m, self.dtype) if isinstance(m, QuantMatrix) else m
+            mats.append(w.astype(self.dtype).reshape(self.n_experts, -1, w.shape[-1]))
+        return _grouped(mats, x, route.ids, route.weights, self.n_experts)
 
     def _device_part(self, x, route, slot, on_device, layer) -> jax.Array:
         n, k = slot.shape
@@ -210,54 +260,65 @@ def _split_lowest(ids: jax.Array, w: jax.Array, defer: int
     return now, later
 
 
-class Deferral:
-    """The deferred host job's state through one scan over a stack's layers (one per traced
-    scan: its site is that program's): the job submitted before the scan (zeros: nothing to
-    defer yet) or by the previous layer, whose token the scan carries; `bind` gives a layer
-    its token, `hand_on` waits for it and submits the layer's own, `finish` waits for the
-    last layer's."""
+class ExpertCarry:
+    """What the scan over a stack's layers carries for its routed experts, one per traced scan
+    (so per program): in a step that streams (HybridExperts.streams), the weights of the
+    layer about to run, the next layer's copy issued as each layer starts; otherwise, with
+    deferral, the token of the deferred host job of the previous layer (before the first
+    layer a zero job, on a site of the program's own). `bind` gives a layer the carried state,
+    the layer sets `next`, `finish` ends the scan."""
 
     def __init__(self, experts: HybridExperts, x: jax.Array):
         n, hidden = x.shape
         self.shape = (n, hidden)
+        self.streaming = experts.streams(n)
+        self.next = None
+        if self.streaming:
+            self.initial = experts.fetch(jnp.zeros((), jnp.int32))
+            return
         self.site = reserve_site(n, hidden, experts.defer, experts.handles)
-        self.token, _ = moe_submit(jnp.zeros((n, hidden), jnp.float32),
-                                   jnp.full((n, experts.defer), SKIP, jnp.int32),
-                                   jnp.zeros((n, experts.defer), jnp.float32),
-                                   jnp.zeros((), jnp.int32), experts.handles, site=self.site)
-        self.submitted: jax.Array | None = None
+        self.initial, _ = moe_submit(jnp.zeros((n, hidden), jnp.float32),
+                                     jnp.full((n, experts.defer), SKIP, jnp.int32),
+                                     jnp.zeros((n, experts.defer), jnp.float32),
+                                     jnp.zeros((), jnp.int32), experts.handles, site=self.site)
 
     @staticmethod
-    def of_stack(whole: dict, x: jax.Array) -> tuple[str, "Deferral"] | None:
-        """(params key, Deferral) for a stack whose routed experts defer, else None."""
+    def of_stack(whole: dict, x: jax.Array) -> tuple[str, "ExpertCarry"] | None:
+        """(params key, ExpertCarry) for a stack whose routed experts carry state in a step
+        of x's tokens, else None."""
+        tokens = x.reshape(-1, x.shape[-1])
         for key, w in whole.items():
-            if isinstance(w, HybridExperts) and w.defer:
-                return key, Deferral(w, x.reshape(-1, x.shape[-1]))
+            if isinstance(w, HybridExperts) and (w.defer or w.streams(tokens.shape[0])):
+                return key, ExpertCarry(w, tokens)
         return None
 
-    def bind(self, experts: HybridExperts, pending: jax.Array) -> HybridExperts:
-        self.submitted = None
-        return experts.replace(pending=pending, deferral=self)
+    def bind(self, experts: HybridExperts, state, layer: jax.Array) -> HybridExperts:
+        """`experts` for stack layer `layer`, given the state the previous one handed on."""
+        self.next = experts.fetch(layer + 1) if self.streaming else None
+        return experts.replace(carried=state, carry=self)
 
     def hand_on(self, experts: HybridExperts, x: jax.Array, after: jax.Array,
                 deferred: tuple[jax.Array, jax.Array], layer: jax.Array) -> jax.Array:
         """The previous layer's deferred result (waited for once `after`, this layer's own
         experts, is done), and this layer's deferred pairs submitted (after that wait: they
         reuse the site's buffers)."""
-        prev = moe_wait(experts.pending, self.site, after, *self.shape)
+        prev = moe_wait(experts.carried, self.site, after, *self.shape)
         ids, w = deferred
-        self.submitted, _ = moe_submit(x.astype(jnp.float32), ids, w, layer, experts.handles,
-                                       site=self.site, after=prev)
+        self.next, _ = moe_submit(x.astype(jnp.float32), ids, w, layer, experts.handles,
+                                  site=self.site, after=prev)
         return prev
 
-    def take_submitted(self) -> jax.Array:
-        if self.submitted is None:
-            raise RuntimeError("a deferring layer ran no routed experts")  # a family bug
-        return self.submitted
+    def take_next(self):
+        if self.next is None:
+            raise RuntimeError("a layer with carried expert state ran no routed experts")
+        return self.next
 
-    def finish(self, token: jax.Array, x: jax.Array) -> jax.Array:
-        """The last layer's deferred result, in x's shape and dtype."""
-        return moe_wait(token, self.site, x, *self.shape).reshape(x.shape).astype(x.dtype)
+    def finish(self, state, x: jax.Array) -> jax.Array:
+        """x after the scan: plus the last layer's deferred result when deferring."""
+        if self.streaming:
+            return x
+        last = moe_wait(state, self.site, x, *self.shape)
+        return x + last.reshape(x.shape).astype(x.dtype)
 
 
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(
@@ -307,8 +368,12 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
     if defer >= k:
         raise RulesError(f"{rules_file}: experts.defer: {defer} of the {k} experts a token "
                          f"uses leaves none for its own layer (expected 0..{k - 1})")
+    min_tokens = placement.prefill_min_tokens if placement else 0
+    common = dict(handles=handles, defer=defer, n_experts=e, dtype=jnp.dtype(dtype).name,
+                  prefill_min_tokens=min_tokens,
+                  stream=_host_stream(f, names, dtype, device) if min_tokens else None)
     if window == 0:
-        return HybridExperts(handles=handles, window=0, defer=defer)
+        return HybridExperts(window=0, **common)
     slots = np.full((len(blocks), e), -1, np.int32)
     start, mats = [], [[], [], []]
     used = 0
@@ -324,9 +389,34 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
         used += len(experts)
     put = (lambda a: jax.device_put(a, device))
     gate, up, down = (put(np.concatenate(m)) for m in mats)
-    return HybridExperts(handles=handles, window=window, slots=put(slots),
+    return HybridExperts(window=window, slots=put(slots),
                          pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down,
-                         defer=defer)
+                         **common)
+
+
+def _host_stream(f, names: list[tuple[str, str, str]], dtype, device: jax.Device | None
+                 ) -> tuple:
+    """Every layer's (gate, up, down) as [L, E * out, in] in host memory (`pinned_host`, which
+    the device copies from without staging): GGUF blocks kept as QuantMatrix codes where the
+    device has a layout for the type (dequantized inside the step), else dequantized to
+    `dtype`."""
+    host = jax.sharding.SingleDeviceSharding(device or jax.devices()[0],
+                                             memory_kind="pinned_host")
+    out = []
+    for per_layer in zip(*names):                 # gate names, up names, down names
+        ts = [f.tensors[n] for n in per_layer]
+        e, rows, cols = ts[0].shape
+        qtypes = {t.qtype for t in ts}
+        if len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES:
+            qm = device_quant.stack_to_device(
+                [device_quant.pack_gguf(np.asarray(t.data), t.qtype, (e * rows, cols))
+                 for t in ts], "keep", True, None)
+            out.append(jax.tree.map(lambda a: jax.device_put(a, host), qm))
+        else:
+            out.append(jax.device_put(np.stack([quants.dequantize(
+                t.data, t.qtype, t.shape, dtype=dtype).reshape(e * rows, cols) for t in ts]),
+                host))
+    return tuple(out)
 
 
 def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,

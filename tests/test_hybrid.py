@@ -335,6 +335,9 @@ def test_cuda_hybrid_step_matches_the_cpu_program(tmp_path, moe_path):
 
 # ---- GPU programs lowered on this machine ------------------------------------------------
 
+# custom calls XLA itself implements on every platform (host <-> device copies)
+XLA_TARGETS = {"annotate_device_placement"}
+
 def _synthetic(tmp_path_factory, shape: str):
     import importlib.util
     import sys
@@ -386,7 +389,7 @@ def test_cuda_programs_call_only_targets_with_cuda_handlers(tmp_path_factory, sh
     for bucket in (StepBucket(1, 0, 0, 8), StepBucket(0, 1, 32, 8)):
         calls = _custom_calls(f, "cuda", bucket, placed_for="gpu")
         assert {"ktjax_moe_submit", "ktjax_moe_wait"} <= calls
-        assert calls <= cuda_targets, calls - cuda_targets
+        assert calls <= cuda_targets | XLA_TARGETS, calls - cuda_targets
     cpu_placed = _custom_calls(f, "cuda", StepBucket(1, 0, 0, 8), placed_for="cpu")
     assert "ktjax_stacked_matvec" in cpu_placed - cuda_targets
 
@@ -467,3 +470,45 @@ def test_deferral_in_deepseek2_and_rules_errors(tmp_path_factory, tmp_path):
                            ("experts: {defer: -1}\n", r"defer: expected a number")):
         with pytest.raises(RulesError, match=match):
             LLM(str(path), rules=_rules_of(tmp_path, "deepseek2", section), max_model_len=64)
+
+
+# ---- prefill on the device, experts streamed ---------------------------------------------
+
+def test_prefill_of_min_tokens_streams_the_experts_to_the_device(tmp_path, tmp_path_factory):
+    """`device_prefill_min_tokens: 32`: a 40-token prompt (bucket of 64) runs every routed
+    expert on the device from host-memory weights (Q8_0 codes kept), scoring as the all-device
+    program; at 128 the same prompt stays on the host experts and scores as they do; decode
+    runs the host experts either way. Lowered for CUDA, the prefill step copies the layer's
+    experts (XLA's device placement) and calls no host MoE, the decode step does."""
+    import gguf
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    path = write_tiny_gguf(tmp_path_factory.mktemp("pf") / "q8.gguf", "qwen3moe", n_experts=E,
+                           n_used=4, n_layers=3, hidden=H, expert_ffn=I, seed=2,
+                           expert_qtype=gguf.GGMLQuantizationType.Q8_0)
+    ids = list(range(5, 45))
+    host = LLM(str(path), rules="qwen3moe", max_model_len=64).score(ids)
+    device = LLM(str(path), rules="device", max_model_len=64).score(ids)
+    assert np.abs(host - device).max() > 1e-3           # the host kernel's int8 activations
+    rules = _rules_of(tmp_path, "qwen3moe", "experts: {device_prefill_min_tokens: 32}\n")
+    streamed = LLM(str(path), rules=rules, max_model_len=64)
+    hybrid = streamed.engine.params["layers"]["ffn_exps"]
+    assert hybrid.streams(64) and not hybrid.streams(16)
+    assert all(getattr(a, "sharding").memory_kind == "pinned_host"
+               for a in jax.tree.leaves(hybrid.stream))
+    np.testing.assert_allclose(streamed.score(ids), device, atol=1e-5)
+    out = streamed.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0,
+                                                      ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    above = _rules_of(tmp_path, "qwen3moe", "experts: {device_prefill_min_tokens: 128}\n")
+    np.testing.assert_allclose(LLM(str(path), rules=above, max_model_len=64).score(ids), host,
+                               atol=1e-5)
+    f = GGUFFile(path)
+    prefill = _custom_calls(f, "cuda", StepBucket(0, 1, 64, 8), "gpu", rules)
+    assert "annotate_device_placement" in prefill and "ktjax_moe_submit" not in prefill
+    decode = _custom_calls(f, "cuda", StepBucket(1, 0, 0, 8), "gpu", rules)
+    assert "ktjax_moe_submit" in decode
+    assert (prefill | decode) <= set(_native.cuda_ffi_targets()) | XLA_TARGETS
+    with pytest.raises(RulesError, match=r"device_prefill_min_tokens: expected a number"):
+        hx.read_placement(_rules_of(tmp_path, "qwen3moe",
+                                    "experts: {device_prefill_min_tokens: -4}\n"), 3, E, [0, 1, 2])

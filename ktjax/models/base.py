@@ -12,7 +12,7 @@ from flax import struct
 
 from ktjax import weights
 from ktjax.gguf.reader import GGUFFile
-from ktjax.hybrid_experts import Deferral
+from ktjax.hybrid_experts import ExpertCarry
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
 
@@ -215,29 +215,29 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
     for key, stack_block in stacks or (("layers", block),):
         n = params[key]["attn_norm"].shape[0]
         whole, sliced = weights.split_scanned(params[key])
-        # routed experts deferred to the next layer (hybrid_experts): the scan carries the
-        # deferred host job's token beside x, and the last layer's result joins x after it
-        deferring = Deferral.of_stack(whole, x)
+        # routed experts that carry state from layer to layer (hybrid_experts.ExpertCarry:
+        # a deferred host job's token, or streamed weights) scan (x, state)
+        carrying = ExpertCarry.of_stack(whole, x)
 
         def step(carry, inputs, stack_block=stack_block, first=first, whole=whole,
-                 deferring=deferring):
+                 carrying=carrying):
             layer_params, local = inputs
             layer = local + first
             lp = weights.bind_layer({**layer_params, **whole}, local)
-            if deferring is None:
+            if carrying is None:
                 return stack_block(lp, carry, layer, AttentionContext(backend, batch, kv, layer))
-            (x, pending), (name, deferral) = carry, deferring
-            lp[name] = deferral.bind(lp[name], pending)
+            (x, state), (name, experts_carry) = carry, carrying
+            lp[name] = experts_carry.bind(lp[name], state, local)
             x, new_kv = stack_block(lp, x, layer, AttentionContext(backend, batch, kv, layer))
-            return (x, deferral.take_submitted()), new_kv
+            return (x, experts_carry.take_next()), new_kv
 
         layer_ids = jnp.arange(n, dtype=jnp.int32)
-        if deferring is None:
+        if carrying is None:
             x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, layer_ids))
         else:
-            (x, token), (k_new, v_new) = jax.lax.scan(step, (x, deferring[1].token),
+            (x, state), (k_new, v_new) = jax.lax.scan(step, (x, carrying[1].initial),
                                                       (sliced, layer_ids))
-            x = x + deferring[1].finish(token, x)
+            x = carrying[1].finish(state, x)
         new_k.append(k_new)
         new_v.append(v_new)
         first += n
