@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", default=str(DEFAULT_TEXT))
     ap.add_argument("--tokens", type=int, default=512, help="scored tokens (<= 512)")
     ap.add_argument("--out", help="JSON file for the figures")
+    ap.add_argument("--json", action="store_true", help="one JSON line per N on stdout")
     args = ap.parse_args(argv)
 
     from ktjax import LLM
@@ -109,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     results["tokens"] = len(ids)
     for n in (int(v) for v in args.defer.split(",") if v):
         results["runs"][n] = compare(ref, run(n), ids)
-        print(f"defer {n}: " + ", ".join(f"{k} {v:.4f}" for k, v in results["runs"][n].items()),
-              flush=True)
+        if args.json:
+            print(json.dumps({"model": model, "tokens": len(ids), "defer": n,
+                              **results["runs"][n]}), flush=True)
+        else:
+            print(f"defer {n}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                             results["runs"][n].items()), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"{len(ids)} tokens, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
