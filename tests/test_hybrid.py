@@ -512,3 +512,32 @@ def test_prefill_of_min_tokens_streams_the_experts_to_the_device(tmp_path, tmp_p
     with pytest.raises(RulesError, match=r"device_prefill_min_tokens: expected a number"):
         hx.read_placement(_rules_of(tmp_path, "qwen3moe",
                                     "experts: {device_prefill_min_tokens: -4}\n"), 3, E, [0, 1, 2])
+
+
+@pytest.mark.gpu
+def test_cuda_deferral_and_streamed_prefill(tmp_path, qwen3moe_paths):
+    """On the GPU: defer 0 scores exactly as no deferral, defer 2 within a perturbation of it
+    (the next layers miss the deferred experts) and generates; a prefill of at least
+    device_prefill_min_tokens (experts copied from pinned host memory inside the step)
+    scores as the all-device GPU program, and decode still runs the host experts."""
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
+    ids = list(range(5, 45))
+    path = str(qwen3moe_paths[1])
+
+    def llm(section: str | None):
+        rules = _rules_of(tmp_path, "qwen3moe", section) if section else "qwen3moe"
+        return LLM(path, rules=rules, max_model_len=64, dtype="float32")
+
+    plain = llm(None).score(ids)
+    np.testing.assert_array_equal(llm("experts: {defer: 0}\n").score(ids), plain)
+    two = llm("experts: {defer: 2}\n")
+    gap = np.abs(two.score(ids) - plain).max()
+    assert 1e-3 < gap < 2.0
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert len(two.generate([ids[:5]], greedy)[0].token_ids) == 4
+    ma.raise_host_errors()
+    device = LLM(path, rules="device", max_model_len=64, dtype="float32").score(ids)
+    streamed = llm("experts: {device_prefill_min_tokens: 32}\n")
+    np.testing.assert_allclose(streamed.score(ids), device, atol=1e-3)
+    assert len(streamed.generate([ids[:5]], greedy)[0].token_ids) == 4
