@@ -59,7 +59,7 @@ from ktjax import device_quant
 from ktjax.device_quant import QuantMatrix
 from ktjax.errors import RulesError
 from ktjax.gguf import quants
-from ktjax.host.moe_async import SKIP, moe_submit, moe_wait, reserve_site
+from ktjax.host.moe_async import SKIP, moe_after, moe_submit, moe_wait, reserve_site
 
 # Up to this many (token, expert) pairs on the device, each pair's expert is gathered from the
 # pool (decode reads only the experts it runs); above, the layer's window of the pool runs as
@@ -201,9 +201,9 @@ class HybridExperts:
         if self.carry is not None:
             ids, deferred = _split_lowest(ids, route.weights, self.defer)
         token, site = moe_submit(x.astype(jnp.float32), ids, route.weights, layer, self.handles)
-        # The device's work reads x through a barrier with the token: it is ordered after the
+        # The device's work reads x through the submit's token: it is ordered after the
         # submit, so the host starts first and both run at once.
-        xd, _ = jax.lax.optimization_barrier((x, token))
+        xd = moe_after(x, token)
         parts = []
         if on_device is not None:
             parts.append(self._device_part(xd, route, slot, on_device, layer))

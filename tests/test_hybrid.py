@@ -60,6 +60,29 @@ def test_submit_wait_is_the_fused_kernel_and_skips_minus_one(expert_sets):
     ma.raise_host_errors()  # nothing recorded
 
 
+def test_device_part_is_ordered_after_the_submit_as_data(expert_sets):
+    """The shared experts (the device's part) read x through ktjax_moe_after, which takes the
+    submit's token, so the dependence survives XLA's optimizations (it removes optimization
+    barriers before scheduling) and the host job starts first; the sum is still right."""
+    import re
+    rng = np.random.default_rng(7)
+    x, ids, w = _routing(rng, 5)
+    shared = rng.standard_normal((H, H), np.float32)
+    hybrid = hx.HybridExperts(handles=expert_sets[:1], window=0)
+    f = jax.jit(lambda x, ids, w: hybrid.with_extra(x, Route(ids, w), lambda v: v @ shared))
+    np.testing.assert_allclose(np.asarray(f(x, ids, w)),
+                               hm.moe_forward(x, ids, w, expert_sets[0]) + x @ shared,
+                               rtol=1e-5, atol=1e-5)
+    hlo = f.lower(x, ids, w).compile().as_text()
+    name = {t: re.search(rf"%(\S+) = \S+ custom-call\([^)]*\), custom_call_target=\"{t}\"",
+                         hlo).group(1) for t in ("ktjax_moe_submit", "ktjax_moe_after")}
+    after_line = next(ln for ln in hlo.splitlines() if f"%{name['ktjax_moe_after']} =" in ln)
+    assert f"%{name['ktjax_moe_submit']}" in after_line.split("custom_call_target")[0]
+    readers = [ln for ln in hlo.splitlines() if f"%{name['ktjax_moe_after']})" in ln or
+               f"%{name['ktjax_moe_after']}," in ln]
+    assert any("ktjax_moe_wait" not in ln for ln in readers)      # the shared experts' dot
+
+
 def test_skip_id_at_every_isa_level(expert_sets, isa):
     """Expert id -1 drops its slot in the fused kernel (its weight ignored, even NaN): the
     same as a zero weight, at each ISA level this machine has and in the scalar reference

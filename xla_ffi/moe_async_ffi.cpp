@@ -86,6 +86,16 @@ ffi::Error wait_cpu(ffi::AnyBuffer /*token*/, ffi::AnyBuffer /*after*/, ffi::Res
   return ffi::Error::Success();
 }
 
+// ktjax_moe_after(x, token) -> x, the output aliased to x: x's readers (the device's part of
+// the layer) depend on the submit's token as data, so XLA schedules them after the submit; an
+// optimization barrier does not (XLA removes barriers before it schedules). Nothing to do on
+// either platform: the output is x's buffer, which XLA guarantees for an aliased output.
+ffi::Error after_noop(ffi::AnyBuffer x, ffi::AnyBuffer /*token*/, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->untyped_data() != x.untyped_data())
+    return ffi::Error(ffi::ErrorCode::kInternal, "ktjax_moe_after: the output is not aliased to x");
+  return ffi::Error::Success();
+}
+
 // ---- CUDA -------------------------------------------------------------------------------
 
 ffi::Error cuda_ready(const MoeSite& s) {
@@ -160,6 +170,9 @@ auto bind_wait(B b) {
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeAfter, after_noop,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeSubmit, submit_cpu, bind_submit(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeWait, wait_cpu, bind_wait(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeSubmitCuda, submit_cuda,

@@ -62,6 +62,15 @@ def moe_wait(token: jax.Array, site: int, after: jax.Array, tokens: int, hidden:
     return call(token, after, site=np.int64(site))
 
 
+def moe_after(x: jax.Array, token: jax.Array) -> jax.Array:
+    """x, as a value that depends on the submit that returned ``token``: the device work that
+    reads it is scheduled after the submit, so the host job starts first. (An optimization
+    barrier would not do: XLA removes barriers before it schedules.)"""
+    call = jax.ffi.ffi_call("ktjax_moe_after", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            input_output_aliases={0: 0})
+    return call(x, token)
+
+
 def raise_host_errors() -> None:
     """Raises KernelError for the first host MoE job that failed since the last call."""
     err = _native.moe_site_take_error()
