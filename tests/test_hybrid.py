@@ -417,6 +417,13 @@ def test_cuda_programs_call_only_targets_with_cuda_handlers(tmp_path_factory, sh
     assert "ktjax_stacked_matvec" in cpu_placed - cuda_targets
 
 
+def test_cpu_only_attention_is_refused_for_gpu_programs():
+    from ktjax.kernels import backends
+    with pytest.raises(KernelError, match="no handler in gpu programs"):
+        backends.get_backend("cpu", "gpu")
+    assert backends.get_backend("cpu", "cpu") is backends.get_backend("auto", "cpu")
+
+
 def test_step_programs_are_built_for_the_engines_device(moe_path):
     """Programs are lowered for the device holding the engine's params and KV cache, not
     JAX's default backend: on a GPU host an engine given the CPU compiled its steps (with
