@@ -571,3 +571,22 @@ def test_cuda_deferral_and_streamed_prefill(tmp_path, qwen3moe_paths):
     streamed = llm("experts: {device_prefill_min_tokens: 32}\n")
     np.testing.assert_allclose(streamed.score(ids), device, atol=1e-3)
     assert len(streamed.generate([ids[:5]], greedy)[0].token_ids) == 4
+
+
+def test_deferral_in_glm4moe(tmp_path):
+    """GLM-4.5 (post-attention norm, a leading dense layer, sigmoid routing) defers through
+    the same scan: defer 0 is the plain host experts exactly, defer 1 changes the logits, and
+    its CUDA program calls only CUDA targets."""
+    pytest.importorskip("transformers")
+    from hf_gguf_models import hf_glm4moe, write_glm4moe_gguf
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    path = write_glm4moe_gguf(tmp_path / "glm.gguf", hf_glm4moe())
+    ids = list(range(5, 40))
+    plain = LLM(str(path), rules="glm4moe", max_model_len=64).score(ids)
+    zero = _rules_of(tmp_path, "glm4moe", "experts: {defer: 0}\n")
+    np.testing.assert_array_equal(LLM(str(path), rules=zero, max_model_len=64).score(ids), plain)
+    one = _rules_of(tmp_path, "glm4moe", "experts: {defer: 1}\n")
+    assert np.abs(LLM(str(path), rules=one, max_model_len=64).score(ids) - plain).max() > 1e-4
+    calls = _custom_calls(GGUFFile(path), "cuda", StepBucket(1, 0, 0, 8), "gpu", one)
+    assert "ktjax_moe_submit" in calls and calls <= set(_native.cuda_ffi_targets())
