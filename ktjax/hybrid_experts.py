@@ -406,17 +406,48 @@ def _host_stream(f, names: list[tuple[str, str, str]], dtype, device: jax.Device
     for per_layer in zip(*names):                 # gate names, up names, down names
         ts = [f.tensors[n] for n in per_layer]
         e, rows, cols = ts[0].shape
-        qtypes = {t.qtype for t in ts}
-        if len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES:
-            qm = device_quant.stack_to_device(
-                [device_quant.pack_gguf(np.asarray(t.data), t.qtype, (e * rows, cols))
-                 for t in ts], "keep", True, None)
-            out.append(jax.tree.map(lambda a: jax.device_put(a, host), qm))
-        else:
+        form = _stream_form(ts)
+        if form == "dequantized":
             out.append(jax.device_put(np.stack([quants.dequantize(
                 t.data, t.qtype, t.shape, dtype=dtype).reshape(e * rows, cols) for t in ts]),
                 host))
+            continue
+        packed = [device_quant.pack_gguf(np.asarray(t.data), t.qtype, (e * rows, cols))
+                  for t in ts]
+        if form == "k_mixed":
+            packed = [device_quant.widen_to_k8(p, e * rows, cols) for p in packed]
+        qm = device_quant.stack_to_device(packed, "keep", True, None)
+        out.append(jax.tree.map(lambda a: jax.device_put(a, host), qm))
     return tuple(out)
+
+
+def _stream_form(ts) -> str:
+    """How one matrix kind's layers are held for streaming, as the loader holds device
+    matrices: GGUF codes ("keep": one packable type; "k_mixed": K-quants of several types,
+    widened to their common layout) or "dequantized"."""
+    qtypes = {t.qtype for t in ts}
+    if len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES:
+        return "keep"
+    return "k_mixed" if qtypes <= set(device_quant.K_MIX_QTYPES) else "dequantized"
+
+
+def stream_host_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,
+                      itemsize: int) -> int:
+    """Host memory the streamed copy of a stack's experts takes (`device_prefill_min_tokens`;
+    0 without it): what `ktjax info --rules` adds to the host's."""
+    e = f.tensors[names[0][0]].shape[0]
+    placement = read_placement(rules_file, n_blocks, e, [_block_of(g) for g, _, _ in names])
+    if placement is None or not placement.prefill_min_tokens:
+        return 0
+    total = 0
+    for per_layer in zip(*names):
+        ts = [f.tensors[n] for n in per_layer]
+        form = _stream_form(ts)
+        for t in ts:
+            shape = (t.shape[0] * t.shape[1], t.shape[2])
+            total += t.n_elements * itemsize if form == "dequantized" else \
+                device_quant.packed_nbytes(t.qtype, shape, "keep", k_mixed=form == "k_mixed")
+    return total
 
 
 def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,

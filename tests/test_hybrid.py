@@ -288,6 +288,11 @@ def test_info_shows_device_expert_memory(tmp_path, moe_path):
     assert len(moved) == 1
     per_expert = 3 * H * I * 4   # float32 on CPU programs
     assert f"{E * per_expert / 2 ** 20:.2f} MiB" in moved[0]
+    # streamed prefill: a second host copy of every layer's experts (float32 files: dequantized)
+    rules = _rules(tmp_path, "experts: {device_prefill_min_tokens: 64}\n")
+    lines = describe(str(moe_path), rules).splitlines()
+    streamed = [ln for ln in lines if "experts streamed" in ln]
+    assert len(streamed) == 1 and f"{3 * E * per_expert / 2 ** 20:.2f} MiB" in streamed[0]
 
 
 def test_a_failing_host_job_fails_the_request_not_the_engine(tmp_path, moe_path):
