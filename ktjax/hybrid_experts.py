@@ -158,6 +158,7 @@ class HybridExperts:
     # arrays), streamed to the device by steps of >= prefill_min_tokens tokens
     stream: tuple | None = None
     prefill_min_tokens: int = struct.field(pytree_node=False, default=0)
+    device_memory: jax.sharding.Sharding | None = struct.field(pytree_node=False, default=None)
     n_experts: int = struct.field(pytree_node=False, default=0)
     dtype: str = struct.field(pytree_node=False, default="float32")
     # bound per layer by ExpertCarry.bind: the state the previous layer handed on (its
@@ -179,7 +180,7 @@ class HybridExperts:
         n = jax.tree.leaves(self.stream)[0].shape[0]
         i = jnp.minimum(layer, n - 1)
         return jax.tree.map(lambda a: jax.device_put(
-            jax.lax.dynamic_index_in_dim(a, i, keepdims=False), jax.memory.Space.Device),
+            jax.lax.dynamic_index_in_dim(a, i, keepdims=False), self.device_memory),
             self.stream)
 
     def with_extra(self, x: jax.Array, route, extra: Callable[[jax.Array], jax.Array] | None
@@ -369,9 +370,11 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
         raise RulesError(f"{rules_file}: experts.defer: {defer} of the {k} experts a token "
                          f"uses leaves none for its own layer (expected 0..{k - 1})")
     min_tokens = placement.prefill_min_tokens if placement else 0
+    where = device or jax.devices()[0]
     common = dict(handles=handles, defer=defer, n_experts=e, dtype=jnp.dtype(dtype).name,
                   prefill_min_tokens=min_tokens,
-                  stream=_host_stream(f, names, dtype, device) if min_tokens else None)
+                  stream=_host_stream(f, names, dtype, where) if min_tokens else None,
+                  device_memory=jax.sharding.SingleDeviceSharding(where, memory_kind="device"))
     if window == 0:
         return HybridExperts(window=0, **common)
     slots = np.full((len(blocks), e), -1, np.int32)
@@ -394,14 +397,12 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
                          **common)
 
 
-def _host_stream(f, names: list[tuple[str, str, str]], dtype, device: jax.Device | None
-                 ) -> tuple:
+def _host_stream(f, names: list[tuple[str, str, str]], dtype, device: jax.Device) -> tuple:
     """Every layer's (gate, up, down) as [L, E * out, in] in host memory (`pinned_host`, which
     the device copies from without staging): GGUF blocks kept as QuantMatrix codes where the
     device has a layout for the type (dequantized inside the step), else dequantized to
     `dtype`."""
-    host = jax.sharding.SingleDeviceSharding(device or jax.devices()[0],
-                                             memory_kind="pinned_host")
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
     out = []
     for per_layer in zip(*names):                 # gate names, up names, down names
         ts = [f.tensors[n] for n in per_layer]
