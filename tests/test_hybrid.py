@@ -485,6 +485,11 @@ def test_deferral_zero_is_unchanged_and_n_moves_experts_a_layer_on(tmp_path, qwe
         out = two.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         assert len(out[0].token_ids) == 4
         ma.raise_host_errors()
+    # only host experts are deferred: with every expert on the device, defer changes nothing
+    on_device = [LLM(str(four), rules=_rules_of(tmp_path, "qwen3moe", section),
+                     max_model_len=64).score(ids)
+                 for section in ("experts: {n_cpu_moe: 0}\n", "experts: {n_cpu_moe: 0, defer: 2}\n")]
+    np.testing.assert_array_equal(*on_device)
 
 
 def test_deferral_in_deepseek2_and_rules_errors(tmp_path_factory, tmp_path):
