@@ -20,8 +20,6 @@ it, halved for the formats the AMX kernels multiply in bf16 tiles (all but int8_
 AMX kernels take experts with 16 or more tokens; fewer run on AVX-512, for which the
 fraction is only a distance. Formats other than int8_row take the tiles only with
 KTJAX_BATCH_INVARIANT=0 (by default they stay on AVX-512: see docs/kernel-notes.md). With --json, one JSON line per measurement goes to stdout.
---epilogue none,swiglu_oai times each format also as gpt-oss's expert sets (random biases of
-every projection and the clamped SwiGLU stored with the set), named FORMAT+swiglu_oai.
 """
 
 from __future__ import annotations
@@ -181,24 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     if args.overhead:
         report_overhead(top_k, bw, args.json)
-    epilogues = args.epilogue.split(",")
-    if not set(epilogues) <= {"none", "swiglu_oai"}:
-        ap.error(f"--epilogue: expected none and/or swiglu_oai, got {args.epilogue!r}")
-    # variants: FORMAT, or FORMAT+swiglu_oai for gpt-oss's expert sets
-    formats = [f if e == "none" else f"{f}+{e}" for f in args.format.split(",") for e in epilogues]
+    for epilogue in args.epilogue.split(","):
+        if epilogue not in ("none", "swiglu_oai"):
+            ap.error(f"--epilogue: unknown {epilogue!r}")
+    # (format, epilogue) pairs, labelled "Q4_K" or "Q4_K+swiglu_oai"
+    variants = {f if e == "none" else f"{f}+{e}": (f, e)
+                for f in args.format.split(",") for e in args.epilogue.split(",")}
+    formats = list(variants)
 
-    def build(variant: str) -> dict:
-        fmt, _, epilogue = variant.partition("+")
+    def build(label: str) -> dict:
+        fmt, epilogue = variants[label]
+        biased = epilogue != "none"
         raw = random_layer(fmt, experts, hidden, inter, rng)
         file_bytes = sum(r.nbytes for r in raw) / experts  # the GGUF bytes of one expert
-        ep = gpt_oss_epilogue(experts, hidden, inter, rng) if epilogue else None
+        ep = gpt_oss_epilogue(experts, hidden, inter, rng) if biased else None
         layers = [pack_layer(_native, fmt, raw, experts, hidden, inter, ep)]
         del raw
         expert_bytes = _native.weight_info(layers[0])["bytes"] / experts
         count = args.layers or layers_for_rotation(experts, top_k, min(qlens), expert_bytes, llc,
                                                    args.min_rotation_gib * 2**30)
-        layers += [make_layer(fmt, experts, hidden, inter, rng, bool(epilogue))
-                   for _ in range(count - 1)]
+        layers += [make_layer(fmt, experts, hidden, inter, rng, biased) for _ in range(count - 1)]
         calls = {}
         for qlen in qlens:
             # Each layer routes differently, so a rotation touches distinct experts.
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         touched = float(np.mean([len(np.unique(i)) for i in ids]))
         fractions = [touched * expert_bytes / s / 1e9 / b for s, b in zip(secs, bws)]
         sec, bw = float(np.median(secs)), float(np.median(bws))
-        row = {"shape": args.shape, "format": fmt, "qlen": qlen, "threads": _native.num_threads(),
+        row = {"shape": args.shape, "format": variants[fmt][0], "epilogue": variants[fmt][1],
+               "qlen": qlen, "threads": _native.num_threads(),
                "isa": _native.active_isa(), "experts_per_layer": experts, "layers": len(layers),
                "touched_bytes_per_rotation": touched * expert_bytes * len(layers),
                "rotation_over_llc": touched * expert_bytes * len(layers) / llc,
@@ -243,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             row["speed_vs_" + formats[0]] = float(np.median(np.array(first["secs"][qlen]) / np.array(secs)))
         if amx_peak:
             row["amx_peak_tops"] = amx_peak
-            row["peak_fraction"] = row["tflops"] / (amx_peak if fmt.startswith("int8_row")
-                                                    else amx_peak / 2)
+            row["peak_fraction"] = row["tflops"] / (amx_peak if fmt == "int8_row" else amx_peak / 2)
         if args.json:
             print(json.dumps(row), flush=True)
             return

@@ -152,8 +152,8 @@ def test_gpt_oss_cpu_path(tmp_path):
 def test_gpt_oss_hybrid_experts(tmp_path):
     """Host experts split by an `experts:` section (n_cpu_moe: block 0's on the host, block
     1's in the device pool; `hot` moves two of block 0's too): the prefill's grouped pool path
-    (40 tokens), the gathered one (8 tokens, and the engine's decode steps), against
-    transformers."""
+    (40 tokens), the gathered one (8 tokens, and the engine's decode steps), and a prefill
+    streaming every expert to the device, against transformers."""
     model, path = _mxfp4_gpt_oss(tmp_path, n_layers=2)
     rules = tmp_path / "hybrid.yaml"
     rules.write_text(HOST_EXPERTS + "experts: {n_cpu_moe: 1, hot: {0: [1, 6]}}\n")
@@ -162,6 +162,10 @@ def test_gpt_oss_hybrid_experts(tmp_path):
     llm = LLM(str(path), rules=str(rules), attention="cpu", dtype="float32", max_model_len=64)
     assert isinstance(llm.engine.params["layers"]["ffn_exps"], HybridExperts)
     _greedy_near_reference(llm, model, [int(t) for t in IDS[:8]])
+    # a prefill of >= 32 tokens runs every expert on the device from the streamed copy, with
+    # its biases and clamped SwiGLU: as exact as the all-device program
+    rules.write_text(HOST_EXPERTS + "experts: {device_prefill_min_tokens: 32}\n")
+    _assert_close(ktjax_logits(path, LONG_IDS, str(rules), backend=CPU), hf_run(model, LONG_IDS))
 
 
 @pytest.mark.parametrize("mscale_all_dim", [None, 0.707])

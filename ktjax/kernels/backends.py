@@ -116,6 +116,9 @@ def get_backend(name: str, platform: str = "cpu",
             name = "reference"
     if name not in _BACKENDS:
         raise KtjaxError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    if name == "cpu" and platform != "cpu":
+        raise KernelError(f"the cpu attention backend is a host kernel with no handler in "
+                          f"{platform} programs: use attention 'auto', 'pallas' or 'reference'")
     if name == "cpu" and kv_cache_dtype == "int8":
         raise KernelError("the cpu attention backend reads float32 or bfloat16 KV pages, not "
                           "int8: use kv_cache_dtype float32/bfloat16 or attention "
