@@ -162,9 +162,6 @@ def test_gpt_oss_hybrid_experts(tmp_path):
     llm = LLM(str(path), rules=str(rules), attention="cpu", dtype="float32", max_model_len=64)
     assert isinstance(llm.engine.params["layers"]["ffn_exps"], HybridExperts)
     _greedy_near_reference(llm, model, [int(t) for t in IDS[:8]])
-    # a prefill of >= 32 tokens streams every layer's experts (and biases) to the device
-    rules.write_text(HOST_EXPERTS + "experts: {device_prefill_min_tokens: 32}\n")
-    _assert_close(ktjax_logits(path, LONG_IDS, str(rules), backend=CPU), hf_run(model, LONG_IDS))
     # a prefill of >= 32 tokens runs every expert on the device from the streamed copy, with
     # its biases and clamped SwiGLU: as exact as the all-device program
     rules.write_text(HOST_EXPERTS + "experts: {device_prefill_min_tokens: 32}\n")
