@@ -192,7 +192,7 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
       }
       F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
       // Biased int8 dot products carry 128 * sum(q_x): fold -128 * scale into the min.
-      if ((!kInt4 || kLut) && V::kInt8DotBiased) m = V::fmadd(s, V::set1(-128.f), m);
+      if (!kInt4 && V::kInt8DotBiased) m = V::fmadd(s, V::set1(-128.f), m);
       for (int t = 0; t < TT; ++t) {
         acc[r][t] = V::fmadd(V::cvt(iacc[r][t]), V::mul(s, V::set1(xs[t * groups + g])), acc[r][t]);
         acc[r][t] = V::fmadd(m, V::set1(xb[t * groups + g]), acc[r][t]);
