@@ -7,6 +7,7 @@
 
 #include "cpu_kernels/attention/attention.h"
 #include "cpu_kernels/matvec/stacked_matvec.h"
+#include "cpu_kernels/moe/expert_epilogue.h"
 
 namespace ktjax {
 
@@ -18,10 +19,11 @@ struct FloatKernels {
   void (*matvec_rows)(const StackedMatvecProblem& p, int64_t r0, int64_t r1);
   // First index of the maximum of x[begin, end) (NaN first), and that value.
   void (*argmax)(const float* x, int64_t begin, int64_t end, float* best, int64_t* at);
-  // g[0:n] = silu(g) * u (the MoE's gated activation).
-  void (*gated_activation)(float* g, const float* u, int64_t n);
-  // acc[0:n] += w * y.
-  void (*add_scaled)(float* acc, float w, const float* y, int64_t n);
+  // g[0:n] = act(g + gb, u + ub) (the MoE's gated activation); gb / ub nullptr: no bias.
+  void (*gated_activation)(const GatedActivation& act, float* g, const float* u, const float* gb,
+                           const float* ub, int64_t n);
+  // acc[0:n] += w * (y + b); b nullptr: no bias.
+  void (*add_scaled)(float* acc, float w, const float* y, const float* b, int64_t n);
 };
 
 const FloatKernels& float_kernels_generic();

@@ -9,24 +9,46 @@ that moves some of them to the device (XLA):
       device_blocks: [0, 5]          # or name the blocks whose experts all go to the device
       hot: {12: [3, 17, 40]}         # per block, experts on the device (the frequent ones:
                                      # scripts/expert_placement.py measures them)
+      defer: 2             # KTransformers' expert deferral: each token's 2 lowest-weighted
+                           # host experts of a layer join the next layer's output (below)
+      device_prefill_min_tokens: 256   # steps of >= 256 tokens run every routed expert on
+                           # the device, the layer's weights streamed from host memory (below)
 
 Every layer keeps its full expert set on the host (what the host runs is chosen per token);
 the device experts live in one pool [S, ...], contiguous per layer, with `slots` [L, E]
 mapping each (layer, expert) to its pool slot or -1. A layer's tokens are routed as usual;
 the pairs whose expert has a slot run on the device, the others on the host (their ids in
-the host call are the skip id), and the two sums add up.
+the host call are the skip id), and the two sums add up. A family's expert activation and
+biases (gpt-oss) hold on both sides: stored with the host sets, gathered into the pool.
 
 In GPU programs the host part is stream-ordered work (ktjax.host.moe_async): it starts
 before, and is waited for after, the device part and the shared experts, which the device
 computes meanwhile. Without an `experts:` section, host experts in GPU programs take this
 path with an empty pool; CPU programs keep HostExperts unless the section asks for a split.
+
+Expert deferral (`defer: N`): of each token's top-k experts that run on the host, the N with
+the lowest routing weights are a second host job, submitted after the layer's own and waited
+for in the next layer, whose output they join (the last layer's after the scan): the host
+computes them while the device runs the next layer's attention. The next layer's input lacks
+them, which is the accuracy cost (docs/kernel-notes.md, "hybrid"). The job's token is state
+carried by the scan over layers (`ExpertCarry`).
+
+Prefill on the device (`device_prefill_min_tokens: M`, llama.cpp offloads batches of 32+
+tokens, KTransformers has gpu-prefill-token-threshold): every layer's experts are also held in
+host memory (the `pinned_host` memory space, GGUF blocks kept as QuantMatrix codes), and a
+step program of M tokens or more (the choice is static: the bucket's token count) copies each
+layer's experts to the device and runs them there as grouped matmuls. The copy of layer i+1
+is issued at the top of layer i and carried by the scan (double buffering): it depends on
+nothing layer i computes, so XLA's scheduler may run it as an async copy under layer i's
+work. Smaller steps (decode) run the host experts. 0 (the default) never streams: the host
+copy takes as much memory again as the experts' file bytes.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,22 +56,29 @@ import numpy as np
 import yaml
 from flax import struct
 
+from ktjax import device_quant
+from ktjax.device_quant import QuantMatrix
 from ktjax.errors import RulesError
+from ktjax.expert_activation import SILU, ExpertActivation
 from ktjax.gguf import quants
-from ktjax.host.moe_async import SKIP, moe_submit, moe_wait
+from ktjax.host.moe_async import SKIP, moe_after, moe_submit, moe_wait, reserve_site
 
 # Up to this many (token, expert) pairs on the device, each pair's expert is gathered from the
 # pool (decode reads only the experts it runs); above, the layer's window of the pool runs as
 # grouped matmuls (prefill, where most of the layer's device experts have tokens).
 GATHER_PAIRS = 64
-_KEYS = {"n_cpu_moe", "device_blocks", "hot"}
+_KEYS = {"n_cpu_moe", "device_blocks", "hot", "defer", "device_prefill_min_tokens"}
 
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Per block (GGUF block index), the experts placed on the device."""
+    """Per block (GGUF block index), the experts placed on the device; `defer`: host experts
+    per token deferred to the next layer; `prefill_min_tokens`: steps of at least this many
+    tokens stream every layer's experts to the device (0: never)."""
 
     device: dict[int, tuple[int, ...]]
+    defer: int = 0
+    prefill_min_tokens: int = 0
 
     def for_block(self, block: int) -> tuple[int, ...]:
         return self.device.get(block, ())
@@ -101,7 +130,14 @@ def read_placement(rules_file: str | Path, n_blocks: int, n_experts: int,
             raise RulesError(f"{where}.hot[{b}]: expected a list of expert ids in "
                              f"[0, {n_experts}), got {ids!r}")
         device.setdefault(b, set()).update(ids)
-    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e})
+    counts = {}
+    for key, what in (("defer", "experts"), ("device_prefill_min_tokens", "tokens")):
+        v = section.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise RulesError(f"{where}.{key}: expected a number of {what} >= 0, got {v!r}")
+        counts[key] = v
+    return ExpertPlacement({b: tuple(sorted(e)) for b, e in device.items() if e},
+                           counts["defer"], counts["device_prefill_min_tokens"])
 
 
 @struct.dataclass
@@ -109,26 +145,60 @@ class HybridExperts:
     """A stack's routed experts: full expert sets on the host (`handles`, one per layer) and
     a device pool of some of them (gate, up [S, I, H], down [S, H, I]); `slots` [L, E] is
     each expert's pool slot or -1, `pool_start` [L] the first slot of each layer's window of
-    `window` slots. Rides the scan over layers whole (scan_whole); `layer` is bound per step."""
+    `window` slots. Rides the scan over layers whole (scan_whole); `layer` is bound per step.
+    `activation` and the pool's expert biases (gate/up [S, I], down [S, H], or None) are the
+    family's (gpt-oss); the host sets hold their own."""
 
     handles: tuple[int, ...] = struct.field(pytree_node=False)
     window: int = struct.field(pytree_node=False)
+    activation: ExpertActivation = struct.field(pytree_node=False, default=SILU)
     slots: jax.Array | None = None
     pool_start: jax.Array | None = None
     gate: jax.Array | None = None
     up: jax.Array | None = None
     down: jax.Array | None = None
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
     layer: jax.Array | None = None
+    defer: int = struct.field(pytree_node=False, default=0)
+    # every layer's (gate, up, down) in host memory, [L, E * out, in] (QuantMatrix or
+    # arrays), streamed to the device by steps of >= prefill_min_tokens tokens
+    stream: tuple | None = None
+    prefill_min_tokens: int = struct.field(pytree_node=False, default=0)
+    device_memory: jax.sharding.Sharding | None = struct.field(pytree_node=False, default=None)
+    n_experts: int = struct.field(pytree_node=False, default=0)
+    dtype: str = struct.field(pytree_node=False, default="float32")
+    # bound per layer by ExpertCarry.bind: the state the previous layer handed on (its
+    # deferred job's token, or this layer's streamed weights) and the carry to hand on to
+    carried: Any = None
+    carry: "ExpertCarry | None" = struct.field(pytree_node=False, default=None)
     scan_whole: ClassVar[bool] = True
 
     def at_layer(self, layer: jax.Array) -> "HybridExperts":
         return self.replace(layer=layer)
+
+    def streams(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens (static: its bucket's) runs every expert on the
+        device from streamed weights."""
+        return self.stream is not None and 0 < self.prefill_min_tokens <= tokens
+
+    def fetch(self, layer: jax.Array):
+        """Layer `layer`'s streamed (gate, up, down, and their biases), copied to device memory."""
+        n = jax.tree.leaves(self.stream)[0].shape[0]
+        i = jnp.minimum(layer, n - 1)
+        return jax.tree.map(lambda a: jax.device_put(
+            jax.lax.dynamic_index_in_dim(a, i, keepdims=False), self.device_memory),
+            self.stream)
 
     def with_extra(self, x: jax.Array, route, extra: Callable[[jax.Array], jax.Array] | None
                    ) -> jax.Array:
         """Routed experts of x [N, H] (+ extra(x), the shared experts, computed while the host
         works): float32 [N, H]."""
         n, hidden = x.shape
+        if self.carry is not None and self.carry.streaming:
+            y = self._streamed_part(x, route)
+            return y if extra is None else y + extra(x).astype(jnp.float32)
         layer = jnp.zeros((), jnp.int32) if self.layer is None else self.layer
         ids = route.ids
         on_device = None
@@ -136,19 +206,35 @@ class HybridExperts:
             slot = self.slots[layer][ids]                       # [N, k]
             on_device = slot >= 0
             ids = jnp.where(on_device, SKIP, ids)
+        deferred = None
+        if self.carry is not None:
+            ids, deferred = _split_lowest(ids, route.weights, self.defer)
         token, site = moe_submit(x.astype(jnp.float32), ids, route.weights, layer, self.handles)
-        # The device's work reads x through a barrier with the token: it is ordered after the
+        # The device's work reads x through the submit's token: it is ordered after the
         # submit, so the host starts first and both run at once.
-        xd, _ = jax.lax.optimization_barrier((x, token))
+        xd = moe_after(x, token)
         parts = []
         if on_device is not None:
             parts.append(self._device_part(xd, route, slot, on_device, layer))
         if extra is not None:
             parts.append(extra(xd).astype(jnp.float32))
         if not parts:
-            return moe_wait(token, site, x, n, hidden)
-        done = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        return moe_wait(token, site, done, n, hidden) + done
+            y = moe_wait(token, site, x, n, hidden)
+        else:
+            done = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            y = moe_wait(token, site, done, n, hidden) + done
+        if deferred is not None:
+            y = y + self.carry.hand_on(self, x, y, deferred, layer)
+        return y
+
+    def _streamed_part(self, x: jax.Array, route) -> jax.Array:
+        """Every routed expert on the device, from this layer's streamed weights."""
+        mats = []
+        for m in self.carried[:3]:
+            w = device_quant.dequantize(m, self.dtype) if isinstance(m, QuantMatrix) else m
+            mats.append(w.astype(self.dtype).reshape(self.n_experts, -1, w.shape[-1]))
+        return _grouped(mats, x, route.ids, route.weights, self.n_experts, self.carried[3:],
+                        self.activation)
 
     def _device_part(self, x, route, slot, on_device, layer) -> jax.Array:
         n, k = slot.shape
@@ -156,18 +242,97 @@ class HybridExperts:
         if n * k <= GATHER_PAIRS:
             s = jnp.where(on_device, slot, 0).reshape(-1)
             xs = jnp.repeat(x, k, axis=0).astype(self.gate.dtype)        # pair p = token p // k
+            biased = lambda v, b: v if b is None else v + b[s]  # noqa: E731
             g = jnp.einsum("ph,pih->pi", xs, self.gate[s], preferred_element_type=jnp.float32)
             u = jnp.einsum("ph,pih->pi", xs, self.up[s], preferred_element_type=jnp.float32)
-            a = (jax.nn.silu(g) * u).astype(self.down.dtype)
-            y = jnp.einsum("pi,phi->ph", a, self.down[s], preferred_element_type=jnp.float32)
+            a = self.activation.apply(biased(g, self.gate_bias), biased(u, self.up_bias))
+            y = biased(jnp.einsum("pi,phi->ph", a.astype(self.down.dtype), self.down[s],
+                                  preferred_element_type=jnp.float32), self.down_bias)
             y = jnp.where(on_device.reshape(-1, 1), y, 0.0) * w.reshape(-1, 1)
             return y.reshape(n, k, -1).sum(axis=1)
         total = self.gate.shape[0]
         start = jnp.minimum(self.pool_start[layer], total - self.window)   # window in bounds
         local = jnp.where(on_device, slot - start, self.window)            # off-device: last
-        pool = [jax.lax.dynamic_slice_in_dim(m, start, self.window) for m in
-                (self.gate, self.up, self.down)]
-        return _grouped(pool, x, local, w, self.window)
+        window = lambda m: None if m is None else \
+            jax.lax.dynamic_slice_in_dim(m, start, self.window)  # noqa: E731
+        pool = [window(m) for m in (self.gate, self.up, self.down)]
+        biases = [window(b) for b in (self.gate_bias, self.up_bias, self.down_bias)]
+        return _grouped(pool, x, local, w, self.window, biases, self.activation)
+
+
+def _split_lowest(ids: jax.Array, w: jax.Array, defer: int
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(ids with each token's `defer` lowest-weighted host slots SKIP, (those slots' ids
+    [N, defer], weights [N, defer])). Slots already SKIP (device pairs) rank lowest, so a
+    token defers only host experts and defers fewer when fewer run on the host."""
+    rank = jnp.where(ids == SKIP, -jnp.inf, w)
+    order = jnp.argsort(-rank, axis=1, stable=True)
+    last = order[:, ids.shape[1] - defer:]
+    later = jnp.take_along_axis(ids, last, axis=1), jnp.take_along_axis(w, last, axis=1)
+    now = jnp.where(jnp.any(jnp.arange(ids.shape[1])[None, :, None] == last[:, None, :], -1),
+                    SKIP, ids)
+    return now, later
+
+
+class ExpertCarry:
+    """What the scan over a stack's layers carries for its routed experts, one per traced scan
+    (so per program): in a step that streams (HybridExperts.streams), the weights of the
+    layer about to run, the next layer's copy issued as each layer starts; otherwise, with
+    deferral, the token of the deferred host job of the previous layer (before the first
+    layer a zero job, on a site of the program's own). `bind` gives a layer the carried state,
+    the layer sets `next`, `finish` ends the scan."""
+
+    def __init__(self, experts: HybridExperts, x: jax.Array):
+        n, hidden = x.shape
+        self.shape = (n, hidden)
+        self.streaming = experts.streams(n)
+        self.next = None
+        if self.streaming:
+            self.initial = experts.fetch(jnp.zeros((), jnp.int32))
+            return
+        self.site = reserve_site(n, hidden, experts.defer, experts.handles)
+        self.initial, _ = moe_submit(jnp.zeros((n, hidden), jnp.float32),
+                                     jnp.full((n, experts.defer), SKIP, jnp.int32),
+                                     jnp.zeros((n, experts.defer), jnp.float32),
+                                     jnp.zeros((), jnp.int32), experts.handles, site=self.site)
+
+    @staticmethod
+    def of_stack(whole: dict, x: jax.Array) -> tuple[str, "ExpertCarry"] | None:
+        """(params key, ExpertCarry) for a stack whose routed experts carry state in a step
+        of x's tokens, else None."""
+        tokens = x.reshape(-1, x.shape[-1])
+        for key, w in whole.items():
+            if isinstance(w, HybridExperts) and (w.defer or w.streams(tokens.shape[0])):
+                return key, ExpertCarry(w, tokens)
+        return None
+
+    def bind(self, experts: HybridExperts, state, layer: jax.Array) -> HybridExperts:
+        """`experts` for stack layer `layer`, given the state the previous one handed on."""
+        self.next = experts.fetch(layer + 1) if self.streaming else None
+        return experts.replace(carried=state, carry=self)
+
+    def hand_on(self, experts: HybridExperts, x: jax.Array, after: jax.Array,
+                deferred: tuple[jax.Array, jax.Array], layer: jax.Array) -> jax.Array:
+        """The previous layer's deferred result (waited for once `after`, this layer's own
+        experts, is done), and this layer's deferred pairs submitted (after that wait: they
+        reuse the site's buffers)."""
+        prev = moe_wait(experts.carried, self.site, after, *self.shape)
+        ids, w = deferred
+        self.next, _ = moe_submit(x.astype(jnp.float32), ids, w, layer, experts.handles,
+                                  site=self.site, after=prev)
+        return prev
+
+    def take_next(self):
+        if self.next is None:
+            raise RuntimeError("a layer with carried expert state ran no routed experts")
+        return self.next
+
+    def finish(self, state, x: jax.Array) -> jax.Array:
+        """x after the scan: plus the last layer's deferred result when deferring."""
+        if self.streaming:
+            return x
+        last = moe_wait(state, self.site, x, *self.shape)
+        return x + last.reshape(x.shape).astype(x.dtype)
 
 
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(
@@ -175,7 +340,8 @@ _RAGGED = jax.lax.RaggedDotDimensionNumbers(
     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
-def _grouped(pool, x, local, w, groups: int) -> jax.Array:
+def _grouped(pool, x, local, w, groups: int, biases=(None, None, None),
+             activation: ExpertActivation = SILU) -> jax.Array:
     """Grouped matmuls over `groups` pool experts: pairs sorted by local slot (off-device
     pairs, slot == groups, last and outside every group), masked out of the sum."""
     gate, up, down = pool
@@ -184,13 +350,16 @@ def _grouped(pool, x, local, w, groups: int) -> jax.Array:
     order = jnp.argsort(flat)
     token = order // k
     sizes = jnp.bincount(flat, length=groups + 1)[:groups].astype(jnp.int32)
+    pair_slot = jnp.minimum(flat[order], groups - 1)  # off-device pairs: any row, masked below
 
-    def mm(a, m):
-        return jax.lax.ragged_dot_general(a.astype(m.dtype), m, sizes, _RAGGED,
-                                          preferred_element_type=jnp.float32)
+    def mm(a, m, b):
+        y = jax.lax.ragged_dot_general(a.astype(m.dtype), m, sizes, _RAGGED,
+                                       preferred_element_type=jnp.float32)
+        return y if b is None else y + b[pair_slot]
 
     xs = x[token]
-    y = mm(jax.nn.silu(mm(xs, gate)) * mm(xs, up), down)
+    bg, bu, bd = biases
+    y = mm(activation.apply(mm(xs, gate, bg), mm(xs, up, bu)), down, bd)
     keep = (flat[order] < groups)[:, None]
     y = jnp.where(keep, y, 0.0) * w.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
@@ -201,10 +370,14 @@ def _block_of(name: str) -> int:
 
 
 def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_file: str,
-          n_blocks: int, dtype, device: jax.Device | None, force: bool) -> HybridExperts | None:
+          n_blocks: int, dtype, device: jax.Device | None, force: bool,
+          activation: ExpertActivation = SILU,
+          bias_names: list[list[str] | None] = (None, None, None)) -> HybridExperts | None:
     """The hybrid expert set of a stack whose per-layer GGUF (gate, up, down) names are
     `names`, host sets `handles` already packed; None when the rules ask for no split and
-    `force` is off (CPU programs keep HostExperts)."""
+    `force` is off (CPU programs keep HostExperts). `bias_names`: per projection, the
+    per-layer names of the experts' biases [E, rows] (or None), gathered into the pool as
+    float32."""
     e = f.tensors[names[0][0]].shape[0]
     blocks = [_block_of(g) for g, _, _ in names]
     placement = read_placement(rules_file, n_blocks, e, blocks)
@@ -212,10 +385,21 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
         return None
     per_layer = [placement.for_block(b) if placement else () for b in blocks]
     window = max((len(p) for p in per_layer), default=0)
+    defer = placement.defer if placement else 0
+    k = int(f.get(f"{f.architecture}.expert_used_count"))
+    if defer >= k:
+        raise RulesError(f"{rules_file}: experts.defer: {defer} of the {k} experts a token "
+                         f"uses leaves none for its own layer (expected 0..{k - 1})")
+    min_tokens = placement.prefill_min_tokens if placement else 0
+    where = device or jax.devices()[0]
+    common = dict(handles=handles, defer=defer, n_experts=e, dtype=jnp.dtype(dtype).name,
+                  prefill_min_tokens=min_tokens,
+                  stream=_host_stream(f, names, dtype, where, bias_names) if min_tokens else None,
+                  device_memory=jax.sharding.SingleDeviceSharding(where, memory_kind="device"))
     if window == 0:
-        return HybridExperts(handles=handles, window=0)
+        return HybridExperts(window=0, activation=activation, **common)
     slots = np.full((len(blocks), e), -1, np.int32)
-    start, mats = [], [[], [], []]
+    start, mats, biases = [], [[], [], []], [[], [], []]
     used = 0
     for j, (experts, layer_names) in enumerate(zip(per_layer, names)):
         start.append(used)
@@ -225,12 +409,78 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
                 raw = np.asarray(t.data).reshape(t.shape[0], -1)[list(experts)]
                 mats[i].append(quants.dequantize(raw, t.qtype, (len(experts), *t.shape[1:]),
                                                  dtype=dtype))
+                if bias_names[i] is not None:
+                    b = f.tensors[bias_names[i][j]]
+                    biases[i].append(quants.dequantize(b.data, b.qtype, b.shape,
+                                                       dtype=np.float32)[list(experts)])
         slots[j, list(experts)] = np.arange(used, used + len(experts), dtype=np.int32)
         used += len(experts)
     put = (lambda a: jax.device_put(a, device))
     gate, up, down = (put(np.concatenate(m)) for m in mats)
-    return HybridExperts(handles=handles, window=window, slots=put(slots),
-                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down)
+    gate_b, up_b, down_b = (put(np.concatenate(b)) if b else None for b in biases)
+    return HybridExperts(window=window, activation=activation, slots=put(slots),
+                         pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down,
+                         gate_bias=gate_b, up_bias=up_b, down_bias=down_b, **common)
+
+
+def _host_stream(f, names: list[tuple[str, str, str]], dtype, device: jax.Device,
+                 bias_names: list[list[str] | None]) -> tuple:
+    """Every layer's (gate, up, down) as [L, E * out, in] in host memory (`pinned_host`, which
+    the device copies from without staging): GGUF blocks kept as QuantMatrix codes where the
+    device has a layout for the type (dequantized inside the step), else dequantized to
+    `dtype`; then the three projections' biases, float32 [L, E, out] (None where the family
+    has none)."""
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    out: list = []
+    for per_layer in zip(*names):                 # gate names, up names, down names
+        ts = [f.tensors[n] for n in per_layer]
+        e, rows, cols = ts[0].shape
+        form = _stream_form(ts)
+        if form == "dequantized":
+            out.append(jax.device_put(np.stack([quants.dequantize(
+                t.data, t.qtype, t.shape, dtype=dtype).reshape(e * rows, cols) for t in ts]),
+                host))
+            continue
+        packed = [device_quant.pack_gguf(np.asarray(t.data), t.qtype, (e * rows, cols))
+                  for t in ts]
+        if form == "k_mixed":
+            packed = [device_quant.widen_to_k8(p, e * rows, cols) for p in packed]
+        qm = device_quant.stack_to_device(packed, "keep", True, None)
+        out.append(jax.tree.map(lambda a: jax.device_put(a, host), qm))
+    for per_layer in bias_names:
+        out.append(None if per_layer is None else jax.device_put(np.stack([quants.dequantize(
+            f.tensors[n].data, f.tensors[n].qtype, f.tensors[n].shape, dtype=np.float32)
+            for n in per_layer]), host))
+    return tuple(out)
+
+
+def _stream_form(ts) -> str:
+    """How one matrix kind's layers are held for streaming, as the loader holds device
+    matrices: GGUF codes ("keep": one packable type; "k_mixed": K-quants of several types,
+    widened to their common layout) or "dequantized"."""
+    qtypes = {t.qtype for t in ts}
+    if len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES:
+        return "keep"
+    return "k_mixed" if qtypes <= set(device_quant.K_MIX_QTYPES) else "dequantized"
+
+
+def stream_host_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,
+                      itemsize: int) -> int:
+    """Host memory the streamed copy of a stack's experts takes (`device_prefill_min_tokens`;
+    0 without it): what `ktjax info --rules` adds to the host's."""
+    e = f.tensors[names[0][0]].shape[0]
+    placement = read_placement(rules_file, n_blocks, e, [_block_of(g) for g, _, _ in names])
+    if placement is None or not placement.prefill_min_tokens:
+        return 0
+    total = 0
+    for per_layer in zip(*names):
+        ts = [f.tensors[n] for n in per_layer]
+        form = _stream_form(ts)
+        for t in ts:
+            shape = (t.shape[0] * t.shape[1], t.shape[2])
+            total += t.n_elements * itemsize if form == "dequantized" else \
+                device_quant.packed_nbytes(t.qtype, shape, "keep", k_mixed=form == "k_mixed")
+    return total
 
 
 def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,
@@ -248,13 +498,15 @@ def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n
 
 
 def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int, dtype,
-              device: jax.Device | None):
+              device: jax.Device | None, platform: str, activation: ExpertActivation = SILU,
+              bias_names: list[list[str] | None] = (None, None, None)):
     """The loader's hook for a stack's host experts (`host`: HostExperts; `per_kind`: the
-    per-layer GGUF names of gate, up and down): a HybridExperts in GPU programs or where the
+    per-layer GGUF names of gate, up and down; the family's expert activation and bias names,
+    as build takes them): a HybridExperts in GPU programs (`platform` "gpu") or where the
     rules file has an `experts:` section, else `host` unchanged."""
-    platform = (device or jax.devices()[0]).platform
     # KTJAX_HOST_MOE_SYNC=1: the synchronous CUDA bridge instead (for before/after figures)
     sync = os.environ.get("KTJAX_HOST_MOE_SYNC", "0") == "1"
     hybrid = build(host.handles, f, list(zip(*per_kind)), rules_file, n_blocks, dtype, device,
-                   force=platform == "gpu" and not sync)
+                   force=platform == "gpu" and not sync, activation=activation,
+                   bias_names=bias_names)
     return host if hybrid is None else hybrid

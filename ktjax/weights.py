@@ -220,8 +220,8 @@ def _experts_ragged(w: DeviceExperts, x: jax.Array, route: Route) -> jax.Array:
 
 
 def experts(w: HostExperts | DeviceExperts, x: jax.Array, route: Route) -> jax.Array:
-    """The routed experts' SiLU-gated FFN of tokens x [N, H], weighted by `route` and summed
-    per token: float32 [N, H]."""
+    """The routed experts' SiLU-gated FFN of tokens x [N, H] (a host set: the activation and
+    biases stored with it), weighted by `route` and summed per token: float32 [N, H]."""
     if isinstance(w, HostExperts):
         return moe_layered(x.astype(jnp.float32), route.ids, route.weights,
                            _layer_or_zero(w.layer), w.handles)

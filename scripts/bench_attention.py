@@ -9,6 +9,7 @@ Shapes: SmolLM2-135M (9 heads, 3 KV heads, head dim 64) and Gemma 3 270M (4, 1, 
 row, pages of 16 tokens, float32 cache. Prints ms per call and kernel / reference.
 
     python scripts/bench_attention.py --gpu [--contexts 4096,32768,131072] [--json out.json]
+        [--parts decode,far,batch,prefill,reference,sweep] [--unroll]
 
 GPU mode: decode attention of the Llama-3-8B shape (32 heads, 8 KV heads, head dim 128, 32
 layers, pages of 16) with the Pallas kernel over bfloat16 and int8 pages, one sequence at
@@ -18,8 +19,10 @@ measured in the same run (a read-only reduction over 4 GiB). With int8 at the lo
 context a bfloat16 stand-in for the 8B weights (16 GB) is allocated beside the cache, which
 shows the model with that context fits on the GPU. Then the kernel against the reference on
 random pages at the far end of that cache (offsets past 4 GiB), a prefill chunk (512 tokens over
-1536 cached: attention TFLOP/s, kernel and reference) and a sweep of the kernel's knobs at
-the middle context. SMOKE=1 shrinks every size (CPU check).
+1536 cached: attention TFLOP/s, kernel and reference) and a sweep of the kernel's knobs
+(SWEEP_BF16, SWEEP_INT8) at every context; last, the best variant per context and KV dtype.
+Each layer's output is the next layer's query, so the scan runs nothing but attention;
+--unroll unrolls the layers (no loop). SMOKE=1 shrinks every size (CPU check).
 """
 from __future__ import annotations
 
@@ -69,10 +72,12 @@ def hbm_read_bandwidth(n_bytes: int) -> float:
 
 
 def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
-               reference: bool = False, batch: int = 1, **knobs) -> dict:
+               reference: bool = False, batch: int = 1, unroll: bool = False,
+               **knobs) -> dict:
     """Decode attention of `batch` sequences at `ctx` cached tokens each over all n_layers
     layers of an 8B-shaped cache; with weights_bytes, that much bfloat16 is held beside.
-    `knobs`: the kernel's tuning arguments; reference: time the jnp reference instead."""
+    `knobs`: the kernel's tuning arguments; reference: time the jnp reference instead;
+    unroll: the layers unrolled instead of a scan (no loop between the layers' kernels)."""
     from ktjax.engine import kv_cache
     from ktjax.models.base import KVCacheSpec
     heads, kv, hd, page = 32, 8, 128, 16
@@ -87,23 +92,24 @@ def gpu_decode(ctx: int, kv_dtype: str, n_layers: int, weights_bytes: int = 0,
     lens = jnp.full((batch,), ctx, jnp.int32)
     positions = jnp.full((batch, 1), ctx, jnp.int32)
 
+    attend = paged_attention_ref.paged_attention if reference else \
+        partial(paged_attention_gpu.paged_attention, **knobs)
+
     @jax.jit
     def step(q, k_cache, v_cache):
-        def layer(acc, i):
-            attend = paged_attention_ref.paged_attention if reference else \
-                partial(paged_attention_gpu.paged_attention, **knobs)
-            out = attend(q, k_new, k_new, k_cache, v_cache, i, tables, lens, positions,
-                         scale=hd ** -0.5)
-            return acc + out.astype(jnp.float32), None
-        acc, _ = jax.lax.scan(layer, jnp.zeros(q.shape, jnp.float32),
-                              jnp.arange(n_layers, dtype=jnp.int32))
-        return acc
+        # each layer's output is the next layer's query (as in a model): nothing but the
+        # attention runs per layer, no accumulation op
+        def layer(x, i):
+            return attend(x, k_new, k_new, k_cache, v_cache, i, tables, lens, positions,
+                          scale=hd ** -0.5), None
+        return jax.lax.scan(layer, q, jnp.arange(n_layers, dtype=jnp.int32),
+                            unroll=n_layers if unroll else 1)[0]
 
     seconds = best_of(step, (q, cache.k, cache.v), calls=6)
     read = batch * n_layers * paged_attention_gpu.kv_read_bytes(ctx, kv, hd, hd, kv_dtype)
     held = kv_cache.cache_bytes(spec, n_pages, page, kv_dtype) + weights_bytes
     del cache, weights
-    return dict(context=ctx, batch=batch, kv_dtype=kv_dtype, layers=n_layers,
+    return dict(context=ctx, batch=batch, kv_dtype=kv_dtype, layers=n_layers, unroll=unroll,
                 kernel="reference" if reference else "pallas", knobs=knobs,
                 us_per_layer=seconds / n_layers * 1e6, kv_bytes_read=read,
                 kv_read_GBps=read / seconds / 1e9, bytes_held=held)
@@ -159,12 +165,10 @@ def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False
 
     @jax.jit
     def step(q, k_cache, v_cache):
-        def layer(acc, i):
-            out = attend(q, k_new, v_new, k_cache, v_cache, i, tables, lens, positions,
-                         scale=hd ** -0.5)
-            return acc + out.astype(jnp.float32), None
-        return jax.lax.scan(layer, jnp.zeros(q.shape, jnp.float32),
-                            jnp.arange(n_layers, dtype=jnp.int32))[0]
+        def layer(x, i):      # the output is the next layer's query, as in decode
+            return attend(x, k_new, v_new, k_cache, v_cache, i, tables, lens, positions,
+                          scale=hd ** -0.5), None
+        return jax.lax.scan(layer, q, jnp.arange(n_layers, dtype=jnp.int32))[0]
 
     seconds = best_of(step, (q, cache.k, cache.v), calls=4) / n_layers
     pairs = tokens * cached + tokens * (tokens + 1) // 2
@@ -174,18 +178,37 @@ def gpu_prefill(tokens: int, cached: int, n_layers: int, reference: bool = False
                 attention_TFLOPs=4 * heads * hd * pairs / seconds / 1e12)
 
 
+# Variants of the kernel's knobs, each timed at every context (bf16 pages; the int8 ones
+# with int8 pages), the defaults first as the baseline of the same run: the combine (XLA's fusions against the kernel), the cache addressed per
+# key, split counts against the default (~264 programs), keys per loop step, pipeline depth,
+# warps.
+SWEEP_BF16 = ({}, {"combine": "xla"}, {"key_rows": True}, {"n_splits": 8}, {"n_splits": 16},
+              {"n_splits": 66}, {"min_blocks_per_split": 4}, {"pages_per_block": 2},
+              {"pages_per_block": 8}, {"num_stages": 3}, {"num_stages": 4},
+              {"num_warps": 8}, {"pages_per_block": 8, "num_stages": 3})
+SWEEP_INT8 = ({}, {"key_rows": True}, {"pages_per_block": 8}, {"pages_per_block": 16},
+              {"num_stages": 3}, {"num_warps": 8}, {"n_splits": 16})
+PARTS = ("decode", "far", "batch", "prefill", "reference", "sweep")
+
+
 def main_gpu(args) -> None:
     import json
     import os
     smoke = os.environ.get("SMOKE") == "1"
     n_layers = 2 if smoke else 32
     contexts = [64, 256] if smoke else [int(c) for c in args.contexts.split(",")]
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; known: {', '.join(PARTS)}")
     device = jax.devices()[0]
     result = dict(device=str(device.device_kind), jax=jax.__version__, layers=n_layers,
+                  unroll=args.unroll, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   shape="llama3-8b: 32 heads, 8 kv heads, head_dim 128, page 16")
     hbm = hbm_read_bandwidth(2 ** 20 if smoke else 4 * 2 ** 30)
     result["hbm_read_GBps"] = hbm / 1e9
-    print(f"{device.device_kind}: HBM read {hbm / 1e9:.0f} GB/s (bfloat16 sum)")
+    print(f"{device.device_kind}: HBM read {hbm / 1e9:.0f} GB/s (bfloat16 sum); "
+          f"layers {'unrolled' if args.unroll else 'in a scan'}")
     runs = result["decode"] = []
 
     def save():   # after every run: a timeout keeps what was measured
@@ -195,7 +218,7 @@ def main_gpu(args) -> None:
 
     def run(ctx, kv_dtype, weights=0, **kw):
         try:
-            r = gpu_decode(ctx, kv_dtype, n_layers, weights, **kw)
+            r = gpu_decode(ctx, kv_dtype, n_layers, weights, unroll=args.unroll, **kw)
         except Exception as e:  # noqa: BLE001 -- record the failure, measure the rest
             traceback.print_exc()
             runs.append(dict(context=ctx, kv_dtype=kv_dtype, knobs=kw,
@@ -206,45 +229,67 @@ def main_gpu(args) -> None:
         r["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
         runs.append(r)
         save()
-        print(f"decode ctx {ctx:>6} {kv_dtype:>8} {r['kernel']} {kw or ''}: "
+        print(f"decode ctx {ctx:>6} {kv_dtype:>8} b{r['batch']} {r['kernel']} {kw or ''}: "
               f"{r['us_per_layer']:8.1f} us/layer, KV read {r['kv_read_GBps']:6.0f} GB/s = "
               f"{100 * r['fraction_of_hbm']:.0f}% of HBM"
               + (f"; held {r['bytes_held'] / 1e9:.1f} GB (cache + 8B bf16 weights) on one GPU"
-                 if weights else ""))
+                 if weights else ""), flush=True)
 
-    for kv_dtype in ("bfloat16", "int8"):
-        for ctx in contexts:
-            longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
-            run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
-    for kv_dtype in ("bfloat16", "int8"):      # correctness past 4 GiB of cache
-        try:
-            c = gpu_far_pages_check(kv_dtype, n_layers, max(contexts))
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            c = dict(kv_dtype=kv_dtype, error=f"{type(e).__name__}: {e}"[:3000])
-        result.setdefault("far_pages_check", []).append(c)
-        save()
-        print(f"far pages check {c}")
-    for kv_dtype in ("bfloat16", "int8"):      # serving: 8 rows at the shortest context
-        run(contexts[0], kv_dtype, batch=8)
-    for reference, knobs in ((False, {}), (True, {}), (False, {"block_m": 128, "num_warps": 8}),
-                             (False, {"num_warps": 8})):
-        try:
-            p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers, reference,
-                            **knobs)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            p = dict(kernel="reference" if reference else "pallas",
-                     error=f"{type(e).__name__}: {e}"[:3000])
-        result.setdefault("prefill", []).append(p)
-        save()
-        print(f"prefill {p}")
-    run(contexts[0], "bfloat16", reference=True)
-    # Tuning points at the middle context: pages per block, splits, warps.
-    mid = contexts[len(contexts) // 2]
-    sweep = ({"pages_per_block": 8}, {"n_splits": 96}, {"num_warps": 8}, {"num_stages": 3})
-    for knobs in sweep[:2] if smoke else sweep:
-        run(mid, "bfloat16", **knobs)
+    if "decode" in parts:
+        for kv_dtype in ("bfloat16", "int8"):
+            for ctx in contexts:
+                longest_int8 = kv_dtype == "int8" and ctx == max(contexts)
+                run(ctx, kv_dtype, (2 ** 20 if smoke else 16 * 10 ** 9) if longest_int8 else 0)
+    if "far" in parts:
+        for kv_dtype in ("bfloat16", "int8"):      # correctness past 4 GiB of cache
+            try:
+                c = gpu_far_pages_check(kv_dtype, n_layers, max(contexts))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                c = dict(kv_dtype=kv_dtype, error=f"{type(e).__name__}: {e}"[:3000])
+            result.setdefault("far_pages_check", []).append(c)
+            save()
+            print(f"far pages check {c}")
+    if "batch" in parts:
+        for kv_dtype in ("bfloat16", "int8"):      # serving: 8 rows at the shortest context
+            run(contexts[0], kv_dtype, batch=8)
+    if "prefill" in parts:
+        for reference, knobs in ((False, {}), (True, {}),
+                                 (False, {"block_m": 128, "num_warps": 8}),
+                                 (False, {"num_warps": 8})):
+            try:
+                p = gpu_prefill(64 if smoke else 512, 64 if smoke else 1536, n_layers,
+                                reference, **knobs)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                p = dict(kernel="reference" if reference else "pallas", knobs=knobs,
+                         error=f"{type(e).__name__}: {e}"[:3000])
+            result.setdefault("prefill", []).append(p)
+            save()
+            print(f"prefill {p}")
+    if "reference" in parts:
+        run(contexts[0], "bfloat16", reference=True)
+    if "sweep" in parts:    # variant by variant, so a time limit cuts whole variants
+        variants = [("bfloat16", k) for k in (SWEEP_BF16[:3] if smoke else SWEEP_BF16)] + \
+            [("int8", k) for k in (SWEEP_INT8[:2] if smoke else SWEEP_INT8)]
+        for kv_dtype, knobs in variants:
+            for ctx in contexts:
+                run(ctx, kv_dtype, **knobs)
+    best = {}
+    for r in runs:
+        if "fraction_of_hbm" in r and r["kernel"] == "pallas" and r["batch"] == 1:
+            key = (r["context"], r["kv_dtype"])
+            if r["fraction_of_hbm"] > best.get(key, {}).get("fraction_of_hbm", -1):
+                best[key] = r
+    result["best"] = [dict(context=c, kv_dtype=d, knobs=r["knobs"],
+                           us_per_layer=r["us_per_layer"],
+                           fraction_of_hbm=r["fraction_of_hbm"])
+                      for (c, d), r in sorted(best.items())]
+    save()
+    for b in result["best"]:
+        print(f"best ctx {b['context']:>6} {b['kv_dtype']:>8}: {b['us_per_layer']:8.1f} "
+              f"us/layer = {100 * b['fraction_of_hbm']:.0f}% of HBM with "
+              f"{b['knobs'] or 'defaults'}")
 
 
 def main() -> None:
@@ -256,6 +301,10 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="Pallas decode on the GPU (see above)")
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--json", default=None, help="GPU mode: write the figures here")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"GPU mode: which measurements ({', '.join(PARTS)})")
+    ap.add_argument("--unroll", action="store_true",
+                    help="GPU mode: unroll the layers instead of a scan")
     args = ap.parse_args()
     if args.gpu:
         return main_gpu(args)

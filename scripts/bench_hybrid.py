@@ -4,6 +4,7 @@ against its ideal, launches per step, and agreement with another placement.
 
     python scripts/bench_hybrid.py --model m.gguf --rules qwen3moe --batch 1,8 --json
     ... --rules rules.yaml --compare device     # + agreement with the all-device program
+    ... --prefill-tokens 512,4096               # prefill tok/s alone, per prompt length
 
 One JSON line (--json) per run. The step's ideal is the GPU part (the same step with the host
 jobs dry-run: zeros, no compute; everything else, copies and host functions included, runs)
@@ -95,8 +96,10 @@ def run(args) -> Iterator[dict]:
     from ktjax import LLM, SamplingParams, _native
     _native.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    prefill_only = [int(t) for t in args.prefill_tokens.split(",") if t]
     llm = LLM(args.model, rules=args.rules,
-              max_model_len=max(args.prompt_tokens + args.gen_tokens, args.compare_tokens + 32) + 32)
+              max_model_len=max(args.prompt_tokens + args.gen_tokens, args.compare_tokens + 32,
+                                *(t + 2 for t in prefill_only)) + 32)
     load_s = time.perf_counter() - t0
     engine = llm.engine
     rng = np.random.default_rng(0)
@@ -104,7 +107,7 @@ def run(args) -> Iterator[dict]:
     moe = llm.config.moe
     params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
 
-    def one_pass(batch: int, prompt: int) -> tuple[float, float]:
+    def one_pass(batch: int, prompt: int, params=params) -> tuple[float, float]:
         for _ in range(batch):
             engine.add_request(rng.integers(100, vocab - 100, prompt).tolist(), params)
         t = time.perf_counter()
@@ -116,6 +119,15 @@ def run(args) -> Iterator[dict]:
             engine.step()
         return t_prefill, time.perf_counter() - t
 
+    if prefill_only:  # prefill throughput alone (one sequence), e.g. for the placement's threshold
+        one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        for tokens in prefill_only:
+            one_pass(1, tokens, one_token)                 # compiles
+            t_prefill, _ = one_pass(1, tokens, one_token)
+            yield {"model": os.path.basename(args.model), "rules": args.rules,
+                   "threads": args.threads, "platform": llm_platform(),
+                   "prefill_tokens": tokens, "prefill_tps": tokens / t_prefill}
+        return
     for batch in (int(b) for b in str(args.batch).split(",")):
         row = {"model": os.path.basename(args.model), "rules": args.rules, "batch": batch,
                "threads": args.threads, "load_s": load_s, "platform": llm_platform()}
@@ -184,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="count CUDA driver calls per decode step")
     ap.add_argument("--compare", default=None, help="rules of a program to compare outputs with")
     ap.add_argument("--compare-tokens", type=int, default=256)
+    ap.add_argument("--prefill-tokens", default="", help="prompt lengths, comma-separated: "
+                    "measure only the prefill of one prompt of each (no decode rows)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     for row in run(args):

@@ -2,7 +2,7 @@
 """The issue-31 families on whatever device JAX has (the GPU on the accelerator machine):
 tiny random glm4moe, gpt-oss (MXFP4 experts), YaRN Qwen3 and Kimi-K2-shaped deepseek2
 models, written to GGUF as the tests do; ktjax's logits (every weight on the device, float32,
-then the family's default rules: routed experts in the host kernels where the family allows)
+then the family's default rules: routed experts in the host kernels)
 against transformers on the CPU in float32. Writes a JSON line per model and placement.
 
   PYTHONPATH=.:tests python scripts/check_new_families.py --out /tmp/models.json

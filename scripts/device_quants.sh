@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # expected: <= 90 s (the native module is already built by the lead; bench_moe needs no GGUF)
 # Host MoE kernels on the AMX host: experts in IQ4_XS / MXFP4 / IQ2_XXS (repacked exactly to
-# int8 groups of 32) against the same experts in Q4_K, decode (qlen 1) and a small prefill
+# int4 indices into their 16-entry tables) against the same experts in Q4_K, decode (qlen 1) and a small prefill
 # (qlen 32). Writes $OUT/quants.log and $OUT/quants.json (one JSON object per line).
 # SMOKE=1: tiny run to check the script on any CPU.
 set -uo pipefail

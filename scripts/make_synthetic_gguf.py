@@ -61,6 +61,14 @@ SHAPES = {
                         kv_heads=2, head_dim=64),
     "qwen3-30b-a3b": Shape("qwen3moe", 151936, 2048, 48, 32, 6144, 128, 8, 768, 40960, 1e6,
                            kv_heads=4, head_dim=128),
+    # smoke runs and CPU tests (tests/test_hybrid.py): the MoE families' code paths, tiny
+    "qwen3moe-tiny": Shape("qwen3moe", 512, 256, 4, 4, 512, 16, 4, 256, 2048, 1e6,
+                           kv_heads=2, head_dim=64),
+    "deepseek2-tiny": Shape(
+        "deepseek2", 512, 256, 4, 4, 512, 16, 4, 256, 2048, 10000.0,
+        mla=dict(q_lora=0, kv_lora=64, rope=32, nope=32, v=32, dense=1, shared=1,
+                 gating=2, norm=True, scale=2.5, groups=4, groups_used=2, bias=True,
+                 yarn_factor=4.0, yarn_orig=512, yarn_log_mul=0.1)),
     "deepseek-v2-lite": Shape(
         "deepseek2", 102400, 2048, 27, 16, 10944, 64, 6, 1408, 163840, 10000.0,
         mla=dict(q_lora=0, kv_lora=512, rope=64, nope=128, v=128, dense=1, shared=2,

@@ -36,4 +36,5 @@ cd "$WORK"  # not the repo root: python puts the working directory first on sys.
   "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_quants.py" "$ROOT/tests/test_ffi.py" \
   "$ROOT/tests/test_bad_input.py" "$ROOT/tests/test_crafted_gguf.py" \
   "$ROOT/tests/test_fuzz_gguf.py" "$ROOT/tests/test_packed_weights_io.py" \
-  "$ROOT/tests/test_iq_host.py" "$ROOT/tests/test_iq_quants.py" "$@"
+  "$ROOT/tests/test_iq_host.py" "$ROOT/tests/test_iq_quants.py" \
+  "$ROOT/tests/test_host_moe_epilogue.py" "$@"

@@ -10,22 +10,24 @@ import numpy as np
 from ktjax import rules as placement_rules
 from ktjax.engine.kv_cache import make_kv_cache
 from ktjax.gguf.reader import GGUFFile
-from ktjax.kernels.backends import REFERENCE
+from ktjax.kernels.backends import REFERENCE, AttentionBackend
 from ktjax.models import loader
 from ktjax.models.base import Batch
 
 PAGE = 4
 
 
-def ktjax_logits(path, ids: np.ndarray, rules: str | None = None) -> np.ndarray:
+def ktjax_logits(path, ids: np.ndarray, rules: str | None = None,
+                 backend: AttentionBackend = REFERENCE) -> np.ndarray:
     """Logits [T, V] for every position of `ids`, one prefill through the paged forward;
-    `rules` (a rules file or profile) places the weights, default all on the device."""
+    `rules` (a rules file or profile) places the weights, default all on the device;
+    attention on `backend` (default the jnp reference)."""
     f = GGUFFile(path)
     spec = loader.inspect(f)
     cfg = spec.config
     placement = placement_rules.place(f, spec.table, cfg.n_layers, rules or "device", "cpu")
     params = loader.load_params(f, spec, placement)
-    forward = spec.family.make_forward(cfg, REFERENCE)
+    forward = spec.family.make_forward(cfg, backend)
     t = len(ids)
     n_pages = -(-t // PAGE)
     # Deliberately scattered, non-contiguous pages: the block table must be honoured.

@@ -95,6 +95,24 @@ def test_long_chunks_run_in_the_kernel(isa):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("case,window", [("decode-gqa", 0), ("short-chunk", 3),
+                                         ("long-context-splits", 40),
+                                         ("head-chunks-cut-groups", 0)])
+def test_sinks(isa, case, window):
+    """gpt-oss's per-head sink logits (denominator only) on decode and chunk steps, key splits
+    merged (long context), head chunks, with and without gpt-oss's sliding window."""
+    problem = make_problem(np.random.default_rng(11), **CASES[case])
+    heads = problem["q"].shape[2]
+    sinks = np.random.default_rng(12).normal(0.0, 2.0, heads).astype(np.float32)
+    sinks[0] = 8.0  # a head whose sink takes most of the weight
+    kw = dict(scale=0.125, sliding_window=jnp.int32(window), sinks=jnp.asarray(sinks))
+    got, want = both(problem, **kw)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    if case == "decode-gqa":
+        plain, _ = both(problem, scale=0.125)
+        assert np.abs(plain - got).max() > 0.1  # the sinks change the result
+
+
 def _error(problem, **kw) -> str:
     with pytest.raises(Exception) as err:
         jax.block_until_ready(jax.jit(
@@ -125,6 +143,12 @@ def test_bad_input_is_an_error_naming_the_argument():
 
     problem = make_problem(rng, heads=5, kv=2)
     assert "KV heads" in _error(problem, scale=0.1)
+
+    problem = make_problem(rng)  # 6 query heads
+    assert "sinks" in _error(problem, scale=0.1, sinks=jnp.zeros(5))
+    bad = np.zeros(6, np.float32)
+    bad[2] = np.inf
+    assert "sinks: holds NaN or Inf" in _error(problem, scale=0.1, sinks=jnp.asarray(bad))
 
 
 @pytest.mark.parametrize("cut", [0, 5, 16, 270, 299], ids=lambda c: f"cached-{c}")

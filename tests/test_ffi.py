@@ -25,9 +25,10 @@ def test_targets_listed_and_registration_idempotent() -> None:
     assert set(_native.ffi_targets()) == {
         "ktjax_rms_norm_f32", "ktjax_linear_layered", "ktjax_moe_layered",
         "ktjax_paged_attention", "ktjax_argmax", "ktjax_stacked_matvec", "ktjax_moe_submit",
-        "ktjax_moe_wait"}
+        "ktjax_moe_wait", "ktjax_moe_after"}
     assert set(_native.cuda_ffi_targets()) == {"ktjax_linear_layered", "ktjax_moe_layered",
-                                               "ktjax_moe_submit", "ktjax_moe_wait"}
+                                               "ktjax_moe_submit", "ktjax_moe_wait",
+                                               "ktjax_moe_after"}
     register_targets()
     register_targets()
 

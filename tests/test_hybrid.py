@@ -60,6 +60,29 @@ def test_submit_wait_is_the_fused_kernel_and_skips_minus_one(expert_sets):
     ma.raise_host_errors()  # nothing recorded
 
 
+def test_device_part_is_ordered_after_the_submit_as_data(expert_sets):
+    """The shared experts (the device's part) read x through ktjax_moe_after, which takes the
+    submit's token, so the dependence survives XLA's optimizations (it removes optimization
+    barriers before scheduling) and the host job starts first; the sum is still right."""
+    import re
+    rng = np.random.default_rng(7)
+    x, ids, w = _routing(rng, 5)
+    shared = rng.standard_normal((H, H), np.float32)
+    hybrid = hx.HybridExperts(handles=expert_sets[:1], window=0)
+    f = jax.jit(lambda x, ids, w: hybrid.with_extra(x, Route(ids, w), lambda v: v @ shared))
+    np.testing.assert_allclose(np.asarray(f(x, ids, w)),
+                               hm.moe_forward(x, ids, w, expert_sets[0]) + x @ shared,
+                               rtol=1e-5, atol=1e-5)
+    hlo = f.lower(x, ids, w).compile().as_text()
+    name = {t: re.search(rf"%(\S+) = \S+ custom-call\([^)]*\), custom_call_target=\"{t}\"",
+                         hlo).group(1) for t in ("ktjax_moe_submit", "ktjax_moe_after")}
+    after_line = next(ln for ln in hlo.splitlines() if f"%{name['ktjax_moe_after']} =" in ln)
+    assert f"%{name['ktjax_moe_submit']}" in after_line.split("custom_call_target")[0]
+    readers = [ln for ln in hlo.splitlines() if f"%{name['ktjax_moe_after']})" in ln or
+               f"%{name['ktjax_moe_after']}," in ln]
+    assert any("ktjax_moe_wait" not in ln for ln in readers)      # the shared experts' dot
+
+
 def test_skip_id_at_every_isa_level(expert_sets, isa):
     """Expert id -1 drops its slot in the fused kernel (its weight ignored, even NaN): the
     same as a zero weight, at each ISA level this machine has and in the scalar reference
@@ -132,7 +155,7 @@ def test_bad_input_names_the_problem(expert_sets):
     }
     for name, (value, match) in bad.items():
         ops = [jnp.zeros((3, H), jnp.float32), jnp.zeros((3, K), jnp.int32),
-               jnp.zeros((3, K), jnp.float32), jnp.int32(0)]
+               jnp.zeros((3, K), jnp.float32), jnp.int32(0), jnp.int32(0)]
         ops[{"x": 0, "ids": 1, "ids_dtype": 1, "layer": 3}[name]] = value
         with pytest.raises(Exception, match=match):
             jax.jit(lambda *a: submit(*a, site=np.int64(site)))(*ops)
@@ -265,6 +288,11 @@ def test_info_shows_device_expert_memory(tmp_path, moe_path):
     assert len(moved) == 1
     per_expert = 3 * H * I * 4   # float32 on CPU programs
     assert f"{E * per_expert / 2 ** 20:.2f} MiB" in moved[0]
+    # streamed prefill: a second host copy of every layer's experts (float32 files: dequantized)
+    rules = _rules(tmp_path, "experts: {device_prefill_min_tokens: 64}\n")
+    lines = describe(str(moe_path), rules).splitlines()
+    streamed = [ln for ln in lines if "experts streamed" in ln]
+    assert len(streamed) == 1 and f"{3 * E * per_expert / 2 ** 20:.2f} MiB" in streamed[0]
 
 
 def test_a_failing_host_job_fails_the_request_not_the_engine(tmp_path, moe_path):
@@ -331,3 +359,244 @@ def test_cuda_hybrid_step_matches_the_cpu_program(tmp_path, moe_path):
     mixed, _, _ = _scores(moe_path, _rules(
         tmp_path, "experts: {n_cpu_moe: 2, hot: {0: [1, 3]}}\n"), ids, dtype="float32")
     assert np.abs(mixed - dev).max() < np.abs(host_gpu - dev).max() + 1e-3
+
+
+# ---- GPU programs lowered on this machine ------------------------------------------------
+
+# custom calls XLA itself implements on every platform (host <-> device copies)
+XLA_TARGETS = {"annotate_device_placement"}
+
+def _synthetic(tmp_path_factory, shape: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_gguf.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_gguf", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_synthetic_gguf", mod)    # its dataclasses look it up
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("syn") / f"{shape}.gguf"
+    mod.write(str(out), shape, 0, mod.T.Q4_K)
+    return out
+
+
+def _custom_calls(f, lowering: str, bucket, placed_for: str, rules: str | None = None):
+    """The custom_call targets of a step program of `f` lowered for `lowering` ("cuda"
+    without a GPU), its params placed by the loader for programs of `placed_for` (by
+    `rules`, default the platform's)."""
+    import re
+    from ktjax import rules as placement_rules
+    from ktjax.engine.kv_cache import make_kv_cache
+    from ktjax.engine.programs import ProgramCache
+    from ktjax.kernels.backends import get_backend
+    from ktjax.models import loader
+    spec = loader.inspect(f)
+    rules = placement_rules.rules_for(f.architecture, placed_for, rules)
+    placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, placed_for)
+    params = loader.load_params(f, spec, placement, np.float32, platform=placed_for)
+    kv = make_kv_cache(spec.config.cache_spec, 9, 16, "float32")
+    programs = ProgramCache(spec.family.make_forward(spec.config, get_backend("reference")),
+                            params, kv, spec.config.vocab_size)
+    traced = programs._forward.trace(*programs.lower_args(("step", bucket, None)))
+    text = traced.lower(lowering_platforms=(lowering,)).as_text()
+    loader.release_host_weights(params)
+    return set(re.findall(r"custom_call @([\w.$]+)", text))
+
+
+@pytest.mark.parametrize("shape", ["qwen3moe-tiny", "deepseek2-tiny"])
+def test_cuda_programs_call_only_targets_with_cuda_handlers(tmp_path_factory, shape):
+    """The first GPU run failed because a GPU step called ktjax_stacked_matvec, a host target
+    with no CUDA handler: the params of GPU programs (placed for platform "gpu") lowered for
+    CUDA, decode and prefill, call only targets that have one, the routed experts through
+    the stream-ordered submit/wait pair. The same program with CPU-placed params does call
+    CPU-only targets (LayerStack's matvec), which this check catches."""
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    cuda_targets = set(_native.cuda_ffi_targets())
+    f = GGUFFile(_synthetic(tmp_path_factory, shape))
+    for bucket in (StepBucket(1, 0, 0, 8), StepBucket(0, 1, 32, 8)):
+        calls = _custom_calls(f, "cuda", bucket, placed_for="gpu")
+        assert {"ktjax_moe_submit", "ktjax_moe_wait"} <= calls
+        assert calls <= cuda_targets | XLA_TARGETS, calls - cuda_targets
+    cpu_placed = _custom_calls(f, "cuda", StepBucket(1, 0, 0, 8), placed_for="cpu")
+    assert "ktjax_stacked_matvec" in cpu_placed - cuda_targets
+
+
+def test_cpu_only_attention_is_refused_for_gpu_programs():
+    from ktjax.kernels import backends
+    with pytest.raises(KernelError, match="no handler in gpu programs"):
+        backends.get_backend("cpu", "gpu")
+    assert backends.get_backend("cpu", "cpu") is backends.get_backend("auto", "cpu")
+
+
+def test_step_programs_are_built_for_the_engines_device(moe_path):
+    """Programs are lowered for the device holding the engine's params and KV cache, not
+    JAX's default backend: on a GPU host an engine given the CPU compiled its steps (with
+    their CPU-only host calls) for CUDA, the first GPU run's failure."""
+    from ktjax.engine.buckets import StepBucket
+    from ktjax.engine.programs import Greedy
+    cpu = jax.devices("cpu")[0]
+    llm = LLM(str(moe_path), rules="qwen2moe", max_model_len=64, device=cpu)
+    args = llm.engine.programs.lower_args(("step", StepBucket(1, 0, 0, 8), Greedy(False)))
+    leaves = jax.tree.leaves(args, is_leaf=lambda n: isinstance(n, jax.ShapeDtypeStruct))
+    shapes = [s for s in leaves if isinstance(s, jax.ShapeDtypeStruct)]
+    assert shapes and all(s.sharding is not None and s.sharding.device_set == {cpu}
+                          for s in shapes)
+
+
+# ---- expert deferral ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen3moe_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q3")
+    kw = dict(n_experts=E, n_used=4, hidden=H, expert_ffn=I, seed=3)
+    return (write_tiny_gguf(d / "one.gguf", "qwen3moe", n_layers=1, **kw),
+            write_tiny_gguf(d / "four.gguf", "qwen3moe", n_layers=4, **kw))
+
+
+def _rules_of(tmp_path, arch: str, section: str) -> str:
+    from ktjax.rules import rules_path
+    p = tmp_path / f"{arch}-{abs(hash(section))}.yaml"
+    p.write_text(rules_path(arch).read_text() + section)
+    return str(p)
+
+
+def test_deferral_zero_is_unchanged_and_n_moves_experts_a_layer_on(tmp_path, qwen3moe_paths):
+    """defer 0 scores exactly as the plain host experts. defer 2 of a one-layer model only
+    moves the deferred sum after the layer (the same logits within float rounding); of a
+    four-layer model it changes the logits (the next layers miss those experts) but not
+    beyond a perturbation, and generates."""
+    ids = list(range(5, 45))
+    one, four = qwen3moe_paths
+    for path, close in ((one, True), (four, False)):
+        plain = LLM(str(path), rules="qwen3moe", max_model_len=64).score(ids)
+        zero = LLM(str(path), rules=_rules_of(tmp_path, "qwen3moe", "experts: {defer: 0}\n"),
+                   max_model_len=64)
+        assert isinstance(zero.engine.params["layers"]["ffn_exps"], hx.HybridExperts)
+        np.testing.assert_array_equal(zero.score(ids), plain)
+        two = LLM(str(path), rules=_rules_of(tmp_path, "qwen3moe", "experts: {defer: 2}\n"),
+                  max_model_len=64)
+        deferred = two.score(ids)
+        gap = np.abs(deferred - plain).max()
+        if close:
+            assert gap < 1e-4
+        else:
+            assert 1e-3 < gap < 2.0
+        out = two.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert len(out[0].token_ids) == 4
+        ma.raise_host_errors()
+    # only host experts are deferred: with every expert on the device, defer changes nothing
+    on_device = [LLM(str(four), rules=_rules_of(tmp_path, "qwen3moe", section),
+                     max_model_len=64).score(ids)
+                 for section in ("experts: {n_cpu_moe: 0}\n", "experts: {n_cpu_moe: 0, defer: 2}\n")]
+    np.testing.assert_array_equal(*on_device)
+
+
+def test_deferral_in_deepseek2_and_rules_errors(tmp_path_factory, tmp_path):
+    """DeepSeek's leading dense layer, then routed layers with a shared expert, deferring:
+    runs and differs from no deferral; its CUDA program still calls only CUDA targets. A
+    defer of k or a negative one is refused naming the key."""
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    path = _synthetic(tmp_path_factory, "deepseek2-tiny")
+    ids = list(range(5, 40))
+    plain = LLM(str(path), max_model_len=64).score(ids)
+    rules = _rules_of(tmp_path, "deepseek2", "experts: {defer: 1}\n")
+    deferred = LLM(str(path), rules=rules, max_model_len=64).score(ids)
+    assert np.isfinite(deferred).all() and np.abs(deferred - plain).max() > 0
+    calls = _custom_calls(GGUFFile(path), "cuda", StepBucket(1, 0, 0, 8), "gpu", rules)
+    assert calls <= set(_native.cuda_ffi_targets())
+    for section, match in (("experts: {defer: 4}\n", r"defer: 4 of the 4 experts"),
+                           ("experts: {defer: -1}\n", r"defer: expected a number")):
+        with pytest.raises(RulesError, match=match):
+            LLM(str(path), rules=_rules_of(tmp_path, "deepseek2", section), max_model_len=64)
+
+
+# ---- prefill on the device, experts streamed ---------------------------------------------
+
+def test_prefill_of_min_tokens_streams_the_experts_to_the_device(tmp_path, tmp_path_factory):
+    """`device_prefill_min_tokens: 32`: a 40-token prompt (bucket of 64) runs every routed
+    expert on the device from host-memory weights (Q8_0 codes kept), scoring as the all-device
+    program; at 128 the same prompt stays on the host experts and scores as they do; decode
+    runs the host experts either way. Lowered for CUDA, the prefill step copies the layer's
+    experts (XLA's device placement) and calls no host MoE, the decode step does."""
+    import gguf
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    path = write_tiny_gguf(tmp_path_factory.mktemp("pf") / "q8.gguf", "qwen3moe", n_experts=E,
+                           n_used=4, n_layers=3, hidden=H, expert_ffn=I, seed=2,
+                           expert_qtype=gguf.GGMLQuantizationType.Q8_0)
+    ids = list(range(5, 45))
+    host = LLM(str(path), rules="qwen3moe", max_model_len=64).score(ids)
+    device = LLM(str(path), rules="device", max_model_len=64).score(ids)
+    assert np.abs(host - device).max() > 1e-3           # the host kernel's int8 activations
+    rules = _rules_of(tmp_path, "qwen3moe", "experts: {device_prefill_min_tokens: 32}\n")
+    streamed = LLM(str(path), rules=rules, max_model_len=64)
+    hybrid = streamed.engine.params["layers"]["ffn_exps"]
+    assert hybrid.streams(64) and not hybrid.streams(16)
+    assert all(getattr(a, "sharding").memory_kind == "pinned_host"
+               for a in jax.tree.leaves(hybrid.stream))
+    np.testing.assert_allclose(streamed.score(ids), device, atol=1e-5)
+    out = streamed.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0,
+                                                      ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    above = _rules_of(tmp_path, "qwen3moe", "experts: {device_prefill_min_tokens: 128}\n")
+    np.testing.assert_allclose(LLM(str(path), rules=above, max_model_len=64).score(ids), host,
+                               atol=1e-5)
+    f = GGUFFile(path)
+    prefill = _custom_calls(f, "cuda", StepBucket(0, 1, 64, 8), "gpu", rules)
+    assert "annotate_device_placement" in prefill and "ktjax_moe_submit" not in prefill
+    decode = _custom_calls(f, "cuda", StepBucket(1, 0, 0, 8), "gpu", rules)
+    assert "ktjax_moe_submit" in decode
+    assert (prefill | decode) <= set(_native.cuda_ffi_targets()) | XLA_TARGETS
+    with pytest.raises(RulesError, match=r"device_prefill_min_tokens: expected a number"):
+        hx.read_placement(_rules_of(tmp_path, "qwen3moe",
+                                    "experts: {device_prefill_min_tokens: -4}\n"), 3, E, [0, 1, 2])
+
+
+@pytest.mark.gpu
+def test_cuda_deferral_and_streamed_prefill(tmp_path, qwen3moe_paths):
+    """On the GPU: defer 0 scores exactly as no deferral, defer 2 within a perturbation of it
+    (the next layers miss the deferred experts) and generates; a prefill of at least
+    device_prefill_min_tokens (experts copied from pinned host memory inside the step)
+    scores as the all-device GPU program, and decode still runs the host experts."""
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
+    ids = list(range(5, 45))
+    path = str(qwen3moe_paths[1])
+
+    def llm(section: str | None):
+        rules = _rules_of(tmp_path, "qwen3moe", section) if section else "qwen3moe"
+        return LLM(path, rules=rules, max_model_len=64, dtype="float32")
+
+    plain = llm(None).score(ids)
+    np.testing.assert_array_equal(llm("experts: {defer: 0}\n").score(ids), plain)
+    two = llm("experts: {defer: 2}\n")
+    gap = np.abs(two.score(ids) - plain).max()
+    assert 1e-3 < gap < 2.0
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert len(two.generate([ids[:5]], greedy)[0].token_ids) == 4
+    ma.raise_host_errors()
+    device = LLM(path, rules="device", max_model_len=64, dtype="float32").score(ids)
+    streamed = llm("experts: {device_prefill_min_tokens: 32}\n")
+    np.testing.assert_allclose(streamed.score(ids), device, atol=1e-3)
+    assert len(streamed.generate([ids[:5]], greedy)[0].token_ids) == 4
+
+
+def test_deferral_in_glm4moe(tmp_path):
+    """GLM-4.5 (post-attention norm, a leading dense layer, sigmoid routing) defers through
+    the same scan: defer 0 is the plain host experts exactly, defer 1 changes the logits, and
+    its CUDA program calls only CUDA targets."""
+    pytest.importorskip("transformers")
+    from hf_gguf_models import hf_glm4moe, write_glm4moe_gguf
+    from ktjax import _native
+    from ktjax.engine.buckets import StepBucket
+    path = write_glm4moe_gguf(tmp_path / "glm.gguf", hf_glm4moe())
+    ids = list(range(5, 40))
+    plain = LLM(str(path), rules="glm4moe", max_model_len=64).score(ids)
+    zero = _rules_of(tmp_path, "glm4moe", "experts: {defer: 0}\n")
+    np.testing.assert_array_equal(LLM(str(path), rules=zero, max_model_len=64).score(ids), plain)
+    one = _rules_of(tmp_path, "glm4moe", "experts: {defer: 1}\n")
+    assert np.abs(LLM(str(path), rules=one, max_model_len=64).score(ids) - plain).max() > 1e-4
+    calls = _custom_calls(GGUFFile(path), "cuda", StepBucket(1, 0, 0, 8), "gpu", one)
+    assert "ktjax_moe_submit" in calls and calls <= set(_native.cuda_ffi_targets())

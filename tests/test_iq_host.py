@@ -1,7 +1,7 @@
 """IQ / ternary / MXFP4 weights on the host kernels, repacked losslessly
-(cpu_kernels/quants/iq_groups.h): IQ4_NL / IQ4_XS / MXFP4 as int4 indices into a 16-entry
-table looked up in registers, IQ2_XS / IQ2_S / IQ1_M as int8 groups of 16, the others as
-int8 groups of 32. Every ISA path against the scalar reference and against
+(cpu_kernels/quants/iq_groups.h): every type as int4 indices into its 16-entry table looked
+up in registers, in groups of 16 (IQ2_XS / IQ2_S / IQ1_M) or 32, with the K-quant scale
+encoding (int8 per group x f32 per 256) where the scales are integers times the block's d. Every ISA path against the scalar reference and against
 float64 dequantize(W) @ x (tolerances as in test_host_linear.py); MoE experts too."""
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ T = gguf.GGMLQuantizationType
 HOST_TYPES = {T.IQ4_NL: 0, T.IQ4_XS: 0, T.MXFP4: None, T.IQ2_XXS: 0, T.IQ3_XXS: 0,
               T.IQ3_S: 0, T.IQ1_S: 0, T.TQ1_0: 52, T.TQ2_0: 64, T.IQ2_XS: 0, T.IQ2_S: 0,
               T.IQ1_M: 48}
-LUT_TYPES = (T.IQ4_NL, T.IQ4_XS, T.MXFP4)
-GROUP16 = (T.IQ2_XS, T.IQ2_S, T.IQ1_M)  # a scale per 16 values: int8 groups of 16
+GROUP16 = (T.IQ2_XS, T.IQ2_S, T.IQ1_M)  # a scale per 16 values
+SCALES = {T.IQ4_NL: "f16", T.MXFP4: "e8m0"}  # the others: i8xf32
 
 
 def host_format(qtype: T) -> str:
-    return "int4lut/g32" if qtype in LUT_TYPES else "int8/g16" if qtype in GROUP16 else "int8/g32"
+    return f"int4lut/g{16 if qtype in GROUP16 else 32}/{SCALES.get(qtype, 'i8xf32')}"
 
 
 def random_iq(qtype: T, n: int, k: int, seed: int = 0, d_exp: tuple[int, int] = (-12, -6)) -> np.ndarray:
@@ -52,15 +52,14 @@ def random_iq(qtype: T, n: int, k: int, seed: int = 0, d_exp: tuple[int, int] = 
 
 
 @pytest.mark.parametrize("qtype", list(HOST_TYPES), ids=lambda t: t.name)
-def test_repack_is_exact_and_int8(qtype, store):
+def test_repack_is_exact_and_indexed(qtype, store):
     n, k = 37, 512
     raw = random_iq(qtype, n, k)
     h = hl.pack_gguf_weight(raw, int(qtype), (n, k))
     store.append(h)
     info = hl.weight_info(h)
     assert (info["n"], info["k"], info["source_type"]) == (n, k, int(qtype))
-    # 16-level types keep 4-bit table indices; the rest are int8 groups
-    assert info["format"].startswith(host_format(qtype))
+    assert info["format"] == host_format(qtype)
     np.testing.assert_array_equal(hl.unpack_weight(h), dequant(raw, qtype, n, k))
 
 
@@ -79,6 +78,32 @@ def test_linear_all_isas(qtype, tokens, store):
         y = hl.linear_forward(x, h, isa)
         check_close(y, x, w, group, base=hl.linear_reference(x, h, like=isa).astype(np.float64))
         check_close(y, x, w, group)
+
+
+def test_mxfp4_every_exponent(store):
+    """MXFP4's e8m0 bytes stay bytes (2^(e - 128)): every e unpacks exactly, and each ISA's
+    vector decode of the smallest (subnormal 2^-128, 2^-127) and of large exponents matches
+    the scalar reference's, with activations sized to keep the products normal and finite
+    (up to 2^111: the kernels' -128 * scale bias correction overflows float above 2^120)."""
+    n, k = 16, 256
+    raw = random_iq(T.MXFP4, 2 * n, k).reshape(-1, 17)
+    raw[:, 0] = np.arange(raw.shape[0]) % 256
+    h = hl.pack_gguf_weight(raw.reshape(-1), int(T.MXFP4), (2 * n, k))
+    store.append(h)
+    assert hl.weight_info(h)["format"] == "int4lut/g32/e8m0"
+    with np.errstate(over="ignore"):  # gguf's doubled values at 2^127 overflow to inf, as ours do
+        want = dequant(raw.reshape(-1), T.MXFP4, 2 * n, k)
+    np.testing.assert_array_equal(hl.unpack_weight(h), want)
+    x = np.random.default_rng(3).standard_normal((1, k)).astype(np.float32)
+    for lo, x_scale in ((0, 2.0 ** 60), (224, 2.0 ** -90)):
+        blocks = np.random.default_rng(lo).integers(0, 256, (n * k // 32, 17), dtype=np.uint8)
+        blocks[:, 0] = lo + np.arange(blocks.shape[0]) % 16
+        h = hl.pack_gguf_weight(blocks.reshape(-1), int(T.MXFP4), (n, k))
+        store.append(h)
+        xs, w = x * np.float32(x_scale), hl.unpack_weight(h)
+        for isa in SIMD_ISAS:
+            base = hl.linear_reference(xs, h, like=isa).astype(np.float64)
+            check_close(hl.linear_forward(xs, h, isa), xs, w, 32, base=base)
 
 
 @pytest.mark.parametrize("qtype", [T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS], ids=lambda t: t.name)

@@ -90,6 +90,27 @@ def test_round_trip_decodes_to_the_same_matrix(fmt, store):
     np.testing.assert_array_equal(hl.linear_forward(x, h2), hl.linear_forward(x, h))
 
 
+@pytest.mark.parametrize("qtype", ["IQ2_XXS", "IQ2_XS", "MXFP4"])
+def test_table_layouts_round_trip(qtype, store):
+    """IQ weights (int4 indices into their type's table) come back with the table."""
+    import gguf
+    from test_iq_host import random_iq
+    t = gguf.GGMLQuantizationType[qtype]
+    h = hl.pack_gguf_weight(random_iq(t, 20, 256), int(t), (20, 256))
+    store.append(h)
+    layouts, buffers, digests = _export(h)
+    h2 = native_call(_native.adopt_packed, layouts, buffers, digests, 0, 4096)
+    store.append(h2)
+    assert hl.weight_info(h2)["format"] == hl.weight_info(h)["format"]
+    np.testing.assert_array_equal(hl.unpack_weight(h2), hl.unpack_weight(h))
+    x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
+    np.testing.assert_array_equal(hl.linear_forward(x, h2), hl.linear_forward(x, h))
+    # a table layout whose type has no table (Q4_0) is none a packer makes
+    with pytest.raises(KernelError, match="no packer makes"):
+        native_call(_native.adopt_packed, [{**layouts[0], "source_type": int(gguf.GGMLQuantizationType.Q4_0)}],
+                    buffers, digests, 0, 4096)
+
+
 def test_expert_set_round_trip_and_view_is_read_only(store):
     rng = np.random.default_rng(2)
     gate, up = (rng.standard_normal((3, 32, 64)).astype(np.float32) for _ in range(2))
@@ -209,3 +230,45 @@ def test_not_a_params_file(tmp_path):
     bad.write_bytes(b"KTJAXPW1" + (10 ** 6).to_bytes(8, "little") + b"{}")
     with pytest.raises(ArtifactError, match="truncated"):
         packed_weights.read(bad, jax.devices()[0])
+
+
+def test_expert_sets_keep_their_activation_and_biases(tmp_path, store):
+    """gpt-oss's expert sets: the stored clamped SwiGLU and biases travel with the packed
+    matrices (the programs would otherwise run the sets without them); a bias of the wrong
+    shape in a crafted header is refused."""
+    import jax
+
+    from ktjax.errors import ArtifactError
+    from ktjax.expert_activation import ExpertActivation
+    from ktjax.export import packed_weights
+    from ktjax.host import moe as hm
+    from ktjax.weights import HostExperts
+    rng = np.random.default_rng(4)
+    E, H, I = 3, 64, 32
+    mats = [rng.standard_normal(s).astype(np.float32) for s in [(E, I, H), (E, I, H), (E, H, I)]]
+    biases = (rng.standard_normal((E, I)).astype(np.float32), None,
+              rng.standard_normal((E, H)).astype(np.float32))
+    h = hm.pack_experts_float(*mats, "int4", ExpertActivation("swiglu_oai", 1.702, 7.0), biases)
+    plain = hm.pack_experts_float(*mats, "int4")
+    store.extend([h, plain])
+    path = tmp_path / "e.ktw"
+    packed_weights.write(path, {"layers": {"ffn_exps": HostExperts(handles=(h, plain))}})
+    back = packed_weights.read(path, jax.devices()[0], handles="fresh")["layers"]["ffn_exps"]
+    store.extend(back.handles)
+    x = rng.standard_normal((4, H)).astype(np.float32)
+    ids, wts = np.array([[0, 2]] * 4, np.int32), np.full((4, 2), 0.5, np.float32)
+    for a, b in zip((h, plain), back.handles):
+        np.testing.assert_array_equal(hm.moe_forward(x, ids, wts, a), hm.moe_forward(x, ids, wts, b))
+    assert hm.stored_epilogue(back.handles[1]) is None
+    ep = hm.stored_epilogue(back.handles[0])
+    assert ep["activation"] == "swiglu_oai" and ep["up_bias"] is None
+    np.testing.assert_array_equal(ep["down_bias"], biases[2])
+
+    header, data, n = _header(path)
+    node = header["tree"]["dict"]["layers"]["dict"]["ffn_exps"]["host_experts"]
+    node["epilogues"][0]["gate_bias"]["shape"] = [E * I, 1]
+    _rewrite(path, header, data, n)
+    before = _native.store_size()
+    with pytest.raises(ArtifactError, match=r"gate_bias must be float32 \[3, 32\]"):
+        packed_weights.read(path, jax.devices()[0], handles="fresh")
+    assert _native.store_size() == before

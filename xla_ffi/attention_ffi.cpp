@@ -2,7 +2,8 @@
 // (cpu_kernels/attention). Operands: q f32[B, T, H, hd], k_new f32[B, T, n_kv, hd],
 // v_new f32[B, T, n_kv, vd], k_cache / v_cache f32|bf16[L, pages, page_size, n_kv, hd|vd],
 // layer s32[], block_tables s32[B, P], cache_lens s32[B], positions s32[B, T],
-// sliding_window s32[] (<= 0: unlimited); attrs scale f32, values_in_keys int64 (MLA: the
+// sliding_window s32[] (<= 0: unlimited), sinks f32[H] (gpt-oss: a logit per head joining the
+// softmax denominator) or f32[0] (none); attrs scale f32, values_in_keys int64 (MLA: the
 // values are the first values_in_keys dims of the keys, v_new / v_cache are not read; 0:
 // separate values). Result f32[B, T, H, vd].
 #include <exception>
@@ -22,7 +23,8 @@ ffi::Error paged_attention_ffi(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyB
                                ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                                ffi::AnyBuffer layer, ffi::AnyBuffer block_tables,
                                ffi::AnyBuffer cache_lens, ffi::AnyBuffer positions,
-                               ffi::AnyBuffer sliding_window, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::AnyBuffer sliding_window, ffi::AnyBuffer sinks,
+                               ffi::Result<ffi::AnyBuffer> out,
                                float scale, int64_t values_in_keys) {
   for (auto [name, buf] : {std::pair<const char*, const ffi::AnyBuffer*>{"q", &q},
                            {"k_new", &k_new}, {"v_new", &v_new}})
@@ -56,6 +58,10 @@ ffi::Error paged_attention_ffi(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyB
   }
   KT_FFI_CHECK(expect_s32_scalar("layer", layer));
   KT_FFI_CHECK(expect_s32_scalar("sliding_window", sliding_window));
+  KT_FFI_CHECK(expect_dtype("sinks", sinks, ffi::DataType::F32));
+  KT_FFI_CHECK(expect_rank("sinks", sinks, 1));
+  const bool has_sinks = sinks.dimensions()[0] != 0;
+  if (has_sinks) KT_FFI_CHECK(expect_dim("sinks", sinks, 0, heads, "query heads of q (or 0: none)"));
   for (auto [name, buf] : {std::pair<const char*, const ffi::AnyBuffer*>{"block_tables", &block_tables},
                            {"cache_lens", &cache_lens}, {"positions", &positions}})
     KT_FFI_CHECK(expect_dtype(name, *buf, ffi::DataType::S32));
@@ -99,6 +105,7 @@ ffi::Error paged_attention_ffi(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyB
   p.values_in_keys = values_in_keys > 0;
   p.scale = scale;
   p.sliding_window = *sliding_window.typed_data<int32_t>();
+  p.sinks = has_sinks ? sinks.typed_data<float>() : nullptr;
   try {
     paged_attention(p, active_isa());
   } catch (const std::exception& e) {
@@ -121,6 +128,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxPagedAttention, paged_attention_ffi,
                                   .Arg<ffi::AnyBuffer>()  // cache_lens
                                   .Arg<ffi::AnyBuffer>()  // positions
                                   .Arg<ffi::AnyBuffer>()  // sliding_window
+                                  .Arg<ffi::AnyBuffer>()  // sinks
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("values_in_keys"));

@@ -31,6 +31,7 @@ void bind_ffi_targets(py::module_& m) {
             py::capsule(reinterpret_cast<void*>(&KtjaxStackedMatvec));
         targets["ktjax_moe_submit"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeSubmit));
         targets["ktjax_moe_wait"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeWait));
+        targets["ktjax_moe_after"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeAfter));
         return targets;
       },
       "CPU XLA FFI handlers: {target name: PyCapsule} for jax.ffi.register_ffi_target.");
@@ -43,6 +44,7 @@ void bind_ffi_targets(py::module_& m) {
             py::capsule(reinterpret_cast<void*>(&KtjaxLinearLayeredCuda));
         targets["ktjax_moe_submit"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeSubmitCuda));
         targets["ktjax_moe_wait"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeWaitCuda));
+        targets["ktjax_moe_after"] = py::capsule(reinterpret_cast<void*>(&KtjaxMoeAfter));
         return targets;
       },
       "CUDA-platform handlers of the host targets (operands staged through host memory).");

@@ -22,8 +22,10 @@ extern "C" XLA_FFI_Error* KtjaxStackedMatvec(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxArgmax(XLA_FFI_CallFrame* call_frame);
 
 // ktjax_moe_submit: x f32[T, H], ids s32[T, k] (-1: skip), weights f32[T, k], layer s32[],
-// attr site -> token u8[1]; ktjax_moe_wait: token, after, attr site -> f32[T, H]
+// after, attr site -> token u8[1]; ktjax_moe_wait: token, after, attr site -> f32[T, H]
 // (xla_ffi/moe_async_ffi.cpp), for CPU and, stream-ordered, for CUDA programs.
+// ktjax_moe_after: x, token -> x (aliased; orders x's readers after a submit), CPU and CUDA.
+extern "C" XLA_FFI_Error* KtjaxMoeAfter(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxMoeSubmit(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxMoeWait(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* KtjaxMoeSubmitCuda(XLA_FFI_CallFrame* call_frame);

@@ -2,8 +2,9 @@
 // order, split so the device computes what lies between (the shared experts) while the host
 // computes the routed ones.
 //
-//   token u8[1] = ktjax_moe_submit(x f32[T, H], ids s32[T, k], weights f32[T, k], layer s32[];
-//                                  attr site)
+//   token u8[1] = ktjax_moe_submit(x f32[T, H], ids s32[T, k], weights f32[T, k], layer s32[],
+//                                  after; attr site)      `after`: as the wait's (a deferred
+//                                                          job reusing a site: its last wait)
 //   out f32[T, H] = ktjax_moe_wait(token, after; attr site)      `after`: any operand the wait
 //                                                                  is ordered after
 //
@@ -64,7 +65,7 @@ ffi::Error check_wait(const MoeSite& s, const ffi::AnyBuffer& out) {
 // ---- CPU --------------------------------------------------------------------------------
 
 ffi::Error submit_cpu(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights, ffi::AnyBuffer layer,
-                      ffi::Result<ffi::AnyBuffer> /*token*/, int64_t site_id) {
+                      ffi::AnyBuffer /*after*/, ffi::Result<ffi::AnyBuffer> /*token*/, int64_t site_id) {
   MoeSite* s = nullptr;
   KT_FFI_CHECK(site_of(site_id, &s));
   KT_FFI_CHECK(check_submit(*s, x, ids, weights, layer));
@@ -82,6 +83,16 @@ ffi::Error wait_cpu(ffi::AnyBuffer /*token*/, ffi::AnyBuffer /*after*/, ffi::Res
   KT_FFI_CHECK(site_of(site_id, &s));
   KT_FFI_CHECK(check_wait(*s, *out));
   std::memcpy(out->untyped_data(), s->out, s->x_bytes());
+  return ffi::Error::Success();
+}
+
+// ktjax_moe_after(x, token) -> x, the output aliased to x: x's readers (the device's part of
+// the layer) depend on the submit's token as data, so XLA schedules them after the submit; an
+// optimization barrier does not (XLA removes barriers before it schedules). Nothing to do on
+// either platform: the output is x's buffer, which XLA guarantees for an aliased output.
+ffi::Error after_noop(ffi::AnyBuffer x, ffi::AnyBuffer /*token*/, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->untyped_data() != x.untyped_data())
+    return ffi::Error(ffi::ErrorCode::kInternal, "ktjax_moe_after: the output is not aliased to x");
   return ffi::Error::Success();
 }
 
@@ -108,7 +119,8 @@ void wait_host_fn(void* site) { wait_moe_job(static_cast<MoeSite*>(site)); }
 uint64_t dptr(const ffi::AnyBuffer& b) { return reinterpret_cast<uint64_t>(b.untyped_data()); }
 
 ffi::Error submit_cuda(CuStream stream, ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
-                       ffi::AnyBuffer layer, ffi::Result<ffi::AnyBuffer> /*token*/, int64_t site_id) {
+                       ffi::AnyBuffer layer, ffi::AnyBuffer /*after*/, ffi::Result<ffi::AnyBuffer> /*token*/,
+                       int64_t site_id) {
   MoeSite* s = nullptr;
   KT_FFI_CHECK(site_of(site_id, &s));
   KT_FFI_CHECK(check_submit(*s, x, ids, weights, layer));
@@ -142,6 +154,7 @@ auto bind_submit(B b) {
       .template Arg<ffi::AnyBuffer>()  // expert_ids
       .template Arg<ffi::AnyBuffer>()  // expert_weights
       .template Arg<ffi::AnyBuffer>()  // layer
+      .template Arg<ffi::AnyBuffer>()  // after (ordering only)
       .template Ret<ffi::AnyBuffer>()  // token
       .template Attr<int64_t>("site");
 }
@@ -157,6 +170,9 @@ auto bind_wait(B b) {
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeAfter, after_noop,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeSubmit, submit_cpu, bind_submit(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeWait, wait_cpu, bind_wait(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeSubmitCuda, submit_cuda,

@@ -74,15 +74,20 @@ constexpr float kNone = -std::numeric_limits<float>::infinity();
 
 // The key splits of heads [0, n) of a chunk (split s's partial at first + s * item_floats,
 // m and l for heads_per_chunk heads, then acc) into out (head h at out + h * vd):
-// out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), splits in order.
+// out = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) + e^(sink_h - M)), splits in order,
+// M the largest m_s and sink_h; sinks: the chunk's heads' sink logits, or nullptr (none).
 void merge_splits(const Plan& plan, const float* first, int64_t item_floats, int64_t n, int64_t vd,
-                  float* out) {
+                  const float* sinks, float* out) {
   for (int64_t h = 0; h < n; ++h, out += vd) {
     float mx = kNone;
     for (int64_t s = 0; s < plan.key_splits; ++s) mx = std::max(mx, first[s * item_floats + h]);
     std::fill(out, out + vd, 0.f);
     if (mx == kNone) continue;  // no visible key (padding query)
     float denom = 0.f;
+    if (sinks) {  // the sink joins the denominator only
+      mx = std::max(mx, sinks[h]);
+      denom = std::exp(sinks[h] - mx);
+    }
     for (int64_t s = 0; s < plan.key_splits; ++s) {
       const float* part = first + s * item_floats;
       if (part[h] == kNone) continue;
@@ -124,6 +129,7 @@ void check_attention(const AttentionProblem& p) {
   check_finite("q", p.q, q_tokens * p.heads * p.head_dim);
   check_finite("k_new", p.k_new, q_tokens * p.kv_heads * p.head_dim);
   if (!p.values_in_keys) check_finite("v_new", p.v_new, q_tokens * p.kv_heads * p.value_dim);
+  if (p.sinks) check_finite("sinks", p.sinks, p.heads);
 }
 
 void paged_attention(const AttentionProblem& p, Isa isa) {
@@ -162,7 +168,8 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
       }
       own.resize(static_cast<size_t>(plan.key_splits * item_floats));
       for (int64_t s = 0; s < plan.key_splits; ++s) fold(bt, s, h0, n, own.data() + s * item_floats);
-      merge_splits(plan, own.data(), item_floats, n, vd, p.out + (bt * p.heads + h0) * vd);
+      merge_splits(plan, own.data(), item_floats, n, vd, p.sinks ? p.sinks + h0 : nullptr,
+                   p.out + (bt * p.heads + h0) * vd);
     }
   };
   // Below ~32K multiply-adds a pool wake-up costs more than it saves.
@@ -175,7 +182,7 @@ void paged_attention(const AttentionProblem& p, Isa isa) {
       const int64_t h0 = chunk * plan.heads_per_chunk;
       merge_splits(plan, parts + (bt * plan.items_per_query() + chunk * plan.key_splits) * item_floats,
                    item_floats, std::min(plan.heads_per_chunk, p.heads - h0), vd,
-                   p.out + (bt * p.heads + h0) * vd);
+                   p.sinks ? p.sinks + h0 : nullptr, p.out + (bt * p.heads + h0) * vd);
     }
 }
 

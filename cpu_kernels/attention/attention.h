@@ -15,6 +15,8 @@ enum class CacheType { F32, BF16 };
 // k_cache [L, n_pages, page_size, n_kv, hd]; v_cache [L, n_pages, page_size, n_kv, vd];
 // block_tables [B, P]; cache_lens [B]; positions [B, T] (-1: padding); out [B, T, H, vd].
 // values_in_keys (MLA): the values are the first vd dims of each key; v_new / v_cache unused.
+// sinks [H] (gpt-oss, optional): a logit per head that joins each query's softmax denominator
+// (e^(sink - max) added to the sum) and contributes no value.
 struct AttentionProblem {
   const float* q = nullptr;
   const float* k_new = nullptr;
@@ -31,6 +33,7 @@ struct AttentionProblem {
   bool values_in_keys = false;
   float scale = 1.f;
   int64_t sliding_window = 0;  // <= 0: unlimited
+  const float* sinks = nullptr;  // [heads] or nullptr
 };
 
 // A contiguous run of key positions [begin, end) visible to one query: those before its
@@ -48,7 +51,7 @@ struct Partial {
 };
 
 // Throws std::invalid_argument naming the argument when an index would leave the buffers
-// (layer, a used block-table entry, head grouping) or q / k_new / v_new hold NaN or Inf.
+// (layer, a used block-table entry, head grouping) or q / k_new / v_new / sinks hold NaN or Inf.
 void check_attention(const AttentionProblem& p);
 
 // Runs the problem on the thread pool with the kernels of `isa` (AMX machines use AVX-512).

@@ -102,6 +102,18 @@ struct V256x2 {
     return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)))};
   }
+  // 16 e8m0 bytes as 2^(e - 128): (e - 1) << 23 as float bits, 0x00200000 << e below 2.
+  static __m256 e8m0_8(__m128i bytes) {
+    const __m256i e = _mm256_cvtepu8_epi32(bytes);
+    const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    const __m256i small = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, small, tiny));
+  }
+  static F load_e8m0(const void* p) {
+    const __m128i v = _mm_loadu_si128(static_cast<const __m128i*>(p));
+    return {e8m0_8(v), e8m0_8(_mm_srli_si128(v, 8))};
+  }
   static void store_rows(float* y, F v, int valid) {
     if (valid == 16) {
       _mm256_storeu_ps(y, v.a);

@@ -64,6 +64,13 @@ struct V512 {
   static F load_i8(const void* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
   }
+  // 16 e8m0 bytes as 2^(e - 128): (e - 1) << 23 as float bits, 0x00200000 << e below 2.
+  static F load_e8m0(const void* p) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    const __mmask16 tiny = _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    return _mm512_castsi512_ps(_mm512_mask_sllv_epi32(normal, tiny, _mm512_set1_epi32(0x00200000), e));
+  }
   static void store_rows(float* y, F v, int valid) {
     if (valid == 16)
       _mm512_storeu_ps(y, v);

@@ -24,7 +24,8 @@ int PackedWeight::scale_bytes() const {
   switch (scale_enc) {
     case ScaleEnc::F16: return 2;
     case ScaleEnc::F32: return 4;
-    case ScaleEnc::I8: return 1;
+    case ScaleEnc::I8:
+    case ScaleEnc::E8M0: return 1;
     case ScaleEnc::Row:  // no per-group coefficients
     case ScaleEnc::None: return 0;
   }
@@ -33,7 +34,7 @@ int PackedWeight::scale_bytes() const {
 
 std::string PackedWeight::describe() const {
   static const char* kinds[] = {"int8", "int4", "bf16"};
-  static const char* encs[] = {"", "f16", "f32", "i8xf32", "row"};
+  static const char* encs[] = {"", "f16", "f32", "i8xf32", "row", "e8m0"};
   std::string s = kind == WeightKind::Int4 ? (lut ? "int4lut" : "int" + std::to_string(4 + hi_bits))
                                            : kinds[static_cast<int>(kind)];
   if (kind != WeightKind::BF16) {
@@ -146,6 +147,7 @@ float group_coef(const PackedWeight& w, int which, int64_t n, int64_t k) {
     case ScaleEnc::F32: { float f; std::memcpy(&f, p, 4); return f; }
     case ScaleEnc::I8: return *super_slot(mw, which, n, k) * static_cast<float>(static_cast<int8_t>(*p));
     case ScaleEnc::Row: return *super_slot(mw, which, n, k);
+    case ScaleEnc::E8M0: return e8m0_half_to_f32(*p);
     case ScaleEnc::None: break;
   }
   return 0.f;
@@ -380,7 +382,9 @@ void check_shape(int64_t n, int64_t k) {
 }
 
 // IQ / ternary / MXFP4 types, exact, one scale per group of 32 (IQ2_XS, IQ2_S, IQ1_M: 16)
-// (iq_groups.h): the 16-level types as int4 table indices, the others as int8.
+// (iq_groups.h): int4 indices into the type's 16-entry table; scales in the K-quant encoding
+// (int8 per group, f32 per 256) where they are small integers times the block's d, else
+// f16 (IQ4_NL) or MXFP4's own exponent bytes (E8M0).
 std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int ggml_type,
                                       const IqGroupFormat& f, int64_t n, int64_t k) {
   if (k % f.block != 0)
@@ -393,40 +397,38 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
                                 ", " + std::to_string(k) + ") needs " + std::to_string(need) + " bytes, got " +
                                 std::to_string(raw_bytes));
   const int8_t* table = iq_group_table(ggml_type);
-  // IQ4_XS's scales are d (f16) per 256 times a 6-bit integer per 32: the K-quant encoding
-  // (int8 per group, f32 per super-block) holds them in a quarter of the bytes of f32.
-  const bool i8_scales = static_cast<GgmlType>(ggml_type) == GgmlType::IQ4_XS;
-  const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
+  int mult;
+  float factor;
+  const bool i8_scales = f.block == kSuperBlock && iq_group_int_scale(ggml_type, raw, 0, &mult, &factor);
+  const bool mxfp4 = static_cast<GgmlType>(ggml_type) == GgmlType::MXFP4;
+  const ScaleEnc enc = i8_scales ? ScaleEnc::I8 : mxfp4 ? ScaleEnc::E8M0 : f.f16_scale ? ScaleEnc::F16 : ScaleEnc::F32;
   const int G = f.group;
-  auto w = make_packed(table ? WeightKind::Int4 : WeightKind::Int8, enc, false, G, n, k);
+  auto w = make_packed(WeightKind::Int4, enc, false, G, n, k);
   w->source_type = ggml_type;
-  if (table) {
-    w->lut = true;
-    for (int i = 0; i < 16; ++i) w->lut_biased[i] = static_cast<uint8_t>(table[i] + 128);
-  }
+  w->lut = true;
+  for (int i = 0; i < 16; ++i) w->lut_biased[i] = static_cast<uint8_t>(table[i] + 128);
   PackedWeight& ref = *w;
   const int groups_per_block = f.block / G;
   by_row_blocks(n, [&](int64_t r) {
     const uint8_t* row = raw + r * row_bytes;
     for (int64_t g = 0; g < k / G; ++g) {
-      int8_t q[32];
+      uint8_t idx[32];
       float scale;
       const uint8_t* blk = row + (g / groups_per_block) * f.bytes;
       const int sub = static_cast<int>(g % groups_per_block);
-      if (table)
-        iq_group_indices(ggml_type, blk, sub, reinterpret_cast<uint8_t*>(q), &scale);
-      else
-        iq_group_decode(ggml_type, blk, sub, q, &scale);
+      iq_group_indices(ggml_type, blk, sub, idx, &scale);
       if (i8_scales) {
-        const auto& b = *reinterpret_cast<const BlockIQ4_XS*>(blk);
-        const uint16_t sh = b.scales_h;
-        const int ls = ((b.scales_l[sub / 2] >> (4 * (sub % 2))) & 15) | (((sh >> (2 * sub)) & 3) << 4);
-        *super_slot(ref, 0, r, g * 32) = f16_to_f32(b.d);
-        *reinterpret_cast<int8_t*>(scale_slot(ref, 0, r, g)) = static_cast<int8_t>(ls - 32);
+        int m;
+        float d;
+        iq_group_int_scale(ggml_type, blk, sub, &m, &d);
+        *super_slot(ref, 0, r, g * G) = d;
+        *reinterpret_cast<int8_t*>(scale_slot(ref, 0, r, g)) = static_cast<int8_t>(m);
+      } else if (mxfp4) {
+        *scale_slot(ref, 0, r, g) = reinterpret_cast<const BlockMXFP4*>(blk)->e;
       } else {
         set_direct(ref, 0, r, g, scale);
       }
-      for (int l = 0; l < G; ++l) set_q(ref, r, g * G + l, q[l]);
+      for (int l = 0; l < G; ++l) set_q(ref, r, g * G + l, idx[l]);
     }
   });
   return w;
@@ -437,10 +439,10 @@ std::unique_ptr<PackedWeight> pack_iq(const uint8_t* raw, size_t raw_bytes, int 
 std::unique_ptr<PackedWeight> make_packed(WeightKind kind, ScaleEnc enc, bool has_min,
                                           int group, int64_t n, int64_t k, int hi_bits, bool fill) {
   check_shape(n, k);
-  // The layouts the kernels are built for: int8 in groups of 32 (16: IQ2_XS / IQ2_S / IQ1_M,
-  // never on AMX tiles); int4 in groups of 16 or 32,
+  // The layouts the kernels are built for: int8 in groups of 32; int4 in groups of 16 or 32
+  // (with a table: the IQ types),
   // 6-bit (2 planes) in groups of 16 (Q6_K), 5-bit (1 plane) in groups of 32 (Q5_*).
-  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && (group == 32 || group == 16) && hi_bits == 0) ||
+  const bool built = kind == WeightKind::BF16 || (kind == WeightKind::Int8 && group == 32 && hi_bits == 0) ||
                      (kind == WeightKind::Int4 && (group == 16 || group == 32) &&
                       (hi_bits == 0 || hi_bits == (group == 32 ? 1 : 2)));
   if (!built)

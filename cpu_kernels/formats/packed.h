@@ -18,6 +18,8 @@
 //
 // Scales come in three encodings, chosen at pack time to keep GGUF data exact and small:
 //   F16 / F32: one value per (row, group);
+//   E8M0: one byte e per (row, group), the scale 2^(e - 128): MXFP4's exponents, exact
+//       (f16 cannot span them, f32 takes 4x the bytes);
 //   I8: an int8 per (row, group) times an f32 per (row, 256-value super-block) -- the
 //       K-quant layout (Q2_K..Q6_K), whose sub-block scales are small integers.
 // Mins use the same encoding as scales.
@@ -55,7 +57,7 @@ enum class WeightKind : int { Int8 = 0, Int4 = 1, BF16 = 2 };
 // Offset of int4 bit plane b inside a group record of `group` values (after the nibbles and
 // planes 0..b-1, 2 * group bytes each); plane_offset(group, hi_bits) is the record's data size.
 constexpr int64_t plane_offset(int64_t group, int b) { return group * (8 + 2 * b); }
-enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3, Row = 4 };
+enum class ScaleEnc : int { None = 0, F16 = 1, F32 = 2, I8 = 3, Row = 4, E8M0 = 5 };
 
 struct AlignedFree {
   void operator()(void* p) const;

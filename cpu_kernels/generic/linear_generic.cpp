@@ -29,6 +29,7 @@ float coef(const PackedWeight& w, const uint8_t* blk, int r, int64_t g, bool min
   switch (w.scale_enc) {
     case ScaleEnc::F16: { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
     case ScaleEnc::F32: { float f; std::memcpy(&f, p, 4); return f; }
+    case ScaleEnc::E8M0: return e8m0_half_to_f32(*p);
     case ScaleEnc::I8: {
       float sup;
       std::memcpy(&sup, blk + w.super_off(g) + (min ? 64 : 0) + r * 4, 4);

@@ -23,6 +23,7 @@ inline typename V::F load_coef(const PackedWeight& w, const uint8_t* blk, const 
   switch (w.scale_enc) {
     case ScaleEnc::F16: return V::load_f16(p);
     case ScaleEnc::F32: return V::load_f32(reinterpret_cast<const float*>(p));
+    case ScaleEnc::E8M0: return V::load_e8m0(p);
     case ScaleEnc::I8:
       return V::mul(V::load_i8(p), V::load_f32(reinterpret_cast<const float*>(blk + w.super_off(g) + which * 64)));
     case ScaleEnc::Row: return V::load_f32(reinterpret_cast<const float*>(blk + which * 64));
@@ -179,6 +180,16 @@ void tile_int(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
     }
     for (int r = 0; r < RB; ++r) {
       const F s = load_coef<V>(w, blk[r], rec[r], g, 0);
+      if constexpr (kLut) {  // no min: the bias correction joins the activation side, so a
+                             // group costs two FMAs a token (the IQ types' groups of 16 felt it)
+        for (int t = 0; t < TT; ++t) {
+          const F xw = V::kInt8DotBiased
+                           ? V::fmadd(V::cvt(iacc[r][t]), V::set1(xs[t * groups + g]), V::set1(-128.f * xb[t * groups + g]))
+                           : V::mul(V::cvt(iacc[r][t]), V::set1(xs[t * groups + g]));
+          acc[r][t] = V::fmadd(s, xw, acc[r][t]);
+        }
+        continue;
+      }
       F m = w.has_min ? load_coef<V>(w, blk[r], rec[r], g, 1) : V::zero_f();
       // Biased int8 dot products carry 128 * sum(q_x): fold -128 * scale into the min.
       if ((!kInt4 || kLut) && V::kInt8DotBiased) m = V::fmadd(s, V::set1(-128.f), m);
@@ -242,13 +253,13 @@ void run_tile(const PackedWeight& w, const QuantActs& a, int64_t rb0, int64_t t0
     return tile_int<V, RB, TT, true, 32, 0, kPrefetch, true>(w, a, rb0, t0, y, ldy, unpacked);
   }
   // The layouts make_packed allows: int8 in groups of 32; int4 in groups of 16 (6-bit with
-  // planes) or 32 (5-bit with a plane).
+  // planes) or 32 (5-bit with a plane), with a table (lut: the IQ types) in either.
   if (w.kind == WeightKind::Int8 && w.scale_enc == ScaleEnc::Row)
     return tile_int<V, RB, TT, false, 32, 0, kPrefetch, false, true>(w, a, rb0, t0, y, ldy);
-  if (w.kind == WeightKind::Int8)
-    return w.group == 16 ? tile_int<V, RB, TT, false, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy)
-                         : tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
-  if (w.lut) return tile_int<V, RB, TT, true, 32, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy);
+  if (w.kind == WeightKind::Int8) return tile_int<V, RB, TT, false, 32, 0, kPrefetch>(w, a, rb0, t0, y, ldy);
+  if (w.lut)
+    return w.group == 16 ? tile_int<V, RB, TT, true, 16, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy)
+                         : tile_int<V, RB, TT, true, 32, 0, kPrefetch, false, false, true>(w, a, rb0, t0, y, ldy);
   if (w.group == 16)
     return w.hi_bits ? tile_int<V, RB, TT, true, 16, 2, kPrefetch>(w, a, rb0, t0, y, ldy)
                      : tile_int<V, RB, TT, true, 16, 0, kPrefetch>(w, a, rb0, t0, y, ldy);

@@ -49,9 +49,8 @@ void size_acts(const LinearKernels& kern, const PackedWeight& w, int64_t t, Quan
   // Group-scaled int weights go to bf16 only in whole 32-k steps (every GGUF type and pack
   // format has them); others keep int8 rows, untiled.
   const bool grouped = w.kind != WeightKind::BF16 && w.scale_enc != ScaleEnc::Row;
-  // Table (lut) weights and int8 in groups of 16 stay on int8 rows: the AMX unit's bf16
-  // dequantization has neither a lookup nor int8 groups of 16.
-  const bool amx_layout = !w.lut && !(w.kind == WeightKind::Int8 && w.group == 16);
+  // Table (lut) weights stay on int8 rows: the AMX unit's bf16 dequantization has no lookup.
+  const bool amx_layout = !w.lut;
   const bool to_bf16 = grouped && amx_layout && kern.bf16_group_tokens > 0 && n >= kern.bf16_group_tokens && w.kp % 32 == 0;
   a->t = t;
   a->kp = w.kp;

@@ -32,6 +32,21 @@ struct Call {
   MoeArgs args{};
 };
 
+std::vector<float> bias_from(const py::dict& spec, const char* key, int64_t* rows) {
+  if (!spec.contains(key) || spec[key].is_none()) return {};
+  if (!py::isinstance<py::array>(spec[key]))
+    throw std::invalid_argument(std::string(key) + " must be a float32 [experts, rows] numpy array or None");
+  const py::array a = spec[key].cast<py::array>();
+  if (!a.dtype().is(py::dtype::of<float>()))
+    throw std::invalid_argument(std::string(key) + " must be float32, got " + py::str(a.dtype()).cast<std::string>());
+  if (a.ndim() != 2)
+    throw std::invalid_argument(std::string(key) + " must be 2-D [experts, rows], got " +
+                                std::to_string(a.ndim()) + " dimensions");
+  *rows = a.shape(1);
+  const Arr<float> c = Arr<float>::ensure(a);  // C order
+  return std::vector<float>(c.data(), c.data() + c.size());
+}
+
 Call make_call(const Arr<float>& x, const Arr<int32_t>& ids, const Arr<float>& wts, int64_t handle) {
   Call c;
   c.sw = store_get(handle);
@@ -48,38 +63,95 @@ Call make_call(const Arr<float>& x, const Arr<int32_t>& ids, const Arr<float>& w
 
 }  // namespace
 
+std::shared_ptr<const ExpertEpilogue> epilogue_from_py(const py::object& spec) {
+  if (spec.is_none()) return nullptr;
+  if (!py::isinstance<py::dict>(spec))
+    throw std::invalid_argument("an expert epilogue must be None or a dict (activation, alpha, limit, *_bias)");
+  const py::dict d = spec.cast<py::dict>();
+  for (auto item : d) {
+    const std::string key = py::str(item.first);
+    if (key != "activation" && key != "alpha" && key != "limit" && key != "gate_bias" && key != "up_bias" &&
+        key != "down_bias")
+      throw std::invalid_argument("unknown expert epilogue field '" + key + "'");
+  }
+  auto ep = std::make_shared<ExpertEpilogue>();
+  const std::string act = d.contains("activation") ? py::str(d["activation"]).cast<std::string>() : "silu";
+  if (act == "silu") {
+    ep->act.kind = ExpertActivation::kSilu;
+  } else if (act == "swiglu_oai") {
+    ep->act.kind = ExpertActivation::kSwigluOai;
+  } else {
+    throw std::invalid_argument("unknown expert activation '" + act + "'; expected 'silu' or 'swiglu_oai'");
+  }
+  ep->act.alpha = d.contains("alpha") ? d["alpha"].cast<float>() : 1.f;
+  ep->act.limit = d.contains("limit") ? d["limit"].cast<float>() : 0.f;
+  const char* keys[3] = {"gate_bias", "up_bias", "down_bias"};
+  for (int i = 0; i < 3; ++i) ep->bias[i] = bias_from(d, keys[i], &ep->rows[i]);
+  return ep;
+}
+
 void bind_moe(py::module_& m) {
   m.def(
       "pack_experts_gguf",
       [](py::array gate, int gate_type, py::array up, int up_type, py::array down, int down_type,
-         int64_t experts, int64_t hidden, int64_t inter, const std::string& float_fmt) {
+         int64_t experts, int64_t hidden, int64_t inter, const std::string& float_fmt,
+         const py::object& epilogue) {
         size_t gb, ub, db;
         const uint8_t *g = bytes_of(gate, &gb), *u = bytes_of(up, &ub), *d = bytes_of(down, &db);
+        auto epi = epilogue_from_py(epilogue);
         std::shared_ptr<StoredWeight> sw;
         {
           py::gil_scoped_release nogil;
           sw = pack_experts_gguf(g, gb, gate_type, u, ub, up_type, d, db, down_type, experts, hidden, inter,
-                                 float_fmt);
+                                 float_fmt, std::move(epi));
         }
         return store_put(std::move(sw));
       },
       py::arg("gate"), py::arg("gate_type"), py::arg("up"), py::arg("up_type"), py::arg("down"),
       py::arg("down_type"), py::arg("experts"), py::arg("hidden"), py::arg("inter"),
-      py::arg("float_format") = "int8",
-      "Repacks GGUF expert tensors (gate/up [E, I, H], down [E, H, I]) into the store.");
+      py::arg("float_format") = "int8", py::arg("epilogue") = py::none(),
+      "Repacks GGUF expert tensors (gate/up [E, I, H], down [E, H, I]) into the store, with an "
+      "optional epilogue (see pack_experts_float).");
   m.def(
       "pack_experts_float",
-      [](Arr<float> gate, Arr<float> up, Arr<float> down, const std::string& fmt) {
+      [](Arr<float> gate, Arr<float> up, Arr<float> down, const std::string& fmt, const py::object& epilogue) {
         if (gate.ndim() != 3 || up.ndim() != 3 || down.ndim() != 3)
           throw std::invalid_argument("expert weights must be 3-D: gate/up [E, I, H], down [E, H, I]");
         const int64_t e = gate.shape(0), i = gate.shape(1), h = gate.shape(2);
         if (up.shape(0) != e || up.shape(1) != i || up.shape(2) != h || down.shape(0) != e ||
             down.shape(1) != h || down.shape(2) != i)
           throw std::invalid_argument("expert weight shapes disagree: gate/up [E, I, H], down [E, H, I]");
-        return store_put(pack_experts_float(gate.data(), up.data(), down.data(), e, h, i, fmt));
+        return store_put(pack_experts_float(gate.data(), up.data(), down.data(), e, h, i, fmt,
+                                            epilogue_from_py(epilogue)));
       },
-      py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("fmt"),
-      "Quantizes float expert weights (int8, int4, bf16) into the store.");
+      py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("fmt"), py::arg("epilogue") = py::none(),
+      "Quantizes float expert weights (int8, int4, bf16) into the store. epilogue: None (silu(g) * u) "
+      "or a dict: activation 'silu' | 'swiglu_oai' (with alpha, limit), gate_bias / up_bias [E, I] "
+      "and down_bias [E, H], float32 or None.");
+  m.def(
+      "expert_epilogue",
+      [](int64_t handle) -> py::object {
+        auto sw = store_get(handle);
+        expert_set(*sw, handle);
+        const ExpertEpilogue* ep = sw->epilogue.get();
+        if (ep == nullptr) return py::none();
+        py::dict d;
+        d["activation"] = ep->act.kind == ExpertActivation::kSwigluOai ? "swiglu_oai" : "silu";
+        d["alpha"] = ep->act.alpha;
+        d["limit"] = ep->act.limit;
+        const char* keys[3] = {"gate_bias", "up_bias", "down_bias"};
+        for (int i = 0; i < 3; ++i) {
+          if (ep->bias[i].empty()) {
+            d[keys[i]] = py::none();
+            continue;
+          }
+          py::array_t<float> a({static_cast<int64_t>(ep->bias[i].size()) / ep->rows[i], ep->rows[i]});
+          std::copy(ep->bias[i].begin(), ep->bias[i].end(), a.mutable_data());
+          d[keys[i]] = a;
+        }
+        return d;
+      },
+      py::arg("handle"), "An expert set's epilogue as pack_experts_float takes it, or None.");
   m.def(
       "moe_forward",
       [](Arr<float> x, Arr<int32_t> ids, Arr<float> wts, int64_t handle, const std::string& isa,

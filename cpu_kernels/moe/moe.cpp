@@ -10,6 +10,7 @@
 
 #include "cpu_kernels/float_kernels.h"
 #include "cpu_kernels/linear/linear.h"
+#include "cpu_kernels/moe/activation_reference.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
@@ -42,6 +43,27 @@ struct Scratch {
 
 }  // namespace
 
+void check_epilogue(const ExpertEpilogue& ep, int64_t experts, int64_t hidden, int64_t inter, bool values) {
+  const char* names[3] = {"gate_bias", "up_bias", "down_bias"};
+  const int64_t rows[3] = {inter, inter, hidden};
+  for (int i = 0; i < 3; ++i) {
+    if (ep.bias[i].empty()) continue;
+    if (ep.rows[i] != rows[i] || static_cast<int64_t>(ep.bias[i].size()) != experts * rows[i])
+      throw std::invalid_argument(std::string(names[i]) + " must be float32 [" + std::to_string(experts) +
+                                  ", " + std::to_string(rows[i]) + "], got " +
+                                  std::to_string(ep.bias[i].size()) + " values");
+    for (size_t j = 0; values && j < ep.bias[i].size(); ++j)
+      if (!std::isfinite(ep.bias[i][j]))
+        throw std::invalid_argument(std::string(names[i]) + " holds NaN or Inf (element " + std::to_string(j) + ")");
+  }
+  if (ep.act.kind != ExpertActivation::kSilu && ep.act.kind != ExpertActivation::kSwigluOai)
+    throw std::invalid_argument("unknown expert activation code " + std::to_string(static_cast<int>(ep.act.kind)));
+  if (ep.act.kind == ExpertActivation::kSwigluOai &&
+      !(std::isfinite(ep.act.alpha) && std::isfinite(ep.act.limit) && ep.act.limit > 0.f))
+    throw std::invalid_argument("swiglu_oai needs a finite alpha and a finite limit > 0, got alpha " +
+                                std::to_string(ep.act.alpha) + ", limit " + std::to_string(ep.act.limit));
+}
+
 ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
   const size_t m = w.mats.size();
   if (m == 0 || m % 3 != 0)
@@ -57,6 +79,7 @@ ExpertSet expert_set(const StoredWeight& w, int64_t handle) {
                                   " has shapes gate " + shape_str(ge) + ", up " + shape_str(ue) +
                                   ", down " + shape_str(de));
   }
+  if (w.epilogue) check_epilogue(*w.epilogue, s.experts, s.hidden, s.inter, false);  // values: at pack
   return s;
 }
 
@@ -164,7 +187,7 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
   }
   run_gemms(kern, jobs);
 
-  // h = silu(gate) * up, quantized for the down projection, threaded over the rows of all
+  // h = act(gate + bias, up + bias) (silu(gate) * up by default), quantized for the down projection, threaded over the rows of all
   // slots together (a few experts with many tokens each must still fill the pool).
   std::vector<int64_t> first_row(slots + 1, 0);
   for (int64_t sl = 0; sl < slots; ++sl) {
@@ -172,7 +195,12 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
     s.yd[sl].resize(ntok(sl) * H);
     first_row[sl + 1] = first_row[sl] + ntok(sl);
   }
-  const FloatKernels& fk = float_kernels(reference ? Isa::Generic : isa);
+  const FloatKernels& fk = float_kernels(isa);
+  // reference: the element-wise steps in scalar code too
+  const auto gated_activation = reference ? &activation_reference::gated_activation : fk.gated_activation;
+  const auto add_scaled = reference ? &activation_reference::add_scaled : fk.add_scaled;
+  const ExpertEpilogue* epi = ex.w->epilogue.get();
+  const GatedActivation act = epi ? epi->act : GatedActivation{};
   parallel_for_balanced(first_row[slots], [&](int64_t b, int64_t e) {
     for (int64_t sl = 0; sl < slots; ++sl) {
       const int64_t r0 = std::max(b, first_row[sl]) - first_row[sl];
@@ -180,7 +208,13 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
       if (r0 >= r1) continue;
       const int64_t n = mat(sl, 0).n;
       float* g = s.yg[sl].data();
-      fk.gated_activation(g + r0 * n, s.yu[sl].data() + r0 * n, (r1 - r0) * n);
+      const float* u = s.yu[sl].data();
+      const float* gb = epi ? epi->row(0, slot_expert[sl]) : nullptr;
+      const float* ub = epi ? epi->row(1, slot_expert[sl]) : nullptr;
+      if (!gb && !ub)  // no bias: the slot's rows as one run
+        gated_activation(act, g + r0 * n, u + r0 * n, nullptr, nullptr, (r1 - r0) * n);
+      else
+        for (int64_t r = r0; r < r1; ++r) gated_activation(act, g + r * n, u + r * n, gb, ub, n);
       if (!kern.prepare(mat(sl, 2), g, r0, r1, n, &s.acts_h[sl]))
         throw std::invalid_argument("moe: expert activations overflowed to NaN or Inf");
     }
@@ -196,9 +230,12 @@ void moe_forward(const ExpertSet& ex, const MoeArgs& a, Isa isa, bool reference)
     for (int64_t t = b; t < e; ++t) {
       float* o = a.out + t * H;
       std::fill(o, o + H, 0.f);
-      for (int64_t j = 0; j < K; ++j)
-        if (a.ids[t * K + j] != kSkipExpert)
-          fk.add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[a.ids[t * K + j]]].data() + s.pos[t * K + j] * H, H);
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t ej = a.ids[t * K + j];
+        if (ej == kSkipExpert) continue;
+        add_scaled(o, a.weights[t * K + j], s.yd[s.slot_of[ej]].data() + s.pos[t * K + j] * H,
+                      epi ? epi->row(2, ej) : nullptr, H);
+      }
     }
   });
 }
@@ -207,8 +244,10 @@ std::shared_ptr<StoredWeight> pack_experts_gguf(const uint8_t* gate, size_t gate
                                                 const uint8_t* up, size_t up_bytes, int up_type,
                                                 const uint8_t* down, size_t down_bytes, int down_type,
                                                 int64_t experts, int64_t hidden, int64_t inter,
-                                                const std::string& float_fmt) {
+                                                const std::string& float_fmt,
+                                                std::shared_ptr<const ExpertEpilogue> epilogue) {
   if (experts <= 0) throw std::invalid_argument("need at least one expert");
+  if (epilogue) check_epilogue(*epilogue, experts, hidden, inter);
   for (size_t b : {gate_bytes, up_bytes, down_bytes})
     if (b % experts != 0)
       throw std::invalid_argument("expert tensor of " + std::to_string(b) + " bytes does not split into " +
@@ -220,13 +259,16 @@ std::shared_ptr<StoredWeight> pack_experts_gguf(const uint8_t* gate, size_t gate
     sw->mats.push_back(pack_gguf(up + e * ub, ub, up_type, inter, hidden, float_fmt));
     sw->mats.push_back(pack_gguf(down + e * db, db, down_type, hidden, inter, float_fmt));
   }
+  sw->epilogue = std::move(epilogue);
   return sw;
 }
 
 std::shared_ptr<StoredWeight> pack_experts_float(const float* gate, const float* up, const float* down,
                                                  int64_t experts, int64_t hidden, int64_t inter,
-                                                 const std::string& fmt) {
+                                                 const std::string& fmt,
+                                                 std::shared_ptr<const ExpertEpilogue> epilogue) {
   if (experts <= 0) throw std::invalid_argument("need at least one expert");
+  if (epilogue) check_epilogue(*epilogue, experts, hidden, inter);
   auto sw = std::make_shared<StoredWeight>();
   const int64_t m = hidden * inter;
   for (int64_t e = 0; e < experts; ++e) {
@@ -234,6 +276,7 @@ std::shared_ptr<StoredWeight> pack_experts_float(const float* gate, const float*
     sw->mats.push_back(pack_float(up + e * m, inter, hidden, fmt));
     sw->mats.push_back(pack_float(down + e * m, hidden, inter, fmt));
   }
+  sw->epilogue = std::move(epilogue);
   return sw;
 }
 

@@ -1,5 +1,7 @@
 // Fused mixture-of-experts forward on the host (routed experts; shared experts run in XLA):
 //   out[t] = sum_j w[t, j] * down_e( silu(gate_e(x[t])) * up_e(x[t]) ),  e = ids[t, j]
+// or, for a set stored with an epilogue (expert_epilogue.h), with biases after each projection
+// and its activation (gpt-oss's clamped SwiGLU) in place of silu(g) * u.
 // Tokens are grouped per expert; every matrix is a PackedWeight run by the linear
 // kernels (linear.h), work split across the pool by estimated cost.
 #pragma once
@@ -12,12 +14,18 @@
 namespace ktjax {
 
 // An expert set as stored: mats = [gate_0, up_0, down_0, gate_1, ...]; gate/up [I, H],
-// down [H, I]. Throws std::invalid_argument if the set is malformed.
+// down [H, I]; w->epilogue optional. Throws std::invalid_argument if the set is malformed.
 struct ExpertSet {
   const StoredWeight* w;
   int64_t experts, hidden, inter;
 };
 ExpertSet expert_set(const StoredWeight& w, int64_t handle);
+
+// Throws std::invalid_argument naming the problem: a bias not [experts, rows] (gate/up rows =
+// inter, down = hidden), NaN/Inf in a bias (when `values`), an unknown activation or bad
+// swiglu_oai constants.
+void check_epilogue(const ExpertEpilogue& ep, int64_t experts, int64_t hidden, int64_t inter,
+                    bool values = true);
 
 constexpr int32_t kSkipExpert = -1;
 
@@ -42,9 +50,11 @@ std::shared_ptr<StoredWeight> pack_experts_gguf(const uint8_t* gate, size_t gate
                                                 const uint8_t* up, size_t up_bytes, int up_type,
                                                 const uint8_t* down, size_t down_bytes, int down_type,
                                                 int64_t experts, int64_t hidden, int64_t inter,
-                                                const std::string& float_fmt = "int8");
+                                                const std::string& float_fmt = "int8",
+                                                std::shared_ptr<const ExpertEpilogue> epilogue = nullptr);
 std::shared_ptr<StoredWeight> pack_experts_float(const float* gate, const float* up, const float* down,
                                                  int64_t experts, int64_t hidden, int64_t inter,
-                                                 const std::string& fmt);
+                                                 const std::string& fmt,
+                                                 std::shared_ptr<const ExpertEpilogue> epilogue = nullptr);
 
 }  // namespace ktjax

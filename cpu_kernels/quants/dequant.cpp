@@ -296,13 +296,8 @@ KT_INLINE void block_iq4_xs(const BlockIQ4_XS& b, float* y) {
   }
 }
 
-// ggml_e8m0_to_fp32_half: 2^(e - 128) as a float32 (subnormal for e < 2).
-KT_INLINE float e8m0_half(uint8_t e) {
-  return bits_f32(e < 2 ? uint32_t{0x00200000} << e : uint32_t(e - 1) << 23);
-}
-
 KT_INLINE void block_mxfp4(const BlockMXFP4& b, float* y) {
-  table_nibbles(b.qs, kMxfp4Values, e8m0_half(b.e), y);
+  table_nibbles(b.qs, kMxfp4Values, e8m0_half_to_f32(b.e), y);
 }
 
 KT_INLINE void block_tq1_0(const BlockTQ1_0& b, float* y) {

@@ -23,6 +23,12 @@ inline float f16_to_f32(uint16_t h) {
   return bits_f32((uint32_t(h & 0x8000u) << 16) | mag);
 }
 
+// MXFP4's e8m0 exponent byte as the scale of its doubled e2m1 values (ggml_e8m0_to_fp32_half):
+// 2^(e - 128), exact for every e (2^-128 and 2^-127 are subnormal).
+inline float e8m0_half_to_f32(uint8_t e) {
+  return bits_f32(e < 2 ? uint32_t{0x00200000} << e : uint32_t(e - 1) << 23);
+}
+
 inline float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
 
 inline uint16_t f32_to_bf16(float f) {

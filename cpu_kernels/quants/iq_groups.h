@@ -2,9 +2,11 @@
 // the host kernels hold (cpu_kernels/formats/pack.cpp). For every type listed, scale * q
 // (float32) equals the dequantized value bit for bit (dequant.cpp), so repacking through this
 // is lossless: grids are small integers, IQ1's +-1/8 delta becomes q = 8 * grid +- 1 with
-// scale / 8. The 16-level types (iq_group_table) are packed as their 4-bit table indices
-// (iq_group_indices), the others as int8 values (iq_group_decode).
-// IQ2_XS, IQ2_S and IQ1_M keep a scale per 16 values: int8 groups of 16.
+// scale / 8. Every type takes at most 16 distinct values (iq_group_table), so the kernels
+// hold 4-bit indices into that table (iq_group_indices) and look them up in registers.
+// IQ2_XS, IQ2_S and IQ1_M keep a scale per 16 values: groups of 16.
+// Where a scale is a small integer times a per-block float (all but IQ4_NL and MXFP4),
+// iq_group_int_scale splits it so: the K-quant scale encoding, exact and 4x smaller than f32.
 #pragma once
 
 #include <cstdint>
@@ -44,13 +46,31 @@ inline const IqGroupFormat* iq_group_format(int type) {
   return nullptr;
 }
 
-// The 16-entry value table of IQ4_NL / IQ4_XS / MXFP4 (values = scale * table[nibble]),
+// Tables of the types whose values are not already 16 nibble levels, ascending (the unused
+// tail entries are 0): grid values times a sign, IQ1's 8 * {-1, 0, 1} +- 1.
+inline constexpr int8_t kIq2Levels[16] = {-43, -25, -8, 8, 25, 43};  // IQ2_XXS / XS / S
+inline constexpr int8_t kIq3xxsLevels[16] = {-62, -52, -44, -36, -28, -20, -12, -4, 4, 12, 20, 28, 36, 44, 52, 62};
+inline constexpr int8_t kIq3sLevels[16] = {-15, -13, -11, -9, -7, -5, -3, -1, 1, 3, 5, 7, 9, 11, 13, 15};
+inline constexpr int8_t kIq1Levels[16] = {-9, -7, -1, 1, 7, 9};  // IQ1_S / IQ1_M
+// TQ1_0 / TQ2_0: ternary, but TQ2_0's 2-bit codes also decode 3 to 2.
+inline constexpr int8_t kTernaryLevels[16] = {-1, 0, 1, 2};
+
+// The 16-entry value table of a type iq_group_format accepts (values = scale * table[index]),
 // else nullptr.
 inline const int8_t* iq_group_table(int type) {
   switch (static_cast<GgmlType>(type)) {
     case GgmlType::IQ4_NL:
     case GgmlType::IQ4_XS: return kIq4nlValues;
     case GgmlType::MXFP4: return kMxfp4Values;
+    case GgmlType::IQ2_XXS:
+    case GgmlType::IQ2_XS:
+    case GgmlType::IQ2_S: return kIq2Levels;
+    case GgmlType::IQ3_XXS: return kIq3xxsLevels;
+    case GgmlType::IQ3_S: return kIq3sLevels;
+    case GgmlType::IQ1_S:
+    case GgmlType::IQ1_M: return kIq1Levels;
+    case GgmlType::TQ1_0:
+    case GgmlType::TQ2_0: return kTernaryLevels;
     default: return nullptr;
   }
 }
@@ -85,7 +105,7 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
     }
     case GgmlType::MXFP4: {
       const auto& b = *reinterpret_cast<const BlockMXFP4*>(blk);
-      *scale = bits_f32(b.e < 2 ? uint32_t{0x00200000} << b.e : uint32_t(b.e - 1) << 23);
+      *scale = e8m0_half_to_f32(b.e);
       nibbles(b.qs, kMxfp4Values, q);
       return;
     }
@@ -206,21 +226,87 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
   }
 }
 
-// For a type with iq_group_table: group g's 32 table indices and its scale
-// (iq_group_decode's values are table[idx]).
+// Group g's table indices (iq_group_decode's values are table[idx]) and its scale.
 inline void iq_group_indices(int type, const uint8_t* blk, int g, uint8_t* idx, float* scale) {
+  int8_t values[32];
+  iq_group_decode(type, blk, g, values, scale);
+  const int group = iq_group_format(type)->group;
   const uint8_t* qs = nullptr;
   switch (static_cast<GgmlType>(type)) {
     case GgmlType::IQ4_NL: qs = reinterpret_cast<const BlockIQ4_NL*>(blk)->qs; break;
     case GgmlType::MXFP4: qs = reinterpret_cast<const BlockMXFP4*>(blk)->qs; break;
     case GgmlType::IQ4_XS: qs = reinterpret_cast<const BlockIQ4_XS*>(blk)->qs + 16 * g; break;
-    default: return;
+    default: {  // a value's index in the ascending table: the levels below it
+      const int8_t* table = iq_group_table(type);
+      for (int j = 0; j < group; ++j) {
+        int i = 0;
+        while (i < 15 && table[i] != values[j]) ++i;
+        idx[j] = static_cast<uint8_t>(i);
+      }
+      return;
+    }
   }
-  int8_t values[32];
-  iq_group_decode(type, blk, g, values, scale);  // for the scale
-  for (int j = 0; j < 16; ++j) {  // low nibbles are values 0..15, high nibbles 16..31
-    idx[j] = qs[j] & 15;
+  for (int j = 0; j < 16; ++j) {  // the nibbles as stored (MXFP4's -0 keeps its own index)
+    idx[j] = qs[j] & 15;         // low nibbles are values 0..15, high nibbles 16..31
     idx[j + 16] = qs[j] >> 4;
+  }
+}
+
+// Group g's scale as mult * factor, exactly (an integer below 64 in magnitude times the
+// block's float), for the types whose scales are so made; false for IQ4_NL and MXFP4.
+inline bool iq_group_int_scale(int type, const uint8_t* blk, int g, int* mult, float* factor) {
+  using namespace iq_detail;
+  const float d = f16_to_f32(u16_at(blk));  // d leads the block, except in TQ and IQ1_M
+  switch (static_cast<GgmlType>(type)) {
+    case GgmlType::IQ4_XS: {
+      const auto& b = *reinterpret_cast<const BlockIQ4_XS*>(blk);
+      *mult = (((b.scales_l[g / 2] >> (4 * (g % 2))) & 15) | (((b.scales_h >> (2 * g)) & 3) << 4)) - 32;
+      *factor = d;
+      return true;
+    }
+    case GgmlType::IQ2_XXS:  // d * (0.5 + l) * 0.25 = (2l + 1) * (d / 8)
+      *mult = 2 * static_cast<int>(u32_at(reinterpret_cast<const uint8_t*>(reinterpret_cast<const BlockIQ2_XXS*>(blk)->qs) + 8 * g + 4) >> 28) + 1;
+      *factor = d * 0.125f;
+      return true;
+    case GgmlType::IQ3_XXS:  // d * (0.5 + l) * 0.5 = (2l + 1) * (d / 4)
+      *mult = 2 * static_cast<int>(u32_at(reinterpret_cast<const BlockIQ3_XXS*>(blk)->scales_signs + 4 * g) >> 28) + 1;
+      *factor = d * 0.25f;
+      return true;
+    case GgmlType::IQ3_S:
+      *mult = 1 + 2 * ((reinterpret_cast<const BlockIQ3_S*>(blk)->scales[g / 2] >> (4 * (g % 2))) & 15);
+      *factor = d;
+      return true;
+    case GgmlType::IQ1_S:  // (d * (2s + 1)) / 8
+      *mult = 2 * ((u16_at(reinterpret_cast<const uint8_t*>(reinterpret_cast<const BlockIQ1_S*>(blk)->qh) + 2 * g) >> 12) & 7) + 1;
+      *factor = d * 0.125f;
+      return true;
+    case GgmlType::IQ2_XS:
+      *mult = 2 * ((reinterpret_cast<const BlockIQ2_XS*>(blk)->scales[g / 2] >> (4 * (g % 2))) & 15) + 1;
+      *factor = d * 0.125f;
+      return true;
+    case GgmlType::IQ2_S:
+      *mult = 2 * ((reinterpret_cast<const BlockIQ2_S*>(blk)->scales[g / 2] >> (4 * (g % 2))) & 15) + 1;
+      *factor = d * 0.125f;
+      return true;
+    case GgmlType::IQ1_M: {
+      const auto& b = *reinterpret_cast<const BlockIQ1_M*>(blk);
+      uint16_t sc[4];
+      std::memcpy(sc, b.scales, 8);
+      const uint16_t d_bits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
+                                                    ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+      *mult = 2 * ((sc[g / 4] >> (3 * (g % 4))) & 7) + 1;
+      *factor = f16_to_f32(d_bits) * 0.125f;
+      return true;
+    }
+    case GgmlType::TQ1_0:
+      *mult = 1;
+      *factor = f16_to_f32(reinterpret_cast<const BlockTQ1_0*>(blk)->d);
+      return true;
+    case GgmlType::TQ2_0:
+      *mult = 1;
+      *factor = f16_to_f32(reinterpret_cast<const BlockTQ2_0*>(blk)->d);
+      return true;
+    default: return false;
   }
 }
 

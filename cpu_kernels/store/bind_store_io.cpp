@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu_kernels/bindings.h"
+#include "cpu_kernels/moe/moe.h"
 #include "cpu_kernels/store/hash64.h"
 #include "cpu_kernels/store/serialize.h"
 
@@ -99,7 +100,7 @@ void bind_store_io(py::module_& m) {
   m.def(
       "adopt_packed",
       [](const std::vector<py::dict>& layouts, const std::vector<py::array>& buffers,
-         const std::vector<uint64_t>& digests, int64_t handle, size_t chunk) {
+         const std::vector<uint64_t>& digests, int64_t handle, size_t chunk, const py::object& epilogue) {
         if (layouts.size() != buffers.size() || layouts.size() != digests.size())
           throw std::invalid_argument("adopt_packed: one layout, buffer and digest per matrix");
         if (chunk == 0) throw std::invalid_argument("adopt_packed: chunk must be positive");
@@ -109,16 +110,23 @@ void bind_store_io(py::module_& m) {
           sources[i].data = uint8_data(buffers[i], &sources[i].size);
           sources[i].digest = digests[i];
         }
+        auto epi = epilogue_from_py(epilogue);
         std::shared_ptr<StoredWeight> sw;
         {
           py::gil_scoped_release nogil;
           sw = adopt_packed(sources, chunk);
         }
+        if (epi) {  // an expert set's activation and biases, checked against its shapes
+          const ExpertSet ex = expert_set(*sw, handle);
+          check_epilogue(*epi, ex.experts, ex.hidden, ex.inter);
+          sw->epilogue = std::move(epi);
+        }
         return handle == 0 ? store_put(std::move(sw)) : store_put_at(handle, std::move(sw));
       },
       py::arg("layouts"), py::arg("buffers"), py::arg("digests"), py::arg("handle") = 0,
-      py::arg("chunk") = size_t{1} << 22,
-      "Stores a weight rebuilt from packed bytes (each checked against its layout and digest) "
+      py::arg("chunk") = size_t{1} << 22, py::arg("epilogue") = py::none(),
+      "Stores a weight rebuilt from packed bytes (each checked against its layout and digest), "
+      "an expert set with its `epilogue` (see pack_experts_float), "
       "under `handle` (0: the next free one; else that number, which must be free: compiled "
       "programs name their weights by handle); returns the handle.");
 }

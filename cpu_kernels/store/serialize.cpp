@@ -6,13 +6,15 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_kernels/quants/iq_groups.h"
 #include "cpu_kernels/store/hash64.h"
 #include "cpu_kernels/thread_pool.h"
 
 namespace ktjax {
 namespace {
 
-// (kind, scale_enc, has_min, group, hi_bits) of every layout pack_gguf and pack_float make;
+// (kind, scale_enc, has_min, group, hi_bits, and for table layouts the source type) of every
+// layout pack_gguf and pack_float make;
 // the kernels are written for these and no other (formats/packed.h).
 bool produced_by_packers(const PackedLayout& l) {
   const auto k = static_cast<WeightKind>(l.kind);
@@ -25,7 +27,10 @@ bool produced_by_packers(const PackedLayout& l) {
       return (f16_or_f32 || e == ScaleEnc::Row) && !l.has_min && l.group == 32 && l.hi_bits == 0 &&
              (e != ScaleEnc::Row || l.k < 65536);  // Row: int32 sums over all of K
     case WeightKind::Int4:
-      if (!l.has_min) return false;
+      if (!l.has_min)  // indices into the source type's table (pack_iq)
+        return iq_group_table(l.source_type) != nullptr && l.hi_bits == 0 &&
+               (l.group == 32 || (l.group == 16 && e == ScaleEnc::I8)) &&
+               (f16_or_f32 || e == ScaleEnc::I8 || e == ScaleEnc::E8M0);
       if (f16_or_f32) return l.group == 32 && (l.hi_bits == 0 || l.hi_bits == 1);
       if (e == ScaleEnc::I8)
         return (l.group == 16 && (l.hi_bits == 0 || l.hi_bits == 2)) ||
@@ -85,6 +90,10 @@ std::shared_ptr<StoredWeight> adopt_packed(const std::vector<PackedSource>& sour
     if (chunked_xxh64(s.data, s.size, chunk) != s.digest)
       throw std::invalid_argument(what + ": its bytes do not match the recorded digest (corrupt file)");
     w->source_type = l.source_type;
+    if (const int8_t* table = w->kind == WeightKind::Int4 && !w->has_min ? iq_group_table(l.source_type) : nullptr) {
+      w->lut = true;  // the table follows from the type, as pack_iq sets it
+      for (int j = 0; j < 16; ++j) w->lut_biased[j] = static_cast<uint8_t>(table[j] + 128);
+    }
     // Copied in pieces by every pool thread: the pages land on the nodes make_packed bound.
     uint8_t* dst = w->data.get();
     const int64_t pieces = static_cast<int64_t>((s.size + chunk - 1) / chunk);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_kernels/formats/packed.h"
+#include "cpu_kernels/moe/expert_epilogue.h"
 
 namespace ktjax {
 
@@ -15,6 +16,8 @@ namespace ktjax {
 // release never frees weights in use.
 struct StoredWeight {
   std::vector<std::unique_ptr<PackedWeight>> mats;
+  // Expert sets only: activation and biases (null: SiLU without biases).
+  std::shared_ptr<const ExpertEpilogue> epilogue;
 };
 
 int64_t store_put(std::shared_ptr<const StoredWeight> w);

@@ -61,7 +61,20 @@ def sampling_spec(rows: int, window: int) -> SamplingBatch:
 
 
 def _spec_of(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    """Shapes, dtypes and placements of a tree of arrays: a program lowered from them is
+    built for the arrays' device, not JAX's default backend (an engine on the CPU of a GPU
+    host would otherwise compile its host-only FFI calls for CUDA)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
+def _placed(tree, sharding):
+    """Every ShapeDtypeStruct of `tree` that has no sharding given `sharding`."""
+    def put(s):
+        if isinstance(s, jax.ShapeDtypeStruct) and s.sharding is None:
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+        return s
+    return jax.tree.map(put, tree, is_leaf=lambda n: isinstance(n, jax.ShapeDtypeStruct))
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,8 @@ class ProgramCache:
         self._score = jax.jit(_scorer(forward), donate_argnums=(1,))
         self._params_spec = _spec_of(params)
         self._kv_spec = _spec_of(kv)
+        # the step's other operands (batch, sampling) go where the KV cache lives
+        self._sharding = jax.tree.leaves(kv)[0].sharding
         self._steps: dict[tuple[Bucket | StepBucket, Sampler], jax.stages.Compiled] = {}
         self._scorers: dict[Bucket, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
@@ -220,7 +235,11 @@ class ProgramCache:
             self._steps[bucket, sampler] = self._load_or_compile(("step", bucket, sampler))
 
     def lower_args(self, key: tuple) -> tuple:
-        """Argument specs of the program of `key` (static arguments left out)."""
+        """Argument specs of the program of `key` (static arguments left out), each placed
+        on the engine's device."""
+        return _placed(self._unplaced_args(key), self._sharding)
+
+    def _unplaced_args(self, key: tuple) -> tuple:
         bucket = key[1]
         args = (self._params_spec, self._kv_spec, batch_spec(bucket))
         if key[0] == "score":

@@ -3,8 +3,9 @@ byte for byte, and the XLA arrays as they went to the device, so a later process
 dequantizes nor repacks.
 
 Layout: magic (8 bytes) | header length (u64 LE) | header (JSON) | sections, each 4096-byte
-aligned. The header holds the params tree (dicts; arrays, host weights, expert sets and layer
-stacks naming their sections) and every section's offset, size and XXH64 digest. The file is
+aligned. The header holds the params tree (dicts; arrays, host weights, expert sets (with
+their stored activation and biases) and layer stacks naming their sections) and every
+section's offset, size and XXH64 digest. The file is
 untrusted input: the header is parsed and bounds-checked before any section is touched, every
 section is hashed before use, and packed matrices are rebuilt only from layouts the packers
 make (cpu_kernels/store/serialize.h)."""
@@ -21,6 +22,7 @@ import numpy as np
 
 from ktjax import _native
 from ktjax.errors import ArtifactError, KernelError
+from ktjax.host import moe as host_moe
 from ktjax.host.native import native_call
 from ktjax.weights import DeviceExperts, HostExperts, HostWeight, LayerStack
 
@@ -65,7 +67,8 @@ def _encode(node: Any, w: _Writer) -> dict:
                 lay["section"] = w.add(native_call(_native.packed_bytes, h, i))
             mats.append(layouts)
         if isinstance(node, HostExperts):
-            return {"host_experts": {"handles": list(node.handles), "mats": mats}}
+            return {"host_experts": {"handles": list(node.handles), "mats": mats,
+                                     "epilogues": [_encode_epilogue(h, w) for h in node.handles]}}
         return {"host_weight": {"handles": list(node.handles), "mats": mats,
                                 "out_features": node.out_features, "splits": list(node.splits)}}
     if isinstance(node, jax.Array):
@@ -74,6 +77,47 @@ def _encode(node: Any, w: _Writer) -> dict:
             raise ArtifactError(f"cannot export an array of dtype {a.dtype}")
         return {"array": {"dtype": a.dtype.name, "shape": list(a.shape), "section": w.add(a)}}
     raise ArtifactError(f"cannot export a params node of type {type(node).__name__}")
+
+
+_BIASES = ("gate_bias", "up_bias", "down_bias")
+
+
+def _encode_epilogue(handle: int, w: _Writer) -> dict | None:
+    """An expert set's stored activation and biases (gpt-oss), biases as sections."""
+    ep = host_moe.stored_epilogue(handle)
+    if ep is None:
+        return None
+    out = {k: ep[k] for k in ("activation", "alpha", "limit")}
+    for k in _BIASES:
+        b = ep[k]
+        out[k] = None if b is None else {"shape": list(b.shape), "section": w.add(b)}
+    return out
+
+
+def _decode_epilogue(ep: Any, r: "_Reader") -> dict | None:
+    """The adopt_packed form of an exported epilogue (the native side checks its values and
+    shapes against the expert set)."""
+    if ep is None:
+        return None
+    if not isinstance(ep, dict) or not isinstance(ep.get("activation"), str) or not all(
+            isinstance(ep.get(k), (int, float)) and not isinstance(ep.get(k), bool)
+            for k in ("alpha", "limit")):
+        raise ArtifactError(f"{r.path}: an expert set's epilogue is malformed")
+    out = {"activation": ep["activation"], "alpha": float(ep["alpha"]),
+           "limit": float(ep["limit"])}
+    for k in _BIASES:
+        b = ep.get(k)
+        if b is None:
+            out[k] = None
+            continue
+        shape = _field(b, "shape", list, r.path)
+        data, _ = r.section(_field(b, "section", int, r.path))
+        if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape) or \
+                data.nbytes != shape[0] * shape[1] * 4:
+            raise ArtifactError(f"{r.path}: an expert set's {k} of shape {shape} has "
+                                f"{data.nbytes} bytes")
+        out[k] = np.array(data.view(np.float32).reshape(shape))
+    return out
 
 
 def _data_start(header_len: int) -> int:
@@ -184,16 +228,23 @@ def _decode(node: Any, r: _Reader, device, handles: str) -> Any:
         if len(mats) != len(recorded) or not recorded:
             raise ArtifactError(f"{r.path}: a host weight has {len(recorded)} handles and "
                                 f"{len(mats)} matrix lists")
-        out = tuple(_adopt(r, h, m, handles) for h, m in zip(recorded, mats))
         if kind == "host_experts":
-            return HostExperts(handles=out)
+            epilogues = body.get("epilogues", [None] * len(recorded))
+            if not isinstance(epilogues, list) or len(epilogues) != len(recorded):
+                raise ArtifactError(f"{r.path}: a host expert stack has {len(recorded)} handles "
+                                    "and a different number of epilogues")
+            return HostExperts(handles=tuple(
+                _adopt(r, h, m, handles, _decode_epilogue(ep, r))
+                for h, m, ep in zip(recorded, mats, epilogues)))
+        out = tuple(_adopt(r, h, m, handles) for h, m in zip(recorded, mats))
         splits = _field(body, "splits", list, r.path)
         return HostWeight(handles=out, out_features=_field(body, "out_features", int, r.path),
                           splits=tuple(int(x) for x in splits))
     raise ArtifactError(f"{r.path}: unknown params node kind {kind!r}")
 
 
-def _adopt(r: _Reader, handle: Any, layouts: Any, handles: str) -> int:
+def _adopt(r: _Reader, handle: Any, layouts: Any, handles: str, epilogue: dict | None = None
+           ) -> int:
     if not isinstance(handle, int) or not isinstance(layouts, list) or not layouts:
         raise ArtifactError(f"{r.path}: a host weight's handle or matrices are malformed")
     buffers, digests = [], []
@@ -203,7 +254,8 @@ def _adopt(r: _Reader, handle: Any, layouts: Any, handles: str) -> int:
         digests.append(digest)  # adopt_packed hashes while it reads
     at = handle if handles == "recorded" else 0
     try:
-        h = native_call(_native.adopt_packed, layouts, buffers, digests, at, HASH_CHUNK)
+        h = native_call(_native.adopt_packed, layouts, buffers, digests, at, HASH_CHUNK,
+                        epilogue)
         r.adopted.append(h)
         return h
     except KernelError as e:

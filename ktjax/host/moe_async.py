@@ -33,19 +33,25 @@ def reserve_site(tokens: int, hidden: int, top_k: int, handles: tuple[int, ...])
 
 
 def moe_submit(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, layer: jax.Array,
-               handles: tuple[int, ...]) -> tuple[jax.Array, int]:
+               handles: tuple[int, ...], site: int | None = None,
+               after: jax.Array | None = None) -> tuple[jax.Array, int]:
     """Starts the fused MoE of x f32[T, H] routed by expert_ids int32[T, k] (SKIP: not on the
     host) with expert_weights f32[T, k], on expert set ``handles[layer]``. Returns (token,
-    site) for ``moe_wait``."""
+    site) for ``moe_wait``. ``site``: a site reserved for these shapes and handles, which
+    several calls share, each submit ordered ``after`` the previous job's wait (an operand:
+    XLA drops optimization barriers before it schedules, so only data orders custom calls);
+    default: a new site."""
     register_targets()
     t, h = x.shape
     if expert_ids.shape != expert_weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != t:
         raise KernelError(f"expert_ids {expert_ids.shape} and expert_weights "
                           f"{expert_weights.shape} must both be [{t}, k]")
-    site = reserve_site(t, h, expert_ids.shape[1], handles)
+    if site is None:
+        site = reserve_site(t, h, expert_ids.shape[1], handles)
     call = jax.ffi.ffi_call("ktjax_moe_submit", jax.ShapeDtypeStruct((1,), np.uint8))
     token = call(x.astype(np.float32), expert_ids.astype(np.int32),
-                 expert_weights.astype(np.float32), layer.astype(np.int32), site=np.int64(site))
+                 expert_weights.astype(np.float32), layer.astype(np.int32),
+                 layer if after is None else after, site=np.int64(site))
     return token, site
 
 
@@ -54,6 +60,15 @@ def moe_wait(token: jax.Array, site: int, after: jax.Array, tokens: int, hidden:
     the device computes meanwhile) is ready."""
     call = jax.ffi.ffi_call("ktjax_moe_wait", jax.ShapeDtypeStruct((tokens, hidden), np.float32))
     return call(token, after, site=np.int64(site))
+
+
+def moe_after(x: jax.Array, token: jax.Array) -> jax.Array:
+    """x, as a value that depends on the submit that returned ``token``: the device work that
+    reads it is scheduled after the submit, so the host job starts first. (An optimization
+    barrier would not do: XLA removes barriers before it schedules.)"""
+    call = jax.ffi.ffi_call("ktjax_moe_after", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            input_output_aliases={0: 0})
+    return call(x, token)
 
 
 def raise_host_errors() -> None:

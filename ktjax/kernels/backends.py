@@ -30,7 +30,10 @@ def _pallas_attend(q, k_new, v_new, k_cache, v_cache, *args, values_in_keys=None
     reference instead, with a RuntimeWarning naming the shape (once per shape)."""
     from ktjax.kernels import paged_attention_gpu as gpu
     value_dim = values_in_keys or v_cache.shape[-1]
-    reason = gpu.unsupported_reason(q.shape[-1], value_dim, k_cache.shape[2], values_in_keys)
+    reason = gpu.unsupported_reason(q.shape[-1], value_dim, k_cache.shape[2], values_in_keys,
+                                    kv_itemsize=k_cache.dtype.itemsize,
+                                    q_itemsize=max(q.dtype.itemsize,
+                                                   k_cache.dtype.itemsize))
     extra = {} if values_in_keys is None else {"values_in_keys": values_in_keys}
     if reason:
         _warn_once(f"pallas attention: {reason}; this layer runs the jnp reference")
@@ -52,9 +55,10 @@ _BACKENDS = {b.name: b for b in (REFERENCE, CPU, PALLAS)}
 
 
 def pallas_probe_failure(kv_cache_dtype: str = "float32") -> str | None:
-    """Compile and run the Pallas kernel once on a tiny decode + prefill step of the default
-    device, with pages of kv_cache_dtype (and bfloat16 queries unless float32), and compare
-    it with the reference; the failure as text, or None when it works."""
+    """Compile and run the Pallas kernel on a tiny decode + prefill step of the default
+    device, with pages of kv_cache_dtype (and bfloat16 queries unless float32), in one split
+    and in two (the combine kernel, with sinks), and compare with the reference; the failure
+    as text, or None when it works."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -72,10 +76,17 @@ def pallas_probe_failure(kv_cache_dtype: str = "float32") -> str | None:
                 f(2, 2, 2, 64).astype(dtype), *cache, np.int32(0),
                 np.array([[1, 2], [3, 4]], np.int32), np.array([20, 0], np.int32),
                 np.array([[20, -1], [0, 1]], np.int32))
-        got = jax.jit(functools.partial(gpu.paged_attention, scale=0.125))(*args)
-        want = paged_attention_ref.paged_attention(*args, scale=0.125)
-        err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
-        return None if err < 5e-2 else f"the probe differs from the reference by {err:.3g}"
+        # one split (the output written by the kernel) and two (the combine kernel's too,
+        # with gpt-oss's sinks)
+        for n_splits, extra in ((None, {}), (2, {"sinks": f(4)})):
+            want = paged_attention_ref.paged_attention(*args, scale=0.125, **extra)
+            got = jax.jit(functools.partial(gpu.paged_attention, scale=0.125,
+                                            n_splits=n_splits, **extra))(*args)
+            err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
+            if not err < 5e-2:
+                return (f"the probe ({n_splits or 1} split) differs from the reference by "
+                        f"{err:.3g}")
+        return None
     except Exception as e:  # noqa: BLE001 -- any failure means: do not use the kernel
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -105,6 +116,9 @@ def get_backend(name: str, platform: str = "cpu",
             name = "reference"
     if name not in _BACKENDS:
         raise KtjaxError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    if name == "cpu" and platform != "cpu":
+        raise KernelError(f"the cpu attention backend is a host kernel with no handler in "
+                          f"{platform} programs: use attention 'auto', 'pallas' or 'reference'")
     if name == "cpu" and kv_cache_dtype == "int8":
         raise KernelError("the cpu attention backend reads float32 or bfloat16 KV pages, not "
                           "int8: use kv_cache_dtype float32/bfloat16 or attention "

@@ -23,9 +23,10 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
                     k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
                     block_tables: jax.Array, cache_lens: jax.Array, q_positions: jax.Array, *,
                     scale: float, sliding_window: jax.Array | int | None = None,
-                    values_in_keys: int | None = None) -> jax.Array:
+                    values_in_keys: int | None = None,
+                    sinks: jax.Array | None = None) -> jax.Array:
     """paged_attention_ref.paged_attention's contract, run by the host kernel (float32 or
-    bfloat16 pages; int8 pages are refused)."""
+    bfloat16 pages; int8 pages are refused); `sinks` [H] as the reference takes them."""
     if kv_quant.is_int8(k_cache):
         raise KernelError("the host attention kernel reads float32 or bfloat16 KV pages, not "
                           "int8 (kv_cache_dtype int8 needs attention 'reference' or 'pallas')")
@@ -36,10 +37,11 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array | None,
     k_new = k_new.astype(f32)
     v_new = k_new if v_new is None else v_new.astype(f32)
     window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32)
+    sink_logits = jnp.zeros((0,), f32) if sinks is None else jnp.asarray(sinks, f32)
     call = jax.ffi.ffi_call("ktjax_paged_attention",
                             jax.ShapeDtypeStruct((b, t, h, value_dim), f32))
     out = call(q.astype(f32), k_new, v_new, k_cache, v_cache,
                jnp.asarray(layer, jnp.int32), block_tables.astype(jnp.int32),
-               cache_lens.astype(jnp.int32), q_positions.astype(jnp.int32), window,
+               cache_lens.astype(jnp.int32), q_positions.astype(jnp.int32), window, sink_logits,
                scale=np.float32(scale), values_in_keys=np.int64(values_in_keys or 0))
     return out.astype(q.dtype)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ktjax import pytree, weights
 from ktjax.gguf.reader import GGUFFile
+from ktjax.hybrid_experts import ExpertCarry
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
 
@@ -213,14 +214,29 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
     for key, stack_block in stacks or (("layers", block),):
         n = params[key]["attn_norm"].shape[0]
         whole, sliced = weights.split_scanned(params[key])
+        # routed experts that carry state from layer to layer (hybrid_experts.ExpertCarry:
+        # a deferred host job's token, or streamed weights) scan (x, state)
+        carrying = ExpertCarry.of_stack(whole, x)
 
-        def step(x, inputs, stack_block=stack_block, first=first, whole=whole):
+        def step(carry, inputs, stack_block=stack_block, first=first, whole=whole,
+                 carrying=carrying):
             layer_params, local = inputs
             layer = local + first
-            return stack_block(weights.bind_layer({**layer_params, **whole}, local), x, layer,
-                               AttentionContext(backend, batch, kv, layer))
+            lp = weights.bind_layer({**layer_params, **whole}, local)
+            if carrying is None:
+                return stack_block(lp, carry, layer, AttentionContext(backend, batch, kv, layer))
+            (x, state), (name, experts_carry) = carry, carrying
+            lp[name] = experts_carry.bind(lp[name], state, local)
+            x, new_kv = stack_block(lp, x, layer, AttentionContext(backend, batch, kv, layer))
+            return (x, experts_carry.take_next()), new_kv
 
-        x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, jnp.arange(n, dtype=jnp.int32)))
+        layer_ids = jnp.arange(n, dtype=jnp.int32)
+        if carrying is None:
+            x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, layer_ids))
+        else:
+            (x, state), (k_new, v_new) = jax.lax.scan(step, (x, carrying[1].initial),
+                                                      (sliced, layer_ids))
+            x = carrying[1].finish(state, x)
         new_k.append(k_new)
         new_v.append(v_new)
         first += n

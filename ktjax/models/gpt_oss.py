@@ -4,10 +4,13 @@ sliding-window layers alternating with full ones (even layers slide, as llama.cp
 the logits, softmax over the chosen), experts with biases and the clamped SwiGLU of gpt-oss:
 (clamp(up, ±7) + 1) · g · sigmoid(1.702 g), g = min(gate, 7).
 
-Placement: the host MoE kernel runs SiLU experts without biases, so gpt-oss's experts run on
-the device only (grouped matmuls here, MXFP4 blocks dequantized at load); a rule placing
-them on the host is refused when the model is built. Attention sinks exist in the reference
-attention backend only: gpt-oss runs it whatever backend the engine was given.
+Placement: the routed experts go where the rules say, as for the other MoE families. On the
+host (the CPU default) each layer's expert set is stored with its biases and the clamped
+SwiGLU (ktjax.expert_activation), MXFP4 blocks repacked losslessly; a rules file's
+`experts:` section (n_cpu_moe, device_blocks, hot) moves some of them to the device
+(ktjax.hybrid_experts, biases gathered into the pool); device experts run as grouped matmuls
+here (MXFP4 dequantized at load). Attention runs on the engine's backend when it has sinks
+(reference, cpu), else on the reference.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from ktjax import weights
 from ktjax.errors import UnsupportedModelError
+from ktjax.expert_activation import ExpertActivation
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import REFERENCE, AttentionBackend
 from ktjax.models import layers
@@ -28,6 +32,10 @@ from ktjax.models.moe import EXPERTS
 
 ARCHITECTURES = ("gpt-oss",)
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants
+# the loader stores it with host expert sets and hybrid pools
+EXPERT_ACTIVATION = ExpertActivation("swiglu_oai", SWIGLU_ALPHA, SWIGLU_LIMIT)
+# attention backends that take `sinks`
+_SINK_BACKENDS = ("reference", "cpu")
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,9 @@ CONFIG = GptOssConfig
 
 
 def tensor_table(cfg: GptOssConfig) -> dict[str, TensorSpec]:
-    """The family's one GGUF-name table. Expert biases [E, n] are used inside XLA with the
-    experts: declared vectors (float32 on the device)."""
+    """The family's one GGUF-name table. Expert biases [E, n] are declared vectors (float32
+    on the device, used by device experts); the loader also stores them with host expert
+    sets."""
     h, d, e, ff = cfg.hidden_size, cfg.head_dim, cfg.n_experts, cfg.expert_ffn
     hq, hkv = cfg.n_heads * d, cfg.n_kv_heads * d
     return {
@@ -112,12 +121,12 @@ _RAGGED = jax.lax.RaggedDotDimensionNumbers(
 
 
 def _experts(lp: dict, x: jax.Array, ids: jax.Array, route_w: jax.Array) -> jax.Array:
-    """The chosen experts' clamped-SwiGLU FFN with biases, weighted and summed per token:
-    the N*k (token, expert) pairs sorted by expert, one ragged matmul per matrix."""
+    """The chosen experts' clamped-SwiGLU FFN with biases, weighted and summed per token.
+    Host and hybrid sets hold their biases and activation; device experts: the N*k (token,
+    expert) pairs sorted by expert, one ragged matmul per matrix."""
     w = lp[EXPERTS]
     if not isinstance(w, weights.DeviceExperts):
-        raise UnsupportedModelError("gpt-oss experts need biases and the clamped SwiGLU, which "
-                                    "the host MoE kernel lacks: place ffn_*_exps on the device")
+        return weights.experts_plus(w, x, weights.Route(ids, route_w), None)
     n, k = ids.shape
     flat = ids.reshape(-1)
     order = jnp.argsort(flat)
@@ -130,9 +139,8 @@ def _experts(lp: dict, x: jax.Array, ids: jax.Array, route_w: jax.Array) -> jax.
         return y + lp[bias].astype(jnp.float32)[expert]
 
     xs = x[token]
-    gate = jnp.minimum(mm(xs, w.gate, "ffn_gate_exps_bias"), SWIGLU_LIMIT)
-    up = jnp.clip(mm(xs, w.up, "ffn_up_exps_bias"), -SWIGLU_LIMIT, SWIGLU_LIMIT)
-    g = (up + 1.0) * gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate)
+    g = EXPERT_ACTIVATION.apply(mm(xs, w.gate, "ffn_gate_exps_bias"),
+                                mm(xs, w.up, "ffn_up_exps_bias"))
     y = mm(g, w.down, "ffn_down_exps_bias") * route_w.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -169,12 +177,13 @@ def _block(cfg: GptOssConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer
 
 def make_forward(cfg: GptOssConfig, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config; attention on
-    the reference backend (the only one with sinks so far)."""
-    del backend
+    `backend` if it takes sinks, else on the reference."""
+    if backend.name not in _SINK_BACKENDS:
+        backend = REFERENCE
     inv_freq = cfg.rope_scaling.inv_freq(cfg.rope_dim, cfg.rope_base)
 
     def forward(params: dict, kv: KVCache, batch: Batch):
         return decoder_forward(params, kv, batch,
                                block=partial(_block, cfg, jnp.asarray(inv_freq)),
-                               backend=REFERENCE, rms_eps=cfg.rms_eps)
+                               backend=backend, rms_eps=cfg.rms_eps)
     return forward

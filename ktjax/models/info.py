@@ -24,7 +24,7 @@ def placement_memory(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: 
     """Per rule [decision, tensors, bytes], and the bytes on each of device and host (device
     matrices kept quantized: the exact bytes of the arrays the loader makes)."""
     placement = placement_rules.place(f, spec.table, spec.config.n_layers, rules, platform)
-    keep_quantized = platform != "cpu"    # as loader.keeps_quantized for that device
+    keep_quantized = loader.keeps_quantized(platform)
     groups: dict = {}
     for path, d in placement.items():
         tspec = spec.table[path]
@@ -72,6 +72,13 @@ def placement_table(f: GGUFFile, spec: loader.ModelSpec, rules: str, platform: s
             total["device"] += moved
             lines.append(f"  {'experts on the device':<28} {'device':<6} {'keep':<8} "
                          f"{'':>13} {moved / 2 ** 20:10.2f} MiB")
+        streamed = hybrid_experts.stream_host_bytes(
+            f, names, placement[f"{stack}.{EXPERT_KEYS[0]}"].rule.source,
+            spec.config.n_layers, device_bytes)
+        if streamed:  # device_prefill_min_tokens: a second host copy, the device's layout
+            total["host"] += streamed
+            lines.append(f"  {'experts streamed (copy)':<28} {'host':<6} {'keep':<8} "
+                         f"{'':>13} {streamed / 2 ** 20:10.2f} MiB")
     lines.append("  memory: " + ", ".join(f"{p} {v / 2 ** 20:.2f} MiB" for p, v in total.items()))
     return lines
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ktjax import device_quant
 from ktjax.errors import TensorError
+from ktjax.expert_activation import SILU, ExpertActivation
 from ktjax.gguf import quants
 from ktjax.gguf.reader import GGUFFile, TensorView
 from ktjax.host import linear as host_linear
@@ -93,20 +94,38 @@ def _pack_host(f: GGUFFile, names: list[str], fmt: str = "keep") -> HostWeight:
                       out_features=f.tensors[names[0]].shape[0])
 
 
+def expert_bias_names(spec: "ModelSpec", stack: str) -> list[list[str] | None]:
+    """Per projection (gate, up, down), the per-layer GGUF names of the routed experts'
+    biases [E, rows] (table keys `<stack>.ffn_*_exps_bias`, gpt-oss), or None without."""
+    n = spec.config.n_layers
+    return [spec.table[f"{stack}.{k}_bias"].names(n) if f"{stack}.{k}_bias" in spec.table
+            else None for k in EXPERT_KEYS]
+
+
+def expert_activation(spec: "ModelSpec") -> ExpertActivation:
+    """The family's expert activation (its module's EXPERT_ACTIVATION; SiLU by default)."""
+    return getattr(spec.family, "EXPERT_ACTIVATION", SILU)
+
+
 def _pack_experts(f: GGUFFile, spec: "ModelSpec", stack: str, fmt: str) -> HostExperts:
-    """One native expert set per layer of `stack` from the layer's ffn_{gate,up,down}_exps."""
+    """One native expert set per layer of `stack` from the layer's ffn_{gate,up,down}_exps,
+    with the family's activation and the layer's expert biases stored with it."""
     handles = []
     per_kind = [spec.table[f"{stack}.{k}"].names(spec.config.n_layers) for k in EXPERT_KEYS]
-    for names in zip(*per_kind):
+    bias_names = expert_bias_names(spec, stack)
+    activation = expert_activation(spec)
+    for layer, names in enumerate(zip(*per_kind)):
         ts = [f.tensors[n] for n in names]
         e, inter, hidden = ts[0].shape
+        biases = tuple(None if b is None else _dequantize(f.tensors[b[layer]], np.float32)
+                       for b in bias_names)
         if fmt == "keep" or all(t.qtype.name in _FLOAT_QTYPES for t in ts):
             handles.append(host_moe.pack_experts_gguf(
                 *((t.data, int(t.qtype)) for t in ts), e, hidden, inter,
-                "int8" if fmt == "keep" else fmt))
+                "int8" if fmt == "keep" else fmt, activation, biases))
         else:
             handles.append(host_moe.pack_experts_float(
-                *(_dequantize(t, np.float32) for t in ts), fmt))
+                *(_dequantize(t, np.float32) for t in ts), fmt, activation, biases))
     return HostExperts(handles=tuple(handles))
 
 
@@ -140,10 +159,10 @@ def _fusible_groups(f: GGUFFile, spec: ModelSpec, host_keep: set[str]
     return groups
 
 
-def keeps_quantized(device: jax.Device | None) -> bool:
+def keeps_quantized(platform: str) -> bool:
     """Whether format `keep` leaves a device matrix in its GGUF quantization (GPUs: the
     default) rather than dequantizing it (CPU programs, whose device matrices are few)."""
-    return (device or jax.devices()[0]).platform != "cpu"
+    return platform != "cpu"
 
 
 def device_quantized(f: GGUFFile, names: list[str], fmt: str, keep_quantized: bool) -> bool:
@@ -196,7 +215,7 @@ def _fuse_quant_projections(stack: dict) -> None:
 
 def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"],
                 dtype=np.float32, device: jax.Device | None = None,
-                keep_quantized: bool | None = None) -> dict:
+                keep_quantized: bool | None = None, platform: str | None = None) -> dict:
     """Place every tensor of the table as `placement` (ktjax.rules.place) says: device
     matrices in int8 / int4, or in format keep on a GPU (`keep_quantized`, default: not on
     CPU), as QuantMatrix codes and scales; other device tensors dequantized to `dtype`
@@ -206,10 +225,16 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
     experts become one expert set under moe.EXPERTS (HostExperts or DeviceExperts). A tied
     output head placed on the host, or quantized on the device, is packed from the
     embedding. Release the handles with `release_host_weights`.
+
+    `platform` is the one the step programs are compiled for (default: `device`'s; another
+    value lets a CPU-only machine build, and lower, a GPU program's params). It alone decides
+    the platform-specific forms: LayerStack (host kernel target, CPU programs only) and the
+    stream-ordered HybridExperts (every GPU program's host experts).
     """
     params: dict = {"layers": {}}
+    platform = platform or (device or jax.devices()[0]).platform
     if keep_quantized is None:
-        keep_quantized = keeps_quantized(device)
+        keep_quantized = keeps_quantized(platform)
     fused = _fusible_groups(f, spec, {p for p, d in placement.items()
                                       if d.placement == "host" and d.format == "keep"})
     for name, per_layer in fused.items():
@@ -236,7 +261,8 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
                     target[EXPERTS] = hybrid_experts.from_host(
                         target[EXPERTS], f, [spec.table[f"{stack}.{k}"].names(
                             spec.config.n_layers) for k in EXPERT_KEYS],
-                        d.rule.source, spec.config.n_layers, dtype, device)
+                        d.rule.source, spec.config.n_layers, dtype, device, platform,
+                        expert_activation(spec), expert_bias_names(spec, stack))
             continue
         if d.placement == "host":
             target[key] = _pack_host(f, names, d.format)
@@ -245,9 +271,9 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
             target[key] = _load_quant(f, names, d.format, tspec.per_layer, device)
             continue
         value = _load_device(f, spec, path, d.format, dtype, device)
-        if tspec.per_layer and tspec.kind in ("matrix", "per_head") and \
-                value.device.platform == "cpu":
-            value = LayerStack(value)  # read in place by decode steps (see LayerStack)
+        if tspec.per_layer and tspec.kind in ("matrix", "per_head") and platform == "cpu":
+            # read in place by the host kernel (ktjax_stacked_matvec: no CUDA handler)
+            value = LayerStack(value)
         target[key] = value
     for stack in [v for v in params.values() if isinstance(v, dict)]:
         _fuse_quant_projections(stack)
