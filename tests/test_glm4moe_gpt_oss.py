@@ -15,7 +15,7 @@ from ktjax.gguf.reader import GGUFFile
 from ktjax.models import loader
 from ktjax.hybrid_experts import HybridExperts
 from ktjax.weights import HostExperts
-from ktjax.kernels.backends import CPU
+from ktjax.kernels.backends import CPU, PALLAS
 from reference import hf_run, ktjax_logits
 from test_models import IDS
 
@@ -74,6 +74,14 @@ def test_gpt_oss_greedy_sliding_window_and_sinks_over_the_cache(tmp_path):
     """24 decode steps: the window (5) slides over the paged cache; sinks in every step."""
     model = hf_gpt_oss()
     _greedy(write_gpt_oss_gguf(tmp_path / "oss.gguf", model), model, [int(t) for t in IDS[:8]])
+
+
+def test_gpt_oss_on_the_pallas_backend(tmp_path):
+    """The engine's backend is used whatever it is: the Pallas kernel (interpreted on CPU)
+    with the sinks and the alternating windows, against transformers."""
+    model = hf_gpt_oss(n_layers=2)
+    path = write_gpt_oss_gguf(tmp_path / "oss.gguf", model)
+    _assert_close(ktjax_logits(path, IDS, backend=PALLAS), hf_run(model, IDS))
 
 
 def _mxfp4_gpt_oss(tmp_path, **kw):

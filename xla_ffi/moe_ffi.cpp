@@ -1,7 +1,7 @@
-// ktjax_moe_layered: out f32[T, H] = fused MoE (SiLU-gated routed experts) of x f32[T, H]
-// routed by ids s32[T, k] with weights f32[T, k], one expert set per layer for a call inside
-// a lax.scan over layers: attr handles int64[L], the layer an s32 operand. Shared experts
-// run in XLA.
+// ktjax_moe_layered: out f32[T, H] = fused MoE (routed experts: SiLU-gated, or the
+// activation and biases stored with the set) of x f32[T, H] routed by ids s32[T, k] with
+// weights f32[T, k], one expert set per layer for a call inside a lax.scan over layers: attr
+// handles int64[L], the layer an s32 operand. Shared experts run in XLA.
 #include <exception>
 #include <string>
 

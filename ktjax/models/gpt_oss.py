@@ -9,8 +9,8 @@ host (the CPU default) each layer's expert set is stored with its biases and the
 SwiGLU (ktjax.expert_activation), MXFP4 blocks repacked losslessly; a rules file's
 `experts:` section (n_cpu_moe, device_blocks, hot) moves some of them to the device
 (ktjax.hybrid_experts, biases gathered into the pool); device experts run as grouped matmuls
-here (MXFP4 dequantized at load). Attention runs on the engine's backend when it has sinks
-(reference, cpu), else on the reference.
+here (MXFP4 dequantized at load). Attention runs on the engine's backend (reference, cpu and
+pallas all take the sinks).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ktjax import weights
 from ktjax.errors import UnsupportedModelError
 from ktjax.expert_activation import ExpertActivation
 from ktjax.gguf.reader import GGUFFile
-from ktjax.kernels.backends import REFERENCE, AttentionBackend
+from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
 from ktjax.models.base import (AttentionContext, Batch, GqaConfig, KVCache, TensorSpec,
                                decoder_forward, gguf_vocab_size)
@@ -34,8 +34,6 @@ ARCHITECTURES = ("gpt-oss",)
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants
 # the loader stores it with host expert sets and hybrid pools
 EXPERT_ACTIVATION = ExpertActivation("swiglu_oai", SWIGLU_ALPHA, SWIGLU_LIMIT)
-# attention backends that take `sinks`
-_SINK_BACKENDS = ("reference", "cpu")
 
 
 @dataclass(frozen=True)
@@ -176,10 +174,8 @@ def _block(cfg: GptOssConfig, inv_freq: jax.Array, lp: dict, x: jax.Array, layer
 
 
 def make_forward(cfg: GptOssConfig, backend: AttentionBackend):
-    """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config; attention on
-    `backend` if it takes sinks, else on the reference."""
-    if backend.name not in _SINK_BACKENDS:
-        backend = REFERENCE
+    """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config, attending on
+    `backend` (every backend takes the sinks)."""
     inv_freq = cfg.rope_scaling.inv_freq(cfg.rope_dim, cfg.rope_base)
 
     def forward(params: dict, kv: KVCache, batch: Batch):
