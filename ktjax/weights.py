@@ -76,6 +76,13 @@ def _hybrid() -> tuple[type, ...]:
     return (module.HybridExperts,) if module is not None else ()
 
 
+def expert_carry(whole: dict, x: jax.Array):
+    """hybrid_experts.ExpertCarry.of_stack(whole, x): None while that module is not imported,
+    since no stack holds HybridExperts before."""
+    module = sys.modules.get("ktjax.hybrid_experts")
+    return None if module is None else module.ExpertCarry.of_stack(whole, x)
+
+
 def _host_nodes() -> tuple[type, ...]:
     """The params node types whose weights live in the native host store."""
     return (HostWeight, HostExperts, *_hybrid())

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# expected seconds: 120 (GGUF <= 45 s, then an export and four starts until 115 s; SMOKE=1: CPU, 1 layer)
+# expected seconds: 120 (GGUF <= 45 s, then an export and five starts until 115 s; SMOKE=1: CPU, 1 layer)
 # Process start to first token on the GPU machine for a synthetic Qwen3-30B-A3B-shape MoE
 # (random weights, experts Q4_K; the family's default rules: routed experts packed for the
 # host kernels, the rest bf16 on the GPU): cold (empty compilation cache), from `ktjax export`
-# artifacts, and with the persistent cache (scripts/bench_startup.py, one run each). 4 of the
-# 48 layers (EXPORT_LAYERS), so the GGUF is written and repacked within the time: the cold
-# start's repacking grows with the layers, the artifact start's read of packed bytes less so.
+# artifacts, with the persistent cache, and of JAX alone, the floor under any start
+# (scripts/bench_startup.py, one run each, the floor last). 4 of the 48 layers
+# (EXPORT_LAYERS), so the GGUF is written and repacked within the time: the cold start's
+# repacking grows with the layers, the artifact start's read of packed bytes less so.
 # Every stage is bounded: bench_startup kills a start still running at its deadline and keeps
 # going; $OUT/export.json holds the figures so far after each stage (and the failures, under
 # "errors"); $OUT/export.log the human log.

@@ -88,6 +88,12 @@ def test_manifest_records_identity_and_every_reachable_program(artifacts):
         assert (artifacts / entry["file"]).stat().st_size == entry["size"] > 0
 
 
+# Modules a start from artifacts does without (docs/kernel-notes.md, "Start-up from
+# artifacts"): flax (hybrid_experts still imports it), chat templates, the gguf package, the
+# compile bar, Pallas.
+_SLOW_IMPORTS = ("flax", "jinja2", "gguf", "tqdm", "ktjax.hybrid_experts", "jax._src.pallas")
+
+
 def test_reload_in_a_new_process_gives_the_same_tokens_without_compiling(artifacts, model,
                                                                          reference):
     out = _python(f"""
@@ -97,16 +103,21 @@ compiles = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, s, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None)
 llm = LLM({model!r}, artifacts={str(artifacts)!r})
-at_load = len(compiles)   # the KV cache's zero fill (jnp.zeros), not a step program
+at_load = len(compiles)
 tokens = llm.generate({PROMPT}, SamplingParams(max_tokens=12, temperature=0))[0].token_ids
-print(json.dumps({{"tokens": tokens, "compiles": len(compiles) - at_load,
+import sys
+print(json.dumps({{"tokens": tokens, "compiles_at_load": at_load,
+                   "compiles": len(compiles) - at_load,
                    "programs_compiled": llm.engine.programs.compiles,
-                   "loaded": llm.artifacts.loaded}}))
+                   "loaded": llm.artifacts.loaded,
+                   "slow_imports": [m for m in {_SLOW_IMPORTS!r} if m in sys.modules]}}))
 """)
     got = json.loads(out.strip().splitlines()[-1])
     assert got["tokens"] == reference
+    assert got["compiles_at_load"] == 0   # not even the KV cache's zero fill
     assert got["compiles"] == 0 and got["programs_compiled"] == 0   # not even a cache lookup
     assert "step-D1x1-C0x0-P2-greedy" in got["loaded"]
+    assert got["slow_imports"] == []
 
 
 @pytest.mark.parametrize("section,field,value", [

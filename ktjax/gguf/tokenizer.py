@@ -10,6 +10,7 @@ token attributes and the end-of-generation set.
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -108,7 +109,14 @@ class Tokenizer:
         return cls(meta, hf_json)
 
     def hf_json(self) -> str:
-        return self._hf.to_str()
+        """The `tokenizers` model as JSON, its BPE merges as "a b" strings when no token of
+        them holds a space: `tokenizers` reads those in half the time of [a, b] pairs
+        (SmolLM2's 49k: 0.09 -> 0.05 s a start; Gemma's hold spaces and stay pairs)."""
+        model = json.loads(self._hf.to_str())
+        merges = model.get("model", {}).get("merges")
+        if merges and all(isinstance(m, list) and " " not in m[0] + m[1] for m in merges):
+            model["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+        return json.dumps(model, ensure_ascii=False, separators=(",", ":"))
 
     def __init__(self, meta: Mapping[str, Any], hf_json: str | None = None) -> None:
         model = _require(meta, "tokenizer.ggml.model")

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 
 from ktjax import pytree, weights
 from ktjax.gguf.reader import GGUFFile
-from ktjax.hybrid_experts import ExpertCarry
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
 
@@ -216,7 +215,7 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
         whole, sliced = weights.split_scanned(params[key])
         # routed experts that carry state from layer to layer (hybrid_experts.ExpertCarry:
         # a deferred host job's token, or streamed weights) scan (x, state)
-        carrying = ExpertCarry.of_stack(whole, x)
+        carrying = weights.expert_carry(whole, x)
 
         def step(carry, inputs, stack_block=stack_block, first=first, whole=whole,
                  carrying=carrying):
