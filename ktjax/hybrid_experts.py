@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from flax import struct
+from ktjax import pytree
 
 from ktjax import device_quant
 from ktjax.device_quant import QuantMatrix
@@ -140,7 +140,7 @@ def read_placement(rules_file: str | Path, n_blocks: int, n_experts: int,
                            counts["defer"], counts["device_prefill_min_tokens"])
 
 
-@struct.dataclass
+@pytree.dataclass
 class HybridExperts:
     """A stack's routed experts: full expert sets on the host (`handles`, one per layer) and
     a device pool of some of them (gate, up [S, I, H], down [S, H, I]); `slots` [L, E] is
@@ -149,9 +149,9 @@ class HybridExperts:
     `activation` and the pool's expert biases (gate/up [S, I], down [S, H], or None) are the
     family's (gpt-oss); the host sets hold their own."""
 
-    handles: tuple[int, ...] = struct.field(pytree_node=False)
-    window: int = struct.field(pytree_node=False)
-    activation: ExpertActivation = struct.field(pytree_node=False, default=SILU)
+    handles: tuple[int, ...] = pytree.field(pytree_node=False)
+    window: int = pytree.field(pytree_node=False)
+    activation: ExpertActivation = pytree.field(pytree_node=False, default=SILU)
     slots: jax.Array | None = None
     pool_start: jax.Array | None = None
     gate: jax.Array | None = None
@@ -161,18 +161,18 @@ class HybridExperts:
     up_bias: jax.Array | None = None
     down_bias: jax.Array | None = None
     layer: jax.Array | None = None
-    defer: int = struct.field(pytree_node=False, default=0)
+    defer: int = pytree.field(pytree_node=False, default=0)
     # every layer's (gate, up, down) in host memory, [L, E * out, in] (QuantMatrix or
     # arrays), streamed to the device by steps of >= prefill_min_tokens tokens
     stream: tuple | None = None
-    prefill_min_tokens: int = struct.field(pytree_node=False, default=0)
-    device_memory: jax.sharding.Sharding | None = struct.field(pytree_node=False, default=None)
-    n_experts: int = struct.field(pytree_node=False, default=0)
-    dtype: str = struct.field(pytree_node=False, default="float32")
+    prefill_min_tokens: int = pytree.field(pytree_node=False, default=0)
+    device_memory: jax.sharding.Sharding | None = pytree.field(pytree_node=False, default=None)
+    n_experts: int = pytree.field(pytree_node=False, default=0)
+    dtype: str = pytree.field(pytree_node=False, default="float32")
     # bound per layer by ExpertCarry.bind: the state the previous layer handed on (its
     # deferred job's token, or this layer's streamed weights) and the carry to hand on to
     carried: Any = None
-    carry: "ExpertCarry | None" = struct.field(pytree_node=False, default=None)
+    carry: "ExpertCarry | None" = pytree.field(pytree_node=False, default=None)
     scan_whole: ClassVar[bool] = True
 
     def at_layer(self, layer: jax.Array) -> "HybridExperts":

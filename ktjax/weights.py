@@ -70,8 +70,8 @@ class HostExperts:
 
 def _hybrid() -> tuple[type, ...]:
     """(HybridExperts,) once ktjax.hybrid_experts is imported, else (): no params node can be
-    one before (the loader imports it to make one). Not imported here: it pulls in flax, a
-    quarter second of every start (docs/kernel-notes.md, "Start-up from artifacts")."""
+    one before (the loader imports it to make one). Not imported here: dense models never
+    need it, nor the rules parser and device-quant code it brings (~20 ms of a start)."""
     module = sys.modules.get("ktjax.hybrid_experts")
     return (module.HybridExperts,) if module is not None else ()
 

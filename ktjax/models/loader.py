@@ -257,7 +257,7 @@ def load_params(f: GGUFFile, spec: ModelSpec, placement: Mapping[str, "Decision"
                     DeviceExperts(*(_load_device(f, spec, f"{stack}.{k}", d.format, dtype,
                                                  device) for k in EXPERT_KEYS))
                 if d.placement == "host":  # part on the device / stream-ordered on GPUs
-                    from ktjax import hybrid_experts  # MoE only: it imports flax (slow)
+                    from ktjax import hybrid_experts  # MoE only (see weights._hybrid)
                     target[EXPERTS] = hybrid_experts.from_host(
                         target[EXPERTS], f, [spec.table[f"{stack}.{k}"].names(
                             spec.config.n_layers) for k in EXPERT_KEYS],
