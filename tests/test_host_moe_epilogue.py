@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from isa_levels import SIMD_ISAS
+from test_host_moe import routing, unpack_set
 from test_iq_host import random_iq
 
 from ktjax.errors import KernelError
@@ -55,17 +56,6 @@ def numpy_moe(x, ids, wts, mats, biases, act, absolute=False):
                 h = g * sigmoid(act.alpha * g) * (np.clip(u, -act.limit, act.limit) + 1)
             out[t] += f(wts[t, j]) * (h @ f(down[e]).T + f(pick(bd)))
     return out
-
-
-def unpack_set(handle, experts):
-    mats = [_native.unpack_weight(handle, i).astype(np.float64) for i in range(3 * experts)]
-    return mats[0::3], mats[1::3], mats[2::3]
-
-
-def routing(rng, tokens, experts, k):
-    ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int32)
-    wts = rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32)
-    return ids, wts / wts.sum(1, keepdims=True)
 
 
 def random_biases(rng, E, H, I, which=(True, True, True)):

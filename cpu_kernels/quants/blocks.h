@@ -103,6 +103,13 @@ static_assert(sizeof(BlockIQ3_XXS) == 98, "IQ3_XXS block size");
 static_assert(sizeof(BlockIQ3_S) == 110, "IQ3_S block size");
 static_assert(sizeof(BlockIQ1_S) == 50, "IQ1_S block size");
 static_assert(sizeof(BlockIQ1_M) == 56, "IQ1_M block size");
+
+// IQ1_M has no d field: its f16 bits are the top nibbles of the four 16-bit scale words
+// (`sc`, copied out of `scales`), lowest word first.
+inline uint16_t iq1_m_d_bits(const uint16_t sc[4]) {
+  return static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) |
+                               (sc[3] & 0xf000));
+}
 static_assert(sizeof(BlockIQ4_NL) == 18, "IQ4_NL block size");
 static_assert(sizeof(BlockIQ4_XS) == 136, "IQ4_XS block size");
 static_assert(sizeof(BlockTQ1_0) == 54, "TQ1_0 block size");

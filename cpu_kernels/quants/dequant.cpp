@@ -262,9 +262,7 @@ KT_INLINE void block_iq1_s(const BlockIQ1_S& b, float* y) {
 KT_INLINE void block_iq1_m(const BlockIQ1_M& b, float* y) {
   uint16_t sc[4];
   std::memcpy(sc, b.scales, 8);
-  const uint16_t d_bits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
-                                                ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
-  const float d = f16_to_f32(d_bits);
+  const float d = f16_to_f32(iq1_m_d_bits(sc));
   for (int i = 0; i < 32; ++i) {  // 8 values: 11-bit grid index, delta sign per 8, scale per 16
     const int s = i / 2;
     const float dl = d * static_cast<float>(2 * ((sc[s / 4] >> (3 * (s % 4))) & 7) + 1);

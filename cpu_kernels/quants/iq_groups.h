@@ -202,8 +202,7 @@ inline void iq_group_decode(int type, const uint8_t* blk, int g, int8_t* q, floa
       const auto& b = *reinterpret_cast<const BlockIQ1_M*>(blk);
       uint16_t sc[4];
       std::memcpy(sc, b.scales, 8);
-      const uint16_t d_bits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
-                                                    ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+      const uint16_t d_bits = iq1_m_d_bits(sc);
       // As IQ1_S: (dl / 8) * (8 * grid +- 1), the delta sign per 8 values.
       *scale = f16_to_f32(d_bits) * static_cast<float>(2 * ((sc[g / 4] >> (3 * (g % 4))) & 7) + 1) * 0.125f;
       for (int u = 0; u < 2; ++u) {
@@ -292,8 +291,7 @@ inline bool iq_group_int_scale(int type, const uint8_t* blk, int g, int* mult, f
       const auto& b = *reinterpret_cast<const BlockIQ1_M*>(blk);
       uint16_t sc[4];
       std::memcpy(sc, b.scales, 8);
-      const uint16_t d_bits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) |
-                                                    ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+      const uint16_t d_bits = iq1_m_d_bits(sc);
       *mult = 2 * ((sc[g / 4] >> (3 * (g % 4))) & 7) + 1;
       *factor = f16_to_f32(d_bits) * 0.125f;
       return true;
