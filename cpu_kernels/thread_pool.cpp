@@ -49,6 +49,22 @@ inline void cpu_relax() {
 #endif
 }
 
+// Host kernels compute with IEEE denormals on every thread. XLA's threads flush them
+// (FTZ/DAZ), and a pool first started from an FFI call would hand that mode on to its workers
+// (threads inherit it), so a result would depend on the thread that computed it: MXFP4's two
+// smallest scales are denormal, and a dequantization flushed them to zero intermittently.
+class IeeeDenormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  IeeeDenormals() : saved_(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved_ & ~kFlushBits); }
+  ~IeeeDenormals() { __builtin_ia32_ldmxcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
+  unsigned saved_;
+#endif
+};
+
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn;
   int64_t n;
@@ -77,6 +93,7 @@ class Pool {
   // count and thread i runs chunk [i, i + 1) (its node's share).
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t chunks = 0, bool fixed = false) {
     if (n <= 0) return;
+    const IeeeDenormals ieee;  // for the caller's chunks (workers set it once: worker_loop)
     std::unique_lock<std::mutex> job_lock(job_mutex_, std::try_to_lock);
     chunks = std::min<int64_t>({n, chunks > 0 ? chunks : threads_, static_cast<int64_t>(kFixed) - 1});
     if (t_in_parallel || !job_lock.owns_lock() || chunks == 1) {
@@ -220,6 +237,7 @@ class Pool {
 
   void worker_loop(int self, uint32_t seen) {
     t_in_parallel = true;
+    const IeeeDenormals ieee;
     for (;;) {
       uint32_t gen = poll(seen);
       if (gen == seen) {

@@ -113,3 +113,29 @@ def test_fresh_workers_take_a_job_published_before_they_run(tmp_path):
                          env={**os.environ, "KTJAX_NUMA_NODES_DIR": str(nodes)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2"]
+
+
+_DENORMALS_AFTER_AN_FFI_START = """
+import json
+import jax, jax.numpy as jnp
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from ktjax.gguf.quants import dequantize
+from ktjax.kernels.rms_norm import rms_norm_host
+# the pool is first used, its worker started, inside an FFI call on one of XLA's threads
+jax.block_until_ready(jax.jit(lambda x, w: rms_norm_host(x, w, 1e-6))(
+    jnp.ones((4096, 256), jnp.float32), jnp.ones((256,), jnp.float32)))
+rng = np.random.default_rng(0)
+blocks = rng.integers(0, 256, (4096, 17), dtype=np.uint8)
+blocks[:, 0] = rng.integers(0, 2, 4096)     # e8m0 exponents 0 and 1: denormal scales
+got = dequantize(blocks.reshape(-1), int(T.MXFP4), (128, 1024))
+want = gguf_dequantize(blocks.reshape(-1), T.MXFP4).reshape(128, 1024)
+print(json.dumps(int(np.sum(got.view(np.uint32) != want.view(np.uint32)))))
+"""
+
+
+def test_denormals_survive_a_pool_started_inside_xla(tmp_path):
+    """XLA's threads flush denormals and threads inherit that mode: a pool started from an
+    FFI call once handed it to its workers, and MXFP4's denormal scales came out as zeros."""
+    assert _run_json(tmp_path, _DENORMALS_AFTER_AN_FFI_START, KTJAX_NUM_THREADS="2") == 0
