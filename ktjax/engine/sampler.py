@@ -51,6 +51,21 @@ def _row_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, step)
 
 
+def filtered_candidates(scaled: jax.Array, sb: SamplingBatch
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The top CANDIDATES of temperature-scaled logits [B, V] (logits, ids) and which of them
+    each row's top-k / top-p / min-p keeps, thresholds from the full distribution (the best
+    candidate always kept)."""
+    k = min(CANDIDATES, scaled.shape[-1])
+    cand_logits, cand_ids = jax.lax.top_k(scaled, k)
+    probs = jnp.exp(cand_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+    rank = jnp.arange(k)[None, :]
+    keep = (sb.top_k[:, None] <= 0) | (rank < sb.top_k[:, None])
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < sb.top_p[:, None]
+    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
+    return cand_logits, cand_ids, keep.at[:, 0].set(True)
+
+
 def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     """logits [B, V] float32 -> (token ids [B] int32, model log-probs of those tokens [B])."""
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -63,15 +78,7 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
     unfiltered = argmax_last(scaled + gumbel)
 
-    # Filtered path over the top candidates, thresholds from the full distribution.
-    k = min(CANDIDATES, logits.shape[-1])
-    cand_logits, cand_ids = jax.lax.top_k(scaled, k)
-    probs = jnp.exp(cand_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
-    rank = jnp.arange(k)[None, :]
-    keep = (sb.top_k[:, None] <= 0) | (rank < sb.top_k[:, None])
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < sb.top_p[:, None]
-    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
+    cand_logits, cand_ids, keep = filtered_candidates(scaled, sb)
     choice = jnp.argmax(jnp.where(keep, cand_logits + jnp.take_along_axis(gumbel, cand_ids, 1),
                                   -jnp.inf), axis=-1)
     filtered = jnp.take_along_axis(cand_ids, choice[:, None], 1)[:, 0].astype(jnp.int32)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from ktjax import pytree
-from ktjax.engine.sampler import CANDIDATES, SamplingBatch, _row_key, apply_penalties, argmax_last
+from ktjax.engine.sampler import (SamplingBatch, _row_key, apply_penalties, argmax_last,
+                                  filtered_candidates)
 
 # fold_in constants: the rule's uniforms and residual draws are independent of `sample`'s
 _ACCEPT_STREAM = 0x5EC1
@@ -36,21 +37,14 @@ class Verdict:
 
 def target_logprobs(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     """[B, V] log-probabilities of the distribution `sampler.sample` draws each row from
-    (penalties, temperature, top-k / top-p / min-p over the CANDIDATES, greedy one-hot);
+    (penalties, temperature, top-k / top-p / min-p over sampler.CANDIDATES, greedy one-hot);
     -inf outside its support."""
     logits = apply_penalties(logits, sb)
     b, v = logits.shape
     temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)[:, None]
     scaled = logits / temp
     full = jax.nn.log_softmax(scaled, axis=-1)
-    k = min(CANDIDATES, v)
-    cand_logits, cand_ids = jax.lax.top_k(scaled, k)
-    probs = jnp.exp(cand_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
-    rank = jnp.arange(k)[None, :]
-    keep = (sb.top_k[:, None] <= 0) | (rank < sb.top_k[:, None])
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < sb.top_p[:, None]
-    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
+    cand_logits, cand_ids, keep = filtered_candidates(scaled, sb)
     kept = jnp.where(keep, cand_logits, -jnp.inf)
     kept = kept - jax.nn.logsumexp(kept, axis=-1, keepdims=True)
     rows = jnp.arange(b)[:, None]
