@@ -284,8 +284,7 @@ def _block(cfg: Deepseek2Config, inv_freq: jax.Array, routed: bool, lp: dict, x:
 def make_forward(cfg: Deepseek2Config, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
     inv_freq = yarn_inv_freq(cfg.qk_rope_dim, cfg.rope_base, cfg.yarn)
-    stacks = [("layers", True)] if cfg.n_dense_layers == 0 else \
-        [("dense", False), ("layers", True)]
+    stacks = moe.leading_dense_stacks(cfg.n_dense_layers)
 
     def forward(params: dict, kv: KVCache, batch: Batch):
         freq = jnp.asarray(inv_freq)

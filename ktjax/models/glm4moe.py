@@ -103,8 +103,7 @@ def _block(cfg: Glm4MoeConfig, inv_freq: jax.Array, routed: bool, lp: dict, x: j
 def make_forward(cfg: Glm4MoeConfig, backend: AttentionBackend):
     """forward(params, kv, batch) -> (logits [B, R, V], kv) for this config."""
     inv_freq = cfg.rope_scaling.inv_freq(cfg.rope_dim, cfg.rope_base)
-    stacks = [("layers", True)] if cfg.n_dense_layers == 0 else \
-        [("dense", False), ("layers", True)]
+    stacks = moe.leading_dense_stacks(cfg.n_dense_layers)
 
     def forward(params: dict, kv: KVCache, batch: Batch):
         freq = jnp.asarray(inv_freq)

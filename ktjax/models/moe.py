@@ -166,6 +166,11 @@ def moe_ffn(cfg: MoeConfig, lp: dict, h: jax.Array) -> jax.Array:
     return y.reshape(b, t, hidden).astype(h.dtype)
 
 
+def leading_dense_stacks(n_dense: int) -> list[tuple[str, bool]]:
+    """(params key, routed) of each stack in leading_dense_table's layout, in layer order."""
+    return [("layers", True)] if n_dense == 0 else [("dense", False), ("layers", True)]
+
+
 def leading_dense_table(attn: dict[str, TensorSpec], cfg: MoeConfig, hidden: int, ffn: int,
                         vocab: int, n_dense: int, n_layers: int) -> dict[str, TensorSpec]:
     """The tensor table of a model whose first `n_dense` layers have a dense FFN (stack
