@@ -54,9 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from ktjax import pytree
 
-from ktjax import device_quant
+from ktjax import device_quant, pytree
 from ktjax.device_quant import QuantMatrix
 from ktjax.errors import RulesError
 from ktjax.expert_activation import SILU, ExpertActivation

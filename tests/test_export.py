@@ -89,7 +89,7 @@ def test_manifest_records_identity_and_every_reachable_program(artifacts):
 
 
 # Modules a start from artifacts does without (docs/kernel-notes.md, "Start-up from
-# artifacts"): flax (hybrid_experts still imports it), chat templates, the gguf package, the
+# artifacts"): flax, the MoE-only hybrid_experts, chat templates, the gguf package, the
 # compile bar, Pallas.
 _SLOW_IMPORTS = ("flax", "jinja2", "gguf", "tqdm", "ktjax.hybrid_experts", "jax._src.pallas")
 
