@@ -92,7 +92,32 @@ class QuantMatrix:
 
 
 ARRAY_FIELDS = ("codes", "scale", "sub_scale", "min_scale", "sub_min", "bias")
-_LAYOUT = ("bits", "half", "group", "scale_group", "offset", "format")
+LAYOUT_FIELDS = ("bits", "half", "group", "scale_group", "offset", "format")
+
+
+def layout_problem(qm: QuantMatrix) -> str | None:
+    """What makes `qm`'s arrays disagree with its layout fields (a QuantMatrix read from an
+    untrusted file), or None."""
+    if qm.bits not in (4, 8) or qm.format not in ("keep", *QUANT_FORMATS) or qm.codes is None:
+        return f"bits {qm.bits}, format {qm.format!r}"
+    *lead, n, k = qm.shape
+    if qm.codes.dtype != (np.uint8 if qm.bits == 4 else np.int8):
+        return f"{qm.bits}-bit codes of dtype {qm.codes.dtype}"
+    if min(qm.group, qm.scale_group) <= 0 or k % qm.scale_group or qm.scale_group % qm.group \
+            or (qm.bits == 4 and (qm.half <= 0 or k % (2 * qm.half))):
+        return f"groups {qm.group} / {qm.scale_group} (half {qm.half}) for {k} columns"
+    per_group, per_scale = (*lead, n, k // qm.group), (*lead, n, k // qm.scale_group)
+    want = {"scale": per_scale, "min_scale": per_scale, "sub_scale": per_group,
+            "sub_min": per_group, "bias": per_group}
+    for name, shape in want.items():
+        a = getattr(qm, name)
+        if a is not None and tuple(a.shape) != shape:
+            return f"{name} of shape {tuple(a.shape)}, expected {shape}"
+    if (qm.min_scale is None) != (qm.sub_min is None) or qm.scale is None:
+        return "scale, or min_scale without sub_min"
+    if qm.splits and sum(qm.splits) != n:
+        return f"splits {qm.splits} for {n} rows"
+    return None
 
 
 def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix | None:
@@ -100,7 +125,7 @@ def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix | None:
     (several projections of one input as one matmul: one kernel instead of several), or None
     when their layouts differ."""
     first = mats[0]
-    if any(getattr(m, f) != getattr(first, f) for m in mats for f in _LAYOUT) or \
+    if any(getattr(m, f) != getattr(first, f) for m in mats for f in LAYOUT_FIELDS) or \
             any(m.shape[:-2] != first.shape[:-2] or m.shape[-1] != first.shape[-1] or
                 m.splits for m in mats):
         return None

@@ -68,7 +68,7 @@ class HostExperts:
         return self.replace(layer=layer)
 
 
-def _hybrid() -> tuple[type, ...]:
+def hybrid_types() -> tuple[type, ...]:
     """(HybridExperts,) once ktjax.hybrid_experts is imported, else (): no params node can be
     one before (the loader imports it to make one). Not imported here: dense models never
     need it, nor the rules parser and device-quant code it brings (~20 ms of a start)."""
@@ -85,7 +85,7 @@ def expert_carry(whole: dict, x: jax.Array):
 
 def _host_nodes() -> tuple[type, ...]:
     """The params node types whose weights live in the native host store."""
-    return (HostWeight, HostExperts, *_hybrid())
+    return (HostWeight, HostExperts, *hybrid_types())
 
 @pytree.dataclass
 class LayerStack:
@@ -126,7 +126,7 @@ def _is_bound(node) -> bool:
 
 def split_scanned(params: dict) -> tuple[dict, dict]:
     """(weights that ride the scan over layers whole: LayerStacks, the rest: sliced per layer)."""
-    whole = {k: v for k, v in params.items() if isinstance(v, (LayerStack, *_hybrid()))}
+    whole = {k: v for k, v in params.items() if isinstance(v, (LayerStack, *hybrid_types()))}
     return whole, {k: v for k, v in params.items() if k not in whole}
 
 
@@ -239,7 +239,7 @@ def experts_plus(w, x: jax.Array, route: Route, extra: Callable[[jax.Array], jax
                  ) -> jax.Array:
     """experts(w, x, route) + extra(x) in float32; `extra` (the shared experts) runs on the
     device while the host runs the routed experts of a HybridExperts."""
-    if isinstance(w, _hybrid()):
+    if isinstance(w, hybrid_types()):
         return w.with_extra(x, route, extra)
     y = experts(w, x, route)
     return y if extra is None else y + extra(x).astype(jnp.float32)

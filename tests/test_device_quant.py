@@ -109,6 +109,66 @@ def test_concat_rows_needs_one_layout():
                                   np.tile(np.asarray(dq.dequantize(a)), (2, 1)))
 
 
+def _every_layout(rng) -> list:
+    """One QuantMatrix per layout the loader makes: each keep type, widened K-quants, int8,
+    int4, and rows concatenated with splits."""
+    n, k = 8, 512
+    keep = [_device(dq.pack_gguf(_random_blocks(rng, q, n, k), q, (n, k)), "keep")
+            for q in dq.KEEP_QTYPES]
+    widened = _device(dq.widen_to_k8(dq.pack_gguf(_random_blocks(rng, T.Q4_K, n, k), T.Q4_K,
+                                                  (n, k)), n, k), "keep")
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    ints = [_device(dq.quantize_int8(w), "int8"), _device(dq.quantize_int4(w), "int4")]
+    return [*keep, widened, *ints, dq.concat_rows([keep[3], keep[3]])]
+
+
+def test_quant_matrices_round_trip_through_the_weights_file(tmp_path):
+    """Exported artifacts hold GPU programs' device matrices: each layout comes back with
+    the same arrays and layout fields, so its dequantized matrix is the same."""
+    from ktjax.export import packed_weights
+    mats = _every_layout(np.random.default_rng(5))
+    assert all(dq.layout_problem(m) is None for m in mats)
+    packed_weights.write(tmp_path / "q.ktw", {"layers": {str(i): m for i, m in enumerate(mats)}})
+    back = packed_weights.read(tmp_path / "q.ktw", jax.devices()[0])["layers"]
+    for i, m in enumerate(mats):
+        b = back[str(i)]
+        assert jax.tree.structure(b) == jax.tree.structure(m)   # layout fields are static
+        for x, y in zip(jax.tree.leaves(m), jax.tree.leaves(b)):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q["layout"].__setitem__("bits", 5), "bits 5"),
+    (lambda q: q["layout"].__setitem__("scale_group", 24), "groups"),
+    (lambda q: q["layout"].__setitem__("group", 64), "sub_scale of shape"),
+    (lambda q: q.__setitem__("splits", [3]), "splits"),
+    (lambda q: q["arrays"].__setitem__("sub_min", None), "min_scale without sub_min"),
+    (lambda q: q["layout"].__setitem__("format", 7), "malformed"),
+])
+def test_crafted_quant_matrices_are_refused(tmp_path, edit, message):
+    import json
+    import struct
+
+    from ktjax.errors import ArtifactError
+    from ktjax.export import packed_weights
+    qm = _device(dq.pack_gguf(_random_blocks(np.random.default_rng(6), T.Q4_K, 8, 512), T.Q4_K,
+                              (8, 512)), "keep")
+    path = tmp_path / "q.ktw"
+    packed_weights.write(path, {"w": qm})
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[8:16])
+    header = json.loads(data[16:16 + n])
+    edit(header["tree"]["dict"]["w"]["quant_matrix"])
+    text = json.dumps(header).encode()
+    start = -(-(16 + n) // packed_weights.ALIGN) * packed_weights.ALIGN
+    assert 16 + len(text) <= start
+    path.write_bytes(data[:8] + struct.pack("<Q", len(text)) + text +
+                     bytes(start - 16 - len(text)) + data[start:])
+    with pytest.raises(ArtifactError, match=message):
+        packed_weights.read(path, jax.devices()[0])
+
+
 def test_int4_needs_whole_groups():
     with pytest.raises(Exception, match="multiple of 32"):
         dq.quantize_int4(np.zeros((2, 48), np.float32))

@@ -275,3 +275,37 @@ print(len(hits))
     shutil.copytree(first, moved)
     shutil.rmtree(first)
     assert run(moved, tmp_path / "home2") == 1
+
+
+def test_hybrid_moe_with_quantized_device_matrices_round_trips(tmp_path):
+    """A GPU program's params on CPU: routed experts split between a device pool and host
+    sets (HybridExperts, from the rules' `experts:` section) and int8 device matrices
+    (QuantMatrix). Exported and reloaded in new processes, they give a cold load's tokens."""
+    from ktjax.rules import rules_path
+    from tiny_models import write_tiny_gguf
+    moe = str(write_tiny_gguf(tmp_path / "moe.gguf", "qwen3moe", n_experts=8, n_used=2,
+                              n_layers=2, context_length=128))
+    rules = tmp_path / "r.yaml"
+    rules.write_text(rules_path("qwen3moe").read_text().replace(
+        "  - name: everything else", "  - name: attention matrices\n"
+        "    match: blk\\.\\d+\\.attn_(q|k|v|output)\\.weight\n"
+        "    placement: device\n    format: int8\n  - name: everything else") +
+        "experts: {n_cpu_moe: 1, hot: {1: [0, 3]}}\n")
+    llm = ktjax.LLM(moe, rules=str(rules), max_model_len=MAX_LEN)
+    params = llm.engine.params
+    assert type(params["layers"]["ffn_exps"]).__name__ == "HybridExperts"
+    assert any(type(v).__name__ == "QuantMatrix" for v in params["layers"].values())
+    cold = llm.generate(PROMPT, GREEDY)[0].token_ids
+    del llm, params
+    gc.collect()
+    out = tmp_path / "art"
+    _python(f"from ktjax.cli import main; raise SystemExit(main(['export', {moe!r}, '-o', "
+            f"{str(out)!r}, '--rules', {str(rules)!r}, '--max-model-len', '{MAX_LEN}', "
+            f"'--kinds', 'greedy']))")
+    warm = _python(f"""
+from ktjax import LLM, SamplingParams
+llm = LLM({moe!r}, rules={str(rules)!r}, artifacts={str(out)!r})
+print(llm.generate({PROMPT}, SamplingParams(max_tokens=12, temperature=0))[0].token_ids,
+      llm.engine.programs.compiles)
+""")
+    assert warm.strip().splitlines()[-1] == f"{cold} 0"

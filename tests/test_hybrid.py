@@ -138,6 +138,11 @@ def test_bad_input_names_the_problem(expert_sets):
         ma.reserve_site(4, H, K, ())
     with pytest.raises(KernelError, match="must be positive"):
         ma.reserve_site(0, H, K, expert_sets)
+    taken = ma.reserve_site(3, H, K, expert_sets)     # an exported program's recorded id
+    with pytest.raises(KernelError, match=f"moe site {taken} is taken"):
+        ma.reserve_site(3, H, K, expert_sets, at=taken)
+    assert ma.reserve_site(3, H, K, expert_sets, at=taken + 1000) == taken + 1000
+    assert ma.reserve_site(3, H, K, expert_sets) == taken + 1001    # ids go on past it
     x = jnp.zeros((3, H), jnp.float32)
     with pytest.raises(KernelError, match=r"must both be \[3, k\]"):
         ma.moe_submit(x, jnp.zeros((3, 2), jnp.int32), jnp.zeros((3, 3), jnp.float32),

@@ -50,12 +50,17 @@ void bind_ffi_targets(py::module_& m) {
       "CUDA-platform handlers of the host targets (operands staged through host memory).");
   m.def(
       "moe_site_reserve",
-      [](int64_t tokens, int64_t hidden, int64_t top_k, const std::vector<int64_t>& handles, bool pinned) {
-        const MoeSite& s = reserve_moe_site(tokens, hidden, top_k, handles, pinned);
+      [](int64_t tokens, int64_t hidden, int64_t top_k, const std::vector<int64_t>& handles, bool pinned,
+         int64_t at) {
+        const MoeSite& s = reserve_moe_site(tokens, hidden, top_k, handles, pinned, at);
         return py::make_tuple(s.id, s.pinned);
       },
       py::arg("tokens"), py::arg("hidden"), py::arg("top_k"), py::arg("handles"), py::arg("pinned"),
-      "Reserves the host buffers of one ktjax_moe_submit/wait call site: (site id, pinned).");
+      py::arg("at") = 0,
+      "Reserves the host buffers of one ktjax_moe_submit/wait call site under id `at` (0: the next "
+      "free one): (site id, pinned).");
+  m.def("moe_site_advance", &advance_moe_sites, py::arg("first"),
+        "Site ids given out from now on are at least `first`.");
   m.def(
       "moe_site_run_async",
       [](int64_t site_id, py::array_t<float, py::array::c_style | py::array::forcecast> x,

@@ -145,12 +145,18 @@ void MoeSite::run() {
 }
 
 MoeSite& reserve_moe_site(int64_t tokens, int64_t hidden, int64_t top_k,
-                          const std::vector<int64_t>& handles, bool pinned) {
+                          const std::vector<int64_t>& handles, bool pinned, int64_t at) {
   if (tokens < 1 || hidden < 1 || top_k < 1)
     throw std::invalid_argument("moe site: tokens, hidden and top_k must be positive, got " +
                                 std::to_string(tokens) + ", " + std::to_string(hidden) + ", " +
                                 std::to_string(top_k));
   if (handles.empty()) throw std::invalid_argument("moe site: no expert sets (handles is empty)");
+  if (at < 0) throw std::invalid_argument("moe site: id " + std::to_string(at) + " is negative");
+  // Held throughout, so a checked id stays free until it is ours (reservations are rare:
+  // one per traced call or exported site).
+  std::lock_guard<std::mutex> lock(g_sites_mu);
+  if (at > 0 && g_sites.count(at))
+    throw std::invalid_argument("moe site " + std::to_string(at) + " is taken");
   auto site = std::make_unique<MoeSite>();
   site->tokens = tokens;
   site->hidden = hidden;
@@ -172,11 +178,16 @@ MoeSite& reserve_moe_site(int64_t tokens, int64_t hidden, int64_t top_k,
   site->ids = reinterpret_cast<int32_t*>(base + 2 * xb);
   site->weights = reinterpret_cast<float*>(base + 2 * xb + rb);
   site->layer = reinterpret_cast<int32_t*>(base + 2 * xb + 2 * rb);
-  std::lock_guard<std::mutex> lock(g_sites_mu);
-  site->id = g_next_site++;
+  site->id = at > 0 ? at : g_next_site;
+  g_next_site = std::max(g_next_site, site->id + 1);
   MoeSite& ref = *site;
   g_sites[ref.id] = std::move(site);
   return ref;
+}
+
+void advance_moe_sites(int64_t first) {
+  std::lock_guard<std::mutex> lock(g_sites_mu);
+  g_next_site = std::max(g_next_site, first);
 }
 
 MoeSite* find_moe_site(int64_t id) {

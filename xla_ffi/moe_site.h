@@ -40,10 +40,13 @@ struct MoeSite {
 
 // Reserves a site's buffers (never freed: a compiled program may run until the process ends).
 // pinned: try page-locked memory through the CUDA driver (device 0's primary context when the
-// calling thread has none current), else ordinary memory. Throws std::invalid_argument on a
-// bad shape or empty handles.
+// calling thread has none current), else ordinary memory. at: the id to take (an exported
+// program names its sites), 0 for the next free one. Throws std::invalid_argument on a bad
+// shape, empty handles or a taken id.
 MoeSite& reserve_moe_site(int64_t tokens, int64_t hidden, int64_t top_k,
-                          const std::vector<int64_t>& handles, bool pinned);
+                          const std::vector<int64_t>& handles, bool pinned, int64_t at = 0);
+// Site ids given out from now on are at least `first` (an export's own range).
+void advance_moe_sites(int64_t first);
 // The site with this id, or nullptr.
 MoeSite* find_moe_site(int64_t id);
 

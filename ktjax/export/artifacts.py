@@ -24,10 +24,11 @@ from jax.experimental import serialize_executable
 
 from ktjax.engine.config import EngineConfig
 from ktjax.engine.programs import ProgramCache, ProgramSource
-from ktjax.errors import ArtifactError
+from ktjax.errors import ArtifactError, KernelError
 from ktjax.export import identity, manifest, packed_weights
 from ktjax.export.program_set import Key, ProgramSpec, key_name, reachable
 from ktjax.gguf.reader import GGUFFile
+from ktjax.host import moe_async
 
 log = logging.getLogger("ktjax.export")
 
@@ -112,7 +113,9 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
     from ktjax import _native
     from ktjax.api import LLM
     from ktjax.models.catalog import resolve_model
-    _native.store_advance(handle_base(GGUFFile(resolve_model(model))))
+    base = handle_base(GGUFFile(resolve_model(model)))
+    _native.store_advance(base)
+    _native.moe_site_advance(base)   # host MoE call sites, which the programs name, likewise
     llm = LLM(model, config)
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, PROGRAMS_DIR), exist_ok=True)
@@ -148,6 +151,8 @@ def export(model: str | os.PathLike | None, out_dir: str | os.PathLike,
          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          **current_identity(GGUFFile(llm.model_path), llm.rules_file, llm.placement, ec),
          "ffi_targets": sorted(targets), "program_spec": dataclasses.asdict(spec),
+         "moe_sites": [[site, *spec[:3], list(spec[3])]
+                       for site, spec in sorted(moe_async.SITES.items()) if site >= base],
          "weights": {"file": WEIGHTS_FILE, **weights},
          "tokenizer": {"file": TOKENIZER_FILE, "size": len(tokenizer),
                        "sha256": _sha256(tokenizer)},
@@ -217,7 +222,22 @@ class Artifacts:
         if os.path.getsize(path) != w.get("size"):
             raise ArtifactError(f"{path}: {os.path.getsize(path)} bytes, the manifest "
                                 f"records {w.get('size')} (truncated or replaced)")
+        if handles == "recorded":
+            self._reserve_moe_sites()
         return packed_weights.read(path, device, handles)
+
+    def _reserve_moe_sites(self) -> None:
+        """The host MoE call sites the programs name, under their recorded ids (HandleTaken
+        when this process holds one: the caller then loads under fresh numbers and compiles)."""
+        for site, tokens, hidden, top_k, handles in self.manifest["moe_sites"]:
+            try:
+                moe_async.reserve_site(tokens, hidden, top_k, tuple(handles), at=site)
+            except KernelError as e:
+                if "is taken" in str(e):
+                    raise packed_weights.HandleTaken(
+                        f"{self.folder}: host MoE site {site} is in use in this process "
+                        "(another model is loaded)") from None
+                raise ArtifactError(f"{self.folder}: {e}") from None
 
     def source(self, programs: ProgramCache, device: jax.Device) -> ProgramSource:
         """ProgramCache.source: a program from the folder, or None (logged) when the folder

@@ -44,7 +44,17 @@ def read(folder: str | os.PathLike) -> dict:
             raise ArtifactError(f"{path}: the field {key!r} is missing or not an object")
     if not isinstance(m.get("ffi_targets"), list):
         raise ArtifactError(f"{path}: the field 'ffi_targets' is missing or not a list")
+    m.setdefault("moe_sites", [])    # [[site, tokens, hidden, top_k, [handles]], ...]
+    if not isinstance(m["moe_sites"], list) or not all(
+            isinstance(e, list) and len(e) == 5 and isinstance(e[4], list) and
+            all(is_int(x) for x in (*e[:4], *e[4])) for e in m["moe_sites"]):
+        raise ArtifactError(f"{path}: the field 'moe_sites' is malformed")
     return m
+
+
+def is_int(v: Any) -> bool:
+    """A JSON integer (bool is an int in Python, not in the file)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _show(v: Any) -> str:

@@ -4,11 +4,12 @@ dequantizes nor repacks.
 
 Layout: magic (8 bytes) | header length (u64 LE) | header (JSON) | sections, each 4096-byte
 aligned. The header holds the params tree (dicts; arrays, host weights, expert sets (with
-their stored activation and biases) and layer stacks naming their sections) and every
-section's offset, size and XXH64 digest. The file is
-untrusted input: the header is parsed and bounds-checked before any section is touched, every
-section is hashed before use, and packed matrices are rebuilt only from layouts the packers
-make (cpu_kernels/store/serialize.h)."""
+their stored activation and biases), quantized device matrices, hybrid expert stacks and
+layer stacks naming their sections) and every section's offset, size and XXH64 digest. The
+file is untrusted input: the header is parsed and bounds-checked before any section is
+touched, every section is hashed before use, packed matrices are rebuilt only from layouts
+the packers make (cpu_kernels/store/serialize.h) and quantized device matrices only with
+arrays that fit their layout."""
 from __future__ import annotations
 
 import json
@@ -20,17 +21,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax import _native
+from ktjax import _native, device_quant
+from ktjax.device_quant import QuantMatrix
 from ktjax.errors import ArtifactError, KernelError
+from ktjax.export.manifest import is_int
 from ktjax.host import moe as host_moe
 from ktjax.host.native import native_call
-from ktjax.weights import DeviceExperts, HostExperts, HostWeight, LayerStack
+from ktjax.weights import DeviceExperts, HostExperts, HostWeight, LayerStack, hybrid_types
 
 MAGIC = b"KTJAXPW1"
 ALIGN = 4096
 HASH_CHUNK = 1 << 22
 MAX_HEADER = 1 << 28
-_DTYPES = ("float32", "bfloat16", "float16", "int32")
+_DTYPES = ("float32", "bfloat16", "float16", "int32", "int8", "uint8")
+_MEMORY_KINDS = ("device", "pinned_host")
+# HybridExperts fields that are not arrays: written as they are (ints, the dtype name)
+_HYBRID_STATICS = {"window": int, "defer": int, "prefill_min_tokens": int, "n_experts": int,
+                   "dtype": str}
+_HYBRID_ARRAYS = ("slots", "pool_start", "gate", "up", "down", "gate_bias", "up_bias",
+                  "down_bias")
 
 
 class HandleTaken(ArtifactError):
@@ -71,12 +80,42 @@ def _encode(node: Any, w: _Writer) -> dict:
                                      "epilogues": [_encode_epilogue(h, w) for h in node.handles]}}
         return {"host_weight": {"handles": list(node.handles), "mats": mats,
                                 "out_features": node.out_features, "splits": list(node.splits)}}
+    if isinstance(node, QuantMatrix):
+        return {"quant_matrix": {
+            "arrays": {k: _encode_optional(getattr(node, k), w)
+                       for k in device_quant.ARRAY_FIELDS},
+            "layout": {k: getattr(node, k) for k in device_quant.LAYOUT_FIELDS},
+            "splits": list(node.splits)}}
+    if isinstance(node, hybrid_types()):
+        return {"hybrid_experts": _encode_hybrid(node, w)}
     if isinstance(node, jax.Array):
         a = np.asarray(node)
         if a.dtype.name not in _DTYPES:
             raise ArtifactError(f"cannot export an array of dtype {a.dtype}")
-        return {"array": {"dtype": a.dtype.name, "shape": list(a.shape), "section": w.add(a)}}
+        out = {"dtype": a.dtype.name, "shape": list(a.shape), "section": w.add(a)}
+        kind = getattr(node.sharding, "memory_kind", None)
+        if kind not in (None, "device"):      # a hybrid stack's streamed weights: pinned_host
+            out["memory_kind"] = kind
+        return {"array": out}
     raise ArtifactError(f"cannot export a params node of type {type(node).__name__}")
+
+
+def _encode_optional(node: Any, w: _Writer) -> dict | None:
+    return None if node is None else _encode(node, w)
+
+
+def _encode_hybrid(node, w: _Writer) -> dict:
+    """A HybridExperts at rest (no layer or carried state bound): its host sets as an
+    expert stack, its device pool and streamed weights as nodes, its settings as values."""
+    if node.layer is not None or node.carried is not None:
+        raise ArtifactError("cannot export a hybrid expert stack bound to a layer")
+    act = node.activation
+    return {"host": _encode(HostExperts(handles=node.handles), w),
+            "activation": {"kind": act.kind, "alpha": act.alpha, "limit": act.limit},
+            **{k: getattr(node, k) for k in _HYBRID_STATICS},
+            "arrays": {k: _encode_optional(getattr(node, k), w) for k in _HYBRID_ARRAYS},
+            "stream": None if node.stream is None else
+            [_encode_optional(x, w) for x in node.stream]}
 
 
 _BIASES = ("gate_bias", "up_bias", "down_bias")
@@ -216,12 +255,21 @@ def _decode(node: Any, r: _Reader, device, handles: str) -> Any:
         shape = _field(body, "shape", list, r.path)
         if dtype not in _DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ArtifactError(f"{r.path}: an array has dtype {dtype!r} and shape {shape}")
+        memory = body.get("memory_kind", "device")
+        if memory not in _MEMORY_KINDS:
+            raise ArtifactError(f"{r.path}: an array has memory kind {memory!r}")
         data, _ = r.section(_field(body, "section", int, r.path))
         dt = jnp.dtype(dtype)
         if data.nbytes != int(np.prod(shape, dtype=object)) * dt.itemsize:
             raise ArtifactError(f"{r.path}: an array of shape {shape} {dtype} has "
                                 f"{data.nbytes} bytes")
-        return jax.device_put(data.view(dt).reshape(shape), device)
+        where = device if memory == "device" else \
+            jax.sharding.SingleDeviceSharding(device, memory_kind=memory)
+        return jax.device_put(data.view(dt).reshape(shape), where)
+    if kind == "quant_matrix":
+        return _decode_quant_matrix(body, r, device, handles)
+    if kind == "hybrid_experts":
+        return _decode_hybrid(body, r, device, handles)
     if kind in ("host_weight", "host_experts"):
         recorded = _field(body, "handles", list, r.path)
         mats = _field(body, "mats", list, r.path)
@@ -241,6 +289,55 @@ def _decode(node: Any, r: _Reader, device, handles: str) -> Any:
         return HostWeight(handles=out, out_features=_field(body, "out_features", int, r.path),
                           splits=tuple(int(x) for x in splits))
     raise ArtifactError(f"{r.path}: unknown params node kind {kind!r}")
+
+
+def _decode_optional(node: Any, r: _Reader, device, handles: str) -> Any:
+    return None if node is None else _decode(node, r, device, handles)
+
+
+def _decode_quant_matrix(body: Any, r: _Reader, device, handles: str) -> QuantMatrix:
+    arrays = _field(body, "arrays", dict, r.path)
+    layout = _field(body, "layout", dict, r.path)
+    splits = _field(body, "splits", list, r.path)
+    if set(arrays) != set(device_quant.ARRAY_FIELDS) or \
+            set(layout) != set(device_quant.LAYOUT_FIELDS) or \
+            not isinstance(layout["format"], str) or \
+            not all(is_int(v) for k, v in layout.items() if k != "format") or \
+            not all(is_int(x) for x in splits):
+        raise ArtifactError(f"{r.path}: a quantized matrix's fields are malformed")
+    qm = QuantMatrix(**{k: _decode_optional(v, r, device, handles) for k, v in arrays.items()},
+                     **layout, splits=tuple(splits))
+    problem = device_quant.layout_problem(qm)
+    if problem:
+        raise ArtifactError(f"{r.path}: a quantized matrix is inconsistent: {problem}")
+    return qm
+
+
+def _decode_hybrid(body: Any, r: _Reader, device, handles: str):
+    from ktjax import hybrid_experts            # only models with hybrid stacks need it
+    from ktjax.expert_activation import ExpertActivation
+    act = _field(body, "activation", dict, r.path)
+    arrays = _field(body, "arrays", dict, r.path)
+    stream = body.get("stream")
+    statics = {k: _field(body, k, kind, r.path) for k, kind in _HYBRID_STATICS.items()}
+    if set(arrays) != set(_HYBRID_ARRAYS) or not (stream is None or isinstance(stream, list)) \
+            or not isinstance(act.get("kind"), str) or not all(
+            isinstance(act.get(k), (int, float)) and not isinstance(act.get(k), bool)
+            for k in ("alpha", "limit")):
+        raise ArtifactError(f"{r.path}: a hybrid expert stack's fields are malformed")
+    host = _decode(_field(body, "host", dict, r.path), r, device, handles)
+    if not isinstance(host, HostExperts):
+        raise ArtifactError(f"{r.path}: a hybrid expert stack's host sets are malformed")
+    try:
+        activation = ExpertActivation(act["kind"], float(act["alpha"]), float(act["limit"]))
+    except KernelError as e:
+        raise ArtifactError(f"{r.path}: {e}") from None
+    return hybrid_experts.HybridExperts(
+        handles=host.handles, activation=activation, **statics,
+        **{k: _decode_optional(v, r, device, handles) for k, v in arrays.items()},
+        stream=None if stream is None else
+        tuple(_decode_optional(x, r, device, handles) for x in stream),
+        device_memory=jax.sharding.SingleDeviceSharding(device, memory_kind="device"))
 
 
 def _adopt(r: _Reader, handle: Any, layouts: Any, handles: str, epilogue: dict | None = None

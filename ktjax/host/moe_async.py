@@ -23,12 +23,20 @@ from ktjax.host.ffi import register_targets
 from ktjax.host.native import native_call
 
 SKIP = -1  # an expert id the host skips (the slot runs on the device)
+# Sites reserved in this process: id -> (tokens, hidden, top_k, handles), what an export
+# records so that a process loading its programs reserves the same ids
+# (ktjax.export.artifacts).
+SITES: dict[int, tuple[int, int, int, tuple[int, ...]]] = {}
 
 
-def reserve_site(tokens: int, hidden: int, top_k: int, handles: tuple[int, ...]) -> int:
-    """The buffers of one call site (pinned where a CUDA driver is usable); returns its id."""
-    site, _pinned = native_call(_native.moe_site_reserve, int(tokens), int(hidden), int(top_k),
-                                [int(h) for h in handles], True)
+def reserve_site(tokens: int, hidden: int, top_k: int, handles: tuple[int, ...],
+                 at: int = 0) -> int:
+    """The buffers of one call site (pinned where a CUDA driver is usable) under id `at`
+    (0: the next free one; a taken id is a KernelError); returns its id."""
+    spec = (int(tokens), int(hidden), int(top_k), tuple(int(h) for h in handles))
+    site, _pinned = native_call(_native.moe_site_reserve, *spec[:3], list(spec[3]), True,
+                                int(at))
+    SITES[site] = spec
     return site
 
 
