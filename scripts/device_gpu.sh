@@ -4,7 +4,8 @@
 # the quantized matmul forms; SmolLM2-135M Q8_0 batch-1 decode (CUDA graph flags on and off);
 # Llama-3-8B Q4_K batch 1 (+ step profile: kernels per step, gap to wall time), batch 8/64,
 # prefill 2048 (TFLOPS); Llama-3-8B bf16 (8 of 32 layers: the roofline fraction does not
-# depend on depth) batch 1; perplexity GPU vs CPU on the SmolLM2 shape. Each beside
+# depend on depth) batch 1; perplexity GPU vs CPU on the SmolLM2 shape; the SmolLM2 step's
+# optimized HLO ($OUT/hlo). Each beside
 # $LLAMA_BIN/llama-bench / llama-batched-bench (-ngl 99 -fa 1) when present.
 # Writes $OUT/gpu.log (human log) and $OUT/gpu.json (figures). Every step has a time limit
 # and steps stop being started once $BUDGET seconds are spent (most important first).
@@ -131,21 +132,9 @@ fi
 timeout -k 5 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_quant.py -k gpu 2>&1 \
   | tail -15 > "$OUT/gpu_tests.txt"; log "GPU tests: $(tail -1 "$OUT/gpu_tests.txt")"
 record quant_matmul 40 python3 scripts/bench_quant_matmul.py $MM --json
-# the matmul form per row count as measured: reduction up to the largest row count below
-# which it beat dequantize + dot for every row count of every type
-ROWS=$(timeout -k 5 30 python3 - "$J" <<'PY' 2>> "$LOG"
-import json, sys
-rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
-best = 0
-for m in sorted({r["rows"] for r in rows}):
-    if all(r["reduce_us"] <= r["dot_us"] for r in rows if r["rows"] == m):
-        best = m
-    else:
-        break
-print(best if rows else "")
-PY
-)
-[ -n "$ROWS" ] && export KTJAX_QUANT_REDUCE_ROWS=$ROWS && log "KTJAX_QUANT_REDUCE_ROWS=$ROWS (measured)"
+# The model runs keep the default matmul forms: the microbenchmark's reduce/dot crossover
+# does not carry over to a model (7 Dec: it picked 0 rows, and the 8B Q4_K decode step then
+# materialized its dequantized matrices: 5.5% of the roofline; docs/kernel-notes.md).
 # the Pallas GEMV gets model runs of its own (at the end) at the row counts where it beat
 # the XLA forms for every type (1 -> batch-1 runs, 64 -> a batch-64 run)
 PALLAS_ROWS=$(timeout -k 5 30 python3 - "$J" <<'PY' 2>> "$LOG"
@@ -181,6 +170,12 @@ KTJAX_COMMAND_BUFFERS=0 record small_q8_0_no_graphs 30 python3 scripts/bench_gen
 # graphs kept on under the profiler: the step's graph launches and other CUDA calls
 XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true" record small_profile_graphs_on 40 \
   python3 scripts/profile_step.py --model "$D/small-q8.gguf" --prompt-tokens $P --steps 10 --json
+# the optimized HLO of the SmolLM2 step programs: which instructions keep the layer loop
+# out of one CUDA graph (7 Dec: a graph launch per layer; docs/kernel-notes.md)
+XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*" \
+  record small_hlo_dump 40 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" \
+  --prompt-tokens $P --gen-tokens 8 --repeats 1 --json
+find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2> /dev/null
 record big_q4_k_prefill 60 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
   --prefill-tokens $PF --repeats 2 $LB --json
 record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
