@@ -19,10 +19,10 @@ or  S * q + bias  (Q4_1 / int4). 4-bit codes keep GGUF's nibble order: byte j of
 2h values holds value j (low nibble) and value h + j (high nibble), h = 16 for Q4_0 / Q4_1 /
 int4 and 32 for Q4_K, so the K-quant's bytes are taken as they are.
 
-`linear(qm, x)` picks the matmul form by the number of rows (a static shape): few rows (decode)
-multiply and reduce in one fusion that reads the codes once (or, with
-KTJAX_QUANT_KERNEL=pallas, the Pallas GEMV of ktjax/kernels/quant_matmul.py); more rows
-dequantize to the activation dtype and run a dot (docs/kernel-notes.md, "gpu-quant").
+`linear(qm, x)` picks the matmul form by the number of rows (a static shape): on a GPU, 2 to 64
+rows go through the Pallas GEMV of ktjax/kernels/quant_matmul.py (KTJAX_QUANT_KERNEL); else
+few rows (decode) multiply and reduce in one fusion, and more rows dequantize to the
+activation dtype and run a dot (docs/kernel-notes.md, "gpu-quant").
 """
 from __future__ import annotations
 
@@ -190,11 +190,21 @@ def reduce_max_rows() -> int:
     return int(value)
 
 
-def use_pallas_kernel() -> bool:
-    """KTJAX_QUANT_KERNEL: 'xla' (default: the fusions) or 'pallas' (the Pallas GEMV)."""
-    value = os.environ.get("KTJAX_QUANT_KERNEL", "xla")
-    if value not in ("xla", "pallas"):
-        raise ValueError(f"KTJAX_QUANT_KERNEL must be xla or pallas, got {value!r}")
+# Rows for which `auto` takes the Pallas GEMV on a GPU. H100, 14336 x 4096 (us, XLA form /
+# GEMV): Q4_K 46/138 at 1 row, 468/295 at 4, 1346/69 at 16, 4831/111 at 64; Q8_0 and Q6_K
+# alike (docs/kernel-notes.md, "Second GPU run"): XLA's forms re-read the codes per row.
+PALLAS_AUTO_ROWS = range(2, 65)
+
+
+def use_pallas_kernel(rows: int) -> bool:
+    """KTJAX_QUANT_KERNEL: 'auto' (default: the Pallas GEMV for PALLAS_AUTO_ROWS on a GPU,
+    the XLA forms elsewhere), 'xla' (the fusions) or 'pallas' (the GEMV wherever it takes
+    the shape)."""
+    value = os.environ.get("KTJAX_QUANT_KERNEL", "auto")
+    if value not in ("auto", "xla", "pallas"):
+        raise ValueError(f"KTJAX_QUANT_KERNEL must be auto, xla or pallas, got {value!r}")
+    if value == "auto":
+        return jax.default_backend() == "gpu" and rows in PALLAS_AUTO_ROWS
     return value == "pallas"
 
 
@@ -204,7 +214,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     n = qm.shape[-2]
     x2 = x.reshape(rows, k)
-    if use_pallas_kernel():
+    if use_pallas_kernel(rows):
         from ktjax.kernels import quant_matmul   # imports this module
         if quant_matmul.supported(qm, rows):
             y = quant_matmul.gemv(qm, x2, interpret=jax.default_backend() != "gpu")

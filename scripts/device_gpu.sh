@@ -135,8 +135,9 @@ record quant_matmul 40 python3 scripts/bench_quant_matmul.py $MM --json
 # The model runs keep the default matmul forms: the microbenchmark's reduce/dot crossover
 # does not carry over to a model (7 Dec: it picked 0 rows, and the 8B Q4_K decode step then
 # materialized its dequantized matrices: 5.5% of the roofline; docs/kernel-notes.md).
-# the Pallas GEMV gets model runs of its own (at the end) at the row counts where it beat
-# the XLA forms for every type (1 -> batch-1 runs, 64 -> a batch-64 run)
+# The Pallas GEMV is the default for 2..64 rows (device_quant.PALLAS_AUTO_ROWS); batch-1
+# runs of it of their own (at the end) where it beat the XLA forms at 1 row for every type,
+# and batch 8 with XLA's forms to compare with the default
 PALLAS_ROWS=$(timeout -k 5 30 python3 - "$J" <<'PY' 2>> "$LOG"
 import json, sys
 rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
@@ -146,8 +147,7 @@ print(" ".join(map(str, won)))
 PY
 )
 PALLAS=0; [[ " $PALLAS_ROWS " == *" 1 "* ]] && PALLAS=1
-PALLAS64=0; [[ " $PALLAS_ROWS " == *" 64 "* ]] && PALLAS64=1
-[ "${SMOKE:-0}" = 1 ] && PALLAS=1 && PALLAS64=1    # exercise the branches (interpret on CPU)
+[ "${SMOKE:-0}" = 1 ] && PALLAS=1    # exercise the branch (interpret on CPU)
 log "Pallas GEMV fastest at rows: ${PALLAS_ROWS:-none}"
 
 record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
@@ -172,7 +172,9 @@ XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true" record small_prof
   python3 scripts/profile_step.py --model "$D/small-q8.gguf" --prompt-tokens $P --steps 10 --json
 # the optimized HLO of the SmolLM2 step programs: which instructions keep the layer loop
 # out of one CUDA graph (7 Dec: a graph launch per layer; docs/kernel-notes.md)
-XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*" \
+# (an empty compilation cache: a program read from the cache is not compiled, nor dumped)
+KTJAX_CACHE_DIR=$(mktemp -d) \
+  XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*" \
   record small_hlo_dump 40 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" \
   --prompt-tokens $P --gen-tokens 8 --repeats 1 --json
 find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2> /dev/null
@@ -186,10 +188,8 @@ if [ "${PALLAS:-0}" = 1 ]; then
   KTJAX_QUANT_KERNEL=pallas record big_q4_k_b1_pallas 60 python3 scripts/bench_generate.py \
     --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline --json
 fi
-if [ "$PALLAS64" = 1 ]; then
-  KTJAX_QUANT_KERNEL=pallas record big_q4_k_b64_pallas 60 python3 scripts/bench_generate.py \
-    --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --batch ${BATCHES##*,} \
-    --repeats 1 --roofline --json
-fi
+KTJAX_QUANT_KERNEL=xla record big_q4_k_b8_xla 45 python3 scripts/bench_generate.py \
+  --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --batch ${BATCHES%%,*} \
+  --repeats 1 --roofline --json
 summarize print
 log "done"

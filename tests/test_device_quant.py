@@ -270,6 +270,7 @@ def test_model_int_formats_near_dequantized(tmp_path, q4k_path, fmt, tol):
 def test_info_reports_the_arrays_bytes(tmp_path, q4k_path, monkeypatch):
     """`ktjax info --rules` on a GPU: the device MiB of each rule equal the loaded arrays."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("KTJAX_QUANT_KERNEL", "xla")   # the programs still run on this CPU
     rules = tmp_path / "r.yaml"
     rules.write_text("rules:\n- {name: ffn, match: '.*ffn_(gate|up|down)\\.weight', "
                      "placement: device, format: int4}\n"
@@ -364,5 +365,20 @@ def test_bad_input_is_named(monkeypatch, tmp_path):
         dq.linear(qm, x)
     monkeypatch.setenv("KTJAX_QUANT_REDUCE_ROWS", "8")
     monkeypatch.setenv("KTJAX_QUANT_KERNEL", "cuda")
-    with pytest.raises(ValueError, match="KTJAX_QUANT_KERNEL must be xla or pallas"):
+    with pytest.raises(ValueError, match="KTJAX_QUANT_KERNEL must be auto, xla or pallas"):
         dq.linear(qm, x)
+
+
+@pytest.mark.parametrize("setting,backend,rows,pallas", [
+    (None, "gpu", 1, False), (None, "gpu", 2, True), (None, "gpu", 64, True),
+    (None, "gpu", 128, False), (None, "cpu", 16, False), ("xla", "gpu", 16, False),
+    ("pallas", "cpu", 1, True)])
+def test_matmul_form_choice(monkeypatch, setting, backend, rows, pallas):
+    """auto: the Pallas GEMV on a GPU for 2..64 rows, as measured (one row and prefill
+    chunks stay XLA's); xla / pallas force a side."""
+    if setting:
+        monkeypatch.setenv("KTJAX_QUANT_KERNEL", setting)
+    else:
+        monkeypatch.delenv("KTJAX_QUANT_KERNEL", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert dq.use_pallas_kernel(rows) == pallas

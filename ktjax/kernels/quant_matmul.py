@@ -9,8 +9,8 @@ walks K one code group at a time (4-bit: one chunk of 2h values, low and high ni
 Tiles are powers of two, as Triton needs: the engine's row buckets are, and N must divide
 by 8.
 
-Used by device_quant.linear only when KTJAX_QUANT_KERNEL=pallas (the default stays the XLA
-fusion until this measures faster on a GPU; docs/kernel-notes.md, "gpu-quant").
+device_quant.linear uses it on a GPU for 2 to 64 rows, where it measured faster than XLA's
+forms (one row: XLA's reduction; KTJAX_QUANT_KERNEL overrides; docs/kernel-notes.md).
 """
 from __future__ import annotations
 
