@@ -7,7 +7,8 @@
 #
 # Stages (issue):        tests   the gpu-marked tests and the engine on the Pallas backend (27, 28)
 #   export  MoE start-up cold / cache / artifacts (29)      hybrid  device_hybrid.sh (28)
-#   gpu     device_gpu.sh, engine figures vs llama.cpp (27)  attn    device_attn.sh (27)
+#   gpu     device_gpu.sh, engine figures vs llama.cpp (27; GPU_LIMIT s, default 340)
+#   attn    device_attn.sh (27)
 #   quants  device_quants.sh (host kernels on AMX)
 # Builds: wheels in .whl/ (the machine lacks gguf) into /tmp/site; ktjax/_native for this
 # Python (all cores); llama.cpp CUDA (the peer of `hybrid` and `gpu`) per PEER: `build` (default)
@@ -98,7 +99,8 @@ for stage in $STAGES; do
     hybrid) [ "$PEER" = build ] && llama_bin 60
       run_stage hybrid 560 env TESTED=1 BUDGET="$(( $(left) - 5 ))" bash scripts/device_hybrid.sh ;;
     gpu) [ "$PEER" = build ] && llama_bin 120
-      run_stage gpu 340 env BUDGET="$(( $(left) < 330 ? $(left) - 10 : 320 ))" bash scripts/device_gpu.sh ;;
+      g=${GPU_LIMIT:-340}; [ "$(left)" -lt "$g" ] && g=$(left)
+      run_stage gpu "$g" env BUDGET="$(( g - 20 ))" bash scripts/device_gpu.sh ;;
     attn) run_stage attn 400 env SKIP="${SKIP:-1 5}" bash scripts/device_attn.sh ;;
     quants) run_stage quants 90 bash scripts/device_quants.sh ;;
     *) echo "unknown stage $stage" ;;

@@ -109,10 +109,10 @@ def test_concat_rows_needs_one_layout():
                                   np.tile(np.asarray(dq.dequantize(a)), (2, 1)))
 
 
-def _every_layout(rng) -> list:
+def _every_layout(rng, n: int = 8) -> list:
     """One QuantMatrix per layout the loader makes: each keep type, widened K-quants, int8,
     int4, and rows concatenated with splits."""
-    n, k = 8, 512
+    k = 512
     keep = [_device(dq.pack_gguf(_random_blocks(rng, q, n, k), q, (n, k)), "keep")
             for q in dq.KEEP_QTYPES]
     widened = _device(dq.widen_to_k8(dq.pack_gguf(_random_blocks(rng, T.Q4_K, n, k), T.Q4_K,
@@ -286,20 +286,55 @@ def test_info_reports_the_arrays_bytes(tmp_path, q4k_path, monkeypatch):
     assert mib["rest"] == pytest.approx(rest / 2 ** 20, abs=0.006)
 
 
-@pytest.mark.parametrize("qtype,rows", [(T.Q4_K, 1), (T.Q8_0, 4), (T.Q6_K, 2), (T.Q4_1, 1),
-                                        (T.Q4_K, 16)])
-def test_pallas_gemv_matches_reference(qtype, rows):
-    """The Pallas decode GEMV (interpret mode here) against the jnp dequantized matmul."""
+LAYOUT_IDS = [*(q.name for q in dq.KEEP_QTYPES), "k8", "int8", "int4", "concat"]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("tuning", ["values=64,magic=0", "values=1024,stages=1"])
+def test_pallas_gemv_matches_reference(rows, tuning, monkeypatch):
+    """The Pallas GEMV (interpret mode here) against float64 x @ W.T, every layout: FMA
+    rows and tensor-core rows, tiles narrower than a K-quant's super-block (one d per
+    tile) and wider (several), the exponent trick and the plain conversion."""
     from ktjax.kernels import quant_matmul
+    monkeypatch.setenv("KTJAX_QUANT_GEMV", tuning)
     rng = np.random.default_rng(rows)
-    n, k = 64, 512
-    qm = _device(dq.pack_gguf(_random_blocks(rng, qtype, n, k), qtype, (n, k)), "keep")
-    x = rng.standard_normal((rows, k)).astype(np.float32)
-    want = x.astype(np.float64) @ np.asarray(dq.dequantize(qm), np.float64).T
-    got = np.asarray(quant_matmul.gemv(qm, jnp.asarray(x), block_rows=16, interpret=True))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for name, qm in zip(LAYOUT_IDS, _every_layout(rng, n=16)):
+        x = rng.standard_normal((rows, qm.shape[1])).astype(np.float32)
+        want = x.astype(np.float64) @ np.asarray(dq.dequantize(qm), np.float64).T
+        got = np.asarray(quant_matmul.gemv(qm, jnp.asarray(x), block_rows=16, interpret=True))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_pallas_gemv_triton_lowering_succeeds_without_a_gpu(rows):
+    """Lowering for CUDA runs the Triton lowering rules here: an op they lack or a tile that
+    is not a power of two fails in CI, not on the GPU machine."""
+    from ktjax.kernels import quant_matmul
+    for name, qm in zip(LAYOUT_IDS, _every_layout(np.random.default_rng(1), n=16)):
+        x = jax.ShapeDtypeStruct((rows, qm.shape[1]), jnp.bfloat16)
+        f = jax.jit(lambda q, v: quant_matmul.gemv(q, v, block_rows=16))
+        text = f.trace(qm, x).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text, name
+
+
+def test_pallas_gemv_takes_and_refuses(monkeypatch):
+    """What the kernel takes: power-of-two rows and row blocks dividing N; tensor-core
+    rows need 16 weight rows per program; a bad KTJAX_QUANT_GEMV is named."""
+    from ktjax.kernels import quant_matmul
+    qm = _every_layout(np.random.default_rng(0), n=64)[3]
+    assert quant_matmul.supported(qm, 1) and quant_matmul.supported(qm, 64, 16)
     assert not quant_matmul.supported(qm, 3) and not quant_matmul.supported(qm, 1, 128)
+    assert not quant_matmul.supported(qm, 16, 8) and not quant_matmul.supported(qm, 1, 24)
     assert quant_matmul.block_rows_for(4096) == 16 and quant_matmul.block_rows_for(28672) == 32
+    assert quant_matmul.tile_units(9, 64, 1024) == 1
+    assert quant_matmul.tile_units(24, 64, 1024) == 8
+    with pytest.raises(ValueError, match="rows per program"):
+        quant_matmul.gemv(qm, jnp.zeros((3, 512)), interpret=True)
+    for bad in ("rows=x", "colour=3", "values"):
+        monkeypatch.setenv("KTJAX_QUANT_GEMV", bad)
+        with pytest.raises(ValueError, match="KTJAX_QUANT_GEMV"):
+            quant_matmul.tuning_from_env()
 
 
 def test_model_with_pallas_gemv(q4k_path, monkeypatch):

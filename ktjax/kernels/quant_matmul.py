@@ -1,37 +1,72 @@
-"""Decode GEMV over a QuantMatrix as a Pallas kernel (Triton lowering): y [M, N] = x [M, K] .
-W.T for few rows M (<= 64), reading each weight's codes once and dequantizing in registers;
-from 16 rows the tiles go through Triton's dot (tensor cores), below that plain FMA.
+"""GEMV over a QuantMatrix as a Pallas kernel (Triton lowering): y [M, N] = x [M, K] . W.T for
+few rows M (1 to 64), reading each weight's codes once and dequantizing in registers.
 
 The oracle is ktjax.device_quant.linear / dequantize (jnp); tests run this kernel in
-interpret mode against it. Each program owns `block_rows` weight rows (block_rows_for) and
-walks K one code group at a time (4-bit: one chunk of 2h values, low and high nibbles as two
-[rows, h] tiles, so no tile is reshaped or concatenated), `unroll` groups per loop step.
-Tiles are powers of two, as Triton needs: the engine's row buckets are, and N must divide
-by 8.
+interpret mode against it. Each program owns `block_rows` weight rows and walks K in wide
+tiles of `tile_values` values (several code groups per load, so a load moves kilobytes, not
+one group's 16 bytes). The codes are viewed as [N, units, width]: a unit is one code group
+(8-bit) or one chunk of 2h values (4-bit: byte j holds value j in its low nibble and value
+h + j in its high one, so the two nibbles are two "parts" of the unit, each with its own x
+slice and, for Q4_K, its own group). Below DOT_ROWS rows the math is FMA in "dot first"
+form, sum_j w_j x_j = S * sum_j q_j x_j + (bias - Mn) * sum_j x_j per group, so the only
+per-value work is the code's conversion and one FMA; from DOT_ROWS rows the dequantized
+tiles go through Triton's dot (tensor cores; wgmma needs the rows).
 
-device_quant.linear uses it on a GPU for 2 to 64 rows, where it measured faster than XLA's
-forms (one row: XLA's reduction; KTJAX_QUANT_KERNEL overrides; docs/kernel-notes.md).
+Codes become floats by the exponent trick (0x4B000000 | q is 2^23 + q as float32; one
+integer OR and one float subtract, exact) instead of an int-to-float conversion, which runs
+at a quarter of the FMA rate on Hopper and would bound a 4-bit GEMV below HBM speed.
+
+Tiles are powers of two, as Triton needs. `GemvTuning` holds the launch shape;
+KTJAX_QUANT_GEMV overrides it (e.g. "rows=16,values=1024,warps=4") for measurements.
+device_quant.linear routes rows here on a GPU (KTJAX_QUANT_KERNEL; docs/kernel-notes.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
-from ktjax.device_quant import ARRAY_FIELDS, QuantMatrix
+from ktjax.device_quant import QuantMatrix
+from ktjax.kernels import pallas_triton
 
-warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is deprecated",
-                        category=DeprecationWarning)
-
-_FIELDS = ARRAY_FIELDS[1:]          # the scales and mins a value may need
 SUPPORTED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 # From this many rows the tiles multiply on the tensor cores (Triton dot needs M >= 16);
 # below, FMA math (decode is bandwidth-bound, and wgmma would waste most of its M).
 DOT_ROWS = 16
+_MAGIC = 0x4B000000            # float32 bits of 2^23: OR a code < 2^23 into the mantissa
+_MAGIC_F = float(1 << 23)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvTuning:
+    """Launch shape: weight rows per program (0: by N, block_rows_for), values of K per loop
+    step (the largest power-of-two tile up to this that divides K), Triton warps / stages."""
+    rows: int = 0
+    values: int = 1024
+    warps: int = 4
+    stages: int = 2
+    magic: bool = True     # the exponent trick (False: plain int-to-float conversion)
+
+
+def tuning_from_env() -> GemvTuning:
+    """GemvTuning with KTJAX_QUANT_GEMV's "key=value,..." overrides (keys: the fields)."""
+    spec = os.environ.get("KTJAX_QUANT_GEMV", "").strip()
+    if not spec:
+        return GemvTuning()
+    fields = {f.name: f.type for f in dataclasses.fields(GemvTuning)}
+    values = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in fields or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"KTJAX_QUANT_GEMV: expected key=integer with keys "
+                             f"{', '.join(fields)}; got {item!r}")
+        values[key] = bool(int(value)) if key == "magic" else int(value)
+    return GemvTuning(**values)
 
 
 def block_rows_for(n: int) -> int:
@@ -43,102 +78,182 @@ def block_rows_for(n: int) -> int:
     return 0
 
 
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the kernel views one QuantMatrix layout (all static)."""
+    parts: int          # code parts per unit: 2 nibbles (4-bit) or 1 (8-bit)
+    width: int          # values of one part = codes per unit row (h, or the group)
+    per_part_groups: int  # groups per unit in the per-group fields: 2 (Q4_K) or 1
+    units_per_scale: int  # units per scale group (d / dmin / int8 scale)
+    offset: int
+
+    @property
+    def unit(self) -> int:
+        return self.parts * self.width
+
+
+def _layout(qm: QuantMatrix) -> _Layout | None:
+    if qm.bits == 4:
+        h = qm.half
+        if qm.group not in (h, 2 * h):
+            return None
+        lay = _Layout(2, h, 2 if qm.group == h else 1, 0, qm.offset)
+    else:
+        lay = _Layout(1, qm.group, 1, 0, qm.offset)
+    if qm.scale_group % lay.unit or not _pow2(lay.width):
+        return None
+    return dataclasses.replace(lay, units_per_scale=qm.scale_group // lay.unit)
+
+
+def tile_units(units: int, unit: int, values: int) -> int:
+    """Units per loop step: the largest power of two <= values / unit that divides units."""
+    t = 1
+    while t * 2 * unit <= values and units % (t * 2) == 0:
+        t *= 2
+    return t
+
+
 def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool:
     """Whether the kernel takes this matrix (one layer: 2-D codes) and row count."""
     n = qm.shape[-2]
     block_rows = block_rows or block_rows_for(n)
+    lay = _layout(qm)
     return qm.codes.ndim == 2 and rows in SUPPORTED_ROWS and block_rows > 0 and \
-        n % block_rows == 0
+        _pow2(block_rows) and n % block_rows == 0 and lay is not None and \
+        (rows < DOT_ROWS or block_rows >= 16)
 
 
-def _kernel(x_ref, codes_ref, *refs, present, qm_static, block_rows, unroll, k):
+def _codes_to_float(c: jax.Array, bits: int, offset: int, magic: bool) -> jax.Array:
+    """uint8 nibbles (0..15) or int8 codes -> float32 q - offset, exactly."""
+    if not magic:
+        q = c.astype(jnp.float32)
+        return q - offset if offset else q
+    if bits == 4:     # c in 0..15
+        f = jax.lax.bitcast_convert_type(c.astype(jnp.int32) | _MAGIC, jnp.float32)
+        return f - (_MAGIC_F + offset)
+    f = jax.lax.bitcast_convert_type(c.astype(jnp.int32) + (_MAGIC + 128), jnp.float32)
+    return f - (_MAGIC_F + 128 + offset)     # int8: shifted to 0..255 first
+
+
+def _kernel(x_ref, codes_ref, *refs, present, lay: _Layout, bits: int, block_rows: int,
+            tile: int, n_tiles: int, magic: bool):
     out_ref = refs[-1]
-    fields = dict(zip(present, refs[:-1]))
-    bits, half, group, scale_group, offset = qm_static
-    i = pl.program_id(0)
-    rows = pl.ds(i * block_rows, block_rows)
+    f = dict(zip(present, refs[:-1]))
+    r = block_rows
+    rows = pl.ds(pl.program_id(0) * r, r)
     m = x_ref.shape[0]
 
-    def col(ref, idx):
-        return ref[rows, pl.ds(idx, 1)].astype(jnp.float32)          # [block_rows, 1]
+    def per_scale(ref, t):                 # d / dmin / scale of each unit of tile t: [R, T]
+        ups = lay.units_per_scale
+        if tile >= ups:
+            n_s = tile // ups
+            a = ref[rows, pl.ds(t * n_s, n_s)].astype(jnp.float32)
+            return a if ups == 1 else \
+                jnp.broadcast_to(a[:, :, None], (r, n_s, ups)).reshape(r, tile)
+        a = ref[rows, pl.ds(jax.lax.div(t * tile, ups), 1)].astype(jnp.float32)
+        return jnp.broadcast_to(a, (r, tile))
 
-    def terms(g):
-        """(S, Mn, bias) of group g for this program's rows, each [block_rows, 1]."""
-        sg = jax.lax.div(g * group, scale_group)     # traced ints: plain division lowers
-        s = col(fields["scale"], sg)
-        if "sub_scale" in fields:
-            s = s * col(fields["sub_scale"], g)
-        mn = None
-        if "min_scale" in fields:
-            mn = col(fields["min_scale"], sg) * col(fields["sub_min"], g)
-        b = col(fields["bias"], g) if "bias" in fields else None
-        return s, mn, b
+    def per_group(ref, t, p):              # sub-scale / sub-min / bias of part p: [R, T]
+        if lay.per_part_groups == 1:
+            return ref[rows, pl.ds(t * tile, tile)].astype(jnp.float32)
+        return ref[rows, pl.ds(t * tile, tile), p].astype(jnp.float32)
 
-    def values(q, g):
-        s, mn, b = terms(g)
-        w = s * (q - offset if offset else q)
-        if mn is not None:
-            w = w - mn
-        if b is not None:
-            w = w + b
-        return w
+    def terms(t, p):
+        """(S, C) of part p's groups in tile t, each [R, T]: value = S * q + C."""
+        s = per_scale(f["scale"], t)
+        if "sub_scale" in f:
+            s = s * per_group(f["sub_scale"], t, p)
+        c = None
+        if "min_scale" in f:
+            c = -(per_scale(f["min_scale"], t) * per_group(f["sub_min"], t, p))
+        if "bias" in f:
+            b = per_group(f["bias"], t, p)
+            c = b if c is None else c + b
+        return s, c
 
-    def dot_rows(w, xs):          # [block_rows, t] . [m, t] -> [m, block_rows]
-        if m >= DOT_ROWS:
-            dt = x_ref.dtype         # bf16 activations: bf16 tiles; float32: full precision
-            return pl_triton.dot(xs.astype(dt), w.astype(dt), trans_b=True,
-                                 precision=jax.lax.Precision.HIGHEST)
-        return jnp.sum(w[None, :, :] * xs[:, None, :], axis=-1)
+    def part_codes(t, p):                  # [R, T, width] float32 q - offset
+        raw = codes_ref[rows, pl.ds(t * tile, tile), :]
+        if bits == 4:
+            raw = raw & 15 if p == 0 else raw >> 4
+        return _codes_to_float(raw, bits, lay.offset, magic)
 
-    if bits == 4:
-        step = 2 * half                       # values per chunk
+    def x_part(t, p, row):                 # [T, width] (row int) or [M, T, width] (row None)
+        cols = pl.ds(p * lay.width, lay.width)
+        idx = (slice(None) if row is None else row, pl.ds(t * tile, tile), cols)
+        return x_ref[idx].astype(jnp.float32)
 
-        def chunk(c, acc):
-            codes = codes_ref[rows, pl.ds(c * half, half)]
-            lo = (codes & 15).astype(jnp.float32)
-            hi = (codes >> 4).astype(jnp.float32)
-            x_lo = x_ref[:, pl.ds(c * step, half)].astype(jnp.float32)
-            x_hi = x_ref[:, pl.ds(c * step + half, half)].astype(jnp.float32)
-            acc = acc + dot_rows(values(lo, jax.lax.div(c * step, group)), x_lo)
-            return acc + dot_rows(values(hi, jax.lax.div(c * step + half, group)), x_hi)
-    else:
-        step = group
-
-        def chunk(c, acc):
-            q = codes_ref[rows, pl.ds(c * group, group)].astype(jnp.float32)
-            return acc + dot_rows(values(q, c), x_ref[:, pl.ds(c * group, group)]
-                                  .astype(jnp.float32))
-
-    def body(j, acc):
-        for u in range(unroll):
-            acc = chunk(j * unroll + u, acc)
+    def step(t, acc):
+        for p in range(lay.parts):
+            q = part_codes(t, p)
+            s, c = terms(t, p)
+            if m >= DOT_ROWS:
+                w = s[:, :, None] * q
+                if c is not None:
+                    w = w + c[:, :, None]
+                dt = x_ref.dtype    # bf16 activations: bf16 tiles; float32: full precision
+                xs = x_part(t, p, None).reshape(m, tile * lay.width).astype(dt)
+                acc = acc + pallas_triton.dot(xs, w.reshape(r, tile * lay.width).astype(dt),
+                                              trans_b=True,
+                                              precision=jax.lax.Precision.HIGHEST)
+                continue
+            for row in range(m):
+                xm = x_part(t, p, row)
+                term = s * jnp.sum(q * xm[None], axis=-1)              # [R, T]
+                if c is not None:
+                    term = term + c * jnp.sum(xm, axis=-1)[None, :]
+                part = jnp.sum(term, axis=-1)[None, :]                 # [1, R]
+                if m > 1:
+                    part = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (m, r), 0) == row,
+                                     part, 0.0)
+                acc = acc + part
         return acc
 
-    acc = jax.lax.fori_loop(0, k // step // unroll, body,
-                            jnp.zeros((m, block_rows), jnp.float32))
+    acc = jax.lax.fori_loop(0, n_tiles, step, jnp.zeros((m, r), jnp.float32))
     out_ref[:, rows] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "unroll", "interpret"))
-def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None, unroll: int = 2,
-         interpret: bool = False) -> jax.Array:
-    """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes);
-    block_rows None: block_rows_for(N)."""
+def _views(qm: QuantMatrix, lay: _Layout, present: list[str]) -> list[jax.Array]:
+    """The codes as [N, units, width] and the per-group fields as [N, units(, 2)]: reshapes
+    of contiguous arrays, so XLA makes no copy."""
+    n, k = qm.shape
+    units = k // lay.unit
+    out = [qm.codes.reshape(n, units, lay.width)]
+    for name in present:
+        a = getattr(qm, name)
+        if name in ("sub_scale", "sub_min", "bias") and lay.per_part_groups == 2:
+            a = a.reshape(n, units, 2)
+        out.append(a)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "tuning", "interpret"))
+def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None,
+         tuning: GemvTuning | None = None, interpret: bool = False) -> jax.Array:
+    """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes); launch
+    shape from `tuning` (default: tuning_from_env()), block_rows overriding its rows."""
+    tuning = tuning or tuning_from_env()
     m, k = x.shape
     n = qm.shape[-2]
-    block_rows = block_rows or block_rows_for(n)
-    step = 2 * qm.half if qm.bits == 4 else qm.group
-    while unroll > 1 and (k // step) % unroll:
-        unroll //= 2
-    present = [f for f in _FIELDS if getattr(qm, f) is not None]
+    lay = _layout(qm)
+    block_rows = block_rows or tuning.rows or block_rows_for(n)
+    if lay is None or not supported(qm, m, block_rows):
+        raise ValueError(f"the Pallas GEMV takes no {qm.bits}-bit group {qm.group} matrix "
+                         f"[{n}, {k}] with {m} rows and {block_rows} rows per program")
+    units = k // lay.unit
+    tile = tile_units(units, lay.unit, tuning.values)
+    present = [name for name in ("scale", "sub_scale", "min_scale", "sub_min", "bias")
+               if getattr(qm, name) is not None]
     kernel = functools.partial(
-        _kernel, present=tuple(present), block_rows=block_rows, unroll=unroll, k=k,
-        qm_static=(qm.bits, qm.half, qm.group, qm.scale_group, qm.offset))
-    extra = {}
-    if not interpret:
-        extra["compiler_params"] = pl_triton.CompilerParams(num_warps=4, num_stages=3)
+        _kernel, present=tuple(present), lay=lay, bits=qm.bits, block_rows=block_rows,
+        tile=tile, n_tiles=units // tile, magic=tuning.magic)
+    extra = {} if interpret else \
+        {"compiler_params": pallas_triton.compiler_params(tuning.warps, tuning.stages)}
     return pl.pallas_call(
         kernel, grid=(n // block_rows,),
         out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
         interpret=interpret, **extra,
-    )(x, qm.codes, *(getattr(qm, f) for f in present))
+    )(x.reshape(m, units, lay.unit), *_views(qm, lay, present))
