@@ -77,6 +77,20 @@ class QuantMatrix:
     offset: int = pytree.field(pytree_node=False, default=0)
     format: str = pytree.field(pytree_node=False, default="")
     splits: tuple[int, ...] = pytree.field(pytree_node=False, default=())  # fused: rows each
+    # Inside the scan over layers a stacked matrix rides whole with the layer bound here
+    # (weights.bind_layer): a kernel then reads the layer in place, where a slice the scan
+    # took would be copied out before a custom call could read it.
+    layer: jax.Array | None = None
+
+    def at_layer(self, layer: jax.Array) -> "QuantMatrix":
+        return self.replace(layer=layer)
+
+    def layer_slice(self) -> "QuantMatrix":
+        """The bound layer's matrix (2-D codes), or this one when no layer is bound."""
+        if self.layer is None:
+            return self
+        return self.replace(layer=None, **{f: getattr(self, f)[self.layer] for f in ARRAY_FIELDS
+                                           if getattr(self, f) is not None})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -219,6 +233,7 @@ def linear(qm: QuantMatrix, x: jax.Array) -> jax.Array:
         if quant_matmul.supported(qm, rows):
             y = quant_matmul.gemv(qm, x2, interpret=jax.default_backend() != "gpu")
             return y.reshape(*lead, n)
+    qm = qm.layer_slice()
     if rows <= reduce_max_rows():
         # one fusion: codes -> values -> products -> sums over K. Output rows ordered
         # [N, rows]: the reductions of one weight row are neighbours, so its codes come from

@@ -121,12 +121,18 @@ class Route(NamedTuple):
 
 
 def _is_bound(node) -> bool:
+    """Nodes the scan's layer index is bound into: host weights, layer stacks and stacked
+    device matrices (a QuantMatrix the scan already sliced has 2-D codes)."""
+    if isinstance(node, QuantMatrix):
+        return node.codes.ndim == 3 and node.layer is None
     return isinstance(node, (*_host_nodes(), LayerStack))
 
 
 def split_scanned(params: dict) -> tuple[dict, dict]:
-    """(weights that ride the scan over layers whole: LayerStacks, the rest: sliced per layer)."""
-    whole = {k: v for k, v in params.items() if isinstance(v, (LayerStack, *hybrid_types()))}
+    """(weights that ride the scan over layers whole: LayerStacks, hybrid experts and device
+    matrices, read in place at the bound layer; the rest: sliced per layer)."""
+    whole = {k: v for k, v in params.items()
+             if isinstance(v, (LayerStack, QuantMatrix, *hybrid_types()))}
     return whole, {k: v for k, v in params.items() if k not in whole}
 
 

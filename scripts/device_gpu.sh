@@ -164,11 +164,14 @@ record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf
   --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline $LB --json
 # the optimized HLO of the SmolLM2 step programs: which instructions keep the layer loop
 # out of one CUDA graph (7 Dec: a graph launch per layer; docs/kernel-notes.md)
-# (an empty compilation cache: a program read from the cache is not compiled, nor dumped)
-KTJAX_CACHE_DIR=$(mktemp -d) \
+# (an empty compilation cache: a program read from the cache is not compiled, nor dumped),
+# with the command-buffer pass's log of every instruction it left out of a graph
+KTJAX_CACHE_DIR=$(mktemp -d) TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_scheduling=3 \
   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*" \
-  record small_hlo_dump 40 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" \
-  --prompt-tokens $P --gen-tokens 8 --repeats 1 --json
+  record small_hlo_dump 40 bash -c "python3 scripts/bench_generate.py --model $D/small-q8.gguf \
+  --prompt-tokens $P --gen-tokens 8 --repeats 1 --json 2> $D/vlog.txt"
+grep -E "Not in command buffer|coverage|Stopped at|Removed command" "$D/vlog.txt" 2> /dev/null \
+  | cut -c1-600 | head -400 > "$OUT/command_buffer_log.txt"
 find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2> /dev/null
 # graphs kept on under the profiler: the step's graph launches and other CUDA calls
 XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true" record small_profile_graphs_on 40 \

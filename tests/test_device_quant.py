@@ -318,6 +318,23 @@ def test_pallas_gemv_triton_lowering_succeeds_without_a_gpu(rows):
         assert "__gpu$xla.gpu.triton" in text, name
 
 
+def test_pallas_gemv_reads_a_bound_layer_of_a_stack():
+    """A stacked matrix with its layer bound (as inside the scan over layers): the kernel
+    reads that layer in place and gives the layer's own product."""
+    from ktjax.kernels import quant_matmul
+    rng = np.random.default_rng(7)
+    n, k = 32, 512
+    per_layer = [dq.pack_gguf(_random_blocks(rng, T.Q4_K, n, k), T.Q4_K, (n, k))
+                 for _ in range(3)]
+    stack = dq.stack_to_device(per_layer, "keep", True, None)
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    f = jax.jit(lambda qm, x, layer: quant_matmul.gemv(qm.at_layer(layer), x, interpret=True))
+    for layer in range(3):
+        want = np.asarray(dq.linear(stack.at_layer(jnp.int32(layer)).layer_slice(), x))
+        np.testing.assert_allclose(np.asarray(f(stack, x, jnp.int32(layer))), want,
+                                   rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_pallas_gemv_takes_and_refuses(monkeypatch):
     """What the kernel takes: power-of-two rows and row blocks dividing N; tensor-core
     rows need 16 weight rows per program; a bad KTJAX_QUANT_GEMV is named."""
@@ -345,10 +362,13 @@ def test_model_with_pallas_gemv(q4k_path, monkeypatch):
     _, want = _logits(q4k_path, ids, "device", True)
     calls = []
     gemv = quant_matmul.gemv
-    monkeypatch.setattr(quant_matmul, "gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
+    monkeypatch.setattr(quant_matmul, "gemv",
+                        lambda qm, *a, **k: calls.append(qm.codes.ndim) or gemv(qm, *a, **k))
     monkeypatch.setenv("KTJAX_QUANT_KERNEL", "pallas")
     _, got = _logits(q4k_path, ids, "device", True)
-    assert len(calls) == 4      # qkv, o, gate+up, down: traced once in the scan (head: N=261)
+    # qkv, o, gate+up, down: traced once in the scan (head: N=261), each given the whole
+    # stack with the layer bound (a slice would be copied out for the custom call)
+    assert calls == [3, 3, 3, 3]
 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 

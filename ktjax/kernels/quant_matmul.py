@@ -118,11 +118,12 @@ def tile_units(units: int, unit: int, values: int) -> int:
 
 
 def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool:
-    """Whether the kernel takes this matrix (one layer: 2-D codes) and row count."""
+    """Whether the kernel takes this matrix (one layer: 2-D codes, or a stack with its layer
+    bound) and row count."""
     n = qm.shape[-2]
     block_rows = block_rows or block_rows_for(n)
     lay = _layout(qm)
-    return qm.codes.ndim == 2 and rows in SUPPORTED_ROWS and block_rows > 0 and \
+    return qm.codes.ndim == (2 if qm.layer is None else 3) and rows in SUPPORTED_ROWS and block_rows > 0 and \
         _pow2(block_rows) and n % block_rows == 0 and lay is not None and \
         (rows < DOT_ROWS or block_rows >= 16)
 
@@ -139,28 +140,29 @@ def _codes_to_float(c: jax.Array, bits: int, offset: int, magic: bool) -> jax.Ar
     return f - (_MAGIC_F + 128 + offset)     # int8: shifted to 0..255 first
 
 
-def _kernel(x_ref, codes_ref, *refs, present, lay: _Layout, bits: int, block_rows: int,
+def _kernel(layer_ref, x_ref, codes_ref, *refs, present, lay: _Layout, bits: int, block_rows: int,
             tile: int, n_tiles: int, magic: bool):
     out_ref = refs[-1]
     f = dict(zip(present, refs[:-1]))
     r = block_rows
     rows = pl.ds(pl.program_id(0) * r, r)
+    layer = layer_ref[0]                   # the weights' arrays are [L, N, ...]
     m = x_ref.shape[0]
 
     def per_scale(ref, t):                 # d / dmin / scale of each unit of tile t: [R, T]
         ups = lay.units_per_scale
         if tile >= ups:
             n_s = tile // ups
-            a = ref[rows, pl.ds(t * n_s, n_s)].astype(jnp.float32)
+            a = ref[layer, rows, pl.ds(t * n_s, n_s)].astype(jnp.float32)
             return a if ups == 1 else \
                 jnp.broadcast_to(a[:, :, None], (r, n_s, ups)).reshape(r, tile)
-        a = ref[rows, pl.ds(jax.lax.div(t * tile, ups), 1)].astype(jnp.float32)
+        a = ref[layer, rows, pl.ds(jax.lax.div(t * tile, ups), 1)].astype(jnp.float32)
         return jnp.broadcast_to(a, (r, tile))
 
     def per_group(ref, t, p):              # sub-scale / sub-min / bias of part p: [R, T]
         if lay.per_part_groups == 1:
-            return ref[rows, pl.ds(t * tile, tile)].astype(jnp.float32)
-        return ref[rows, pl.ds(t * tile, tile), p].astype(jnp.float32)
+            return ref[layer, rows, pl.ds(t * tile, tile)].astype(jnp.float32)
+        return ref[layer, rows, pl.ds(t * tile, tile), p].astype(jnp.float32)
 
     def terms(t, p):
         """(S, C) of part p's groups in tile t, each [R, T]: value = S * q + C."""
@@ -176,7 +178,7 @@ def _kernel(x_ref, codes_ref, *refs, present, lay: _Layout, bits: int, block_row
         return s, c
 
     def part_codes(t, p):                  # [R, T, width] float32 q - offset
-        raw = codes_ref[rows, pl.ds(t * tile, tile), :]
+        raw = codes_ref[layer, rows, pl.ds(t * tile, tile), :]
         if bits == 4:
             raw = raw & 15 if p == 0 else raw >> 4
         return _codes_to_float(raw, bits, lay.offset, magic)
@@ -217,27 +219,28 @@ def _kernel(x_ref, codes_ref, *refs, present, lay: _Layout, bits: int, block_row
 
 
 def _views(qm: QuantMatrix, lay: _Layout, present: list[str]) -> list[jax.Array]:
-    """The codes as [N, units, width] and the per-group fields as [N, units(, 2)]: reshapes
-    of contiguous arrays, so XLA makes no copy."""
-    n, k = qm.shape
+    """The codes as [L, N, units, width] and the fields as [L, N, units(, 2)] (L = 1 for
+    one layer): reshapes of contiguous arrays, so XLA makes no copy."""
+    *_, n, k = qm.shape
     units = k // lay.unit
-    out = [qm.codes.reshape(n, units, lay.width)]
+    out = [qm.codes.reshape(-1, n, units, lay.width)]
     for name in present:
         a = getattr(qm, name)
         if name in ("sub_scale", "sub_min", "bias") and lay.per_part_groups == 2:
-            a = a.reshape(n, units, 2)
-        out.append(a)
+            a = a.reshape(-1, n, units, 2)
+        out.append(a.reshape(-1, *a.shape[-2:]) if a.ndim < 4 else a)
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "tuning", "interpret"))
 def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None,
          tuning: GemvTuning | None = None, interpret: bool = False) -> jax.Array:
-    """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes); launch
-    shape from `tuning` (default: tuning_from_env()), block_rows overriding its rows."""
+    """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes, or stacked
+    with its layer bound); launch shape from `tuning` (default: tuning_from_env()),
+    block_rows overriding its rows."""
     tuning = tuning or tuning_from_env()
     m, k = x.shape
-    n = qm.shape[-2]
+    *_, n, _ = qm.shape
     lay = _layout(qm)
     block_rows = block_rows or tuning.rows or block_rows_for(n)
     if lay is None or not supported(qm, m, block_rows):
@@ -256,4 +259,5 @@ def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None,
         kernel, grid=(n // block_rows,),
         out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
         interpret=interpret, **extra,
-    )(x.reshape(m, units, lay.unit), *_views(qm, lay, present))
+    )(jnp.reshape(0 if qm.layer is None else qm.layer, (1,)).astype(jnp.int32),
+      x.reshape(m, units, lay.unit), *_views(qm, lay, present))
