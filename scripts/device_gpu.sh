@@ -153,6 +153,9 @@ log "GEMV at 1 row beat XLA for every type: ${PALLAS_WON:-0}; launch shape: ${BE
 
 record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
   --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
+# the layer loop unrolled in the program (no `while` for XLA to leave out of the graph)
+KTJAX_COMMAND_BUFFERS=layers record small_q8_0_unrolled 40 python3 scripts/bench_generate.py \
+  --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
 wait $gen; gen=""; log "big GGUFs written"; ls -la "$D" >> "$LOG"
 record big_q4_k_b1 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --prompt-tokens $P \
   --gen-tokens $G --batch 1 --repeats 2 --roofline --profile-steps 10 $LB --json
@@ -160,6 +163,8 @@ record big_q4_k_batched 100 python3 scripts/bench_generate.py --model "$D/big-q4
   --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
 record big_q4_k_prefill 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
   --prefill-tokens $PF --repeats 2 $LB --json
+KTJAX_COMMAND_BUFFERS=layers record big_q4_k_b1_unrolled 80 python3 scripts/bench_generate.py \
+  --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --batch 1 --repeats 2 --roofline --json
 record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
   --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline $LB --json
 # the optimized HLO of the SmolLM2 step programs: which instructions keep the layer loop

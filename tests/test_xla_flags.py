@@ -36,3 +36,28 @@ def test_flags_parse_in_this_xla():
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--xla_gpu_command_buffer_unroll_loops=true" in out.stdout
+
+
+def test_layers_mode_unrolls_the_decoder(tmp_path, monkeypatch):
+    """KTJAX_COMMAND_BUFFERS=layers: the graph flags of mode 1, and the decoder's step has no
+    loop over layers left (a `while` XLA may keep out of the graph), with the same tokens."""
+    from tiny_models import write_tiny_gguf
+    from ktjax import LLM, SamplingParams
+    from ktjax.engine.buckets import StepBucket
+    assert xla_flags.wanted_flags("layers") == xla_flags.wanted_flags("1")
+    path = write_tiny_gguf(tmp_path / "m.gguf", n_layers=3)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    out = {}
+    for value in ("1", "layers"):
+        monkeypatch.setenv("KTJAX_COMMAND_BUFFERS", value)
+        llm = LLM(str(path), max_model_len=64)
+        programs = llm.engine.programs
+        text = programs._forward.trace(*programs.lower_args(
+            ("step", StepBucket(1, 0, 0, 1), None))).lower().as_text()
+        out[value] = ("stablehlo.while" in text,
+                      llm.generate([[1, 2, 3, 4]], greedy)[0].token_ids)
+    assert out["1"][0] and not out["layers"][0]
+    assert out["1"][1] == out["layers"][1]
+    monkeypatch.setenv("KTJAX_COMMAND_BUFFERS", "yes")
+    with pytest.raises(ValueError, match="KTJAX_COMMAND_BUFFERS"):
+        xla_flags.unrolled_layers()

@@ -14,7 +14,10 @@ one-GPU step. Pallas kernels lower to custom calls (Triton / Mosaic GPU), which 
 captures.
 
 KTJAX_COMMAND_BUFFERS=0 leaves XLA's defaults; =unroll also unrolls known-trip-count loops
-inside the graph (no conditional nodes; more nodes). Flags the user already put in XLA_FLAGS
+inside the graph (no conditional nodes; more nodes); =layers has the decoder unroll its scan
+over layers instead (unrolled_layers), so no `while` is left for XLA to keep out of the
+graph (7 Dec, H100: the layer loop still ran as a graph launch per layer; compiles take
+longer). Flags the user already put in XLA_FLAGS
 win. The same flags parse on CPU-only installs (XLA registers every flag), so this is safe
 to apply anywhere.
 """
@@ -30,14 +33,32 @@ GRAPH_FLAGS = {
 UNROLL_FLAGS = {"xla_gpu_command_buffer_unroll_loops": "true"}
 
 
-def wanted_flags(mode: str | None = None) -> dict[str, str]:
-    """The flags for a KTJAX_COMMAND_BUFFERS mode ('1' default, '0' none, 'unroll')."""
-    mode = os.environ.get("KTJAX_COMMAND_BUFFERS", "1") if mode is None else mode
-    if mode == "0":
+MODES = ("0", "1", "unroll", "layers")
+
+
+def _checked(value: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"KTJAX_COMMAND_BUFFERS must be one of {', '.join(MODES)}, "
+                         f"got {value!r}")
+    return value
+
+
+def mode() -> str:
+    """KTJAX_COMMAND_BUFFERS, checked (default '1')."""
+    return _checked(os.environ.get("KTJAX_COMMAND_BUFFERS", "1"))
+
+
+def wanted_flags(mode_: str | None = None) -> dict[str, str]:
+    """The flags for a KTJAX_COMMAND_BUFFERS mode (default: the environment's)."""
+    mode_ = mode() if mode_ is None else _checked(mode_)
+    if mode_ == "0":
         return {}
-    if mode not in ("1", "unroll"):
-        raise ValueError(f"KTJAX_COMMAND_BUFFERS must be 0, 1 or unroll, got {mode!r}")
-    return {**GRAPH_FLAGS, **(UNROLL_FLAGS if mode == "unroll" else {})}
+    return {**GRAPH_FLAGS, **(UNROLL_FLAGS if mode_ == "unroll" else {})}
+
+
+def unrolled_layers() -> bool:
+    """Whether the decoder unrolls its scan over layers (KTJAX_COMMAND_BUFFERS=layers)."""
+    return mode() == "layers"
 
 
 def merged(existing: str, flags: dict[str, str]) -> str:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ktjax import pytree, weights
+from ktjax.engine import xla_flags
 from ktjax.gguf.reader import GGUFFile
 from ktjax.kernels.backends import AttentionBackend
 from ktjax.models import layers
@@ -230,11 +231,12 @@ def decoder_forward(params: dict, kv: KVCache, batch: Batch, *, block: BlockFn |
             return (x, experts_carry.take_next()), new_kv
 
         layer_ids = jnp.arange(n, dtype=jnp.int32)
+        unroll = xla_flags.unrolled_layers()
         if carrying is None:
-            x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, layer_ids))
+            x, (k_new, v_new) = jax.lax.scan(step, x, (sliced, layer_ids), unroll=unroll)
         else:
             (x, state), (k_new, v_new) = jax.lax.scan(step, (x, carrying[1].initial),
-                                                      (sliced, layer_ids))
+                                                      (sliced, layer_ids), unroll=unroll)
             x = carrying[1].finish(state, x)
         new_k.append(k_new)
         new_v.append(v_new)
