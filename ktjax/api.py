@@ -190,10 +190,12 @@ class LLM:
                 finally:
                     self._lock.release()
 
-    def score(self, prompt: Prompt) -> np.ndarray:
-        """Log-probability of each token of `prompt` given the ones before it ([n - 1])."""
+    def score(self, prompt: Prompt, with_greedy: bool = False
+              ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Log-probability of each token of `prompt` given the ones before it ([n - 1]);
+        with_greedy: also the most likely token at each of those positions."""
         with self._lock:
-            return self.engine.score(self._encode(prompt))
+            return self.engine.score(self._encode(prompt), with_greedy)
 
     def chat_prompt(self, messages: list[dict], template: str | None = None) -> list[int]:
         """Token ids of `messages` rendered with `template` (Jinja text), else the model's

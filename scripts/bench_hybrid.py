@@ -162,21 +162,22 @@ def run(args) -> Iterator[dict]:
 
 def compare(llm, args) -> dict:
     """Agreement with the program of --compare rules on one scored text: mean and max
-    |Δ log p| of its tokens, and the greedy continuations' common prefix."""
+    |Δ log p| of its tokens, the share of its positions where both programs' most likely
+    next token is the same (top-1 agreement), and the greedy continuations' common prefix."""
     from ktjax import LLM, SamplingParams
     rng = np.random.default_rng(1)
     text = rng.integers(100, llm.engine.programs.vocab - 100, args.compare_tokens).tolist()
     greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    a_score = llm.score(text)
+    a_score, a_top = llm.score(text, with_greedy=True)
     a_tok = llm.generate([text[:16]], greedy)[0].token_ids
     other = LLM(args.model, rules=args.compare, max_model_len=args.compare_tokens + 64)
-    b_score = other.score(text)
+    b_score, b_top = other.score(text, with_greedy=True)
     b_tok = other.generate([text[:16]], greedy)[0].token_ids
     common = next((i for i, (x, y) in enumerate(zip(a_tok, b_tok)) if x != y), len(a_tok))
     d = np.abs(a_score - b_score)
     return {"compare_rules": args.compare, "logprob_absdiff_mean": float(d.mean()),
             "logprob_absdiff_max": float(d.max()), "greedy_common_prefix": common,
-            "greedy_tokens": len(a_tok),
+            "greedy_tokens": len(a_tok), "top1_agreement": float(np.mean(a_top == b_top)),
             "ppl_ratio": float(np.exp(-a_score.mean()) / np.exp(-b_score.mean()))}
 
 

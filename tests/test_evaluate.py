@@ -94,6 +94,19 @@ def test_encode_pair_moves_trailing_spaces_and_prefixes_an_empty_context(tiny_ll
     assert cont == tok.encode(" blue", add_bos=False)
 
 
+def test_score_gives_the_greedy_token_of_each_position(tiny_llm):
+    """score(with_greedy=True): at each position the token greedy decoding from that prefix
+    picks; across a prefill chunk's end (600 > 512 tokens) too."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, tiny_llm.config.vocab_size, 600).tolist()
+    logprobs, greedy = tiny_llm.score(ids, with_greedy=True)
+    np.testing.assert_array_equal(logprobs, tiny_llm.score(ids))
+    assert greedy.shape == logprobs.shape == (599,)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for i in (0, 9, 511, 512, 598):
+        assert tiny_llm.generate([ids[:i + 1]], one)[0].token_ids == [int(greedy[i])], i
+
+
 def test_sample_set_scores_the_same_batched_and_one_by_one(tiny_llm):
     items = read_items(SAMPLE)
     assert len(items) == 20 and sorted({i.gold for i in items}) == [0, 1, 2, 3]

@@ -451,13 +451,15 @@ class Engine:
         return SamplingBatch(top_k=top_k, seed=seed, step=step, recent=recent, **cols)
 
     # ---- scoring --------------------------------------------------------------------------
-    def score(self, ids: list[int]) -> np.ndarray:
-        """log p(ids[i + 1] | ids[:i + 1]) for every i, in prefill chunks (for perplexity)."""
+    def score(self, ids: list[int], with_greedy: bool = False
+              ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """log p(ids[i + 1] | ids[:i + 1]) for every i, in prefill chunks (for perplexity);
+        with_greedy: also the most likely token after each ids[:i + 1]."""
         self.validate(ids, SamplingParams(max_tokens=1))
         if self.running or self.waiting:
             raise RequestError("score() needs an idle engine")
         table = BlockTable(self.pool)
-        out = []
+        out, greedy = [], []
         try:
             for start in range(0, len(ids), bk.PREFILL_TOKENS[-1]):
                 chunk = ids[start:start + bk.PREFILL_TOKENS[-1]]
@@ -470,15 +472,17 @@ class Engine:
                 targets[0, :len(nxt)] = nxt
                 program = self.programs.scorer(bk.Bucket(1, tokens, pages, tokens))
                 with deferred_interrupts():
-                    logprobs, self.kv = program(self.params, self.kv, batch, targets)
+                    logprobs, top, self.kv = program(self.params, self.kv, batch, targets)
                 out.append(np.asarray(logprobs[0, :len(nxt)]))
+                greedy.append(np.asarray(top[0, :len(nxt)]))
                 raise_host_errors()
         except BaseException:
             self._recover([])
             raise
         finally:
             table.release()
-        return np.concatenate(out)
+        return (np.concatenate(out), np.concatenate(greedy)) if with_greedy else \
+            np.concatenate(out)
 
     # ---- driving --------------------------------------------------------------------------
     def run_until_done(self) -> Iterator[list[Sequence]]:

@@ -117,11 +117,14 @@ def _sampled_rows(logits: jax.Array, batch: Batch) -> jax.Array:
 
 
 def _scorer(forward: Callable) -> Callable:
-    """forward, then the log-probability of each target token: [B, R] instead of [B, R, V]."""
+    """forward, then the log-probability of each target token and the most likely token
+    (lm-evaluation-harness' is_greedy; agreement between programs): [B, R] each instead of
+    [B, R, V]."""
     def score(params, kv, batch, targets):
         logits, kv = forward(params, kv, batch)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
+        target_logprobs = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+        return target_logprobs, jnp.argmax(logits, axis=-1).astype(jnp.int32), kv
     return score
 
 

@@ -208,6 +208,6 @@ def _score_rows(engine: Engine, rows: list[_Row]) -> list[float]:
     batch = batch.replace(logits_index=index)
     program = engine.programs.scorer(bk.Bucket(n_rows, tokens, pages, predicted))
     with deferred_interrupts():
-        logprobs, engine.kv = program(engine.params, engine.kv, batch, targets)
+        logprobs, _, engine.kv = program(engine.params, engine.kv, batch, targets)
     logprobs = np.asarray(logprobs)
     return [float(logprobs[k, :len(r.tokens) - r.tail].sum()) for k, r in enumerate(rows)]

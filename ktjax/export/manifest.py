@@ -9,7 +9,7 @@ from typing import Any
 
 from ktjax.errors import ArtifactError, ArtifactMismatchError
 
-FORMAT = 1
+FORMAT = 2   # 2: scoring programs also return the most likely token
 NAME = "manifest.json"
 MAX_BYTES = 16 << 20
 
