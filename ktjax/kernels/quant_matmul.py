@@ -177,8 +177,7 @@ def _kernel(layer_ref, x_ref, codes_ref, *refs, present, lay: _Layout, bits: int
             c = b if c is None else c + b
         return s, c
 
-    def part_codes(t, p):                  # [R, T, width] float32 q - offset
-        raw = codes_ref[layer, rows, pl.ds(t * tile, tile), :]
+    def part_codes(raw, p):                # [R, T, width] float32 q - offset
         if bits == 4:
             raw = raw & 15 if p == 0 else raw >> 4
         return _codes_to_float(raw, bits, lay.offset, magic)
@@ -189,8 +188,9 @@ def _kernel(layer_ref, x_ref, codes_ref, *refs, present, lay: _Layout, bits: int
         return x_ref[idx].astype(jnp.float32)
 
     def step(t, acc):
+        raw = codes_ref[layer, rows, pl.ds(t * tile, tile), :]    # both nibbles: one load
         for p in range(lay.parts):
-            q = part_codes(t, p)
+            q = part_codes(raw, p)
             s, c = terms(t, p)
             if m >= DOT_ROWS:
                 w = s[:, :, None] * q
