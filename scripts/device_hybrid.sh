@@ -11,9 +11,10 @@
 # streamed to the GPU, prefill tok/s at 512 and 4096 tokens with the host experts and with every
 # layer's experts streamed (device_prefill_min_tokens), decode with expert deferral (DEFER=2),
 # its accuracy on a real GGUF (MOE_GGUF), the synchronous bridge (before), and output agreement
-# hybrid vs all-GPU on a 2-layer cut of the shape (all-GPU dequantizes every expert). The placement
-# and prefill runs come before the outputs, deferral and diagnostics; HYBRID_LIMIT bounds the
-# main hybrid run (default 130 s; a 48-layer load takes about 50 s of it).
+# hybrid vs all-GPU on a 2-layer cut of the shape (all-GPU dequantizes every expert). After the
+# main runs come the outputs, the prefill runs and the partial placement (its device experts are
+# dequantized at load: slow for many layers), then deferral and diagnostics; HYBRID_LIMIT bounds
+# the main hybrid run (default 130 s; a 48-layer load takes about 50 s of it).
 # Writes $OUT/hybrid.log and $OUT/hybrid.json. SMOKE=1: tiny model on this machine's CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -103,14 +104,13 @@ for spec in $MODELS; do
     TESTED=1 TAIL=12 stage gpu-tests 30 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
     TESTED=1
   fi
-  # 2. the same partial placement in both: the experts of the last layers on the GPU
-  n=$(( layers - ${GPU_LAYERS:-6} )); [ $n -lt 0 ] && n=0
-  cp "rules/$profile.yaml" "$D/partial.yaml"; printf 'experts:\n  n_cpu_moe: %d\n' "$n" >> "$D/partial.yaml"
-  stage "ktjax-partial-$shape" 50 90 $BENCH --model "$m" --rules "$D/partial.yaml" --prompt-tokens $PROMPT \
-    --gen-tokens $GEN
-  if [ -n "${LLAMA_BIN:-}" ]; then
-    stage "llama-ncmoe-$n-$shape" 20 60 bash -c "$(llama_cmd "$m" "$n")"
-    [ "$n" -gt 0 ] && stage "llama-ncmoe-0-$shape" 20 60 bash -c "$(llama_cmd "$m" 0)"
+  # 3. outputs: hybrid vs all-GPU on a cut of the shape
+  c="$D/$shape-cut.gguf"
+  [ "$shape" = tiny ] && c="$D/tiny-cut.gguf"
+  if [ "$shape" = tiny ] || stage "gen-cut-$shape" 30 40 python3 scripts/make_synthetic_gguf.py \
+      --shape "$shape" --layers $CUT --experts-qtype Q4_K "$c"; then
+    stage "agreement-$shape" 40 90 $BENCH --model "$c" --rules "$profile" --prompt-tokens 64 --gen-tokens 8 \
+      --compare device --compare-tokens 256
   fi
   # prefill by token count: host experts vs every layer's experts streamed to the GPU
   # (experts: device_prefill_min_tokens), prompts of PREFILL_LENGTHS, to set the threshold
@@ -119,13 +119,14 @@ for spec in $MODELS; do
     stage "prefill-$(basename "$r" .yaml)-$shape" 60 150 $BENCH --model "$m" --rules "$r" \
       --prefill-tokens "$PREFILL_LENGTHS"
   done
-  # 3. outputs: hybrid vs all-GPU on a cut of the shape
-  c="$D/$shape-cut.gguf"
-  [ "$shape" = tiny ] && c="$D/tiny-cut.gguf"
-  if [ "$shape" = tiny ] || stage "gen-cut-$shape" 30 40 python3 scripts/make_synthetic_gguf.py \
-      --shape "$shape" --layers $CUT --experts-qtype Q4_K "$c"; then
-    stage "agreement-$shape" 40 90 $BENCH --model "$c" --rules "$profile" --prompt-tokens 64 --gen-tokens 8 \
-      --compare device --compare-tokens 256
+  # 2. the same partial placement in both: the experts of the last layers on the GPU
+  n=$(( layers - ${GPU_LAYERS:-6} )); [ $n -lt 0 ] && n=0
+  cp "rules/$profile.yaml" "$D/partial.yaml"; printf 'experts:\n  n_cpu_moe: %d\n' "$n" >> "$D/partial.yaml"
+  stage "ktjax-partial-$shape" 50 90 $BENCH --model "$m" --rules "$D/partial.yaml" --prompt-tokens $PROMPT \
+    --gen-tokens $GEN
+  if [ -n "${LLAMA_BIN:-}" ]; then
+    stage "llama-ncmoe-$n-$shape" 20 60 bash -c "$(llama_cmd "$m" "$n")"
+    [ "$n" -gt 0 ] && stage "llama-ncmoe-0-$shape" 20 60 bash -c "$(llama_cmd "$m" 0)"
   fi
   # expert deferral: decode with each token's DEFER lowest-weighted host experts deferred
   cp "rules/$profile.yaml" "$D/defer.yaml"; printf 'experts:\n  defer: %d\n' "$DEFER" >> "$D/defer.yaml"
