@@ -15,7 +15,9 @@ that moves some of them to the device (XLA):
                            # the device, the layer's weights streamed from host memory (below)
 
 Every layer keeps its full expert set on the host (what the host runs is chosen per token);
-the device experts live in one pool [S, ...], contiguous per layer, with `slots` [L, E]
+the device experts live in one pool [S, ...], contiguous per layer, in the file's
+quantization where the device has a layout for it (QuantMatrix codes, as `keep` device
+matrices: a Q4_K pool takes 0.58 byte per weight, not bf16's 2), with `slots` [L, E]
 mapping each (layer, expert) to its pool slot or -1. A layer's tokens are routed as usual;
 the pairs whose expert has a slot run on the device, the others on the host (their ids in
 the host call are the skip id), and the two sums add up. A family's expert activation and
@@ -240,23 +242,31 @@ class HybridExperts:
         w = jnp.where(on_device, route.weights, 0.0)
         if n * k <= GATHER_PAIRS:
             s = jnp.where(on_device, slot, 0).reshape(-1)
-            xs = jnp.repeat(x, k, axis=0).astype(self.gate.dtype)        # pair p = token p // k
+            xs = jnp.repeat(x, k, axis=0)                                # pair p = token p // k
             biased = lambda v, b: v if b is None else v + b[s]  # noqa: E731
-            g = jnp.einsum("ph,pih->pi", xs, self.gate[s], preferred_element_type=jnp.float32)
-            u = jnp.einsum("ph,pih->pi", xs, self.up[s], preferred_element_type=jnp.float32)
+            g = _pair_matvec(_take(self.gate, s), xs)
+            u = _pair_matvec(_take(self.up, s), xs)
             a = self.activation.apply(biased(g, self.gate_bias), biased(u, self.up_bias))
-            y = biased(jnp.einsum("pi,phi->ph", a.astype(self.down.dtype), self.down[s],
-                                  preferred_element_type=jnp.float32), self.down_bias)
+            y = biased(_pair_matvec(_take(self.down, s), a), self.down_bias)
             y = jnp.where(on_device.reshape(-1, 1), y, 0.0) * w.reshape(-1, 1)
             return y.reshape(n, k, -1).sum(axis=1)
-        total = self.gate.shape[0]
+        total = jax.tree.leaves(self.gate)[0].shape[0]
         start = jnp.minimum(self.pool_start[layer], total - self.window)   # window in bounds
         local = jnp.where(on_device, slot - start, self.window)            # off-device: last
-        window = lambda m: None if m is None else \
-            jax.lax.dynamic_slice_in_dim(m, start, self.window)  # noqa: E731
-        pool = [window(m) for m in (self.gate, self.up, self.down)]
-        biases = [window(b) for b in (self.gate_bias, self.up_bias, self.down_bias)]
+        pool = [_values(_window(m, start, self.window), self.dtype)
+                for m in (self.gate, self.up, self.down)]
+        biases = [_window(b, start, self.window)
+                  for b in (self.gate_bias, self.up_bias, self.down_bias)]
         return _grouped(pool, x, local, w, self.window, biases, self.activation)
+
+
+def _pair_matvec(m: jax.Array | QuantMatrix, v: jax.Array) -> jax.Array:
+    """Each pair's expert matrix [P, out, in] times its vector [P, in], float32 [P, out]. A
+    quantized pool multiplies and reduces over its codes in one fusion (decode reads each
+    gathered expert's codes once, as device_quant.linear's reduction form)."""
+    if isinstance(m, QuantMatrix):
+        return jnp.sum(device_quant.dequantize(m) * v.astype(jnp.float32)[:, None, :], -1)
+    return jnp.einsum("pi,poi->po", v.astype(m.dtype), m, preferred_element_type=jnp.float32)
 
 
 def _split_lowest(ids: jax.Array, w: jax.Array, defer: int
@@ -399,15 +409,14 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
         return HybridExperts(window=0, activation=activation, **common)
     slots = np.full((len(blocks), e), -1, np.int32)
     start, mats, biases = [], [[], [], []], [[], [], []]
+    forms = [_stream_form([f.tensors[ns[i]] for ns in names]) for i in range(3)]
     used = 0
     for j, (experts, layer_names) in enumerate(zip(per_layer, names)):
         start.append(used)
         for i, name in enumerate(layer_names):
             t = f.tensors[name]
             if experts:
-                raw = np.asarray(t.data).reshape(t.shape[0], -1)[list(experts)]
-                mats[i].append(quants.dequantize(raw, t.qtype, (len(experts), *t.shape[1:]),
-                                                 dtype=dtype))
+                mats[i].append(_pool_part(t, list(experts), forms[i], dtype))
                 if bias_names[i] is not None:
                     b = f.tensors[bias_names[i][j]]
                     biases[i].append(quants.dequantize(b.data, b.qtype, b.shape,
@@ -415,7 +424,7 @@ def build(handles: tuple[int, ...], f, names: list[tuple[str, str, str]], rules_
         slots[j, list(experts)] = np.arange(used, used + len(experts), dtype=np.int32)
         used += len(experts)
     put = (lambda a: jax.device_put(a, device))
-    gate, up, down = (put(np.concatenate(m)) for m in mats)
+    gate, up, down = (_stack_pool(m, device) for m in mats)
     gate_b, up_b, down_b = (put(np.concatenate(b)) if b else None for b in biases)
     return HybridExperts(window=window, activation=activation, slots=put(slots),
                          pool_start=put(np.asarray(start, np.int32)), gate=gate, up=up, down=down,
@@ -440,10 +449,7 @@ def _host_stream(f, names: list[tuple[str, str, str]], dtype, device: jax.Device
                 t.data, t.qtype, t.shape, dtype=dtype).reshape(e * rows, cols) for t in ts]),
                 host))
             continue
-        packed = [device_quant.pack_gguf(np.asarray(t.data), t.qtype, (e * rows, cols))
-                  for t in ts]
-        if form == "k_mixed":
-            packed = [device_quant.widen_to_k8(p, e * rows, cols) for p in packed]
+        packed = [_pack_rows(np.asarray(t.data), t.qtype, e * rows, cols, form) for t in ts]
         qm = device_quant.stack_to_device(packed, "keep", True, None)
         out.append(jax.tree.map(lambda a: jax.device_put(a, host), qm))
     for per_layer in bias_names:
@@ -461,6 +467,49 @@ def _stream_form(ts) -> str:
     if len(qtypes) == 1 and next(iter(qtypes)) in device_quant.KEEP_QTYPES:
         return "keep"
     return "k_mixed" if qtypes <= set(device_quant.K_MIX_QTYPES) else "dequantized"
+
+
+def _pool_part(t, experts: list[int], form: str, dtype):
+    """Some experts of one layer's [E, out, in] tensor for the device pool: packed arrays
+    and layout of their QuantMatrix ([n, out, ...]) in forms keep / k_mixed, else the
+    dequantized array [n, out, in]."""
+    _, rows, cols = t.shape
+    raw = np.asarray(t.data).reshape(t.shape[0], -1)[experts]
+    if form == "dequantized":
+        return quants.dequantize(raw, t.qtype, (len(experts), rows, cols), dtype=dtype)
+    arrays, statics = _pack_rows(raw, t.qtype, len(experts) * rows, cols, form)
+    return {k: v.reshape(len(experts), rows, -1) for k, v in arrays.items()}, statics
+
+
+def _pack_rows(raw: np.ndarray, qtype, n: int, cols: int, form: str) -> tuple[dict, dict]:
+    """GGUF blocks of an [n, cols] matrix as `keep` device arrays (form keep), or in the
+    layout mixed K-quants share (form k_mixed)."""
+    packed = device_quant.pack_gguf(raw, qtype, (n, cols))
+    return device_quant.widen_to_k8(packed, n, cols) if form == "k_mixed" else packed
+
+
+def _stack_pool(parts: list, device) -> jax.Array | QuantMatrix:
+    """The pool of one projection: its layers' parts concatenated along the slots."""
+    if not isinstance(parts[0], tuple):
+        return jax.device_put(np.concatenate(parts), device)
+    arrays = {k: np.concatenate([a[k] for a, _ in parts]) for k in parts[0][0]}
+    return device_quant.stack_to_device([(arrays, parts[0][1])], "keep", False, device)
+
+
+def _take(m: jax.Array | QuantMatrix, index: jax.Array) -> jax.Array | QuantMatrix:
+    """Pool slots `index` of a projection (each array's leading axis)."""
+    return jax.tree.map(lambda a: a[index], m) if isinstance(m, QuantMatrix) else m[index]
+
+
+def _window(m: jax.Array | QuantMatrix | None, start: jax.Array, size: int):
+    """`size` pool slots from `start` (each array's leading axis)."""
+    return None if m is None else jax.tree.map(
+        lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), m)
+
+
+def _values(m: jax.Array | QuantMatrix, dtype) -> jax.Array:
+    """A pool part's weights as an array of `dtype` (quantized parts dequantized)."""
+    return device_quant.dequantize(m, dtype) if isinstance(m, QuantMatrix) else m
 
 
 def stream_host_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n_blocks: int,
@@ -489,10 +538,15 @@ def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n
     placement = read_placement(rules_file, n_blocks, e, [_block_of(g) for g, _, _ in names])
     if placement is None:
         return 0
+    forms = [_stream_form([f.tensors[ns[i]] for ns in names]) for i in range(3)]
     total = 0
     for gate_up_down in names:
         n = len(placement.for_block(_block_of(gate_up_down[0])))
-        total += n * sum(f.tensors[m].n_elements // e for m in gate_up_down) * itemsize
+        for m, form in zip(gate_up_down, forms):
+            t = f.tensors[m]
+            total += n * (t.n_elements // e * itemsize if form == "dequantized" else
+                          device_quant.packed_nbytes(t.qtype, t.shape[1:], "keep",
+                                                     k_mixed=form == "k_mixed"))
     return total
 
 

@@ -10,6 +10,9 @@ import pytest
 
 from ktjax import LLM, SamplingParams
 from ktjax import hybrid_experts as hx
+from ktjax import device_quant
+from ktjax.device_quant import QuantMatrix
+from ktjax.gguf.ggml_types import GGMLQuantizationType as T
 from ktjax.errors import KernelError, RulesError
 from ktjax.gguf.reader import GGUFFile
 from ktjax.host import moe as hm
@@ -221,7 +224,14 @@ def _reference(f, names, hybrid, layer, x, ids, w):
 
 
 @pytest.mark.parametrize("tokens", [4, 40])   # the gathered (decode) and grouped paths
-def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens):
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens, qtype):
+    """Quantized experts stay in their blocks in the pool (QuantMatrix, bytes as `ktjax info`
+    counts them); F32 ones are an array."""
+    if qtype != "F32":
+        moe_path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2moe", n_experts=E, n_used=K,
+                                   shared_ffn=32, n_layers=3, hidden=H, expert_ffn=I,
+                                   expert_qtype=T[qtype])
     f = GGUFFile(moe_path)
     names = _names(moe_path)
     rules = _rules(tmp_path, "experts: {device_blocks: [2], hot: {0: [1, 3], 1: [5]}}\n")
@@ -229,6 +239,10 @@ def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens)
                                            for n in ns), E, H, I) for ns in names)
     hybrid = hx.build(handles, f, names, rules, 3, np.float32, None, force=False)
     assert hybrid.window == E and hybrid.gate.shape == (2 + 1 + E, I, H)
+    assert isinstance(hybrid.gate, QuantMatrix) == (qtype != "F32")
+    pool = sum(sum(int(a.nbytes) for a in jax.tree.leaves(m))
+               for m in (hybrid.gate, hybrid.up, hybrid.down))
+    assert pool == hx.device_expert_bytes(f, names, rules, 3, 4)
     rng = np.random.default_rng(3)
     x, ids, w = _routing(rng, tokens)
     run = jax.jit(lambda hy, x, ids, w: hy.with_extra(x, Route(ids, w), None))
@@ -238,6 +252,33 @@ def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens)
                                    rtol=1e-4, atol=1e-5)
     for h in handles:
         release(h)
+
+
+def test_pool_of_mixed_k_quants_widens_to_one_layout():
+    """Layers whose experts mix K-quants (Q4_K_M files: some layers' down Q6_K) share one
+    widened pool layout; each slot dequantizes to gguf's values of its expert."""
+    from types import SimpleNamespace
+    import gguf
+    from ktjax.gguf import quants
+    rng = np.random.default_rng(8)
+    experts, rows, cols = 3, 4, 256
+
+    def tensor(qtype, f16_offsets):     # random blocks with finite float16 scales
+        elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (experts * rows, cols // elems, nbytes), dtype=np.uint8)
+        for off in f16_offsets:
+            d = (rng.standard_normal(raw.shape[:2]) * 1e-2).astype(np.float16)
+            raw[..., off:off + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
+        return SimpleNamespace(data=raw.reshape(experts, rows, -1), qtype=qtype,
+                               shape=(experts, rows, cols))
+
+    layers = [(tensor(T.Q4_K, (0, 2)), [0, 2]), (tensor(T.Q6_K, (208,)), [1])]
+    form = hx._stream_form([t for t, _ in layers])
+    assert form == "k_mixed"
+    pool = hx._stack_pool([hx._pool_part(t, sel, form, np.float32) for t, sel in layers], None)
+    want = np.concatenate([quants.dequantize(t.data, t.qtype, t.shape)[sel]
+                           for t, sel in layers])
+    np.testing.assert_array_equal(np.asarray(device_quant.dequantize(pool)), want)
 
 
 def _scores(path, rules, ids, **kw):
