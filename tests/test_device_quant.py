@@ -340,10 +340,16 @@ def test_pallas_gemv_takes_and_refuses(monkeypatch):
     rows need 16 weight rows per program; a bad KTJAX_QUANT_GEMV is named."""
     from ktjax.kernels import quant_matmul
     qm = _every_layout(np.random.default_rng(0), n=64)[3]
-    assert quant_matmul.supported(qm, 1) and quant_matmul.supported(qm, 64, 16)
+    assert quant_matmul.supported(qm, 1) and quant_matmul.supported(qm, 64)
     assert not quant_matmul.supported(qm, 3) and not quant_matmul.supported(qm, 1, 128)
     assert not quant_matmul.supported(qm, 16, 8) and not quant_matmul.supported(qm, 1, 24)
-    assert quant_matmul.block_rows_for(4096) == 16 and quant_matmul.block_rows_for(28672) == 32
+    assert quant_matmul.block_rows_for(4096) == 8 and quant_matmul.block_rows_for(12) == 0
+    assert quant_matmul.block_rows_for(1024, 16) == 16
+    assert quant_matmul.block_rows_for(4096, 64) == 32
+    # a tensor-core tile's shared memory (x per pipeline stage + the dequantized tile)
+    # within half the H100's 227 KB: 64 bf16 rows -> 256 values, float32 -> 128
+    assert quant_matmul.dot_values(64, 32, 2, 2) == 256
+    assert quant_matmul.dot_values(64, 32, 4, 2) == 128
     assert quant_matmul.tile_units(9, 64, 1024) == 1
     assert quant_matmul.tile_units(24, 64, 1024) == 8
     with pytest.raises(ValueError, match="rows per program"):

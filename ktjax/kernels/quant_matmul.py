@@ -43,10 +43,11 @@ _MAGIC_F = float(1 << 23)
 
 @dataclasses.dataclass(frozen=True)
 class GemvTuning:
-    """Launch shape: weight rows per program (0: by N, block_rows_for), values of K per loop
-    step (the largest power-of-two tile up to this that divides K), Triton warps / stages."""
+    """Launch shape: weight rows per program (0: block_rows_for), values of K per loop step
+    (the largest power-of-two tile up to this that divides K; tensor-core rows: also within
+    dot_values), Triton warps / stages."""
     rows: int = 0
-    values: int = 1024
+    values: int = 512
     warps: int = 4
     stages: int = 2
     magic: bool = True     # the exponent trick (False: plain int-to-float conversion)
@@ -69,13 +70,28 @@ def tuning_from_env() -> GemvTuning:
     return GemvTuning(**values)
 
 
-def block_rows_for(n: int) -> int:
-    """Weight rows per program: 32, or fewer so a matrix of few rows still gives the GPU's
-    SMs a few programs each (>= 256 programs where N allows); 0 if 8 does not divide N."""
-    for b in (32, 16, 8):
-        if n % b == 0 and (n // b >= 256 or b == 8):
+def block_rows_for(n: int, rows: int = 1) -> int:
+    """Weight rows per program (0: none divides N). FMA rows: 8, so a [8, 512] float32 tile
+    is 32 registers a thread at 4 warps and a matrix gives many programs; tensor-core rows:
+    32 where N still gives >= 128 programs, else 16 (a Triton dot needs N >= 16)."""
+    if rows < DOT_ROWS:
+        return 8 if n % 8 == 0 else 0
+    for b in (32, 16):
+        if n % b == 0 and (n // b >= 128 or b == 16):
             return b
     return 0
+
+
+def dot_values(rows: int, block_rows: int, x_bytes: int, stages: int) -> int:
+    """Values of K per loop step that keep a tensor-core tile's shared memory within half of
+    the GPU's: Triton stages x's [rows, values] tile per pipeline stage and converts the
+    dequantized [block_rows, values] tile to the dot's layout there (a 1024-value tile at
+    64 rows asked 345 KB of the H100's 227 KB; 7 Dec)."""
+    per_value = (max(stages, 1) * rows + block_rows) * x_bytes
+    v = 16
+    while 2 * v * per_value <= pallas_triton.shared_memory_limit() // 2:
+        v *= 2
+    return v
 
 
 def _pow2(v: int) -> bool:
@@ -121,7 +137,7 @@ def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool
     """Whether the kernel takes this matrix (one layer: 2-D codes, or a stack with its layer
     bound) and row count."""
     n = qm.shape[-2]
-    block_rows = block_rows or block_rows_for(n)
+    block_rows = block_rows or block_rows_for(n, rows)
     lay = _layout(qm)
     return qm.codes.ndim == (2 if qm.layer is None else 3) and rows in SUPPORTED_ROWS and block_rows > 0 and \
         _pow2(block_rows) and n % block_rows == 0 and lay is not None and \
@@ -242,12 +258,14 @@ def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None,
     m, k = x.shape
     *_, n, _ = qm.shape
     lay = _layout(qm)
-    block_rows = block_rows or tuning.rows or block_rows_for(n)
+    block_rows = block_rows or tuning.rows or block_rows_for(n, m)
     if lay is None or not supported(qm, m, block_rows):
         raise ValueError(f"the Pallas GEMV takes no {qm.bits}-bit group {qm.group} matrix "
                          f"[{n}, {k}] with {m} rows and {block_rows} rows per program")
     units = k // lay.unit
-    tile = tile_units(units, lay.unit, tuning.values)
+    values = tuning.values if m < DOT_ROWS else \
+        min(tuning.values, dot_values(m, block_rows, x.dtype.itemsize, tuning.stages))
+    tile = tile_units(units, lay.unit, values)
     present = [name for name in ("scale", "sub_scale", "min_scale", "sub_min", "bias")
                if getattr(qm, name) is not None]
     kernel = functools.partial(
