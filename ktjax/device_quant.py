@@ -19,10 +19,10 @@ or  S * q + bias  (Q4_1 / int4). 4-bit codes keep GGUF's nibble order: byte j of
 2h values holds value j (low nibble) and value h + j (high nibble), h = 16 for Q4_0 / Q4_1 /
 int4 and 32 for Q4_K, so the K-quant's bytes are taken as they are.
 
-`linear(qm, x)` picks the matmul form by the number of rows (a static shape): on a GPU, 2 to 64
-rows go through the Pallas GEMV of ktjax/kernels/quant_matmul.py (KTJAX_QUANT_KERNEL); else
-few rows (decode) multiply and reduce in one fusion, and more rows dequantize to the
-activation dtype and run a dot (docs/kernel-notes.md, "gpu-quant").
+`linear(qm, x)` picks the matmul form by the number of rows (a static shape): the Pallas GEMV
+of ktjax/kernels/quant_matmul.py where KTJAX_QUANT_KERNEL asks for it (PALLAS_AUTO_ROWS says
+when `auto` does); else few rows (decode) multiply and reduce in one fusion, and more rows
+dequantize to the activation dtype and run a dot (docs/kernel-notes.md, "gpu-quant").
 """
 from __future__ import annotations
 
@@ -204,10 +204,12 @@ def reduce_max_rows() -> int:
     return int(value)
 
 
-# Rows for which `auto` takes the Pallas GEMV on a GPU. H100, 14336 x 4096 (us, XLA form /
-# GEMV): Q4_K 46/138 at 1 row, 468/295 at 4, 1346/69 at 16, 4831/111 at 64; Q8_0 and Q6_K
-# alike (docs/kernel-notes.md, "Second GPU run"): XLA's forms re-read the codes per row.
-PALLAS_AUTO_ROWS = range(2, 65)
+# Rows for which `auto` takes the Pallas GEMV on a GPU: none until the wide-tile GEMV has
+# run on one. The first GEMV was the default for 2..64 rows (H100, 14336 x 4096, us, XLA
+# form / GEMV: Q4_K 468/295 at 4 rows, 1346/69 at 16, 4831/111 at 64); the wide-tile one
+# that replaced it failed to compile there at 16+ rows (shared memory; bounded since, not
+# yet run on a GPU; docs/kernel-notes.md), so a GPU step keeps XLA's forms by default.
+PALLAS_AUTO_ROWS: tuple[int, ...] = ()
 
 
 def use_pallas_kernel(rows: int) -> bool:

@@ -134,36 +134,39 @@ fi
 timeout -k 5 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_quant.py -k gpu 2>&1 \
   | tail -15 > "$OUT/gpu_tests.txt"; log "GPU tests: $(tail -1 "$OUT/gpu_tests.txt")"
 # The GEMV's launch shapes swept on the 8B FFN matrix; the model runs below take the FMA
-# rows' winner (KTJAX_QUANT_GEMV), and the GEMV for every row count it takes
-# (KTJAX_QUANT_KERNEL=pallas) where it beat XLA's forms at 1 row for every type.
-# (The model runs keep the default forms otherwise: a microbenchmark's reduce/dot crossover
-# does not carry over to a model; 7 Dec, docs/kernel-notes.md.)
+# rows' winner (KTJAX_QUANT_GEMV), and the GEMV (KTJAX_QUANT_KERNEL=pallas: every row count
+# it takes) in the batch-1 runs where it beat XLA's forms at 1 row for every type, in the
+# batched run where it did at 4, 16 and 64 rows. (The model runs keep the default forms
+# otherwise: a microbenchmark's reduce/dot crossover does not carry over to a model; 7 Dec.)
 record quant_matmul 100 python3 scripts/bench_quant_matmul.py $MM --sweep --json
-read -r PALLAS_WON BEST_GEMV < <(timeout -k 5 30 python3 - "$J" <<'PY' 2>> "$LOG"
+read -r WON BEST_GEMV < <(timeout -k 5 30 python3 - "$J" <<'PY' 2>> "$LOG"
 import json, sys
 rows = [r for line in open(sys.argv[1]) for r in json.loads(line).get("quant_matmul", {}).get("results", [])]
+won = [m for m in sorted({r["rows"] for r in rows})
+       if all(r["best"] == "pallas" for r in rows if r["rows"] == m)]
 one = [r for r in rows if r["rows"] == 1]
-won = int(bool(one) and all(r["best"] == "pallas" for r in one))
-print(won, one[0].get("pallas_tuning", "") if one else "")
+print(",".join(map(str, won)) or "none", one[0].get("pallas_tuning", "") if one else "")
 PY
 )
 [ -n "${BEST_GEMV:-}" ] && export KTJAX_QUANT_GEMV=$BEST_GEMV
-[ "${PALLAS_WON:-0}" = 1 ] && export KTJAX_QUANT_KERNEL=pallas
-log "GEMV at 1 row beat XLA for every type: ${PALLAS_WON:-0}; launch shape: ${BEST_GEMV:-default}"
+B1_KERNEL=auto; [[ ",${WON:-}," == *",1,"* ]] && B1_KERNEL=pallas
+BATCH_KERNEL=auto; [[ ",${WON:-}," == *",4,16,64,"* ]] && BATCH_KERNEL=pallas
+[ "${SMOKE:-0}" = 1 ] && B1_KERNEL=pallas    # exercise the branch (interpret on CPU)
+log "GEMV fastest at rows: ${WON:-none}; launch shape: ${BEST_GEMV:-default}; b1 $B1_KERNEL, batched $BATCH_KERNEL"
 
-record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
+KTJAX_QUANT_KERNEL=$B1_KERNEL record small_q8_0 60 python3 scripts/bench_generate.py --model "$D/small-q8.gguf" --prompt-tokens $P \
   --gen-tokens $G --repeats 3 --roofline --profile-steps 10 $LB --json
 # the layer loop unrolled in the program (no `while` for XLA to leave out of the graph)
-KTJAX_COMMAND_BUFFERS=layers record small_q8_0_unrolled 40 python3 scripts/bench_generate.py \
+KTJAX_QUANT_KERNEL=$B1_KERNEL KTJAX_COMMAND_BUFFERS=layers record small_q8_0_unrolled 40 python3 scripts/bench_generate.py \
   --model "$D/small-q8.gguf" --prompt-tokens $P --gen-tokens $G --repeats 3 --json
 wait $gen; gen=""; log "big GGUFs written"; ls -la "$D" >> "$LOG"
-record big_q4_k_b1 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --prompt-tokens $P \
+KTJAX_QUANT_KERNEL=$B1_KERNEL record big_q4_k_b1 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --prompt-tokens $P \
   --gen-tokens $G --batch 1 --repeats 2 --roofline --profile-steps 10 $LB --json
-record big_q4_k_batched 100 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" \
+KTJAX_QUANT_KERNEL=$BATCH_KERNEL record big_q4_k_batched 100 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" \
   --prompt-tokens $P --gen-tokens $G --batch $BATCHES --repeats 1 --roofline $LB --json
 record big_q4_k_prefill 80 python3 scripts/bench_generate.py --model "$D/big-q4k.gguf" --batch "" \
   --prefill-tokens $PF --repeats 2 $LB --json
-KTJAX_COMMAND_BUFFERS=layers record big_q4_k_b1_unrolled 80 python3 scripts/bench_generate.py \
+KTJAX_QUANT_KERNEL=$B1_KERNEL KTJAX_COMMAND_BUFFERS=layers record big_q4_k_b1_unrolled 80 python3 scripts/bench_generate.py \
   --model "$D/big-q4k.gguf" --prompt-tokens $P --gen-tokens $G --batch 1 --repeats 2 --roofline --json
 record big_bf16_8_layers 45 python3 scripts/bench_generate.py --model "$D/big-bf16.gguf" \
   --prompt-tokens $P --gen-tokens $G --repeats 2 --roofline $LB --json

@@ -18,7 +18,7 @@ at a quarter of the FMA rate on Hopper and would bound a 4-bit GEMV below HBM sp
 
 Tiles are powers of two, as Triton needs. `GemvTuning` holds the launch shape;
 KTJAX_QUANT_GEMV overrides it (e.g. "rows=16,values=1024,warps=4") for measurements.
-device_quant.linear routes rows here on a GPU (KTJAX_QUANT_KERNEL; docs/kernel-notes.md).
+device_quant.linear routes rows here where KTJAX_QUANT_KERNEL says (docs/kernel-notes.md).
 """
 from __future__ import annotations
 
