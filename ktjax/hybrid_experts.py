@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from ktjax import device_quant, pytree
+from ktjax import _native, device_quant, pytree
 from ktjax.device_quant import QuantMatrix
 from ktjax.errors import RulesError
 from ktjax.expert_activation import SILU, ExpertActivation
@@ -550,6 +550,16 @@ def device_expert_bytes(f, names: list[tuple[str, str, str]], rules_file: str, n
     return total
 
 
+def relax_batch_invariance(device: jax.Device) -> None:
+    """Let the host kernels take their size-dependent formula (on AMX: the tiles for every
+    weight format from 16 tokens, 2.4x faster Q4_K experts at 256 tokens; docs/kernel-notes.md,
+    "AMX cost of the batch-invariant default") when the step programs run on a GPU: XLA's
+    GPU kernels are chosen by shape, so such a step is not batch-invariant anyway. An explicit
+    KTJAX_BATCH_INVARIANT decides instead. The switch is process-wide (README)."""
+    if device.platform == "gpu" and "KTJAX_BATCH_INVARIANT" not in os.environ:
+        _native.set_batch_invariant(False)
+
+
 def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int, dtype,
               device: jax.Device | None, platform: str, activation: ExpertActivation = SILU,
               bias_names: list[list[str] | None] = (None, None, None)):
@@ -559,6 +569,7 @@ def from_host(host, f, per_kind: list[list[str]], rules_file: str, n_blocks: int
     rules file has an `experts:` section, else `host` unchanged."""
     # KTJAX_HOST_MOE_SYNC=1: the synchronous CUDA bridge instead (for before/after figures)
     sync = os.environ.get("KTJAX_HOST_MOE_SYNC", "0") == "1"
+    relax_batch_invariance(device or jax.devices()[0])
     hybrid = build(host.handles, f, list(zip(*per_kind)), rules_file, n_blocks, dtype, device,
                    force=platform == "gpu" and not sync, activation=activation,
                    bias_names=bias_names)

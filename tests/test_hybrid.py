@@ -646,3 +646,25 @@ def test_deferral_in_glm4moe(tmp_path):
     assert np.abs(LLM(str(path), rules=one, max_model_len=64).score(ids) - plain).max() > 1e-4
     calls = _custom_calls(GGUFFile(path), "cuda", StepBucket(1, 0, 0, 8), "gpu", one)
     assert "ktjax_moe_submit" in calls and calls <= set(_native.cuda_ffi_targets())
+
+
+def test_gpu_programs_relax_the_host_kernels_batch_invariance(monkeypatch):
+    """Host experts of GPU programs may take the size-dependent (AMX tile) formula: the GPU
+    step is not batch-invariant anyway. CPU programs and an explicit KTJAX_BATCH_INVARIANT
+    keep it."""
+    from types import SimpleNamespace
+    from ktjax import _native
+    was = _native.batch_invariant()
+    try:
+        _native.set_batch_invariant(True)
+        monkeypatch.delenv("KTJAX_BATCH_INVARIANT", raising=False)
+        hx.relax_batch_invariance(SimpleNamespace(platform="cpu"))
+        assert _native.batch_invariant()
+        monkeypatch.setenv("KTJAX_BATCH_INVARIANT", "1")
+        hx.relax_batch_invariance(SimpleNamespace(platform="gpu"))
+        assert _native.batch_invariant()
+        monkeypatch.delenv("KTJAX_BATCH_INVARIANT")
+        hx.relax_batch_invariance(SimpleNamespace(platform="gpu"))
+        assert not _native.batch_invariant()
+    finally:
+        _native.set_batch_invariant(was)
