@@ -6,7 +6,8 @@
 # the budget lasts. Per model: ktjax hybrid (experts on the host, 16 threads; decode batch 1 and 8
 # with the step against its ideal, the CUDA calls per step from a profile, prefill 512 and
 # 8 x 512), llama-bench
-# -ngl 99 -ncmoe <all layers> -t 16 -fa 1, ktjax CPU-only, then the same partial placement in
+# -ngl 99 -ncmoe <all layers> -t 16 -fa 1, ktjax CPU-only, ktjax hybrid with the layer loop
+# unrolled (KTJAX_COMMAND_BUFFERS=layers), then the same partial placement in
 # both (GPU_LAYERS: the last layers' experts on the GPU), one layer's prefill on the host vs
 # streamed to the GPU, prefill tok/s at 512 and 4096 tokens with the host experts and with every
 # layer's experts streamed (device_prefill_min_tokens), decode with expert deferral (DEFER=2),
@@ -99,6 +100,10 @@ for spec in $MODELS; do
   fi
   stage "ktjax-cpu-$shape-b1" 40 100 env JAX_PLATFORMS=cpu $BENCH --model "$m" --rules cpu \
     --prompt-tokens $PROMPT --gen-tokens $GEN
+  # the layer loop unrolled in the program (no `while` left out of the CUDA graph; 8 Dec: the
+  # GPU part of the step was 187 us per layer at batch 1)
+  stage "ktjax-hybrid-layers-$shape" 40 150 env KTJAX_COMMAND_BUFFERS=layers $BENCH --model "$m" \
+    --rules "$profile" --prompt-tokens $PROMPT --gen-tokens $GEN --batch 1
   # The CUDA handlers, the captured step and the error path (skipped without a GPU), once.
   if [ -z "${TESTED:-}" ]; then
     TESTED=1 TAIL=12 stage gpu-tests 30 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hybrid.py
