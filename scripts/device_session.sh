@@ -5,7 +5,8 @@
 # $OUT/results.tgz (the device returns at most 8 files), with the llama.cpp build beside it in
 # 15 MiB parts (lcb.tar.xz.*) once it exists, to carry to a later machine as .lcb/.
 #
-# Stages (issue):        tests   the gpu-marked tests and the engine on the Pallas backend (27, 28)
+# Stages (issue):        tests   the gpu-marked tests and the engine on the Pallas backend (27, 28;
+#                                TESTS_LIMIT s, default 190; TESTS_K: a pytest -k part)
 #   export  MoE start-up cold / cache / artifacts (29)      hybrid  device_hybrid.sh (28)
 #   gpu     device_gpu.sh, engine figures vs llama.cpp (27; GPU_LIMIT s, default 340)
 #   attn    device_attn.sh (27)
@@ -82,10 +83,12 @@ run_stage() {
 }
 # The hybrid tests first (the attention tests ran before); each test bounded where the
 # pytest-timeout plugin is there (7 Dec: one fitted-tiling test used up the stage's 190 s)
+# (TESTS_K: a pytest -k expression to run a part; 8 Dec: the 49 took about 7.6 s each)
 gpu_tests() {
   local per_test=""
   python3 -c "import pytest_timeout" 2> /dev/null && per_test="--timeout=60"
-  python3 -m pytest -v -p no:cacheprovider -rs -m gpu --durations=15 $per_test tests/test_hybrid.py \
+  python3 -m pytest -v -p no:cacheprovider -rs -m gpu --durations=15 $per_test \
+    ${TESTS_K:+-k "$TESTS_K"} tests/test_hybrid.py \
     tests/test_device_quant.py tests/test_gpu_attention.py > "$OUT/gpu_marked.txt" 2>&1
   python3 -m pytest -v -p no:cacheprovider -k engine_generates tests/test_gpu_attention.py \
     > "$OUT/engine_pallas.txt" 2>&1
@@ -94,7 +97,8 @@ gpu_tests() {
 # hybrid and attn leave out their own test stages: the tests stage runs those tests
 for stage in $STAGES; do
   case $stage in
-    tests) run_stage tests 190 bash -c "$(declare -f gpu_tests); gpu_tests" ;;
+    tests) run_stage tests "${TESTS_LIMIT:-190}" env TESTS_K="${TESTS_K:-}" \
+      bash -c "$(declare -f gpu_tests); gpu_tests" ;;
     export) run_stage export 122 bash scripts/device_export.sh ;;
     hybrid) [ "$PEER" = build ] && llama_bin 60
       run_stage hybrid 560 env TESTED=1 BUDGET="$(( $(left) - 5 ))" bash scripts/device_hybrid.sh ;;
