@@ -3,9 +3,9 @@ few rows M (1 to 64), reading each weight's codes once and dequantizing in regis
 
 The oracle is ktjax.device_quant.linear / dequantize (jnp); tests run this kernel in
 interpret mode against it. Each program owns `block_rows` weight rows and walks K in wide
-tiles of `tile_values` values (several code groups per load, so a load moves kilobytes, not
-one group's 16 bytes). The codes are viewed as [N, units, width]: a unit is one code group
-(8-bit) or one chunk of 2h values (4-bit: byte j holds value j in its low nibble and value
+tiles (GemvTuning.values values: several code groups per load, so a load moves kilobytes,
+not one group's 16 bytes). The codes are viewed as [N, units, width]: a unit is one code
+group (8-bit) or one chunk of 2h values (4-bit: byte j holds value j in its low nibble and value
 h + j in its high one, so the two nibbles are two "parts" of the unit, each with its own x
 slice and, for Q4_K, its own group). Below DOT_ROWS rows the math is FMA in "dot first"
 form, sum_j w_j x_j = S * sum_j q_j x_j + (bias - Mn) * sum_j x_j per group, so the only
@@ -139,8 +139,8 @@ def supported(qm: QuantMatrix, rows: int, block_rows: int | None = None) -> bool
     n = qm.shape[-2]
     block_rows = block_rows or block_rows_for(n, rows)
     lay = _layout(qm)
-    return qm.codes.ndim == (2 if qm.layer is None else 3) and rows in SUPPORTED_ROWS and block_rows > 0 and \
-        _pow2(block_rows) and n % block_rows == 0 and lay is not None and \
+    return qm.codes.ndim == (2 if qm.layer is None else 3) and rows in SUPPORTED_ROWS and \
+        block_rows > 0 and _pow2(block_rows) and n % block_rows == 0 and lay is not None and \
         (rows < DOT_ROWS or block_rows >= 16)
 
 
@@ -248,13 +248,17 @@ def _views(qm: QuantMatrix, lay: _Layout, present: list[str]) -> list[jax.Array]
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "tuning", "interpret"))
 def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None,
          tuning: GemvTuning | None = None, interpret: bool = False) -> jax.Array:
     """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes, or stacked
-    with its layer bound); launch shape from `tuning` (default: tuning_from_env()),
-    block_rows overriding its rows."""
-    tuning = tuning or tuning_from_env()
+    with its layer bound); launch shape from `tuning` (default: tuning_from_env(), read
+    here, outside the jit's cache), block_rows overriding its rows."""
+    return _gemv(qm, x, block_rows, tuning or tuning_from_env(), interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "tuning", "interpret"))
+def _gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None, tuning: GemvTuning,
+          interpret: bool) -> jax.Array:
     m, k = x.shape
     *_, n, _ = qm.shape
     lay = _layout(qm)
