@@ -244,10 +244,10 @@ class HybridExperts:
             s = jnp.where(on_device, slot, 0).reshape(-1)
             xs = jnp.repeat(x, k, axis=0)                                # pair p = token p // k
             biased = lambda v, b: v if b is None else v + b[s]  # noqa: E731
-            g = _pair_matvec(_take(self.gate, s), xs)
-            u = _pair_matvec(_take(self.up, s), xs)
+            g = _pair_matvec(self.gate, s, xs)
+            u = _pair_matvec(self.up, s, xs)
             a = self.activation.apply(biased(g, self.gate_bias), biased(u, self.up_bias))
-            y = biased(_pair_matvec(_take(self.down, s), a), self.down_bias)
+            y = biased(_pair_matvec(self.down, s, a), self.down_bias)
             y = jnp.where(on_device.reshape(-1, 1), y, 0.0) * w.reshape(-1, 1)
             return y.reshape(n, k, -1).sum(axis=1)
         total = jax.tree.leaves(self.gate)[0].shape[0]
@@ -260,13 +260,21 @@ class HybridExperts:
         return _grouped(pool, x, local, w, self.window, biases, self.activation)
 
 
-def _pair_matvec(m: jax.Array | QuantMatrix, v: jax.Array) -> jax.Array:
-    """Each pair's expert matrix [P, out, in] times its vector [P, in], float32 [P, out]. A
-    quantized pool multiplies and reduces over its codes in one fusion (decode reads each
-    gathered expert's codes once, as device_quant.linear's reduction form)."""
-    if isinstance(m, QuantMatrix):
-        return jnp.sum(device_quant.dequantize(m) * v.astype(jnp.float32)[:, None, :], -1)
-    return jnp.einsum("pi,poi->po", v.astype(m.dtype), m, preferred_element_type=jnp.float32)
+def _pair_matvec(pool: jax.Array | QuantMatrix, slots: jax.Array, v: jax.Array) -> jax.Array:
+    """Each pair's expert (pool slot slots[p], [out, in]) times its vector v[p], float32
+    [P, out]. A quantized pool: the Pallas gathered GEMV where KTJAX_QUANT_KERNEL asks for it
+    (each expert's codes read in place), else one XLA reduction over the gathered codes
+    (read once, as device_quant.linear's reduction form)."""
+    if not isinstance(pool, QuantMatrix):
+        return jnp.einsum("pi,poi->po", v.astype(pool.dtype), pool[slots],
+                          preferred_element_type=jnp.float32)
+    from ktjax.kernels import quant_matmul   # Pallas: imported by programs that use it
+    pairs = v.shape[0]
+    if device_quant.use_pallas_kernel(pairs) and quant_matmul.gathered_supported(pool, pairs):
+        return quant_matmul.gathered_gemv(pool, slots, v,
+                                          interpret=jax.default_backend() != "gpu")
+    m = _take(pool, slots)
+    return jnp.sum(device_quant.dequantize(m) * v.astype(jnp.float32)[:, None, :], -1)
 
 
 def _split_lowest(ids: jax.Array, w: jax.Array, defer: int

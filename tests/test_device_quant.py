@@ -335,6 +335,30 @@ def test_pallas_gemv_reads_a_bound_layer_of_a_stack():
                                    rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q8_0, T.Q6_K, T.Q4_0])
+def test_gathered_gemv_gives_each_row_its_own_matrix(qtype):
+    """gathered_gemv (MoE decode over a pool of experts): row p times matrix index[p] of the
+    stack, repeats and any pair count included; it lowers for CUDA too."""
+    from ktjax.kernels import quant_matmul
+    rng = np.random.default_rng(int(qtype))
+    n, k, experts = 16, 512, 5
+    stack = dq.stack_to_device([dq.pack_gguf(_random_blocks(rng, qtype, n, k), qtype, (n, k))
+                                for _ in range(experts)], "keep", True, None)
+    index = jnp.asarray([3, 0, 3, 4, 1, 2], jnp.int32)
+    x = rng.standard_normal((6, k)).astype(np.float32)
+    got = np.asarray(quant_matmul.gathered_gemv(stack, index, jnp.asarray(x), interpret=True))
+    w = np.asarray(dq.dequantize(stack), np.float64)
+    want = np.einsum("pk,pnk->pn", x.astype(np.float64), w[np.asarray(index)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert quant_matmul.gathered_supported(stack, 6)
+    assert not quant_matmul.gathered_supported(stack, 65)
+    assert not quant_matmul.gathered_supported(stack.at_layer(jnp.int32(0)), 6)
+    f = jax.jit(lambda q, i, v: quant_matmul.gathered_gemv(q, i, v))
+    spec = jax.ShapeDtypeStruct((6, k), jnp.bfloat16)
+    assert "__gpu$xla.gpu.triton" in f.trace(stack, index, spec).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
 def test_pallas_gemv_takes_and_refuses(monkeypatch):
     """What the kernel takes: power-of-two rows and row blocks dividing N; tensor-core
     rows need 16 weight rows per program; a bad KTJAX_QUANT_GEMV is named."""

@@ -224,10 +224,19 @@ def _reference(f, names, hybrid, layer, x, ids, w):
 
 
 @pytest.mark.parametrize("tokens", [4, 40])   # the gathered (decode) and grouped paths
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
-def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens, qtype):
+@pytest.mark.parametrize("qtype,kernel", [("F32", "auto"), ("Q8_0", "auto"), ("Q4_0", "auto"),
+                                          ("Q8_0", "pallas"), ("Q4_0", "pallas")])
+def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens, qtype, kernel,
+                                                     monkeypatch):
     """Quantized experts stay in their blocks in the pool (QuantMatrix, bytes as `ktjax info`
-    counts them); F32 ones are an array."""
+    counts them; decode pairs through XLA's reduction or the Pallas gathered GEMV); F32 ones
+    are an array."""
+    monkeypatch.setenv("KTJAX_QUANT_KERNEL", kernel)
+    from ktjax.kernels import quant_matmul
+    gathered = []
+    real = quant_matmul.gathered_gemv
+    monkeypatch.setattr(quant_matmul, "gathered_gemv",
+                        lambda *a, **k: gathered.append(1) or real(*a, **k))
     if qtype != "F32":
         moe_path = write_tiny_gguf(tmp_path / "q.gguf", "qwen2moe", n_experts=E, n_used=K,
                                    shared_ffn=32, n_layers=3, hidden=H, expert_ffn=I,
@@ -250,6 +259,8 @@ def test_split_layer_is_device_pairs_plus_host_pairs(tmp_path, moe_path, tokens,
         got = np.asarray(run(hybrid.at_layer(jnp.int32(layer)), x, ids, w))
         np.testing.assert_allclose(got, _reference(f, names, hybrid, layer, x, ids, w),
                                    rtol=1e-4, atol=1e-5)
+    # gate, up and down of the decode pairs (traced once) through the Pallas kernel
+    assert len(gathered) == (3 if kernel == "pallas" and qtype != "F32" and tokens == 4 else 0)
     for h in handles:
         release(h)
 

@@ -157,13 +157,18 @@ def _codes_to_float(c: jax.Array, bits: int, offset: int, magic: bool) -> jax.Ar
 
 
 def _kernel(layer_ref, x_ref, codes_ref, *refs, present, lay: _Layout, bits: int, block_rows: int,
-            tile: int, n_tiles: int, magic: bool):
+            tile: int, n_tiles: int, magic: bool, gathered: bool):
     out_ref = refs[-1]
     f = dict(zip(present, refs[:-1]))
     r = block_rows
     rows = pl.ds(pl.program_id(0) * r, r)
-    layer = layer_ref[0]                   # the weights' arrays are [L, N, ...]
-    m = x_ref.shape[0]
+    if gathered:      # one x row a program, times its own matrix of the stack
+        x_rows = [pl.program_id(1)]
+        layer = layer_ref[x_rows[0]]
+    else:             # every x row times one matrix of the stack
+        x_rows = list(range(x_ref.shape[0]))
+        layer = layer_ref[0]               # the weights' arrays are [L, N, ...]
+    m = len(x_rows)
 
     def per_scale(ref, t):                 # d / dmin / scale of each unit of tile t: [R, T]
         ups = lay.units_per_scale
@@ -218,20 +223,20 @@ def _kernel(layer_ref, x_ref, codes_ref, *refs, present, lay: _Layout, bits: int
                                               trans_b=True,
                                               precision=jax.lax.Precision.HIGHEST)
                 continue
-            for row in range(m):
+            for i, row in enumerate(x_rows):
                 xm = x_part(t, p, row)
                 term = s * jnp.sum(q * xm[None], axis=-1)              # [R, T]
                 if c is not None:
                     term = term + c * jnp.sum(xm, axis=-1)[None, :]
                 part = jnp.sum(term, axis=-1)[None, :]                 # [1, R]
                 if m > 1:
-                    part = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (m, r), 0) == row,
+                    part = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (m, r), 0) == i,
                                      part, 0.0)
                 acc = acc + part
         return acc
 
     acc = jax.lax.fori_loop(0, n_tiles, step, jnp.zeros((m, r), jnp.float32))
-    out_ref[:, rows] = acc
+    out_ref[pl.ds(x_rows[0], 1) if gathered else slice(None), rows] = acc
 
 
 def _views(qm: QuantMatrix, lay: _Layout, present: list[str]) -> list[jax.Array]:
@@ -253,33 +258,52 @@ def gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None = None,
     """y [M, N] float32 = x [M, K] . W.T for one layer's QuantMatrix (2-D codes, or stacked
     with its layer bound); launch shape from `tuning` (default: tuning_from_env(), read
     here, outside the jit's cache), block_rows overriding its rows."""
-    return _gemv(qm, x, block_rows, tuning or tuning_from_env(), interpret)
+    return _gemv(qm, x, None, block_rows, tuning or tuning_from_env(), interpret)
+
+
+def gathered_gemv(qm: QuantMatrix, index: jax.Array, x: jax.Array,
+                  tuning: GemvTuning | None = None, interpret: bool = False) -> jax.Array:
+    """y [P, N] float32, y[p] = x[p] . W[index[p]].T over a stack of matrices [S, N, K]
+    (MoE decode: each (token, expert) pair's row times its expert's matrix of a pool), every
+    row's matrix read in place; FMA math at any P <= 64 (one row a program)."""
+    return _gemv(qm, x, index.astype(jnp.int32), None, tuning or tuning_from_env(), interpret)
+
+
+def gathered_supported(qm: QuantMatrix, pairs: int) -> bool:
+    """Whether gathered_gemv takes this stack ([S, N, K] codes, no layer bound) and pairs."""
+    n = qm.shape[-2]
+    return qm.codes.ndim == 3 and qm.layer is None and 0 < pairs <= 64 and \
+        block_rows_for(n) > 0 and _layout(qm) is not None
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "tuning", "interpret"))
-def _gemv(qm: QuantMatrix, x: jax.Array, block_rows: int | None, tuning: GemvTuning,
-          interpret: bool) -> jax.Array:
+def _gemv(qm: QuantMatrix, x: jax.Array, index: jax.Array | None, block_rows: int | None,
+          tuning: GemvTuning, interpret: bool) -> jax.Array:
     m, k = x.shape
     *_, n, _ = qm.shape
     lay = _layout(qm)
-    block_rows = block_rows or tuning.rows or block_rows_for(n, m)
-    if lay is None or not supported(qm, m, block_rows):
+    gathered = index is not None
+    math_rows = 1 if gathered else m       # x rows one program multiplies
+    block_rows = block_rows or tuning.rows or block_rows_for(n, math_rows)
+    ok = gathered_supported(qm, m) if gathered else supported(qm, m, block_rows)
+    if lay is None or not ok:
         raise ValueError(f"the Pallas GEMV takes no {qm.bits}-bit group {qm.group} matrix "
                          f"[{n}, {k}] with {m} rows and {block_rows} rows per program")
     units = k // lay.unit
-    values = tuning.values if m < DOT_ROWS else \
+    values = tuning.values if math_rows < DOT_ROWS else \
         min(tuning.values, dot_values(m, block_rows, x.dtype.itemsize, tuning.stages))
     tile = tile_units(units, lay.unit, values)
     present = [name for name in ("scale", "sub_scale", "min_scale", "sub_min", "bias")
                if getattr(qm, name) is not None]
     kernel = functools.partial(
         _kernel, present=tuple(present), lay=lay, bits=qm.bits, block_rows=block_rows,
-        tile=tile, n_tiles=units // tile, magic=tuning.magic)
+        tile=tile, n_tiles=units // tile, magic=tuning.magic, gathered=gathered)
     extra = {} if interpret else \
         {"compiler_params": pallas_triton.compiler_params(tuning.warps, tuning.stages)}
+    layers = index if gathered else \
+        jnp.reshape(0 if qm.layer is None else qm.layer, (1,)).astype(jnp.int32)
     return pl.pallas_call(
-        kernel, grid=(n // block_rows,),
+        kernel, grid=(n // block_rows, m) if gathered else (n // block_rows,),
         out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
         interpret=interpret, **extra,
-    )(jnp.reshape(0 if qm.layer is None else qm.layer, (1,)).astype(jnp.int32),
-      x.reshape(m, units, lay.unit), *_views(qm, lay, present))
+    )(layers, x.reshape(m, units, lay.unit), *_views(qm, lay, present))
