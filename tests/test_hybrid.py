@@ -679,3 +679,19 @@ def test_gpu_programs_relax_the_host_kernels_batch_invariance(monkeypatch):
         assert not _native.batch_invariant()
     finally:
         _native.set_batch_invariant(was)
+
+
+def test_unrolled_layers_keep_the_hybrid_outputs(tmp_path, qwen3moe_paths, monkeypatch):
+    """KTJAX_COMMAND_BUFFERS=layers (the decoder's layer loop unrolled): a split model with
+    deferral (state carried from layer to layer) scores and generates as with the loop."""
+    ids = list(range(5, 45))
+    rules = _rules_of(tmp_path, "qwen3moe", "experts: {defer: 2, hot: {1: [0, 3]}}\n")
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    out = {}
+    for mode in ("1", "layers"):
+        monkeypatch.setenv("KTJAX_COMMAND_BUFFERS", mode)
+        llm = LLM(str(qwen3moe_paths[1]), rules=rules, max_model_len=64)
+        out[mode] = llm.score(ids), llm.generate([ids[:5]], greedy)[0].token_ids
+        ma.raise_host_errors()
+    np.testing.assert_allclose(out["layers"][0], out["1"][0], rtol=1e-5, atol=1e-5)
+    assert out["layers"][1] == out["1"][1]
