@@ -121,11 +121,10 @@ class Route(NamedTuple):
 
 
 def _is_bound(node) -> bool:
-    """Nodes the scan's layer index is bound into: host weights, layer stacks and stacked
-    device matrices (a QuantMatrix the scan already sliced has 2-D codes)."""
-    if isinstance(node, QuantMatrix):
-        return node.codes.ndim == 3 and node.layer is None
-    return isinstance(node, (*_host_nodes(), LayerStack))
+    """Nodes the scan's layer index is bound into: host weights, and the stacks that ride it
+    whole (split_scanned: a stack's params are one flat dict, so every device matrix in it
+    rides whole)."""
+    return isinstance(node, (*_host_nodes(), LayerStack, QuantMatrix))
 
 
 def split_scanned(params: dict) -> tuple[dict, dict]:

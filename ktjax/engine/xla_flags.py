@@ -43,22 +43,22 @@ def _checked(value: str) -> str:
     return value
 
 
-def mode() -> str:
+def current_mode() -> str:
     """KTJAX_COMMAND_BUFFERS, checked (default '1')."""
     return _checked(os.environ.get("KTJAX_COMMAND_BUFFERS", "1"))
 
 
-def wanted_flags(mode_: str | None = None) -> dict[str, str]:
+def wanted_flags(mode: str | None = None) -> dict[str, str]:
     """The flags for a KTJAX_COMMAND_BUFFERS mode (default: the environment's)."""
-    mode_ = mode() if mode_ is None else _checked(mode_)
-    if mode_ == "0":
+    mode = current_mode() if mode is None else _checked(mode)
+    if mode == "0":
         return {}
-    return {**GRAPH_FLAGS, **(UNROLL_FLAGS if mode_ == "unroll" else {})}
+    return {**GRAPH_FLAGS, **(UNROLL_FLAGS if mode == "unroll" else {})}
 
 
 def unrolled_layers() -> bool:
     """Whether the decoder unrolls its scan over layers (KTJAX_COMMAND_BUFFERS=layers)."""
-    return mode() == "layers"
+    return current_mode() == "layers"
 
 
 def merged(existing: str, flags: dict[str, str]) -> str:
